@@ -1,0 +1,101 @@
+"""Building the frozen feature extractor for a BackboneSpec: uint8 RGB images in, feature vectors out."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from featurepipe.backbones.registry import BackboneInfo, get_backbone
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.errors import BackboneError, WeightsUnavailableError
+
+_URL_RE = re.compile(r"https?://\S+?\.(?:h5|keras|weights\.h5)")
+
+
+def _keras_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def _weights_unavailable(spec: BackboneSpec, error: Exception) -> WeightsUnavailableError:
+    match = _URL_RE.search(str(error))
+    if match:
+        url = match.group(0)
+        where = _keras_cache_dir() / url.rsplit("/", 1)[-1]
+        hint = f"download {url} on a machine with internet and place it at {where}"
+    else:
+        hint = f"place the Keras ImageNet weights file for {spec.name} under {_keras_cache_dir()}"
+    return WeightsUnavailableError(
+        f"the ImageNet weights for {spec.name} could not be downloaded ({type(error).__name__}); {hint}, "
+        f"or use the offline default backbone efficientnet_lite0"
+    )
+
+
+def build_base(info: BackboneInfo, spec: BackboneSpec, include_top: bool, cache_dir: Optional[Path]):
+    """The backbone with its weights loaded as the spec says."""
+    import keras
+
+    input_shape = (spec.image_size, spec.image_size, 3)
+    if include_top and spec.image_size != info.default_size:
+        raise BackboneError(
+            f"layer {spec.layer!r} of {spec.name} sits in the ImageNet classifier, which only takes "
+            f"{info.default_size} px images; pass --image-size {info.default_size}"
+        )
+    if spec.weights == "imagenet":
+        try:
+            return info.builder(input_shape, include_top, "imagenet", cache_dir)
+        except WeightsUnavailableError:
+            raise
+        except Exception as error:  # keras raises a bare Exception for a failed download
+            if "URL fetch failure" in str(error) or isinstance(error, OSError):
+                raise _weights_unavailable(spec, error) from None
+            raise
+    keras.utils.set_random_seed(spec.seed)
+    model = info.builder(input_shape, include_top, None, cache_dir)
+    if spec.weights != "random":
+        path = Path(spec.weights).expanduser()
+        try:
+            model.load_weights(str(path))
+        except Exception as error:
+            raise BackboneError(
+                f"cannot load weights from {path} into {spec.name} ({error}); the file must come from the "
+                f"same backbone and input layout (include_top={include_top})"
+            ) from None
+    return model
+
+
+# Layers that exist only in the ImageNet classifier on top of the conv base (include_top=True).
+_TOP_LAYERS = frozenset({"flatten", "fc1", "fc2", "predictions", "avg_pool", "top_dropout", "dropout"})
+
+
+def build_feature_model(spec: BackboneSpec, cache_dir: Optional[Path] = None):
+    """A frozen Keras model: uint8 (n, s, s, 3) RGB -> float32 (n, d) features, preprocessing inside."""
+    import keras
+
+    from featurepipe.backbones.layers import Preprocess
+
+    spec = spec.resolved()
+    info = get_backbone(spec.name)
+    base = build_base(info, spec, spec.layer in _TOP_LAYERS, cache_dir)
+    base.trainable = False
+    if spec.layer is not None:
+        try:
+            tap = base.get_layer(spec.layer).output
+        except ValueError:
+            names = [layer.name for layer in base.layers]
+            raise BackboneError(
+                f"{spec.name} has no layer named {spec.layer!r}; some of its layers: {', '.join(names[-12:])}"
+            ) from None
+        base = keras.Model(base.inputs, tap, name=f"{spec.name}_to_{spec.layer}")
+    images = keras.Input((spec.image_size, spec.image_size, 3), dtype="uint8", name="images")
+    x = Preprocess(info.preprocess, name="preprocess")(images)
+    x = base(x, training=False)
+    if len(x.shape) == 4:
+        pooling = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
+                   "flatten": keras.layers.Flatten}[spec.pooling]
+        x = pooling(name=f"{spec.pooling}_pool")(x)
+    elif len(x.shape) != 2:
+        raise BackboneError(f"layer {spec.layer!r} gives outputs of shape {x.shape}; pick a conv or dense layer")
+    return keras.Model(images, x, name=f"features_{spec.name}")

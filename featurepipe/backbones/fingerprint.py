@@ -1,0 +1,71 @@
+"""Backbone fingerprints, computed without importing TensorFlow so that a re-run with nothing to
+extract never pays for building a model."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from featurepipe.backbones.registry import get_backbone
+from featurepipe.backbones.spec import BackboneSpec, fingerprint_payload, hash_payload
+from featurepipe.errors import BackboneError
+from featurepipe.hashcache import HashCache
+
+
+def _version(*distributions: str) -> Optional[str]:
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict:
+    """Versions of the libraries whose upgrades can change the numbers."""
+    return {
+        "keras": _version("keras"),
+        "tensorflow": _version("tensorflow", "tensorflow-cpu", "tensorflow-macos"),
+        "pillow": _version("pillow"),
+    }
+
+
+def weights_id(spec: BackboneSpec, cache_dir: Optional[Path] = None) -> str:
+    """What identifies the weights: a seed, a file's content hash, or the published ImageNet set."""
+    if spec.weights == "random":
+        return f"random:{spec.seed}"
+    if spec.weights == "imagenet":
+        if spec.name.startswith("efficientnet_lite"):
+            from featurepipe.backbones.efficientnet_lite import lite_weights_id
+
+            return f"pth-sha256:{lite_weights_id(spec.name.removeprefix('efficientnet_'))}"
+        # keras.applications pins each ImageNet file by hash in its source, per Keras version.
+        return f"keras-applications-imagenet:{spec.name}"
+    path = Path(spec.weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(
+            f"weights file {path} does not exist; pass --weights imagenet, --weights random, or a path to a "
+            f".weights.h5 / .keras file saved from the same backbone"
+        )
+    cache = HashCache(cache_dir / "hashes.sqlite" if cache_dir is not None else None)
+    try:
+        digest, _ = cache.hash_files([str(path.resolve())])[str(path.resolve())]
+    finally:
+        cache.close()
+    return f"file-sha256:{digest}"
+
+
+def backbone_fingerprint(spec: BackboneSpec, cache_dir: Optional[Path] = None) -> tuple[str, dict]:
+    spec = spec.resolved()
+    info = get_backbone(spec.name)
+    payload = fingerprint_payload(spec, weights_id(spec, cache_dir), info.preprocess, library_versions())
+    return hash_payload(payload), payload
+
+
+def views_fingerprint(base_fingerprint: str, augment_policy: dict, seed: int) -> tuple[str, dict]:
+    """Augmented views get their own store: the originals stay shared whatever the augmentation."""
+    payload = {"base": base_fingerprint, "augment": augment_policy, "augment_seed": seed}
+    return hash_payload(payload), payload

@@ -1,0 +1,66 @@
+"""BackboneSpec: everything that changes the numbers a frozen base produces, and its fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+POOLINGS = ("avg", "max", "flatten")
+RESIZE_POLICIES = ("squash", "center_crop")
+# Bump when decoding, resizing or the store layout changes in a way that changes the numbers.
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str = "efficientnet_lite0"
+    weights: str = "imagenet"            # "imagenet" | "random" | path to a weights file
+    layer: Optional[str] = None          # None: the conv base output; else any named layer
+    pooling: str = "avg"                 # applied when the chosen layer's output is spatial
+    image_size: Optional[int] = None     # None: the backbone's default
+    resize: Optional[str] = None         # None: the backbone's default policy
+    seed: int = 0                        # only used by weights="random"
+
+    def resolved(self) -> "BackboneSpec":
+        """Fill the backbone's defaults in, validating every option."""
+        from featurepipe.backbones.registry import get_backbone
+
+        info = get_backbone(self.name)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        size = self.image_size or info.default_size
+        if size < info.min_size:
+            raise ValueError(f"{self.name} needs images of at least {info.min_size} px, not {size}")
+        resize = self.resize or info.default_resize
+        if resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
+        return replace(self, image_size=size, resize=resize)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BackboneSpec":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def fingerprint_payload(spec: BackboneSpec, weights_id: str, preprocess_id: str, versions: dict) -> dict:
+    spec = spec.resolved()
+    payload = spec.to_dict()
+    payload.pop("weights")
+    if spec.weights != "random":
+        payload.pop("seed")
+    payload.update(
+        weights_id=weights_id,
+        preprocess=preprocess_id,
+        pipeline_version=PIPELINE_VERSION,
+        versions=versions,
+    )
+    return payload
+
+
+def hash_payload(payload: dict) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

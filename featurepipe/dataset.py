@@ -1,0 +1,254 @@
+"""Scanning a dataset: folder layouts or a CSV manifest -> one table of path, label, split, group, hash.
+
+Labels, splits and paths live here and only here; features are keyed by content hash, so renaming
+a file or fixing a label never recomputes a feature.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from featurepipe.errors import DatasetError
+from featurepipe.hashcache import HashCache
+from featurepipe.images import IMAGE_EXTENSIONS
+from featurepipe.progress import ProgressCallback, report
+
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
+COLUMNS = ["path", "label", "split", "group", "hash", "bytes"]
+
+
+@dataclass
+class Dataset:
+    source: Path
+    layout: str                       # "folders" | "splits" | "manifest"
+    frame: pd.DataFrame               # COLUMNS, one row per usable image file
+    classes: list[str]
+    warnings: list[str] = field(default_factory=list)
+    ignored: int = 0                  # hidden files and files that are not images by extension
+    unreadable: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return self.frame["split"].value_counts().to_dict()
+
+    def class_counts(self, split: Optional[str] = None) -> dict[str, int]:
+        frame = self.frame if split is None else self.frame[self.frame["split"] == split]
+        counts = frame["label"].value_counts()
+        return {label: int(counts.get(label, 0)) for label in self.classes}
+
+    def subset(self, split: str) -> "Dataset":
+        return Dataset(self.source, self.layout, self.frame[self.frame["split"] == split].reset_index(drop=True),
+                       self.classes, list(self.warnings), self.ignored, list(self.unreadable))
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _walk_class_dir(class_dir: Path) -> tuple[list[Path], int]:
+    images: list[Path] = []
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if _is_hidden(name) or not _is_image(path):
+                ignored += 1
+            else:
+                images.append(path)
+    return images, ignored
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def _scan_class_folders(root: Path, split: str, rows: list[dict], warnings: list[str]) -> int:
+    ignored = sum(1 for p in root.iterdir() if p.is_file())
+    for class_dir in _subdirs(root):
+        images, skipped = _walk_class_dir(class_dir)
+        ignored += skipped
+        if not images:
+            warnings.append(f"class folder {class_dir} has no images; it is left out")
+        rows.extend({"path": str(p), "label": class_dir.name, "split": split, "group": None} for p in images)
+    return ignored
+
+
+def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str]) -> None:
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{manifest}: cannot be read as CSV ({error}); expected columns path,label[,split][,group]") from None
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise DatasetError(
+            f"{manifest}: missing column(s) {', '.join(sorted(missing))}; expected columns path,label[,split][,group], "
+            f"found {', '.join(table.columns) or 'none'}"
+        )
+    base = manifest.parent
+    for line, record in enumerate(table.to_dict("records"), start=2):
+        if not record["path"] or not record["label"]:
+            warnings.append(f"{manifest}:{line}: empty path or label; row left out")
+            continue
+        path = Path(record["path"])
+        path = path if path.is_absolute() else base / path
+        split = SPLIT_NAMES.get((record.get("split") or "train").strip().lower())
+        if split is None:
+            raise DatasetError(f"{manifest}:{line}: unknown split {record['split']!r}; use train, validation or test")
+        if not path.exists():
+            warnings.append(f"{manifest}:{line}: {path} does not exist; row left out")
+            continue
+        rows.append({"path": str(path), "label": record["label"].strip(), "split": split,
+                     "group": (record.get("group") or None)})
+
+
+def _detect_layout(root: Path) -> str:
+    names = {p.name.lower() for p in _subdirs(root)}
+    split_dirs = names & set(SPLIT_NAMES)
+    if split_dirs and split_dirs == names:
+        return "splits"
+    if split_dirs:
+        raise DatasetError(
+            f"{root} mixes split folders ({', '.join(sorted(split_dirs))}) with other folders "
+            f"({', '.join(sorted(names - split_dirs))}); use either DATA/<class>/ or DATA/<split>/<class>/"
+        )
+    return "folders"
+
+
+def _check_labels(frame: pd.DataFrame, warnings: list[str], source: Path) -> list[str]:
+    classes = sorted(frame["label"].unique())
+    if not classes:
+        raise DatasetError(
+            f"no images found in {source}; expected DATA/<class>/<image> folders, DATA/<split>/<class>/<image>, "
+            f"or a CSV manifest with columns path,label (image types: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    if len(classes) == 1:
+        raise DatasetError(
+            f"only one class ({classes[0]!r}) found in {source}; a classifier needs at least two class folders"
+        )
+    splits = set(frame["split"])
+    if len(splits) > 1:
+        train_labels = set(frame.loc[frame["split"] == "train", "label"])
+        if not train_labels:
+            raise DatasetError(f"{source} has no training images; put them under {source}/train/<class>/")
+        for split in sorted(splits - {"train"}):
+            labels = set(frame.loc[frame["split"] == split, "label"])
+            unknown = labels - train_labels
+            if unknown:
+                raise DatasetError(
+                    f"the {split} split has class(es) {', '.join(sorted(unknown))} that train lacks; "
+                    f"the class folders must have the same names in every split"
+                )
+            if train_labels - labels:
+                warnings.append(f"the {split} split has no images of {', '.join(sorted(train_labels - labels))}")
+    return classes
+
+
+def _warn_duplicates(frame: pd.DataFrame, warnings: list[str]) -> None:
+    for digest, group in frame.groupby("hash"):
+        if group["label"].nunique() > 1:
+            pairs = ", ".join(f"{p} ({label})" for p, label in zip(group["path"], group["label"]))
+            warnings.append(f"the same image appears under different labels: {pairs}")
+        elif group["split"].nunique() > 1:
+            pairs = ", ".join(f"{p} ({s})" for p, s in zip(group["path"], group["split"]))
+            warnings.append(f"the same image appears in several splits, which inflates scores: {pairs}")
+
+
+def scan(
+    source: str | os.PathLike,
+    cache_dir: Optional[Path] = None,
+    groups_pattern: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> Dataset:
+    """Scan DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest into a Dataset.
+
+    `cache_dir` (the cache root) keeps content hashes by (path, size, mtime); `groups_pattern` is
+    a regex whose first group (or whole match) taken from the file name becomes the image's group.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DatasetError(f"{source} does not exist; pass a folder of class folders or a CSV manifest")
+    rows: list[dict] = []
+    warnings: list[str] = []
+    ignored = 0
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DatasetError(f"{source} is a file but not a .csv manifest; pass a folder or a CSV with columns path,label")
+        layout = "manifest"
+        _scan_manifest(source, rows, warnings)
+    else:
+        layout = _detect_layout(source)
+        if layout == "splits":
+            ignored += sum(1 for p in source.iterdir() if p.is_file())
+            for split_dir in _subdirs(source):
+                ignored += _scan_class_folders(split_dir, SPLIT_NAMES[split_dir.name.lower()], rows, warnings)
+        else:
+            ignored += _scan_class_folders(source, "train", rows, warnings)
+
+    frame = pd.DataFrame(rows, columns=["path", "label", "split", "group"])
+    if groups_pattern:
+        frame["group"] = _groups_from_names(frame["path"], groups_pattern)
+    cache = HashCache(cache_dir / "hashes.sqlite" if cache_dir is not None else None)
+    try:
+        report(progress, "scan", 0, len(frame), "hashing")
+        hashes = cache.hash_files(frame["path"].tolist())
+    finally:
+        cache.close()
+    unreadable = [(p, h[len("error:"):]) for p, (h, _) in hashes.items() if h.startswith("error:")]
+    frame["hash"] = [hashes[p][0] for p in frame["path"]]
+    frame["bytes"] = [hashes[p][1] for p in frame["path"]]
+    frame = frame[~frame["hash"].str.startswith("error:")].reset_index(drop=True)
+    report(progress, "scan", len(frame), len(frame), "hashed")
+    classes = _check_labels(frame, warnings, source)
+    for label, count in frame.loc[frame["split"] == "train", "label"].value_counts().items():
+        if count == 1:
+            warnings.append(f"class {label!r} has a single training image; cross-validation needs at least 2 per class")
+    _warn_duplicates(frame, warnings)
+    return Dataset(source, layout, frame[COLUMNS], classes, warnings, ignored, unreadable)
+
+
+def _groups_from_names(paths: pd.Series, pattern: str) -> list[Optional[str]]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise DatasetError(f"--groups pattern {pattern!r} is not a valid regular expression: {error}") from None
+    groups = []
+    for path in paths:
+        match = regex.search(Path(path).name)
+        if match is None:
+            groups.append(Path(path).name)   # an image the pattern misses is its own group
+        else:
+            groups.append(match.group(1) if match.groups() else match.group(0))
+    return groups
+
+
+def load_groups(dataset: Dataset, manifest: str | os.PathLike) -> Dataset:
+    """Take group ids from a manifest (columns path,group), matching rows by path or file name."""
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    if not {"path", "group"} <= set(table.columns):
+        raise DatasetError(f"{manifest}: a groups manifest needs columns path,group; found {', '.join(table.columns)}")
+    base = Path(manifest).parent
+    by_path = {str((base / p).resolve()) if not Path(p).is_absolute() else str(Path(p).resolve()): g
+               for p, g in zip(table["path"], table["group"])}
+    by_name = {Path(p).name: g for p, g in zip(table["path"], table["group"])}
+    frame = dataset.frame.copy()
+    frame["group"] = [by_path.get(str(Path(p).resolve()), by_name.get(Path(p).name)) for p in frame["path"]]
+    missing = frame["group"].isna().sum()
+    warnings = list(dataset.warnings)
+    if missing:
+        warnings.append(f"{missing} image(s) have no group in {manifest}; each is its own group")
+        frame.loc[frame["group"].isna(), "group"] = frame.loc[frame["group"].isna(), "path"]
+    return Dataset(dataset.source, dataset.layout, frame, dataset.classes, warnings, dataset.ignored, dataset.unreadable)

@@ -1,0 +1,20 @@
+"""A tiny random conv base registered as backbone "tiny", so tests extract real features in milliseconds."""
+
+from featurepipe.backbones.registry import BACKBONES, BackboneInfo
+
+
+def build_tiny(input_shape, include_top, weights, cache_dir=None):
+    import keras
+
+    if weights == "imagenet":
+        raise ValueError("the tiny test backbone has no ImageNet weights")
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="block1_conv")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="block2_conv")(x)
+    x = keras.layers.BatchNormalization(name="block2_bn")(x)
+    x = keras.layers.Conv2D(24, 3, strides=2, padding="same", activation="relu", name="block3_conv")(x)
+    return keras.Model(inputs, x, name="tiny")
+
+
+TINY = BackboneInfo("tiny", build_tiny, "tf", 32, 16, 24, block_key=r"^(block\d+)_", description="test only")
+BACKBONES.setdefault("tiny", TINY)
