@@ -1,0 +1,229 @@
+"""Stage `extract`: Dataset x BackboneSpec -> FeatureStore, running the frozen base once per image.
+
+Only images whose content hash is missing from the store are decoded and run; each full batch is
+committed as its own shard, so a killed run loses at most one batch. Decoding runs in threads
+ahead of inference so the model never waits for pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from featurepipe import refs
+from featurepipe.backbones.fingerprint import backbone_fingerprint, views_fingerprint
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.dataset import Dataset
+from featurepipe.errors import ImageDecodeError
+from featurepipe.images import AugmentPolicy, augment_image, decode_image, view_rng
+from featurepipe.paths import cache_root, features_dir
+from featurepipe.progress import ProgressCallback, report
+from featurepipe.store import FeatureStore
+
+
+@dataclass
+class FailedImage:
+    path: str
+    reason: str
+
+
+@dataclass
+class ExtractReport:
+    backbone: str
+    fingerprint: str
+    store_dir: str
+    feature_dim: int
+    images: int                      # unique images (by content) in the dataset
+    extracted: int                   # originals run through the base in this call
+    reused: int                      # originals already in the store
+    failed: list[FailedImage] = field(default_factory=list)
+    views_per_image: int = 0
+    views_extracted: int = 0
+    views_reused: int = 0
+    views_fingerprint: Optional[str] = None
+    views_store_dir: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["images_per_second"] = round(self.images_per_second, 2)
+        return data
+
+
+@dataclass
+class FeatureStores:
+    """The stores a spec (and augmentation) maps to, opened without building any model."""
+    spec: BackboneSpec
+    originals: FeatureStore
+    views: Optional[FeatureStore]
+    augment: int
+    policy: Optional[AugmentPolicy]
+
+    def view_keys(self, content_hash: str) -> list[str]:
+        return [view_key(content_hash, k) for k in range(self.augment)]
+
+
+def view_key(content_hash: str, view_index: int) -> str:
+    return f"{content_hash}@{view_index}"
+
+
+def open_stores(spec: BackboneSpec, root: Path, augment: int = 0, policy: Optional[AugmentPolicy] = None,
+                augment_seed: int = 0) -> FeatureStores:
+    spec = spec.resolved()
+    fingerprint, payload = backbone_fingerprint(spec, root)
+    originals = FeatureStore.open(features_dir(root), fingerprint, payload)
+    views = None
+    if augment > 0:
+        policy = policy or AugmentPolicy()
+        views_fp, views_payload = views_fingerprint(fingerprint, policy.to_dict(), augment_seed)
+        views = FeatureStore.open(features_dir(root), views_fp, {**views_payload, "base_payload": payload})
+    return FeatureStores(spec, originals, views, augment if views else 0, policy if views else None)
+
+
+def extract(
+    dataset: Dataset,
+    spec: BackboneSpec = BackboneSpec(),
+    cache_dir: Optional[str | os.PathLike] = None,
+    augment: int = 0,
+    augment_policy: Optional[AugmentPolicy] = None,
+    augment_seed: int = 0,
+    batch_size: int = 32,
+    decode_threads: Optional[int] = None,
+    lock_timeout: float = 600.0,
+    progress: Optional[ProgressCallback] = None,
+) -> ExtractReport:
+    started = time.perf_counter()
+    root = cache_root(cache_dir)
+    stores = open_stores(spec, root, augment, augment_policy, augment_seed)
+    spec = stores.spec
+    first_path = dataset.frame.drop_duplicates("hash").set_index("hash")["path"].to_dict()
+    refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
+
+    todo = _pending(stores, first_path)
+    originals_present = len(first_path) - len(stores.originals.missing(first_path))
+    views_present = len(first_path) * stores.augment - sum(sum("@" in k for k in keys) for keys in todo.values())
+    result = ExtractReport(
+        backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
+        feature_dim=stores.originals.feature_dim or 0, images=len(first_path), extracted=0, reused=0,
+        views_per_image=augment,
+        views_fingerprint=stores.views.fingerprint if stores.views else None,
+        views_store_dir=str(stores.views.directory) if stores.views else None,
+    )
+    if todo:
+        with stores.originals.writer(timeout=lock_timeout) as original_writer:
+            if stores.views is not None:
+                with stores.views.writer(timeout=lock_timeout) as views_writer:
+                    _run(dataset, stores, first_path, original_writer, views_writer, batch_size,
+                         decode_threads, augment_seed, result, progress, root)
+            else:
+                _run(dataset, stores, first_path, original_writer, None, batch_size,
+                     decode_threads, augment_seed, result, progress, root)
+    result.reused = originals_present
+    result.views_reused = views_present
+    result.feature_dim = stores.originals.feature_dim or 0
+    result.seconds = time.perf_counter() - started
+    report(progress, "extract", len(first_path), len(first_path), "done")
+    return result
+
+
+def _pending(stores: FeatureStores, first_path: dict[str, str]) -> dict[str, list[str]]:
+    """content hash -> the store keys still missing for it (original and/or views)."""
+    missing_originals = set(stores.originals.missing(first_path))
+    missing_views = set(stores.views.missing(k for h in first_path for k in stores.view_keys(h))) \
+        if stores.views is not None else set()
+    todo: dict[str, list[str]] = {}
+    for content_hash in first_path:
+        keys = [content_hash] if content_hash in missing_originals else []
+        keys += [k for k in stores.view_keys(content_hash) if k in missing_views]
+        if keys:
+            todo[content_hash] = keys
+    return todo
+
+
+def _decode_item(path: str, content_hash: str, keys: list[str], stores: FeatureStores,
+                 augment_seed: int) -> list[tuple[str, np.ndarray]]:
+    spec = stores.spec
+    image = decode_image(path, spec.image_size, spec.resize)
+    out = []
+    for key in keys:
+        if "@" in key:
+            view_index = int(key.rsplit("@", 1)[1])
+            out.append((key, augment_image(image, stores.policy, view_rng(content_hash, view_index, augment_seed))))
+        else:
+            out.append((key, image))
+    return out
+
+
+def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], original_writer,
+         views_writer, batch_size: int, decode_threads: Optional[int], augment_seed: int,
+         result: ExtractReport, progress: Optional[ProgressCallback], root: Path) -> None:
+    from featurepipe.backbones.build import build_feature_model
+
+    # Another process may have finished some of this work while we waited for the lock.
+    todo = _pending(stores, first_path)
+    if not todo:
+        return
+    report(progress, "extract", 0, len(todo), f"building {stores.spec.name}")
+    model = build_feature_model(stores.spec, root)
+    paths_by_hash = dataset.frame.groupby("hash")["path"].apply(list).to_dict()
+    threads = decode_threads or min(4, (os.cpu_count() or 2) + 1)
+    lookahead = max(2 * batch_size, 8)
+    pending_keys: list[str] = []
+    pending_images: list[np.ndarray] = []
+    done = 0
+
+    def flush() -> None:
+        if not pending_keys:
+            return
+        features = np.asarray(model.predict_on_batch(np.stack(pending_images)), dtype=np.float32)
+        originals = [i for i, k in enumerate(pending_keys) if "@" not in k]
+        views = [i for i, k in enumerate(pending_keys) if "@" in k]
+        original_writer.add([pending_keys[i] for i in originals], features[originals])
+        if views:
+            views_writer.add([pending_keys[i] for i in views], features[views])
+        result.extracted += len(originals)
+        result.views_extracted += len(views)
+        pending_keys.clear()
+        pending_images.clear()
+
+    items = iter(todo.items())
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        queue: deque[tuple[str, list[str], Future]] = deque()
+
+        def refill() -> None:
+            while len(queue) < lookahead:
+                try:
+                    content_hash, keys = next(items)
+                except StopIteration:
+                    return
+                queue.append((content_hash, keys, pool.submit(
+                    _decode_item, first_path[content_hash], content_hash, keys, stores, augment_seed)))
+
+        refill()
+        while queue:
+            content_hash, keys, future = queue.popleft()
+            refill()
+            try:
+                for key, image in future.result():
+                    pending_keys.append(key)
+                    pending_images.append(image)
+            except ImageDecodeError as error:
+                for path in paths_by_hash[content_hash]:
+                    result.failed.append(FailedImage(path, error.reason))
+            done += 1
+            if len(pending_keys) >= batch_size:
+                flush()
+                report(progress, "extract", done, len(todo), "")
+        flush()
+        report(progress, "extract", done, len(todo), "")

@@ -1,0 +1,67 @@
+"""Terminal rendering for the CLI: a rich progress bar on a TTY, nothing under CI or in a pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from featurepipe.progress import ProgressCallback, ProgressEvent
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextmanager
+def progress_view(enabled: Optional[bool] = None) -> Iterator[Optional[ProgressCallback]]:
+    if not (interactive() if enabled is None else enabled):
+        yield None
+        return
+    columns = [TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[note]}")]
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_event(event: ProgressEvent) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=event.total or None, rate="", note="")
+            task_id = tasks[event.stage]
+            elapsed = bar.tasks[task_id].elapsed or 0.0
+            rate = f"{event.done / elapsed:6.1f}/s" if elapsed > 0 and event.done else ""
+            bar.update(task_id, completed=event.done, total=event.total or None, rate=rate, note=event.message[:40])
+
+        yield on_event
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> None:
+    view = Table(title=title, title_justify="left")
+    for column in columns:
+        view.add_column(column)
+    for row in rows:
+        view.add_row(*[str(cell) for cell in row])
+    stdout.print(view)
+
+
+def print_leaderboard(leaderboard, limit: int = 20) -> None:
+    rows = []
+    for record in leaderboard.head(limit).to_dict("records"):
+        rows.append([record.get("rank", ""), record["head"], record["params"], record["augment"],
+                     f"{record['accuracy_mean']:.3f} ± {record['accuracy_std']:.3f}",
+                     f"[{record['accuracy_ci_low']:.3f}, {record['accuracy_ci_high']:.3f}]",
+                     f"{record['f1_macro_mean']:.3f}", f"{record['log_loss_mean']:.3f}"])
+    table("leaderboard (k-fold CV on train)", ["#", "head", "params", "views", "accuracy", "95% CI", "macro F1",
+                                               "log loss"], rows)
