@@ -1,0 +1,251 @@
+"""The `featurepipe` command: a thin typer layer that parses options, calls a stage, prints a summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featurepipe.errors import FeaturepipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Frozen ImageNet bases, cached features, cross-validated heads and fine-tuning for small image sets.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain the feature cache.")
+features_app = typer.Typer(no_args_is_help=True, help="Cached features as tables for other tools.")
+app.add_typer(cache_app, name="cache")
+app.add_typer(features_app, name="features")
+
+CacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: $FEATUREPIPE_CACHE or ./cache).")
+Backbone = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name; see `featurepipe backbones`.")
+ImageSize = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's).")
+Layer = typer.Option(None, "--layer", help="Take features from this named layer (e.g. block4_pool, fc2).")
+Pooling = typer.Option("avg", "--pooling", help="avg | max | flatten, for spatial layers.")
+Weights = typer.Option("imagenet", "--weights", help="imagenet | random | PATH to a weights file.")
+Resize = typer.Option(None, "--resize", help="squash | center_crop (default: the backbone's).")
+Augment = typer.Option(0, "--augment", help="Also cache K augmented views per image.")
+AsJson = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
+
+
+def _fail(error: Exception) -> None:
+    from featurepipe.render import console
+
+    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _spec(backbone, image_size, layer, pooling, weights, resize, seed=0):
+    from featurepipe.backbones.spec import BackboneSpec
+
+    return BackboneSpec(name=backbone, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
+                        resize=resize, seed=seed).resolved()
+
+
+@app.command()
+def extract(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize, augment: int = Augment,
+    augment_seed: int = typer.Option(0, "--augment-seed"), seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
+    batch_size: int = typer.Option(32, "--batch-size"), lock_timeout: float = typer.Option(600.0, "--lock-timeout"),
+    cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,
+) -> None:
+    """Run the frozen base over every image not yet in the cache and store its features."""
+    from featurepipe import render
+    from featurepipe.dataset import scan
+    from featurepipe.extract import extract as run_extract
+    from featurepipe.paths import cache_root
+
+    try:
+        spec = _spec(backbone, image_size, layer, pooling, weights, resize, seed)
+        root = cache_root(cache_dir)
+        with render.progress_view(False if as_json else None) as progress:
+            dataset = scan(data, cache_dir=root, progress=progress)
+            result = run_extract(dataset, spec, root, augment=augment, augment_seed=augment_seed,
+                                 batch_size=batch_size, lock_timeout=lock_timeout, progress=progress)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    summary = {"dataset": _dataset_summary(dataset), **result.to_dict()}
+    if as_json:
+        render.print_json(summary)
+        return
+    for warning in dataset.warnings:
+        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    render.stdout.print(
+        f"{result.backbone}: {result.images} images, [green]{result.extracted} extracted[/], "
+        f"{result.reused} reused, [red]{len(result.failed)} failed[/] in {result.seconds:.1f} s "
+        f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}",
+        highlight=False)
+    if augment:
+        render.stdout.print(f"views: {result.views_extracted} extracted, {result.views_reused} reused "
+                            f"({augment} per image) in {result.views_store_dir}", highlight=False)
+    for failure in result.failed:
+        render.stdout.print(f"  failed: {failure.path}: {failure.reason}", highlight=False)
+
+
+def _dataset_summary(dataset) -> dict:
+    return {"source": str(dataset.source), "layout": dataset.layout, "images": len(dataset),
+            "classes": dataset.class_counts(), "splits": dataset.splits, "ignored_files": dataset.ignored,
+            "unreadable": [{"path": p, "reason": r} for p, r in dataset.unreadable],
+            "warnings": dataset.warnings}
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    heads: str = typer.Option("linear_svm,logreg,dense", "--heads", help="Comma-separated head names."),
+    folds: int = typer.Option(5, "--folds"), repeats: int = typer.Option(1, "--repeats"),
+    seed: int = typer.Option(0, "--seed"), grid: Optional[str] = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}."),
+    augment: int = Augment, augment_seed: int = typer.Option(0, "--augment-seed"),
+    tta: bool = typer.Option(False, "--tta", help="Average each validation image over its augmented views."),
+    groups_from: Optional[Path] = typer.Option(None, "--groups-from", help="CSV with columns path,group."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="Regex on file names; its first group is the group id."),
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    jobs: int = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir"), cache_dir: Optional[Path] = CacheDir,
+    as_json: bool = AsJson,
+) -> None:
+    """Cross-validate heads on cached features; refit and save the best head in a run directory."""
+    from featurepipe import render
+    from featurepipe.dataset import load_groups, scan
+    from featurepipe.evaluate import evaluate as run_evaluate, parse_grid
+    from featurepipe.paths import cache_root
+
+    try:
+        spec = _spec(backbone, image_size, layer, pooling, weights, resize)
+        root = cache_root(cache_dir)
+        with render.progress_view(False if as_json else None) as progress:
+            dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
+            if groups_from is not None:
+                dataset = load_groups(dataset, groups_from)
+            result = run_evaluate(dataset, spec, root, heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
+                                  grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=augment,
+                                  augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    for warning in dataset.warnings:
+        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    render.print_leaderboard(result.leaderboard)
+    for split, metrics in result.holdout.items():
+        render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
+                            f"{metrics['accuracy']:.3f}, macro F1 {metrics['f1_macro']:.3f}", highlight=False)
+    failed = result.extract.failed if result.extract else []
+    render.stdout.print(
+        f"best: {result.best['head']} {json.dumps(result.best['params'])} ({result.best['augment']}); "
+        f"{result.fitted} fits, {result.reused} reused, {len(failed)} images failed, {result.seconds:.1f} s\n"
+        f"run: {result.run_dir}", highlight=False)
+
+
+@app.command()
+def backbones(as_json: bool = AsJson) -> None:
+    """List the backbone registry with input sizes and feature dims."""
+    from featurepipe import render
+    from featurepipe.backbones.registry import BACKBONES
+
+    rows = [[b.name, b.default_size, b.min_size, b.feature_dim, b.preprocess, b.default_resize, b.description]
+            for b in BACKBONES.values()]
+    if as_json:
+        render.print_json([dict(zip(["name", "input_size", "min_size", "feature_dim", "preprocess", "resize",
+                                     "description"], row)) for row in rows])
+        return
+    render.table("backbones", ["name", "size", "min", "dim", "preprocess", "resize", "notes"], rows)
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson) -> None:
+    """List the feature stores in the cache."""
+    import time
+
+    from featurepipe import render
+    from featurepipe.cache import list_cache
+    from featurepipe.paths import cache_root
+
+    try:
+        infos = list_cache(cache_root(cache_dir))
+    except FeaturepipeError as error:
+        _fail(error)
+    rows = []
+    for info in infos:
+        payload = info.payload.get("base_payload", info.payload)
+        kind = "views" if "augment" in info.payload else "images"
+        rows.append([info.fingerprint[:16], payload.get("name"), kind, payload.get("layer") or "-",
+                     payload.get("image_size"), info.rows, info.feature_dim, f"{info.bytes / 1e6:.1f}",
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(info.modified))])
+    columns = ["fingerprint", "backbone", "rows of", "layer", "size", "rows", "dim", "MB", "modified"]
+    if as_json:
+        render.print_json([dict(zip(columns, row)) for row in rows])
+    else:
+        render.table(f"feature stores in {cache_root(cache_dir)}", columns, rows)
+
+
+@cache_app.command("verify")
+def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete damaged shards."),
+                 cache_dir: Optional[Path] = CacheDir) -> None:
+    """Check every shard of every store against its checksum."""
+    from featurepipe import render
+    from featurepipe.cache import verify_cache
+    from featurepipe.paths import cache_root
+
+    result = verify_cache(cache_root(cache_dir), repair=repair)
+    for directory, problems in result.problems.items():
+        for problem in problems:
+            render.console.print(f"[red]damaged:[/] {problem}", highlight=False)
+    if result.problems and not repair:
+        render.console.print("run `featurepipe cache verify --repair` to delete the damaged shards; "
+                             "their images are re-extracted on the next run", highlight=False)
+        raise typer.Exit(code=1)
+    state = "repaired" if result.problems else "ok"
+    render.stdout.print(f"{result.checked} store(s) checked: {state}", highlight=False)
+
+
+@cache_app.command("gc")
+def cache_gc(dry_run: bool = typer.Option(False, "--dry-run"), cache_dir: Optional[Path] = CacheDir) -> None:
+    """Remove stores and rows that no dataset or run refers to any more."""
+    from featurepipe import render
+    from featurepipe.cache import gc_cache
+    from featurepipe.paths import cache_root
+
+    result = gc_cache(cache_root(cache_dir), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    render.stdout.print(f"{verb} {len(result.stores_removed)} store(s), {result.rows_removed} row(s), "
+                        f"{result.refs_removed} stale dataset reference(s)", highlight=False)
+
+
+@features_app.command("export")
+def features_export(
+    data: Path = typer.Argument(...), out: Path = typer.Option(..., "--out", help="feats.parquet | .npz | .csv"),
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    cache_dir: Optional[Path] = CacheDir,
+) -> None:
+    """Export path, label, split and the cached features (extracting whatever is missing first)."""
+    from featurepipe import render
+    from featurepipe.dataset import scan
+    from featurepipe.extract import extract as run_extract, open_stores
+    from featurepipe.features import dataset_features, export_features
+    from featurepipe.paths import cache_root
+
+    try:
+        spec = _spec(backbone, image_size, layer, pooling, weights, resize)
+        root = cache_root(cache_dir)
+        with render.progress_view() as progress:
+            dataset = scan(data, cache_dir=root, progress=progress)
+            run_extract(dataset, spec, root, progress=progress)
+        features = dataset_features(dataset, open_stores(spec, root))
+        written = export_features(features, out)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    render.stdout.print(f"wrote {len(features.frame)} rows x {features.X.shape[1]} features to {written}"
+                        + (f" ({len(features.missing)} images without features)" if features.missing else ""),
+                        highlight=False)
+
+
+def main() -> None:  # pragma: no cover - console-script entry point alias
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app()
