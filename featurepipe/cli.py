@@ -32,7 +32,8 @@ AsJson = typer.Option(False, "--json", help="Print the summary as one JSON objec
 def _fail(error: Exception) -> None:
     from featurepipe.render import console
 
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    # soft_wrap: one line, however narrow the terminal (rich wraps at 80 columns in a pipe)
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -61,7 +62,7 @@ def extract(
     try:
         spec = _spec(backbone, image_size, layer, pooling, weights, resize, seed)
         root = cache_root(cache_dir)
-        with render.progress_view(False if as_json else None) as progress:
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
             dataset = scan(data, cache_dir=root, progress=progress)
             result = run_extract(dataset, spec, root, augment=augment, augment_seed=augment_seed,
                                  batch_size=batch_size, lock_timeout=lock_timeout, progress=progress)
@@ -117,7 +118,7 @@ def evaluate(
     try:
         spec = _spec(backbone, image_size, layer, pooling, weights, resize)
         root = cache_root(cache_dir)
-        with render.progress_view(False if as_json else None) as progress:
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
             dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
             if groups_from is not None:
                 dataset = load_groups(dataset, groups_from)
@@ -140,6 +141,26 @@ def evaluate(
         f"best: {result.best['head']} {json.dumps(result.best['params'])} ({result.best['augment']}); "
         f"{result.fitted} fits, {result.reused} reused, {len(failed)} images failed, {result.seconds:.1f} s\n"
         f"run: {result.run_dir}", highlight=False)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate`."),
+           thumbnails: int = typer.Option(24, "--thumbnails", help="Misclassified images to show."),
+           as_json: bool = AsJson) -> None:
+    """Write RUN_DIR/report.html (self-contained) and the charts as PNGs in RUN_DIR/report/."""
+    from featurepipe import render
+    from featurepipe.report import write_report
+
+    try:
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            result = write_report(run_dir, thumbnails=thumbnails, progress=progress)
+    except FeaturepipeError as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    render.stdout.print(f"wrote {result.html_path} ({len(result.png_paths)} charts in {run_dir / 'report'})",
+                        highlight=False)
 
 
 @app.command()
@@ -192,7 +213,10 @@ def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete dam
     from featurepipe.cache import verify_cache
     from featurepipe.paths import cache_root
 
-    result = verify_cache(cache_root(cache_dir), repair=repair)
+    try:
+        result = verify_cache(cache_root(cache_dir), repair=repair)
+    except FeaturepipeError as error:
+        _fail(error)
     for directory, problems in result.problems.items():
         for problem in problems:
             render.console.print(f"[red]damaged:[/] {problem}", highlight=False)
@@ -211,7 +235,10 @@ def cache_gc(dry_run: bool = typer.Option(False, "--dry-run"), cache_dir: Option
     from featurepipe.cache import gc_cache
     from featurepipe.paths import cache_root
 
-    result = gc_cache(cache_root(cache_dir), dry_run=dry_run)
+    try:
+        result = gc_cache(cache_root(cache_dir), dry_run=dry_run)
+    except FeaturepipeError as error:
+        _fail(error)
     verb = "would remove" if dry_run else "removed"
     render.stdout.print(f"{verb} {len(result.stores_removed)} store(s), {result.rows_removed} row(s), "
                         f"{result.refs_removed} stale dataset reference(s)", highlight=False)

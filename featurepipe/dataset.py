@@ -178,7 +178,8 @@ def scan(
     `cache_dir` (the cache root) keeps content hashes by (path, size, mtime); `groups_pattern` is
     a regex whose first group (or whole match) taken from the file name becomes the image's group.
     """
-    source = Path(source).expanduser()
+    # Absolute paths: the hash cache is keyed by path, and runs outlive the working directory.
+    source = Path(source).expanduser().absolute()
     if not source.exists():
         raise DatasetError(f"{source} does not exist; pass a folder of class folders or a CSV manifest")
     rows: list[dict] = []
@@ -201,7 +202,7 @@ def scan(
     frame = pd.DataFrame(rows, columns=["path", "label", "split", "group"])
     if groups_pattern:
         frame["group"] = _groups_from_names(frame["path"], groups_pattern)
-    cache = HashCache(cache_dir / "hashes.sqlite" if cache_dir is not None else None)
+    cache = HashCache(Path(cache_dir) / "hashes.sqlite" if cache_dir is not None else None)
     try:
         report(progress, "scan", 0, len(frame), "hashing")
         hashes = cache.hash_files(frame["path"].tolist())
@@ -210,7 +211,7 @@ def scan(
     unreadable = [(p, h[len("error:"):]) for p, (h, _) in hashes.items() if h.startswith("error:")]
     frame["hash"] = [hashes[p][0] for p in frame["path"]]
     frame["bytes"] = [hashes[p][1] for p in frame["path"]]
-    frame = frame[~frame["hash"].str.startswith("error:")].reset_index(drop=True)
+    frame = frame[~frame["hash"].astype(str).str.startswith("error:")].reset_index(drop=True)
     report(progress, "scan", len(frame), len(frame), "hashed")
     classes = _check_labels(frame, warnings, source)
     for label, count in frame.loc[frame["split"] == "train", "label"].value_counts().items():

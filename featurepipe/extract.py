@@ -110,6 +110,7 @@ def extract(
     first_path = dataset.frame.drop_duplicates("hash").set_index("hash")["path"].to_dict()
     refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
 
+    known_failures = stores.originals.failures()
     todo = _pending(stores, first_path)
     originals_present = len(first_path) - len(stores.originals.missing(first_path))
     views_present = len(first_path) * stores.augment - sum(sum("@" in k for k in keys) for keys in todo.values())
@@ -120,6 +121,9 @@ def extract(
         views_fingerprint=stores.views.fingerprint if stores.views else None,
         views_store_dir=str(stores.views.directory) if stores.views else None,
     )
+    for content_hash in [h for h in todo if h in known_failures]:
+        del todo[content_hash]
+        result.failed += [FailedImage(p, known_failures[content_hash]) for p in _paths_of(dataset, content_hash)]
     if todo:
         with stores.originals.writer(timeout=lock_timeout) as original_writer:
             if stores.views is not None:
@@ -135,6 +139,10 @@ def extract(
     result.seconds = time.perf_counter() - started
     report(progress, "extract", len(first_path), len(first_path), "done")
     return result
+
+
+def _paths_of(dataset: Dataset, content_hash: str) -> list[str]:
+    return dataset.frame.loc[dataset.frame["hash"] == content_hash, "path"].tolist()
 
 
 def _pending(stores: FeatureStores, first_path: dict[str, str]) -> dict[str, list[str]]:
@@ -171,7 +179,8 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
     from featurepipe.backbones.build import build_feature_model
 
     # Another process may have finished some of this work while we waited for the lock.
-    todo = _pending(stores, first_path)
+    known_failures = stores.originals.failures()
+    todo = {h: keys for h, keys in _pending(stores, first_path).items() if h not in known_failures}
     if not todo:
         return
     report(progress, "extract", 0, len(todo), f"building {stores.spec.name}")
@@ -219,6 +228,7 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
                     pending_keys.append(key)
                     pending_images.append(image)
             except ImageDecodeError as error:
+                original_writer.add_failures({content_hash: error.reason})
                 for path in paths_by_hash[content_hash]:
                     result.failed.append(FailedImage(path, error.reason))
             done += 1

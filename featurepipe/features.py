@@ -41,7 +41,7 @@ def export_features(features: DatasetFeatures, out: Path) -> Path:
     meta = features.frame[["path", "label", "split", "group", "hash"]].reset_index(drop=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
-        np.savez_compressed(out, features=features.X, **{c: meta[c].astype(str).to_numpy() for c in meta.columns})
+        np.savez_compressed(out, features=features.X, **{c: meta[c].astype(str).to_numpy(dtype=str) for c in meta.columns})
         return out
     columns = pd.DataFrame(features.X, columns=[f"f{i}" for i in range(features.X.shape[1])])
     table = pd.concat([meta, columns], axis=1)

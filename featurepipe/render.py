@@ -43,6 +43,18 @@ def progress_view(enabled: Optional[bool] = None) -> Iterator[Optional[ProgressC
         yield on_event
 
 
+@contextmanager
+def json_safe_stdout(as_json: bool) -> Iterator[None]:
+    """Under --json, anything a library prints (Keras's download bar) goes to stderr, not into the JSON."""
+    if not as_json:
+        yield
+        return
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -111,7 +111,8 @@ class FeatureStore:
     # ---- reading ---------------------------------------------------------------------------
 
     def _shard_paths(self) -> list[Path]:
-        return sorted((self.directory / "shards").glob("*.h5"))
+        # pathlib's "*" also matches dot-files: skip the ".tmp-*" files of writers in flight or killed.
+        return sorted(p for p in (self.directory / "shards").glob("*.h5") if not p.name.startswith("."))
 
     def _load_index(self) -> dict[str, tuple[str, int]]:
         # A compaction running in another process may delete shards while we list them; the
@@ -183,6 +184,17 @@ class FeatureStore:
                 f"to drop it, and its images are re-extracted on the next run"
             )
         return keys, features
+
+    def failures(self) -> dict[str, str]:
+        """content hash -> why that image could not be decoded. Decoding depends only on the bytes
+        and the decoder version (part of the fingerprint), so a failure is as permanent as a row."""
+        path = self.directory / "failed.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError:
+            return {}   # only a cache of failures: losing it just means retrying those files
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -266,14 +278,18 @@ class FeatureStore:
     def verify(self, repair: bool = False) -> list[str]:
         """Check every shard; return the problems found. With repair, damaged shards are removed."""
         problems = []
+        damaged = []
         for shard in self._shard_paths():
             try:
                 self._read_shard(shard)
             except StoreCorruptError as error:
                 problems.append(str(error))
-                if repair:
-                    with self.writer(timeout=60):
-                        shard.unlink(missing_ok=True)
+                damaged.append(shard)
+        if repair and damaged:
+            # All at once: a writer may compact on exit, and compaction must not meet a damaged shard.
+            with self.writer(timeout=60):
+                for shard in damaged:
+                    shard.unlink(missing_ok=True)
         self._index = None
         return problems
 
@@ -289,6 +305,10 @@ class StoreWriter:
     def __init__(self, store: FeatureStore):
         self._store = store
         self.rows_written = 0
+
+    def add_failures(self, failures: dict[str, str]) -> None:
+        if failures:
+            _write_json_atomic(self._store.directory / "failed.json", {**self._store.failures(), **failures})
 
     def add(self, keys: list[str], features: np.ndarray) -> None:
         """Commit one batch as one shard: after this returns the rows survive any crash."""

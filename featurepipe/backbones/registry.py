@@ -112,7 +112,8 @@ def block_starts(info: BackboneInfo, layer_names: list[str]) -> list[int]:
     for index, name in enumerate(layer_names):
         match = key_re.search(name)
         if match and match.group(1) != current:
-            if current is not None:
+            # The first named block stays part of the stem only when nothing but the input precedes it.
+            if current is not None or index > 1:
                 starts.append(index)
             current = match.group(1)
     return starts
