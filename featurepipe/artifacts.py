@@ -1,0 +1,115 @@
+"""Saving and loading a run's trained head, safely.
+
+A scikit-learn head is a joblib file whose sha256 is recorded in best_head.json when it is written;
+loading refuses a file whose hash differs (joblib unpickles, so an edited file could run code).
+The Keras dense head is saved as .keras and loaded with safe_mode=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import joblib
+
+from featurepipe.errors import FeaturepipeError
+
+HEAD_META = "best_head.json"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def write_json(path: Path, data) -> None:
+    tmp = _atomic_path(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def save_head(estimator, run_dir: Path, meta: dict) -> Path:
+    """Write the head and best_head.json (meta + file name + sha256); returns the head file."""
+    from featurepipe.dense_head import DenseHeadClassifier
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(estimator, DenseHeadClassifier):
+        path = run_dir / "best_head.keras"
+        tmp = _atomic_path(path).with_suffix(".keras")
+        estimator.save_keras(tmp)
+    else:
+        path = run_dir / "best_head.joblib"
+        tmp = _atomic_path(path)
+        joblib.dump(estimator, tmp)
+    os.replace(tmp, path)
+    write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": _sha256(path)})
+    return path
+
+
+def load_head_meta(run_dir: Path) -> dict:
+    path = Path(run_dir) / HEAD_META
+    if not path.exists():
+        raise FeaturepipeError(f"{run_dir} has no trained head ({HEAD_META} missing); run `featurepipe evaluate` first")
+    return json.loads(path.read_text())
+
+
+def load_head(run_dir: Path):
+    """(estimator, meta) for the run's best head, after checking the file is the one that was written."""
+    run_dir = Path(run_dir)
+    meta = load_head_meta(run_dir)
+    path = run_dir / meta["file"]
+    if not path.exists():
+        raise FeaturepipeError(f"{path} is missing; re-run `featurepipe evaluate` to write it again")
+    if _sha256(path) != meta["sha256"]:
+        raise FeaturepipeError(
+            f"{path} does not match the hash recorded in {HEAD_META} when it was written; refusing to load it "
+            f"(it may have been edited). Re-run `featurepipe evaluate` to rebuild it."
+        )
+    if path.suffix == ".keras":
+        from featurepipe.dense_head import DenseHeadClassifier
+
+        return DenseHeadClassifier.load_keras(path, meta["classes"]), meta
+    return joblib.load(path), meta
+
+
+def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
+    """Copy a head refit earlier on exactly the same inputs into run_dir; None if there is none.
+
+    Copying bytes (after the hash check) instead of loading the model keeps a no-change re-run
+    free of TensorFlow start-up when the best head is the Keras one."""
+    record_path = cache_dir / HEAD_META
+    if not record_path.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        source = cache_dir / record["file"]
+        if _sha256(source) != record["sha256"]:
+            return None
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / record["file"]
+    tmp = _atomic_path(target)
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"]})
+    return record
+
+
+def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
+    """Keep a copy of run_dir's freshly written head for `cached_head`."""
+    meta = load_head_meta(run_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(cache_dir / meta["file"])
+    shutil.copyfile(run_dir / meta["file"], tmp)
+    os.replace(tmp, cache_dir / meta["file"])
+    write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"], **extra})

@@ -1,0 +1,206 @@
+import pickle
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import make_classification
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import log_loss
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+from sklearn.utils import check_random_state
+
+from featurepipe.dense_head import DenseHeadClassifier, _early_stopping_split
+from featurepipe.heads import HEADS, HeadEntry, make_head, param_grid
+
+# Small enough that every Keras fit takes a fraction of a second.
+FAST_DENSE = dict(hidden_units=32, epochs=40, patience=5, batch_size=32)
+
+
+def blobs(n=90, d=24, n_classes=3, seed=0):
+    X, y = make_classification(
+        n_samples=n, n_features=d, n_informative=8, n_redundant=0, n_classes=n_classes,
+        n_clusters_per_class=1, class_sep=2.5, random_state=seed,
+    )
+    return X.astype(np.float32), y
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_has_the_three_heads_with_small_grids():
+    assert {"linear_svm", "logreg", "dense"} <= set(HEADS)
+    for name, entry in HEADS.items():
+        assert isinstance(entry, HeadEntry) and entry.name == name and entry.description
+        assert 1 <= len(param_grid(name)) <= 3
+    assert HEADS["dense"].in_process and not HEADS["logreg"].in_process
+
+
+def test_unknown_head_or_param_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown head 'svm'.*valid heads: linear_svm, logreg, dense"):
+        make_head("svm")
+    with pytest.raises(ValueError, match=r"gamma.*'logreg'.*valid parameters: C, class_weight, max_iter"):
+        make_head("logreg", {"gamma": 1.0})
+    with pytest.raises(ValueError, match="valid parameters:.*hidden_units"):
+        param_grid("dense", {"units": [8]})
+
+
+def test_param_grid_expands_and_overrides():
+    assert param_grid("logreg") == [{"C": 0.1}, {"C": 1.0}, {"C": 10.0}]
+    assert param_grid("logreg", {"C": 5}) == [{"C": 5}]
+    points = param_grid("linear_svm", {"class_weight": [None, "balanced"]})
+    assert len(points) == 6 and {"C": 0.01, "class_weight": "balanced"} in points
+    assert param_grid("logreg", {"C": np.array([2.0])}) == [{"C": 2.0}]
+    assert type(param_grid("logreg", {"C": np.array([2.0])})[0]["C"]) is float
+
+
+def test_importing_heads_and_crossval_does_not_load_tensorflow():
+    code = "import sys, featurepipe.heads, featurepipe.crossval; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- every head
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("name", ["linear_svm", "logreg", "dense"])
+def test_head_fits_and_gives_probabilities(name, n_classes):
+    X, y = blobs(n_classes=n_classes)
+    params = FAST_DENSE if name == "dense" else {}
+    est = make_head(name, params, seed=0).fit(X[:70], y[:70])
+    proba = est.predict_proba(X[70:])
+    assert proba.shape == (20, n_classes)
+    assert np.all(proba >= 0) and np.allclose(proba.sum(axis=1), 1.0)
+    assert list(est.classes_) == list(range(n_classes))
+    assert np.mean(est.predict(X[70:]) == y[70:]) >= 0.8
+
+
+def test_linear_svm_calibrates_with_two_training_images_per_class():
+    X, y = blobs(n=90)
+    idx = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(3)])
+    est = make_head("linear_svm", {"C": 1.0}).fit(X[idx], y[idx])
+    assert est.predict_proba(X).shape == (90, 3)
+
+
+# ---------------------------------------------------------------- DenseHeadClassifier contract
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")
+def test_dense_passes_sklearn_estimator_checks():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(DenseHeadClassifier(**{**FAST_DENSE, "batch_size": 64}), on_fail=None)
+    failed = [(r["check_name"], repr(r["exception"])[:300]) for r in results if r["status"] == "failed"]
+    assert not failed
+
+
+def test_dense_params_and_clone():
+    est = DenseHeadClassifier(hidden_units=8, dropout=0.25)
+    assert est.get_params() == {
+        "hidden_units": 8, "dropout": 0.25, "learning_rate": 1e-3, "epochs": 100,
+        "batch_size": 32, "patience": 10, "validation_fraction": 0.15, "random_state": 0,
+    }
+    X, y = blobs()
+    est.set_params(**FAST_DENSE).fit(X, y)
+    fresh = clone(est)
+    assert fresh.get_params() == est.get_params()
+    assert not hasattr(fresh, "model_") and not hasattr(fresh, "classes_")
+
+
+def test_dense_inside_grid_search_and_cross_val_score():
+    X, y = blobs()
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    search = GridSearchCV(DenseHeadClassifier(**FAST_DENSE), {"hidden_units": [8, 32]}, cv=cv).fit(X, y)
+    assert search.best_params_["hidden_units"] in (8, 32)
+    assert len(search.cv_results_["mean_test_score"]) == 2
+    assert search.predict_proba(X).shape == (90, 3)
+    scores = cross_val_score(DenseHeadClassifier(**FAST_DENSE), X, y, cv=cv, scoring="neg_log_loss")
+    assert scores.shape == (3,) and np.all(np.isfinite(scores))
+    assert cross_val_score(DenseHeadClassifier(**FAST_DENSE), X, y, cv=cv).mean() >= 0.8
+
+
+def test_dense_fit_attributes_and_early_stopping():
+    X, y = blobs()
+    est = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
+    assert est.n_features_in_ == 24
+    assert set(est.history_) == {"loss", "val_loss"}
+    n_epochs = len(est.history_["loss"])
+    assert n_epochs == len(est.history_["val_loss"]) <= FAST_DENSE["epochs"]
+    assert est.best_epoch_ == int(np.argmin(est.history_["val_loss"]))
+    if n_epochs < FAST_DENSE["epochs"]:
+        assert n_epochs == est.best_epoch_ + FAST_DENSE["patience"] + 1
+    # Restore-best-weights: the kept model's loss on the early-stopping holdout is the best epoch's.
+    seed = check_random_state(0).randint(np.iinfo(np.int32).max)
+    _, holdout = _early_stopping_split(y.astype(np.int32), 0.15, seed)
+    holdout_loss = log_loss(y[holdout], est.predict_proba(X[holdout]), labels=[0, 1, 2])
+    assert holdout_loss == pytest.approx(min(est.history_["val_loss"]), rel=1e-4)
+
+
+def test_dense_is_deterministic_under_random_state():
+    X, y = blobs()
+    a = DenseHeadClassifier(**FAST_DENSE, random_state=7).fit(X, y).predict_proba(X)
+    b = DenseHeadClassifier(**FAST_DENSE, random_state=7).fit(X, y).predict_proba(X)
+    c = DenseHeadClassifier(**FAST_DENSE, random_state=8).fit(X, y).predict_proba(X)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_dense_binary_with_string_labels():
+    X, y = blobs(n_classes=2)
+    labels = np.array(["cat", "dog"])[y]
+    est = DenseHeadClassifier(**FAST_DENSE).fit(X, labels)
+    assert est.predict_proba(X).shape == (90, 2)
+    assert set(est.predict(X)) <= {"cat", "dog"}
+    assert est.model_.get_layer("output").units == 2
+
+
+def test_dense_tiny_training_set_falls_back_to_training_loss():
+    X, y = blobs()
+    idx = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(3)])  # one image per class
+    est = DenseHeadClassifier(**FAST_DENSE).fit(X[idx], y[idx])
+    assert est.predict_proba(X).shape == (90, 3)
+
+
+def test_dense_errors():
+    X, y = blobs()
+    with pytest.raises(NotFittedError):
+        DenseHeadClassifier().predict_proba(X)
+    with pytest.raises(ValueError, match="1 class"):
+        DenseHeadClassifier(**FAST_DENSE).fit(X, np.zeros(len(X), int))
+    est = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        est.predict(X[:, :10])
+    with pytest.raises(ValueError, match="dropout"):
+        DenseHeadClassifier(dropout=1.0).fit(X, y)
+
+
+def test_dense_pickle_round_trip_stores_weights_not_keras(tmp_path):
+    X, y = blobs()
+    est = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
+    state = est.__getstate__()
+    assert "model_" not in state and len(state["_model_weights"]) == 4
+    assert all(isinstance(w, np.ndarray) for w in state["_model_weights"])
+    assert hasattr(est, "model_")  # pickling must not strip the live estimator
+    joblib.dump(est, tmp_path / "head.joblib")
+    loaded = joblib.load(tmp_path / "head.joblib")
+    assert np.array_equal(loaded.predict_proba(X), est.predict_proba(X))
+    assert loaded.get_params() == est.get_params() and loaded.history_ == est.history_
+    again = pickle.loads(pickle.dumps(loaded))
+    assert np.array_equal(again.predict_proba(X), est.predict_proba(X))
+
+
+def test_dense_keras_file_round_trip(tmp_path):
+    X, y = blobs()
+    labels = np.array(["a", "b", "c"])[y]
+    est = DenseHeadClassifier(**FAST_DENSE).fit(X, labels)
+    path = tmp_path / "head.keras"
+    est.save_keras(path)
+    loaded = DenseHeadClassifier.load_keras(path, classes=est.classes_)
+    assert np.array_equal(loaded.predict_proba(X), est.predict_proba(X))
+    assert list(loaded.predict(X)) == list(est.predict(X))
+    assert loaded.hidden_units == 32 and loaded.n_features_in_ == 24
+    with pytest.raises(ValueError, match="2 classes"):
+        DenseHeadClassifier.load_keras(path, classes=["a", "b"])
