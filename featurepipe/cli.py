@@ -163,6 +163,132 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
                         highlight=False)
 
 
+RunCacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: the one the run was made with).")
+ModelChoice = typer.Option("auto", "--model", help="auto (the fine-tuned model if the run has one) | finetuned | head.")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked for images)."),
+    top_k: int = typer.Option(3, "--top-k", help="Top classes to list per image."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
+    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size"),
+    cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
+) -> None:
+    """Classify images with a run's model, preprocessed exactly as in training; bad files get an error row."""
+    from featurepipe import render
+    from featurepipe.predict import predict as run_predict
+
+    try:
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            result = run_predict(run_dir, inputs, top_k=top_k, cache_dir=cache_dir, batch_size=batch_size,
+                                 progress=progress, model=model)
+        written = result.save(out) if out is not None else None
+    except (FeaturepipeError, OSError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    for warning in result.warnings:
+        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    rows = []
+    for record in result.records():
+        if record["error"]:
+            rows.append([record["path"], "[red]error[/]", "", record["error"]])
+        else:
+            others = ", ".join(f"{record[f'label_{i}']} {record[f'prob_{i}']:.3f}" for i in range(2, result.top_k + 1))
+            rows.append([record["path"], record["label"], f"{record['probability']:.3f}", others])
+    render.table(f"predictions ({result.model_kind} model)", ["path", "label", "p", "next"], rows)
+    render.stdout.print(
+        f"{len(result.frame)} images: {result.reused} features from the cache, {result.computed} computed, "
+        f"{result.failed} failed, {result.seconds:.1f} s" + (f"\nwrote {written}" if written else ""), highlight=False)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
+    fmt: str = typer.Option("keras", "--format", "-f", help="keras | savedmodel | tflite."),
+    out: Path = typer.Option(..., "--out", help="Folder for the model, labels.txt and export.json."),
+    model: str = ModelChoice, cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
+) -> None:
+    """Export the run's model as one network: raw uint8 RGB images in, class probabilities out.
+
+    keras and savedmodel take images of any size (resizing is inside); tflite takes
+    (1, size, size, 3) images already resized with the run's resize policy (see export.json).
+    """
+    from featurepipe import render
+    from featurepipe.export import export as run_export
+
+    try:
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress)
+    except (FeaturepipeError, OSError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    shape = "x".join("N" if d is None else str(d) for d in result.input_shape)
+    render.stdout.print(
+        f"wrote {result.path} ({result.format}, {result.model_kind} model, {len(result.classes)} classes, "
+        f"input uint8 {shape}) with {result.labels_path.name} and {result.meta_path.name} in {result.seconds:.1f} s",
+        highlight=False)
+    if result.format == "tflite":
+        render.stdout.print(f"TFLite takes one image already resized to {result.image_size}x{result.image_size} "
+                            f"({result.resize}); the keras and savedmodel formats resize inside", highlight=False)
+
+
+@app.command("run")
+def run_all(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    heads: str = typer.Option("linear_svm,logreg,dense", "--heads", help="Comma-separated head names."),
+    folds: int = typer.Option(5, "--folds"), repeats: int = typer.Option(1, "--repeats"),
+    seed: int = typer.Option(0, "--seed"),
+    grid: Optional[str] = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}."),
+    augment: int = Augment, tta: bool = typer.Option(False, "--tta", help="Average each validation image over its augmented views."),
+    finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
+    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (with --finetune)."),
+    jobs: int = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir"), cache_dir: Optional[Path] = CacheDir,
+    as_json: bool = AsJson,
+) -> None:
+    """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
+    from featurepipe import render
+    from featurepipe.evaluate import parse_grid
+    from featurepipe.paths import cache_root
+    from featurepipe.pipeline import run as run_pipeline
+
+    try:
+        spec = _spec(backbone, image_size, layer, pooling, weights, resize)
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            result = run_pipeline(data, spec, cache_root(cache_dir), heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
+                                  folds=folds, repeats=repeats, seed=seed, augment=augment, tta=tta, finetune=finetune,
+                                  finetune_epochs=epochs, run_dir=run_dir, progress=progress, grids=parse_grid(grid),
+                                  n_jobs=jobs)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    for warning in result.warnings:
+        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    render.print_leaderboard(result.leaderboard)
+    for split, metrics in result.evaluate.holdout.items():
+        render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
+                            f"{metrics['accuracy']:.3f}, macro F1 {metrics['f1_macro']:.3f}", highlight=False)
+    if result.finetune is not None:
+        ft = result.finetune
+        render.stdout.print(f"fine-tuned ({ft.strategy}, {ft.epochs_run} epochs): validation accuracy "
+                            f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}", highlight=False)
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
+    render.stdout.print(
+        f"best: {result.best['head']} {json.dumps(result.best['params'])} ({result.best['augment']}); "
+        f"{result.message}\n{stages}; total {result.seconds:.1f} s\n"
+        f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)
+
+
 @app.command()
 def backbones(as_json: bool = AsJson) -> None:
     """List the backbone registry with input sizes and feature dims."""

@@ -1,0 +1,252 @@
+"""Stage `export`: a run's model as ONE deployable network, raw RGB images in, class probabilities out.
+
+The network carries everything predict applies: resizing to the run's image size with its resize
+policy, the backbone's pixel preprocessing, the frozen base and pooling, and the head (rebuilt
+as Keras layers by featurepipe.head_to_keras), or the fine-tuned model when the run has one.
+
+    keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W; load with
+                                     keras.saving.load_model(path, safe_mode=True) after
+                                     `import featurepipe.head_to_keras` (registers featurepipe's
+                                     layers: Preprocess, PlattOneVsRest, InferenceOnly)
+    savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images); no
+                                     featurepipe or Keras code needed to load it
+    tflite      OUT/model.tflite     input uint8 (1, size, size, 3): images ALREADY resized to the
+                                     run's size with its resize policy (fixed shapes keep the
+                                     interpreter on builtin ops and preallocated tensors)
+
+Every format also writes OUT/labels.txt (one class per line, output index order) and
+OUT/export.json describing inputs, outputs, labels and size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from featurepipe.artifacts import write_json
+from featurepipe.errors import FeaturepipeError
+from featurepipe.hashcache import file_sha256
+from featurepipe.predict import MODEL_META, RunModel, open_run
+from featurepipe.progress import ProgressCallback, report
+
+FORMATS = ("keras", "savedmodel", "tflite")
+ARTEFACTS = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite"}
+LABELS = "labels.txt"
+EXPORT_META = "export.json"
+
+
+@dataclass
+class ExportResult:
+    path: Path                       # the model artefact (file, or directory for savedmodel)
+    labels_path: Path
+    meta_path: Path
+    format: str
+    model_kind: str                  # "finetuned" | "head"
+    classes: list[str]
+    image_size: int
+    resize: str
+    input_shape: list                # None for dimensions of any size
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "labels": str(self.labels_path), "meta": str(self.meta_path),
+                "format": self.format, "model_kind": self.model_kind, "classes": self.classes,
+                "image_size": self.image_size, "resize": self.resize, "input_shape": self.input_shape,
+                "seconds": round(self.seconds, 3)}
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def fixed_size_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
+    """uint8 (n, size, size, 3) RGB -> probabilities: exactly what predict computes on decoded images."""
+    import keras
+
+    if run.kind == "finetuned":
+        return run.load_finetuned()
+    from featurepipe.backbones.build import build_feature_model
+    from featurepipe.head_to_keras import head_to_keras
+
+    estimator = run.load_head()
+    features = build_feature_model(run.spec, run.cache_dir(cache_dir))
+    head = head_to_keras(estimator, int(features.output.shape[-1]), name="head")
+    images = keras.Input((run.image_size, run.image_size, 3), dtype="uint8", name="images")
+    return keras.Model(images, head(features(images)), name=f"featurepipe_{run.spec.name}")
+
+
+def any_size_model(run: RunModel, inner):
+    """uint8 (n, H, W, 3) of any H, W -> probabilities, the run's resize policy inside the graph."""
+    import keras
+
+    from featurepipe.head_to_keras import InferenceOnly
+
+    images = keras.Input((None, None, 3), dtype="uint8", name="images")
+    # antialias: PIL's bilinear (what training decoded with) widens its kernel when shrinking;
+    # without it TF's bilinear aliases and drifts by a few grey levels on downscaled photos.
+    x = keras.layers.Resizing(run.image_size, run.image_size, interpolation="bilinear",
+                              crop_to_aspect_ratio=run.resize == "center_crop", antialias=True,
+                              name="resize")(images)
+    # Training saw uint8 pixels (PIL rounds). The inner model's uint8 input casts by truncation,
+    # so +0.5 first makes it round-half-up; bilinear output stays within 0..255, so no overflow.
+    x = keras.layers.Rescaling(1.0, offset=0.5, name="round_to_uint8")(x)
+    # Keras' image preprocessing layers default to training=True, and the first layer to resolve
+    # the flag sets it for the whole call: model(x) and the SavedModel's serve() would then run
+    # the head's Dropout. The wrapper pins everything after resizing to inference.
+    return keras.Model(images, InferenceOnly(inner, name="classifier")(x), name="featurepipe_classifier")
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _fresh(path: Path) -> Path:
+    """A temporary sibling of `path`, renamed into place once complete so readers never see half a model."""
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    if final.is_dir() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _save_keras(model, path: Path) -> None:
+    tmp = _fresh(path).with_suffix(".keras")   # Keras insists on the suffix
+    try:
+        model.save(str(tmp))
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_savedmodel(model, path: Path) -> None:
+    tmp = _fresh(path)
+    try:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        _replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tflite(model, path: Path) -> None:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="featurepipe-tflite-") as staging:
+        # Converting from a SavedModel written by Keras 3 itself: the converter's Keras entry point
+        # targets tf.keras graphs and is not reliable with Keras 3 models.
+        saved = Path(staging) / "saved_model"
+        model.export(str(saved), format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        try:
+            flatbuffer = converter.convert()
+        except Exception as error:  # the converter raises ConverterError and friends with long logs
+            raise FeaturepipeError(f"TFLite conversion failed: {str(error).strip().splitlines()[0]}") from None
+    tmp = _fresh(path)
+    tmp.write_bytes(flatbuffer)
+    os.replace(tmp, path)
+
+
+def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dict:
+    n = len(run.classes)
+    resize_text = {"squash": "the whole image squashed to size x size (aspect ratio not kept)",
+                   "center_crop": "the central square (side = the shorter side) resized to size x size"}[run.resize]
+    if fmt == "tflite":
+        resizing = (f"NOT inside the model: resize every image to {run.image_size} x {run.image_size} first "
+                    f"({resize_text}, bilinear), then feed one image at a time")
+    else:
+        resizing = f"inside the model (bilinear, antialiased): {resize_text}"
+    meta = {
+        "format": fmt,
+        "artefact": artefact.name,
+        "model_kind": run.kind,
+        "labels": LABELS,
+        "classes": run.classes,
+        "image_size": run.image_size,
+        "resize": run.resize,
+        "input": {"name": "images", "dtype": "uint8", "shape": input_shape,
+                  "layout": "RGB, channels last, 0..255 (no scaling: the backbone's preprocessing is inside)",
+                  "resizing": resizing},
+        "output": {"dtype": "float32", "shape": [input_shape[0], n],
+                   "meaning": f"class probabilities (softmax, rows sum to 1), index i = line i+1 of {LABELS}"},
+        "source_run": str(run.run_dir.resolve()),
+        "featurepipe_version": _version("featurepipe"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if fmt == "savedmodel":
+        meta["endpoint"] = "serve"
+        meta["load"] = "tf.saved_model.load(path).serve(images)"
+    elif fmt == "keras":
+        meta["load"] = "import featurepipe.head_to_keras; keras.saving.load_model(path, safe_mode=True)"
+    else:
+        meta["load"] = "tf.lite.Interpreter(model_path=path) (or ai_edge_litert.interpreter.Interpreter)"
+    if run.kind == "head":
+        head = run.head_meta or {}
+        meta["backbone"] = run.spec.to_dict()
+        meta["head"] = {k: head.get(k) for k in ("head", "params", "augment", "file", "sha256")}
+    else:
+        meta["finetuned"] = {k: (run.model_meta or {}).get(k) for k in ("file", "sha256")}
+        meta["finetuned"]["meta"] = MODEL_META
+    return meta
+
+
+def _version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def export(
+    run_dir: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    cache_dir: Optional[str | os.PathLike] = None,
+    model: str = "auto",
+    progress: Optional[ProgressCallback] = None,
+) -> ExportResult:
+    """Write the run's model to the folder `out` as `fmt` ("keras" | "savedmodel" | "tflite")."""
+    started = time.perf_counter()
+    if fmt not in FORMATS:
+        raise FeaturepipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FeaturepipeError(f"--out {out} is a file; export writes a folder (model, {LABELS}, {EXPORT_META})")
+    run = open_run(run_dir, model)
+    report(progress, "export", 0, 3, f"building the {run.kind} model")
+    inner = fixed_size_model(run, cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artefact = out / ARTEFACTS[fmt]
+    report(progress, "export", 1, 3, f"writing {artefact.name}")
+    if fmt == "tflite":
+        import keras
+
+        from featurepipe.head_to_keras import InferenceOnly
+
+        images = keras.Input((run.image_size, run.image_size, 3), batch_size=1, dtype="uint8", name="images")
+        network = keras.Model(images, InferenceOnly(inner, name="classifier")(images), name="featurepipe_classifier")
+        _save_tflite(network, artefact)
+        input_shape = [1, run.image_size, run.image_size, 3]
+    else:
+        network = any_size_model(run, inner)
+        if fmt == "keras":
+            _save_keras(network, artefact)
+        else:
+            _save_savedmodel(network, artefact)
+        input_shape = [None, None, None, 3]
+    report(progress, "export", 2, 3, "writing labels and metadata")
+    labels = out / LABELS
+    labels.write_text("".join(f"{c}\n" for c in run.classes), encoding="utf-8")
+    meta = _describe(run, fmt, artefact, input_shape)
+    if artefact.is_file():
+        meta["sha256"] = file_sha256(artefact)
+    write_json(out / EXPORT_META, meta)
+    report(progress, "export", 3, 3, "done")
+    return ExportResult(artefact, labels, out / EXPORT_META, fmt, run.kind, run.classes, run.image_size,
+                        run.resize, input_shape, time.perf_counter() - started, meta)

@@ -1,0 +1,134 @@
+"""`featurepipe run`: scan -> extract -> evaluate -> (fine-tune) -> report, as one job.
+
+Every stage is incremental on its own (content-hashed features, per-fold CV results on disk), so
+running the same command again with nothing changed only refits the best head and rewrites the
+report: seconds, and the result says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.dataset import Dataset, scan
+from featurepipe.errors import FeaturepipeError
+from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate
+from featurepipe.extract import ExtractReport, extract
+from featurepipe.paths import cache_root
+from featurepipe.progress import ProgressCallback
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    leaderboard: pd.DataFrame
+    best: dict
+    report_path: Path
+    stages: dict[str, float]             # stage -> seconds, in the order they ran
+    reused_everything: bool              # no image extracted and no CV fold fitted
+    dataset: Dataset
+    extract: ExtractReport
+    evaluate: EvaluateReport
+    finetune: Any = None                 # what featurepipe.finetune.finetune returned, when it ran
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        if self.reused_everything:
+            return "nothing changed: all features and CV folds reused"
+        ex, ev = self.extract, self.evaluate
+        views = f" + {ex.views_extracted} views" if ex.views_extracted else ""
+        return (f"extracted {ex.extracted} images{views} ({ex.reused} reused), fitted {ev.fitted} CV folds "
+                f"({ev.reused} reused)")
+
+    def to_dict(self) -> dict:
+        finetune = self.finetune
+        if finetune is not None and hasattr(finetune, "to_dict"):
+            finetune = finetune.to_dict()
+        return {
+            "run_dir": str(self.run_dir), "report": str(self.report_path), "best": self.best,
+            "reused_everything": self.reused_everything, "message": self.message,
+            "stages": {k: round(v, 3) for k, v in self.stages.items()}, "seconds": round(self.seconds, 3),
+            "dataset": {"source": str(self.dataset.source), "images": len(self.dataset),
+                        "classes": self.dataset.class_counts(), "splits": self.dataset.splits},
+            "extract": self.extract.to_dict(),
+            "evaluate": {k: v for k, v in self.evaluate.to_dict().items() if k != "extract"},
+            "finetune": json.loads(json.dumps(finetune, default=str)) if finetune is not None else None,
+            "warnings": self.warnings,
+        }
+
+
+def _finetune_function():
+    try:
+        from featurepipe.finetune import finetune
+    except ImportError as error:
+        raise FeaturepipeError(f"fine-tuning is not available in this installation ({error}); "
+                               f"run without --finetune") from None
+    return finetune
+
+
+def run(
+    data: str | os.PathLike,
+    spec: BackboneSpec = BackboneSpec(),
+    cache_dir: Optional[str | os.PathLike] = None,
+    heads: tuple[str, ...] = DEFAULT_HEADS,
+    folds: int = 5,
+    repeats: int = 1,
+    seed: int = 0,
+    augment: int = 0,
+    tta: bool = False,
+    finetune: bool = False,
+    finetune_epochs: Optional[int] = None,
+    run_dir: Optional[str | os.PathLike] = None,
+    progress: Optional[ProgressCallback] = None,
+    grids: Optional[dict] = None,
+    augment_seed: int = 0,
+    n_jobs: int = -1,
+    thumbnails: int = 24,
+) -> RunResult:
+    """The whole job on DATA; returns where the run was written and what each stage cost."""
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    root = cache_root(cache_dir)
+    spec = spec.resolved()
+    # Fail before minutes of extraction, not after.
+    finetune_fn = _finetune_function() if finetune else None
+
+    def timed(name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        value = fn(*args, **kwargs)
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+        return value
+
+    dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
+    extracted = timed("extract", extract, dataset, spec, root, augment=augment, augment_seed=augment_seed,
+                      progress=progress)
+    # evaluate() extracts again first; with everything just stored that is a key lookup, no model.
+    evaluated = timed("evaluate", evaluate, dataset, spec, root, heads=tuple(heads), grids=grids, folds=folds,
+                      repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
+                      run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress)
+    finetuned = None
+    if finetune_fn is not None:
+        kwargs: dict[str, Any] = {"cache_dir": root, "progress": progress}
+        if finetune_epochs is not None:
+            kwargs["epochs"] = finetune_epochs
+        finetuned = timed("finetune", finetune_fn, evaluated.run_dir, **kwargs)
+    from featurepipe.report import write_report
+
+    written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress)
+    reused_everything = (extracted.extracted == 0 and extracted.views_extracted == 0 and evaluated.fitted == 0
+                         and finetune_fn is None)
+    return RunResult(
+        run_dir=evaluated.run_dir, leaderboard=evaluated.leaderboard, best=evaluated.best,
+        report_path=written.html_path, stages=stages, reused_everything=reused_everything, dataset=dataset,
+        extract=extracted, evaluate=evaluated, finetune=finetuned, seconds=time.perf_counter() - started,
+        warnings=list(dataset.warnings),
+    )

@@ -1,0 +1,403 @@
+"""Stage `predict`: a run's model applied to image files and folders, one row of probabilities per file.
+
+The model is the run's fine-tuned network when RUN_DIR/model.json names one, else the frozen
+backbone plus the best head. Either way the preprocessing (image size, resize policy, the
+backbone's pixel scaling) is read from the run, never re-specified, so predictions use exactly
+what training used. With the head, images whose content is already in the run's feature store
+are not decoded at all, and the backbone is only built when some image is missing from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from featurepipe.artifacts import HEAD_META, load_head, load_head_meta
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.errors import FeaturepipeError, ImageDecodeError
+from featurepipe.hashcache import HashCache, file_sha256
+from featurepipe.images import IMAGE_EXTENSIONS, decode_image
+from featurepipe.paths import cache_root
+from featurepipe.progress import ProgressCallback, report
+
+MODEL_META = "model.json"
+MODEL_CHOICES = ("auto", "finetuned", "head")
+
+
+# ------------------------------------------------------------------------------------------ the run's model
+
+
+@dataclass
+class RunModel:
+    """What a run predicts with, as recorded in its directory (nothing heavy is loaded yet)."""
+    run_dir: Path
+    kind: str                        # "finetuned" | "head"
+    classes: list[str]
+    image_size: int
+    resize: str
+    config: dict
+    spec: Optional[BackboneSpec] = None        # the backbone the head was trained on ("head" only)
+    head_meta: Optional[dict] = None
+    model_meta: Optional[dict] = None          # model.json ("finetuned" only)
+
+    def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
+        explicit = override if override is not None else self.config.get("cache_dir")
+        return cache_root(explicit)
+
+    def load_head(self):
+        """The best head (scikit-learn estimator or dense head), hash-checked before unpickling."""
+        estimator, _ = load_head(self.run_dir)
+        return estimator
+
+    def load_finetuned(self):
+        """The fine-tuned Keras model (uint8 (n, s, s, 3) -> probabilities), hash-checked, safe_mode."""
+        import keras
+
+        # Registers the custom layers a fine-tuned file names (Preprocess, InferenceOnly, PlattOneVsRest).
+        import featurepipe.head_to_keras  # noqa: F401
+
+        path = self.run_dir / self.model_meta["file"]
+        if not path.exists():
+            raise FeaturepipeError(f"{path} is missing although {MODEL_META} names it; re-run fine-tuning, "
+                                   f"or delete {self.run_dir / MODEL_META} to predict with the best head")
+        if file_sha256(path) != self.model_meta.get("sha256"):
+            raise FeaturepipeError(
+                f"{path} does not match the hash recorded in {MODEL_META} when it was written; refusing to load "
+                f"it (it may have been edited). Re-run fine-tuning to rebuild it.")
+        try:
+            return keras.saving.load_model(str(path), safe_mode=True, compile=False)
+        except Exception as error:  # keras raises plain ValueError/TypeError for unreadable archives
+            raise FeaturepipeError(f"cannot load the fine-tuned model {path}: {error}") from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FeaturepipeError(f"{path} is damaged ({error}); re-run {what}") from None
+
+
+def open_run(run_dir: str | os.PathLike, model: str = "auto") -> RunModel:
+    """Read a run directory's model description. `model`: "auto" (fine-tuned if present), "finetuned", "head"."""
+    run_dir = Path(run_dir).expanduser()
+    if model not in MODEL_CHOICES:
+        raise FeaturepipeError(f"model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
+    if not run_dir.is_dir():
+        raise FeaturepipeError(f"run directory {run_dir} does not exist; `featurepipe evaluate` and "
+                               f"`featurepipe run` print the run directory they wrote")
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FeaturepipeError(f"{run_dir} is not a featurepipe run directory (no config.json); point at a "
+                               f"directory written by `featurepipe evaluate` or `featurepipe run`")
+    config = _read_json(config_path, "`featurepipe evaluate`")
+    model_path = run_dir / MODEL_META
+    if model == "finetuned" and not model_path.exists():
+        raise FeaturepipeError(f"{run_dir} has no fine-tuned model ({MODEL_META} missing); run fine-tuning first "
+                               f"or predict with the best head")
+    if model_path.exists() and model != "head":
+        meta = _read_json(model_path, "fine-tuning")
+        missing = {"file", "sha256", "classes", "image_size", "resize"} - set(meta)
+        if meta.get("kind") != "finetuned" or missing:
+            raise FeaturepipeError(f"{model_path} does not describe a fine-tuned model (kind {meta.get('kind')!r}, "
+                                   f"missing {', '.join(sorted(missing)) or 'nothing'}); re-run fine-tuning")
+        return RunModel(run_dir, "finetuned", [str(c) for c in meta["classes"]], int(meta["image_size"]),
+                        str(meta["resize"]), config, model_meta=meta)
+    if not (run_dir / HEAD_META).exists():
+        raise FeaturepipeError(f"{run_dir} has no trained head ({HEAD_META} missing) and no fine-tuned model; "
+                               f"run `featurepipe evaluate` (or `featurepipe run`) to train one")
+    meta = load_head_meta(run_dir)
+    backbone = meta.get("backbone") or config.get("backbone")
+    if not backbone:
+        raise FeaturepipeError(f"{run_dir / HEAD_META} does not record the backbone it was trained on; "
+                               f"re-run `featurepipe evaluate`")
+    spec = BackboneSpec.from_dict(backbone).resolved()
+    return RunModel(run_dir, "head", [str(c) for c in meta["classes"]], int(spec.image_size), str(spec.resize),
+                    config, spec=spec, head_meta=meta)
+
+
+def head_probabilities(estimator, X: np.ndarray, classes: list[str]) -> np.ndarray:
+    """predict_proba laid out over all of the run's classes, in the run's order.
+
+    A head's columns follow its `classes_`: class indices for heads refit by evaluate, class names
+    for a dense head loaded from .keras, and only the classes it saw in either case.
+    """
+    proba = np.asarray(estimator.predict_proba(X), dtype=np.float64)
+    seen = getattr(estimator, "classes_", None)
+    if seen is None:
+        return proba
+    index = {name: i for i, name in enumerate(classes)}
+    try:
+        positions = [index[str(c)] if str(c) in index else int(c) for c in np.asarray(seen).tolist()]
+    except (TypeError, ValueError):
+        raise FeaturepipeError(f"the head's classes {list(seen)} do not match the run's {classes}; "
+                               f"re-run `featurepipe evaluate`") from None
+    if positions == list(range(len(classes))):
+        return proba
+    full = np.zeros((len(X), len(classes)), dtype=np.float64)
+    full[:, positions] = proba
+    return full
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Files as given plus the image files under each folder (hidden ones skipped), in a stable order."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise FeaturepipeError("no inputs given; pass image files and/or folders of images")
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise FeaturepipeError(f"{path} does not exist; pass image files and/or folders of images")
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+                found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
+                             if not _hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            # A file named explicitly is tried whatever its extension; a failure becomes its error row.
+            found.append(str(path))
+    found = list(dict.fromkeys(found))
+    if not found:
+        names = ", ".join(str(i) for i in inputs)
+        raise FeaturepipeError(f"no image files found in {names} (image types: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+# ------------------------------------------------------------------------------------------ result
+
+
+@dataclass
+class PredictResult:
+    frame: pd.DataFrame              # path, label, probability, label_i/prob_i, p[<class>]..., error
+    model_kind: str                  # "finetuned" | "head"
+    classes: list[str]
+    run_dir: Path
+    top_k: int
+    reused: int = 0                  # images whose features came from the feature store
+    computed: int = 0                # images decoded and run through a model
+    failed: int = 0                  # rows with an error
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One plain dict per row, NaN as None (JSON-ready)."""
+        out = []
+        for row in self.frame.to_dict("records"):
+            out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+        return out
+
+    def to_dict(self) -> dict:
+        return {"run_dir": str(self.run_dir), "model_kind": self.model_kind, "classes": self.classes,
+                "top_k": self.top_k, "images": len(self.frame), "reused": self.reused, "computed": self.computed,
+                "failed": self.failed, "seconds": round(self.seconds, 3), "warnings": self.warnings,
+                "predictions": self.records()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the rows as .csv (default) or the whole result as .json; replaces `path` atomically."""
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        else:
+            self.frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
+
+def _frame(paths: list[str], proba: dict[str, np.ndarray], errors: dict[str, str], classes: list[str],
+           top_k: int) -> pd.DataFrame:
+    rows = []
+    for path in paths:
+        row: dict[str, Any] = {"path": path}
+        p = proba.get(path)
+        if p is None:
+            row.update(label=None, probability=np.nan)
+            for i in range(1, top_k + 1):
+                row[f"label_{i}"], row[f"prob_{i}"] = None, np.nan
+            row.update({f"p[{c}]": np.nan for c in classes})
+            row["error"] = errors.get(path, "no prediction")
+        else:
+            order = np.argsort(-p, kind="stable")
+            row.update(label=classes[order[0]], probability=float(p[order[0]]))
+            for i in range(top_k):
+                row[f"label_{i + 1}"], row[f"prob_{i + 1}"] = classes[order[i]], float(p[order[i]])
+            row.update({f"p[{c}]": float(v) for c, v in zip(classes, p)})
+            row["error"] = None
+        rows.append(row)
+    columns = (["path", "label", "probability"]
+               + [c for i in range(1, top_k + 1) for c in (f"label_{i}", f"prob_{i}")]
+               + [f"p[{c}]" for c in classes] + ["error"])
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+def _decode_batches(paths: list[str], size: int, resize: str, batch_size: int, errors: dict[str, str]):
+    """Yield (paths, uint8 images) batches, decoding ahead in threads; failures go to `errors`.
+
+    At most two batches are decoded ahead, so a folder of any size runs in bounded memory.
+    """
+    threads = min(4, (os.cpu_count() or 2) + 1)
+    lookahead = max(2 * batch_size, 8)
+    todo = iter(paths)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        queue: deque = deque()
+
+        def refill() -> None:
+            while len(queue) < lookahead:
+                path = next(todo, None)
+                if path is None:
+                    return
+                queue.append((path, pool.submit(decode_image, path, size, resize)))
+
+        refill()
+        batch_paths: list[str] = []
+        batch: list[np.ndarray] = []
+        while queue:
+            path, future = queue.popleft()
+            refill()
+            try:
+                batch.append(future.result())
+                batch_paths.append(path)
+            except ImageDecodeError as error:
+                errors[path] = error.reason
+            if len(batch) >= batch_size:
+                yield batch_paths, np.stack(batch)
+                batch_paths, batch = [], []
+        if batch:
+            yield batch_paths, np.stack(batch)
+
+
+def predict(
+    run_dir: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    top_k: int = 3,
+    cache_dir: Optional[str | os.PathLike] = None,
+    batch_size: int = 32,
+    progress: Optional[ProgressCallback] = None,
+    model: str = "auto",
+) -> PredictResult:
+    """Class probabilities for every image file in `inputs` (files and/or folders).
+
+    `cache_dir` overrides the cache root recorded in the run (where features and hashes live).
+    A file that cannot be read or decoded gets a row whose `error` says why; it never stops the run.
+    """
+    started = time.perf_counter()
+    if int(top_k) < 1:
+        raise FeaturepipeError(f"top_k must be at least 1, not {top_k}")
+    run = open_run(run_dir, model)
+    paths = collect_inputs(inputs)
+    top_k = min(int(top_k), len(run.classes))
+    result = PredictResult(pd.DataFrame(), run.kind, run.classes, run.run_dir, top_k)
+    errors: dict[str, str] = {}
+    proba: dict[str, np.ndarray] = {}
+    report(progress, "predict", 0, len(paths), f"{run.kind} model")
+    if run.kind == "finetuned":
+        _predict_finetuned(run, paths, batch_size, proba, errors, result, progress)
+    else:
+        _predict_head(run, paths, cache_dir, batch_size, proba, errors, result, progress)
+    result.frame = _frame(paths, proba, errors, run.classes, top_k)
+    result.failed = int(result.frame["error"].notna().sum())
+    result.seconds = time.perf_counter() - started
+    report(progress, "predict", len(paths), len(paths), "done")
+    return result
+
+
+def _predict_finetuned(run: RunModel, paths: list[str], batch_size: int, proba: dict, errors: dict,
+                       result: PredictResult, progress) -> None:
+    network = run.load_finetuned()
+    done = 0
+    for batch_paths, images in _decode_batches(paths, run.image_size, run.resize, batch_size, errors):
+        out = np.asarray(network.predict_on_batch(images), dtype=np.float64)
+        if out.shape[1] != len(run.classes):
+            raise FeaturepipeError(f"the fine-tuned model outputs {out.shape[1]} values but {MODEL_META} lists "
+                                   f"{len(run.classes)} classes; re-run fine-tuning")
+        # float32 softmax rows sum to 1 only to ~1e-7
+        out /= out.sum(axis=1, keepdims=True)
+        proba.update(zip(batch_paths, out))
+        result.computed += len(batch_paths)
+        done += len(batch_paths)
+        report(progress, "predict", done, len(paths), "")
+
+
+def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,
+                  result: PredictResult, progress) -> None:
+    from featurepipe.extract import open_stores
+
+    estimator = run.load_head()
+    root = run.cache_dir(cache_dir)
+    cache = HashCache(root / "hashes.sqlite")
+    try:
+        # The hash cache is keyed by absolute path (as scan keys it), so the run's own images hit it.
+        hashed = cache.hash_files([os.path.abspath(p) for p in paths])
+    finally:
+        cache.close()
+    by_hash: dict[str, list[str]] = {}
+    for path in paths:
+        digest, _ = hashed[os.path.abspath(path)]
+        if digest.startswith("error:"):
+            errors[path] = f"cannot be read: {digest[len('error:'):]}"
+        else:
+            by_hash.setdefault(digest, []).append(path)
+
+    stores = open_stores(run.spec, root)
+    store = stores.originals
+    expected = (run.head_meta or {}).get("feature_fingerprint")
+    if expected and store.fingerprint != expected:
+        result.warnings.append(
+            f"the backbone's fingerprint changed since the head was trained (library versions or weights differ: "
+            f"{expected[:16]} then, {store.fingerprint[:16]} now); features are computed afresh and may not match "
+            f"what the head was trained on")
+    have = store.keys()
+    cached = [h for h in by_hash if h in have]
+    missing = [h for h in by_hash if h not in have]
+
+    def classify(digests: list[str], features: np.ndarray) -> None:
+        for digest, row in zip(digests, head_probabilities(estimator, features, run.classes)):
+            for path in by_hash[digest]:
+                proba[path] = row
+
+    # One read: FeatureStore.read loads (and checksums) each shard it touches whole, so reading in
+    # chunks would re-read big shards; computed features below are classified batch by batch.
+    if cached:
+        classify(cached, store.read(cached))
+        result.reused = sum(len(by_hash[h]) for h in cached)
+    report(progress, "predict", result.reused, len(paths), f"{result.reused} from the feature store")
+    if missing:
+        from featurepipe.backbones.build import build_feature_model
+
+        report(progress, "predict", result.reused, len(paths), f"building {run.spec.name}")
+        network = build_feature_model(run.spec, root)
+        first = {by_hash[h][0]: h for h in missing}
+        decode_errors: dict[str, str] = {}
+        done = result.reused
+        for batch_paths, images in _decode_batches(list(first), run.image_size, run.resize, batch_size,
+                                                   decode_errors):
+            classify([first[p] for p in batch_paths],
+                     np.asarray(network.predict_on_batch(images), dtype=np.float32))
+            result.computed += sum(len(by_hash[first[p]]) for p in batch_paths)
+            done += len(batch_paths)
+            report(progress, "predict", done, len(paths), "")
+        for path, reason in decode_errors.items():
+            for same in by_hash[first[path]]:
+                errors[same] = reason

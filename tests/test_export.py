@@ -1,0 +1,170 @@
+"""export: each artefact, reloaded in a fresh process, gives predict's probabilities."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.dataset import scan
+from featurepipe.errors import FeaturepipeError
+from featurepipe.evaluate import evaluate
+from featurepipe.export import FORMATS, export
+from featurepipe.images import decode_image
+from featurepipe.predict import predict
+from tests.conftest import COLOURS, REPO, make_image
+
+TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
+
+# Loads every artefact the way a deployment would, in a process that never saw the exporting
+# one. SavedModel and TFLite go first and must not need featurepipe at all.
+LOADER = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import warnings
+    warnings.filterwarnings("ignore")
+    import numpy as np
+    import tensorflow as tf
+
+    exports, inputs, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    results = {}
+    for name in sorted(np.load(inputs).files):
+        batch = np.load(inputs)[name]
+        saved = tf.saved_model.load(exports["savedmodel"])
+        results[f"savedmodel/{name}"] = saved.serve(tf.constant(batch)).numpy()
+        if name == "sized":
+            interpreter = tf.lite.Interpreter(model_path=exports["tflite"])
+            interpreter.allocate_tensors()
+            given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+            rows = []
+            for image in batch:
+                interpreter.set_tensor(given["index"], image[None])
+                interpreter.invoke()
+                rows.append(interpreter.get_tensor(taken["index"])[0])
+            results[f"tflite/{name}"] = np.stack(rows)
+    assert not any(m.startswith("featurepipe") for m in sys.modules), "SavedModel/TFLite needed featurepipe"
+
+    import keras
+    import featurepipe.head_to_keras  # registers the featurepipe layers the .keras file names
+    model = keras.saving.load_model(exports["keras"], safe_mode=True)
+    for name in np.load(inputs).files:
+        results[f"keras/{name}"] = np.asarray(model.predict_on_batch(np.load(inputs)[name]))
+        # A bare call passes no training flag: it must be inference too (deterministic).
+        called = [np.asarray(model(np.load(inputs)[name])) for _ in range(2)]
+        assert np.array_equal(called[0], called[1]), "model(x) is not deterministic"
+    np.savez(out, **results)
+""")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    data, cache = base / "data", base / "cache"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(8):
+            make_image(data / name / f"{name}{i}.png", colour, seed=100 * c + i)
+    # The dense head: its Dropout must stay off in every artefact however it is called.
+    evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("dense",), folds=2, run_dir=base / "run", n_jobs=1)
+    results = {fmt: export(base / "run", fmt, base / fmt) for fmt in FORMATS}
+    return base, results
+
+
+def test_labels_and_metadata_describe_the_model(exported):
+    base, results = exported
+    for fmt, result in results.items():
+        assert result.path.exists() and result.model_kind == "head"
+        assert result.labels_path.read_text().splitlines() == ["blue", "green", "red"]
+        meta = json.loads(result.meta_path.read_text())
+        assert meta["format"] == fmt and meta["classes"] == ["blue", "green", "red"]
+        assert meta["image_size"] == 32 and meta["resize"] == "squash"
+        assert meta["input"]["dtype"] == "uint8" and meta["output"]["shape"][-1] == 3
+    assert results["tflite"].input_shape == [1, 32, 32, 3]
+    assert results["keras"].input_shape == [None, None, None, 3]
+    assert "NOT inside" in json.loads(results["tflite"].meta_path.read_text())["input"]["resizing"]
+
+
+def test_every_artefact_reloads_in_a_fresh_process_and_matches_predict(exported, tmp_path):
+    base, results = exported
+    # Images already at the model's size: resizing is the identity, so all paths must agree.
+    sized = [make_image(tmp_path / "sized" / f"{name}.png", colour, seed=900 + i, size=(32, 32))
+             for i, (name, colour) in enumerate(COLOURS.items())]
+    sized.append(make_image(tmp_path / "sized" / "grey.png", (128, 128, 128), seed=999, size=(32, 32)))
+    raw = [make_image(tmp_path / "raw" / f"{name}.png", colour, seed=950 + i, size=(53 + 9 * i, 37 + 5 * i))
+           for i, (name, colour) in enumerate(COLOURS.items())]
+    expected = predict(base / "run", sized).frame[[f"p[{c}]" for c in ("blue", "green", "red")]].to_numpy()
+    expected_raw = predict(base / "run", raw).frame[[f"p[{c}]" for c in ("blue", "green", "red")]].to_numpy()
+    inputs = tmp_path / "inputs.npz"
+    sized_pixels = np.stack([decode_image(p, 32, "squash") for p in sized])
+    from PIL import Image
+
+    np.savez(inputs, sized=sized_pixels, **{f"raw{i}": np.asarray(Image.open(p).convert("RGB"))[None]
+                                              for i, p in enumerate(raw)})
+    out = tmp_path / "outputs.npz"
+    paths = {fmt: str(result.path) for fmt, result in results.items()}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(paths), str(inputs), str(out)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = dict(np.load(out))
+
+    for fmt in FORMATS:
+        np.testing.assert_allclose(got[f"{fmt}/sized"], expected, rtol=0, atol=1e-4, err_msg=fmt)
+    for fmt in ("keras", "savedmodel"):
+        for i in range(len(raw)):
+            probabilities = got[f"{fmt}/raw{i}"][0]
+            np.testing.assert_allclose(probabilities.sum(), 1.0, atol=1e-5)
+            assert (probabilities >= 0).all()
+            # TF's antialiased bilinear is close to, not identical with, PIL's resampling.
+            assert np.argmax(probabilities) == np.argmax(expected_raw[i])
+            np.testing.assert_allclose(probabilities, expected_raw[i], atol=5e-3, err_msg=f"{fmt} raw{i}")
+
+
+def test_a_finetuned_run_exports_its_finetuned_model(exported, tmp_path):
+    import shutil
+
+    import keras
+
+    import featurepipe.head_to_keras  # noqa: F401
+    from featurepipe.finetune import finetune
+
+    base, _ = exported
+    run_dir = tmp_path / "run"
+    shutil.copytree(base / "run", run_dir)
+    finetune(run_dir, epochs=1, cache_dir=base / "cache")
+    result = export(run_dir, "keras", tmp_path / "out")
+    assert result.model_kind == "finetuned"
+    assert json.loads(result.meta_path.read_text())["finetuned"]["file"] == "finetune/finetuned.keras"
+    sized = [make_image(tmp_path / "sized" / f"{name}.png", colour, seed=700 + i, size=(32, 32))
+             for i, (name, colour) in enumerate(COLOURS.items())]
+    predicted = predict(run_dir, sized)
+    assert predicted.model_kind == "finetuned"
+    model = keras.saving.load_model(result.path, safe_mode=True)
+    got = np.asarray(model.predict_on_batch(np.stack([decode_image(p, 32, "squash") for p in sized])))
+    np.testing.assert_allclose(got, predicted.frame[["p[blue]", "p[green]", "p[red]"]].to_numpy(), atol=1e-4)
+
+
+def test_bad_requests_fail_clearly(exported, tmp_path):
+    base, _ = exported
+    with pytest.raises(FeaturepipeError, match="unknown export format"):
+        export(base / "run", "onnx", tmp_path / "x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FeaturepipeError, match="is a file"):
+        export(base / "run", "keras", tmp_path / "file")
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / "config.json").write_text("{}")
+    with pytest.raises(FeaturepipeError, match="no trained head"):
+        export(headless, "keras", tmp_path / "y")
+    tampered = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(base / "run", tampered)
+    head_file = json.loads((tampered / "best_head.json").read_text())["file"]
+    with open(tampered / head_file, "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(FeaturepipeError, match="does not match the hash"):
+        export(tampered, "keras", tmp_path / "z")

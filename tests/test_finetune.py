@@ -1,0 +1,429 @@
+"""Fine-tuning from the best head: exact head conversion, freezing by blocks, training, resume, export."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from featurepipe.artifacts import load_head
+from featurepipe.backbones.build import build_feature_model
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.baseline import baseline
+from featurepipe.dataset import scan
+from featurepipe.errors import FeaturepipeError
+from featurepipe.evaluate import evaluate
+from featurepipe.extract import open_stores
+from featurepipe.features import dataset_features
+from featurepipe.finetune import (
+    base_model, build_finetune_model, decode_split, finetune, load_run_model, make_split, set_trainable, sha256_file,
+)
+from featurepipe.head_to_keras import InferenceOnly, head_to_keras
+from featurepipe.heads import make_head
+from featurepipe.images import decode_image
+from tests.conftest import COLOURS, REPO, make_image
+
+SPEC = BackboneSpec(name="tiny", weights="random", image_size=32)
+FAST = dict(batch_size=8, lr=1e-3, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: one small dataset and one evaluated run per head, copied by the tests that change them
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(8):
+            make_image(root / "data" / name / f"{name}{i}.png", colour, seed=100 * c + i)
+    return root
+
+
+def _evaluated(workdir, head: str):
+    run = workdir / f"run_{head}"
+    if not run.exists():
+        cache = workdir / "cache"
+        evaluate(scan(workdir / "data", cache_dir=cache), SPEC, cache, heads=(head,), folds=2, run_dir=run, n_jobs=1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def logreg_run(workdir):
+    return _evaluated(workdir, "logreg")
+
+
+@pytest.fixture
+def run_copy(logreg_run, tmp_path):
+    """A private copy of the evaluated run (its config still points at the shared cache)."""
+    return shutil.copytree(logreg_run, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def trained(logreg_run, tmp_path_factory):
+    """One top-blocks fine-tuning (1 epoch) shared by the checks on its outputs."""
+    run = shutil.copytree(logreg_run, tmp_path_factory.mktemp("trained") / "run")
+    return run, finetune(run, epochs=1, unfreeze_blocks=1, **FAST)
+
+
+def _decoded(paths):
+    return np.stack([decode_image(p, 32, "squash") for p in paths])
+
+
+# ------------------------------------------------------------------------------------------------
+# head_to_keras
+
+
+def _features(n_classes: int, n=48, d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_classes
+    return (rng.normal(size=(n, d)) * 2 + y[:, None] * 0.6 + 3).astype(np.float32), y
+
+
+@pytest.mark.parametrize("head,n_classes", [("logreg", 3), ("logreg", 2), ("linear_svm", 3), ("linear_svm", 2),
+                                            ("dense", 3)])
+def test_head_conversion_is_exact(head, n_classes):
+    X, y = _features(n_classes)
+    estimator = make_head(head, {}, seed=0).fit(X, y)
+    model = head_to_keras(estimator, X.shape[1])
+    np.testing.assert_allclose(model.predict(X, verbose=0), estimator.predict_proba(X), atol=1e-5, rtol=0)
+
+
+def test_converted_svm_head_survives_safe_mode_reload(tmp_path):
+    X, y = _features(3)
+    estimator = make_head("linear_svm", {}, seed=0).fit(X, y)
+    path = tmp_path / "head.keras"
+    head_to_keras(estimator, X.shape[1]).save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(X, verbose=0), estimator.predict_proba(X), atol=1e-5, rtol=0)
+
+
+def test_unsupported_estimator_is_a_clear_error():
+    from sklearn.tree import DecisionTreeClassifier
+
+    X, y = _features(2)
+    with pytest.raises(FeaturepipeError, match="cannot convert DecisionTreeClassifier"):
+        head_to_keras(DecisionTreeClassifier().fit(X, y), X.shape[1])
+    with pytest.raises(FeaturepipeError, match="fitted on 20 features"):
+        head_to_keras(make_head("logreg").fit(X, y), 7)
+
+
+def test_inference_only_ignores_training_flag():
+    inputs = keras.Input((64,))
+    noisy = keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))
+    outer_in = keras.Input((64,))
+    outer = keras.Model(outer_in, InferenceOnly(noisy)(outer_in))
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(outer(x, training=True), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# the combined model and freezing
+
+
+def test_combined_model_reproduces_the_head_before_training(workdir, logreg_run):
+    for run in (logreg_run, _evaluated(workdir, "linear_svm")):
+        estimator, meta = load_head(run)
+        dataset = scan(workdir / "data", cache_dir=workdir / "cache")
+        stored = dataset_features(dataset, open_stores(SPEC, workdir / "cache"))
+        model = build_finetune_model(BackboneSpec.from_dict(meta["backbone"]), estimator, workdir / "cache")
+        expected = estimator.predict_proba(stored.X)
+        actual = model.predict(_decoded(stored.frame["path"]), verbose=0)
+        np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
+        # Nothing in the base reacts to training=True: BatchNorm frozen, base wrapped in InferenceOnly.
+        images = _decoded(stored.frame["path"][:4])
+        np.testing.assert_allclose(model(images, training=True), model(images, training=False), atol=1e-6)
+
+
+def test_freezing_by_blocks(logreg_run, workdir):
+    estimator, _ = load_head(logreg_run)
+    model = build_finetune_model(SPEC, estimator, workdir / "cache")
+    base = base_model(model)
+
+    def trainable():
+        return {layer.name for layer in base.layers if layer.trainable and layer.trainable_weights}
+
+    assert set_trainable(model, "tiny", 1) == ["block3_conv"] and trainable() == {"block3_conv"}
+    assert set(set_trainable(model, "tiny", 2)) == {"block2_conv", "block3_conv"}
+    assert set(set_trainable(model, "tiny", None)) == {"block1_conv", "block2_conv", "block3_conv"}
+    assert set_trainable(model, "tiny", 0) == []
+    for blocks in (1, 2, None):
+        set_trainable(model, "tiny", blocks)
+        assert not base.get_layer("block2_bn").trainable
+        assert not base.get_layer("block2_bn").trainable_weights
+    head_weights = {id(w) for w in model.get_layer("head").trainable_weights}
+    assert head_weights and head_weights <= {id(w) for w in model.trainable_weights}
+    set_trainable(model, "tiny", 1, train_head=False)
+    assert {w.path.split("/")[-2] for w in model.trainable_weights} == {"block3_conv"}
+
+
+def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatch):
+    """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
+    import featurepipe.crossval as crossval
+    from featurepipe.finetune import _refit_head
+    from featurepipe.images import AugmentPolicy
+
+    cache = workdir / "cache"
+    dataset = scan(workdir / "data", cache_dir=cache)
+    evaluate(dataset, SPEC, cache, heads=("logreg",), folds=2, augment=2, run_dir=workdir / "run_views", n_jobs=1)
+    stored = dataset_features(dataset, open_stores(SPEC, cache, 2, AugmentPolicy(), 0))
+    config = json.loads((workdir / "run_views" / "config.json").read_text())
+    seen = {}
+    monkeypatch.setattr(crossval, "refit", lambda table, *args: seen.setdefault("table", table))
+    rows = stored.frame.iloc[:5]
+    _refit_head({"head": "logreg", "params": {}, "augment": "views"}, config, build_feature_model(SPEC, cache),
+                _decoded(rows["path"]), np.zeros(5, np.int64), rows["hash"], rows["path"], sorted(COLOURS), 8)
+    np.testing.assert_allclose(seen["table"].views, stored.views[:5], atol=1e-5)
+    np.testing.assert_allclose(seen["table"].X, stored.X[:5], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune runs
+
+
+def _base_weights(model) -> dict[str, list[np.ndarray]]:
+    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in base_model(model).layers
+            if layer.weights}
+
+
+def test_strategy_head_changes_no_weights(run_copy, workdir):
+    result = finetune(run_copy, strategy="head", **FAST)
+    assert result.epochs_run == 0 and result.best_epoch is None and result.trainable_params == 0
+    assert result.after == result.before
+    saved, _ = load_run_model(run_copy)
+    fresh = build_feature_model(SPEC, workdir / "cache")
+    fresh_base = next(layer for layer in fresh.layers if isinstance(layer, keras.Model))
+    original = {layer.name: layer.get_weights() for layer in fresh_base.layers}
+    for name, weights in _base_weights(saved).items():
+        for a, b in zip(weights, original[name]):
+            np.testing.assert_array_equal(a, b)
+    # "head" exports the run's own head: the file is the evaluated head on the frozen base.
+    estimator, _ = load_head(run_copy)
+    dataset = scan(workdir / "data", cache_dir=workdir / "cache")
+    stored = dataset_features(dataset, open_stores(SPEC, workdir / "cache"))
+    np.testing.assert_allclose(saved.predict(_decoded(stored.frame["path"]), verbose=0),
+                               estimator.predict_proba(stored.X), atol=1e-5, rtol=0)
+
+
+def test_training_changes_only_unfrozen_weights(trained, workdir):
+    run, result = trained
+    assert result.unfrozen_layers == ["block3_conv"] and result.epochs_run == 1 and result.best_epoch == 1
+    assert result.validation == "holdout" and result.head_source == "refit"
+    saved, _ = load_run_model(run)
+    after = _base_weights(saved)
+    before = _base_weights(build_finetune_model(SPEC, load_head(run)[0], workdir / "cache"))
+    for name in ("block1_conv", "block2_conv", "block2_bn"):   # frozen, BatchNorm statistics included
+        for a, b in zip(after[name], before[name]):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(after["block3_conv"][0], before["block3_conv"][0])
+
+
+def test_outputs_split_history_and_summary(trained):
+    run, result = trained
+    out = run / "finetune"
+    split = json.loads((out / "split.json").read_text())
+    train, val = {r[0] for r in split["train"]}, {r[0] for r in split["validation"]}
+    assert split["source"] == "holdout" and not train & val and len(train) + len(val) == 24
+    assert {r[1] for r in split["validation"]} == set(COLOURS)
+    assert result.val_images == len(val) and result.train_images == len(train)
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["before"]) == set(summary["after"]) == {"val_accuracy", "val_loss"}
+    assert summary["strategy"] == "top-blocks" and summary["epochs"] == 1 and summary["unfreeze_blocks"] == 1
+    assert summary["reproduction_max_abs_diff"] < 1e-5
+    assert not (out / "backup").exists()
+
+
+def test_model_json_and_hash(trained):
+    run, _ = trained
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["kind"] == "finetuned" and meta["file"] == "finetune/finetuned.keras"
+    assert meta["sha256"] == sha256_file(run / meta["file"])
+    assert meta["classes"] == sorted(COLOURS) and meta["image_size"] == 32 and meta["resize"] == "squash"
+
+
+def test_saved_model_reloads_in_a_fresh_process(trained, tmp_path):
+    run, _ = trained
+    paths = [r[0] for r in json.loads((run / "finetune" / "split.json").read_text())["validation"]]
+    images = _decoded(paths)
+    np.save(tmp_path / "images.npy", images)
+    child = textwrap.dedent(f"""
+        import sys, numpy as np, keras
+        import featurepipe.head_to_keras
+        model = keras.saving.load_model(sys.argv[1], safe_mode=True)
+        np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
+    """)
+    subprocess.run([sys.executable, "-c", child, str(run / "finetune" / "finetuned.keras"),
+                    str(tmp_path / "images.npy"), str(tmp_path / "proba.npy")],
+                   check=True, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    model, _ = load_run_model(run)
+    np.testing.assert_allclose(np.load(tmp_path / "proba.npy"), model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_tampered_model_is_refused(run_copy):
+    finetune(run_copy, strategy="head", **FAST)
+    with open(run_copy / "finetune" / "finetuned.keras", "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(FeaturepipeError, match="sha256"):
+        load_run_model(run_copy)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch: int):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_resume_continues_an_interrupted_training(run_copy):
+    with pytest.raises(KeyboardInterrupt):
+        finetune(run_copy, epochs=3, callbacks=[Interrupt(at_epoch=1)], **FAST)
+    out = run_copy / "finetune"
+    assert (out / "backup").is_dir() and not (out / "summary.json").exists()
+    first = (out / "history.csv").read_text().splitlines()
+    assert len(first) == 2   # header + epoch 0
+
+    recorder = Recorder()
+    # The interrupted call's options win (epochs=3), whatever is passed with resume=True.
+    result = finetune(run_copy, resume=True, epochs=30, callbacks=[recorder])
+    assert recorder.epochs == [1, 2]
+    assert result.resumed_from_epoch == 2 and result.epochs_run == 3
+    lines = (out / "history.csv").read_text().splitlines()
+    assert lines[:2] == first and [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2"]
+    assert not (out / "backup").exists()
+    with pytest.raises(FeaturepipeError, match="already finished"):
+        finetune(run_copy, resume=True)
+
+
+def test_fpt_pretrains_the_head_then_fine_tunes(run_copy):
+    recorder = Recorder()
+    result = finetune(run_copy, strategy="fpt", epochs=2, callbacks=[recorder], **FAST)
+    assert recorder.epochs == [0, 1] and result.epochs_run == 2
+    summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
+    assert summary["pretrain_epochs"] == 1 and summary["pretrain_lr"] == pytest.approx(1e-2)
+    assert result.unfrozen_layers == ["block3_conv"]
+
+
+# ------------------------------------------------------------------------------------------------
+# clear errors
+
+
+def test_too_little_data_for_the_batch_size(run_copy):
+    message = r"only 18 training image\(s\), fewer than the batch size 64.*--batch-size 16"
+    with pytest.raises(FeaturepipeError, match=message):
+        finetune(run_copy, batch_size=64)
+
+
+def test_run_without_a_best_head(run_copy, tmp_path):
+    with pytest.raises(FeaturepipeError, match="config.json"):
+        finetune(tmp_path / "nothing")
+    with pytest.raises(FeaturepipeError, match="nothing to resume"):
+        finetune(run_copy, resume=True)
+    (run_copy / "best_head.json").unlink()
+    with pytest.raises(FeaturepipeError, match="best_head.json missing"):
+        finetune(run_copy)
+
+
+def test_validation_split_must_cover_every_class(tmp_path):
+    data = tmp_path / "data"
+    for name, colour in COLOURS.items():
+        for i in range(3):
+            make_image(data / "train" / name / f"{i}.png", colour, seed=i)
+    make_image(data / "validation" / "red" / "v.png", COLOURS["red"], seed=9)
+    with pytest.raises(FeaturepipeError, match="validation split has no image of class.*'blue'"):
+        make_split(scan(data))
+    single = tmp_path / "single"
+    for name, count in (("a", 1), ("b", 4)):
+        for i in range(count):
+            make_image(single / name / f"{i}.png", (10 * i, 50, 90), seed=i)
+    with pytest.raises(FeaturepipeError, match="class 'a' has 1 training image"):
+        make_split(scan(single))
+
+
+def test_holdout_is_stratified_seeded_and_keeps_groups(workdir, tmp_path):
+    dataset = scan(workdir / "data")
+    a, b = make_split(dataset, seed=3), make_split(dataset, seed=3)
+    assert a.validation["path"].tolist() == b.validation["path"].tolist()
+    assert a.validation["label"].value_counts().to_dict() == {c: 2 for c in COLOURS}
+    names = [Path(p).stem for p in dataset.frame["path"]]   # red0 .. red7
+    dataset.frame = dataset.frame.assign(group=[f"{n[:-1]}{int(n[-1]) // 2}" for n in names])   # pairs
+    split = make_split(dataset, seed=1)
+    assert not set(split.validation["group"]) & set(split.train["group"])
+
+
+def test_undecodable_images_are_skipped_and_reported(workdir, tmp_path):
+    data = shutil.copytree(workdir / "data", tmp_path / "data")
+    (data / "red" / "red7.png").write_text("<html>not found</html>")
+    split = make_split(scan(data), seed=0)
+    (x_train, y_train, train_rows), (x_val, y_val, _), failed = decode_split(split, sorted(COLOURS), 32, "squash")
+    assert [Path(f["path"]).name for f in failed] == ["red7.png"] and "text" in failed[0]["reason"]
+    assert len(x_train) + len(x_val) == 23 and len(x_train) == len(y_train) == len(train_rows)
+    assert x_train.dtype == np.uint8 and x_train.shape[1:] == (32, 32, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# baseline
+
+
+def test_baseline_trains_and_writes_its_files(workdir, tmp_path):
+    result = baseline(scan(workdir / "data"), image_size=32, epochs=2, batch_size=8, run_dir=tmp_path / "run")
+    out = tmp_path / "run" / "baseline"
+    assert result.epochs_run == 2 and result.validation == "holdout" and result.val_images == 6
+    header = (out / "history.csv").read_text().splitlines()
+    assert header[0].split(",")[:5] == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"] and len(header) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["after"]) == {"val_accuracy", "val_loss"} and summary["epochs"] == 2
+    model = keras.saving.load_model(out / "baseline.keras", safe_mode=True)
+    assert model.output_shape == (None, 3)
+    assert [layer.name for layer in model.layers if layer.weights] == ["conv1", "conv2", "conv3", "fc", "probabilities"]
+
+
+def test_strategy_all_trains_every_block_but_batchnorm(run_copy):
+    result = finetune(run_copy, strategy="all", epochs=1, **FAST)
+    assert set(result.unfrozen_layers) == {"block1_conv", "block2_conv", "block3_conv"}
+
+
+def test_gpu_path_mixed_precision_saves_a_float32_model(run_copy, monkeypatch):
+    import featurepipe.finetune as module
+
+    monkeypatch.setattr(module, "gpu_available", lambda: True)
+    result = finetune(run_copy, strategy="head", **FAST)
+    assert json.loads((run_copy / "finetune" / "summary.json").read_text())["mixed_precision"] is True
+    assert keras.config.dtype_policy().name == "float32"
+    saved, _ = load_run_model(run_copy)
+    assert {layer.dtype_policy.name for layer in base_model(saved).layers} == {"float32"}
+    assert result.before["val_accuracy"] == pytest.approx(result.after["val_accuracy"])
+
+
+def test_a_validation_split_is_used_as_is_with_the_runs_own_head(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(8):
+            split = "validation" if i < 2 else "train"
+            make_image(data / split / name / f"{name}{i}.png", colour, seed=100 * c + i)
+    evaluated = evaluate(scan(data, cache_dir=cache), SPEC, cache, heads=("logreg",), folds=2,
+                         run_dir=tmp_path / "run", n_jobs=1)
+    result = finetune(tmp_path / "run", strategy="head", **FAST)
+    assert result.validation == "validation" and result.head_source == "run" and result.val_images == 6
+    # The same head on the same images as evaluate's hold-out scoring.
+    assert result.before["val_accuracy"] == pytest.approx(evaluated.holdout["validation"]["accuracy"])
+    assert result.before["val_loss"] == pytest.approx(evaluated.holdout["validation"]["log_loss"], abs=1e-4)
