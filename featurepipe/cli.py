@@ -163,6 +163,85 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
                         highlight=False)
 
 
+@app.command()
+def finetune(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate`."),
+    unfreeze_blocks: int = typer.Option(1, "--unfreeze-blocks", help="Top blocks of the base to train (top-blocks, fpt)."),
+    epochs: int = typer.Option(30, "--epochs"),
+    lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate (momentum 0.9); fpt pre-trains the head at 10x."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    strategy: str = typer.Option("top-blocks", "--strategy", help="head | top-blocks | fpt | all"),
+    patience: int = typer.Option(5, "--patience", help="Early stopping patience on val_loss (epochs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fine-tuning with its original options."),
+    seed: int = typer.Option(0, "--seed"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
+    as_json: bool = AsJson,
+) -> None:
+    """Fine-tune the run's base and best head end to end on images; the result becomes the run's model."""
+    from featurepipe import render
+    from featurepipe.finetune import finetune as run_finetune
+
+    try:
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            result = run_finetune(run_dir, unfreeze_blocks=unfreeze_blocks, epochs=epochs, lr=lr,
+                                  batch_size=batch_size, strategy=strategy, patience=patience, resume=resume,
+                                  seed=seed, cache_dir=cache_dir, progress=progress)
+    except KeyboardInterrupt:
+        render.console.print(f"[yellow]interrupted:[/] continue with `featurepipe finetune {run_dir} --resume`",
+                             highlight=False)
+        raise typer.Exit(code=130)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    before, after = result.before, result.after
+    where = "the validation split" if result.validation == "validation" else "20% of train held out"
+    render.stdout.print(
+        f"{result.strategy}: val accuracy {before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}, "
+        f"val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} ({result.val_images} images, {where}); "
+        f"{result.epochs_run} epochs (best {result.best_epoch}), {len(result.unfrozen_layers)} base layers / "
+        f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s\nmodel: {result.model_path}",
+        highlight=False)
+    if result.epochs_run and not result.improved:
+        render.console.print("[yellow]warning:[/] fine-tuning did not lower the validation loss; try a smaller "
+                             "--lr, fewer --unfreeze-blocks or --strategy fpt", highlight=False)
+
+
+@app.command()
+def baseline(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    epochs: int = typer.Option(30, "--epochs"),
+    image_size: int = typer.Option(150, "--image-size"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write RUN_DIR/baseline/ (e.g. into an evaluated run)."),
+    cache_dir: Optional[Path] = CacheDir,
+    as_json: bool = AsJson,
+) -> None:
+    """Train the seeds' small convnet from scratch (the yardstick for transfer learning)."""
+    from featurepipe import render
+    from featurepipe.baseline import baseline as run_baseline
+    from featurepipe.dataset import scan
+    from featurepipe.paths import cache_root
+
+    try:
+        root = cache_root(cache_dir)
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            dataset = scan(data, cache_dir=root, progress=progress)
+            result = run_baseline(dataset, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
+                                  run_dir=run_dir, progress=progress, cache_dir=root)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    render.stdout.print(
+        f"baseline: val accuracy {result.after['val_accuracy']:.3f}, val loss {result.after['val_loss']:.4f} "
+        f"({result.val_images} images) after {result.epochs_run} epochs (best {result.best_epoch}), "
+        f"{result.seconds:.1f} s\nmodel: {result.model_path}", highlight=False)
+
+
 RunCacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: the one the run was made with).")
 ModelChoice = typer.Option("auto", "--model", help="auto (the fine-tuned model if the run has one) | finetuned | head.")
 

@@ -224,8 +224,14 @@ def fold_metrics(y_true, proba, classes: Sequence[str]) -> dict:
     return out
 
 
-def _summary(values) -> tuple[float, float, float, float]:
-    """Mean, sample std and 95% t-interval over folds, ignoring folds where the metric is undefined."""
+def _metric_range(name: str) -> tuple[float, float]:
+    return (0.0, np.inf) if name == "log_loss" else (0.0, 1.0)
+
+
+def _summary(values, bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[float, float, float, float]:
+    """Mean, sample std and 95% t-interval over folds, ignoring folds where the metric is undefined.
+
+    The interval is clipped to the metric's range: a t-interval is symmetric, an accuracy is not above 1."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
     if len(v) == 0:
@@ -235,7 +241,7 @@ def _summary(values) -> tuple[float, float, float, float]:
         return mean, np.nan, np.nan, np.nan
     std = float(v.std(ddof=1))
     half = float(stats.t.ppf(0.975, len(v) - 1)) * std / np.sqrt(len(v))
-    return mean, std, mean - half, mean + half
+    return mean, std, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
 # ---------------------------------------------------------------- one unit of work
@@ -447,7 +453,7 @@ def _assemble(table, units, records, n_folds, repeats, plan, *, fitted, reused) 
     for key, grp in folds_df.groupby(config, sort=False):
         row = dict(zip(config, key), n_folds=n_folds, repeats=repeats)
         for k in names:
-            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_ci_low"], row[f"{k}_ci_high"] = _summary(grp[k])
+            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_ci_low"], row[f"{k}_ci_high"] = _summary(grp[k], _metric_range(k))
         board_rows.append(row)
     board = pd.DataFrame(board_rows).sort_values(
         ["accuracy_mean", "log_loss_mean", "head", "params", "augment"],

@@ -322,8 +322,10 @@ def test_dense_head_runs_in_process_alongside_the_pool():
     res = run_cv(t, ["dense", "logreg"], grids=grids, n_folds=3, n_jobs=2, tta=True)
     assert len(res.leaderboard) == 4 and res.fitted == 12
     assert res.leaderboard["accuracy_mean"].min() > 0.6
-    alone = run_cv(t, ["logreg"], grids={"logreg": {"C": [1.0]}}, n_folds=3, n_jobs=1, tta=True)
-    pd.testing.assert_frame_equal(alone.oof, res.oof[res.oof["head"] == "logreg"].reset_index(drop=True))
+    # same numbers when each head runs alone and serially (the dense trainer is reused, reset)
+    for head in ("logreg", "dense"):
+        alone = run_cv(t, [head], grids={head: grids[head]}, n_folds=3, n_jobs=1, tta=True)
+        pd.testing.assert_frame_equal(alone.oof, res.oof[res.oof["head"] == head].reset_index(drop=True))
     est = refit(t, "dense", {"hidden_units": 16, "epochs": 5}, augment="views")
     assert est.predict_proba(t.X).shape == (len(t.y), 3)
 
@@ -339,3 +341,18 @@ def test_pool_results_are_cached_when_an_in_process_head_fails(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="out of memory"):
         run_cv(t, ["logreg", "broken"], **kw)
     assert run_cv(t, ["logreg"], **kw).reused == 3
+
+
+def test_interval_is_a_t_interval_clipped_to_the_metric_range():
+    from scipy import stats
+
+    from featurepipe.crossval import _metric_range, _summary
+
+    folds = [1.0, 1.0, 0.9, 1.0, 0.95]
+    mean, std, low, high = _summary(folds, _metric_range("accuracy"))
+    half = stats.t.ppf(0.975, 4) * np.std(folds, ddof=1) / np.sqrt(5)
+    assert mean == pytest.approx(0.97) and std == pytest.approx(np.std(folds, ddof=1))
+    assert low == pytest.approx(0.97 - half)
+    assert mean + half > 1.0 and high == 1.0
+    # log loss has no upper bound, only a lower one
+    assert _summary([0.01, 0.5, 0.02], _metric_range("log_loss"))[2] == 0.0
