@@ -161,6 +161,8 @@ def evaluate(
     best = dict(result.best)
     meta = {"head": best["head"], "params": best["params"], "augment": best["augment"], "tta": tta,
             "classes": classes, "backbone": spec.to_dict(), "feature_fingerprint": stores.originals.fingerprint}
+    # A fine-tuned model in a reused run dir grew from the previous best head: it no longer belongs.
+    (run_dir / "model.json").unlink(missing_ok=True)
     refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, best, seed, tta, frame)
     cached = cached_head(refit_cache, run_dir, meta)
     if cached is not None:

@@ -18,7 +18,6 @@ import pandas as pd
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import Dataset, scan
-from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate
 from featurepipe.extract import ExtractReport, extract
 from featurepipe.paths import cache_root
@@ -66,15 +65,6 @@ class RunResult:
         }
 
 
-def _finetune_function():
-    try:
-        from featurepipe.finetune import finetune
-    except ImportError as error:
-        raise FeaturepipeError(f"fine-tuning is not available in this installation ({error}); "
-                               f"run without --finetune") from None
-    return finetune
-
-
 def run(
     data: str | os.PathLike,
     spec: BackboneSpec = BackboneSpec(),
@@ -99,8 +89,6 @@ def run(
     stages: dict[str, float] = {}
     root = cache_root(cache_dir)
     spec = spec.resolved()
-    # Fail before minutes of extraction, not after.
-    finetune_fn = _finetune_function() if finetune else None
 
     def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -116,7 +104,9 @@ def run(
                       repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
                       run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress)
     finetuned = None
-    if finetune_fn is not None:
+    if finetune:
+        from featurepipe.finetune import finetune as finetune_fn
+
         kwargs: dict[str, Any] = {"cache_dir": root, "progress": progress}
         if finetune_epochs is not None:
             kwargs["epochs"] = finetune_epochs
@@ -125,7 +115,7 @@ def run(
 
     written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress)
     reused_everything = (extracted.extracted == 0 and extracted.views_extracted == 0 and evaluated.fitted == 0
-                         and finetune_fn is None)
+                         and not finetune)
     return RunResult(
         run_dir=evaluated.run_dir, leaderboard=evaluated.leaderboard, best=evaluated.best,
         report_path=written.html_path, stages=stages, reused_everything=reused_everything, dataset=dataset,

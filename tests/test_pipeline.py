@@ -59,6 +59,10 @@ def test_finetune_runs_between_evaluate_and_report_and_becomes_the_runs_model(im
     assert (tmp_path / "run" / "model.json").exists()
     assert json.loads(json.dumps(result.to_dict()))["finetune"]["strategy"] == "top-blocks"
     assert predict(result.run_dir, [image_tree / "green"]).model_kind == "finetuned"
+    # Evaluating again into the same run dir replaces the head the fine-tuned model grew from.
+    _run(image_tree, cache, tmp_path / "run")
+    assert not (tmp_path / "run" / "model.json").exists()
+    assert predict(result.run_dir, [image_tree / "green"]).model_kind == "head"
 
 
 def test_bad_data_fails_clearly(tmp_path, cache):
