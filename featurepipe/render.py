@@ -14,8 +14,9 @@ from rich.table import Table
 
 from featurepipe.progress import ProgressCallback, ProgressEvent
 
-console = Console(stderr=True)
-stdout = Console()
+# In a pipe or under CI rich would wrap at 80 columns; tables and paths read better unwrapped.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def interactive() -> bool:
@@ -71,7 +72,8 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
 def print_leaderboard(leaderboard, limit: int = 20) -> None:
     rows = []
     for record in leaderboard.head(limit).to_dict("records"):
-        rows.append([record.get("rank", ""), record["head"], record["params"], record["augment"],
+        params = ", ".join(f"{k}={v}" for k, v in json.loads(record["params"]).items())
+        rows.append([record.get("rank", ""), record["head"], params, record["augment"],
                      f"{record['accuracy_mean']:.3f} ± {record['accuracy_std']:.3f}",
                      f"[{record['accuracy_ci_low']:.3f}, {record['accuracy_ci_high']:.3f}]",
                      f"{record['f1_macro_mean']:.3f}", f"{record['log_loss_mean']:.3f}"])
