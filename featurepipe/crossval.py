@@ -51,6 +51,7 @@ class FeatureTable:
     groups: np.ndarray | None = None   # (n,) ids; images sharing one never straddle train and validation
     views: np.ndarray | None = None    # (n, K, d) features of K augmented views, rows aligned with X
     key: str = ""                      # identity of the features for result caching ("" = hash the arrays)
+    views_key: str = ""                # identity of the views; "" = hash them (only "views" results use it)
 
     def __post_init__(self) -> None:
         self.X = np.asarray(self.X)
@@ -88,6 +89,14 @@ class FeatureTable:
                 h.update(np.ascontiguousarray(arr).tobytes())
         h.update(json.dumps([self.classes, self.paths]).encode())
         return "sha256:" + h.hexdigest()
+
+    def identity_for(self, augment: str) -> str:
+        """What a result in this augment mode depends on: no-view fits never see the views, so adding
+        or changing augmentation must not invalidate them."""
+        if augment == "none" or self.views is None:
+            return self.identity
+        views = self.views_key or "sha256:" + hashlib.sha256(np.ascontiguousarray(self.views).tobytes()).hexdigest()
+        return f"{self.identity}|views:{views}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -384,9 +393,8 @@ def run_cv(
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        table_id = table.identity
         for i, u in enumerate(units):
-            paths[i] = cache_dir / u.cache_name(table_id, table.classes, seed, plan)
+            paths[i] = cache_dir / u.cache_name(table.identity_for(u.augment), table.classes, seed, plan)
             rec = _read_cached(paths[i], u, len(table.classes))
             if rec is not None:
                 records[i] = rec

@@ -148,7 +148,9 @@ def evaluate(
         X=features.X[train], y=train_frame["label"].map(label_index).to_numpy(), classes=classes,
         paths=train_frame["path"].tolist(), groups=groups,
         views=features.views[train] if features.views is not None else None,
-        key=_table_key(fingerprints, train_frame),
+        key=_table_key([stores.originals.fingerprint], train_frame),
+        # The views store is shared by every K (rows hash@0..hash@K-1): K is part of what CV saw.
+        views_key=f"{stores.views.fingerprint}:K={stores.augment}" if stores.views is not None else "",
     )
     modes = ("none", "views") if table.views is not None else ("none",)
     result = run_cv(table, list(heads), grids=grids, n_folds=folds, repeats=repeats, seed=seed,

@@ -1,0 +1,175 @@
+"""The evaluate stage: run directory, honesty against plain scikit-learn, holdout splits, groups, reuse."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from typer.testing import CliRunner
+
+from featurepipe.artifacts import load_head
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.cli import app
+from featurepipe.dataset import scan
+from featurepipe.errors import DatasetError, FeaturepipeError
+from featurepipe.evaluate import evaluate, parse_grid
+from featurepipe.extract import open_stores
+from featurepipe.features import dataset_features
+from tests.conftest import make_image
+
+TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
+# Close colours under heavy noise: CV accuracy well below 1, so equalities below are not trivial.
+HARD = {"a": (120, 120, 120), "b": (135, 118, 108), "c": (108, 126, 136)}
+
+
+@pytest.fixture
+def hard_tree(tmp_path):
+    root = tmp_path / "hard"
+    for c, (name, colour) in enumerate(HARD.items()):
+        for i in range(10):
+            make_image(root / name / f"{name}_{i}.png", colour, seed=1000 * c + i)
+    return root
+
+
+def _evaluate(tree, cache, run_dir, **kwargs):
+    options = dict(heads=("logreg",), folds=5, n_jobs=1, run_dir=run_dir)
+    options.update(kwargs)
+    return evaluate(scan(tree, cache_dir=cache), TINY, cache, **options)
+
+
+def test_run_dir_holds_everything_needed_to_reproduce(hard_tree, cache, tmp_path):
+    result = _evaluate(hard_tree, cache, tmp_path / "run", heads=("logreg", "linear_svm"))
+    run = tmp_path / "run"
+    for name in ("config.json", "leaderboard.csv", "folds.csv", "oof_predictions.csv", "best_head.json",
+                 "best_head.joblib"):
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["backbone"]["name"] == "tiny" and config["folds"] == 5 and config["heads"] == ["logreg", "linear_svm"]
+    assert config["feature_fingerprints"] == [open_stores(TINY, cache).originals.fingerprint]
+    assert config["dataset"]["counts"] == {"a": 10, "b": 10, "c": 10}
+    leaderboard = pd.read_csv(run / "leaderboard.csv")
+    assert len(leaderboard) == 6 and list(leaderboard["rank"]) == [1, 2, 3, 4, 5, 6]
+    assert leaderboard["accuracy_mean"].is_monotonic_decreasing
+    assert result.best["head"] == leaderboard.iloc[0]["head"]
+    assert len(pd.read_csv(run / "folds.csv")) == 6 * 5
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    assert len(oof) == 6 * 30 and set(oof["true"]) == set(HARD)
+    # the saved head is the refit best one, and it loads only through the hash check
+    estimator, meta = load_head(run)
+    assert meta["head"] == result.best["head"] and meta["classes"] == ["a", "b", "c"]
+    features = dataset_features(scan(hard_tree, cache_dir=cache), open_stores(TINY, cache))
+    assert estimator.predict_proba(features.X).shape == (30, 3)
+
+
+def test_leaderboard_equals_plain_scikit_learn_on_exported_features(hard_tree, cache, tmp_path):
+    """The honesty check: the same folds and the same pipeline in plain scikit-learn, from `features export`."""
+    _evaluate(hard_tree, cache, tmp_path / "run", grids={"logreg": {"C": [1.0]}}, seed=3)
+    exported = tmp_path / "feats.npz"
+    outcome = CliRunner().invoke(app, ["features", "export", str(hard_tree), "--out", str(exported),
+                                       "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                                       "--cache-dir", str(cache)])
+    assert outcome.exit_code == 0, outcome.output
+    data = np.load(exported)
+    X, labels = data["features"], data["label"]
+    classes = sorted(set(labels))
+    y = np.array([classes.index(label) for label in labels])
+    accuracies, losses = [], []
+    for train, val in StratifiedKFold(5, shuffle=True, random_state=3).split(X, y):
+        model = make_pipeline(StandardScaler(), Normalizer(), LogisticRegression(C=1.0, max_iter=1000, random_state=3))
+        model.fit(X[train], y[train])
+        accuracies.append(accuracy_score(y[val], model.predict(X[val])))
+        losses.append(log_loss(y[val], model.predict_proba(X[val]), labels=[0, 1, 2]))
+    row = pd.read_csv(tmp_path / "run" / "leaderboard.csv").iloc[0]
+    assert 0.2 < row["accuracy_mean"] < 1.0   # a task hard enough for the comparison to mean something
+    assert row["accuracy_mean"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+    assert row["accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1), abs=1e-12)
+    assert row["log_loss_mean"] == pytest.approx(np.mean(losses), rel=1e-6)   # float32 vs float64 probabilities
+
+
+def test_predefined_splits_cv_on_train_and_score_validation_once(tmp_path, cache):
+    root = tmp_path / "split"
+    for split, count in (("train", 8), ("validation", 4)):
+        for c, (name, colour) in enumerate(HARD.items()):
+            for i in range(count):
+                make_image(root / split / name / f"{name}_{i}.png", colour, seed=hash((split, c, i)) % 10_000)
+    result = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), folds=4, n_jobs=1,
+                      run_dir=tmp_path / "run")
+    assert result.images_used == 24
+    oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv")
+    assert not oof["path"].str.contains("/validation/").any()
+    validation = result.holdout["validation"]
+    assert validation["images"] == 12
+    # the holdout score is the saved head's accuracy on the validation images, nothing else
+    dataset = scan(root, cache_dir=cache)
+    features = dataset_features(dataset, open_stores(TINY, cache))
+    rows = (features.frame["split"] == "validation").to_numpy()
+    estimator, meta = load_head(tmp_path / "run")
+    y = features.frame.loc[rows, "label"].map({c: i for i, c in enumerate(meta["classes"])}).to_numpy()
+    assert validation["accuracy"] == pytest.approx(accuracy_score(y, estimator.predict_proba(features.X[rows]).argmax(1)))
+    assert (tmp_path / "run" / "holdout.csv").exists()
+
+
+def test_groups_never_straddle_train_and_validation(hard_tree, cache, tmp_path):
+    # files a_0..a_9 -> groups by the digit's parity within each class: "a_even", "a_odd", ...
+    dataset = scan(hard_tree, cache_dir=cache, groups_pattern=r"^([a-c]_\d)")
+    dataset.frame["group"] = [f"{g[0]}{int(g[-1]) % 5}" for g in dataset.frame["group"]]
+    result = evaluate(dataset, TINY, cache, heads=("logreg",), folds=3, n_jobs=1, run_dir=tmp_path / "run")
+    assert result.fitted == 3 * 3
+    oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv")
+    groups = dict(zip(dataset.frame["path"], dataset.frame["group"]))
+    per_group_folds = oof.assign(group=oof["path"].map(groups)).groupby(["params", "group"])["fold"].nunique()
+    assert (per_group_folds == 1).all()
+
+
+def test_reruns_reuse_fits_adding_a_head_fits_only_it_and_k_changes_refit_views_only(hard_tree, cache, tmp_path):
+    first = _evaluate(hard_tree, cache, tmp_path / "r1")
+    assert (first.fitted, first.reused) == (15, 0)
+    again = _evaluate(hard_tree, cache, tmp_path / "r2")
+    assert (again.fitted, again.reused) == (0, 15)
+    pd.testing.assert_frame_equal(first.leaderboard, again.leaderboard)
+    more = _evaluate(hard_tree, cache, tmp_path / "r3", heads=("logreg", "linear_svm"))
+    assert (more.fitted, more.reused) == (15, 15)
+    with_views = _evaluate(hard_tree, cache, tmp_path / "r4", augment=2)
+    assert (with_views.fitted, with_views.reused) == (15, 15)     # only the "views" rows are new
+    other_k = _evaluate(hard_tree, cache, tmp_path / "r5", augment=3)
+    assert (other_k.fitted, other_k.reused) == (15, 15)           # K changed: views rows refit
+    assert set(other_k.leaderboard["augment"]) == {"none", "views"}
+
+
+def test_too_few_images_for_the_fold_count_names_the_class_and_the_largest_k(tmp_path, cache):
+    root = tmp_path / "small"
+    for i in range(6):
+        make_image(root / "many" / f"m{i}.png", (200, 30, 30), seed=i)
+    for i in range(3):
+        make_image(root / "few" / f"f{i}.png", (30, 30, 200), seed=50 + i)
+    with pytest.raises(DatasetError) as error:
+        evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), folds=5, run_dir=tmp_path / "run")
+    assert "few" in str(error.value) and "3" in str(error.value)
+
+
+def test_unknown_head_and_bad_grid_are_clear_errors(hard_tree, cache, tmp_path):
+    with pytest.raises(FeaturepipeError, match="unknown head.*knn"):
+        _evaluate(hard_tree, cache, tmp_path / "run", heads=("knn",))
+    with pytest.raises(FeaturepipeError, match="not valid JSON"):
+        parse_grid("{logreg: C}")
+    with pytest.raises(FeaturepipeError, match="unknown head"):
+        parse_grid('{"forest": {"n": [1]}}')
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text("[logreg]\nC = [0.5, 2.0]\n")
+    assert parse_grid(str(grid_file)) == {"logreg": {"C": [0.5, 2.0]}}
+
+
+def test_cli_evaluate_json(hard_tree, cache, tmp_path):
+    outcome = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--heads", "logreg", "--folds", "3",
+                                       "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                                       "--grid", '{"logreg": {"C": [1.0]}}', "--run-dir", str(tmp_path / "run"),
+                                       "--cache-dir", str(cache), "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    summary = json.loads(outcome.stdout)
+    assert summary["best"]["head"] == "logreg" and summary["fitted"] == 3
+    assert summary["run_dir"] == str(tmp_path / "run") and len(summary["leaderboard"]) == 1
