@@ -27,6 +27,14 @@ Weights = typer.Option("imagenet", "--weights", help="imagenet | random | PATH t
 Resize = typer.Option(None, "--resize", help="squash | center_crop (default: the backbone's).")
 Augment = typer.Option(0, "--augment", help="Also cache K augmented views per image.")
 AsJson = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
+Heads = typer.Option("linear_svm,logreg,dense", "--heads", help="Comma-separated head names.")
+Folds = typer.Option(5, "--folds")
+Repeats = typer.Option(1, "--repeats")
+Seed = typer.Option(0, "--seed")
+Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}.")
+Tta = typer.Option(False, "--tta", help="Average each validation image over its augmented views.")
+Jobs = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs).")
+RunDir = typer.Option(None, "--run-dir")
 
 
 def _fail(error: Exception) -> None:
@@ -96,17 +104,17 @@ def _dataset_summary(dataset) -> dict:
 @app.command()
 def evaluate(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
-    heads: str = typer.Option("linear_svm,logreg,dense", "--heads", help="Comma-separated head names."),
-    folds: int = typer.Option(5, "--folds"), repeats: int = typer.Option(1, "--repeats"),
-    seed: int = typer.Option(0, "--seed"), grid: Optional[str] = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}."),
+    heads: str = Heads,
+    folds: int = Folds, repeats: int = Repeats,
+    seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, augment_seed: int = typer.Option(0, "--augment-seed"),
-    tta: bool = typer.Option(False, "--tta", help="Average each validation image over its augmented views."),
+    tta: bool = Tta,
     groups_from: Optional[Path] = typer.Option(None, "--groups-from", help="CSV with columns path,group."),
     groups: Optional[str] = typer.Option(None, "--groups", help="Regex on file names; its first group is the group id."),
     backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
-    jobs: int = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir"), cache_dir: Optional[Path] = CacheDir,
+    jobs: int = Jobs,
+    run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
 ) -> None:
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
@@ -322,15 +330,14 @@ def run_all(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
     backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
-    heads: str = typer.Option("linear_svm,logreg,dense", "--heads", help="Comma-separated head names."),
-    folds: int = typer.Option(5, "--folds"), repeats: int = typer.Option(1, "--repeats"),
-    seed: int = typer.Option(0, "--seed"),
-    grid: Optional[str] = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}."),
-    augment: int = Augment, tta: bool = typer.Option(False, "--tta", help="Average each validation image over its augmented views."),
+    heads: str = Heads,
+    folds: int = Folds, repeats: int = Repeats,
+    seed: int = Seed, grid: Optional[str] = Grid,
+    augment: int = Augment, tta: bool = Tta,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
     epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (with --finetune)."),
-    jobs: int = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir"), cache_dir: Optional[Path] = CacheDir,
+    jobs: int = Jobs,
+    run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
 ) -> None:
     """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
