@@ -302,7 +302,9 @@ def _confusion_chart(charts: _Charts, counts: np.ndarray, classes: list[str]) ->
             for j in range(k):
                 ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=9 if k <= 12 else 6,
                         color="white" if shares[i, j] > 0.6 else "#222222")
-    ax.set_xticks(range(k), [_plain(c) for c in classes], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center", fontsize=8.5)
+    # Long class names collide even with few classes: tilt whenever any name is long.
+    tilt = k > 4 or max(len(str(c)) for c in classes) > 8
+    ax.set_xticks(range(k), [_plain(c) for c in classes], rotation=45 if tilt else 0, ha="right" if tilt else "center", fontsize=8.5)
     ax.set_yticks(range(k), [_plain(c) for c in classes], fontsize=8.5)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
