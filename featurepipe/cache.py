@@ -8,7 +8,7 @@ from pathlib import Path
 
 from featurepipe.paths import features_dir, runs_dir
 from featurepipe.refs import live_refs
-from featurepipe.store import FeatureStore, StoreInfo, list_stores, prune_store, remove_store
+from featurepipe.store import StoreInfo, list_stores, prune_store, remove_store
 
 
 def list_cache(root: Path) -> list[StoreInfo]:
@@ -72,7 +72,3 @@ def gc_cache(root: Path, dry_run: bool = False) -> GcResult:
         else:
             result.rows_removed += prune_store(store, keep)
     return result
-
-
-def open_store(path: Path) -> FeatureStore:
-    return FeatureStore(path)
