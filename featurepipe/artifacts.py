@@ -7,7 +7,6 @@ The Keras dense head is saved as .keras and loaded with safe_mode=True.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,13 +17,9 @@ from typing import Optional
 import joblib
 
 from featurepipe.errors import FeaturepipeError
+from featurepipe.hashcache import file_sha256
 
 HEAD_META = "best_head.json"
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _atomic_path(path: Path) -> Path:
@@ -51,7 +46,7 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
         tmp = _atomic_path(path)
         joblib.dump(estimator, tmp)
     os.replace(tmp, path)
-    write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": _sha256(path)})
+    write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": file_sha256(path)})
     return path
 
 
@@ -69,7 +64,7 @@ def load_head(run_dir: Path):
     path = run_dir / meta["file"]
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing; re-run `featurepipe evaluate` to write it again")
-    if _sha256(path) != meta["sha256"]:
+    if file_sha256(path) != meta["sha256"]:
         raise FeaturepipeError(
             f"{path} does not match the hash recorded in {HEAD_META} when it was written; refusing to load it "
             f"(it may have been edited). Re-run `featurepipe evaluate` to rebuild it."
@@ -92,7 +87,7 @@ def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
     try:
         record = json.loads(record_path.read_text())
         source = cache_dir / record["file"]
-        if _sha256(source) != record["sha256"]:
+        if file_sha256(source) != record["sha256"]:
             return None
     except (OSError, KeyError, json.JSONDecodeError):
         return None

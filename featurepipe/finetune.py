@@ -24,7 +24,6 @@ Importing this module imports TensorFlow/Keras.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -44,6 +43,7 @@ from featurepipe.backbones.registry import block_starts, get_backbone
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError, ImageDecodeError
+from featurepipe.hashcache import file_sha256
 from featurepipe.head_to_keras import InferenceOnly, head_to_keras
 from featurepipe.images import AugmentPolicy, augment_image, decode_image, view_rng
 from featurepipe.paths import cache_root
@@ -430,16 +430,11 @@ def best_row(history: pd.DataFrame, since_epoch: int = 0) -> Optional[pd.Series]
     return rows.loc[rows["val_loss"].idxmin()]
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def save_model_atomic(model, path: Path) -> str:
     """Write a .keras file atomically; returns its sha256."""
     tmp = path.with_name(f".tmp-{time.time_ns() % 10**8}-{path.name}")
     model.save(str(tmp))
-    digest = sha256_file(tmp)
+    digest = file_sha256(tmp)
     tmp.replace(path)
     return digest
 
@@ -731,6 +726,6 @@ def load_run_model(run_dir):
     path = run_dir / meta["file"]
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing; re-run `featurepipe finetune`")
-    if sha256_file(path) != meta["sha256"]:
+    if file_sha256(path) != meta["sha256"]:
         raise FeaturepipeError(f"{path} does not match the sha256 recorded in {MODEL_META}; refusing to load it")
     return keras.saving.load_model(str(path), safe_mode=True, compile=False), meta

@@ -22,8 +22,9 @@ from featurepipe.evaluate import evaluate
 from featurepipe.extract import open_stores
 from featurepipe.features import dataset_features
 from featurepipe.finetune import (
-    base_model, build_finetune_model, decode_split, finetune, load_run_model, make_split, set_trainable, sha256_file,
+    base_model, build_finetune_model, decode_split, finetune, load_run_model, make_split, set_trainable,
 )
+from featurepipe.hashcache import file_sha256
 from featurepipe.head_to_keras import InferenceOnly, head_to_keras
 from featurepipe.heads import make_head
 from featurepipe.images import decode_image
@@ -245,7 +246,7 @@ def test_model_json_and_hash(trained):
     run, _ = trained
     meta = json.loads((run / "model.json").read_text())
     assert meta["kind"] == "finetuned" and meta["file"] == "finetune/finetuned.keras"
-    assert meta["sha256"] == sha256_file(run / meta["file"])
+    assert meta["sha256"] == file_sha256(run / meta["file"])
     assert meta["classes"] == sorted(COLOURS) and meta["image_size"] == 32 and meta["resize"] == "squash"
 
 

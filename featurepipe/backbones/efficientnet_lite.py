@@ -18,7 +18,6 @@ Importing this module does not import TensorFlow/Keras (`lite_weights_id` is use
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import os
@@ -26,6 +25,7 @@ import secrets
 from pathlib import Path
 
 from featurepipe.errors import BackboneError, WeightsUnavailableError
+from featurepipe.hashcache import file_sha256
 from featurepipe.paths import cache_root, weights_dir
 
 # variant -> (width multiplier, depth multiplier, native resolution, classifier dropout)
@@ -119,11 +119,7 @@ def _sha256(path: Path) -> str:
     stat = path.stat()
     memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
     if memo_key not in _SHA_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA_MEMO[memo_key] = digest.hexdigest()
+        _SHA_MEMO[memo_key] = file_sha256(path)
     return _SHA_MEMO[memo_key]
 
 
