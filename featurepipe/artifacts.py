@@ -20,6 +20,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
 
 HEAD_META = "best_head.json"
+MODEL_META = "model.json"   # written by fine-tuning: the run's model, when there is one
 
 
 def _atomic_path(path: Path) -> Path:
@@ -108,3 +109,30 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
     shutil.copyfile(run_dir / meta["file"], tmp)
     os.replace(tmp, cache_dir / meta["file"])
     write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"], **extra})
+
+
+def load_run_model(run_dir: Path, meta: Optional[dict] = None):
+    """(Keras model, model.json) for a run's fine-tuned model: hash-checked, then loaded with safe_mode."""
+    import keras
+
+    # Registers the custom layers a fine-tuned file names (Preprocess, InferenceOnly, PlattOneVsRest).
+    import featurepipe.head_to_keras  # noqa: F401
+
+    run_dir = Path(run_dir)
+    if meta is None:
+        meta_path = run_dir / MODEL_META
+        if not meta_path.exists():
+            raise FeaturepipeError(f"{run_dir} has no {MODEL_META}; run `featurepipe finetune` first")
+        meta = json.loads(meta_path.read_text())
+    path = run_dir / meta["file"]
+    if not path.exists():
+        raise FeaturepipeError(f"{path} is missing although {MODEL_META} names it; re-run fine-tuning, "
+                               f"or delete {run_dir / MODEL_META} to predict with the best head")
+    if file_sha256(path) != meta.get("sha256"):
+        raise FeaturepipeError(
+            f"{path} does not match the hash (sha256) recorded in {MODEL_META} when it was written; refusing to "
+            f"load it (it may have been edited). Re-run fine-tuning to rebuild it.")
+    try:
+        return keras.saving.load_model(str(path), safe_mode=True, compile=False), meta
+    except Exception as error:  # keras raises plain ValueError/TypeError for unreadable archives
+        raise FeaturepipeError(f"cannot load the fine-tuned model {path}: {error}") from None

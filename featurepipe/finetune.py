@@ -38,7 +38,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from featurepipe.artifacts import load_head, write_json
+from featurepipe.artifacts import MODEL_META, load_head, write_json
 from featurepipe.backbones.registry import block_starts, get_backbone
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import Dataset
@@ -52,7 +52,6 @@ from featurepipe.progress import ProgressCallback, report
 STRATEGIES = ("head", "top-blocks", "fpt", "all")
 VALIDATION_FRACTION = 0.2
 FINETUNE_DIR = "finetune"
-MODEL_META = "model.json"
 MODEL_FILE = "finetuned.keras"
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 # fpt: the head-only phase runs this many times the fine-tuning rate, for at most this many epochs.
@@ -717,15 +716,3 @@ def finetune(
     write_json(state_path, state)
     _clear(out, ["backup"])
     return result
-
-
-def load_run_model(run_dir):
-    """(keras model, model.json meta) for the run's model, after checking its sha256."""
-    run_dir = Path(run_dir)
-    meta = _read_json(run_dir / MODEL_META, f"{run_dir} has no {MODEL_META}; run `featurepipe finetune` first")
-    path = run_dir / meta["file"]
-    if not path.exists():
-        raise FeaturepipeError(f"{path} is missing; re-run `featurepipe finetune`")
-    if file_sha256(path) != meta["sha256"]:
-        raise FeaturepipeError(f"{path} does not match the sha256 recorded in {MODEL_META}; refusing to load it")
-    return keras.saving.load_model(str(path), safe_mode=True, compile=False), meta

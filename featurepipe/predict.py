@@ -22,15 +22,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.artifacts import HEAD_META, load_head, load_head_meta
+from featurepipe.artifacts import HEAD_META, MODEL_META, load_head, load_head_meta, load_run_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError, ImageDecodeError
-from featurepipe.hashcache import HashCache, file_sha256
+from featurepipe.hashcache import HashCache
 from featurepipe.images import IMAGE_EXTENSIONS, decode_image
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback, report
 
-MODEL_META = "model.json"
 MODEL_CHOICES = ("auto", "finetuned", "head")
 
 
@@ -61,23 +60,7 @@ class RunModel:
 
     def load_finetuned(self):
         """The fine-tuned Keras model (uint8 (n, s, s, 3) -> probabilities), hash-checked, safe_mode."""
-        import keras
-
-        # Registers the custom layers a fine-tuned file names (Preprocess, InferenceOnly, PlattOneVsRest).
-        import featurepipe.head_to_keras  # noqa: F401
-
-        path = self.run_dir / self.model_meta["file"]
-        if not path.exists():
-            raise FeaturepipeError(f"{path} is missing although {MODEL_META} names it; re-run fine-tuning, "
-                                   f"or delete {self.run_dir / MODEL_META} to predict with the best head")
-        if file_sha256(path) != self.model_meta.get("sha256"):
-            raise FeaturepipeError(
-                f"{path} does not match the hash recorded in {MODEL_META} when it was written; refusing to load "
-                f"it (it may have been edited). Re-run fine-tuning to rebuild it.")
-        try:
-            return keras.saving.load_model(str(path), safe_mode=True, compile=False)
-        except Exception as error:  # keras raises plain ValueError/TypeError for unreadable archives
-            raise FeaturepipeError(f"cannot load the fine-tuned model {path}: {error}") from None
+        return load_run_model(self.run_dir, self.model_meta)[0]
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -17,12 +17,13 @@ from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.baseline import baseline
 from featurepipe.dataset import scan
+from featurepipe.artifacts import load_run_model
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import evaluate
 from featurepipe.extract import open_stores
 from featurepipe.features import dataset_features
 from featurepipe.finetune import (
-    base_model, build_finetune_model, decode_split, finetune, load_run_model, make_split, set_trainable,
+    base_model, build_finetune_model, decode_split, finetune, make_split, set_trainable,
 )
 from featurepipe.hashcache import file_sha256
 from featurepipe.head_to_keras import InferenceOnly, head_to_keras
