@@ -176,25 +176,10 @@ def _decode_item(path: str, content_hash: str, keys: list[str], stores: FeatureS
     return out
 
 
-def _inference_function(model, size: int):
-    """The model as one graph for any batch size, traced here, once.
-
-    predict_on_batch traces again for every new batch shape (the last, partial batch), which costs
-    as much as running dozens of images on a CPU."""
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-    def infer(images):
-        return model(images, training=False)
-
-    infer(tf.zeros([1, size, size, 3], tf.uint8))
-    return lambda batch: infer(tf.convert_to_tensor(batch)).numpy()
-
-
 def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], original_writer,
          views_writer, batch_size: int, decode_threads: Optional[int], augment_seed: int,
          result: ExtractReport, progress: Optional[ProgressCallback], root: Path) -> None:
-    from featurepipe.backbones.build import build_feature_model
+    from featurepipe.backbones.build import build_feature_model, inference_function
 
     # Another process may have finished some of this work while we waited for the lock.
     known_failures = stores.originals.failures()
@@ -203,7 +188,7 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
         return
     report(progress, "extract", 0, len(todo), f"building {stores.spec.name}")
     build_started = time.perf_counter()
-    infer = _inference_function(build_feature_model(stores.spec, root), stores.spec.image_size)
+    infer = inference_function(build_feature_model(stores.spec, root), stores.spec.image_size)
     result.build_seconds = time.perf_counter() - build_started
     paths_by_hash = dataset.frame.groupby("hash")["path"].apply(list).to_dict()
     # One decode thread per core: more only steal cycles from TensorFlow's own thread pool.

@@ -308,10 +308,12 @@ def predict(
 
 def _predict_finetuned(run: RunModel, paths: list[str], batch_size: int, proba: dict, errors: dict,
                        result: PredictResult, progress) -> None:
-    network = run.load_finetuned()
+    from featurepipe.backbones.build import inference_function
+
+    network = inference_function(run.load_finetuned(), run.image_size)
     done = 0
     for batch_paths, images in _decode_batches(paths, run.image_size, run.resize, batch_size, errors):
-        out = np.asarray(network.predict_on_batch(images), dtype=np.float64)
+        out = np.asarray(network(images), dtype=np.float64)
         if out.shape[1] != len(run.classes):
             raise FeaturepipeError(f"the fine-tuned model outputs {out.shape[1]} values but {MODEL_META} lists "
                                    f"{len(run.classes)} classes; re-run fine-tuning")
@@ -367,17 +369,17 @@ def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
         result.reused = sum(len(by_hash[h]) for h in cached)
     report(progress, "predict", result.reused, len(paths), f"{result.reused} from the feature store")
     if missing:
-        from featurepipe.backbones.build import build_feature_model
+        from featurepipe.backbones.build import build_feature_model, inference_function
 
         report(progress, "predict", result.reused, len(paths), f"building {run.spec.name}")
-        network = build_feature_model(run.spec, root)
+        network = inference_function(build_feature_model(run.spec, root), run.image_size)
         first = {by_hash[h][0]: h for h in missing}
         decode_errors: dict[str, str] = {}
         done = result.reused
         for batch_paths, images in _decode_batches(list(first), run.image_size, run.resize, batch_size,
                                                    decode_errors):
             classify([first[p] for p in batch_paths],
-                     np.asarray(network.predict_on_batch(images), dtype=np.float32))
+                     np.asarray(network(images), dtype=np.float32))
             result.computed += sum(len(by_hash[first[p]]) for p in batch_paths)
             done += len(batch_paths)
             report(progress, "predict", done, len(paths), "")

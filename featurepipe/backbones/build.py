@@ -99,3 +99,18 @@ def build_feature_model(spec: BackboneSpec, cache_dir: Optional[Path] = None):
     elif len(x.shape) != 2:
         raise BackboneError(f"layer {spec.layer!r} gives outputs of shape {x.shape}; pick a conv or dense layer")
     return keras.Model(images, x, name=f"features_{spec.name}")
+
+
+def inference_function(model, size: int):
+    """A model taking uint8 (n, size, size, 3) images as one graph for any batch size, traced here, once.
+
+    predict_on_batch traces again for every new batch shape (the last, partial batch), which costs
+    as much as running dozens of images on a CPU."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+    def infer(images):
+        return model(images, training=False)
+
+    infer(tf.zeros([1, size, size, 3], tf.uint8))
+    return lambda batch: infer(tf.convert_to_tensor(batch)).numpy()
