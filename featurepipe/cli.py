@@ -45,6 +45,10 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _head_names(heads: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in heads.split(",") if h.strip())
+
+
 def _spec(backbone, image_size, layer, pooling, weights, resize, seed=0):
     from featurepipe.backbones.spec import BackboneSpec
 
@@ -130,7 +134,7 @@ def evaluate(
             dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
             if groups_from is not None:
                 dataset = load_groups(dataset, groups_from)
-            result = run_evaluate(dataset, spec, root, heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
+            result = run_evaluate(dataset, spec, root, heads=_head_names(heads),
                                   grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=augment,
                                   augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress)
     except (FeaturepipeError, ValueError) as error:
@@ -349,7 +353,7 @@ def run_all(
     try:
         spec = _spec(backbone, image_size, layer, pooling, weights, resize)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
-            result = run_pipeline(data, spec, cache_root(cache_dir), heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
+            result = run_pipeline(data, spec, cache_root(cache_dir), heads=_head_names(heads),
                                   folds=folds, repeats=repeats, seed=seed, augment=augment, tta=tta, finetune=finetune,
                                   finetune_epochs=epochs, run_dir=run_dir, progress=progress, grids=parse_grid(grid),
                                   n_jobs=jobs)

@@ -58,10 +58,11 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk_class_dir(class_dir: Path) -> tuple[list[Path], int]:
+def walk_images(directory: Path) -> tuple[list[Path], int]:
+    """Image files under `directory` in a stable order, and how many other (hidden, non-image) files were skipped."""
     images: list[Path] = []
     ignored = 0
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+    for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -79,7 +80,7 @@ def _subdirs(directory: Path) -> list[Path]:
 def _scan_class_folders(root: Path, split: str, rows: list[dict], warnings: list[str]) -> int:
     ignored = sum(1 for p in root.iterdir() if p.is_file())
     for class_dir in _subdirs(root):
-        images, skipped = _walk_class_dir(class_dir)
+        images, skipped = walk_images(class_dir)
         ignored += skipped
         if not images:
             warnings.append(f"class folder {class_dir} has no images; it is left out")

@@ -25,6 +25,7 @@ import pandas as pd
 from featurepipe.artifacts import HEAD_META, MODEL_META, load_head, load_head_meta, load_run_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError, ImageDecodeError
+from featurepipe.dataset import walk_images
 from featurepipe.hashcache import HashCache
 from featurepipe.images import IMAGE_EXTENSIONS, decode_image
 from featurepipe.paths import cache_root
@@ -134,10 +135,6 @@ def head_probabilities(estimator, X: np.ndarray, classes: list[str]) -> np.ndarr
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("__")
-
-
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     """Files as given plus the image files under each folder (hidden ones skipped), in a stable order."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -150,10 +147,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
         if not path.exists():
             raise FeaturepipeError(f"{path} does not exist; pass image files and/or folders of images")
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-                found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                             if not _hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+            found.extend(str(image) for image in walk_images(path)[0])
         else:
             # A file named explicitly is tried whatever its extension; a failure becomes its error row.
             found.append(str(path))
