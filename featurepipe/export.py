@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from featurepipe.artifacts import write_json
+from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
 from featurepipe.predict import MODEL_META, RunModel, open_run
@@ -92,8 +93,9 @@ def any_size_model(run: RunModel, inner):
     # antialias: PIL's bilinear (what training decoded with) widens its kernel when shrinking;
     # without it TF's bilinear aliases and drifts by a few grey levels on downscaled photos.
     x = keras.layers.Resizing(run.image_size, run.image_size, interpolation="bilinear",
-                              crop_to_aspect_ratio=run.resize == "center_crop", antialias=True,
-                              name="resize")(images)
+                              crop_to_aspect_ratio=run.resize == "center_crop",
+                              pad_to_aspect_ratio=run.resize == "letterbox", fill_mode="constant",
+                              fill_value=float(LETTERBOX_FILL), antialias=True, name="resize")(images)
     # Training saw uint8 pixels (PIL rounds). The inner model's uint8 input casts by truncation,
     # so +0.5 first makes it round-half-up; bilinear output stays within 0..255, so no overflow.
     x = keras.layers.Rescaling(1.0, offset=0.5, name="round_to_uint8")(x)
@@ -156,7 +158,9 @@ def _save_tflite(model, path: Path) -> None:
 def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dict:
     n = len(run.classes)
     resize_text = {"squash": "the whole image squashed to size x size (aspect ratio not kept)",
-                   "center_crop": "the central square (side = the shorter side) resized to size x size"}[run.resize]
+                   "center_crop": "the central square (side = the shorter side) resized to size x size",
+                   "letterbox": f"the longer side resized to size, centred on a size x size square of grey "
+                                f"{LETTERBOX_FILL}"}[run.resize]
     if fmt == "tflite":
         resizing = (f"NOT inside the model: resize every image to {run.image_size} x {run.image_size} first "
                     f"({resize_text}, bilinear), then feed one image at a time")

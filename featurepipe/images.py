@@ -21,12 +21,14 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from featurepipe.backbones.spec import LETTERBOX_FILL, RESIZE_POLICIES
 from featurepipe.errors import ImageDecodeError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "RESIZE_MODES",
+    "LETTERBOX_FILL",
     "FILL_MODES",
     "AugmentPolicy",
     "AugmentParams",
@@ -48,7 +50,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # 2 * PIL.Image.MAX_IMAGE_PIXELS also needs PIL's limit raised.
 MAX_PIXELS: int = 89_478_485
 
-RESIZE_MODES: tuple[str, ...] = ("squash", "center_crop")
+# Defined beside the backbone spec (whose fingerprint must not import PIL), used here.
+RESIZE_MODES: tuple[str, ...] = RESIZE_POLICIES
 FILL_MODES: tuple[str, ...] = ("nearest", "constant", "reflect", "wrap")
 
 # Keras' load_img defaults to "nearest", which aliases badly when shrinking photos. Pillow's
@@ -258,6 +261,16 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
 
 def _resize(img: Image.Image, size: int, resize: str) -> Image.Image:
     width, height = img.size
+    if resize == "letterbox":
+        if width == height:
+            return img if width == size else img.resize((size, size), _RESAMPLE)
+        # Longer side to size, centred on a square of LETTERBOX_FILL: the same pixels as "pad to a
+        # square, then resize", without resampling the padding.
+        scale = size / max(width, height)
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new("RGB", (size, size), (LETTERBOX_FILL,) * 3)
+        canvas.paste(img.resize(new, _RESAMPLE), ((size - new[0]) // 2, (size - new[1]) // 2))
+        return canvas
     if resize == "squash":
         if (width, height) == (size, size):
             return img
@@ -276,7 +289,8 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.nda
     """Decode an image file into a (size, size, 3) uint8 RGB array.
 
     resize: "squash" (whole image to size x size, aspect ratio ignored, as Keras
-    flow_from_directory does) or "center_crop" (shorter side to size, central square kept).
+    flow_from_directory does), "center_crop" (shorter side to size, central square kept) or
+    "letterbox" (longer side to size, padded to a square with LETTERBOX_FILL grey).
     EXIF orientation is applied; alpha is composited on white; multi-frame files give frame 0.
     Raises ImageDecodeError (never a raw PIL/OS error) for any file that cannot be decoded.
     """

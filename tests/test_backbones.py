@@ -112,7 +112,7 @@ def test_spec_resolves_backbone_defaults():
 @pytest.mark.parametrize("kwargs, message", [
     ({"pooling": "median"}, "pooling must be one of avg, max, flatten, not 'median'"),
     ({"image_size": 8}, "tiny needs images of at least 16 px, not 8"),
-    ({"resize": "stretch"}, "resize must be one of squash, center_crop, not 'stretch'"),
+    ({"resize": "stretch"}, "resize must be one of squash, center_crop, letterbox, not 'stretch'"),
 ])
 def test_spec_validation(kwargs, message):
     spec = BackboneSpec(**{"name": "tiny", "weights": "random", **kwargs})

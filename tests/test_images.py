@@ -186,6 +186,26 @@ def test_center_crop_two_halves(tmp_path):
         assert np.abs(arr[:, 9, 0].astype(int) - arr[:, 10, 2]).max() <= 1
 
 
+def test_letterbox_keeps_whole_image_and_pads_with_grey(tmp_path):
+    from featurepipe.images import LETTERBOX_FILL
+
+    # 300x100 bands -> 30x10 content centred in a 30x30 square: rows 0-9 and 20-29 are padding.
+    path = _save(_bands(300, 100, [RED, GREEN, BLUE]), tmp_path / "bands.png")
+    box = decode_image(path, 30, "letterbox")
+    assert box.shape == (30, 30, 3)
+    assert (box[:10] == LETTERBOX_FILL).all() and (box[20:] == LETTERBOX_FILL).all()
+    assert (box[11:19, :8] == RED).all() and (box[11:19, 12:18] == GREEN).all() and (box[11:19, 22:] == BLUE).all()
+    # Portrait: the padding is left and right instead.
+    tall = np.zeros((120, 40, 3), np.uint8)
+    tall[:] = GREEN
+    box = decode_image(_save(Image.fromarray(tall), tmp_path / "tall.png"), 30, "letterbox")
+    assert (box[:, :10] == LETTERBOX_FILL).all() and (box[:, 20:] == LETTERBOX_FILL).all()
+    assert (box[:, 11:19] == GREEN).all()
+    # A square image is plainly resized, like squash.
+    square = _save(_bands(100, 100, [RED, BLUE]), tmp_path / "square.png")
+    assert np.array_equal(decode_image(square, 20, "letterbox"), decode_image(square, 20, "squash"))
+
+
 def test_large_jpeg_uses_draft_and_stays_accurate(tmp_path):
     # 1600x1200 JPEG -> 100 px: draft decodes at 1/8 (200x150) -- still >= 100 on both sides.
     path = _save(_bands(1600, 1200, [RED, GREEN, BLUE, (255, 255, 255)]), tmp_path / "big.jpg", quality=95)

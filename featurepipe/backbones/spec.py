@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 POOLINGS = ("avg", "max", "flatten")
-RESIZE_POLICIES = ("squash", "center_crop")
+# How images become squares (featurepipe.images implements them; also images.RESIZE_MODES).
+RESIZE_POLICIES = ("squash", "center_crop", "letterbox")
+# letterbox pads to a square with this grey before resizing: mid-grey is ~0 after every backbone's
+# preprocessing, so the padding carries as little signal as a constant can. One value (not an RGB
+# triple) because Keras' Resizing(pad_to_aspect_ratio=True) in exported models takes one fill value.
+# Recorded in the fingerprint payload of letterbox specs.
+LETTERBOX_FILL = 128
 # Bump when decoding, resizing or the store layout changes in a way that changes the numbers.
 PIPELINE_VERSION = 1
 
@@ -58,6 +64,8 @@ def fingerprint_payload(spec: BackboneSpec, weights_id: str, preprocess_id: str,
         pipeline_version=PIPELINE_VERSION,
         versions=versions,
     )
+    if spec.resize == "letterbox":
+        payload["letterbox_fill"] = LETTERBOX_FILL
     return payload
 
 
