@@ -24,7 +24,14 @@ ImageSize = typer.Option(None, "--image-size", help="Input size in pixels (defau
 Layer = typer.Option(None, "--layer", help="Take features from this named layer (e.g. block4_pool, fc2).")
 Pooling = typer.Option("avg", "--pooling", help="avg | max | flatten, for spatial layers.")
 Weights = typer.Option("imagenet", "--weights", help="imagenet | random | PATH to a weights file.")
-Resize = typer.Option(None, "--resize", help="squash | center_crop (default: the backbone's).")
+Resize = typer.Option(None, "--resize", help="squash | center_crop | letterbox (default: the backbone's).")
+SearchBackbone = typer.Option(None, "--backbone", "-b",
+                              help="Backbone, or a comma-separated list to search (run default: efficientnet_lite0,"
+                                   "efficientnet_lite1,efficientnet_lite2; evaluate default: efficientnet_lite0).")
+SearchResize = typer.Option(None, "--resize", help="squash | center_crop | letterbox | auto (all three, compared by "
+                                                   "CV; the default of `run`).")
+Nested = typer.Option(True, "--nested/--no-nested", help="Score the whole selection by nested CV (the headline).")
+Ensemble = typer.Option(3, "--ensemble", help="Also try a soft vote of the best N heads on the best feature set (0: off).")
 Augment = typer.Option(0, "--augment", help="Also cache K augmented views per image.")
 AsJson = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
 Heads = typer.Option("linear_svm,logreg,dense", "--heads", help="Comma-separated head names.")
@@ -47,6 +54,20 @@ def _fail(error: Exception) -> None:
 
 def _head_names(heads: str) -> tuple[str, ...]:
     return tuple(h.strip() for h in heads.split(",") if h.strip())
+
+
+def _search_specs(backbone, resize, quick, image_size, layer, pooling, weights, seed=0):
+    from featurepipe.search import parse_backbones, search_specs
+
+    return search_specs(parse_backbones(backbone), resize, quick, image_size=image_size, layer=layer,
+                        pooling=pooling, weights=weights, seed=seed)
+
+
+def _best_text(best: dict) -> str:
+    from featurepipe.render import params_text
+
+    where = f"{best['features']} " if best.get("features") else ""
+    return f"{where}{best['head']} {params_text(json.dumps(best['params']))} ({best['augment']})"
 
 
 def _spec(backbone, image_size, layer, pooling, weights, resize, seed=0):
@@ -115,8 +136,9 @@ def evaluate(
     tta: bool = Tta,
     groups_from: Optional[Path] = typer.Option(None, "--groups-from", help="CSV with columns path,group."),
     groups: Optional[str] = typer.Option(None, "--groups", help="Regex on file names; its first group is the group id."),
-    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
-    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    backbone: Optional[str] = SearchBackbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = SearchResize,
+    nested: bool = Nested, ensemble: int = Ensemble,
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
@@ -128,15 +150,16 @@ def evaluate(
     from featurepipe.paths import cache_root
 
     try:
-        spec = _spec(backbone, image_size, layer, pooling, weights, resize)
+        specs = _search_specs(backbone, resize, True, image_size, layer, pooling, weights)
         root = cache_root(cache_dir)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
             dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
             if groups_from is not None:
                 dataset = load_groups(dataset, groups_from)
-            result = run_evaluate(dataset, spec, root, heads=_head_names(heads),
+            result = run_evaluate(dataset, specs[0], root, heads=_head_names(heads),
                                   grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=augment,
-                                  augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress)
+                                  augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress,
+                                  specs=specs, nested=nested, ensemble=ensemble)
     except (FeaturepipeError, ValueError) as error:
         _fail(error)
     if as_json:
@@ -148,9 +171,13 @@ def evaluate(
     for split, metrics in result.holdout.items():
         render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
                             f"{metrics['accuracy']:.3f}, macro F1 {metrics['f1_macro']:.3f}", highlight=False)
+    if result.nested is not None:
+        render.print_nested(result.nested.to_dict())
+    for note in result.notes:
+        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
     failed = result.extract.failed if result.extract else []
     render.stdout.print(
-        f"best: {result.best['head']} {json.dumps(result.best['params'])} ({result.best['augment']}); "
+        f"best: {_best_text(result.best)}; "
         f"{result.fitted} fits, {result.reused} reused, {len(failed)} images failed, {result.seconds:.1f} s\n"
         f"run: {result.run_dir}", highlight=False)
 
@@ -332,9 +359,12 @@ def export(
 @app.command("run")
 def run_all(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
-    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
-    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
-    heads: str = Heads,
+    backbone: Optional[str] = SearchBackbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = SearchResize,
+    quick: bool = typer.Option(False, "--quick", help="One backbone (efficientnet_lite0) and its default resize "
+                                                      "instead of the whole search."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated head names (default: logreg,knn,ncm)."),
+    nested: bool = Nested, ensemble: int = Ensemble,
     folds: int = Folds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
@@ -346,17 +376,18 @@ def run_all(
 ) -> None:
     """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
     from featurepipe import render
-    from featurepipe.evaluate import parse_grid
+    from featurepipe.evaluate import SEARCH_HEADS, parse_grid
     from featurepipe.paths import cache_root
     from featurepipe.pipeline import run as run_pipeline
 
     try:
-        spec = _spec(backbone, image_size, layer, pooling, weights, resize)
+        specs = _search_specs(backbone, resize, quick, image_size, layer, pooling, weights)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
-            result = run_pipeline(data, spec, cache_root(cache_dir), heads=_head_names(heads),
+            result = run_pipeline(data, specs[0], cache_root(cache_dir),
+                                  heads=_head_names(heads) if heads else SEARCH_HEADS,
                                   folds=folds, repeats=repeats, seed=seed, augment=augment, tta=tta, finetune=finetune,
                                   finetune_epochs=epochs, run_dir=run_dir, progress=progress, grids=parse_grid(grid),
-                                  n_jobs=jobs)
+                                  n_jobs=jobs, specs=specs, nested=nested, ensemble=ensemble)
     except (FeaturepipeError, ValueError) as error:
         _fail(error)
     if as_json:
@@ -372,9 +403,13 @@ def run_all(
         ft = result.finetune
         render.stdout.print(f"fine-tuned ({ft.strategy}, {ft.epochs_run} epochs): validation accuracy "
                             f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}", highlight=False)
+    if result.evaluate.nested is not None:
+        render.print_nested(result.evaluate.nested.to_dict())
+    for note in result.evaluate.notes:
+        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
     render.stdout.print(
-        f"best: {result.best['head']} {json.dumps(result.best['params'])} ({result.best['augment']}); "
+        f"best: {_best_text(result.best)}; "
         f"{result.message}\n{stages}; total {result.seconds:.1f} s\n"
         f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)
 

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -105,6 +105,9 @@ class Fold:
     fold: int
     train_idx: np.ndarray
     val_idx: np.ndarray
+    # Nested CV's inner fits: trained without folds j and k of the same repeat, validated on both.
+    # Scored on fold j it is the inner fit of outer fold k, and the other way round (see nested.py).
+    pair: tuple[int, int] | None = None
 
 
 @dataclass
@@ -116,6 +119,10 @@ class CVResult:
     reused: int
     best: dict
     fold_plan_id: str = ""
+    # (head, params JSON, augment, repeat, fold or pair) -> (validation rows, probabilities): every fit's
+    # raw output, pair fits included, for nested CV.
+    proba: dict = field(default_factory=dict)
+    plan: list = field(default_factory=list)   # the standard folds, in order
 
 
 # ---------------------------------------------------------------- folds
@@ -182,6 +189,28 @@ def make_folds(
     if any(len(f.val_idx) == 0 for f in folds):
         raise DatasetError(f"{n_folds}-fold cross-validation left a fold empty; use fewer folds")
     return folds
+
+
+def pair_folds(folds: Sequence[Fold]) -> list[Fold]:
+    """Per repeat, one fit for every pair of folds {j, k}: trained on the other folds, validated on both.
+
+    Within a repeat the folds partition the images, so for outer fold k the other folds form a
+    (k-1)-fold inner CV of k's training set, and the inner fit for (outer k, inner j) trains on
+    everything but j and k: the same fit as for (outer j, inner k). Nested CV therefore costs
+    k(k-1)/2 extra fits per configuration and repeat instead of k(k-1)."""
+    out = []
+    by_repeat: dict[int, list[Fold]] = {}
+    for f in folds:
+        by_repeat.setdefault(f.repeat, []).append(f)
+    for r, members in by_repeat.items():
+        n = len(members)
+        everything = np.concatenate([m.val_idx for m in members])
+        for a in range(n):
+            for b in range(a + 1, n):
+                val = np.concatenate([members[a].val_idx, members[b].val_idx])
+                train = np.setdiff1d(everything, val)
+                out.append(Fold(r, n + len(out), train, val, pair=(members[a].fold, members[b].fold)))
+    return out
 
 
 def fold_plan_id(folds: Sequence[Fold]) -> str:
@@ -364,8 +393,13 @@ def run_cv(
     n_jobs: int = -1,
     cache_dir: Path | None = None,
     progress: ProgressCallback | None = None,
+    nested: bool = False,
+    stage: str = "evaluate",
 ) -> CVResult:
     """Cross-validate every head x grid point x augment mode on the same folds.
+
+    `nested=True` also fits every configuration on each pair of folds (see `pair_folds`), so that
+    `featurepipe.nested` can score the whole selection procedure; the leaderboard is unchanged.
 
     `augment_modes=None` means ("none", "views") when the table has views, else ("none",).
     `grids` maps a head to overrides of its default grid (see `heads.param_grid`).
@@ -381,11 +415,15 @@ def run_cv(
     if stray:
         raise ValueError(f"grids given for head(s) not being evaluated: {', '.join(stray)}")
     modes = _augment_modes(table, augment_modes, tta)
+    if nested and n_folds < 3:
+        raise DatasetError(f"nested cross-validation needs at least 3 folds (the inner search trains without "
+                           f"two of them), got {n_folds}; use --folds 3 or more, or --no-nested")
     folds = make_folds(table.y, table.groups, n_folds, repeats, seed, class_names=table.classes)
     plan = fold_plan_id(folds)
+    fits = folds + pair_folds(folds) if nested else folds
     units = [
         _Unit(h, json.dumps(p, sort_keys=True), p, mode, bool(tta) and mode == "views", f)
-        for h in heads for p in param_grid(h, grids.get(h)) for mode in modes for f in folds
+        for h in heads for p in param_grid(h, grids.get(h)) for mode in modes for f in fits
     ]
 
     records: dict[int, dict] = {}
@@ -400,7 +438,7 @@ def run_cv(
                 records[i] = rec
     reused = len(records)
     total = len(units)
-    report(progress, "evaluate", reused, total, f"reused {reused} cached fold results" if reused else "")
+    report(progress, stage, reused, total, f"reused {reused} cached fold results" if reused else "")
 
     def task(i: int):
         u = units[i]
@@ -413,8 +451,8 @@ def run_cv(
         if i in paths:
             _write_atomic(paths[i], rec)
         u = units[i]
-        report(progress, "evaluate", len(records), total,
-               f"{u.head} {u.params} augment={u.augment} repeat {u.fold.repeat} fold {u.fold.fold}")
+        report(progress, stage, len(records), total,
+               f"{u.head} {u.params} augment={u.augment} repeat {u.fold.repeat} fold {u.fold.pair or u.fold.fold}")
 
     pending = [i for i in range(total) if i not in records]
     pooled = [i for i in pending if not head_entry(units[i].head).in_process]
@@ -436,7 +474,16 @@ def run_cv(
     for i, rec in zip(pooled, pool):
         store(i, rec)
 
-    return _assemble(table, units, records, n_folds, repeats, plan, fitted=len(pending), reused=reused)
+    standard = [i for i, u in enumerate(units) if u.fold.pair is None]
+    result = _assemble(table, [units[i] for i in standard], {n: records[i] for n, i in enumerate(standard)},
+                       n_folds, repeats, plan, fitted=len(pending), reused=reused)
+    result.plan = folds
+    for i, u in enumerate(units):
+        rec = records[i]
+        result.proba[(u.head, u.params, u.augment, u.fold.repeat, u.fold.pair or u.fold.fold)] = (
+            np.asarray(rec["val_idx"], dtype=int),
+            np.asarray(rec["proba"], dtype=np.float64).reshape(len(rec["val_idx"]), len(table.classes)))
+    return result
 
 
 def _assemble(table, units, records, n_folds, repeats, plan, *, fitted, reused) -> CVResult:

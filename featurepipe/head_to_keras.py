@@ -24,8 +24,9 @@ import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess for loa
 from featurepipe.errors import FeaturepipeError
 
 SUPPORTED = (
-    "Pipeline of StandardScaler / Normalizer(norm='l2') ending in LogisticRegression or "
-    "CalibratedClassifierCV(method='sigmoid') over a linear model; DenseHeadClassifier"
+    "Pipeline of StandardScaler / Normalizer(norm='l2') ending in LogisticRegression, "
+    "CalibratedClassifierCV(method='sigmoid') over a linear model, CosineKNN or NearestClassMean; "
+    "DenseHeadClassifier; SoftVoteClassifier of these"
 )
 # The head is a few small matrices: float32 even under a mixed_float16 policy, so converted
 # probabilities stay within float32 rounding of predict_proba and the softmax stays stable.
@@ -93,6 +94,28 @@ class InferenceOnly(keras.layers.Wrapper):
 
 # ------------------------------------------------------------------------------------------------
 # conversion
+
+
+@keras.saving.register_keras_serializable(package="featurepipe")
+class NeighbourVote(keras.layers.Layer):
+    """CosineKNN.predict_proba from cosine similarities to the training rows (n, n_train):
+    the k most similar rows vote for their class with weight 1 / distance."""
+
+    def __init__(self, k: int, onehot, min_distance: float, **kwargs):
+        super().__init__(**kwargs)
+        self.k = int(k)
+        self.onehot = np.asarray(onehot, dtype=np.float32)
+        self.min_distance = float(min_distance)
+
+    def call(self, sims):
+        top, index = ops.top_k(ops.cast(sims, self.compute_dtype), k=self.k)
+        dist = ops.sqrt(ops.maximum(2.0 - 2.0 * top, 0.0))
+        weights = 1.0 / ops.maximum(dist, self.min_distance)
+        votes = ops.einsum("nk,nkc->nc", weights, ops.take(ops.convert_to_tensor(self.onehot), index, axis=0))
+        return votes / ops.sum(votes, axis=-1, keepdims=True)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k, "onehot": self.onehot.tolist(), "min_distance": self.min_distance}
 
 
 def _unsupported(what) -> FeaturepipeError:
@@ -225,6 +248,24 @@ def _dense_head_output(x, model, affine: _Affine):
     return _dense(h, *[np.asarray(w) for w in output.get_weights()], name="output", activation="softmax")
 
 
+def _knn_output(x, model):
+    # x is already unit-norm (the pipeline's Normalizer); the training rows are too.
+    sims = _dense(x, model.train_.T, np.zeros(len(model.train_)), name="cosine_to_train")
+    return NeighbourVote(model.k_, model.onehot_, _knn_min_distance(), name="probabilities", dtype=_HEAD_DTYPE)(sims)
+
+
+def _knn_min_distance() -> float:
+    from featurepipe.heads import KNN_MIN_DISTANCE
+
+    return KNN_MIN_DISTANCE
+
+
+def _ncm_output(x, model):
+    x = keras.layers.UnitNormalization(name="unit_rows", dtype=_HEAD_DTYPE)(x)
+    return _dense(x, model.temperature * model.means_.T, np.zeros(len(model.means_)), name="logits",
+                  activation="softmax")
+
+
 def head_to_keras(estimator, n_features: int, name: str = "head") -> "keras.Model":
     """A Keras model: float features (n, n_features) -> `estimator.predict_proba` (columns in
     `estimator.classes_` order). Trainable, serializable (safe_mode) and independent of sklearn."""
@@ -233,6 +274,13 @@ def head_to_keras(estimator, n_features: int, name: str = "head") -> "keras.Mode
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     from featurepipe.dense_head import DenseHeadClassifier
+    from featurepipe.heads import CosineKNN, NearestClassMean, SoftVoteClassifier
+
+    if isinstance(estimator, SoftVoteClassifier):
+        inputs = keras.Input((int(n_features),), name="features", dtype=_HEAD_DTYPE)
+        members = [head_to_keras(e, n_features, name=f"{name}_member{i}")(inputs)
+                   for i, e in enumerate(estimator.estimators_)]
+        return keras.Model(inputs, keras.layers.Average(name="soft_vote", dtype=_HEAD_DTYPE)(members), name=name)
 
     steps = _steps(estimator)
     if not steps:
@@ -263,6 +311,10 @@ def head_to_keras(estimator, n_features: int, name: str = "head") -> "keras.Mode
         outputs = _calibrated_output(x, final, affine)
     elif isinstance(final, DenseHeadClassifier):
         outputs = _dense_head_output(x, final, affine)
+    elif isinstance(final, (CosineKNN, NearestClassMean)):
+        if not affine.identity:
+            x = affine.layer("standardize_out")(x)
+        outputs = _knn_output(x, final) if isinstance(final, CosineKNN) else _ncm_output(x, final)
     else:
         raise _unsupported(type(final).__name__)
     return keras.Model(inputs, outputs, name=name)

@@ -12,14 +12,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import Dataset, scan
-from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate
+from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate, merge_extract_reports
 from featurepipe.extract import ExtractReport, extract
+from featurepipe.nested import ENSEMBLE_SIZE
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback
 
@@ -54,6 +55,7 @@ class RunResult:
             finetune = finetune.to_dict()
         return {
             "run_dir": str(self.run_dir), "report": str(self.report_path), "best": self.best,
+            "nested": self.evaluate.nested.to_dict() if self.evaluate.nested is not None else None,
             "reused_everything": self.reused_everything, "message": self.message,
             "stages": {k: round(v, 3) for k, v in self.stages.items()}, "seconds": round(self.seconds, 3),
             "dataset": {"source": str(self.dataset.source), "images": len(self.dataset),
@@ -83,12 +85,18 @@ def run(
     augment_seed: int = 0,
     n_jobs: int = -1,
     thumbnails: int = 24,
+    specs: Optional[Sequence[BackboneSpec]] = None,
+    nested: bool = True,
+    ensemble: int = ENSEMBLE_SIZE,
 ) -> RunResult:
-    """The whole job on DATA; returns where the run was written and what each stage cost."""
+    """The whole job on DATA; returns where the run was written and what each stage cost.
+
+    `specs` are the feature sets searched (default: just `spec`; `featurepipe run` passes
+    featurepipe.search.search_specs()), each extracted once and compared on cached features."""
     started = time.perf_counter()
     stages: dict[str, float] = {}
     root = cache_root(cache_dir)
-    spec = spec.resolved()
+    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
 
     def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -97,12 +105,14 @@ def run(
         return value
 
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
-    extracted = timed("extract", extract, dataset, spec, root, augment=augment, augment_seed=augment_seed,
-                      progress=progress)
+    extracts = [timed("extract", extract, dataset, s, root, augment=augment, augment_seed=augment_seed,
+                      progress=progress) for s in specs]
     # evaluate() extracts again first; with everything just stored that is a key lookup, no model.
-    evaluated = timed("evaluate", evaluate, dataset, spec, root, heads=tuple(heads), grids=grids, folds=folds,
+    evaluated = timed("evaluate", evaluate, dataset, specs[0], root, heads=tuple(heads), grids=grids, folds=folds,
                       repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
-                      run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress)
+                      run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
+                      specs=specs, nested=nested, ensemble=ensemble)
+    extracted = merge_extract_reports(extracts)
     finetuned = None
     if finetune:
         from featurepipe.finetune import finetune as finetune_fn

@@ -69,11 +69,31 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
     stdout.print(view)
 
 
+def params_text(params: str) -> str:
+    """key=value pairs; an ensemble lists its members as head(key=value)."""
+    parsed = json.loads(params)
+    if "members" in parsed:
+        return " + ".join(f"{m['head']}(" + ", ".join(f"{k}={v}" for k, v in (m.get("params") or {}).items()) + ")"
+                          for m in parsed["members"])
+    return ", ".join(f"{k}={v}" for k, v in parsed.items())
+
+
+def print_nested(nested: dict) -> None:
+    """The headline: nested-CV accuracy of the whole search, and how optimistic the best row is."""
+    acc = nested["accuracy"]
+    interval = "" if acc.get("ci_low") is None else f" (95% CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f})"
+    stdout.print(f"[bold]nested CV accuracy {acc['mean']:.3f}[/]{interval}: the whole search scored on folds it never "
+                 f"saw; best leaderboard row {nested['best_inner_accuracy']:.3f}, optimism gap "
+                 f"{nested['optimism_gap']:+.3f}", highlight=False)
+
+
 def print_leaderboard(leaderboard, limit: int = 20) -> None:
     rows = []
+    with_features = "features" in leaderboard.columns and leaderboard["features"].nunique() > 1
     for record in leaderboard.head(limit).to_dict("records"):
-        params = ", ".join(f"{k}={v}" for k, v in json.loads(record["params"]).items())
-        rows.append([record.get("rank", ""), record["head"], params, record["augment"],
+        params = params_text(record["params"])
+        head = f"{record['features']} {record['head']}" if with_features else record["head"]
+        rows.append([record.get("rank", ""), head, params, record["augment"],
                      f"{record['accuracy_mean']:.3f} ± {record['accuracy_std']:.3f}",
                      f"[{record['accuracy_ci_low']:.3f}, {record['accuracy_ci_high']:.3f}]",
                      f"{record['f1_macro_mean']:.3f}", f"{record['log_loss_mean']:.3f}"])

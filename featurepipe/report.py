@@ -37,6 +37,7 @@ BEST_COLOUR = "#e8730c"
 OTHER_COLOUR = "#4c78a8"
 
 S_RUN = "Run"
+S_NESTED = "Nested cross-validation"
 S_LEADERBOARD = "Leaderboard"
 S_FOLDS = "Fold scores"
 S_CONFUSION = "Confusion matrix"
@@ -113,7 +114,11 @@ def _with_key(frame: pd.DataFrame) -> pd.DataFrame:
         frame["params"] = "{}"
     if "augment" not in frame.columns:
         frame["augment"] = "none"
-    frame["_key"] = [_config_key(h, p, a) for h, p, a in zip(frame["head"], frame["params"], frame["augment"])]
+    heads = frame["head"].astype(str)
+    if "features" in frame.columns:
+        # A searched run compares the same head on several feature sets: the feature set is part of the name.
+        heads = frame["features"].fillna("").astype(str).str.cat(heads, sep=" ").str.strip()
+    frame["_key"] = [_config_key(h, p, a) for h, p, a in zip(heads, frame["params"], frame["augment"])]
     return frame
 
 
@@ -618,7 +623,8 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
         classes = sorted(set(oof["true"]) | set(oof["pred"]))
 
     if best_meta.get("head"):
-        best_key = _config_key(best_meta["head"], best_meta.get("params", {}), best_meta.get("augment", "none"))
+        head = f"{best_meta['features']} {best_meta['head']}" if best_meta.get("features") else best_meta["head"]
+        best_key = _config_key(head, best_meta.get("params", {}), best_meta.get("augment", "none"))
     else:
         best_key = board["_key"].iloc[0]
     best_rows = board[board["_key"] == best_key]
@@ -637,6 +643,10 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
     # ---- run header
     tick(S_RUN)
     sections.append((S_RUN, _run_section(config, dataset, best_key, best_row, board)))
+
+    # ---- the headline: nested CV of the whole search
+    if (run_dir / "nested.json").exists():
+        sections.append((S_NESTED, _nested_section(_read_json(run_dir / "nested.json"))))
 
     # ---- leaderboard
     tick(S_LEADERBOARD)
@@ -724,6 +734,29 @@ def _page(config: dict, run_dir: Path, sections: list[tuple[str, str]], missing:
             f'<footer>Written by <code>featurepipe report</code>. All charts and thumbnails are embedded; '
             f'the charts are also saved as PNG files in <code>{_e(run_dir / "report")}</code>.</footer>'
             f"</main></body></html>\n")
+
+
+def _nested_section(nested: dict) -> str:
+    acc = nested.get("accuracy") or {}
+    if acc.get("mean") is None:
+        return '<p class="note">nested.json holds no accuracy; re-run `featurepipe evaluate`.</p>'
+    interval = ""
+    if acc.get("ci_low") is not None:
+        interval = f" (95% interval {_num(acc['ci_low'])} – {_num(acc['ci_high'])})"
+    cards = (f'<div class="cards"><div class="card best"><div class="k">nested CV accuracy: the headline</div>'
+             f'<div class="v">{_num(acc["mean"])}</div><div>{_e(interval)}</div></div>'
+             f'<div class="card"><div class="k">best leaderboard row</div>'
+             f'<div class="v">{_num(nested.get("best_inner_accuracy"))}</div></div>'
+             f'<div class="card"><div class="k">optimism gap (best row − nested)</div>'
+             f'<div class="v">{_num(nested.get("optimism_gap"))}</div></div></div>')
+    text = ('<p class="sub">For each outer fold, the whole search (feature set, head, parameters, ensemble) ran '
+            'on the other folds only; the configuration it chose, trained without the outer fold, was scored on '
+            'it. That estimates what the saved model will score on new photos; the best leaderboard row was '
+            'chosen on the folds that score it, and is optimistic by about the gap.</p>')
+    rows = [[_e(f"{f.get('repeat', 0)}/{f.get('fold')}"), _e(f.get("chosen", "")), _num(f.get("inner_accuracy")),
+             _num(f.get("accuracy"))] for f in nested.get("folds") or []]
+    table = _table(["outer fold", "chosen by the inner search", "inner CV accuracy", "outer accuracy"], rows)
+    return cards + text + table
 
 
 def _run_section(config: dict, dataset: dict, best_key, best_row, board: pd.DataFrame) -> str:

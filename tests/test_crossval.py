@@ -162,15 +162,15 @@ def test_leaderboard_folds_and_oof_tables():
                         "augment": lb.loc[0, "augment"], "tta": False}
 
     assert len(res.folds) == 8 * 5 and res.fitted == 40 and res.reused == 0
-    one = res.folds[(res.folds["head"] == "logreg") & (res.folds["params"] == '{"C": 1.0}') & (res.folds["augment"] == "none")]
-    assert one["accuracy"].mean() == lb[(lb["head"] == "logreg") & (lb["params"] == '{"C": 1.0}') & (lb["augment"] == "none")]["accuracy_mean"].item()
+    one = res.folds[(res.folds["head"] == "logreg") & (res.folds["params"] == '{"C": 10.0}') & (res.folds["augment"] == "none")]
+    assert one["accuracy"].mean() == lb[(lb["head"] == "logreg") & (lb["params"] == '{"C": 10.0}') & (lb["augment"] == "none")]["accuracy_mean"].item()
     assert np.sum(json.loads(one["confusion_matrix"].iloc[0])) == one["n_val"].iloc[0]
 
     oof = res.oof
     assert len(oof) == 8 * len(t.y)
     probs = oof[[f"p[{c}]" for c in CLASSES]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0)
-    first = oof[(oof["head"] == "logreg") & (oof["params"] == '{"C": 1.0}') & (oof["augment"] == "none")]
+    first = oof[(oof["head"] == "logreg") & (oof["params"] == '{"C": 10.0}') & (oof["augment"] == "none")]
     assert list(first["row"]) == list(range(len(t.y)))
     assert list(first["path"]) == t.paths and list(first["true"]) == [CLASSES[i] for i in t.y]
     first_p = first[[f"p[{c}]" for c in CLASSES]].to_numpy()

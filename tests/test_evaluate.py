@@ -37,7 +37,7 @@ def hard_tree(tmp_path):
 
 
 def _evaluate(tree, cache, run_dir, **kwargs):
-    options = dict(heads=("logreg",), folds=5, n_jobs=1, run_dir=run_dir)
+    options = dict(heads=("logreg",), folds=5, n_jobs=1, run_dir=run_dir, ensemble=0, widen=False)
     options.update(kwargs)
     return evaluate(scan(tree, cache_dir=cache), TINY, cache, **options)
 
@@ -119,7 +119,7 @@ def test_groups_never_straddle_train_and_validation(hard_tree, cache, tmp_path):
     dataset = scan(hard_tree, cache_dir=cache, groups_pattern=r"^([a-c]_\d)")
     dataset.frame["group"] = [f"{g[0]}{int(g[-1]) % 5}" for g in dataset.frame["group"]]
     result = evaluate(dataset, TINY, cache, heads=("logreg",), folds=3, n_jobs=1, run_dir=tmp_path / "run")
-    assert result.fitted == 3 * 3
+    assert result.fitted == 3 * (3 + 3)      # 3 folds and, for nested CV, their 3 pairs, per C
     oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv")
     groups = dict(zip(dataset.frame["path"], dataset.frame["group"]))
     per_group_folds = oof.assign(group=oof["path"].map(groups)).groupby(["params", "group"])["fold"].nunique()
@@ -127,17 +127,19 @@ def test_groups_never_straddle_train_and_validation(hard_tree, cache, tmp_path):
 
 
 def test_reruns_reuse_fits_adding_a_head_fits_only_it_and_k_changes_refit_views_only(hard_tree, cache, tmp_path):
+    # 3 C values x (5 folds + 10 fold pairs for nested CV) = 45 fits per head and augment mode
     first = _evaluate(hard_tree, cache, tmp_path / "r1")
-    assert (first.fitted, first.reused) == (15, 0)
+    assert (first.fitted, first.reused) == (45, 0)
     again = _evaluate(hard_tree, cache, tmp_path / "r2")
-    assert (again.fitted, again.reused) == (0, 15)
+    assert (again.fitted, again.reused) == (0, 45)
     pd.testing.assert_frame_equal(first.leaderboard, again.leaderboard)
+    assert again.nested.accuracy == first.nested.accuracy
     more = _evaluate(hard_tree, cache, tmp_path / "r3", heads=("logreg", "linear_svm"))
-    assert (more.fitted, more.reused) == (15, 15)
+    assert (more.fitted, more.reused) == (45, 45)
     with_views = _evaluate(hard_tree, cache, tmp_path / "r4", augment=2)
-    assert (with_views.fitted, with_views.reused) == (15, 15)     # only the "views" rows are new
+    assert (with_views.fitted, with_views.reused) == (45, 45)     # only the "views" rows are new
     other_k = _evaluate(hard_tree, cache, tmp_path / "r5", augment=3)
-    assert (other_k.fitted, other_k.reused) == (15, 15)           # K changed: views rows refit
+    assert (other_k.fitted, other_k.reused) == (45, 45)           # K changed: views rows refit
     assert set(other_k.leaderboard["augment"]) == {"none", "views"}
 
 
@@ -153,8 +155,8 @@ def test_too_few_images_for_the_fold_count_names_the_class_and_the_largest_k(tmp
 
 
 def test_unknown_head_and_bad_grid_are_clear_errors(hard_tree, cache, tmp_path):
-    with pytest.raises(FeaturepipeError, match="unknown head.*knn"):
-        _evaluate(hard_tree, cache, tmp_path / "run", heads=("knn",))
+    with pytest.raises(FeaturepipeError, match="unknown head.*forest"):
+        _evaluate(hard_tree, cache, tmp_path / "run", heads=("forest",))
     with pytest.raises(FeaturepipeError, match="not valid JSON"):
         parse_grid("{logreg: C}")
     with pytest.raises(FeaturepipeError, match="unknown head"):
@@ -171,5 +173,65 @@ def test_cli_evaluate_json(hard_tree, cache, tmp_path):
                                        "--cache-dir", str(cache), "--json"])
     assert outcome.exit_code == 0, outcome.output
     summary = json.loads(outcome.stdout)
-    assert summary["best"]["head"] == "logreg" and summary["fitted"] == 3
+    assert summary["best"]["head"] == "logreg" and summary["fitted"] == 3 + 3   # 3 folds + 3 pairs (nested)
+    assert summary["nested"]["folds"] and 0 < summary["nested"]["accuracy"]["mean"] <= 1
     assert summary["run_dir"] == str(tmp_path / "run") and len(summary["leaderboard"]) == 1
+
+
+def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tree, cache, tmp_path):
+    from featurepipe.evaluate import SEARCH_HEADS
+    from featurepipe.predict import predict
+    from featurepipe.report import write_report
+
+    specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
+    run = tmp_path / "run"
+    result = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
+                      n_jobs=1, run_dir=run)
+    board = pd.read_csv(run / "leaderboard.csv")
+    assert set(board["features"]) == {"tiny/squash", "tiny/letterbox"}
+    assert {"logreg", "knn", "ncm", "ensemble"} <= set(board["head"])
+    top = board.iloc[0]
+    meta = json.loads((run / "best_head.json").read_text())
+    assert (meta["features"], meta["head"]) == (top["features"], top["head"]) == (result.best["features"], result.best["head"])
+    assert meta["backbone"]["resize"] == top["features"].split("/")[1]
+    nested = json.loads((run / "nested.json").read_text())
+    assert len(nested["folds"]) == 5 and 0.0 < nested["accuracy"]["mean"] <= 1.0
+    assert nested["optimism_gap"] == pytest.approx(top["accuracy_mean"] - nested["accuracy"]["mean"])
+    assert len(pd.read_csv(run / "nested_oof.csv")) == 30
+    config = json.loads((run / "config.json").read_text())
+    assert sorted(config["search"]["feature_sets"]) == sorted(board["features"].unique())
+    # The saved winner is what predict uses, whatever head won.
+    images = sorted(hard_tree.glob("a/*.png"))[:3]
+    predicted = predict(run, images, cache_dir=cache)
+    assert len(predicted.frame) == 3 and predicted.failed == 0
+    html = write_report(run).html_path.read_text()
+    assert "Nested cross-validation" in html and "optimism gap" in html
+    # A re-run with nothing changed fits nothing.
+    again = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
+                     n_jobs=1, run_dir=tmp_path / "again")
+    assert again.fitted == 0 and again.nested.accuracy == result.nested.accuracy
+
+
+def test_c_sweep_widens_when_the_best_c_wins_at_the_edge(hard_tree, cache, tmp_path):
+    result = _evaluate(hard_tree, cache, tmp_path / "run", grids={"logreg": {"C": [0.001, 0.01]}}, widen=True)
+    # A user grid is searched as given ...
+    assert sorted(json.loads(p)["C"] for p in result.leaderboard["params"]) == [0.001, 0.01]
+    from featurepipe.evaluate import _widen
+
+    class Board:   # ... the default grid widens when its top C beats its neighbour
+        def __init__(self, rows):
+            self.leaderboard = pd.DataFrame(rows)
+
+    rows = [{"head": "logreg", "params": json.dumps({"C": c}), "accuracy_mean": a, "log_loss_mean": 0.1}
+            for c, a in ((1000.0, 0.9), (100.0, 0.8), (10.0, 0.7))]
+    grown = _widen({"x": Board(rows)}, ("logreg",), {}, {})
+    assert grown["logreg"]["C"] == [10.0, 100.0, 1000.0, 10000.0]
+    plateau = [{**r, "accuracy_mean": 0.9} for r in rows]
+    assert _widen({"x": Board(plateau)}, ("logreg",), {}, {}) == {}
+
+
+def test_search_cli_rejects_concatenation_with_a_clear_message(hard_tree, cache):
+    out = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--backbone", "tiny+tiny", "--cache-dir", str(cache)])
+    assert out.exit_code == 2 and "not supported yet" in out.output and "tiny,tiny" in out.output
+    out = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--resize", "stretch", "--cache-dir", str(cache)])
+    assert out.exit_code == 2 and "auto" in out.output

@@ -39,7 +39,7 @@ def test_registry_has_the_three_heads_with_small_grids():
 
 
 def test_unknown_head_or_param_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown head 'svm'.*valid heads: linear_svm, logreg, dense"):
+    with pytest.raises(ValueError, match="unknown head 'svm'.*valid heads: linear_svm, logreg, knn, ncm, ensemble, dense"):
         make_head("svm")
     with pytest.raises(ValueError, match=r"gamma.*'logreg'.*valid parameters: C, class_weight, max_iter"):
         make_head("logreg", {"gamma": 1.0})
@@ -48,10 +48,10 @@ def test_unknown_head_or_param_names_the_valid_ones():
 
 
 def test_param_grid_expands_and_overrides():
-    assert param_grid("logreg") == [{"C": 0.1}, {"C": 1.0}, {"C": 10.0}]
+    assert param_grid("logreg") == [{"C": 10.0}, {"C": 100.0}, {"C": 1000.0}]
     assert param_grid("logreg", {"C": 5}) == [{"C": 5}]
     points = param_grid("linear_svm", {"class_weight": [None, "balanced"]})
-    assert len(points) == 6 and {"C": 0.01, "class_weight": "balanced"} in points
+    assert len(points) == 6 and {"C": 0.1, "class_weight": "balanced"} in points
     assert param_grid("logreg", {"C": np.array([2.0])}) == [{"C": 2.0}]
     assert type(param_grid("logreg", {"C": np.array([2.0])})[0]["C"]) is float
 
@@ -204,3 +204,56 @@ def test_dense_keras_file_round_trip(tmp_path):
     assert loaded.hidden_units == 32 and loaded.n_features_in_ == 24
     with pytest.raises(ValueError, match="2 classes"):
         DenseHeadClassifier.load_keras(path, classes=["a", "b"])
+
+
+def test_knn_and_class_mean_heads_match_a_plain_recomputation():
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 6))
+    y = np.repeat([0, 1], 20)
+    X[y == 1] += 0.8
+    test = rng.normal(size=(15, 6)) + 0.4
+    scale = StandardScaler().fit(X)
+    unit = Normalizer()
+    Xs, Ts = unit.transform(scale.transform(X)), unit.transform(scale.transform(test))
+    # kNN by cosine with 1/distance weights == sklearn's euclidean kNN on unit rows with weights="distance"
+    ours = make_head("knn", {"n_neighbors": 5}).fit(X, y).predict_proba(test)
+    plain = KNeighborsClassifier(5, weights="distance").fit(Xs, y).predict_proba(Ts)
+    np.testing.assert_allclose(ours, plain, atol=1e-9)
+    # Nearest class mean: softmax of 10 x cosine to the unit class means
+    means = np.stack([Xs[y == c].mean(axis=0) for c in (0, 1)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    z = 10.0 * Ts @ means.T
+    expected = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(make_head("ncm").fit(X, y).predict_proba(test), expected, atol=1e-9)
+    # k larger than the training rows is clamped: a fold with 3 images still fits
+    assert make_head("knn", {"n_neighbors": 9}).fit(X[:3], [0, 1, 1]).predict_proba(test).shape == (15, 2)
+
+
+def test_ensemble_is_the_mean_of_its_members_and_refuses_nesting():
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(45, 5)), np.repeat([0, 1, 2], 15)
+    members = [{"head": "logreg", "params": {"C": 10.0}}, {"head": "ncm", "params": {}}]
+    ensemble = make_head("ensemble", {"members": members}).fit(X, y)
+    parts = [make_head(m["head"], m["params"]).fit(X, y).predict_proba(X) for m in members]
+    np.testing.assert_allclose(ensemble.predict_proba(X), np.mean(parts, axis=0))
+    with pytest.raises(ValueError, match="cannot contain an ensemble"):
+        make_head("ensemble", {"members": [{"head": "ensemble"}]})
+    with pytest.raises(ValueError, match="at least 2 members"):
+        make_head("ensemble", {"members": members[:1]}).fit(X, y)
+
+
+@pytest.mark.parametrize("head, params", [("knn", {"n_neighbors": 3}), ("ncm", {}),
+                                          ("ensemble", {"members": [{"head": "logreg"}, {"head": "knn"}]})])
+def test_new_heads_convert_to_keras_with_the_same_probabilities(head, params):
+    from featurepipe.head_to_keras import head_to_keras
+
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(30, 8)).astype(np.float32), np.repeat([0, 1, 2], 10)
+    X[y == 2] += 1.0
+    estimator = make_head(head, params).fit(X, y)
+    test = rng.normal(size=(7, 8)).astype(np.float32)
+    converted = head_to_keras(estimator, 8)
+    np.testing.assert_allclose(converted.predict(test, verbose=0), estimator.predict_proba(test), atol=1e-5)

@@ -1,0 +1,113 @@
+"""Nested CV of the searched pipeline, recomputed independently with plain scikit-learn."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+
+from featurepipe.crossval import FeatureTable, make_folds, pair_folds, run_cv
+from featurepipe.errors import DatasetError
+from featurepipe.nested import ensemble_of, leaderboard_ensemble, nested_cv
+
+CLASSES = ["a", "b", "c"]
+GRID = [0.3, 3.0, 30.0]
+
+
+def _feature_sets(n=75, seed=3):
+    # Two "backbones" over the same images: one informative, one mostly noise; hard enough that
+    # accuracies differ between C values and folds (no trivial 1.0 everywhere).
+    X, y = make_classification(n_samples=n, n_features=12, n_informative=4, n_redundant=0, n_classes=3,
+                               n_clusters_per_class=1, class_sep=0.9, flip_y=0.08, random_state=seed)
+    rng = np.random.default_rng(seed)
+    noisy = np.hstack([X[:, :2], rng.standard_normal((n, 10))])
+    paths = [f"img/{i:03d}.png" for i in range(n)]
+    return {name: FeatureTable(X=x.astype(np.float32), y=y, classes=CLASSES, paths=paths, key=f"set-{name}")
+            for name, x in (("good", X), ("noisy", noisy))}, y
+
+
+def test_pair_folds_train_on_everything_but_the_pair():
+    y = np.repeat([0, 1, 2], 10)
+    folds = make_folds(y, n_folds=5, seed=0)
+    pairs = pair_folds(folds)
+    assert len(pairs) == 10
+    for p in pairs:
+        j, k = p.pair
+        val = np.concatenate([folds[j].val_idx, folds[k].val_idx])
+        assert sorted(p.val_idx) == sorted(val)
+        assert sorted(np.concatenate([p.train_idx, p.val_idx])) == list(range(30))
+
+
+def test_nested_needs_three_folds():
+    tables, _ = _feature_sets()
+    with pytest.raises(DatasetError, match="at least 3 folds"):
+        run_cv(tables["good"], ["logreg"], grids={"logreg": {"C": GRID}}, n_folds=2, nested=True, n_jobs=1)
+
+
+def _plain_logreg(C, seed):
+    return make_pipeline(StandardScaler(), Normalizer(), LogisticRegression(C=C, max_iter=1000, random_state=seed))
+
+
+def test_nested_score_matches_plain_scikit_learn(tmp_path):
+    seed = 0
+    tables, y = _feature_sets()
+    results = {name: run_cv(t, ["logreg"], grids={"logreg": {"C": GRID}}, n_folds=5, seed=seed, n_jobs=1,
+                            cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
+    best_row = max(float(r.leaderboard["accuracy_mean"].max()) for r in results.values())
+    nested = nested_cv(results, y, CLASSES, tables["good"].paths, best_row, ensemble_size=0)
+
+    # Independently: the same outer folds, an inner CV on the other folds for every candidate, the
+    # winner (accuracy, then log loss, then candidate order) refit without the outer fold.
+    outer = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    candidates = [(name, C) for name in tables for C in GRID]   # features in order, params sorted as JSON
+    expected, chosen = [], []
+    for k, (train_k, test_k) in enumerate(outer):
+        scores = []
+        for name, C in candidates:
+            X = tables[name].X.astype(np.float64)
+            accs, losses = [], []
+            for j, (_, val_j) in enumerate(outer):
+                if j == k:
+                    continue
+                fit_rows = np.setdiff1d(train_k, val_j)
+                model = _plain_logreg(C, seed).fit(X[fit_rows], y[fit_rows])
+                proba = model.predict_proba(X[val_j])
+                accs.append(accuracy_score(y[val_j], proba.argmax(axis=1)))
+                losses.append(log_loss(y[val_j], proba, labels=[0, 1, 2]))
+            scores.append((-np.mean(accs), np.mean(losses)))
+        best = min(range(len(candidates)), key=lambda i: (*scores[i], i))
+        name, C = candidates[best]
+        X = tables[name].X.astype(np.float64)
+        model = _plain_logreg(C, seed).fit(X[train_k], y[train_k])
+        expected.append(accuracy_score(y[test_k], model.predict(X[test_k])))
+        chosen.append(f"{name} logreg {json.dumps({'C': C})}")
+    assert list(nested.folds["chosen"]) == chosen
+    assert nested.folds["accuracy"].tolist() == pytest.approx(expected)
+    assert nested.accuracy == pytest.approx(np.mean(expected))
+    assert nested.optimism_gap == pytest.approx(best_row - np.mean(expected))
+    assert 0.4 < nested.accuracy < 1.0          # a real, imperfect estimate: nothing trivial was compared
+    # Each image is scored once per repeat, by the model its outer fold chose.
+    assert sorted(nested.oof["row"]) == list(range(len(y)))
+
+
+def test_ensemble_is_one_head_per_member_on_the_top_feature_set(tmp_path):
+    tables, y = _feature_sets()
+    results = {name: run_cv(t, ["logreg", "knn", "ncm"], grids={"logreg": {"C": GRID}}, n_folds=5, n_jobs=1,
+                            cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
+    ranked, folds = leaderboard_ensemble(results, y, CLASSES, 3)
+    ensemble = next(c for c in ranked if c.members)
+    top_single = next(c for c in ranked if not c.members)
+    assert ensemble.features == top_single.features
+    assert sorted(m.head for m in ensemble.members) == ["knn", "logreg", "ncm"]
+    # Its fold scores are the mean of its members' fold probabilities, recomputed here.
+    for f, row in zip(results[ensemble.features].plan, folds.itertuples()):
+        probas = [results[m.features].proba[(m.head, m.params, m.augment, f.repeat, f.fold)][1] for m in ensemble.members]
+        rows = results[ensemble.features].proba[(ensemble.members[0].head, ensemble.members[0].params, "none",
+                                                  f.repeat, f.fold)][0]
+        assert row.accuracy == pytest.approx(accuracy_score(y[rows], np.mean(probas, axis=0).argmax(axis=1)))
+    assert ensemble_of(ranked[:1], 3) is None     # one candidate alone is no ensemble
