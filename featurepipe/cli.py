@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +34,18 @@ Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {pa
 Tta = typer.Option(False, "--tta", help="Average each validation image over its augmented views.")
 Jobs = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs).")
 RunDir = typer.Option(None, "--run-dir")
+
+
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(False, "--verbose", help="Show TensorFlow's start-up and native log lines "
+                                                        "(hidden by default)."),
+) -> None:
+    """Frozen ImageNet bases, cached features, cross-validated heads and fine-tuning for small image sets."""
+    if not verbose:
+        from featurepipe.quiet import quiet_tensorflow_startup
+
+        quiet_tensorflow_startup()
 
 
 def _fail(error: Exception) -> None:
@@ -490,5 +501,5 @@ def features_export(
 
 
 def main() -> None:  # pragma: no cover - console-script entry point alias
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TF_CPP_MIN_LOG_LEVEL and the start-up line filter are set by the --verbose callback above.
     app()
