@@ -356,11 +356,12 @@ def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
             for path in by_hash[digest]:
                 proba[path] = row
 
-    # One read: FeatureStore.read loads (and checksums) each shard it touches whole, so reading in
-    # chunks would re-read big shards; computed features below are classified batch by batch.
-    if cached:
-        classify(cached, store.read(cached))
-        result.reused = sum(len(by_hash[h]) for h in cached)
+    # In chunks, so memory stays flat for any number of images: the store checksums each shard once
+    # per process and then reads only the rows a chunk needs.
+    chunk_rows = 4096
+    for start, features in zip(range(0, len(cached), chunk_rows), store.iter_read(cached, chunk_rows)):
+        classify(cached[start:start + chunk_rows], features)
+    result.reused = sum(len(by_hash[h]) for h in cached)
     report(progress, "predict", result.reused, len(paths), f"{result.reused} from the feature store")
     if missing:
         from featurepipe.backbones.build import build_feature_model, inference_function
