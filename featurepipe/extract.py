@@ -204,9 +204,6 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
     batch_size = batch_size or auto_batch_size(infer, stores.spec.image_size, len(todo))
     result.batch_size = batch_size
     result.build_seconds = time.perf_counter() - build_started
-    paths_by_hash: dict[str, list[str]] = {}
-    for path, content_hash in zip(dataset.frame["path"], dataset.frame["hash"]):   # groupby.apply: ~1 s per 10k
-        paths_by_hash.setdefault(content_hash, []).append(path)
     threads = decode_threads or default_decode_threads()
     lookahead = max(2 * batch_size, 8)
     pending_keys: list[str] = []
@@ -250,7 +247,8 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
                     pending_images.append(image)
             except ImageDecodeError as error:
                 original_writer.add_failures({content_hash: error.reason})
-                for path in paths_by_hash[content_hash]:
+                # Looked up per failure (rare): a path map of every image costs memory at 70,000 images.
+                for path in _paths_of(dataset, content_hash):
                     result.failed.append(FailedImage(path, error.reason))
             done += 1
             if len(pending_keys) >= batch_size:

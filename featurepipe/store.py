@@ -44,7 +44,7 @@ _STRING = h5py.string_dtype("utf-8")
 def _shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(keys.tolist()).encode())
-    digest.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(features, dtype=np.float32))   # the buffer itself: no bytes copy
     return digest.hexdigest()
 
 
@@ -320,22 +320,25 @@ class FeatureStore:
         else:
             old, seen = shards, set()
         keys: list[str] = []
-        blocks: list[np.ndarray] = []
-        pending = 0
+        buffer: Optional[np.ndarray] = None        # one output shard, filled in place
         for shard in old:
             shard_keys, features = self._read_shard(shard)
             mask = np.array([k not in seen and (keep is None or k in keep) for k in shard_keys], dtype=bool)
             seen.update(shard_keys.tolist())
-            if mask.any():
-                keys.extend(shard_keys[mask].tolist())
-                blocks.append(features[mask])
-                pending += int(mask.sum())
-            while pending >= target:
-                merged = np.concatenate(blocks)
-                self._write_shard(keys[:target], merged[:target])
-                keys, blocks, pending = keys[target:], [merged[target:]], pending - target
-        if pending:
-            self._write_shard(keys, np.concatenate(blocks))
+            kept_keys, kept = shard_keys[mask].tolist(), features[mask]
+            if buffer is None:
+                buffer = np.empty((target, features.shape[1]), dtype=np.float32)
+            start = 0
+            while start < len(kept):
+                take = min(target - len(keys), len(kept) - start)
+                buffer[len(keys):len(keys) + take] = kept[start:start + take]
+                keys.extend(kept_keys[start:start + take])
+                start += take
+                if len(keys) == target:
+                    self._write_shard(keys, buffer)
+                    keys = []
+        if keys:
+            self._write_shard(keys, buffer[:len(keys)])
         for shard in old:
             shard.unlink()
         _fsync_dir(self.directory / "shards")
