@@ -208,10 +208,12 @@ def step_predict(work: Path, sizes: list[int]) -> None:
         emit(work, {"step": f"predict-{kind}-growth", "peak_rss_ratio": ratios(found)})
 
 
-def step_evaluate(work: Path, rows: int, heads: str, folds: int) -> None:
+def step_evaluate(work: Path, rows: int, heads: str, folds: int, grid: str) -> None:
     cache = work / f"cache_{max(rows, 10000)}"
     args = ["evaluate", str(subset(work, rows)), *BACKBONE, "--heads", heads, "--folds", str(folds),
             "--run-dir", str(work / f"eval_{rows}"), "--cache-dir", str(cache), "--json"]
+    if grid:
+        args += ["--grid", grid]
     for attempt in ("cold", "warm"):
         result = cli(args, f"evaluate {heads} {folds}-fold ({attempt})", work, images=rows)
         summary = result.pop("summary", {})
@@ -224,12 +226,20 @@ def step_scan(work: Path) -> None:
     sys.path.insert(0, str(CODE))
     from featurepipe.dataset import scan
 
+    import resource
+
     cache = work / "cache_scan"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for attempt in ("cold", "warm"):
         started = time.perf_counter()
         dataset = scan(work / "fashion", cache_dir=cache)
+        seconds = time.perf_counter() - started
+        # this process's peak so far: what one scan of the tree (and its Dataset) costs on top of imports
         emit(work, {"step": f"scan 70k tree ({attempt} hash cache)", "images": len(dataset),
-                    "seconds": round(time.perf_counter() - started, 2), "load_1min": round(os.getloadavg()[0], 2)})
+                    "seconds": round(seconds, 2), "rss_before_mb": round(before, 1),
+                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                    "load_1min": round(os.getloadavg()[0], 2)})
+        del dataset
 
 
 # `run` on the whole tree: the stem's 32-d features keep CV on 70,000 rows to minutes on 2 cores.
@@ -280,6 +290,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10000)
     parser.add_argument("--heads", default="linear_svm,logreg,dense")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--grid", default="", help="evaluate --grid (default: the heads' default grids)")
     parser.add_argument("--code", type=Path, default=REPO, help="featurepipe checkout to run (default: this one)")
     args = parser.parse_args()
     global CODE
@@ -295,7 +306,7 @@ def main() -> None:
     {"extract": lambda: step_extract(work, sizes or [1000, 10000, 70000]),
      "export": lambda: step_export(work, sizes or [1000, 10000, 70000], args.format),
      "predict": lambda: step_predict(work, sizes or [500, 5000]),
-     "evaluate": lambda: step_evaluate(work, args.rows, args.heads, args.folds),
+     "evaluate": lambda: step_evaluate(work, args.rows, args.heads, args.folds, args.grid),
      "scan": lambda: step_scan(work),
      "run": lambda: step_run(work),
      "add10": lambda: step_add10(work),
