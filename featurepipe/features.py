@@ -38,7 +38,7 @@ def dataset_features(dataset: Dataset, stores) -> DatasetFeatures:
 
 META_COLUMNS = ["path", "label", "split", "group", "hash"]
 EXPORT_FORMATS = (".parquet", ".npz", ".csv")
-EXPORT_CHUNK_ROWS = 4096
+EXPORT_CHUNK_ROWS = 1024         # 5 MB of 1,280-d features per chunk
 
 
 @dataclass

@@ -360,7 +360,7 @@ def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
 
     # In chunks, so memory stays flat for any number of images: the store checksums each shard once
     # per process and then reads only the rows a chunk needs.
-    chunk_rows = 4096
+    chunk_rows = 1024     # bounds memory: a chunk's features plus the head's float64 copies (~15 MB at 1,280-d)
     for start, features in zip(range(0, len(cached), chunk_rows), store.iter_read(cached, chunk_rows)):
         classify(cached[start:start + chunk_rows], features)
     result.reused = sum(len(by_hash[h]) for h in cached)
