@@ -12,7 +12,8 @@ as Keras layers by featurepipe.head_to_keras), or the fine-tuned model when the 
                                      featurepipe or Keras code needed to load it
     tflite      OUT/model.tflite     input uint8 (1, size, size, 3): images ALREADY resized to the
                                      run's size with its resize policy (fixed shapes keep the
-                                     interpreter on builtin ops and preallocated tensors)
+                                     interpreter on builtin ops and preallocated tensors); run with
+                                     LiteRT (ai-edge-litert), checked right after writing
 
 Every format also writes OUT/labels.txt (one class per line, output index order) and
 OUT/export.json describing inputs, outputs, labels and size.
@@ -155,6 +156,50 @@ def _save_tflite(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def tflite_interpreter(path: str | os.PathLike):
+    """(interpreter, runtime name) for a .tflite file: LiteRT (`ai-edge-litert`, TensorFlow's successor
+    to tf.lite.Interpreter) where installed, else TensorFlow's own copy of the same runtime."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter(model_path=str(path)), f"ai-edge-litert {_version('ai-edge-litert')}"
+    except ImportError:
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # its deprecation notice points at LiteRT, which is absent
+            return tf.lite.Interpreter(model_path=str(path)), f"tf.lite.Interpreter (tensorflow {tf.__version__})"
+
+
+def _check_tflite(path: Path, image_size: int, n_classes: int) -> str:
+    """Run the written file once on a grey image; returns the runtime that ran it."""
+    import numpy as np
+
+    interpreter, runtime = tflite_interpreter(path)
+    interpreter.allocate_tensors()
+    given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.set_tensor(given["index"], np.full((1, image_size, image_size, 3), 128, np.uint8))
+    interpreter.invoke()
+    out = interpreter.get_tensor(taken["index"])
+    if out.shape != (1, n_classes) or not np.isfinite(out).all() or abs(float(out.sum()) - 1.0) > 1e-3:
+        raise FeaturepipeError(f"the TFLite file {path} does not run correctly under {runtime} (output "
+                               f"{out.shape}, sum {float(out.sum()):.4f}); export to keras or savedmodel instead")
+    return runtime
+
+
+# How to run model.tflite, written into export.json: LiteRT is the maintained runtime.
+TFLITE_RUN = (
+    "pip install ai-edge-litert; then in Python: from ai_edge_litert.interpreter import Interpreter; "
+    "it = Interpreter(model_path='model.tflite'); it.allocate_tensors(); "
+    "it.set_tensor(it.get_input_details()[0]['index'], image[None]); it.invoke(); "
+    "p = it.get_tensor(it.get_output_details()[0]['index'])[0]  "
+    "(image: uint8 (size, size, 3) RGB resized as 'input.resizing' says; p[i] is the probability of line i+1 "
+    "of labels.txt). tf.lite.Interpreter takes the same calls but is deprecated."
+)
+
+
 def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dict:
     n = len(run.classes)
     resize_text = {"squash": "the whole image squashed to size x size (aspect ratio not kept)",
@@ -189,7 +234,8 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
     elif fmt == "keras":
         meta["load"] = "import featurepipe.head_to_keras; keras.saving.load_model(path, safe_mode=True)"
     else:
-        meta["load"] = "tf.lite.Interpreter(model_path=path) (or ai_edge_litert.interpreter.Interpreter)"
+        meta["load"] = "ai_edge_litert.interpreter.Interpreter(model_path=path) (pip install ai-edge-litert)"
+        meta["run"] = TFLITE_RUN
     if run.kind == "head":
         head = run.head_meta or {}
         meta["backbone"] = run.spec.to_dict()
@@ -236,6 +282,7 @@ def export(
         images = keras.Input((run.image_size, run.image_size, 3), batch_size=1, dtype="uint8", name="images")
         network = keras.Model(images, InferenceOnly(inner, name="classifier")(images), name="featurepipe_classifier")
         _save_tflite(network, artefact)
+        checked_with = _check_tflite(artefact, run.image_size, len(run.classes))
         input_shape = [1, run.image_size, run.image_size, 3]
     else:
         network = any_size_model(run, inner)
@@ -248,6 +295,8 @@ def export(
     labels = out / LABELS
     labels.write_text("".join(f"{c}\n" for c in run.classes), encoding="utf-8")
     meta = _describe(run, fmt, artefact, input_shape)
+    if fmt == "tflite":
+        meta["checked_with"] = checked_with
     if artefact.is_file():
         meta["sha256"] = file_sha256(artefact)
     write_json(out / EXPORT_META, meta)

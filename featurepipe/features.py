@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -34,25 +36,121 @@ def dataset_features(dataset: Dataset, stores) -> DatasetFeatures:
     return DatasetFeatures(frame, X, views, dataset.frame.loc[~present, "path"].tolist())
 
 
-def export_features(features: DatasetFeatures, out: Path) -> Path:
-    """Write path, label, split, group and the feature columns f0..f{d-1} as .parquet, .npz or .csv."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    meta = features.frame[["path", "label", "split", "group", "hash"]].reset_index(drop=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".npz":
-        np.savez_compressed(out, features=features.X, **{c: meta[c].astype(str).to_numpy(dtype=str) for c in meta.columns})
-        return out
-    columns = pd.DataFrame(features.X, columns=[f"f{i}" for i in range(features.X.shape[1])])
-    table = pd.concat([meta, columns], axis=1)
+META_COLUMNS = ["path", "label", "split", "group", "hash"]
+EXPORT_FORMATS = (".parquet", ".npz", ".csv")
+EXPORT_CHUNK_ROWS = 1024         # 5 MB of 1,280-d features per chunk
+
+
+@dataclass
+class ExportedFeatures:
+    path: Path
+    rows: int
+    feature_dim: int
+    missing: list[str]                # dataset paths without features (they failed to decode)
+
+
+def export_format(out: Path) -> str:
+    """The export format `out`'s suffix names; fails before any work is done for an unknown one."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in EXPORT_FORMATS:
+        raise FeaturepipeError(f"{out}: unknown export format {suffix or '(none)'}; use .parquet, .npz or .csv")
     if suffix == ".parquet":
         try:
-            table.to_parquet(out, index=False)
+            import pyarrow  # noqa: F401
         except ImportError:
             raise FeaturepipeError("writing .parquet needs pyarrow: pip install 'featurepipe[parquet]', "
                                    "or export to .npz / .csv") from None
-    elif suffix == ".csv":
-        table.to_csv(out, index=False)
-    else:
-        raise FeaturepipeError(f"{out}: unknown export format {suffix or '(none)'}; use .parquet, .npz or .csv")
+    return suffix
+
+
+def export_dataset_features(dataset: Dataset, stores, out: Path,
+                            chunk_rows: int = EXPORT_CHUNK_ROWS) -> ExportedFeatures:
+    """Like export_features(dataset_features(...)), streamed: features are read from the store and
+    written `chunk_rows` rows at a time, so memory is the metadata columns plus one chunk (and one
+    store shard) whatever the number of images."""
+    out = Path(out)
+    export_format(out)
+    have = stores.originals.keys()
+    present = dataset.frame["hash"].isin(have)
+    frame = dataset.frame[present].reset_index(drop=True)
+    dim = stores.originals.feature_dim or 0
+    chunks = stores.originals.iter_read(frame["hash"].tolist(), chunk_rows)
+    _write(frame[META_COLUMNS], dim, chunks, out, chunk_rows)
+    return ExportedFeatures(out, len(frame), dim, dataset.frame.loc[~present, "path"].tolist())
+
+
+def export_features(features: DatasetFeatures, out: Path) -> Path:
+    """Write path, label, split, group, hash and the feature columns f0..f{d-1} as .parquet, .npz or .csv."""
+    out = Path(out)
+    export_format(out)
+    X = features.X
+    chunks = (X[start:start + EXPORT_CHUNK_ROWS] for start in range(0, len(X), EXPORT_CHUNK_ROWS))
+    _write(features.frame[META_COLUMNS].reset_index(drop=True), X.shape[1], chunks, out, EXPORT_CHUNK_ROWS)
     return out
+
+
+def _write(meta: pd.DataFrame, dim: int, chunks: Iterator[np.ndarray], out: Path, chunk_rows: int) -> None:
+    """Write to a temporary sibling and rename it into place: a killed export leaves no half file."""
+    suffix = export_format(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        writer = {".npz": _write_npz, ".parquet": _write_parquet, ".csv": _write_csv}[suffix]
+        written = writer(meta, dim, chunks, tmp, chunk_rows)
+        if written != len(meta):   # pragma: no cover - guards the chunking arithmetic
+            raise FeaturepipeError(f"export wrote {written} feature rows for {len(meta)} images")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _feature_names(dim: int) -> list[str]:
+    return [f"f{i}" for i in range(dim)]
+
+
+def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int) -> int:
+    # The same file np.savez_compressed writes (one .npy per array), with the features array
+    # streamed into its zip member behind a header that states the final shape up front.
+    rows = 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        with archive.open("features.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                "shape": (len(meta), dim)})
+            for chunk in chunks:
+                member.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
+                rows += len(chunk)
+        for column in meta.columns:
+            with archive.open(f"{column}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, meta[column].astype(str).to_numpy(dtype=str), allow_pickle=False)
+    return rows
+
+
+def _write_parquet(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = META_COLUMNS + _feature_names(dim)
+    schema = pa.schema([(c, pa.string()) for c in META_COLUMNS] + [(f, pa.float32()) for f in names[len(META_COLUMNS):]])
+    rows = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for chunk in chunks:
+            part = meta.iloc[rows:rows + len(chunk)]
+            arrays = [pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+                                for v in part[c]], type=pa.string()) for c in META_COLUMNS]
+            arrays += [pa.array(np.ascontiguousarray(chunk[:, j], dtype=np.float32)) for j in range(dim)]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            rows += len(chunk)
+    return rows
+
+
+def _write_csv(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int) -> int:
+    rows = 0
+    with open(path, "w", newline="") as handle:
+        pd.DataFrame(columns=META_COLUMNS + _feature_names(dim)).to_csv(handle, index=False)
+        for chunk in chunks:
+            part = meta.iloc[rows:rows + len(chunk)].reset_index(drop=True)
+            table = pd.concat([part, pd.DataFrame(chunk, columns=_feature_names(dim))], axis=1)
+            table.to_csv(handle, index=False, header=False)
+            rows += len(chunk)
+    return rows

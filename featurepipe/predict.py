@@ -202,28 +202,30 @@ class PredictResult:
 
 def _frame(paths: list[str], proba: dict[str, np.ndarray], errors: dict[str, str], classes: list[str],
            top_k: int) -> pd.DataFrame:
-    rows = []
-    for path in paths:
-        row: dict[str, Any] = {"path": path}
+    """Built column by column from one (n, classes) array: no per-row dicts, so 5,000 rows cost little."""
+    n = len(paths)
+    probabilities = np.full((n, len(classes)), np.nan)
+    ok = np.zeros(n, dtype=bool)
+    for i, path in enumerate(paths):
         p = proba.get(path)
-        if p is None:
-            row.update(label=None, probability=np.nan)
-            for i in range(1, top_k + 1):
-                row[f"label_{i}"], row[f"prob_{i}"] = None, np.nan
-            row.update({f"p[{c}]": np.nan for c in classes})
-            row["error"] = errors.get(path, "no prediction")
-        else:
-            order = np.argsort(-p, kind="stable")
-            row.update(label=classes[order[0]], probability=float(p[order[0]]))
-            for i in range(top_k):
-                row[f"label_{i + 1}"], row[f"prob_{i + 1}"] = classes[order[i]], float(p[order[i]])
-            row.update({f"p[{c}]": float(v) for c, v in zip(classes, p)})
-            row["error"] = None
-        rows.append(row)
-    columns = (["path", "label", "probability"]
-               + [c for i in range(1, top_k + 1) for c in (f"label_{i}", f"prob_{i}")]
-               + [f"p[{c}]" for c in classes] + ["error"])
-    return pd.DataFrame(rows, columns=columns)
+        if p is not None:
+            probabilities[i], ok[i] = p, True
+    order = np.argsort(-np.where(ok[:, None], probabilities, 0.0), axis=1, kind="stable")
+    names = np.asarray(classes, dtype=object)
+
+    def label_at(rank: int) -> list:
+        return [names[order[i, rank]] if ok[i] else None for i in range(n)]
+
+    def prob_at(rank: int) -> np.ndarray:
+        return np.where(ok, probabilities[np.arange(n), order[:, rank]] if n else 0.0, np.nan)
+
+    columns: dict[str, Any] = {"path": list(paths), "label": label_at(0), "probability": prob_at(0)}
+    for i in range(top_k):
+        columns[f"label_{i + 1}"], columns[f"prob_{i + 1}"] = label_at(i), prob_at(i)
+    for j, c in enumerate(classes):
+        columns[f"p[{c}]"] = probabilities[:, j]
+    columns["error"] = [None if ok[i] else errors.get(path, "no prediction") for i, path in enumerate(paths)]
+    return pd.DataFrame(columns)
 
 
 # ------------------------------------------------------------------------------------------ predict
@@ -356,11 +358,12 @@ def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
             for path in by_hash[digest]:
                 proba[path] = row
 
-    # One read: FeatureStore.read loads (and checksums) each shard it touches whole, so reading in
-    # chunks would re-read big shards; computed features below are classified batch by batch.
-    if cached:
-        classify(cached, store.read(cached))
-        result.reused = sum(len(by_hash[h]) for h in cached)
+    # In chunks, so memory stays flat for any number of images: the store checksums each shard once
+    # per process and then reads only the rows a chunk needs.
+    chunk_rows = 1024     # bounds memory: a chunk's features plus the head's float64 copies (~15 MB at 1,280-d)
+    for start, features in zip(range(0, len(cached), chunk_rows), store.iter_read(cached, chunk_rows)):
+        classify(cached[start:start + chunk_rows], features)
+    result.reused = sum(len(by_hash[h]) for h in cached)
     report(progress, "predict", result.reused, len(paths), f"{result.reused} from the feature store")
     if missing:
         from featurepipe.backbones.build import build_feature_model, inference_function

@@ -34,13 +34,17 @@ from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError
 
 SCHEMA_VERSION = 1
 COMPACT_AT = 32          # shard count above which a writer merges shards when it finishes
+# Compaction writes shards of at most this many bytes of features (~3,300 rows of 1,280-d), so
+# reading one shard (checksummed whole) and compacting cost bounded memory whatever the store's size.
+SHARD_BYTES = 16 * 2**20
+MIN_SHARD_ROWS = 256
 _STRING = h5py.string_dtype("utf-8")
 
 
 def _shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(keys.tolist()).encode())
-    digest.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(features, dtype=np.float32))   # the buffer itself: no bytes copy
     return digest.hexdigest()
 
 
@@ -89,6 +93,9 @@ class FeatureStore:
         self.payload: dict = spec["payload"]
         self.feature_dim: Optional[int] = spec.get("feature_dim")
         self._index: Optional[dict[str, tuple[str, int]]] = None
+        # Shards are immutable once renamed into place (unique names): one whose checksum this process
+        # has checked need not be read whole again, so later reads take just the rows they need.
+        self._verified: set[str] = set()
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -150,7 +157,10 @@ class FeatureStore:
         return out
 
     def read(self, keys: list[str]) -> np.ndarray:
-        """Features for `keys`, in that order; every shard touched is checked against its digest."""
+        """Features for `keys`, in that order; every shard touched is checked against its digest.
+
+        Memory: the result plus one shard (shards are bounded by SHARD_BYTES once compacted).
+        """
         if self._index is None:
             self._index = self._load_index()
         absent = [k for k in keys if k not in self._index]
@@ -162,10 +172,30 @@ class FeatureStore:
             shard, row = self._index[key]
             by_shard.setdefault(shard, []).append((position, row))
         for shard, pairs in by_shard.items():
-            features = self._read_shard(self.directory / "shards" / shard)[1]
-            positions, rows = zip(*pairs)
-            out[list(positions)] = features[list(rows)]
+            positions, rows = (np.asarray(v) for v in zip(*pairs))
+            out[positions] = self._shard_rows(self.directory / "shards" / shard, rows)
         return out
+
+    def iter_read(self, keys: list[str], chunk_rows: int = 4096) -> Iterator[np.ndarray]:
+        """`read` in consecutive chunks of `keys`: bounded memory for consumers that stream."""
+        for start in range(0, len(keys), chunk_rows):
+            yield self.read(keys[start:start + chunk_rows])
+
+    def _shard_rows(self, path: Path, rows: np.ndarray) -> np.ndarray:
+        if path.name not in self._verified:
+            features = self._read_shard(path)[1]
+            self._verified.add(path.name)
+            return features[rows]
+        # Checked earlier in this process: read only the span of rows asked for.
+        low, high = int(rows.min()), int(rows.max()) + 1
+        try:
+            with h5py.File(path, "r") as handle:
+                span = handle["features"][low:high]
+        except (OSError, KeyError) as error:
+            raise StoreCorruptError(
+                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
+            ) from None
+        return span[rows - low]
 
     def _read_shard(self, path: Path, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -255,19 +285,60 @@ class FeatureStore:
         _fsync_dir(shards)
         return final
 
+    def shard_rows(self) -> int:
+        """Rows per compacted shard: SHARD_BYTES of float32 features (at least MIN_SHARD_ROWS rows)."""
+        return max(MIN_SHARD_ROWS, SHARD_BYTES // (4 * max(1, self.feature_dim or 1)))
+
+    def _shard_len(self, path: Path) -> int:
+        try:
+            with h5py.File(path, "r") as handle:
+                return int(handle["keys"].shape[0])
+        except (OSError, KeyError) as error:
+            raise StoreCorruptError(
+                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
+            ) from None
+
     def _compact(self, keep: Optional[set[str]] = None) -> None:
-        """Merge every shard into one (optionally keeping only `keep`); the caller holds the lock."""
-        old = self._shard_paths()
-        keys, blocks = [], []
-        seen: set[str] = set()
+        """Merge the shards that are not full into shards of shard_rows() rows (with `keep`: rewrite every
+        shard, keeping only those keys); the caller holds the lock.
+
+        Streaming: at most one input shard and one output shard in memory, so compacting a store of
+        any size costs bounded memory, and full shards are left alone (no quadratic rewriting as a
+        store grows). New shards are in place before old ones go: a kill leaves duplicates, not gaps.
+        """
+        target = self.shard_rows()
+        shards = self._shard_paths()
+        if keep is None:
+            old = [p for p in shards if self._shard_len(p) < target]
+            if len(old) < 2:
+                return
+            seen = set()
+            for shard in shards:
+                if shard not in old:
+                    with h5py.File(shard, "r") as handle:
+                        seen.update(handle["keys"].asstr()[()].tolist())
+        else:
+            old, seen = shards, set()
+        keys: list[str] = []
+        buffer: Optional[np.ndarray] = None        # one output shard, filled in place
         for shard in old:
             shard_keys, features = self._read_shard(shard)
-            mask = [k not in seen and (keep is None or k in keep) for k in shard_keys]
+            mask = np.array([k not in seen and (keep is None or k in keep) for k in shard_keys], dtype=bool)
             seen.update(shard_keys.tolist())
-            keys.extend(shard_keys[mask].tolist())
-            blocks.append(features[mask])
+            kept_keys, kept = shard_keys[mask].tolist(), features[mask]
+            if buffer is None:
+                buffer = np.empty((target, features.shape[1]), dtype=np.float32)
+            start = 0
+            while start < len(kept):
+                take = min(target - len(keys), len(kept) - start)
+                buffer[len(keys):len(keys) + take] = kept[start:start + take]
+                keys.extend(kept_keys[start:start + take])
+                start += take
+                if len(keys) == target:
+                    self._write_shard(keys, buffer)
+                    keys = []
         if keys:
-            self._write_shard(keys, np.concatenate(blocks))
+            self._write_shard(keys, buffer[:len(keys)])
         for shard in old:
             shard.unlink()
         _fsync_dir(self.directory / "shards")

@@ -37,7 +37,11 @@ LOADER = textwrap.dedent("""
         saved = tf.saved_model.load(exports["savedmodel"])
         results[f"savedmodel/{name}"] = saved.serve(tf.constant(batch)).numpy()
         if name == "sized":
-            interpreter = tf.lite.Interpreter(model_path=exports["tflite"])
+            try:   # LiteRT where installed (what export.json tells users to run), else TF's deprecated copy
+                from ai_edge_litert.interpreter import Interpreter
+            except ImportError:
+                Interpreter = tf.lite.Interpreter
+            interpreter = Interpreter(model_path=exports["tflite"])
             interpreter.allocate_tensors()
             given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
             rows = []
@@ -84,7 +88,14 @@ def test_labels_and_metadata_describe_the_model(exported):
         assert meta["input"]["dtype"] == "uint8" and meta["output"]["shape"][-1] == 3
     assert results["tflite"].input_shape == [1, 32, 32, 3]
     assert results["keras"].input_shape == [None, None, None, 3]
-    assert "NOT inside" in json.loads(results["tflite"].meta_path.read_text())["input"]["resizing"]
+    tflite = json.loads(results["tflite"].meta_path.read_text())
+    assert "NOT inside" in tflite["input"]["resizing"]
+    assert "ai_edge_litert.interpreter" in tflite["run"] and "labels.txt" in tflite["run"]
+    try:
+        import ai_edge_litert  # noqa: F401
+        assert tflite["checked_with"].startswith("ai-edge-litert ")
+    except ImportError:
+        assert tflite["checked_with"].startswith("tf.lite.Interpreter")
 
 
 def test_every_artefact_reloads_in_a_fresh_process_and_matches_predict(exported, tmp_path):

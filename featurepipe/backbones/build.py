@@ -95,7 +95,9 @@ def build_feature_model(spec: BackboneSpec, cache_dir: Optional[Path] = None):
     if len(x.shape) == 4:
         pooling = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
                    "flatten": keras.layers.Flatten}[spec.pooling]
-        x = pooling(name=f"{spec.pooling}_pool")(x)
+        # float32 pooling: under a mixed precision policy the base's float16 activations are
+        # averaged in float32 (one rounding fewer); under float32 this changes nothing.
+        x = pooling(name=f"{spec.pooling}_pool", dtype="float32")(x)
     elif len(x.shape) != 2:
         raise BackboneError(f"layer {spec.layer!r} gives outputs of shape {x.shape}; pick a conv or dense layer")
     return keras.Model(images, x, name=f"features_{spec.name}")

@@ -1,0 +1,199 @@
+"""What speed and scale may change and what they may not: features are the same (to round-off)
+whatever the batch size, decode threads or precision policy; the store, exports and predict read
+in bounded pieces; batch size is chosen per device."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from featurepipe import store as store_module
+from featurepipe.backbones import accel
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.dataset import scan
+from featurepipe.errors import StoreCorruptError
+from featurepipe.extract import extract, open_stores
+from featurepipe.features import dataset_features, export_dataset_features, export_features
+from featurepipe.store import FeatureStore
+
+TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
+
+
+def features_by_path(root, cache, precision="float32"):
+    dataset = scan(root, cache_dir=cache)
+    features = dataset_features(dataset, open_stores(TINY, cache, precision=precision))
+    return dict(zip(features.frame["path"], features.X))
+
+
+# ---- same features whatever the speed knobs ----------------------------------------------------
+
+
+def test_features_do_not_depend_on_batch_size_or_decode_threads(image_tree, tmp_path):
+    reference = None
+    for batch_size, threads in [(32, None), (1, 1), (5, 3), (24, 2)]:
+        cache = tmp_path / f"cache-{batch_size}-{threads}"
+        result = extract(scan(image_tree, cache_dir=cache), TINY, cache, batch_size=batch_size,
+                         decode_threads=threads)
+        assert (result.extracted, result.batch_size) == (24, batch_size)
+        got = features_by_path(image_tree, cache)
+        if reference is None:
+            reference = got
+            continue
+        assert got.keys() == reference.keys()
+        for path, row in got.items():
+            np.testing.assert_allclose(row, reference[path], rtol=1e-5, atol=1e-6, err_msg=f"batch {batch_size}")
+
+
+def test_mixed_precision_features_match_float32_to_tolerance_and_live_in_their_own_store(image_tree, cache):
+    full = extract(scan(image_tree, cache_dir=cache), TINY, cache)
+    half = extract(scan(image_tree, cache_dir=cache), TINY, cache, precision="mixed_float16")
+    assert (full.precision, half.precision) == ("float32", "mixed_float16")
+    assert half.extracted == 24 and half.fingerprint != full.fingerprint     # never mixed with float32 rows
+    assert open_stores(TINY, cache).originals.fingerprint == full.fingerprint
+    f32, f16 = features_by_path(image_tree, cache), features_by_path(image_tree, cache, "mixed_float16")
+    X32 = np.stack([f32[p] for p in sorted(f32)])
+    X16 = np.stack([f16[p] for p in sorted(f16)])
+    assert X16.dtype == np.float32
+    assert not np.array_equal(X16, X32)                                       # it did run in half precision
+    scale = np.abs(X32).max()
+    np.testing.assert_allclose(X16, X32, rtol=0, atol=5e-3 * scale)
+    # what a head sees: the same nearest neighbours
+    assert (np.argmin(((X16[:, None] - X32[None]) ** 2).sum(-1), axis=1) == np.arange(len(X32))).all()
+
+
+def test_unknown_precision_is_refused_before_any_work(image_tree, cache):
+    with pytest.raises(ValueError, match="precision must be one of float32, mixed_float16"):
+        extract(scan(image_tree, cache_dir=cache), TINY, cache, precision="float8")
+
+
+def test_batch_size_is_32_on_a_cpu_and_the_largest_that_fits_on_a_gpu(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(accel, "gpu_available", lambda: False)
+    assert accel.auto_batch_size(lambda batch: batch, 32, pending=10_000) == 32
+    monkeypatch.setattr(accel, "gpu_available", lambda: True)
+    tried = []
+
+    def infer(batch):
+        tried.append(len(batch))
+        if len(batch) > 64:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return np.zeros((len(batch), 4), np.float32)
+
+    assert accel.auto_batch_size(infer, 32, pending=10_000) == 64
+    assert tried == [256, 128, 64]
+    tried.clear()
+    assert accel.auto_batch_size(infer, 32, pending=100) == 64 and tried == [64]   # 128 > the work
+    assert accel.auto_batch_size(infer, 32, pending=3) == 32
+
+
+def test_extract_reports_the_auto_chosen_batch_size(image_tree, cache):
+    result = extract(scan(image_tree, cache_dir=cache), TINY, cache)
+    assert result.batch_size == 32 and result.to_dict()["batch_size"] == 32
+
+
+# ---- bounded store reads and compaction ------------------------------------------------------
+
+
+def _fill(store, batches):
+    expected = {}
+    for keys in batches:
+        rows = np.random.default_rng(len(expected)).normal(size=(len(keys), 6)).astype(np.float32)
+        with store.writer() as writer:
+            writer.add(keys, rows)
+        expected.update(zip(keys, rows))
+    return expected
+
+
+@pytest.fixture
+def small_shards(tmp_path, monkeypatch):
+    """A store whose compacted shards hold 10 rows of 6 floats."""
+    monkeypatch.setattr(store_module, "SHARD_BYTES", 10 * 4 * 6)
+    monkeypatch.setattr(store_module, "MIN_SHARD_ROWS", 1)
+    monkeypatch.setattr(store_module, "COMPACT_AT", 3)
+    return FeatureStore.open(tmp_path / "features", "f" * 64, {"test": True})
+
+
+def _shard_sizes(store):
+    sizes = {}
+    for path in store._shard_paths():
+        keys, _ = store._read_shard(path)
+        sizes[path.name] = len(keys)
+    return sizes
+
+
+def test_compaction_writes_bounded_shards_and_leaves_full_ones_alone(small_shards):
+    store = small_shards
+    expected = _fill(store, [[f"k{i:03d}" for i in range(j, j + 4)] for j in range(0, 28, 4)])   # 7 shards of 4
+    sizes = _shard_sizes(store)
+    assert sorted(sizes.values()) == [8, 10, 10]
+    full = {name for name, size in sizes.items() if size == 10}
+    expected.update(_fill(store, [[f"n{i:03d}"] for i in range(3)]))      # 3 one-row shards: 6 > 3 shards
+    sizes = _shard_sizes(store)
+    assert full <= set(sizes)                                            # full shards were not rewritten
+    assert sorted(sizes.values()) == [1, 10, 10, 10]
+    fresh = FeatureStore(store.directory)
+    keys = sorted(expected)
+    assert fresh.keys() == set(keys)
+    np.testing.assert_array_equal(fresh.read(keys), np.stack([expected[k] for k in keys]))
+    assert fresh.verify() == []
+
+
+def test_a_checked_shard_is_read_in_part_and_a_damaged_one_is_still_caught(small_shards, monkeypatch):
+    store = small_shards
+    expected = _fill(store, [[f"k{i:03d}" for i in range(12)]])
+    fresh = FeatureStore(store.directory)
+    np.testing.assert_array_equal(fresh.read(["k003"]), expected["k003"][None])   # first touch: checked whole
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("a shard already checked was read whole again")
+
+    monkeypatch.setattr(fresh, "_read_shard", whole_read)
+    keys = ["k011", "k000", "k005"]
+    np.testing.assert_array_equal(fresh.read(keys), np.stack([expected[k] for k in keys]))
+    chunks = list(fresh.iter_read([f"k{i:03d}" for i in range(12)], chunk_rows=5))
+    assert [len(c) for c in chunks] == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate(chunks), np.stack([expected[f"k{i:03d}"] for i in range(12)]))
+    # A new reader (another process) checks the shard again and refuses a damaged one.
+    shard = store._shard_paths()[0]
+    import h5py
+
+    with h5py.File(shard, "r+") as handle:
+        handle["features"][0, 0] += 1.0
+    with pytest.raises(StoreCorruptError, match="checksum"):
+        FeatureStore(store.directory).read(["k000"])
+
+
+# ---- streaming export ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet", ".csv"])
+def test_streamed_export_reads_in_chunks_and_writes_what_the_whole_table_would(image_tree, cache, tmp_path,
+                                                                               suffix, monkeypatch):
+    dataset = scan(image_tree, cache_dir=cache)
+    extract(dataset, TINY, cache)
+    stores = open_stores(TINY, cache)
+    whole = export_features(dataset_features(dataset, stores), tmp_path / f"whole{suffix}")
+    sizes = []
+    real_read = FeatureStore.read
+
+    def read(self, keys):
+        sizes.append(len(keys))
+        return real_read(self, keys)
+
+    monkeypatch.setattr(FeatureStore, "read", read)
+    written = export_dataset_features(dataset, open_stores(TINY, cache), tmp_path / f"streamed{suffix}",
+                                      chunk_rows=5)
+    assert (written.rows, written.feature_dim, written.missing) == (24, 24, [])
+    assert sizes == [5, 5, 5, 5, 4]                         # never the whole matrix at once
+    if suffix == ".npz":
+        with np.load(whole) as a, np.load(written.path) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for name in a.files:
+                np.testing.assert_array_equal(a[name], b[name])
+            assert b["features"].dtype == np.float32 and b["features"].shape == (24, 24)
+    else:
+        read_table = pd.read_parquet if suffix == ".parquet" else pd.read_csv
+        pd.testing.assert_frame_equal(read_table(whole), read_table(written.path))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
