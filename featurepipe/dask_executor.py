@@ -101,7 +101,7 @@ class DaskExecutor(Executor):
                                         self.pin_gpus, key=f"featurepipe-extract-{stores}-{batch.id}", pure=False)
             futures[future] = batch
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=self.client.loop):
                 try:
                     yield future.result()
                 except distributed.KilledWorker as error:
