@@ -186,3 +186,30 @@ def test_without_the_dask_extra_the_message_says_what_to_install(monkeypatch):
     monkeypatch.setenv("FEATUREPIPE_SCHEDULER", "tcp://127.0.0.1:8786")
     with pytest.raises(FeaturepipeError, match="dask extra"):
         open_executor()
+
+
+def test_random_weights_do_not_depend_on_other_threads_using_random():
+    """A Dask worker's event loop draws from Python's `random` while a task builds a model; Keras seeds
+    its initializers from that same generator, so without isolation the weights changed run to run."""
+    import random
+    import threading
+
+    from featurepipe.backbones.build import build_feature_model
+
+    quiet = build_feature_model(TINY).get_weights()
+    stop = threading.Event()
+
+    def noisy():
+        while not stop.is_set():
+            random.random()
+
+    thread = threading.Thread(target=noisy, daemon=True)
+    thread.start()
+    try:
+        busy = [build_feature_model(TINY).get_weights() for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+    for weights in busy:
+        for a, b in zip(quiet, weights):
+            np.testing.assert_array_equal(a, b)
