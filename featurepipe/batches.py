@@ -185,7 +185,8 @@ def _check_same_backbone(job: BatchJob) -> None:
 
 def _inference(job: BatchJob, gpu_slot: Optional[int], tf_threads: int) -> tuple[Callable, float]:
     """This process's model for the job's spec, built the first time (never shipped pickled)."""
-    key = json.dumps([job.spec.to_dict(), job.root], sort_keys=True)
+    # The payload identifies the numbers (weights, versions); any cache root gives the same model.
+    key = json.dumps([job.spec.to_dict(), job.payload], sort_keys=True, default=str)
     with _MODELS_LOCK:
         if key in _MODELS:
             _MODELS.move_to_end(key)

@@ -110,44 +110,6 @@ def test_distributed_extract_equals_local_shard_for_shard(image_tree, tmp_path, 
     assert open_stores(TINY, remote_cache).originals.verify() == [] and _leftovers(remote_cache) == []
 
 
-def test_a_worker_killed_mid_extract_is_survived_with_one_shard_per_batch(tmp_path, dask_executor):
-    data = _tree(tmp_path / "data", 40)
-    cache = tmp_path / "cache"
-    client = dask_executor.client
-    client.wait_for_workers(2, timeout=120)
-    before = client.run(os.getpid)
-    killed = {}
-
-    def kill_a_busy_worker(event):
-        # After the first batch is committed: SIGKILL a worker that has batches in hand.
-        if killed or event.stage != "extract" or event.done == 0:
-            return
-        busy = {address: keys for address, keys in client.processing().items() if keys and address in before}
-        assert busy, "no worker had a batch in hand: the run finished before it could be disrupted"
-        address = sorted(busy)[0]
-        killed.update(address=address, pid=before[address], batches=len(busy[address]), at=event.done)
-        os.kill(before[address], signal.SIGKILL)
-
-    dataset = scan(data, cache_dir=cache)
-    result = extract(dataset, TINY, cache, batch_size=1, executor=dask_executor, progress=kill_a_busy_worker)
-    assert killed and killed["batches"] >= 1 and killed["at"] < 40, killed
-    assert (result.extracted, result.failed) == (40, [])
-
-    # exactly one shard per planned batch, whole, and nothing half-written left behind
-    store = open_stores(TINY, cache).originals
-    planned = plan_batches({h: [h] for h in set(dataset.frame["hash"])}, 1)
-    assert sorted(_shards(store)) == sorted(b.shard_name for b in planned)
-    assert store.verify() == [] and len(store.keys()) == 40
-    assert _leftovers(cache) == []
-    local_cache = tmp_path / "local"
-    extract(scan(data, cache_dir=local_cache), TINY, local_cache, batch_size=1)
-    _assert_same_stores(open_stores(TINY, local_cache), open_stores(TINY, cache))
-
-    # the nanny replaced the killed process; later tests get two workers again
-    client.wait_for_workers(2, timeout=120)
-    assert killed["pid"] not in client.run(os.getpid).values()
-
-
 def test_cv_through_the_dask_backend_scores_exactly_like_local(image_tree, tmp_path, dask_executor):
     cache = tmp_path / "cache"
     dataset = scan(image_tree, cache_dir=cache)
@@ -199,6 +161,44 @@ def test_an_unreachable_scheduler_and_conflicting_options_are_clear_errors(image
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--scheduler and --workers exclude each other" in lines[0]
+
+
+def test_a_worker_killed_mid_extract_is_survived_with_one_shard_per_batch(tmp_path, dask_executor):
+    data = _tree(tmp_path / "data", 30)          # 30 one-image batches: under the store's compaction threshold
+    cache = tmp_path / "cache"
+    client = dask_executor.client
+    client.wait_for_workers(2, timeout=120)
+    before = client.run(os.getpid)
+    killed = {}
+
+    def kill_a_busy_worker(event):
+        # After the first batch is committed: SIGKILL a worker that has batches in hand.
+        if killed or event.stage != "extract" or event.done == 0:
+            return
+        busy = {address: keys for address, keys in client.processing().items() if keys and address in before}
+        assert busy, "no worker had a batch in hand: the run finished before it could be disrupted"
+        address = sorted(busy)[0]
+        killed.update(address=address, pid=before[address], batches=len(busy[address]), at=event.done)
+        os.kill(before[address], signal.SIGKILL)
+
+    dataset = scan(data, cache_dir=cache)
+    result = extract(dataset, TINY, cache, batch_size=1, executor=dask_executor, progress=kill_a_busy_worker)
+    assert killed and killed["batches"] >= 1 and killed["at"] < 30, killed
+    assert (result.extracted, result.failed) == (30, [])
+
+    # exactly one shard per planned batch, whole, and nothing half-written left behind
+    store = open_stores(TINY, cache).originals
+    planned = plan_batches({h: [h] for h in set(dataset.frame["hash"])}, 1)
+    assert sorted(_shards(store)) == sorted(b.shard_name for b in planned)
+    assert store.verify() == [] and len(store.keys()) == 30
+    assert _leftovers(cache) == []
+    local_cache = tmp_path / "local"
+    extract(scan(data, cache_dir=local_cache), TINY, local_cache, batch_size=1)
+    _assert_same_stores(open_stores(TINY, local_cache), open_stores(TINY, cache))
+
+    # the nanny replaced the killed process (this test runs last: the new one still has to import TensorFlow)
+    client.wait_for_workers(2, timeout=120)
+    assert killed["pid"] not in client.run(os.getpid).values()
 
 
 CHILD = "import tests.tiny_backbone; from featurepipe.cli import main; main()"
