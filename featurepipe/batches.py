@@ -199,6 +199,9 @@ def _inference(job: BatchJob, gpu_slot: Optional[int], tf_threads: int) -> tuple
                 import importlib
 
                 importlib.import_module(job.registry_module)
+            if job.spec.name not in BACKBONES:
+                raise BackboneError(f"backbone {job.spec.name!r} is registered in {job.registry_module}, which "
+                                    f"does not register it on a worker; register it in an importable module")
         if job.spec.weights not in ("imagenet", "random") and not Path(job.spec.weights).expanduser().is_file():
             raise BackboneError(f"weights file {job.spec.weights} does not exist on worker {socket.gethostname()}; "
                                 f"workers need the same path (a shared filesystem, or a copy at that path)")

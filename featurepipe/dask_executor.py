@@ -39,6 +39,8 @@ def _task(job, batch, paths, tf_threads: int, pin_gpus: bool) -> BatchOutcome:
 
 
 class DaskExecutor(Executor):
+    remote = True
+
     def __init__(self, client: Client, cluster: Optional[LocalCluster] = None, tf_threads: int = 0,
                  pin_gpus: bool = False, config=None):
         self.client = client

@@ -32,6 +32,7 @@ SCHEDULER_ENV = "FEATUREPIPE_SCHEDULER"
 class Executor:
     name = "local"
     workers = 1
+    remote = False      # True: batches run in other processes, which publish shards into the stores' incoming/
 
     def map_batches(self, job: BatchJob, batches: Sequence[Batch], paths: Mapping[str, str]
                     ) -> Iterator[BatchOutcome]:

@@ -20,7 +20,7 @@ from featurepipe.backbones.fingerprint import backbone_fingerprint, views_finger
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.batches import BatchJob, plan_batches, view_key
 from featurepipe.dataset import Dataset
-from featurepipe.executor import Executor, LocalExecutor, current_executor
+from featurepipe.executor import Executor, current_executor
 from featurepipe.images import AugmentPolicy
 from featurepipe.paths import cache_root, features_dir
 from featurepipe.progress import ProgressCallback, report
@@ -50,7 +50,7 @@ class ExtractReport:
     views_store_dir: Optional[str] = None
     seconds: float = 0.0
     build_seconds: float = 0.0       # of `seconds`, spent building the model (0 when nothing was missing)
-    executor: str = "local"          # where the batches ran (featurepipe.executor)
+    executor: str = "local"          # the executor this call used (featurepipe.executor)
 
     @property
     def images_per_second(self) -> float:
@@ -120,7 +120,7 @@ def extract(
     result = ExtractReport(
         backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
         feature_dim=stores.originals.feature_dim or 0, images=len(first_path), extracted=0, reused=0,
-        views_per_image=augment,
+        views_per_image=augment, executor=executor.name,
         views_fingerprint=stores.views.fingerprint if stores.views else None,
         views_store_dir=str(stores.views.directory) if stores.views else None,
     )
@@ -172,7 +172,7 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
         return
     batches = {batch.id: batch for batch in plan_batches(todo, batch_size)}
     for store in (stores.originals, stores.views):
-        if store is not None and not isinstance(executor, LocalExecutor):
+        if store is not None and executor.remote:
             store.incoming.mkdir(exist_ok=True)
     spec = stores.spec
     job = BatchJob(
@@ -183,9 +183,8 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
         registry_module=_registry_module(spec.name),
     )
     paths_by_hash = dataset.frame.groupby("hash")["path"].apply(list).to_dict()
-    report(progress, "extract", 0, len(todo), f"building {spec.name}" if isinstance(executor, LocalExecutor)
-           else f"{len(batches)} batches on {executor.name}")
-    result.executor = executor.name
+    report(progress, "extract", 0, len(todo), f"{len(batches)} batches on {executor.name}" if executor.remote
+           else f"building {spec.name}")
     done = 0
     for outcome in executor.map_batches(job, list(batches.values()), {h: first_path[h] for h in todo}):
         batch = batches[outcome.batch_id]
