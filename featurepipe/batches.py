@@ -129,10 +129,12 @@ def infer_parts(decoded: list[tuple[str, np.ndarray]], infer: Callable, chunk: i
     blocks = [np.asarray(infer(np.stack([image for _, image in decoded[i:i + chunk]])), dtype=np.float32)
               for i in range(0, len(decoded), chunk)]
     features = np.concatenate(blocks)
-    originals = [i for i, k in enumerate(keys) if not is_view_key(k)]
-    views = [i for i, k in enumerate(keys) if is_view_key(k)]
-    part = lambda rows: BatchPart([keys[i] for i in rows], features[rows]) if rows else None  # noqa: E731
-    return part(originals), part(views)
+
+    def part(rows: list[int]) -> Optional[BatchPart]:
+        return BatchPart([keys[i] for i in rows], features[rows]) if rows else None
+
+    return (part([i for i, k in enumerate(keys) if not is_view_key(k)]),
+            part([i for i, k in enumerate(keys) if is_view_key(k)]))
 
 
 # ---- the worker side ----------------------------------------------------------------------------
