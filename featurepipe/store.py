@@ -403,13 +403,12 @@ class StoreWriter:
         for path in sorted(store.incoming.glob("*.h5")):
             try:
                 shard_keys, _ = store._read_shard(path)
-            except StoreCorruptError:
-                path.unlink(missing_ok=True)
-                continue
-            if set(shard_keys.tolist()) <= store.keys():
-                path.unlink(missing_ok=True)
-            else:
-                self.commit_published(path)
+                if not set(shard_keys.tolist()) <= store.keys():
+                    self.commit_published(path)
+                    continue
+            except StoreError:
+                pass          # damaged, or features of other dims: not rows of this store
+            path.unlink(missing_ok=True)
 
 
 def list_stores(features_root: Path) -> list[FeatureStore]:

@@ -105,6 +105,7 @@ def test_a_writer_settles_what_workers_left_in_incoming(store):
     publish_shard(store.incoming, "batch-dup.h5", ["done"], features)             # rows already committed
     (store.incoming / "batch-torn.h5").write_bytes(b"\x89HDF\r\n half a file")     # cannot happen, but
     (store.incoming / ".tmp-1234abcd-batch-9.h5").write_bytes(b"partial")          # a worker killed mid-write
+    publish_shard(store.incoming, "batch-alien.h5", ["alien"], np.ones((1, 7), np.float32))   # other dims
     with store.writer():
         pass
     assert list(store.incoming.iterdir()) == []
