@@ -76,6 +76,17 @@ def _assert_same_stores(spec_stores_a, spec_stores_b):
             np.testing.assert_allclose(shards_b[name][1], features, rtol=0, atol=1e-5)
 
 
+def test_the_cluster_we_start_listens_on_localhost_only(dask_executor):
+    import psutil
+
+    here = psutil.Process(os.getpid())
+    listening = [(p.pid, c.laddr.ip) for p in [here, *here.children(recursive=True)]
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    workers = set(dask_executor.client.run(os.getpid).values())
+    assert workers <= {pid for pid, _ in listening} and len(workers) == 2     # scheduler + nannies live here
+    assert {ip for _, ip in listening} == {"127.0.0.1"}, listening
+
+
 def test_distributed_extract_equals_local_shard_for_shard(image_tree, tmp_path, dask_executor):
     (image_tree / "red" / "broken.png").write_text("<html>not an image</html>")
     (image_tree / "blue" / "copy.png").write_bytes((image_tree / "blue" / "blue0.png").read_bytes())
