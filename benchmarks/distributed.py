@@ -61,6 +61,7 @@ class Recording(Executor):
     def __init__(self, inner: Executor):
         self.inner = inner
         self.name = inner.name
+        self.remote = inner.remote
         self.outcomes = []
         self.driver_seconds = []
 

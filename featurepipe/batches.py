@@ -224,6 +224,10 @@ def run_batch(job: BatchJob, batch: Batch, paths: Mapping[str, str], gpu_slot: O
 
     Safe to run twice (a retry after a lost worker): the shard names are the batch's, and
     publishing never replaces a shard already there."""
+    for incoming in (job.originals_incoming, job.views_incoming):
+        if incoming is not None and not Path(incoming).is_dir():
+            raise StoreError(f"{incoming} does not exist on worker {socket.gethostname()}; workers must see the "
+                             f"cache directory at the same path as the driver (a shared filesystem)")
     infer, build_seconds = _inference(job, gpu_slot, tf_threads)
     started = time.perf_counter()
     decoded: list[tuple[str, np.ndarray]] = []

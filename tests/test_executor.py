@@ -145,14 +145,25 @@ def test_run_batch_publishes_the_same_rows_as_a_local_extract(image_tree, tmp_pa
 def test_a_worker_that_cannot_see_a_file_fails_loudly_instead_of_recording_a_bad_image(image_tree, tmp_path):
     cache = tmp_path / "cache"
     stores = open_stores(TINY, cache)
+    stores.originals.incoming.mkdir()
     (batch,) = plan_batches({"h1": ["h1"]}, 1)
     with pytest.raises(DatasetError, match="does not exist on worker .* shared"):
         run_batch(_job(cache, stores), batch, {"h1": str(tmp_path / "elsewhere.png")})
 
 
+def test_a_worker_that_cannot_see_the_cache_says_so(image_tree, tmp_path):
+    cache = tmp_path / "cache"
+    stores = open_stores(TINY, cache)          # no incoming/: as on a worker without the shared filesystem
+    path = make_image(tmp_path / "one.png", (1, 2, 3), seed=1)
+    (batch,) = plan_batches({"h1": ["h1"]}, 1)
+    with pytest.raises(StoreError, match="incoming does not exist on worker .* same path"):
+        run_batch(_job(cache, stores), batch, {"h1": str(path)})
+
+
 def test_a_worker_with_other_library_versions_refuses_to_compute(image_tree, tmp_path):
     cache = tmp_path / "cache"
     stores = open_stores(TINY, cache)
+    stores.originals.incoming.mkdir()
     payload = {**stores.originals.payload, "versions": {**stores.originals.payload["versions"], "keras": "0.0.1"}}
     path = make_image(tmp_path / "one.png", (1, 2, 3), seed=1)
     (batch,) = plan_batches({"h1": ["h1"]}, 1)
