@@ -108,7 +108,7 @@ class DaskExecutor(Executor):
                     yield future.result()
                 except distributed.KilledWorker as error:
                     raise FeaturepipeError(
-                        f"batch {futures[future].id} was running on every worker that died ({error}); "
+                        f"the workers running batch {futures[future].id} kept dying ({error}); "
                         f"a worker may be running out of memory (try a smaller --batch-size); the batches "
                         f"already stored are kept and a re-run only extracts what is missing"
                     ) from None
