@@ -77,9 +77,9 @@ _SEED_LOCK = threading.Lock()
 def _private_seed_draws(seed: int):
     """Keras seeds every initializer from Python's global `random` (make_default_seed in
     keras.src.random.seed_generator), so another thread using `random` during a build (the event
-    loop of a Dask worker or client does: tornado's jittered timers) changes a weights="random"
-    model. While building, Keras draws from a private random.Random(seed) instead: the very numbers
-    the global generator gives after set_random_seed(seed) in a quiet process."""
+    loop of a Dask worker or client does) changes a weights="random" model. While building, Keras
+    draws from a private random.Random(seed) instead: the very numbers the global generator gives
+    after set_random_seed(seed) in a quiet process."""
     try:
         from keras.src.random import seed_generator
     except ImportError:      # another Keras layout: nothing to isolate (the single-threaded case is unchanged)
