@@ -41,6 +41,10 @@ Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {pa
 Tta = typer.Option(False, "--tta", help="Average each validation image over its augmented views.")
 Jobs = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs).")
 RunDir = typer.Option(None, "--run-dir")
+# Scaling out (featurepipe.executor); both need `pip install 'featurepipe[dask]'`.
+Scheduler = typer.Option(None, "--scheduler", help="Run on this Dask scheduler, e.g. tcp://host:8786 "
+                         "(default: $FEATUREPIPE_SCHEDULER; none: this process).")
+Workers = typer.Option(None, "--workers", help="Start a Dask LocalCluster of N worker processes for this run.")
 
 
 @app.callback()
@@ -100,17 +104,20 @@ def extract(
                                   "speed-up; features ~1e-3 apart, kept in their own store)."),
     lock_timeout: float = typer.Option(600.0, "--lock-timeout"),
     cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,
+    scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
 ) -> None:
     """Run the frozen base over every image not yet in the cache and store its features."""
     from featurepipe import render
     from featurepipe.dataset import scan
+    from featurepipe.executor import executor_scope
     from featurepipe.extract import extract as run_extract
     from featurepipe.paths import cache_root
 
     try:
         spec = _spec(backbone, image_size, layer, pooling, weights, resize, seed)
         root = cache_root(cache_dir)
-        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
+                executor_scope(scheduler, workers):
             dataset = scan(data, cache_dir=root, progress=progress)
             result = run_extract(dataset, spec, root, augment=augment, augment_seed=augment_seed,
                                  batch_size=batch_size, lock_timeout=lock_timeout, progress=progress,
@@ -158,17 +165,20 @@ def evaluate(
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
+    scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
 ) -> None:
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
     from featurepipe import render
     from featurepipe.dataset import load_groups, scan
+    from featurepipe.executor import executor_scope
     from featurepipe.evaluate import evaluate as run_evaluate, parse_grid
     from featurepipe.paths import cache_root
 
     try:
         specs = _search_specs(backbone, resize, True, image_size, layer, pooling, weights)
         root = cache_root(cache_dir)
-        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
+                executor_scope(scheduler, workers):
             dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
             if groups_from is not None:
                 dataset = load_groups(dataset, groups_from)
@@ -389,16 +399,19 @@ def run_all(
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
+    scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
 ) -> None:
     """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
     from featurepipe import render
     from featurepipe.evaluate import SEARCH_HEADS, parse_grid
+    from featurepipe.executor import executor_scope
     from featurepipe.paths import cache_root
     from featurepipe.pipeline import run as run_pipeline
 
     try:
         specs = _search_specs(backbone, resize, quick, image_size, layer, pooling, weights)
-        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
+                executor_scope(scheduler, workers):
             result = run_pipeline(data, specs[0], cache_root(cache_dir),
                                   heads=_head_names(heads) if heads else SEARCH_HEADS,
                                   folds=folds, repeats=repeats, seed=seed, augment=augment, tta=tta, finetune=finetune,

@@ -1,29 +1,28 @@
 """Stage `extract`: Dataset x BackboneSpec -> FeatureStore, running the frozen base once per image.
 
-Only images whose content hash is missing from the store are decoded and run; each full batch is
-committed as its own shard, so a killed run loses at most one batch. Decoding runs in threads
-ahead of inference so the model never waits for pixels.
+Only images whose content hash is missing from the store are decoded and run; the missing hashes are
+cut into batches (featurepipe.batches.plan_batches) and each batch is committed as its own shard,
+so a killed run loses at most the batches in flight. Batches run on an executor: this process by
+default, where decoding runs in threads ahead of inference so the model never waits for pixels, or
+a Dask cluster (featurepipe.executor).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from featurepipe import refs
-from featurepipe.backbones.accel import check_precision
 from featurepipe.backbones.fingerprint import backbone_fingerprint, views_fingerprint
+from featurepipe.backbones.accel import check_precision
 from featurepipe.backbones.spec import BackboneSpec, hash_payload
+from featurepipe.batches import BatchJob, plan_batches, view_key
 from featurepipe.dataset import Dataset
-from featurepipe.errors import ImageDecodeError
-from featurepipe.images import AugmentPolicy, augment_image, decode_image, view_rng
+from featurepipe.executor import Executor, current_executor
+from featurepipe.images import AugmentPolicy
 from featurepipe.paths import cache_root, features_dir
 from featurepipe.progress import ProgressCallback, report
 from featurepipe.store import FeatureStore
@@ -52,6 +51,7 @@ class ExtractReport:
     views_store_dir: Optional[str] = None
     seconds: float = 0.0
     build_seconds: float = 0.0       # of `seconds`, spent building the model (0 when nothing was missing)
+    executor: str = "local"          # the executor this call used (featurepipe.executor)
     batch_size: int = 0              # images per model call (auto-chosen unless given; 0: no model ran)
     precision: str = "float32"       # Keras dtype policy the base ran under
 
@@ -78,10 +78,6 @@ class FeatureStores:
 
     def view_keys(self, content_hash: str) -> list[str]:
         return [view_key(content_hash, k) for k in range(self.augment)]
-
-
-def view_key(content_hash: str, view_index: int) -> str:
-    return f"{content_hash}@{view_index}"
 
 
 def open_stores(spec: BackboneSpec, root: Path, augment: int = 0, policy: Optional[AugmentPolicy] = None,
@@ -112,11 +108,15 @@ def extract(
     decode_threads: Optional[int] = None,
     lock_timeout: float = 600.0,
     progress: Optional[ProgressCallback] = None,
+    executor: Optional[Executor] = None,
     precision: str = "float32",
 ) -> ExtractReport:
-    """batch_size None: 32 on a CPU, the largest of 256/128/64/32 that fits on a GPU (see accel).
+    """Extract what is missing; batches run on EXECUTOR (default: the current one, see
+    featurepipe.executor), and only this process commits them to the store.
+    batch_size None: 32 on a CPU, the largest of 256/128/64/32 that fits on a GPU (see accel).
     precision: a Keras dtype policy ("mixed_float16" is ~2x faster on recent GPUs), stored apart."""
     started = time.perf_counter()
+    executor = executor or current_executor()
     root = cache_root(cache_dir)
     stores = open_stores(spec, root, augment, augment_policy, augment_seed, precision)
     spec = stores.spec
@@ -130,7 +130,7 @@ def extract(
     result = ExtractReport(
         backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
         feature_dim=stores.originals.feature_dim or 0, images=len(first_path), extracted=0, reused=0,
-        views_per_image=augment,
+        views_per_image=augment, executor=executor.name,
         views_fingerprint=stores.views.fingerprint if stores.views else None,
         views_store_dir=str(stores.views.directory) if stores.views else None, precision=precision,
     )
@@ -142,10 +142,10 @@ def extract(
             if stores.views is not None:
                 with stores.views.writer(timeout=lock_timeout) as views_writer:
                     _run(dataset, stores, first_path, original_writer, views_writer, batch_size,
-                         decode_threads, augment_seed, result, progress, root, precision)
+                         decode_threads, augment_seed, result, progress, root, executor)
             else:
                 _run(dataset, stores, first_path, original_writer, None, batch_size,
-                     decode_threads, augment_seed, result, progress, root, precision)
+                     decode_threads, augment_seed, result, progress, root, executor)
     result.reused = originals_present
     result.views_reused = views_present
     result.feature_dim = stores.originals.feature_dim or 0
@@ -172,87 +172,62 @@ def _pending(stores: FeatureStores, first_path: dict[str, str]) -> dict[str, lis
     return todo
 
 
-def _decode_item(path: str, content_hash: str, keys: list[str], stores: FeatureStores,
-                 augment_seed: int) -> list[tuple[str, np.ndarray]]:
-    spec = stores.spec
-    image = decode_image(path, spec.image_size, spec.resize)
-    out = []
-    for key in keys:
-        if "@" in key:
-            view_index = int(key.rsplit("@", 1)[1])
-            out.append((key, augment_image(image, stores.policy, view_rng(content_hash, view_index, augment_seed))))
-        else:
-            out.append((key, image))
-    return out
-
-
 def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], original_writer,
-         views_writer, batch_size: Optional[int], decode_threads: Optional[int], augment_seed: int,
-         result: ExtractReport, progress: Optional[ProgressCallback], root: Path, precision: str = "float32") -> None:
-    from featurepipe.backbones.accel import auto_batch_size, default_decode_threads, precision_policy
-    from featurepipe.backbones.build import build_feature_model, inference_function
-
+         views_writer, batch_size: int, decode_threads: Optional[int], augment_seed: int,
+         result: ExtractReport, progress: Optional[ProgressCallback], root: Path, executor: Executor) -> None:
     # Another process may have finished some of this work while we waited for the lock.
     known_failures = stores.originals.failures()
     todo = {h: keys for h, keys in _pending(stores, first_path).items() if h not in known_failures}
     if not todo:
         return
-    report(progress, "extract", 0, len(todo), f"building {stores.spec.name}")
-    build_started = time.perf_counter()
-    with precision_policy(precision):
-        infer = inference_function(build_feature_model(stores.spec, root), stores.spec.image_size)
-    batch_size = batch_size or auto_batch_size(infer, stores.spec.image_size, len(todo))
-    result.batch_size = batch_size
-    result.build_seconds = time.perf_counter() - build_started
-    threads = decode_threads or default_decode_threads()
-    lookahead = max(2 * batch_size, 8)
-    pending_keys: list[str] = []
-    pending_images: list[np.ndarray] = []
+    # Shards (the batches) hold a fixed number of images so that local and distributed runs agree;
+    # how many go through the model at once (chunk) is the executor's to choose when not given.
+    batches = {batch.id: batch for batch in plan_batches(todo, batch_size or PLAN_BATCH)}
+    for store in (stores.originals, stores.views):
+        if store is not None and executor.remote:
+            store.incoming.mkdir(exist_ok=True)
+    spec = stores.spec
+    job = BatchJob(
+        spec=spec, root=str(root), payload=stores.originals.payload,
+        originals_incoming=str(stores.originals.incoming),
+        views_incoming=str(stores.views.incoming) if stores.views is not None else None,
+        policy=stores.policy, augment_seed=augment_seed, chunk=batch_size or 0, decode_threads=decode_threads or 0,
+        precision=result.precision,
+        registry_module=_registry_module(spec.name),
+    )
+    paths_by_hash = dataset.frame.groupby("hash")["path"].apply(list).to_dict()
+    report(progress, "extract", 0, len(todo), f"{len(batches)} batches on {executor.name}" if executor.remote
+           else f"building {spec.name}")
     done = 0
-
-    def flush() -> None:
-        if not pending_keys:
-            return
-        features = np.asarray(infer(np.stack(pending_images)), dtype=np.float32)
-        originals = [i for i, k in enumerate(pending_keys) if "@" not in k]
-        views = [i for i, k in enumerate(pending_keys) if "@" in k]
-        original_writer.add([pending_keys[i] for i in originals], features[originals])
-        if views:
-            views_writer.add([pending_keys[i] for i in views], features[views])
-        result.extracted += len(originals)
-        result.views_extracted += len(views)
-        pending_keys.clear()
-        pending_images.clear()
-
-    items = iter(todo.items())
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        queue: deque[tuple[str, list[str], Future]] = deque()
-
-        def refill() -> None:
-            while len(queue) < lookahead:
-                try:
-                    content_hash, keys = next(items)
-                except StopIteration:
-                    return
-                queue.append((content_hash, keys, pool.submit(
-                    _decode_item, first_path[content_hash], content_hash, keys, stores, augment_seed)))
-
-        refill()
-        while queue:
-            content_hash, keys, future = queue.popleft()
-            refill()
-            try:
-                for key, image in future.result():
-                    pending_keys.append(key)
-                    pending_images.append(image)
-            except ImageDecodeError as error:
-                original_writer.add_failures({content_hash: error.reason})
-                # Looked up per failure (rare): a path map of every image costs memory at 70,000 images.
-                for path in _paths_of(dataset, content_hash):
-                    result.failed.append(FailedImage(path, error.reason))
-            done += 1
-            if len(pending_keys) >= batch_size:
-                flush()
-                report(progress, "extract", done, len(todo), "")
-        flush()
+    for outcome in executor.map_batches(job, list(batches.values()), {h: first_path[h] for h in todo}):
+        batch = batches[outcome.batch_id]
+        for part, writer in ((outcome.originals, original_writer), (outcome.views, views_writer)):
+            if part is None:
+                continue
+            if part.published is not None:
+                writer.commit_published(Path(part.published), part.keys)
+            else:
+                writer.add(part.keys, part.features, name=batch.shard_name)
+        if outcome.failures:
+            original_writer.add_failures(outcome.failures)
+            for content_hash, reason in outcome.failures.items():
+                result.failed += [FailedImage(path, reason) for path in paths_by_hash[content_hash]]
+        result.extracted += len(outcome.originals.keys) if outcome.originals else 0
+        result.views_extracted += len(outcome.views.keys) if outcome.views else 0
+        # Workers build in parallel: the longest build is what the run waited for.
+        result.build_seconds = max(result.build_seconds, outcome.build_seconds)
+        result.batch_size = outcome.chunk or result.batch_size
+        done += len(batch.items)
         report(progress, "extract", done, len(todo), "")
+
+
+PLAN_BATCH = 32   # images per batch (shard) when --batch-size is not given
+
+
+def _registry_module(name: str) -> Optional[str]:
+    """The module that registers backbone NAME when it is not one of featurepipe's own (a plugin, or
+    the tests' tiny one): workers import it, since a registry entry is not something to pickle."""
+    from featurepipe.backbones.registry import get_backbone
+
+    module = get_backbone(name).builder.__module__
+    return None if module.startswith("featurepipe.") else module

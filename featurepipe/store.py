@@ -4,13 +4,21 @@ Layout (readable with plain h5py; see the README):
 
     <cache>/features/<fingerprint[:16]>/
         spec.json                 fingerprint, the payload it hashes, feature_dim
-        shards/<seq>.h5           datasets "keys" (n,) UTF-8 strings and "features" (n, d) float32;
-                                  attribute "sha256" = sha256(keys bytes + features bytes)
+        shards/<name>.h5          datasets "keys" (n,) UTF-8 strings and "features" (n, d) float32;
+                                  attribute "sha256" = sha256(keys bytes + features bytes);
+                                  <name> is "batch-<id>" for an extract batch (featurepipe.batches),
+                                  a timestamp for anything else (a compaction)
+        incoming/<name>.h5        shards published by distributed workers, not yet committed
         .lock                     writers hold an exclusive flock on it
 
 Each committed batch is one shard written to a temporary name, fsynced and renamed into place,
 so a process killed at any moment leaves only whole shards (plus a stray temporary file that the
 next writer deletes). Rows are keyed by image content hash (or "hash@view" for augmented views).
+
+The index is the set of files in shards/: whatever sits there is committed. Distributed workers
+therefore never write there: they publish into incoming/ and only the process holding the writer
+lock (the driver) moves a checked shard into shards/. The lock is an flock, which is not to be
+trusted across hosts on NFS: a store must have ONE driver at a time; workers never take the lock.
 """
 
 from __future__ import annotations
@@ -54,6 +62,48 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_h5(path: Path, keys: np.ndarray, features: np.ndarray) -> None:
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("keys", data=keys, dtype=_STRING)
+        handle.create_dataset("features", data=features)
+        handle.attrs["sha256"] = _shard_digest(keys, features)
+        handle.attrs["schema_version"] = SCHEMA_VERSION
+    with open(path, "rb") as raw:
+        os.fsync(raw.fileno())
+
+
+def publish_shard(directory: Path, name: str, keys: list[str], features: np.ndarray) -> bool:
+    """Write one shard as DIRECTORY/NAME, never clobbering: False when NAME already existed.
+
+    The file is written under a temporary name unique to this attempt, fsynced, then hard-linked
+    to NAME, which fails atomically if another attempt (a retried task whose first run was not
+    dead after all) got there first; that copy is then discarded. Either way NAME ends up whole.
+    """
+    directory = Path(directory)
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if features.ndim != 2 or features.shape[0] != len(keys):
+        raise StoreError(f"features of shape {features.shape} do not match {len(keys)} keys")
+    final = directory / name
+    tmp = directory / f".tmp-{uuid.uuid4().hex[:8]}-{name}"
+    try:
+        _write_h5(tmp, np.asarray(keys, dtype=object), features)
+        try:
+            os.link(tmp, final)
+            published = True
+        except FileExistsError:
+            published = False
+        except OSError:
+            # A filesystem without hard links: a checked rename. Two attempts racing here both
+            # hold the same whole shard, so whichever rename wins leaves a complete file.
+            published = not final.exists()
+            if published:
+                os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(directory)
+    return published
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -114,6 +164,11 @@ class FeatureStore:
                 f"delete that folder and run extract again"
             )
         return store
+
+    @property
+    def incoming(self) -> Path:
+        """Where distributed workers publish shards for the driver to commit (see the module doc)."""
+        return self.directory / "incoming"
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -250,7 +305,9 @@ class FeatureStore:
                 stray.unlink(missing_ok=True)
             self._index = None
             writer = StoreWriter(self)
+            writer.adopt_incoming()
             yield writer
+            writer.adopt_incoming()
             if len(self._shard_paths()) > COMPACT_AT:
                 self._compact()
         finally:
@@ -258,32 +315,25 @@ class FeatureStore:
             handle.close()
             self._index = None
 
-    def _write_shard(self, keys: list[str], features: np.ndarray) -> Path:
+    def _write_shard(self, keys: list[str], features: np.ndarray, name: Optional[str] = None) -> bool:
+        """Write and commit one shard; False when a shard of that NAME was already committed."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[0] != len(keys):
             raise StoreError(f"features of shape {features.shape} do not match {len(keys)} keys")
+        self._check_dim(features.shape[1])
+        shards = self.directory / "shards"
+        name = name or f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
+        return publish_shard(shards, name, keys, features)
+
+    def _check_dim(self, dim: int) -> None:
+        """The first shard fixes the store's feature_dim; every later one must match it."""
         if self.feature_dim is None:
-            self.feature_dim = int(features.shape[1])
+            self.feature_dim = int(dim)
             spec = json.loads((self.directory / "spec.json").read_text())
             spec["feature_dim"] = self.feature_dim
             _write_json_atomic(self.directory / "spec.json", spec)
-        elif features.shape[1] != self.feature_dim:
-            raise StoreError(f"features have {features.shape[1]} dims; {self.directory} holds {self.feature_dim}")
-        key_array = np.asarray(keys, dtype=object)
-        shards = self.directory / "shards"
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
-        tmp = shards / f".tmp-{name}"
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("keys", data=key_array, dtype=_STRING)
-            handle.create_dataset("features", data=features)
-            handle.attrs["sha256"] = _shard_digest(key_array, features)
-            handle.attrs["schema_version"] = SCHEMA_VERSION
-        with open(tmp, "rb") as raw:
-            os.fsync(raw.fileno())
-        final = shards / name
-        os.replace(tmp, final)
-        _fsync_dir(shards)
-        return final
+        elif dim != self.feature_dim:
+            raise StoreError(f"features have {dim} dims; {self.directory} holds {self.feature_dim}")
 
     def shard_rows(self) -> int:
         """Rows per compacted shard: SHARD_BYTES of float32 features (at least MIN_SHARD_ROWS rows)."""
@@ -381,11 +431,55 @@ class StoreWriter:
         if failures:
             _write_json_atomic(self._store.directory / "failed.json", {**self._store.failures(), **failures})
 
-    def add(self, keys: list[str], features: np.ndarray) -> None:
-        """Commit one batch as one shard: after this returns the rows survive any crash."""
-        if keys:
-            self._store._write_shard(keys, features)
+    def add(self, keys: list[str], features: np.ndarray, name: Optional[str] = None) -> None:
+        """Commit one batch as one shard (named NAME, e.g. its batch's): after this returns the rows
+        survive any crash. A shard of that name already committed is kept and this copy dropped."""
+        if keys and self._store._write_shard(keys, features, name):
             self.rows_written += len(keys)
+
+    def commit_published(self, path: Path, keys: Optional[list[str]] = None) -> int:
+        """Move a shard a worker published (in the store's incoming/) into the index; returns its rows.
+
+        The shard is checked first: its checksum, its feature dims, and when KEYS is given that it
+        holds exactly those rows in that order (what its batch planned). A shard of the same name
+        already committed wins; the published copy is dropped."""
+        store = self._store
+        path = Path(path)
+        if path.parent.resolve() != store.incoming.resolve():
+            raise StoreError(f"{path} is not in {store.incoming}; only published shards can be committed")
+        shard_keys, features = store._read_shard(path)
+        if keys is not None and shard_keys.tolist() != list(keys):
+            raise StoreCorruptError(f"{path} does not hold the rows its batch planned ({len(shard_keys)} rows, "
+                                    f"{len(keys)} expected); delete it and run extract again")
+        store._check_dim(features.shape[1])
+        final = store.directory / "shards" / path.name
+        if final.exists():
+            path.unlink()
+        else:
+            os.replace(path, final)
+            self.rows_written += len(shard_keys)
+        _fsync_dir(final.parent)
+        store._index = None
+        return len(shard_keys)
+
+    def adopt_incoming(self) -> None:
+        """Settle what workers left in incoming/: half-written temporaries are deleted, whole shards
+        whose rows the store lacks are committed (a driver that died after its workers published),
+        the rest (damaged, or rows already committed) deleted. Runs whenever a writer starts and ends."""
+        store = self._store
+        if not store.incoming.is_dir():
+            return
+        for stray in store.incoming.glob(".tmp-*"):
+            stray.unlink(missing_ok=True)
+        for path in sorted(store.incoming.glob("*.h5")):
+            try:
+                shard_keys, _ = store._read_shard(path)
+                if not set(shard_keys.tolist()) <= store.keys():
+                    self.commit_published(path)
+                    continue
+            except StoreError:
+                pass          # damaged, or features of other dims: not rows of this store
+            path.unlink(missing_ok=True)
 
 
 def list_stores(features_root: Path) -> list[FeatureStore]:

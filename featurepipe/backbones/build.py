@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +56,8 @@ def build_base(info: BackboneInfo, spec: BackboneSpec, include_top: bool, cache_
                 raise _weights_unavailable(spec, error) from None
             raise
     keras.utils.set_random_seed(spec.seed)
-    model = info.builder(input_shape, include_top, None, cache_dir)
+    with _private_seed_draws(spec.seed):
+        model = info.builder(input_shape, include_top, None, cache_dir)
     if spec.weights != "random":
         path = Path(spec.weights).expanduser()
         try:
@@ -64,6 +68,33 @@ def build_base(info: BackboneInfo, spec: BackboneSpec, include_top: bool, cache_
                 f"same backbone and input layout (include_top={include_top})"
             ) from None
     return model
+
+
+_SEED_LOCK = threading.Lock()
+
+
+@contextmanager
+def _private_seed_draws(seed: int):
+    """Keras seeds every initializer from Python's global `random` (make_default_seed in
+    keras.src.random.seed_generator), so another thread using `random` during a build (the event
+    loop of a Dask worker or client does) changes a weights="random" model. While building, Keras
+    draws from a private random.Random(seed) instead: the very numbers the global generator gives
+    after set_random_seed(seed) in a quiet process."""
+    try:
+        from keras.src.random import seed_generator
+    except ImportError:      # another Keras layout: nothing to isolate (the single-threaded case is unchanged)
+        yield
+        return
+    if not hasattr(seed_generator, "python_random"):
+        yield
+        return
+    with _SEED_LOCK:
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = shared
 
 
 # Layers that exist only in the ImageNet classifier on top of the conv base (include_top=True).
