@@ -4,19 +4,38 @@ The combined model starts as the evaluated head on the frozen base (checked nume
 training step), so fine-tuning never starts from a random head on an unfrozen base. Strategies:
 
 - ``head``: no training; the combined model is evaluated and saved (a one-file export).
-- ``top-blocks``: the top N blocks of the base (registry block boundaries) and the head train.
+- ``top-blocks`` (default): the top blocks of the base and the head train. How many registry
+  blocks "top" means is per backbone (default_unfreeze_blocks): the last two MBConv stages + head
+  conv for EfficientNet-Lite, block5 for VGG, conv5 for ResNet; --unfreeze-blocks overrides it.
 - ``fpt``: freeze, pre-train, fine-tune: the head alone trains end to end on augmented images at
   10x the rate for a few epochs, then the top blocks are unfrozen as in ``top-blocks``.
 - ``all``: every base layer trains (keep the rate small).
+
+Defaults (chosen by measurement, benchmarks/finetune_gain.py): AdamW (lr 1e-3, weight decay 1e-4),
+one warm-up epoch then a cosine decay to 0, label smoothing 0.1, at most 12 epochs with early
+stopping (patience 4) on the plain validation cross-entropy, the best epoch restored. The seeds'
+recipe (SGD 1e-4, momentum 0.9, constant rate, one block) stays available by options. Mixed
+precision and XLA are used on a GPU only.
 
 BatchNormalization layers stay frozen everywhere (non-trainable = inference mode in Keras 3) and
 the whole base runs with training=False (InferenceOnly wrapper): a few hundred images cannot
 re-estimate ImageNet batch statistics, and their drift would wreck the pre-trained features.
 
-Files under RUN_DIR/finetune/: split.json (train/validation images), state.json (options, for
---resume), history.csv, best.weights.h5 (best epoch by val_loss), backup/ (BackupAndRestore while
-training), finetuned.keras and summary.json; RUN_DIR/model.json marks the fine-tuned model as the
-run's model and RUN_DIR/logs holds TensorBoard logs (when tensorboard is installed).
+Honest before/after: the frozen head and the fine-tuned model score the SAME validation images
+(the dataset's validation split, or 20% of train held out, with the head refit without them) and
+finetune_compare decides, image by image, whether the change is beyond noise. Only then does the
+fine-tuned model become the run's model (RUN_DIR/model.json); otherwise the frozen best head stays
+the run's model and the summary says why. A test split is scored once at the end, never for a choice.
+
+A finished fine-tuning is reused when everything that changes it is unchanged (finetune_key:
+the best head, the images and labels, the options and seed, the backbone and library versions).
+
+Files under RUN_DIR/finetune/: split.json (train/validation/test images), state.json (options and
+key, for --resume), history.csv, best.weights.npz (best epoch), backup/ (crash-safe epoch backups
+while training, featurepipe.checkpoints), finetuned.keras, validation_predictions.csv (per image,
+before and after) and summary.json; RUN_DIR/logs holds TensorBoard logs (when tensorboard is
+installed). --resume continues from the last finished epoch after a kill at any point, and starts
+over (saying so) when there is nothing usable to continue from.
 
 Importing this module imports TensorFlow/Keras.
 """
