@@ -236,8 +236,7 @@ def finetune(
                             f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
                             f"{result.test['finetuned']['val_accuracy']:.3f}", highlight=False)
     if result.kept == "finetuned":
-        render.stdout.print(f"kept the fine-tuned model: {result.reason}
-model: {result.model_path}", highlight=False)
+        render.stdout.print(f"kept the fine-tuned model: {result.reason}\nmodel: {result.model_path}", highlight=False)
     else:
         render.console.print(f"[yellow]kept the frozen head:[/] {result.reason}", highlight=False)
 
