@@ -33,6 +33,7 @@ from tests.conftest import COLOURS, REPO, make_image
 
 SPEC = BackboneSpec(name="tiny", weights="random", image_size=32)
 FAST = dict(batch_size=8, lr=1e-3, seed=0)
+IMPROVE = dict(FAST, lr=1e-2, epochs=3)   # the `improving` run's options
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def improving(logreg_run, workdir, tmp_path_factory):
     stored = dataset_features(scan(workdir / "data", cache_dir=workdir / "cache"), open_stores(SPEC, workdir / "cache"))
     labels = stored.frame["label"].map({c: i for i, c in enumerate(sorted(COLOURS))}).to_numpy()
     save_head(make_head("logreg", meta["params"], seed=0).fit(stored.X, labels), run, meta)
-    return run, finetune(run, epochs=3, **FAST)
+    return run, finetune(run, **IMPROVE)
 
 
 @pytest.fixture(scope="module")
@@ -483,7 +484,7 @@ def predict_kind(run):
 def test_a_fine_tuning_that_pays_off_becomes_the_runs_model(improving):
     run, result = improving
     assert result.improved and result.kept == "finetuned"
-    assert result.after["val_loss"] < result.before["val_loss"]
+    assert result.after["val_loss"] < result.before["val_loss"] - 0.05
     assert result.decision["loss_change_interval"][1] < 0 and result.after["val_accuracy"] >= result.before["val_accuracy"]
     assert predict_kind(run) == "finetuned"
     rows = (run / "finetune" / "validation_predictions.csv").read_text().splitlines()
@@ -508,6 +509,9 @@ def test_the_decision_rule():
     jitter = sure + np.eye(2)[y] * shift - (1 - np.eye(2)[y]) * shift           # p_true 0.9 +- 0.05: noise
     assert not compare(y, sure, jitter)["improved"] and "no change beyond noise" in compare(y, sure, jitter)["reason"]
     surer = np.eye(2)[y] * 0.98 + 0.01
+    # A consistent but tiny loss fall (the 0.8265 -> 0.8259) is not an improvement.
+    hair = np.eye(2)[y] * 0.802 + 0.099
+    assert not compare(y, sure, hair)["improved"] and compare(y, sure, hair)["loss_change_interval"][1] < 0
     assert compare(y, sure, surer)["improved"] and not compare(y, surer, sure)["improved"]
     one_more = sure.copy()
     one_more[0] = one_more[0, ::-1]
@@ -520,12 +524,12 @@ def test_the_decision_rule():
 def test_rerun_with_nothing_changed_reuses_the_fine_tuned_model(improving):
     run, first = improving
     recorder = Recorder()
-    again = finetune(run, epochs=3, callbacks=[recorder], **FAST)
+    again = finetune(run, callbacks=[recorder], **IMPROVE)
     assert again.reused and recorder.epochs == [] and again.key == first.key and again.after == first.after
     # evaluate removes model.json when it rewrites a run; the reused result puts it back.
     (run / "model.json").unlink()
-    assert finetune(run, epochs=3, **FAST).reused and (run / "model.json").exists()
-    changed = finetune(run, epochs=3, callbacks=[recorder], **{**FAST, "seed": 1})
+    assert finetune(run, **IMPROVE).reused and (run / "model.json").exists()
+    changed = finetune(run, callbacks=[recorder], **{**IMPROVE, "seed": 1})
     assert not changed.reused and changed.key != first.key and recorder.epochs == [0, 1, 2]
 
 
