@@ -59,9 +59,15 @@ def mcnemar_p(gained: int, lost: int) -> float:
 
 def compare(y: np.ndarray, before: np.ndarray, after: np.ndarray, seed: int = 0) -> dict:
     """The decision and its evidence; see the module docstring."""
-    correct_b, loss_b = per_image(y, before)
-    correct_a, loss_a = per_image(y, after)
-    n = len(y)
+    return compare_per_image(*per_image(y, before), *per_image(y, after), seed=seed)
+
+
+def compare_per_image(correct_b: np.ndarray, loss_b: np.ndarray, correct_a: np.ndarray, loss_a: np.ndarray,
+                      seed: int = 0) -> dict:
+    """compare() from per-image correctness and cross-entropy (e.g. validation_predictions.csv)."""
+    correct_b, correct_a = np.asarray(correct_b, bool), np.asarray(correct_a, bool)
+    loss_b, loss_a = np.asarray(loss_b, np.float64), np.asarray(loss_a, np.float64)
+    n = len(correct_b)
     gained, lost = int((~correct_b & correct_a).sum()), int((correct_b & ~correct_a).sum())
     change = loss_a - loss_b                  # per image; negative = the fine-tuned model is better
     if n:
