@@ -31,9 +31,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cache-dir", type=Path, help="default: a temporary directory")
     parser.add_argument("--strategy", default="top-blocks")
-    parser.add_argument("--unfreeze-blocks", type=int, default=1)
+    parser.add_argument("--unfreeze-blocks", type=int, default=None, help="default: the backbone's top blocks")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=None, help="default: the optimizer's default rate")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--baseline", action="store_true", help="also train the small convnet from scratch")
     args = parser.parse_args()
@@ -57,7 +57,7 @@ def main() -> None:
                            "cv_accuracy": float(result.leaderboard.iloc[0]["accuracy_mean"])
                            if "accuracy_mean" in result.leaderboard else None}
     report = finetune(run_dir, unfreeze_blocks=args.unfreeze_blocks, epochs=args.epochs, lr=args.lr,
-                      batch_size=args.batch_size, strategy=args.strategy, cache_dir=cache)
+                      batch_size=args.batch_size, strategy=args.strategy, cache_dir=cache, reuse=False)
     out["finetune"] = {k: v for k, v in report.to_dict().items() if k not in ("unfrozen_layers", "failed")}
     out["finetune"]["unfrozen_layers"] = len(report.unfrozen_layers)
     if args.baseline:

@@ -231,18 +231,28 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 @app.command()
 def finetune(
     run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate`."),
-    unfreeze_blocks: int = typer.Option(1, "--unfreeze-blocks", help="Top blocks of the base to train (top-blocks, fpt)."),
-    epochs: int = typer.Option(30, "--epochs"),
-    lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate (momentum 0.9); fpt pre-trains the head at 10x."),
+    unfreeze_blocks: Optional[int] = typer.Option(
+        None, "--unfreeze-blocks", help="Top blocks of the base to train (default: the backbone's top, e.g. the "
+                                        "last two MBConv stages + head for EfficientNet-Lite, block5 for VGG)."),
+    epochs: int = typer.Option(12, "--epochs", help="At most this many epochs (early stopping on validation)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 adamw, 1e-2 sgd); "
+                                                          "fpt pre-trains the head at 10x."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (momentum, the seeds' recipe)."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW decoupled weight decay."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="0 by default: measured better on the plain validation loss the decision uses."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine (linear warm-up, cosine to 0) | constant."),
+    warmup_epochs: int = typer.Option(1, "--warmup-epochs"),
     batch_size: int = typer.Option(16, "--batch-size"),
     strategy: str = typer.Option("top-blocks", "--strategy", help="head | top-blocks | fpt | all"),
-    patience: int = typer.Option(5, "--patience", help="Early stopping patience on val_loss (epochs)."),
+    patience: int = typer.Option(4, "--patience", help="Early stopping patience on validation loss (epochs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fine-tuning with its original options."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Return a finished fine-tuning with the same inputs and options."),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:
-    """Fine-tune the run's base and best head end to end on images; the result becomes the run's model."""
+    """Fine-tune the run's base and best head on images; it becomes the run's model only if it measurably beats the frozen head."""
     from featurepipe import render
     from featurepipe.finetune import finetune as run_finetune
 
@@ -250,7 +260,9 @@ def finetune(
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
             result = run_finetune(run_dir, unfreeze_blocks=unfreeze_blocks, epochs=epochs, lr=lr,
                                   batch_size=batch_size, strategy=strategy, patience=patience, resume=resume,
-                                  seed=seed, cache_dir=cache_dir, progress=progress)
+                                  seed=seed, cache_dir=cache_dir, progress=progress, optimizer=optimizer,
+                                  momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                                  warmup_epochs=warmup_epochs, schedule=schedule, reuse=reuse)
     except KeyboardInterrupt:
         render.console.print(f"[yellow]interrupted:[/] continue with `featurepipe finetune {run_dir} --resume`",
                              highlight=False)
@@ -262,15 +274,24 @@ def finetune(
         return
     before, after = result.before, result.after
     where = "the validation split" if result.validation == "validation" else "20% of train held out"
+    reused = " (reused: nothing changed since the last fine-tuning)" if result.reused else ""
+    per_epoch = f", {result.seconds_per_epoch:.1f} s/epoch" if result.seconds_per_epoch else ""
     render.stdout.print(
         f"{result.strategy}: val accuracy {before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}, "
         f"val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} ({result.val_images} images, {where}); "
         f"{result.epochs_run} epochs (best {result.best_epoch}), {len(result.unfrozen_layers)} base layers / "
-        f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s\nmodel: {result.model_path}",
+        f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s{per_epoch}{reused}",
         highlight=False)
-    if result.epochs_run and not result.improved:
-        render.console.print("[yellow]warning:[/] fine-tuning did not lower the validation loss; try a smaller "
-                             "--lr, fewer --unfreeze-blocks or --strategy fpt", highlight=False)
+    for note in result.notes:
+        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if result.test:
+        render.stdout.print(f"test split ({result.test['images']} images, scored once): accuracy frozen "
+                            f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
+                            f"{result.test['finetuned']['val_accuracy']:.3f}", highlight=False)
+    if result.kept == "finetuned":
+        render.stdout.print(f"kept the fine-tuned model: {result.reason}\nmodel: {result.model_path}", highlight=False)
+    else:
+        render.console.print(f"[yellow]kept the frozen head:[/] {result.reason}", highlight=False)
 
 
 @app.command()
@@ -395,7 +416,7 @@ def run_all(
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
-    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (with --finetune)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (with --finetune; default 12)."),
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
@@ -431,7 +452,8 @@ def run_all(
     if result.finetune is not None:
         ft = result.finetune
         render.stdout.print(f"fine-tuned ({ft.strategy}, {ft.epochs_run} epochs): validation accuracy "
-                            f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}", highlight=False)
+                            f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}; kept {ft.kept}: "
+                            f"{ft.reason}{' (reused)' if ft.reused else ''}", highlight=False)
     if result.evaluate.nested is not None:
         render.print_nested(result.evaluate.nested.to_dict())
     for note in result.evaluate.notes:

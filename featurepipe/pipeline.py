@@ -125,7 +125,7 @@ def run(
 
     written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress)
     reused_everything = (extracted.extracted == 0 and extracted.views_extracted == 0 and evaluated.fitted == 0
-                         and not finetune)
+                         and (not finetune or bool(getattr(finetuned, "reused", False))))
     return RunResult(
         run_dir=evaluated.run_dir, leaderboard=evaluated.leaderboard, best=evaluated.best,
         report_path=written.html_path, stages=stages, reused_everything=reused_everything, dataset=dataset,

@@ -685,7 +685,7 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
 
     # ---- fine-tuning, baseline, dense head curves
     tick(S_FINETUNE)
-    finetune = _training_section(charts, run_dir / "finetune", "finetune_curves.png", "fine-tuning")
+    finetune = _finetune_section(charts, run_dir / "finetune", dataset.get("source"))
     baseline = _training_section(charts, run_dir / "baseline", "baseline_curves.png", "baseline")
     if finetune:
         sections.append((S_FINETUNE, finetune + _comparison(run_dir, best_row)))
@@ -1025,3 +1025,77 @@ def _reproduce_section(config: dict) -> str:
             + "".join(f'<p class="note">Note: {_e(n)}.</p>' for n in notes)
             + "<h3>config.json</h3>"
             + f"<pre>{_e(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>")
+
+
+# ------------------------------------------------------------------------------------ fine-tuning
+
+
+_FINETUNE_SETTINGS = ("strategy", "unfreeze_blocks", "trainable_params", "optimizer", "lr", "schedule",
+                      "warmup_epochs", "label_smoothing", "weight_decay", "momentum", "batch_size", "epochs",
+                      "patience", "epochs_run", "best_epoch", "seed", "validation", "train_images", "val_images",
+                      "mixed_precision", "jit_compile")
+
+
+def _finetune_section(charts: _Charts, directory: Path, source: Optional[str]) -> str:
+    """Fine-tuning: before/after on the same validation images and what was kept, what was unfrozen,
+    the time it took, the curves, and the validation images whose answer changed."""
+    history_path, summary_path = directory / "history.csv", directory / "summary.json"
+    if not history_path.exists() and not summary_path.exists():
+        return ""
+    summary = _read_json(summary_path) if summary_path.exists() else {}
+    summary = summary if isinstance(summary, dict) else {}
+    parts = []
+    kept, decision = summary.get("kept"), summary.get("decision") or {}
+    if kept:
+        verdict = ("the fine-tuned model is the run's model" if kept == "finetuned"
+                   else "the run keeps the frozen best head as its model")
+        parts.append(f'<p class="sub"><b>{_e(verdict)}</b>: {_e(summary.get("reason", ""))}</p>')
+    if summary.get("before") or summary.get("after"):
+        images = summary.get("val_images")
+        parts.append(f'<h3>Before and after, on the same {_e(images) if images else ""} validation images</h3>'
+                     + _summary_block({"before": summary.get("before"), "after": summary.get("after")}))
+    if decision:
+        low, high = (decision.get("loss_change_interval") or [None, None])[:2]
+        parts.append(_kv_table([
+            ("images gained / lost", f"{_e(decision.get('gained'))} / {_e(decision.get('lost'))}"),
+            ("loss change, 95% bootstrap interval", f"{_num(decision.get('loss_change'), 4)} "
+                                                    f"({_num(low, 4)} to {_num(high, 4)})"),
+            ("McNemar p (gained vs lost)", _num(decision.get("mcnemar_p"), 3)),
+        ]))
+    unfrozen = summary.get("unfrozen_layers") or []
+    settings = [(key, _e(summary[key])) for key in _FINETUNE_SETTINGS if key in summary]
+    if unfrozen:
+        settings.insert(2, ("base layers trained", _e(f"{len(unfrozen)}: {unfrozen[0]} … {unfrozen[-1]}"
+                                                     if len(unfrozen) > 1 else unfrozen[0])))
+    for key, label in (("seconds", "time (s)"), ("seconds_per_epoch", "time per epoch (s)")):
+        if summary.get(key) is not None:
+            settings.append((label, _num(summary[key], 1)))
+    for note in summary.get("notes") or []:
+        settings.append(("note", _e(note)))
+    if settings:
+        parts.append("<h3>What was trained</h3>" + _kv_table(settings))
+    test = summary.get("test")
+    if isinstance(test, dict) and test.get("frozen"):
+        rows = [[_e(name), _num(test[name].get("val_accuracy")), _num(test[name].get("val_loss"), 4)]
+                for name in ("frozen", "finetuned") if isinstance(test.get(name), dict)]
+        parts.append(f"<h3>Test split ({_e(test.get('images'))} images, scored once after every choice)</h3>"
+                     + _table(["model", "accuracy", "loss"], rows, numeric={1, 2}))
+    if history_path.exists():
+        image = _curves_chart(charts, _read_csv(history_path), "finetune_curves.png", "fine-tuning")
+        if image:
+            parts.append(image)
+    else:
+        parts.append(f'<p class="note">{_e(history_path.name)} missing: no curves.</p>')
+    predictions = directory / "validation_predictions.csv"
+    if predictions.exists():
+        frame = _read_csv(predictions)
+        if {"path", "label", "before_pred", "after_pred"} <= set(frame.columns):
+            right_before = frame["before_pred"].astype(str) == frame["label"].astype(str)
+            right_after = frame["after_pred"].astype(str) == frame["label"].astype(str)
+            changed = frame[right_before != right_after]
+            if len(changed):
+                rows = [[_e(_short_path(str(r.path), source)), _e(r.label), _e(r.before_pred), _e(r.after_pred),
+                         "gained" if r.after_pred == r.label else "lost"] for r in changed.itertuples()]
+                parts.append("<h3>Validation images whose answer changed</h3>"
+                             + _table(["image", "label", "frozen head", "fine-tuned", ""], rows))
+    return "".join(parts)

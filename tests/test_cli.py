@@ -231,3 +231,17 @@ def test_missing_data_dir_gives_a_one_line_error(cli, tmp_path, cache):
 def test_typer_rejects_malformed_numbers(cli, image_tree, cache):
     result = cli("extract", image_tree, *TINY_ARGS, "--batch-size", "lots", "--cache-dir", cache, expect=None)
     assert result.exit_code == 2 and "Traceback" not in result.stdout + result.stderr
+
+
+# ---- finetune ------------------------------------------------------------------------------
+
+
+def test_finetune_says_which_model_it_kept_and_reuses_on_rerun(cli, image_tree, cache, tmp_path):
+    cli("evaluate", image_tree, *TINY_ARGS, "--cache-dir", cache, "--heads", "logreg", "--folds", "2",
+        "--run-dir", tmp_path / "run", "--json")
+    args = ["finetune", tmp_path / "run", "--epochs", "1", "--batch-size", "8"]
+    first = cli(*args)
+    assert "kept the frozen head" in first.stdout + first.stderr and "s/epoch" in first.stdout
+    again = json.loads(cli(*args, "--json").stdout)
+    assert again["reused"] and again["kept"] == "frozen" and again["epochs_run"] == 1
+    assert_one_line_error(cli(*args, "--optimizer", "rmsprop", expect=None), "unknown optimizer 'rmsprop'")

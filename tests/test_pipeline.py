@@ -52,17 +52,22 @@ def test_a_new_image_is_extracted_and_the_folds_refitted(image_tree, cache, tmp_
     assert again.evaluate.fitted > 0 and not again.reused_everything
 
 
-def test_finetune_runs_between_evaluate_and_report_and_becomes_the_runs_model(image_tree, cache, tmp_path):
+def test_finetune_runs_between_evaluate_and_report_and_is_reused_on_a_rerun(image_tree, cache, tmp_path):
     result = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=1)
     assert list(result.stages) == ["scan", "extract", "evaluate", "finetune", "report"]
-    assert result.finetune.epochs_run == 1 and not result.reused_everything
-    assert (tmp_path / "run" / "model.json").exists()
+    assert result.finetune.epochs_run == 1 and not result.reused_everything and not result.finetune.reused
     assert json.loads(json.dumps(result.to_dict()))["finetune"]["strategy"] == "top-blocks"
-    assert predict(result.run_dir, [image_tree / "green"]).model_kind == "finetuned"
-    # Evaluating again into the same run dir replaces the head the fine-tuned model grew from.
-    _run(image_tree, cache, tmp_path / "run")
-    assert not (tmp_path / "run" / "model.json").exists()
+    # The colour head is already right on every validation image: one epoch cannot beat it, so the
+    # run keeps the frozen head as its model.
+    assert result.finetune.kept == "frozen" and not (tmp_path / "run" / "model.json").exists()
     assert predict(result.run_dir, [image_tree / "green"]).model_kind == "head"
+    assert "Fine-tuning" in result.report_path.read_text()
+    # Nothing changed: the fine-tuning is reused, not trained again.
+    again = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=1)
+    assert again.finetune.reused and again.reused_everything and again.finetune.key == result.finetune.key
+    # A different fine-tuning option trains again.
+    longer = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=2)
+    assert not longer.finetune.reused and longer.finetune.epochs_run == 2
 
 
 def test_bad_data_fails_clearly(tmp_path, cache):
