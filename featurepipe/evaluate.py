@@ -125,6 +125,7 @@ def evaluate(
     run_dir: Optional[Path] = None,
     n_jobs: int = -1,
     progress: Optional[ProgressCallback] = None,
+    dedup_groups: bool = True,
 ) -> EvaluateReport:
     started = time.perf_counter()
     unknown = [h for h in heads if h not in HEADS]
@@ -136,6 +137,14 @@ def evaluate(
     stores = open_stores(spec, root, augment, AugmentPolicy() if augment else None, augment_seed)
     features = dataset_features(dataset, stores)
     frame = features.frame
+    # ---- issue 11 hook: near-duplicates share a group, so StratifiedGroupKFold keeps them in one fold
+    # (merged with the user's groups; frame unchanged when none are found; recorded in config.json).
+    from featurepipe.dedup import DedupGrouping, apply_duplicate_groups
+
+    dedup = DedupGrouping(False, 0, 0, 0, 0, 0.0, 0)
+    if dedup_groups:
+        frame, dedup = apply_duplicate_groups(frame, features.X, root, progress=progress)
+    # ---- end of issue 11 hook
     classes = list(dataset.classes)
     label_index = {label: i for i, label in enumerate(classes)}
     train = (frame["split"] == "train").to_numpy()
@@ -185,6 +194,7 @@ def evaluate(
         "augment_policy": AugmentPolicy().to_dict() if augment else None,
         "heads": list(heads), "grids": grids, "folds": folds, "repeats": repeats, "seed": seed, "tta": tta,
         "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
+        "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # issue 11: leakage groups, --exclude/--relabel
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return EvaluateReport(run_dir=run_dir, leaderboard=result.leaderboard, best=best, holdout=holdout,

@@ -10,9 +10,11 @@ Label issues need out-of-fold probabilities; where they come from is pluggable: 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ LABEL_HEAD = "logreg"
 LABEL_C = 50.0
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
+CACHE_VERSION = 1         # bump when what inspect computes changes: cached results are then ignored
+OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "learning_curve.csv", "embedding.csv")
 
 OofSource = Callable[[FeatureTable], np.ndarray]   # table -> (n, classes) out-of-fold probabilities
 
@@ -79,6 +83,7 @@ def oof_from_cv(root: Optional[Path], C: float = LABEL_C, folds: int = 5, seed: 
                         cache_dir=(root / "evaluations") if root is not None else None)
         return _oof_matrix(result.oof, table.paths, table.classes, None)
     source.description = f"{LABEL_HEAD} (C={C:g}) cross-validated on cached features"   # type: ignore[attr-defined]
+    source.identity = f"cv:{LABEL_HEAD}:{C!r}:{folds}:{seed}"                           # type: ignore[attr-defined]
     return source
 
 
@@ -96,6 +101,10 @@ def oof_from_run(run_dir: Path) -> OofSource:
                                                                               "params": str, "augment": str})
         return _oof_matrix(oof, table.paths, table.classes, best, path)
     source.description = f"the best configuration's out-of-fold predictions in {path}"   # type: ignore[attr-defined]
+    digest = hashlib.sha256(path.read_bytes())
+    if (run_dir / "best_head.json").exists():
+        digest.update((run_dir / "best_head.json").read_bytes())
+    source.identity = "run:" + digest.hexdigest()                                          # type: ignore[attr-defined]
     return source
 
 
@@ -127,6 +136,12 @@ def _canonical(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+def summary_fingerprint(spec: BackboneSpec, root: Path) -> str:
+    from featurepipe.extract import open_stores
+
+    return open_stores(spec, root).originals.fingerprint
 
 
 def default_out_dir(root: Path, dataset: Dataset, spec: BackboneSpec) -> Path:
@@ -162,6 +177,25 @@ def inspect_dataset(
     classes = list(dataset.classes)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(root, dataset, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    source = oof_source or oof_from_cv(root, folds=folds, seed=seed, n_jobs=n_jobs)
+    # Everything below depends only on these: a re-run with nothing changed copies the cached result.
+    key = hashlib.sha256(json.dumps(
+        [CACHE_VERSION, summary_fingerprint(spec, root), frame[["path", "hash", "label", "split", "group"]].astype(str)
+         .values.tolist(), getattr(source, "identity", None), folds, seed, cosine_threshold, hamming_threshold,
+         learning_curve_draws, sorted(dataset.unreadable), sorted((f.path, f.reason) for f in extracted.failed)],
+        default=str).encode()).hexdigest()[:32]
+    cached = root / "inspections" / "cache" / key
+    if getattr(source, "identity", None) and (cached / "inspect.json").exists():
+        for name in OUTPUTS:
+            (out_dir / name).unlink(missing_ok=True)
+            if (cached / name).exists():
+                shutil.copyfile(cached / name, out_dir / name)
+        summary = json.loads((out_dir / "inspect.json").read_text())
+        summary["reused"] = True
+        return InspectReport(out_dir, str(dataset.source), classes, len(frame), summary.get("train_images", 0),
+                             summary.get("failed", []), summary, pd.read_csv(out_dir / "duplicates.csv"),
+                             pd.read_csv(out_dir / "suspects.csv"), time.perf_counter() - started)
 
     # Failed images: unreadable at scan time or undecodable at extraction, each listed once.
     failed = {p: r for p, r in dataset.unreadable}
@@ -235,7 +269,6 @@ def inspect_dataset(
                              groups=tgroups if dups.clusters or user_groups is not None else None)
     outliers = knn_outliers(Xt, tcluster) if len(Xt) else None
     oof = None
-    source = oof_source or oof_from_cv(root, folds=folds, seed=seed, n_jobs=n_jobs)
     summary["label_source"] = getattr(source, "description", "custom out-of-fold probabilities")
     if table is None:
         notes["label_issues"] = "the training split has fewer than 2 classes with features"
@@ -303,5 +336,15 @@ def inspect_dataset(
     seconds = time.perf_counter() - started
     summary["seconds"] = round(seconds, 3)
     (out_dir / "inspect.json").write_text(json.dumps(summary, indent=2, default=str))
+    if getattr(source, "identity", None):
+        tmp = cached.with_name(f".tmp-{os.getpid()}-{key}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in OUTPUTS:
+            if (out_dir / name).exists():
+                shutil.copyfile(out_dir / name, tmp / name)
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    summary["reused"] = False
     return InspectReport(out_dir, str(dataset.source), classes, len(frame), int(train.sum()), failed_list, summary,
                          pairs, suspects, seconds)

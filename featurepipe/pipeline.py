@@ -83,6 +83,10 @@ def run(
     augment_seed: int = 0,
     n_jobs: int = -1,
     thumbnails: int = 24,
+    dedup_groups: bool = True,
+    exclude: Optional[str | os.PathLike] = None,
+    relabel: Optional[str | os.PathLike] = None,
+    inspect: bool = True,
 ) -> RunResult:
     """The whole job on DATA; returns where the run was written and what each stage cost."""
     started = time.perf_counter()
@@ -97,12 +101,22 @@ def run(
         return value
 
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
+    if exclude is not None or relabel is not None:   # issue 11: --exclude / --relabel (recorded in config.json)
+        from featurepipe.fixes import apply_fixes
+
+        dataset = apply_fixes(dataset, exclude, relabel)
     extracted = timed("extract", extract, dataset, spec, root, augment=augment, augment_seed=augment_seed,
                       progress=progress)
     # evaluate() extracts again first; with everything just stored that is a key lookup, no model.
     evaluated = timed("evaluate", evaluate, dataset, spec, root, heads=tuple(heads), grids=grids, folds=folds,
                       repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
-                      run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress)
+                      run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
+                      dedup_groups=dedup_groups)
+    if inspect:   # issue 11: know-your-data sections of the report, from cached features and the run's OOF
+        from featurepipe.inspection import inspect_dataset, oof_from_run
+
+        timed("inspect", inspect_dataset, dataset, spec, root, out_dir=evaluated.run_dir / "inspect",
+              oof_source=oof_from_run(evaluated.run_dir), folds=folds, seed=seed, n_jobs=n_jobs, progress=progress)
     finetuned = None
     if finetune:
         from featurepipe.finetune import finetune as finetune_fn
