@@ -129,12 +129,25 @@ def main() -> None:
 
             heads = tuple(h for h in args.heads.split(",") if h)
             scores = {}
+            involved = {p for pair in planted for p in pair[:2]}
             for name, on in (("without_groups", False), ("with_dedup_groups", True)):
                 report = evaluate(dataset, spec, root, heads=heads, run_dir=Path(tmp) / f"run-{name}",
                                   dedup_groups=on)
                 best = report.leaderboard.iloc[0]
-                scores[name] = {"best": f"{best['head']} {best['params']}", "accuracy": round(float(best["accuracy_mean"]), 4),
-                                "ci": [round(float(best["accuracy_ci_low"]), 4), round(float(best["accuracy_ci_high"]), 4)]}
+                # Where leakage acts: the planted copies and their originals, scored out of fold.
+                import pandas as pd
+
+                oof = pd.read_csv(Path(tmp) / f"run-{name}" / "oof_predictions.csv")
+                oof = oof[(oof["head"] == best["head"]) & (oof["params"] == best["params"])
+                          & (oof["augment"] == best["augment"])]
+                pairs_oof = oof[oof["path"].isin(involved)]
+                p_true = [row[f"p[{row['true']}]"] for row in pairs_oof.to_dict("records")]
+                scores[name] = {"best": f"{best['head']} {best['params']}",
+                                "accuracy": round(float(best["accuracy_mean"]), 4),
+                                "ci": [round(float(best["accuracy_ci_low"]), 4), round(float(best["accuracy_ci_high"]), 4)],
+                                "log_loss": round(float(best["log_loss_mean"]), 4),
+                                "planted_pairs_accuracy": round(float((pairs_oof["true"] == pairs_oof["pred"]).mean()), 4),
+                                "planted_pairs_mean_p_true": round(float(np.mean(p_true)), 4)}
             scores["drop"] = round(scores["without_groups"]["accuracy"] - scores["with_dedup_groups"]["accuracy"], 4)
             result["cv"] = scores
     print(json.dumps(result, indent=2))

@@ -4,13 +4,17 @@ Two copies of one photo in different folds inflate every score: the head is vali
 it was trained on. Three kinds of evidence mark a pair of images as copies:
 
 - the same content hash (byte-identical files);
-- cosine similarity of their cached features (centred, L2-normalised) >= `cosine_threshold`;
+- cosine similarity of their cached features (centred, L2-normalised) >= `cosine_threshold`, and
+  their feature distance (1 - cosine) at most FEATURE_RELATIVE x the median nearest-neighbour
+  distance of the dataset: a weak or saturated backbone (every photo of a class at cosine 0.99)
+  must not turn whole classes into one "copy" group;
 - Hamming distance of their 64-bit perceptual hashes <= `hamming_threshold`, which catches
   resized / re-encoded copies whatever backbone extracted the features; the distance is the
   smallest between one image's whole-image hash and the other's hashes of its central 100/90/80%,
   so cropped copies match too;
 - both moderately close (Hamming <= JOINT_HAMMING and cosine >= JOINT_COSINE): heavily degraded
-  copies (shrunk, cropped and re-encoded at once) that neither test alone is sure of.
+  copies (shrunk, cropped and re-encoded at once) that neither test alone is sure of; here too the
+  feature distance must be below JOINT_RELATIVE x the median nearest-neighbour distance.
 
 Pairs are joined into groups with union-find (a~b and b~c puts a, b and c in one group), and
 those groups are merged with the user's own groups. Pure functions on arrays; the only I/O is
@@ -34,6 +38,10 @@ DEFAULT_COSINE = 0.85
 DEFAULT_HAMMING = 10
 JOINT_HAMMING = 16
 JOINT_COSINE = 0.60
+# On data/demo the median nearest-neighbour distance is ~0.46 and the closest distinct photos sit at
+# 0.44-0.47 of it; the absolute thresholds above correspond to ~0.33 (0.85) and ~0.87 (0.60) of it.
+FEATURE_RELATIVE = 0.35
+JOINT_RELATIVE = 0.9
 BLOCK = 1024   # rows per block of the pairwise comparison: memory stays O(BLOCK * n)
 
 
@@ -118,6 +126,7 @@ def find_duplicates(
                 have_ph[i] = True
                 ph[i] = values + [values[0]] * (width - len(values))   # missing crops: the whole image
     Z = normalized(X)
+    typical = median_neighbour_distance(Z, hashes)
     rows_i, rows_j, cos_out, ham_out, kinds = [], [], [], [], []
     for start in range(0, n, BLOCK):
         stop = min(n, start + BLOCK)
@@ -125,9 +134,10 @@ def find_duplicates(
         ham = phash_distances(ph[start:stop], ph)
         both = have_ph[start:stop, None] & have_ph[None, :]
         same = hashes[start:stop, None] == hashes[None, :]
-        by_cos = cos >= cosine_threshold
+        by_cos = (cos >= cosine_threshold) & (1 - cos <= FEATURE_RELATIVE * typical)
         by_ham = both & (ham <= hamming_threshold)
-        by_joint = both & (ham <= joint[0]) & (cos >= joint[1]) if joint is not None else np.zeros_like(by_cos)
+        by_joint = (both & (ham <= joint[0]) & (cos >= joint[1]) & (1 - cos <= JOINT_RELATIVE * typical)
+                    if joint is not None else np.zeros_like(by_cos))
         hit = same | by_cos | by_ham | by_joint
         upper = np.arange(start, stop)[:, None] < np.arange(n)[None, :]
         bi, j = np.nonzero(hit & upper)
@@ -147,6 +157,21 @@ def find_duplicates(
                           "evidence": kinds})
     return DuplicateReport(pairs, union_find(n, zip(pairs["i"], pairs["j"])), float(cosine_threshold),
                            int(hamming_threshold))
+
+
+def median_neighbour_distance(Z: np.ndarray, hashes: np.ndarray) -> float:
+    """Median over rows of 1 - cosine to the nearest other row with different content (inf if < 3 rows)."""
+    n = len(Z)
+    if n < 3:
+        return float("inf")
+    nearest = np.empty(n)
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        distance = 1.0 - Z[start:stop] @ Z.T
+        distance[hashes[start:stop, None] == hashes[None, :]] = np.inf     # itself and byte-identical copies
+        nearest[start:stop] = distance.min(axis=1)
+    finite = nearest[np.isfinite(nearest)]
+    return float(np.median(finite)) if len(finite) else float("inf")
 
 
 def union_find(n: int, edges) -> np.ndarray:
