@@ -251,6 +251,14 @@ class DedupGrouping:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    @property
+    def message(self) -> str:
+        """What the user is told when grouping changed the folds ("" when it did not)."""
+        if not (self.enabled and self.clusters):
+            return ""
+        return (f"{self.clusters} group(s) of near-duplicate images ({self.images_in_clusters} images) are kept in "
+                f"one CV fold each (see `featurepipe inspect`; --no-dedup-groups turns this off)")
+
 
 def apply_duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optional[Path],
                            cosine_threshold: float = DEFAULT_COSINE, hamming_threshold: int = DEFAULT_HAMMING,

@@ -144,6 +144,8 @@ def evaluate(
     dedup = DedupGrouping(False, 0, 0, 0, 0, 0.0, 0)
     if dedup_groups:
         frame, dedup = apply_duplicate_groups(frame, features.X, root, progress=progress)
+        if dedup.message and dedup.message not in dataset.warnings:
+            dataset.warnings.append(dedup.message)   # printed by the CLI and kept in config.json
     # ---- end of issue 11 hook
     classes = list(dataset.classes)
     label_index = {label: i for i, label in enumerate(classes)}

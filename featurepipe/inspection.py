@@ -43,7 +43,8 @@ LABEL_C = 50.0
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
 CACHE_VERSION = 1         # bump when what inspect computes changes: cached results are then ignored
-OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "learning_curve.csv", "embedding.csv")
+OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "label_scores.csv", "learning_curve.csv",
+           "embedding.csv")
 
 OofSource = Callable[[FeatureTable], np.ndarray]   # table -> (n, classes) out-of-fold probabilities
 
@@ -196,7 +197,7 @@ def inspect_dataset(
         summary["reused"] = True
         return InspectReport(out_dir, str(dataset.source), classes, len(frame), summary.get("train_images", 0),
                              summary.get("failed", []), summary, pd.read_csv(out_dir / "duplicates.csv"),
-                             pd.read_csv(out_dir / "suspects.csv"), time.perf_counter() - started)
+                             pd.read_csv(out_dir / "label_scores.csv"), time.perf_counter() - started)
 
     # Failed images: unreadable at scan time or undecodable at extraction, each listed once.
     failed = {p: r for p, r in dataset.unreadable}
@@ -296,7 +297,15 @@ def inspect_dataset(
     if "rank" in suspects.columns:
         suspects = suspects.sort_values("rank")
     suspects = suspects.drop(columns="row")
-    suspects.to_csv(out_dir / "suspects.csv", index=False)
+    # label_scores.csv: every training image. suspects.csv: the ones worth a look (top ranks, confident
+    # label issues, outliers), short enough to edit and pass back with --exclude / --relabel.
+    suspects.to_csv(out_dir / "label_scores.csv", index=False)
+    worth = pd.Series(False, index=suspects.index)
+    if "rank" in suspects.columns:
+        worth |= (suspects["rank"] <= TOP_SUSPECTS) | suspects["flagged"].astype(bool)
+    if "outlier" in suspects.columns:
+        worth |= suspects["outlier"].astype(bool)
+    suspects[worth].to_csv(out_dir / "suspects.csv", index=False)
 
     # ---- learning curve
     report(progress, "inspect", 3, 6, "learning curve")

@@ -125,7 +125,7 @@ def _labels_section(summary: dict, suspects: Optional[pd.DataFrame], source, lim
                     progress) -> str:
     notes = summary.get("notes") or {}
     if "label_issues" in notes or suspects is None or "margin" not in suspects.columns:
-        return f'<p>Not computed: {_e(notes.get("label_issues", "suspects.csv is missing"))}.</p>'
+        return f'<p>Not computed: {_e(notes.get("label_issues", "label_scores.csv is missing"))}.</p>'
     info = summary.get("label_issues") or {}
     shown = suspects.head(max(0, limit))
     figures = []
@@ -317,7 +317,7 @@ def inspect_sections(inspect_dir: Path, charts: _Charts, source: Optional[str] =
                                f"re-run `featurepipe inspect`") from None
     source = source or summary.get("source")
     classes = [str(c) for c in summary.get("classes") or []]
-    suspects = _read_frame(inspect_dir / "suspects.csv")
+    suspects = _read_frame(inspect_dir / "label_scores.csv")
     thumbs: dict = {}
     sections = [
         (S_DUPLICATES, _duplicates_section(summary, _read_frame(inspect_dir / "duplicates.csv"), source, thumbs)),

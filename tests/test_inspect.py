@@ -261,7 +261,7 @@ def test_inspect_finds_copies_label_errors_and_lists_the_broken_file_once(dup_tr
     for name in ("inspect.json", "duplicates.csv", "suspects.csv", "embedding.csv"):
         assert (out / name).exists(), name
     assert [f["path"] for f in result.failed] == [str(dup_tree / "blue" / "broken.png")]
-    everywhere = pd.concat([pd.read_csv(out / "suspects.csv")["path"], pd.read_csv(out / "embedding.csv")["path"],
+    everywhere = pd.concat([pd.read_csv(out / "label_scores.csv")["path"], pd.read_csv(out / "embedding.csv")["path"],
                             result.duplicates["path_a"], result.duplicates["path_b"]])
     assert not everywhere.str.contains("broken").any()                  # in no analysis
     pairs = {frozenset((a.split("/")[-1], b.split("/")[-1])) for a, b in
@@ -273,10 +273,12 @@ def test_inspect_finds_copies_label_errors_and_lists_the_broken_file_once(dup_tr
     summary = json.loads((out / "inspect.json").read_text())
     assert summary["duplicates"]["cross_class_pairs"] == 1 and summary["duplicates"]["clusters"] == 2
     assert summary["images"] == 26 and summary["balance"]["counts"] == {"blue": 9, "green": 8, "red": 9}
-    suspects = pd.read_csv(out / "suspects.csv")
-    assert suspects.iloc[0]["path"].endswith("green0_as_blue.jpg")   # filed as blue, looks green
-    assert suspects.iloc[0]["suggested"] == "green"
-    assert len(suspects) == 26 and suspects["rank"].tolist() == list(range(1, 27))
+    scores = pd.read_csv(out / "label_scores.csv")
+    assert scores.iloc[0]["path"].endswith("green0_as_blue.jpg")   # filed as blue, looks green
+    assert scores.iloc[0]["suggested"] == "green"
+    assert len(scores) == 26 and scores["rank"].tolist() == list(range(1, 27))
+    suspects = pd.read_csv(out / "suspects.csv")                   # the short, editable list
+    assert suspects["path"].tolist() == scores["path"].tolist()[:len(suspects)] and 15 <= len(suspects) < 26
     # 3-fold training parts hold 5-6 images per class: too few for the curve's smallest size, 5
     assert "fewer than the smallest size" in summary["notes"]["learning_curve"]
     assert not (out / "learning_curve.csv").exists()
