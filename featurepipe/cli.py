@@ -103,6 +103,17 @@ def extract(
         render.stdout.print(f"  failed: {failure.path}: {failure.reason}", highlight=False)
 
 
+def _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress):
+    """scan, then --groups-from, then --exclude / --relabel (issue 11), in that order."""
+    from featurepipe.dataset import load_groups, scan
+    from featurepipe.fixes import apply_fixes
+
+    dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
+    if groups_from is not None:
+        dataset = load_groups(dataset, groups_from)
+    return apply_fixes(dataset, exclude, relabel)
+
+
 def _dataset_summary(dataset) -> dict:
     return {"source": str(dataset.source), "layout": dataset.layout, "images": len(dataset),
             "classes": dataset.class_counts(), "splits": dataset.splits, "ignored_files": dataset.ignored,
@@ -129,19 +140,14 @@ def evaluate(
 ) -> None:
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
     from featurepipe import render
-    from featurepipe.dataset import load_groups, scan
     from featurepipe.evaluate import evaluate as run_evaluate, parse_grid
-    from featurepipe.fixes import apply_fixes
     from featurepipe.paths import cache_root
 
     try:
         spec = _spec(backbone, image_size, layer, pooling, weights, resize)
         root = cache_root(cache_dir)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
-            dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
-            if groups_from is not None:
-                dataset = load_groups(dataset, groups_from)
-            dataset = apply_fixes(dataset, exclude, relabel)
+            dataset = _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
             result = run_evaluate(dataset, spec, root, heads=_head_names(heads),
                                   grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=augment,
                                   augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress,
@@ -412,9 +418,7 @@ def inspect(
     """Know your data: near-duplicates and fold leakage, label issues, outliers, class balance, learning curve
     and an embedding map, all from cached features; writes inspect.html and suspects.csv."""
     from featurepipe import render
-    from featurepipe.dataset import load_groups, scan
     from featurepipe.dedup import DEFAULT_COSINE, DEFAULT_HAMMING
-    from featurepipe.fixes import apply_fixes
     from featurepipe.inspection import inspect_dataset, oof_from_run
     from featurepipe.paths import cache_root
     from featurepipe.report_inspect import write_inspect_report
@@ -423,10 +427,7 @@ def inspect(
         spec = _spec(backbone, image_size, layer, pooling, weights, resize)
         root = cache_root(cache_dir)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
-            dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
-            if groups_from is not None:
-                dataset = load_groups(dataset, groups_from)
-            dataset = apply_fixes(dataset, exclude, relabel)
+            dataset = _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
             result = inspect_dataset(
                 dataset, spec, root, out_dir=out if out is not None else (run_dir / "inspect" if run_dir else None),
                 oof_source=oof_from_run(run_dir) if run_dir is not None else None, folds=folds, seed=seed,
