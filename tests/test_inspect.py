@@ -386,3 +386,19 @@ def test_cli_inspect_json_and_evaluate_flags(dup_tree, cache, tmp_path):
                               "--image-size", "32", "--heads", "logreg", "--folds", "3", "--cache-dir", str(cache),
                               "--exclude", str(tmp_path / "bad.csv")])
     assert bad.exit_code == 2 and "match no image" in bad.output
+
+
+def test_inspect_reports_copies_across_splits_and_scores_only_training_images(tmp_path, cache):
+    root = tmp_path / "splits"
+    for split, n in (("train", 6), ("test", 2)):
+        for c, (name, colour) in enumerate(list(COLOURS.items())[:2]):
+            for i in range(n):
+                make_image(root / split / name / f"{split}_{name}{i}.png", colour, seed=1000 * c + 10 * i + len(split))
+    with Image.open(root / "train" / "red" / "train_red0.png") as im:
+        im.resize((60, 50)).save(root / "test" / "red" / "leaked.png")
+    result = inspect_dataset(scan(root, cache_dir=cache), TINY, cache, out_dir=tmp_path / "insp", folds=3, n_jobs=1)
+    leaked = result.duplicates[result.duplicates["cross_split"]]
+    assert len(leaked) == 1 and set(leaked.iloc[0][["split_a", "split_b"]]) == {"train", "test"}
+    assert result.summary["duplicates"]["cross_split_pairs"] == 1
+    assert result.summary["train_images"] == 12 and len(result.suspects) == 12
+    assert not result.suspects["path"].str.contains("/test/").any()
