@@ -272,6 +272,7 @@ def inspect_dataset(
     outliers = knn_outliers(Xt, tcluster) if len(Xt) else None
     oof = None
     summary["label_source"] = getattr(source, "description", "custom out-of-fold probabilities")
+    summary["label_source_identity"] = getattr(source, "identity", None)   # lets a report spot stale results
     if table is None:
         notes["label_issues"] = "the training split has fewer than 2 classes with features"
     else:

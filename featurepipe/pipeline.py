@@ -117,6 +117,10 @@ def run(
 
         timed("inspect", inspect_dataset, dataset, spec, root, out_dir=evaluated.run_dir / "inspect",
               oof_source=oof_from_run(evaluated.run_dir), folds=folds, seed=seed, n_jobs=n_jobs, progress=progress)
+    elif (evaluated.run_dir / "inspect" / "inspect.json").exists():   # --no-inspect into a reused run dir
+        import shutil
+
+        shutil.rmtree(evaluated.run_dir / "inspect")
     finetuned = None
     if finetune:
         from featurepipe.finetune import finetune as finetune_fn

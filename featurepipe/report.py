@@ -700,7 +700,7 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
         from featurepipe.report_inspect import inspect_sections
 
         sections += inspect_sections(run_dir / "inspect", charts, dataset.get("source"), thumbnails, progress,
-                                     failed_listed_elsewhere=True)
+                                     failed_listed_elsewhere=True, run_dir=run_dir)
 
     # ---- reproduce
     tick(S_REPRODUCE)

@@ -38,6 +38,7 @@ PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#e
 MAP_THUMBS = 400          # points of the embedding map that get a hover thumbnail (the file stays small)
 MAP_THUMB_PX = 96
 PAIRS_SHOWN = 30
+TOP_SUSPECTS = 15         # label suspects in the gallery (at most --thumbnails)
 OUTLIERS_SHOWN = 8
 
 
@@ -306,9 +307,12 @@ svg.emap g.pt:hover circle { stroke: #000; stroke-width: 2.5; }
 
 
 def inspect_sections(inspect_dir: Path, charts: _Charts, source: Optional[str] = None, thumbnails: int = 24,
-                     progress: Optional[ProgressCallback] = None,
-                     failed_listed_elsewhere: bool = False) -> list[tuple[str, str]]:
-    """(title, html) of every inspect section, each explained instead of left out when it could not be computed."""
+                     progress: Optional[ProgressCallback] = None, failed_listed_elsewhere: bool = False,
+                     run_dir: Optional[Path] = None) -> list[tuple[str, str]]:
+    """(title, html) of every inspect section, each explained instead of left out when it could not be computed.
+
+    With `run_dir`, results computed from an earlier evaluation of that run directory are marked stale.
+    """
     inspect_dir = Path(inspect_dir)
     try:
         summary = json.loads((inspect_dir / "inspect.json").read_text())
@@ -321,13 +325,25 @@ def inspect_sections(inspect_dir: Path, charts: _Charts, source: Optional[str] =
     thumbs: dict = {}
     sections = [
         (S_DUPLICATES, _duplicates_section(summary, _read_frame(inspect_dir / "duplicates.csv"), source, thumbs)),
-        (S_LABELS, _labels_section(summary, suspects, source, min(thumbnails, 24) if thumbnails else 15, thumbs, progress)),
+        (S_LABELS, _labels_section(summary, suspects, source, min(thumbnails, TOP_SUSPECTS), thumbs, progress)),
         (S_OUTLIERS, _outliers_section(summary, suspects, source, thumbs)),
         (S_BALANCE, _balance_section(summary, failed_listed_elsewhere)),
         (S_CURVE, _curve_section(summary, charts, _read_frame(inspect_dir / "learning_curve.csv"))),
         (S_MAP, _map_section(summary, _read_frame(inspect_dir / "embedding.csv"), classes, source)),
     ]
-    sections[0] = (sections[0][0], f"<style>{CSS}</style>" + sections[0][1])
+    stale = ""
+    identity = summary.get("label_source_identity") or ""
+    if run_dir is not None and identity.startswith("run:"):
+        from featurepipe.inspection import oof_from_run
+
+        try:
+            current = oof_from_run(run_dir).identity
+        except FeaturepipeError:
+            current = None
+        if current != identity:
+            stale = ('<p class="flag stale">These results were computed from an earlier evaluation written to this '
+                     'run directory; re-run <code>featurepipe inspect DATA --run-dir RUN</code> to refresh them.</p>')
+    sections[0] = (sections[0][0], f"<style>{CSS}</style>" + stale + sections[0][1])
     return sections
 
 

@@ -402,3 +402,17 @@ def test_inspect_reports_copies_across_splits_and_scores_only_training_images(tm
     assert result.summary["duplicates"]["cross_split_pairs"] == 1
     assert result.summary["train_images"] == 12 and len(result.suspects) == 12
     assert not result.suspects["path"].str.contains("/test/").any()
+
+
+def test_report_marks_inspect_results_of_an_earlier_evaluation_stale(image_tree, cache, tmp_path):
+    from featurepipe.report import write_report
+
+    run = tmp_path / "run"
+    pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1)
+    assert "earlier evaluation" not in (run / "report.html").read_text()
+    (tmp_path / "fix.csv").write_text("path,label\nred/red0.png,blue\n")
+    evaluate(apply_fixes(scan(image_tree, cache_dir=cache), relabel=tmp_path / "fix.csv"), TINY, cache,
+             heads=("logreg",), folds=3, n_jobs=1, run_dir=run)          # new OOF, old inspect/
+    assert "earlier evaluation" in write_report(run).html_path.read_text()
+    pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1, inspect=False)
+    assert not (run / "inspect").exists() and "Label issues" not in (run / "report.html").read_text()
