@@ -43,7 +43,7 @@ LABEL_HEAD = "logreg"
 LABEL_C = 50.0
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
-CACHE_VERSION = 1         # bump when what inspect computes changes: cached results are then ignored
+CACHE_VERSION = 2         # bump when what inspect computes changes: cached results are then ignored
 OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "label_scores.csv", "learning_curve.csv",
            "embedding.csv")
 
@@ -236,7 +236,7 @@ def inspect_dataset(
     tcluster = dups.cluster[train]
 
     # How many folds of plain (user-grouped or ungrouped) k-fold CV would leak a copy into training.
-    leak = {"folds": 0, "leaked_folds": 0, "pairs_straddling": []}
+    leak = {"folds": 0, "leaked_folds": 0, "pairs_straddling": [], "pairs_leaking": 0}
     train_pos = -np.ones(len(frame), dtype=int)
     train_pos[np.flatnonzero(train)] = np.arange(int(train.sum()))
     tpairs = pd.DataFrame({"i": train_pos[dups.pairs["i"].to_numpy(dtype=int)],
@@ -245,7 +245,13 @@ def inspect_dataset(
     try:
         plain = make_folds(yt, user_groups, n_folds=folds, seed=seed, class_names=classes)
         straddle = straddling_pairs(tpairs, plain) if len(tpairs) else [0] * len(plain)
-        leak = {"folds": len(plain), "leaked_folds": int(sum(s > 0 for s in straddle)), "pairs_straddling": straddle}
+        # pairs_straddling: per fold; pairs_leaking: distinct pairs whose images land in different folds
+        fold_of = np.zeros(len(yt), dtype=int)
+        for number, fold in enumerate(plain):
+            fold_of[fold.val_idx] = number
+        leaking = int(np.sum(fold_of[tpairs["i"].to_numpy(dtype=int)] != fold_of[tpairs["j"].to_numpy(dtype=int)]))
+        leak = {"folds": len(plain), "leaked_folds": int(sum(s > 0 for s in straddle)), "pairs_straddling": straddle,
+                "pairs_leaking": leaking}
     except (DatasetError, ValueError) as error:
         notes["leakage"] = f"fold leakage not computed: {error}"
     summary["duplicates"] = {

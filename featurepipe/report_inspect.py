@@ -99,9 +99,9 @@ def _duplicates_section(summary: dict, pairs: Optional[pd.DataFrame], source, th
     if pairs.empty:
         return f'<p>No near-duplicates found among {_e(summary.get("images", "the"))} images.</p><p class="note">{rule}</p>'
     folds, leaked = info.get("folds", 0), info.get("leaked_folds", 0)
-    straddling = sum(info.get("pairs_straddling") or [])
+    leaking = info.get("pairs_leaking", 0)
     leak = (f'Without duplicate groups, <b>{leaked} of {folds} folds</b> would have had a copy of a validation image '
-            f'in training ({straddling} pair(s) split across train and validation). ' if folds else "")
+            f'in training ({leaking} of {len(pairs)} pair(s) split between folds). ' if folds else "")
     parts = [f'<p class="sub">{len(pairs)} pair(s) in {info.get("clusters", 0)} group(s) of copies '
              f'({info.get("images_in_clusters", 0)} images). {leak}<code>featurepipe run</code> and '
              f'<code>evaluate</code> keep each group in one fold (<code>--no-dedup-groups</code> turns it off). '

@@ -272,6 +272,9 @@ def test_inspect_finds_copies_label_errors_and_lists_the_broken_file_once(dup_tr
     assert len(cross) == 1 and {cross.iloc[0]["label_a"], cross.iloc[0]["label_b"]} == {"green", "blue"}
     summary = json.loads((out / "inspect.json").read_text())
     assert summary["duplicates"]["cross_class_pairs"] == 1 and summary["duplicates"]["clusters"] == 2
+    d = summary["duplicates"]
+    assert d["folds"] == 3 and 0 <= d["pairs_leaking"] <= 2 and sum(d["pairs_straddling"]) == 2 * d["pairs_leaking"]
+    assert d["leaked_folds"] == len({f for f, n in enumerate(d["pairs_straddling"]) if n})
     assert summary["images"] == 26 and summary["balance"]["counts"] == {"blue": 9, "green": 8, "red": 9}
     scores = pd.read_csv(out / "label_scores.csv")
     assert scores.iloc[0]["path"].endswith("green0_as_blue.jpg")   # filed as blue, looks green
