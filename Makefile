@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test browser-test install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q
+
+# The report checked in headless Chromium (tests/test_report_browser.py); `make test` skips it when
+# Chromium is missing. Installing it needs root and apt (Debian/Ubuntu).
+browser-test: $(STAMP)
+	command -v chromium >/dev/null || apt-get install -y chromium
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests/test_report_browser.py
 
 clean:
 	rm -rf $(VENV) cache/features cache/runs cache/weights cache/refs cache/hashes.sqlite

@@ -57,6 +57,11 @@ def _global_options(
         from featurepipe.quiet import quiet_tensorflow_startup
 
         quiet_tensorflow_startup()
+# issue 11: near-duplicate groups and inspect's fixes fed back into evaluate/run
+NoDedupGroups = typer.Option(False, "--no-dedup-groups",
+                             help="Do not put near-duplicate images in one CV group (see `featurepipe inspect`).")
+Exclude = typer.Option(None, "--exclude", help="CSV with a path column: leave these images out (e.g. inspect's suspects.csv).")
+Relabel = typer.Option(None, "--relabel", help="CSV with columns path,label (or inspect's 'suggested'): new labels.")
 
 
 def _fail(error: Exception) -> None:
@@ -142,6 +147,17 @@ def extract(
         render.stdout.print(f"  failed: {failure.path}: {failure.reason}", highlight=False)
 
 
+def _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress):
+    """scan, then --groups-from, then --exclude / --relabel (issue 11), in that order."""
+    from featurepipe.dataset import load_groups, scan
+    from featurepipe.fixes import apply_fixes
+
+    dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
+    if groups_from is not None:
+        dataset = load_groups(dataset, groups_from)
+    return apply_fixes(dataset, exclude, relabel)
+
+
 def _dataset_summary(dataset) -> dict:
     return {"source": str(dataset.source), "layout": dataset.layout, "images": len(dataset),
             "classes": dataset.class_counts(), "splits": dataset.splits, "ignored_files": dataset.ignored,
@@ -164,12 +180,12 @@ def evaluate(
     nested: bool = Nested, ensemble: int = Ensemble,
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
+    no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
     as_json: bool = AsJson,
     scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
 ) -> None:
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
     from featurepipe import render
-    from featurepipe.dataset import load_groups, scan
     from featurepipe.executor import executor_scope
     from featurepipe.evaluate import evaluate as run_evaluate, parse_grid
     from featurepipe.paths import cache_root
@@ -179,13 +195,11 @@ def evaluate(
         root = cache_root(cache_dir)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
                 executor_scope(scheduler, workers):
-            dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
-            if groups_from is not None:
-                dataset = load_groups(dataset, groups_from)
+            dataset = _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
             result = run_evaluate(dataset, specs[0], root, heads=_head_names(heads),
                                   grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=augment,
                                   augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress,
-                                  specs=specs, nested=nested, ensemble=ensemble)
+                                  specs=specs, nested=nested, ensemble=ensemble, dedup_groups=not no_dedup_groups)
     except (FeaturepipeError, ValueError) as error:
         _fail(error)
     if as_json:
@@ -419,6 +433,8 @@ def run_all(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (with --finetune; default 12)."),
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
+    no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
+    no_inspect: bool = typer.Option(False, "--no-inspect", help="Leave the know-your-data sections out of the report."),
     as_json: bool = AsJson,
     scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
 ) -> None:
@@ -437,7 +453,9 @@ def run_all(
                                   heads=_head_names(heads) if heads else SEARCH_HEADS,
                                   folds=folds, repeats=repeats, seed=seed, augment=augment, tta=tta, finetune=finetune,
                                   finetune_epochs=epochs, run_dir=run_dir, progress=progress, grids=parse_grid(grid),
-                                  n_jobs=jobs, specs=specs, nested=nested, ensemble=ensemble)
+                                  n_jobs=jobs, specs=specs, nested=nested, ensemble=ensemble,
+                                  dedup_groups=not no_dedup_groups, exclude=exclude, relabel=relabel,
+                                  inspect=not no_inspect)
     except (FeaturepipeError, ValueError) as error:
         _fail(error)
     if as_json:
@@ -463,6 +481,84 @@ def run_all(
         f"best: {_best_text(result.best)}; "
         f"{result.message}\n{stages}; total {result.seconds:.1f} s\n"
         f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)
+
+
+@app.command()
+def inspect(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Take label-issue probabilities from this run's "
+                                           "oof_predictions.csv (its best head) instead of a fixed logreg head."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for inspect.json, the CSVs and inspect.html "
+                                       "(default: RUN_DIR/inspect with --run-dir, else CACHE/inspections/<time>-<name>)."),
+    top: int = typer.Option(15, "--top", help="Suspects to print."),
+    folds: int = Folds, seed: int = Seed,
+    dedup_cosine: float = typer.Option(None, "--dedup-cosine", help="Feature cosine at or above which two images are copies."),
+    dedup_hamming: int = typer.Option(None, "--dedup-hamming", help="Perceptual-hash bits at or below which two images are copies."),
+    groups_from: Optional[Path] = typer.Option(None, "--groups-from", help="CSV with columns path,group."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="Regex on file names; its first group is the group id."),
+    exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    jobs: int = Jobs, cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,
+) -> None:
+    """Know your data: near-duplicates and fold leakage, label issues, outliers, class balance, learning curve
+    and an embedding map, all from cached features; writes inspect.html and suspects.csv."""
+    from featurepipe import render
+    from featurepipe.dedup import DEFAULT_COSINE, DEFAULT_HAMMING
+    from featurepipe.inspection import inspect_dataset, oof_from_run
+    from featurepipe.paths import cache_root
+    from featurepipe.report_inspect import write_inspect_report
+
+    try:
+        spec = _spec(backbone, image_size, layer, pooling, weights, resize)
+        root = cache_root(cache_dir)
+        with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
+            dataset = _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
+            result = inspect_dataset(
+                dataset, spec, root, out_dir=out if out is not None else (run_dir / "inspect" if run_dir else None),
+                oof_source=oof_from_run(run_dir) if run_dir is not None else None, folds=folds, seed=seed,
+                cosine_threshold=DEFAULT_COSINE if dedup_cosine is None else dedup_cosine,
+                hamming_threshold=DEFAULT_HAMMING if dedup_hamming is None else dedup_hamming,
+                n_jobs=jobs, progress=progress)
+            html = write_inspect_report(result.out_dir, progress=progress)
+    except (FeaturepipeError, ValueError) as error:
+        _fail(error)
+    if as_json:
+        render.print_json({**result.to_dict(), "html": str(html)})
+        return
+    _print_inspect(render, result, top, html)
+
+
+def _print_inspect(render, result, top: int, html: Path) -> None:
+    s = result.summary
+    for failure in result.failed:
+        render.stdout.print(f"  in no analysis: {failure['path']}: {failure['reason']}", highlight=False)
+    d = s.get("duplicates", {})
+    leak = (f"; without groups {d['leaked_folds']} of {d['folds']} folds would leak" if d.get("folds") else "")
+    render.stdout.print(f"near-duplicates: {d.get('pairs', 0)} pair(s) in {d.get('clusters', 0)} group(s), "
+                        f"{d.get('cross_class_pairs', 0)} across classes{leak}", highlight=False)
+    balance = s.get("balance", {})
+    render.stdout.print("classes: " + ", ".join(f"{c} {n}" for c, n in balance.get("counts", {}).items())
+                        + (f" [yellow](imbalanced, {balance['ratio']:.1f}x)[/]" if balance.get("imbalanced") else ""),
+                        highlight=False)
+    notes = s.get("notes", {})
+    if "margin" in result.suspects.columns:
+        rows = [[str(int(r["rank"])), r["path"], r["given"], r["suggested"], f"{r['self_confidence']:.3f}",
+                 f"{r['margin']:+.3f}", "yes" if str(r.get("flagged")) in ("True", "true") else ""]
+                for r in result.suspects.head(top).to_dict("records")]
+        render.table(f"top {len(rows)} label suspects ({s.get('label_source')})",
+                     ["#", "path", "given", "suggested", "p(given)", "margin", "confident"], rows)
+    else:
+        render.stdout.print(f"label issues: {notes.get('label_issues', 'not computed')}", highlight=False)
+    outliers = s.get("outliers")
+    if outliers:
+        render.stdout.print(f"outliers: {outliers['flagged']} above kNN distance {outliers['threshold']:.3f}",
+                            highlight=False)
+    curve = s.get("learning_curve")
+    render.stdout.print(f"learning curve: {curve['reading'] if curve else notes.get('learning_curve', 'not computed')}",
+                        highlight=False)
+    render.stdout.print(f"{'reused cached result' if s.get('reused') else f'{result.seconds:.1f} s'}; "
+                        f"suspects: {result.out_dir / 'suspects.csv'}\nreport: {html}", highlight=False)
 
 
 @app.command()
@@ -579,3 +675,7 @@ def features_export(
 def main() -> None:  # pragma: no cover - console-script entry point alias
     # TF_CPP_MIN_LOG_LEVEL and the start-up line filter are set by the --verbose callback above.
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m featurepipe.cli`
+    main()

@@ -32,6 +32,7 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
     ignored: int = 0                  # hidden files and files that are not images by extension
     unreadable: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+    edits: dict = field(default_factory=dict)   # --exclude / --relabel applied (featurepipe.fixes), for config.json
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -47,7 +48,7 @@ class Dataset:
 
     def subset(self, split: str) -> "Dataset":
         return Dataset(self.source, self.layout, self.frame[self.frame["split"] == split].reset_index(drop=True),
-                       self.classes, list(self.warnings), self.ignored, list(self.unreadable))
+                       self.classes, list(self.warnings), self.ignored, list(self.unreadable), dict(self.edits))
 
 
 def _is_hidden(name: str) -> bool:
@@ -255,4 +256,5 @@ def load_groups(dataset: Dataset, manifest: str | os.PathLike) -> Dataset:
     if missing:
         warnings.append(f"{missing} image(s) have no group in {manifest}; each is its own group")
         frame.loc[frame["group"].isna(), "group"] = frame.loc[frame["group"].isna(), "path"]
-    return Dataset(dataset.source, dataset.layout, frame, dataset.classes, warnings, dataset.ignored, dataset.unreadable)
+    return Dataset(dataset.source, dataset.layout, frame, dataset.classes, warnings, dataset.ignored, dataset.unreadable,
+                   dict(dataset.edits))

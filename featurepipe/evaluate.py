@@ -197,6 +197,7 @@ def evaluate(
     nested: bool = True,
     ensemble: int = ENSEMBLE_SIZE,
     widen: bool = True,
+    dedup_groups: bool = True,
 ) -> EvaluateReport:
     """Cross-validate heads on the cached features of every spec in `specs` (default: just `spec`),
     choose the best configuration (a soft-vote ensemble of the top ones included when `ensemble` >= 2),
@@ -223,6 +224,22 @@ def evaluate(
     # Every feature set scores the same images: those with features in all of them (a file that
     # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
     common = set.intersection(*(set(f.frame["hash"]) for _, f in loaded))
+    # ---- issue 11 hook: near-duplicates share a group, so StratifiedGroupKFold keeps them in one fold
+    # (merged with the user's groups; frames unchanged when none are found; recorded in config.json).
+    # Found once, on the first feature set, and applied to every feature set's rows by content hash.
+    from featurepipe.dedup import DedupGrouping, apply_duplicate_groups
+
+    dedup = DedupGrouping(False, 0, 0, 0, 0, 0.0, 0)
+    if dedup_groups:
+        first_features = loaded[0][1]
+        grouped, dedup = apply_duplicate_groups(first_features.frame, first_features.X, root, progress=progress)
+        if dedup.clusters:
+            group_of = dict(zip(grouped["hash"], grouped["group"]))
+            for _, features in loaded:
+                features.frame = features.frame.assign(group=features.frame["hash"].map(group_of))
+        if dedup.message and dedup.message not in dataset.warnings:
+            dataset.warnings.append(dedup.message)   # printed by the CLI and kept in config.json
+    # ---- end of issue 11 hook
     classes = list(dataset.classes)
     label_index = {label: i for i, label in enumerate(classes)}
     tables, frames = {}, {}
@@ -322,6 +339,7 @@ def evaluate(
         "augment": augment, "augment_seed": augment_seed, "augment_policy": policy.to_dict() if policy else None,
         "heads": list(heads), "grids": grids, "folds": folds, "repeats": repeats, "seed": seed, "tta": tta,
         "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
+        "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # issue 11: leakage groups, --exclude/--relabel
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes,
     })
     fitted = sum(r.fitted for r in results.values())

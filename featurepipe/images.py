@@ -36,6 +36,7 @@ __all__ = [
     "augment_image",
     "decode_image",
     "image_size",
+    "perceptual_hash",
     "sample_augment_params",
     "view_rng",
 ]
@@ -543,3 +544,62 @@ def view_rng(content_hash: str, view_index: int, seed: int) -> np.random.Generat
     key = f"featurepipe.augment.v1\0{content_hash}\0{int(view_index)}\0{int(seed)}".encode("utf-8")
     entropy = int.from_bytes(hashlib.sha256(key).digest(), "little")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+# --------------------------------------------------------------------------------------------
+# Perceptual hash (near-duplicate detection)
+# --------------------------------------------------------------------------------------------
+
+# 32x32 grey thumbnail -> 2-D DCT -> the 8x8 lowest frequencies, each bit "above the median".
+# Resizing, re-encoding and mild colour changes barely move the low frequencies, so copies of
+# one photo land within a few bits of each other whatever backbone extracted the features.
+# A crop moves them more: the hash of the central 90% and 80% is kept as well, so a copy cropped
+# by ~10-20% matches one of its original's inner hashes (benchmarks/dedup.py measures this).
+_PHASH_SIDE = 32
+_PHASH_BITS_SIDE = 8
+PHASH_CROPS: tuple[float, ...] = (1.0, 0.9, 0.8)
+
+
+def _phash_of(grey: Image.Image) -> int:
+    from scipy.fft import dctn
+
+    small = grey.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.BOX)
+    low = dctn(np.asarray(small, dtype=np.float64), type=2, norm="ortho")[:_PHASH_BITS_SIDE, :_PHASH_BITS_SIDE].ravel()
+    # The DC term (overall brightness) is left out of the median so it cannot skew every other bit.
+    bits = low > np.median(low[1:])
+    return int(sum(1 << i for i, bit in enumerate(bits) if bit))
+
+
+def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHASH_CROPS) -> tuple[int, ...]:
+    """64-bit DCT perceptual hashes (pHash) of an image file and of its central crops, as unsigned ints.
+
+    One hash per fraction in `crops` (1.0 = the whole image). Decoding follows decode_image (EXIF
+    orientation, alpha on white, frame 0) and raises ImageDecodeError for the same files.
+    Compare two hashes with ``bin(a ^ b).count("1")``.
+    """
+    p = os.fspath(path)
+    with _open(p) as img:
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            img.draft("RGB", (_PHASH_SIDE * 4, _PHASH_SIDE * 4))   # DCT-domain downscale: cheap decode
+        try:
+            img.load()
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except _DECODE_ERRORS:
+            pass
+        try:
+            grey = _to_rgb(img, p).convert("L")
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+    width, height = grey.size
+    out = []
+    for fraction in crops:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"crop fractions must be in (0, 1], got {fraction}")
+        w, h = width * fraction, height * fraction
+        left, top = (width - w) / 2.0, (height - h) / 2.0
+        region = grey if fraction == 1 else grey.crop((int(left), int(top), int(round(left + w)), int(round(top + h))))
+        out.append(_phash_of(region))
+    return tuple(out)

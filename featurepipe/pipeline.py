@@ -18,7 +18,7 @@ import pandas as pd
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import Dataset, scan
-from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate, merge_extract_reports
+from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate, feature_set_name, merge_extract_reports
 from featurepipe.extract import ExtractReport, extract
 from featurepipe.nested import ENSEMBLE_SIZE
 from featurepipe.paths import cache_root
@@ -88,6 +88,10 @@ def run(
     specs: Optional[Sequence[BackboneSpec]] = None,
     nested: bool = True,
     ensemble: int = ENSEMBLE_SIZE,
+    dedup_groups: bool = True,
+    exclude: Optional[str | os.PathLike] = None,
+    relabel: Optional[str | os.PathLike] = None,
+    inspect: bool = True,
 ) -> RunResult:
     """The whole job on DATA; returns where the run was written and what each stage cost.
 
@@ -105,14 +109,29 @@ def run(
         return value
 
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
+    if exclude is not None or relabel is not None:   # issue 11: --exclude / --relabel (recorded in config.json)
+        from featurepipe.fixes import apply_fixes
+
+        dataset = apply_fixes(dataset, exclude, relabel)
     extracts = [timed("extract", extract, dataset, s, root, augment=augment, augment_seed=augment_seed,
                       progress=progress) for s in specs]
     # evaluate() extracts again first; with everything just stored that is a key lookup, no model.
     evaluated = timed("evaluate", evaluate, dataset, specs[0], root, heads=tuple(heads), grids=grids, folds=folds,
                       repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
                       run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
-                      specs=specs, nested=nested, ensemble=ensemble)
+                      specs=specs, nested=nested, ensemble=ensemble, dedup_groups=dedup_groups)
     extracted = merge_extract_reports(extracts)
+    if inspect:   # issue 11: know-your-data sections of the report, from cached features and the run's OOF
+        from featurepipe.inspection import inspect_dataset, oof_from_run
+
+        # On the feature set the search chose: the one whose out-of-fold predictions the run keeps.
+        chosen = next((s for s in specs if feature_set_name(s) == evaluated.best.get("features")), specs[0])
+        timed("inspect", inspect_dataset, dataset, chosen, root, out_dir=evaluated.run_dir / "inspect",
+              oof_source=oof_from_run(evaluated.run_dir), folds=folds, seed=seed, n_jobs=n_jobs, progress=progress)
+    elif (evaluated.run_dir / "inspect" / "inspect.json").exists():   # --no-inspect into a reused run dir
+        import shutil
+
+        shutil.rmtree(evaluated.run_dir / "inspect")
     finetuned = None
     if finetune:
         from featurepipe.finetune import finetune as finetune_fn

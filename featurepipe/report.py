@@ -561,6 +561,12 @@ def _reproduce_args(config: dict) -> list[list[str]]:
         args.append("--tta")
     if config.get("cache_dir"):
         args += ["--cache-dir", str(config["cache_dir"])]
+    # issue 11: runs from before duplicate grouping (no key) or with it off must not gain it when repeated
+    if not (config.get("dedup_groups") or {}).get("enabled", False):
+        args.append("--no-dedup-groups")
+    for edit in ("exclude", "relabel"):
+        if (config.get("edits") or {}).get(edit):
+            args += [f"--{edit}", str(config["edits"][edit]["csv"])]
     groups, index = [args[:3]], 3
     while index < len(args):
         takes_value = index + 1 < len(args) and not args[index + 1].startswith("--")
@@ -698,6 +704,13 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
         if image:
             sections.append((S_DENSE, '<p class="sub">Training curve of the dense head refit on the whole '
                                       'training split (validation: its early-stopping hold-out).</p>' + image))
+
+    # ---- issue 11: know-your-data sections, when the run has an inspect/ folder (featurepipe run writes one)
+    if (run_dir / "inspect" / "inspect.json").exists():
+        from featurepipe.report_inspect import inspect_sections
+
+        sections += inspect_sections(run_dir / "inspect", charts, dataset.get("source"), thumbnails, progress,
+                                     failed_listed_elsewhere=True, run_dir=run_dir)
 
     # ---- reproduce
     tick(S_REPRODUCE)

@@ -23,7 +23,7 @@ def test_second_run_with_nothing_changed_reuses_everything(image_tree, cache, tm
     assert first.extract.extracted == 24 and first.evaluate.fitted > 0
     assert not first.reused_everything and "extracted 24 images" in first.message
     assert first.report_path == tmp_path / "run1" / "report.html" and first.report_path.exists()
-    assert list(first.stages) == ["scan", "extract", "evaluate", "report"]
+    assert list(first.stages) == ["scan", "extract", "evaluate", "inspect", "report"]
     assert first.best["head"] == "logreg" and len(first.leaderboard) == 3
     assert (first.run_dir / "best_head.joblib").exists()
 
@@ -39,7 +39,7 @@ def test_second_run_with_nothing_changed_reuses_everything(image_tree, cache, tm
     assert second.report_path.exists()
     summary = json.loads(json.dumps(second.to_dict()))
     assert summary["reused_everything"] is True and summary["run_dir"] == str(tmp_path / "run2")
-    assert set(summary["stages"]) == {"scan", "extract", "evaluate", "report"}
+    assert set(summary["stages"]) == {"scan", "extract", "evaluate", "inspect", "report"}
     # The run it wrote predicts without any further setup.
     assert predict(second.run_dir, [image_tree / "red"]).reused == 8
 
@@ -54,7 +54,7 @@ def test_a_new_image_is_extracted_and_the_folds_refitted(image_tree, cache, tmp_
 
 def test_finetune_runs_between_evaluate_and_report_and_is_reused_on_a_rerun(image_tree, cache, tmp_path):
     result = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=1)
-    assert list(result.stages) == ["scan", "extract", "evaluate", "finetune", "report"]
+    assert list(result.stages) == ["scan", "extract", "evaluate", "inspect", "finetune", "report"]
     assert result.finetune.epochs_run == 1 and not result.reused_everything and not result.finetune.reused
     assert json.loads(json.dumps(result.to_dict()))["finetune"]["strategy"] == "top-blocks"
     # The colour head is already right on every validation image: one epoch cannot beat it, so the

@@ -1,0 +1,293 @@
+"""Exact and near-duplicate images, clustered into groups that cross-validation keeps in one fold.
+
+Two copies of one photo in different folds inflate every score: the head is validated on an image
+it was trained on. Three kinds of evidence mark a pair of images as copies:
+
+- the same content hash (byte-identical files);
+- cosine similarity of their cached features (centred, L2-normalised) >= `cosine_threshold`, and
+  their feature distance (1 - cosine) at most FEATURE_RELATIVE x the median nearest-neighbour
+  distance of the dataset: a weak or saturated backbone (every photo of a class at cosine 0.99)
+  must not turn whole classes into one "copy" group;
+- Hamming distance of their 64-bit perceptual hashes <= `hamming_threshold`, which catches
+  resized / re-encoded copies whatever backbone extracted the features; the distance is the
+  smallest between one image's whole-image hash and the other's hashes of its central 100/90/80%,
+  so cropped copies match too;
+- both moderately close (Hamming <= JOINT_HAMMING and cosine >= JOINT_COSINE): heavily degraded
+  copies (shrunk, cropped and re-encoded at once) that neither test alone is sure of; here too the
+  feature distance must be below JOINT_RELATIVE x the median nearest-neighbour distance.
+
+Pairs are joined into groups with union-find (a~b and b~c puts a, b and c in one group), and
+those groups are merged with the user's own groups. Pure functions on arrays; the only I/O is
+`duplicate_groups`, which asks perceptual.py for the (cached) hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Measured on data/demo with 20 planted copies, 6 seeds (benchmarks/dedup.py, see README "inspect"):
+# distinct demo photos reach at most cosine 0.79 and at least Hamming 12 (10 with more crop
+# hashes); re-encoded copies sit at Hamming 0-2, crops at cosine 0.79-0.95 and Hamming 2-12,
+# shrunk+cropped+re-encoded copies anywhere from cosine 0.3 / Hamming 26 to cosine 0.8 / Hamming 4.
+DEFAULT_COSINE = 0.85
+DEFAULT_HAMMING = 10
+JOINT_HAMMING = 16
+JOINT_COSINE = 0.60
+# On data/demo the median nearest-neighbour distance is ~0.46 and the closest distinct photos sit at
+# 0.44-0.47 of it; the absolute thresholds above correspond to ~0.33 (0.85) and ~0.87 (0.60) of it.
+FEATURE_RELATIVE = 0.35
+JOINT_RELATIVE = 0.9
+BLOCK = 1024   # rows per block of the pairwise comparison: memory stays O(BLOCK * n)
+
+
+@dataclass
+class DuplicateReport:
+    pairs: pd.DataFrame          # one row per pair i<j: i, j, cosine, hamming, evidence
+    cluster: np.ndarray          # (n,) int: rows sharing a value are copies of each other
+    cosine_threshold: float
+    hamming_threshold: int
+    phash_failed: int = 0        # images whose perceptual hash could not be computed (features-only test)
+
+    @property
+    def clusters(self) -> list[np.ndarray]:
+        """Row indices of every cluster with more than one member, largest first."""
+        ids, counts = np.unique(self.cluster, return_counts=True)
+        multi = ids[counts > 1]
+        groups = [np.flatnonzero(self.cluster == c) for c in multi]
+        return sorted(groups, key=lambda g: (-len(g), g[0]))
+
+    @property
+    def duplicated_rows(self) -> int:
+        return int(sum(len(c) for c in self.clusters))
+
+
+def normalized(X: np.ndarray) -> np.ndarray:
+    """Rows centred on the dataset mean and scaled to unit length.
+
+    Pooled CNN features are non-negative, so raw cosines of unrelated photos are already ~0.7;
+    centring spreads them out so one threshold means "copy" across backbones.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if len(X) == 0:
+        return X
+    centred = X - X.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / np.where(norms > 0, norms, 1.0)
+
+
+def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise bit differences between two arrays of uint64 hashes."""
+    return np.bitwise_count(np.asarray(a, np.uint64)[:, None] ^ np.asarray(b, np.uint64)[None, :]).astype(np.int16)
+
+
+def phash_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Crop-tolerant distance between rows of (n, k) and (m, k) hash arrays, column 0 = whole image:
+    the smallest Hamming distance of a whole-image hash to any hash of the other image."""
+    d = hamming_matrix(a[:, 0], b[:, 0])
+    for k in range(1, a.shape[1]):
+        d = np.minimum(d, hamming_matrix(a[:, 0], b[:, k]))
+        d = np.minimum(d, hamming_matrix(a[:, k], b[:, 0]))
+    return d
+
+
+def find_duplicates(
+    X: np.ndarray,
+    content_hashes: Sequence[str],
+    phashes: Optional[Sequence[Optional[Sequence[int]]]] = None,
+    cosine_threshold: float = DEFAULT_COSINE,
+    hamming_threshold: int = DEFAULT_HAMMING,
+    joint: Optional[tuple[int, float]] = (JOINT_HAMMING, JOINT_COSINE),
+) -> DuplicateReport:
+    """Every pair of rows that are copies by content hash, feature cosine or perceptual hash.
+
+    `phashes[i]` is row i's hashes (whole image first, then central crops; see
+    images.perceptual_hash) or None when it has none (the perceptual tests are skipped for it).
+    `joint` = (max Hamming, min cosine) for pairs close on both; None turns that rule off.
+    """
+    X = np.asarray(X)
+    n = len(X)
+    hashes = np.asarray([str(h) for h in content_hashes], dtype=object)
+    if len(hashes) != n:
+        raise ValueError(f"{len(hashes)} content hashes for {n} feature rows")
+    have_ph = np.zeros(n, dtype=bool)
+    width = max((len(v) for v in (phashes or []) if v is not None), default=1)
+    ph = np.zeros((n, width), dtype=np.uint64)
+    if phashes is not None:
+        if len(phashes) != n:
+            raise ValueError(f"{len(phashes)} perceptual hashes for {n} feature rows")
+        for i, value in enumerate(phashes):
+            if value is not None:
+                values = [int(v) for v in value]
+                have_ph[i] = True
+                ph[i] = values + [values[0]] * (width - len(values))   # missing crops: the whole image
+    Z = normalized(X)
+    typical = median_neighbour_distance(Z, hashes)
+    rows_i, rows_j, cos_out, ham_out, kinds = [], [], [], [], []
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        cos = Z[start:stop] @ Z.T                       # (block, n)
+        ham = phash_distances(ph[start:stop], ph)
+        both = have_ph[start:stop, None] & have_ph[None, :]
+        same = hashes[start:stop, None] == hashes[None, :]
+        by_cos = (cos >= cosine_threshold) & (1 - cos <= FEATURE_RELATIVE * typical)
+        by_ham = both & (ham <= hamming_threshold)
+        by_joint = (both & (ham <= joint[0]) & (cos >= joint[1]) & (1 - cos <= JOINT_RELATIVE * typical)
+                    if joint is not None else np.zeros_like(by_cos))
+        hit = same | by_cos | by_ham | by_joint
+        upper = np.arange(start, stop)[:, None] < np.arange(n)[None, :]
+        bi, j = np.nonzero(hit & upper)
+        for b, jj in zip(bi, j):
+            if same[b, jj]:
+                kind = "content hash"
+            else:
+                kind = "+".join(k for k, on in (("features", by_cos[b, jj]), ("perceptual hash", by_ham[b, jj]))
+                                if on) or "features and perceptual hash, both moderately close"
+            rows_i.append(start + b)
+            rows_j.append(int(jj))
+            cos_out.append(float(cos[b, jj]))
+            ham_out.append(int(ham[b, jj]) if both[b, jj] else -1)
+            kinds.append(kind)
+    pairs = pd.DataFrame({"i": np.asarray(rows_i, dtype=int), "j": np.asarray(rows_j, dtype=int),
+                          "cosine": np.asarray(cos_out, dtype=float), "hamming": np.asarray(ham_out, dtype=int),
+                          "evidence": kinds})
+    return DuplicateReport(pairs, union_find(n, zip(pairs["i"], pairs["j"])), float(cosine_threshold),
+                           int(hamming_threshold))
+
+
+def median_neighbour_distance(Z: np.ndarray, hashes: np.ndarray) -> float:
+    """Median over rows of 1 - cosine to the nearest other row with different content (inf if < 3 rows)."""
+    n = len(Z)
+    if n < 3:
+        return float("inf")
+    nearest = np.empty(n)
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        distance = 1.0 - Z[start:stop] @ Z.T
+        distance[hashes[start:stop, None] == hashes[None, :]] = np.inf     # itself and byte-identical copies
+        nearest[start:stop] = distance.min(axis=1)
+    finite = nearest[np.isfinite(nearest)]
+    return float(np.median(finite)) if len(finite) else float("inf")
+
+
+def union_find(n: int, edges) -> np.ndarray:
+    """Connected components of `n` nodes joined by `edges`; labels are the smallest member index."""
+    parent = list(range(n))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in edges:
+        ra, rb = root(int(a)), root(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.asarray([root(i) for i in range(n)], dtype=int)
+
+
+def merge_groups(cluster: np.ndarray, user_groups: Optional[Sequence] = None) -> np.ndarray:
+    """Group ids (strings) that keep both the duplicate clusters and the user's groups whole.
+
+    Rows without a user group (None/NaN) are their own group unless a cluster joins them to others;
+    a cluster touching two user groups merges them (a copy in each would otherwise leak).
+    """
+    cluster = np.asarray(cluster, dtype=int)
+    n = len(cluster)
+    edges = [(i, int(c)) for i, c in enumerate(cluster) if c != i]
+    if user_groups is not None:
+        first: dict[str, int] = {}
+        for i, g in enumerate(user_groups):
+            if g is None or (isinstance(g, float) and np.isnan(g)):
+                continue
+            key = str(g)
+            if key in first:
+                edges.append((i, first[key]))
+            else:
+                first[key] = i
+    labels = union_find(n, edges)
+    names = {}
+    if user_groups is not None:
+        for i, g in enumerate(user_groups):
+            if g is not None and not (isinstance(g, float) and np.isnan(g)):
+                names.setdefault(labels[i], str(g))
+    return np.asarray([names.get(labels[i], f"dup:{labels[i]}") for i in range(n)], dtype=object)
+
+
+def straddling_pairs(pairs: pd.DataFrame, folds) -> list[int]:
+    """For each fold, how many duplicate pairs have one image in training and one in validation."""
+    out = []
+    for fold in folds:
+        val = np.zeros(int(max(pairs[["i", "j"]].to_numpy().max(initial=-1) + 1,
+                               max(np.max(fold.val_idx, initial=-1), np.max(fold.train_idx, initial=-1)) + 1)),
+                       dtype=np.int8)
+        val[np.asarray(fold.train_idx, dtype=int)] = 1
+        val[np.asarray(fold.val_idx, dtype=int)] = 2
+        a = val[pairs["i"].to_numpy(dtype=int)]
+        b = val[pairs["j"].to_numpy(dtype=int)]
+        out.append(int(np.sum(((a == 1) & (b == 2)) | ((a == 2) & (b == 1)))))
+    return out
+
+
+# ------------------------------------------------------------------------------ the evaluate hook
+
+
+@dataclass
+class DedupGrouping:
+    enabled: bool
+    clusters: int                 # duplicate clusters (2+ images) among the rows
+    images_in_clusters: int
+    groups: int                   # distinct groups CV will see (0 when folds stay ungrouped)
+    pairs: int
+    cosine_threshold: float
+    hamming_threshold: int
+    phash_failed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @property
+    def message(self) -> str:
+        """What the user is told when grouping changed the folds ("" when it did not)."""
+        if not (self.enabled and self.clusters):
+            return ""
+        return (f"{self.clusters} group(s) of near-duplicate images ({self.images_in_clusters} images) are kept in "
+                f"one CV fold each (see `featurepipe inspect`; --no-dedup-groups turns this off)")
+
+
+def apply_duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optional[Path],
+                           cosine_threshold: float = DEFAULT_COSINE, hamming_threshold: int = DEFAULT_HAMMING,
+                           progress=None) -> tuple[pd.DataFrame, DedupGrouping]:
+    """The frame with its "group" column set so that near-duplicates share a group (merged with user groups).
+
+    When no duplicates are found the frame is returned unchanged (same folds as without the hook).
+    """
+    groups, report = duplicate_groups(frame, X, cache_root, cosine_threshold, hamming_threshold, progress)
+    info = DedupGrouping(True, len(report.clusters), report.duplicated_rows, 0, len(report.pairs),
+                         report.cosine_threshold, report.hamming_threshold, report.phash_failed)
+    if not report.clusters:
+        return frame, info
+    frame = frame.copy()
+    frame["group"] = groups
+    info.groups = int(pd.Series(groups).nunique())
+    return frame, info
+
+
+def duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optional[Path],
+                     cosine_threshold: float = DEFAULT_COSINE, hamming_threshold: int = DEFAULT_HAMMING,
+                     progress=None) -> tuple[np.ndarray, DuplicateReport]:
+    """Group ids for `frame`'s rows (user groups merged with duplicate clusters) and the duplicates found."""
+    from featurepipe.perceptual import perceptual_hashes
+
+    first_path = frame.drop_duplicates("hash").set_index("hash")["path"].to_dict()
+    ph = perceptual_hashes(first_path, cache_root, progress=progress)
+    report = find_duplicates(X, frame["hash"].tolist(), [ph.hashes.get(h) for h in frame["hash"]],
+                             cosine_threshold, hamming_threshold)
+    report.phash_failed = len(ph.failed)
+    user = frame["group"].tolist() if "group" in frame.columns and frame["group"].notna().any() else None
+    return merge_groups(report.cluster, user), report

@@ -1,0 +1,421 @@
+"""Know your data: near-duplicates, label issues, outliers, learning curve, embedding map, fixes, and
+how evaluate/run use them."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from typer.testing import CliRunner
+
+from featurepipe import pipeline
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.cli import app
+from featurepipe.crossval import FeatureTable, Fold
+from featurepipe.dataset import scan
+from featurepipe.dedup import find_duplicates, merge_groups, phash_distances, straddling_pairs, union_find
+from featurepipe.errors import DatasetError, ImageDecodeError
+from featurepipe.evaluate import evaluate
+from featurepipe.fixes import apply_fixes
+from featurepipe.images import perceptual_hash
+from featurepipe.inspection import LABEL_C, inspect_dataset, oof_from_cv, oof_from_run
+from featurepipe.label_issues import knn_outliers, label_issues
+from featurepipe.learning_curve import learning_curve
+from featurepipe.perceptual import perceptual_hashes
+from tests.conftest import COLOURS, make_image
+
+TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
+
+
+def _photo(path, seed, size=(160, 120)):
+    """A structured picture (shapes on a gradient): what perceptual hashes are made for."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, size[0])[None, :, None]
+    y = np.linspace(0, 1, size[1])[:, None, None]
+    base = (rng.uniform(0, 255, 3) * x + rng.uniform(0, 255, 3) * y) / 2 + rng.uniform(0, 80, 3)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, size[0] - 20), rng.integers(0, size[1] - 20)
+        draw.ellipse([x0, y0, x0 + rng.integers(15, 60), y0 + rng.integers(15, 50)],
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def _bits(a, b):
+    return bin(a ^ b).count("1")
+
+
+# ------------------------------------------------------------------------------ perceptual hash
+
+
+def test_perceptual_hash_survives_resize_reencode_and_crop_but_tells_photos_apart(tmp_path):
+    original = _photo(tmp_path / "a.png", 1)
+    with Image.open(original) as im:
+        im.resize((80, 60)).save(tmp_path / "small.png")
+        im.save(tmp_path / "low.jpg", quality=40)
+        im.crop((10, 7, 150, 112)).save(tmp_path / "crop.png")   # ~12% off: only the crop hashes match
+    hashes = {p.stem: perceptual_hash(p) for p in tmp_path.iterdir()}
+    others = [perceptual_hash(_photo(tmp_path / f"other{i}.png", 100 + i)) for i in range(8)]
+    table = np.asarray([hashes[k] for k in ("a", "small", "low", "crop")] + others, dtype=np.uint64)
+    d = phash_distances(table, table)
+    assert d[0, 1] <= 4 and d[0, 2] <= 6          # resize and re-encode barely move the hash
+    assert d[0, 3] <= 10                          # the crop matches the original's 90%/80% hash
+    assert _bits(hashes["a"][0], hashes["crop"][0]) > d[0, 3]   # ...better than the whole-image hash does
+    assert d[0, 4:].min() > 14 and len(hashes["a"]) == 3
+
+
+def test_perceptual_hash_rejects_bad_files_like_decode_image(tmp_path):
+    bad = tmp_path / "page.jpg"
+    bad.write_text("<html>not found</html>")
+    with pytest.raises(ImageDecodeError, match="text"):
+        perceptual_hash(bad)
+
+
+def test_perceptual_hashes_are_cached_per_content_and_failures_remembered(tmp_path, monkeypatch):
+    good = _photo(tmp_path / "a.png", 1)
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    first = perceptual_hashes({"h1": str(good), "h2": str(bad)}, tmp_path / "cache")
+    assert set(first.hashes) == {"h1"} and set(first.failed) == {"h2"} and first.computed == 2
+    import featurepipe.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "perceptual_hash", lambda p: (_ for _ in ()).throw(AssertionError("decoded")))
+    second = perceptual_hashes({"h1": str(good), "h2": str(bad)}, tmp_path / "cache")
+    assert second.hashes == first.hashes and second.failed == first.failed and second.computed == 0
+
+
+# ------------------------------------------------------------------------------ duplicates (pure)
+
+
+def test_find_duplicates_by_hash_cosine_and_phash_clusters_transitively():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 32))
+    X[1] = X[0] + rng.normal(scale=0.01, size=32)     # near copy of 0 in feature space
+    X[4] = X[3]                                       # byte-identical files
+    hashes = ["a", "b", "c", "d", "d", "f"]
+    r = [int(v) for v in rng.integers(0, 2**63, size=18)]             # random hashes: ~32 bits apart
+    ph = [tuple(r[0:3]), tuple(r[3:6]), (r[0] ^ 0b11, r[6], r[7]), tuple(r[9:12]), tuple(r[9:12]), tuple(r[15:18])]
+    # row 2's whole-image hash is 2 bits from row 0's; every other pair is far apart
+    report = find_duplicates(X, hashes, ph, cosine_threshold=0.95, hamming_threshold=3, joint=None)
+    pairs = {(i, j): e for i, j, e in zip(report.pairs["i"], report.pairs["j"], report.pairs["evidence"])}
+    assert pairs[(3, 4)] == "content hash"
+    assert "features" in pairs[(0, 1)] and pairs[(0, 2)] == "perceptual hash"
+    assert report.cluster[0] == report.cluster[1] == report.cluster[2]      # 1~0~2: one group
+    assert len({report.cluster[5], report.cluster[0], report.cluster[3]}) == 3
+    assert [list(c) for c in report.clusters] == [[0, 1, 2], [3, 4]]
+    off = find_duplicates(X, hashes, None, cosine_threshold=1.1, hamming_threshold=-1, joint=None)
+    assert [(int(i), int(j)) for i, j in zip(off.pairs["i"], off.pairs["j"])] == [(3, 4)]
+
+
+def test_merge_groups_keeps_user_groups_and_joins_them_through_copies():
+    cluster = union_find(6, [(0, 3)])
+    groups = merge_groups(cluster, ["u1", "u1", "u2", None, None, "u2"])
+    assert groups[0] == groups[1] == groups[3]              # user group u1 plus 3, a copy of 0
+    assert groups[2] == groups[5] and groups[2] != groups[0]
+    assert groups[4] not in (groups[0], groups[2])          # no user group, no copy: its own
+    joined = merge_groups(union_find(4, [(0, 2)]), ["x", "x", "y", "y"])
+    assert len(set(joined)) == 1                             # a copy in x and in y merges x and y
+
+
+def test_straddling_pairs_counts_pairs_split_across_train_and_validation():
+    pairs = pd.DataFrame({"i": [0, 2], "j": [1, 3]})
+    folds = [Fold(0, 0, np.array([1, 2, 3]), np.array([0])), Fold(0, 1, np.array([0, 1]), np.array([2, 3]))]
+    assert straddling_pairs(pairs, folds) == [1, 0]
+
+
+# ------------------------------------------------------------------------------ label issues
+
+
+def test_label_issue_ranking_matches_an_independent_sklearn_numpy_computation():
+    """Recompute OOF probabilities with plain scikit-learn and the confident-learning scores with numpy."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 20)) * 2
+    y = np.repeat(np.arange(3), 20)
+    X = centres[y] + rng.normal(size=(60, 20))
+    flipped = [0, 25, 47]
+    y_given = y.copy()
+    y_given[flipped] = (y[flipped] + 1) % 3
+    classes = ["a", "b", "c"]
+    table = FeatureTable(X, y_given, classes, [f"img{i}" for i in range(60)])
+    proba = oof_from_cv(None, C=LABEL_C, folds=5, seed=0, n_jobs=1)(table)
+
+    model = make_pipeline(StandardScaler(), Normalizer(),
+                          LogisticRegression(C=LABEL_C, max_iter=1000, random_state=0))
+    expected = cross_val_predict(model, X, y_given, cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                                 method="predict_proba")
+    np.testing.assert_allclose(proba, expected, atol=1e-6)
+
+    p_given = expected[np.arange(60), y_given]
+    other = expected.copy()
+    other[np.arange(60), y_given] = -1
+    margin = p_given - other.max(axis=1)
+    t = np.array([expected[y_given == k, k].mean() for k in range(3)])
+    flagged = np.array([any(expected[i, k] >= t[k] and k != y_given[i] and expected[i, k] > p_given[i]
+                            for k in range(3)) for i in range(60)])
+    order = sorted(range(60), key=lambda i: (not flagged[i], margin[i], i))
+
+    issues = label_issues(proba, y_given, classes)
+    assert issues.suspects()["row"].tolist() == order
+    np.testing.assert_allclose(issues.thresholds, t, atol=1e-9)
+    assert set(issues.suspects(5)["row"]) >= set(flipped)     # the flips are the top suspects
+    top = issues.table.set_index("row").loc[flipped]
+    assert list(top["suggested"]) == [classes[k] for k in y[flipped]]
+
+
+def test_label_issues_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="proba must be"):
+        label_issues(np.ones((4, 2)) / 2, np.zeros(4, dtype=int), ["a", "b", "c"])
+
+
+def test_knn_outliers_flags_the_far_image_and_ignores_copies():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 16)) * 0.1 + 1.0
+    X[7] = -5 * np.ones(16) + rng.normal(size=16)       # far from everything
+    result = knn_outliers(X)
+    assert result.flagged[7] and result.flagged.sum() <= 2 and int(np.argmax(result.score)) == 7
+    X2 = np.vstack([X, X[7]])                            # a copy of the outlier: still an outlier
+    cluster = np.arange(41)
+    cluster[40] = 7
+    assert knn_outliers(X2, cluster).flagged[7]
+    assert not knn_outliers(X[:2]).flagged.any()         # too few images: nothing flagged, no crash
+
+
+# ------------------------------------------------------------------------------ learning curve
+
+
+def test_learning_curve_points_and_plain_reading():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(2), 30)
+    X = rng.normal(size=(60, 8)) + y[:, None] * 0.8
+
+    def head():
+        return LogisticRegression(C=1.0, max_iter=500)
+
+    curve = learning_curve(X, y, head, sizes=(5, 10, 20), draws=2, folds=3)
+    assert curve.points["label"].tolist()[:3] == ["5", "10", "all (~20)"]   # 20 is not below the fold's 20
+    assert curve.points["fits"].tolist() == [6, 6, 3]
+    assert curve.reading.startswith(("accuracy is still rising", "flat"))
+    assert (curve.points["accuracy_mean"] > 0.5).all()
+
+
+def test_learning_curve_on_a_tiny_dataset_explains_instead_of_crashing():
+    X = np.random.default_rng(0).normal(size=(6, 4))
+    with pytest.raises(ValueError, match="smallest class has only"):
+        learning_curve(X, np.array([0, 0, 0, 1, 1, 1]), lambda: LogisticRegression(), folds=3)
+
+
+# ------------------------------------------------------------------------------ fixes
+
+
+def test_exclude_and_relabel_change_only_the_table_and_record_it(image_tree, cache, tmp_path):
+    dataset = scan(image_tree, cache_dir=cache)
+    (tmp_path / "out.csv").write_text(f"path\n{image_tree / 'red' / 'red0.png'}\nred/red1.png\n")
+    (tmp_path / "fix.csv").write_text("path,given,suggested\nblue/blue0.png,blue,green\n")
+    fixed = apply_fixes(dataset, tmp_path / "out.csv", tmp_path / "fix.csv")
+    assert len(fixed) == len(dataset) - 2
+    assert fixed.frame.set_index("path").loc[str(image_tree / "blue" / "blue0.png"), "label"] == "green"
+    assert fixed.edits["relabel"]["column"] == "suggested"
+    assert fixed.edits["relabel"]["changed"] == [{"path": str(image_tree / "blue" / "blue0.png"),
+                                                 "from": "blue", "to": "green"}]
+    assert len(fixed.edits["exclude"]["paths"]) == 2
+    assert dataset.frame["label"].tolist().count("blue") == 8        # the scanned dataset is untouched
+
+    (tmp_path / "typo.csv").write_text("path\nred/rde0.png\n")
+    with pytest.raises(DatasetError, match="match no image.*rde0"):
+        apply_fixes(dataset, exclude=tmp_path / "typo.csv")
+    (tmp_path / "newclass.csv").write_text("path,label\nred/red2.png,purple\n")
+    with pytest.raises(DatasetError, match="purple.*not classes"):
+        apply_fixes(dataset, relabel=tmp_path / "newclass.csv")
+    (tmp_path / "nocol.csv").write_text("file\nred/red2.png\n")
+    with pytest.raises(DatasetError, match="no 'path' column"):
+        apply_fixes(dataset, exclude=tmp_path / "nocol.csv")
+
+
+# ------------------------------------------------------------------------------ the stage, end to end
+
+
+@pytest.fixture
+def dup_tree(image_tree):
+    """image_tree plus a resized copy of red0 (in red), a copy of green0 filed as blue, and a broken file."""
+    with Image.open(image_tree / "red" / "red0.png") as im:
+        im.resize((96, 80)).save(image_tree / "red" / "red0_big.png")
+    with Image.open(image_tree / "green" / "green0.png") as im:
+        im.save(image_tree / "blue" / "green0_as_blue.jpg", quality=95)
+    (image_tree / "blue" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    return image_tree
+
+
+def test_inspect_finds_copies_label_errors_and_lists_the_broken_file_once(dup_tree, cache, tmp_path):
+    dataset = scan(dup_tree, cache_dir=cache)
+    result = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp", folds=3, n_jobs=1)
+    out = tmp_path / "insp"
+    for name in ("inspect.json", "duplicates.csv", "suspects.csv", "embedding.csv"):
+        assert (out / name).exists(), name
+    assert [f["path"] for f in result.failed] == [str(dup_tree / "blue" / "broken.png")]
+    everywhere = pd.concat([pd.read_csv(out / "label_scores.csv")["path"], pd.read_csv(out / "embedding.csv")["path"],
+                            result.duplicates["path_a"], result.duplicates["path_b"]])
+    assert not everywhere.str.contains("broken").any()                  # in no analysis
+    pairs = {frozenset((a.split("/")[-1], b.split("/")[-1])) for a, b in
+             zip(result.duplicates["path_a"], result.duplicates["path_b"])}
+    assert frozenset(("red0.png", "red0_big.png")) in pairs
+    assert frozenset(("green0.png", "green0_as_blue.jpg")) in pairs
+    cross = result.duplicates[result.duplicates["cross_class"]]
+    assert len(cross) == 1 and {cross.iloc[0]["label_a"], cross.iloc[0]["label_b"]} == {"green", "blue"}
+    summary = json.loads((out / "inspect.json").read_text())
+    assert summary["duplicates"]["cross_class_pairs"] == 1 and summary["duplicates"]["clusters"] == 2
+    d = summary["duplicates"]
+    assert d["folds"] == 3 and 0 <= d["pairs_leaking"] <= 2 and sum(d["pairs_straddling"]) == 2 * d["pairs_leaking"]
+    assert d["leaked_folds"] == len({f for f, n in enumerate(d["pairs_straddling"]) if n})
+    assert summary["images"] == 26 and summary["balance"]["counts"] == {"blue": 9, "green": 8, "red": 9}
+    scores = pd.read_csv(out / "label_scores.csv")
+    assert scores.iloc[0]["path"].endswith("green0_as_blue.jpg")   # filed as blue, looks green
+    assert scores.iloc[0]["suggested"] == "green"
+    assert len(scores) == 26 and scores["rank"].tolist() == list(range(1, 27))
+    suspects = pd.read_csv(out / "suspects.csv")                   # the short, editable list
+    assert suspects["path"].tolist() == scores["path"].tolist()[:len(suspects)] and 15 <= len(suspects) < 26
+    # 3-fold training parts hold 5-6 images per class: too few for the curve's smallest size, 5
+    assert "fewer than the smallest size" in summary["notes"]["learning_curve"]
+    assert not (out / "learning_curve.csv").exists()
+    assert summary["embedding"]["tsne"] is True
+    # a second call with nothing changed reuses the whole result
+    again = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp2", folds=3, n_jobs=1)
+    assert again.summary["reused"] is True and again.summary["duplicates"] == summary["duplicates"]
+
+
+def test_inspect_on_a_tiny_dataset_explains_every_section(tmp_path, cache):
+    root = tmp_path / "tiny"
+    for c, (name, colour) in enumerate(list(COLOURS.items())[:2]):
+        for i in range(2):
+            make_image(root / name / f"{name}{i}.png", colour, seed=10 * c + i)
+    result = inspect_dataset(scan(root, cache_dir=cache), TINY, cache, out_dir=tmp_path / "insp", n_jobs=1)
+    notes = result.summary["notes"]
+    assert "learning_curve" in notes and "embedding" not in notes      # 4 images: a map, no curve
+    from featurepipe.report_inspect import SECTIONS, write_inspect_report
+
+    page = write_inspect_report(tmp_path / "insp").read_text()
+    for title in SECTIONS:
+        assert f">{title}</h2>" in page
+    assert "Not computed:" in page
+
+
+def test_oof_from_run_reads_the_best_configuration_and_refuses_foreign_runs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best_head.json").write_text(json.dumps({"head": "logreg", "params": {"C": 1.0}, "augment": "none"}))
+    rows = []
+    for head, params, p in (("logreg", '{"C": 1.0}', 0.9), ("linear_svm", '{"C": 1.0}', 0.1)):
+        for repeat, shift in ((0, 0.0), (1, -0.1)):
+            rows += [{"head": head, "params": params, "augment": "none", "repeat": repeat, "path": "x.png",
+                      "p[a]": p + shift, "p[b]": 1 - p - shift}]
+    pd.DataFrame(rows).to_csv(run / "oof_predictions.csv", index=False)
+    table = FeatureTable(np.zeros((1, 2)), np.array([0]), ["a", "b"], ["x.png"])
+    np.testing.assert_allclose(oof_from_run(run)(table), [[0.85, 0.15]])    # logreg only, mean of repeats
+    with pytest.raises(Exception, match="no prediction for 1 image"):
+        oof_from_run(run)(FeatureTable(np.zeros((1, 2)), np.array([0]), ["a", "b"], ["y.png"]))
+
+
+# ------------------------------------------------------------------------------ evaluate / run / CLI
+
+
+def _evaluate(tree, cache, run_dir, **kwargs):
+    return evaluate(scan(tree, cache_dir=cache), TINY, cache, heads=("logreg",), folds=3, n_jobs=1,
+                    run_dir=run_dir, **kwargs)
+
+
+def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path):
+    _evaluate(dup_tree, cache, tmp_path / "on")
+    config = json.loads((tmp_path / "on" / "config.json").read_text())
+    assert config["dedup_groups"]["enabled"] is True and config["dedup_groups"]["clusters"] == 2
+    assert config["dedup_groups"]["groups"] == 26 - 2                  # two pairs became two groups
+    oof = pd.read_csv(tmp_path / "on" / "oof_predictions.csv")
+    folds = dict(zip(oof["path"].str.split("/").str[-1], oof["fold"]))
+    assert folds["red0.png"] == folds["red0_big.png"] and folds["green0.png"] == folds["green0_as_blue.jpg"]
+    _evaluate(dup_tree, cache, tmp_path / "off", dedup_groups=False)
+    config = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert config["dedup_groups"]["enabled"] is False
+
+
+def test_evaluate_without_copies_gives_the_same_results_as_before(image_tree, cache, tmp_path):
+    on = _evaluate(image_tree, cache, tmp_path / "on")
+    off = _evaluate(image_tree, cache, tmp_path / "off", dedup_groups=False)
+    assert off.fitted == 0                                              # same folds: every fold reused
+    pd.testing.assert_frame_equal(on.leaderboard, off.leaderboard)
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["dedup_groups"]["clusters"] == 0
+
+
+def test_run_relabel_reuses_features_and_the_report_has_the_inspect_sections(dup_tree, cache, tmp_path):
+    first = pipeline.run(dup_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=tmp_path / "run1", n_jobs=1)
+    assert list(first.stages) == ["scan", "extract", "evaluate", "inspect", "report"]
+    page = first.report_path.read_text()
+    for title in ("Near-duplicates and leakage", "Label issues", "Outliers", "Class balance", "Learning curve",
+                  "Embedding map"):
+        assert f">{title}</h2>" in page
+    assert page.count("broken.png</span>") == 1       # listed once (run section; config.json dump aside)
+    suspects = pd.read_csv(tmp_path / "run1" / "inspect" / "suspects.csv")
+    suspects.head(1)[["path", "suggested"]].to_csv(tmp_path / "fixes.csv", index=False)
+    second = pipeline.run(dup_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=tmp_path / "run2", n_jobs=1,
+                          relabel=tmp_path / "fixes.csv")
+    assert second.extract.extracted == 0 and second.evaluate.fitted > 0
+    config = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert config["edits"]["relabel"]["changed"][0]["to"] == "green"
+    assert "--relabel" in second.report_path.read_text()
+
+
+def test_cli_inspect_json_and_evaluate_flags(dup_tree, cache, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(dup_tree), "--backbone", "tiny", "--weights", "random",
+                                 "--image-size", "32", "--folds", "3", "--jobs", "1", "--cache-dir", str(cache),
+                                 "--out", str(tmp_path / "insp"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["duplicates"]["pairs"] == 2 and summary["html"].endswith("inspect.html")
+    assert len(summary["failed"]) == 1
+    text = runner.invoke(app, ["inspect", str(dup_tree), "--backbone", "tiny", "--weights", "random",
+                               "--image-size", "32", "--folds", "3", "--jobs", "1", "--cache-dir", str(cache),
+                               "--out", str(tmp_path / "insp2"), "--top", "3"])
+    assert text.exit_code == 0, text.output
+    assert "near-duplicates: 2 pair(s)" in text.stdout and "green0_as_blue.jpg" in text.stdout
+    (tmp_path / "bad.csv").write_text("path\nnope.png\n")
+    bad = runner.invoke(app, ["evaluate", str(dup_tree), "--backbone", "tiny", "--weights", "random",
+                              "--image-size", "32", "--heads", "logreg", "--folds", "3", "--cache-dir", str(cache),
+                              "--exclude", str(tmp_path / "bad.csv")])
+    assert bad.exit_code == 2 and "match no image" in bad.output
+
+
+def test_inspect_reports_copies_across_splits_and_scores_only_training_images(tmp_path, cache):
+    root = tmp_path / "splits"
+    for split, n in (("train", 6), ("test", 2)):
+        for c, (name, colour) in enumerate(list(COLOURS.items())[:2]):
+            for i in range(n):
+                make_image(root / split / name / f"{split}_{name}{i}.png", colour, seed=1000 * c + 10 * i + len(split))
+    with Image.open(root / "train" / "red" / "train_red0.png") as im:
+        im.resize((60, 50)).save(root / "test" / "red" / "leaked.png")
+    result = inspect_dataset(scan(root, cache_dir=cache), TINY, cache, out_dir=tmp_path / "insp", folds=3, n_jobs=1)
+    leaked = result.duplicates[result.duplicates["cross_split"]]
+    assert len(leaked) == 1 and set(leaked.iloc[0][["split_a", "split_b"]]) == {"train", "test"}
+    assert result.summary["duplicates"]["cross_split_pairs"] == 1
+    assert result.summary["train_images"] == 12 and len(result.suspects) == 12
+    assert not result.suspects["path"].str.contains("/test/").any()
+
+
+def test_report_marks_inspect_results_of_an_earlier_evaluation_stale(image_tree, cache, tmp_path):
+    from featurepipe.report import write_report
+
+    run = tmp_path / "run"
+    pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1)
+    assert "earlier evaluation" not in (run / "report.html").read_text()
+    (tmp_path / "fix.csv").write_text("path,label\nred/red0.png,blue\n")
+    evaluate(apply_fixes(scan(image_tree, cache_dir=cache), relabel=tmp_path / "fix.csv"), TINY, cache,
+             heads=("logreg",), folds=3, n_jobs=1, run_dir=run)          # new OOF, old inspect/
+    assert "earlier evaluation" in write_report(run).html_path.read_text()
+    pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1, inspect=False)
+    assert not (run / "inspect").exists() and "Label issues" not in (run / "report.html").read_text()
