@@ -394,8 +394,8 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
     order = {(c.features, c.head, c.params, c.augment): i for i, c in enumerate(ranked)}
     board["_order"] = [order.get(k, len(order)) for k in zip(board["features"], board["head"], board["params"], board["augment"])]
     board = board.sort_values("_order", kind="mergesort").drop(columns="_order").reset_index(drop=True)
-    board.insert(0, "rank", np.arange(1, len(board) + 1))
-    board.insert(1, "features", board.pop("features"))
+    board = pd.concat([pd.DataFrame({"rank": np.arange(1, len(board) + 1), "features": board["features"]}),
+                       board.drop(columns="features")], axis=1)
     fold_table = pd.concat(fold_parts, ignore_index=True)
     fold_table.insert(0, "features", fold_table.pop("features"))
     oof = pd.concat(oof_parts, ignore_index=True)
