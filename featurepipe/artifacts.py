@@ -16,6 +16,8 @@ from typing import Optional
 
 import joblib
 
+from featurepipe import atomic
+
 from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
 
@@ -28,9 +30,7 @@ def _atomic_path(path: Path) -> Path:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = _atomic_path(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, data)
 
 
 def save_head(estimator, run_dir: Path, meta: dict) -> Path:

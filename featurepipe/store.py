@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, Optional
 import h5py
 import numpy as np
 
-from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError
+from featurepipe.atomic import fsync_dir, write_json
+from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError, disk_full, is_disk_full
 
 SCHEMA_VERSION = 1
 COMPACT_AT = 32          # shard count above which a writer merges shards when it finishes
@@ -44,21 +45,11 @@ def _shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 @dataclass
