@@ -6,12 +6,14 @@ a file or fixing a label never recomputes a feature.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import pandas as pd
 
@@ -89,6 +91,20 @@ def _scan_class_folders(root: Path, split: str, rows: list[dict], warnings: list
     return ignored
 
 
+# `featurepipe --allow-outside-root COMMAND`: set for one command, read by whichever scan it runs
+# (scans happen deep inside `run`, `evaluate`, `baseline`...).
+_ALLOW_OUTSIDE_ROOT: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_outside_root", default=False)
+
+
+@contextmanager
+def outside_root_allowed(allowed: bool = True) -> Iterator[None]:
+    token = _ALLOW_OUTSIDE_ROOT.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE_ROOT.reset(token)
+
+
 def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(header, [(line number, fields)]) with every line checked to have the header's field count.
 
@@ -162,7 +178,8 @@ def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str], allow_
         shown = "; ".join(outside[:5]) + (f"; and {len(outside) - 5} more" if len(outside) > 5 else "")
         raise DatasetError(
             f"{len(outside)} manifest path(s) lie outside the manifest's folder {base} ({shown}); featurepipe only "
-            f"reads files under it unless you pass --allow-outside-root")
+            f"reads files under it unless you allow it: `featurepipe --allow-outside-root COMMAND ...` "
+            f"(or scan(..., allow_outside_root=True))")
 
 
 def _detect_layout(root: Path) -> str:
@@ -223,15 +240,17 @@ def scan(
     groups_pattern: Optional[str] = None,
     progress: Optional[ProgressCallback] = None,
     rehash: bool = False,
-    allow_outside_root: bool = False,
+    allow_outside_root: Optional[bool] = None,
 ) -> Dataset:
     """Scan DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest into a Dataset.
 
     `cache_dir` (the cache root) keeps content hashes by (path, size, mtime); `groups_pattern` is
     a regex whose first group (or whole match) taken from the file name becomes the image's group.
     `rehash` re-reads every file instead of trusting remembered hashes; `allow_outside_root` lets a
-    manifest name files outside its own folder.
+    manifest name files outside its own folder (None: as `outside_root_allowed` says, default no).
     """
+    if allow_outside_root is None:
+        allow_outside_root = _ALLOW_OUTSIDE_ROOT.get()
     # Absolute paths: the hash cache is keyed by path, and runs outlive the working directory.
     source = Path(source).expanduser().absolute()
     if not source.exists():

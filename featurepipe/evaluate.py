@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from featurepipe.atomic import write_csv  # issue 12
+from featurepipe.rundir import prepare_run_dir  # issue 12
 from featurepipe.artifacts import cached_head, remember_head, save_head, write_json
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
@@ -106,8 +108,7 @@ def _new_run_dir(root: Path, dataset: Dataset, spec: BackboneSpec, explicit: Opt
     else:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-{spec.name}")
         run_dir = runs_dir(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return prepare_run_dir(run_dir)   # issue 12: refuses a user's non-run folder (the CLI passes --overwrite)
 
 
 def evaluate(
@@ -156,9 +157,9 @@ def evaluate(
     result = run_cv(table, list(heads), grids=grids, n_folds=folds, repeats=repeats, seed=seed,
                     augment_modes=modes, tta=tta, n_jobs=n_jobs, cache_dir=root / "evaluations", progress=progress)
     run_dir = _new_run_dir(root, dataset, spec, run_dir)
-    result.leaderboard.to_csv(run_dir / "leaderboard.csv", index=False)
-    result.folds.to_csv(run_dir / "folds.csv", index=False)
-    result.oof.to_csv(run_dir / "oof_predictions.csv", index=False)
+    write_csv(run_dir / "leaderboard.csv", result.leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
+    write_csv(run_dir / "folds.csv", result.folds)
+    write_csv(run_dir / "oof_predictions.csv", result.oof)
 
     best = dict(result.best)
     meta = {"head": best["head"], "params": best["params"], "augment": best["augment"], "tta": tta,
@@ -175,8 +176,8 @@ def evaluate(
         save_head(estimator, run_dir, meta)
         remember_head(refit_cache, run_dir, {"holdout": holdout})
     if holdout:
-        pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
-                      for k, d in holdout.items()]).to_csv(run_dir / "holdout.csv", index=False)
+        write_csv(run_dir / "holdout.csv", pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
+                                                         for k, d in holdout.items()]))
     write_json(run_dir / "config.json", {
         "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
                     "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,

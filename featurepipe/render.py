@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from featurepipe.progress import ProgressCallback, ProgressEvent
+from featurepipe.strictjson import json_ready
 
 # In a pipe or under CI rich would wrap at 80 columns; tables and paths read better unwrapped.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -54,27 +55,6 @@ def json_safe_stdout(as_json: bool) -> Iterator[None]:
 
     with contextlib.redirect_stdout(sys.stderr):
         yield
-
-
-def json_ready(value):
-    """`value` with every NaN / infinity as None and numpy scalars and arrays as plain Python:
-    strict JSON has no NaN (a holdout split missing a class gives NaN metrics), and parsers reject it."""
-    import math
-
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k) if not isinstance(k, (str, int, float, bool)) and k is not None else k: json_ready(v)
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def print_json(data) -> None:
