@@ -175,9 +175,9 @@ def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str], allow_
         rows.append({"path": str(path), "label": label, "split": split,
                      "group": (record.get("group") or "").strip() or None})
     if outside:
-        shown = "; ".join(outside[:5]) + (f"; and {len(outside) - 5} more" if len(outside) > 5 else "")
+        more = f" (and {len(outside) - 1} more row(s) like it)" if len(outside) > 1 else ""
         raise DatasetError(
-            f"{len(outside)} manifest path(s) lie outside the manifest's folder {base} ({shown}); featurepipe only "
+            f"{outside[0]} lies outside the manifest's folder {base}{more}; featurepipe only "
             f"reads files under it unless you allow it: `featurepipe --allow-outside-root COMMAND ...` "
             f"(or scan(..., allow_outside_root=True))")
 
