@@ -433,7 +433,8 @@ def bad_input_cases(shared: dict) -> dict:
         shard = next((store / "shards").glob("*.h5"))
         with h5py.File(shard, "a") as h:
             h["features"][0, 0] += 1.0
-        caught = clean_message(cli("extract", data, *TINY, "--cache-dir", f / "c"), "verify --repair")
+        caught = clean_message(cli("cache", "verify", "--cache-dir", f / "c"), "does not match its checksum",
+                               "verify --repair")
         repaired = cli("cache", "verify", "--repair", "--cache-dir", f / "c").exit_code == 0
         again = cli("extract", data, *TINY, "--cache-dir", f / "c", "--json")
         return caught[0] and repaired and json.loads(again.stdout)["extracted"] == 6, caught[1]
@@ -473,13 +474,17 @@ def bad_input_cases(shared: dict) -> dict:
                                  "--grid", "{not json"), "--grid")
 
     def same_size_same_mtime(f):
-        data, _ = _extracted(f, 4300)
-        target = data / "class0" / "img000.png"
+        from PIL import Image
+
+        data = make_tree(f / "d", 6, seed=4300)
+        target = data / "class0" / "raw.bmp"       # BMP: no checksum, so a flipped pixel is still an image
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(target)
+        cli("extract", data, *TINY, "--cache-dir", f / "c")
         st = target.stat()
         raw = bytearray(target.read_bytes())
-        raw[-20] ^= 0xFF
+        raw[-30] ^= 0xFF
         target.write_bytes(bytes(raw))
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))   # `touch -d` the old time back
         r = cli("extract", data, *TINY, "--cache-dir", f / "c", "--json")
         return r.exit_code == 0 and json.loads(r.stdout)["extracted"] == 1, "the rewritten file is extracted again"
 
@@ -758,9 +763,9 @@ def main() -> None:
         results = {
             "bad_inputs": run_cases(bad_input_cases(shared), work / "bad"),
             "hostile_files": run_cases(hostile_cases(shared), work / "hostile"),
-            "gc_race": probe_gc_race(work / "gc", 2 if args.quick else 5),
-            "extract_kills": probe_extract_kills(work / "extract", 12 if args.quick else 60),
-            "evaluate_kills": probe_evaluate_kills(work / "evaluate", 6 if args.quick else 20),
+            "gc_race": probe_gc_race(work / "gc", 2 if args.quick else 3),
+            "extract_kills": probe_extract_kills(work / "extract", 12 if args.quick else 40),
+            "evaluate_kills": probe_evaluate_kills(work / "evaluate", 6 if args.quick else 12),
         }
     summary = {
         "extract kill points survived / tried": f"{results['extract_kills']['survived']} / {results['extract_kills']['tried']}",
