@@ -20,6 +20,7 @@ class VerifyResult:
     checked: int = 0
     problems: dict[str, list[str]] = field(default_factory=dict)   # store dir -> problems
     failures_remembered: int = 0     # images remembered as undecodable (not retried by extract)
+    repaired: list[str] = field(default_factory=list)   # what opening the stores rebuilt (a damaged spec.json)
     failures_cleared: int = 0        # of those, forgotten by --repair (retried next time)
 
 
@@ -28,6 +29,7 @@ def verify_cache(root: Path, repair: bool = False) -> VerifyResult:
     unopenable: dict[str, str] = {}
     for store in list_stores(features_dir(root), problems=unopenable):
         result.checked += 1
+        result.repaired.extend(store.repaired)
         failures = len(store.failures())
         problems = store.verify(repair=repair)
         if problems:

@@ -477,6 +477,8 @@ def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete dam
         result = verify_cache(cache_root(cache_dir), repair=repair)
     except FeaturepipeError as error:
         _fail(error)
+    for note in result.repaired:
+        render.console.print(f"[yellow]rebuilt:[/] {note}", highlight=False)
     for directory, problems in result.problems.items():
         for problem in problems:
             render.console.print(f"[red]damaged:[/] {problem}", highlight=False)

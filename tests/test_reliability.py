@@ -297,6 +297,7 @@ def test_a_garbage_spec_is_rebuilt_from_the_shards_without_losing_rows(image_tre
     (store.directory / "spec.json").write_bytes(b"\x00garbage")
     result = verify_cache(cache)                          # no longer blocked by the spec
     assert result.problems == {} and result.checked == 1
+    assert len(result.repaired) == 1 and "rebuilt from the shards" in result.repaired[0]
     reopened = FeatureStore(store.directory)
     assert reopened.fingerprint == store.fingerprint and reopened.feature_dim == 24
     np.testing.assert_array_equal(reopened.read(sorted(store.keys())), want)
