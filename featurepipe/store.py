@@ -178,6 +178,7 @@ class FeatureStore:
             _write_json_atomic(spec_path, {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
                                            "payload": payload, "feature_dim": None})
         store = cls(directory, fingerprint, payload)
+        store.sweep_stray_temps()
         if store.fingerprint != fingerprint:
             raise StoreCorruptError(
                 f"{directory} holds features of another fingerprint ({store.fingerprint[:16]}...); "
@@ -304,6 +305,25 @@ class FeatureStore:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
             self._index = None
+
+    def sweep_stray_temps(self) -> int:
+        """Delete temporary shards a killed writer left, if no writer is running now (lock free at
+        once). Readers ignore them anyway, but a killed compaction's is as big as the whole store,
+        and a store nothing is written to again would keep it for ever."""
+        strays = list((self.directory / "shards").glob(".tmp-*"))
+        if not strays:
+            return 0
+        try:
+            handle = self._lock(0.0, None)
+        except StoreLockedError:
+            return 0      # a writer is at work: those files may be its own
+        try:
+            for stray in (self.directory / "shards").glob(".tmp-*"):
+                stray.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return len(strays)
 
     def _lock(self, timeout: float, on_wait: Optional[Callable[[], None]]):
         """An open handle on .lock holding its flock. The lock file itself may be deleted by a gc that

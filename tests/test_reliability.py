@@ -116,6 +116,20 @@ def test_a_writer_that_waited_while_gc_removed_the_store_starts_a_fresh_one(tmp_
     assert FeatureStore(directory).verify() == []
 
 
+def test_a_killed_compactions_temporary_file_goes_even_if_nothing_is_written_again(tmp_path, cache):
+    data = _tree(tmp_path / "data", 4, seed=80)
+    extract(scan(data, cache_dir=cache), TINY, cache)
+    shards = open_stores(TINY, cache).originals.directory / "shards"
+    stray = shards / ".tmp-00000000000000000001-deadbeef.h5"
+    store = open_stores(TINY, cache).originals
+    with store.writer():                                  # a writer at work: its temp files are left alone
+        stray.write_bytes(b"half a merged shard")
+        open_stores(TINY, cache)
+        assert stray.exists()
+    again = extract(scan(data, cache_dir=cache), TINY, cache)   # nothing to extract, no writer taken
+    assert again.extracted == 0 and not stray.exists()
+
+
 # ---- waiting for the lock --------------------------------------------------------------------
 
 
