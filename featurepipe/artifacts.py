@@ -1,8 +1,10 @@
 """Saving and loading a run's trained head, safely.
 
-A scikit-learn head is a joblib file whose sha256 is recorded in best_head.json when it is written;
-loading refuses a file whose hash differs (joblib unpickles, so an edited file could run code).
-The Keras dense head is saved as .keras and loaded with safe_mode=True.
+A scikit-learn head is a joblib file whose sha256 is recorded in best_head.json when it is written,
+with an HMAC of (file name, sha256) under this user's key (featurepipe.trust). Loading refuses a
+file outside the run folder, a file whose hash differs, and a head the key did not sign (joblib
+unpickles, so an edited or foreign file could run code) unless the caller trusts the run.
+The Keras dense head is saved as .keras, signed the same way, and loaded with safe_mode=True.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Optional
 
 import joblib
 
-from featurepipe.errors import FeaturepipeError
+from featurepipe import atomic, trust
+
+from featurepipe.errors import FeaturepipeError, TrustError
 from featurepipe.hashcache import file_sha256
 
 HEAD_META = "best_head.json"
@@ -28,9 +32,7 @@ def _atomic_path(path: Path) -> Path:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = _atomic_path(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, data)
 
 
 def save_head(estimator, run_dir: Path, meta: dict) -> Path:
@@ -47,7 +49,8 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
         tmp = _atomic_path(path)
         joblib.dump(estimator, tmp)
     os.replace(tmp, path)
-    write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": file_sha256(path)})
+    digest = file_sha256(path)
+    write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": digest, "hmac": trust.sign(path.name, digest)})
     return path
 
 
@@ -58,22 +61,34 @@ def load_head_meta(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_head(run_dir: Path):
-    """(estimator, meta) for the run's best head, after checking the file is the one that was written."""
+def load_head(run_dir: Path, trust_run: bool = False):
+    """(estimator, meta) for the run's best head, after checking the file is inside the run, is the
+    one that was written, and was signed by this user's key (skipped with `trust_run`)."""
     run_dir = Path(run_dir)
     meta = load_head_meta(run_dir)
-    path = run_dir / meta["file"]
+    path = trust.confined(run_dir, meta.get("file"))
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing; re-run `featurepipe evaluate` to write it again")
-    if file_sha256(path) != meta["sha256"]:
+    digest = file_sha256(path)
+    if digest != meta.get("sha256"):
         raise FeaturepipeError(
             f"{path} does not match the hash recorded in {HEAD_META} when it was written; refusing to load it "
             f"(it may have been edited). Re-run `featurepipe evaluate` to rebuild it."
         )
+    if not trust_run and not trust.signed(meta["file"], digest, meta.get("hmac")):
+        raise TrustError(
+            f"{path} was not signed by your featurepipe key ({trust.key_path()}): the run was copied from another "
+            f"user or machine, written by an older featurepipe, or edited. Loading a head can run code it "
+            f"contains; if you trust where this run came from, pass --trust (or re-run `featurepipe evaluate`).")
     if path.suffix == ".keras":
         from featurepipe.dense_head import DenseHeadClassifier
 
-        return DenseHeadClassifier.load_keras(path, meta["classes"]), meta
+        try:
+            return DenseHeadClassifier.load_keras(path, meta["classes"]), meta
+        except Exception as error:  # keras raises ValueError/TypeError for refused or unreadable archives
+            raise FeaturepipeError(f"cannot load the dense head {path} with Keras safe_mode "
+                                   f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}); "
+                                   f"re-run `featurepipe evaluate` to rebuild it") from None
     return joblib.load(path), meta
 
 
@@ -87,17 +102,20 @@ def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
         return None
     try:
         record = json.loads(record_path.read_text())
-        source = cache_dir / record["file"]
-        if file_sha256(source) != record["sha256"]:
+        source = trust.confined(cache_dir, record["file"])
+        # Signed too: whatever is copied from here into a run gets signed there.
+        if file_sha256(source) != record["sha256"] or not trust.signed(record["file"], record["sha256"],
+                                                                      record.get("hmac")):
             return None
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, FeaturepipeError):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / record["file"]
     tmp = _atomic_path(target)
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
-    write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"]})
+    write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"],
+                                     "hmac": trust.sign(record["file"], record["sha256"])})
     return record
 
 
@@ -108,7 +126,8 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
     tmp = _atomic_path(cache_dir / meta["file"])
     shutil.copyfile(run_dir / meta["file"], tmp)
     os.replace(tmp, cache_dir / meta["file"])
-    write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"], **extra})
+    write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"],
+                                       "hmac": trust.sign(meta["file"], meta["sha256"]), **extra})
 
 
 def load_run_model(run_dir: Path, meta: Optional[dict] = None):
@@ -124,7 +143,7 @@ def load_run_model(run_dir: Path, meta: Optional[dict] = None):
         if not meta_path.exists():
             raise FeaturepipeError(f"{run_dir} has no {MODEL_META}; run `featurepipe finetune` first")
         meta = json.loads(meta_path.read_text())
-    path = run_dir / meta["file"]
+    path = trust.confined(run_dir, meta.get("file"))
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing although {MODEL_META} names it; re-run fine-tuning, "
                                f"or delete {run_dir / MODEL_META} to predict with the best head")

@@ -30,6 +30,7 @@ from featurepipe.finetune import (
     tidy_history,
 )
 from featurepipe.paths import cache_root, runs_dir
+from featurepipe.rundir import prepare_run_dir
 from featurepipe.progress import ProgressCallback
 
 BASELINE_DIR = "baseline"
@@ -107,7 +108,7 @@ def baseline(
         split, classes, image_size, "squash", progress)
     check_batch_size(len(x_train), batch_size)
 
-    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(dataset, cache_dir)
+    run_dir = prepare_run_dir(run_dir if run_dir is not None else _default_run_dir(dataset, cache_dir))  # issue 12
     out = run_dir / BASELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("history.csv", "best.weights.h5"):

@@ -45,18 +45,33 @@ RunDir = typer.Option(None, "--run-dir")
 Scheduler = typer.Option(None, "--scheduler", help="Run on this Dask scheduler, e.g. tcp://host:8786 "
                          "(default: $FEATUREPIPE_SCHEDULER; none: this process).")
 Workers = typer.Option(None, "--workers", help="Start a Dask LocalCluster of N worker processes for this run.")
+Overwrite = typer.Option(False, "--overwrite", help="Write into an existing folder that is not a featurepipe run.")
+Trust = typer.Option(False, "--trust", help="Load a run whose head this user's key did not sign (copied from "
+                     "elsewhere). Loading a head can run code it contains: only for runs you trust.")
 
 
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", help="Show TensorFlow's start-up and native log lines "
                                                         "(hidden by default)."),
+    allow_outside_root: bool = typer.Option(
+        False, "--allow-outside-root", help="Let a CSV manifest name files outside its own folder (absolute "
+        "paths or ../); refused by default so a manifest cannot make featurepipe read arbitrary files."),
 ) -> None:
     """Frozen ImageNet bases, cached features, cross-validated heads and fine-tuning for small image sets."""
+    from featurepipe.dataset import outside_root_allowed
+
     if not verbose:
         from featurepipe.quiet import quiet_tensorflow_startup
 
         quiet_tensorflow_startup()
+    if allow_outside_root:
+        scope = outside_root_allowed(True)
+        scope.__enter__()
+        ctx.call_on_close(lambda: scope.__exit__(None, None, None))
+
+
 # issue 11: near-duplicate groups and inspect's fixes fed back into evaluate/run
 NoDedupGroups = typer.Option(False, "--no-dedup-groups",
                              help="Do not put near-duplicate images in one CV group (see `featurepipe inspect`).")
@@ -70,6 +85,14 @@ def _fail(error: Exception) -> None:
     # soft_wrap: one line, however narrow the terminal (rich wraps at 80 columns in a pipe)
     console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _check_run_dir(run_dir: Optional[Path], overwrite: bool) -> None:
+    """--run-dir: refuse a folder of the user's that is not a run before any work starts (issue 12)."""
+    if run_dir is not None:
+        from featurepipe.rundir import prepare_run_dir
+
+        prepare_run_dir(run_dir, overwrite)
 
 
 def _head_names(heads: str) -> tuple[str, ...]:
@@ -108,6 +131,8 @@ def extract(
     precision: str = typer.Option("float32", "--precision", help="float32 | mixed_float16 | mixed_bfloat16 (GPU "
                                   "speed-up; features ~1e-3 apart, kept in their own store)."),
     lock_timeout: float = typer.Option(600.0, "--lock-timeout"),
+    rehash: bool = typer.Option(False, "--rehash", help="Re-read every file instead of trusting the remembered "
+                                "hashes (keyed by path, size, mtime, ctime and inode)."),
     cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,
     scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
 ) -> None:
@@ -123,7 +148,7 @@ def extract(
         root = cache_root(cache_dir)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
                 executor_scope(scheduler, workers):
-            dataset = scan(data, cache_dir=root, progress=progress)
+            dataset = scan(data, cache_dir=root, progress=progress, rehash=rehash)
             result = run_extract(dataset, spec, root, augment=augment, augment_seed=augment_seed,
                                  batch_size=batch_size, lock_timeout=lock_timeout, progress=progress,
                                  precision=precision)
@@ -133,8 +158,13 @@ def extract(
     if as_json:
         render.print_json(summary)
         return
-    for warning in dataset.warnings:
+    for warning in dataset.warnings + result.warnings:
         render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for path, reason in dataset.unreadable:
+        render.console.print(f"[yellow]skipped:[/] {path}: {reason}", highlight=False)
+    if result.waited_seconds >= 1:
+        render.console.print(f"waited {result.waited_seconds:.0f} s for another featurepipe process writing "
+                             f"{result.store_dir}; what it extracted is counted as reused", highlight=False)
     render.stdout.print(
         f"{result.backbone}: {result.images} images, [green]{result.extracted} extracted[/], "
         f"{result.reused} reused, [red]{len(result.failed)} failed[/] in {result.seconds:.1f} s "
@@ -183,6 +213,7 @@ def evaluate(
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
     as_json: bool = AsJson,
     scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
+    overwrite: bool = Overwrite,  # issue 12
 ) -> None:
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
     from featurepipe import render
@@ -193,6 +224,7 @@ def evaluate(
     try:
         specs = _search_specs(backbone, resize, True, image_size, layer, pooling, weights)
         root = cache_root(cache_dir)
+        _check_run_dir(run_dir, overwrite)  # issue 12
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
                 executor_scope(scheduler, workers):
             dataset = _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
@@ -318,6 +350,7 @@ def baseline(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write RUN_DIR/baseline/ (e.g. into an evaluated run)."),
     cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
+    overwrite: bool = Overwrite,
 ) -> None:
     """Train the seeds' small convnet from scratch (the yardstick for transfer learning)."""
     from featurepipe import render
@@ -327,6 +360,7 @@ def baseline(
 
     try:
         root = cache_root(cache_dir)
+        _check_run_dir(run_dir, overwrite)
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
             dataset = scan(data, cache_dir=root, progress=progress)
             result = run_baseline(dataset, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
@@ -353,7 +387,7 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", help="Top classes to list per image."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
     model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size"),
-    cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
+    cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson, trust: bool = Trust,
 ) -> None:
     """Classify images with a run's model, preprocessed exactly as in training; bad files get an error row."""
     from featurepipe import render
@@ -362,7 +396,7 @@ def predict(
     try:
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
             result = run_predict(run_dir, inputs, top_k=top_k, cache_dir=cache_dir, batch_size=batch_size,
-                                 progress=progress, model=model)
+                                 progress=progress, model=model, trust=trust)
         written = result.save(out) if out is not None else None
     except (FeaturepipeError, OSError) as error:
         _fail(error)
@@ -390,6 +424,8 @@ def export(
     fmt: str = typer.Option("keras", "--format", "-f", help="keras | savedmodel | tflite."),
     out: Path = typer.Option(..., "--out", help="Folder for the model, labels.txt and export.json."),
     model: str = ModelChoice, cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
+    trust: bool = Trust,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing folder that is not an export."),
 ) -> None:
     """Export the run's model as one network: raw uint8 RGB images in, class probabilities out.
 
@@ -401,7 +437,8 @@ def export(
 
     try:
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):
-            result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress)
+            result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress, trust=trust,
+                                overwrite=overwrite)
     except (FeaturepipeError, OSError) as error:
         _fail(error)
     if as_json:
@@ -437,6 +474,7 @@ def run_all(
     no_inspect: bool = typer.Option(False, "--no-inspect", help="Leave the know-your-data sections out of the report."),
     as_json: bool = AsJson,
     scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
+    overwrite: bool = Overwrite,  # issue 12
 ) -> None:
     """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
     from featurepipe import render
@@ -447,6 +485,7 @@ def run_all(
 
     try:
         specs = _search_specs(backbone, resize, quick, image_size, layer, pooling, weights)
+        _check_run_dir(run_dir, overwrite)  # issue 12
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
                 executor_scope(scheduler, workers):
             result = run_pipeline(data, specs[0], cache_root(cache_dir),
@@ -604,7 +643,8 @@ def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson) -> No
 
 
 @cache_app.command("verify")
-def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete damaged shards."),
+def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete damaged shards, rebuild wrong specs "
+                                             "from their shards, forget remembered decode failures."),
                  cache_dir: Optional[Path] = CacheDir) -> None:
     """Check every shard of every store against its checksum."""
     from featurepipe import render
@@ -615,15 +655,24 @@ def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete dam
         result = verify_cache(cache_root(cache_dir), repair=repair)
     except FeaturepipeError as error:
         _fail(error)
+    for note in result.repaired:
+        render.console.print(f"[yellow]rebuilt:[/] {note}", highlight=False)
     for directory, problems in result.problems.items():
         for problem in problems:
             render.console.print(f"[red]damaged:[/] {problem}", highlight=False)
     if result.problems and not repair:
-        render.console.print("run `featurepipe cache verify --repair` to delete the damaged shards; "
-                             "their images are re-extracted on the next run", highlight=False)
+        render.console.print("run `featurepipe cache verify --repair` to delete the damaged shards (their images are "
+                             "re-extracted on the next run) and rebuild wrong specs from their shards", highlight=False)
         raise typer.Exit(code=1)
     state = "repaired" if result.problems else "ok"
-    render.stdout.print(f"{result.checked} store(s) checked: {state}", highlight=False)
+    if result.failures_cleared:
+        note = f"; forgot {result.failures_cleared} remembered decode failure(s), retried on the next extract"
+    elif result.failures_remembered:
+        note = (f"; {result.failures_remembered} image(s) remembered as undecodable (`--repair` forgets them so "
+                f"they are retried)")
+    else:
+        note = ""
+    render.stdout.print(f"{result.checked} store(s) checked: {state}{note}", highlight=False)
 
 
 @cache_app.command("gc")
@@ -674,7 +723,19 @@ def features_export(
 
 def main() -> None:  # pragma: no cover - console-script entry point alias
     # TF_CPP_MIN_LOG_LEVEL and the start-up line filter are set by the --verbose callback above.
-    app()
+    from featurepipe.errors import is_disk_full
+
+    try:
+        app()
+    except OSError as error:
+        # Whatever write ran out of space without its own message: say so plainly, no traceback.
+        if not is_disk_full(error):
+            raise
+        from featurepipe.render import console
+
+        console.print(f"[bold red]error:[/] no space left on the device ({error}); free some space and run again: "
+                      f"everything committed before this point is intact", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m featurepipe.cli`

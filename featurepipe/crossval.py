@@ -32,6 +32,7 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, StratifiedKFold
 
+from featurepipe.workers import workers_exit_with_parent  # issue 12
 from featurepipe.errors import DatasetError
 from featurepipe.heads import head_entry, make_head, param_grid
 from featurepipe.progress import ProgressCallback, report
@@ -460,7 +461,8 @@ def run_cv(
     # joblib starts dispatching as soon as the generator exists, so the in-process heads below run
     # while the pool works: TensorFlow's import and tracing are mostly single-threaded and would
     # otherwise leave a core idle for seconds. (With n_jobs=1 the pool runs lazily, after them.)
-    pool = Parallel(n_jobs=n_jobs, return_as="generator")(task(i) for i in pooled) if pooled else iter(())
+    with workers_exit_with_parent():   # issue 12: a killed evaluate leaves no workers behind
+        pool = Parallel(n_jobs=n_jobs, return_as="generator")(task(i) for i in pooled) if pooled else iter(())
     try:
         for i in local:
             fn, args, kwargs = task(i)

@@ -6,16 +6,19 @@ a file or fixing a label never recomputes a feature.
 
 from __future__ import annotations
 
+import contextvars
+import csv
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import pandas as pd
 
 from featurepipe.errors import DatasetError
-from featurepipe.hashcache import HashCache
+from featurepipe.hashcache import HashCache, path_key
 from featurepipe.images import IMAGE_EXTENSIONS
 from featurepipe.progress import ProgressCallback, report
 
@@ -89,32 +92,95 @@ def _scan_class_folders(root: Path, split: str, rows: list[dict], warnings: list
     return ignored
 
 
-def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str]) -> None:
+# `featurepipe --allow-outside-root COMMAND`: set for one command, read by whichever scan it runs
+# (scans happen deep inside `run`, `evaluate`, `baseline`...).
+_ALLOW_OUTSIDE_ROOT: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_outside_root", default=False)
+
+
+@contextmanager
+def outside_root_allowed(allowed: bool = True) -> Iterator[None]:
+    token = _ALLOW_OUTSIDE_ROOT.set(allowed)
     try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{manifest}: cannot be read as CSV ({error}); expected columns path,label[,split][,group]") from None
-    missing = {"path", "label"} - set(table.columns)
+        yield
+    finally:
+        _ALLOW_OUTSIDE_ROOT.reset(token)
+
+
+def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields)]) with every line checked to have the header's field count.
+
+    The csv module, not pandas: given one line with an extra field, pandas silently takes the
+    first column as the index and shifts every other one, and all rows then read as missing files."""
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            rows = []
+            for fields in reader:
+                if not any(field.strip() for field in fields):
+                    continue   # blank line
+                if len(fields) != len(header):
+                    raise DatasetError(
+                        f"{manifest}:{reader.line_num}: {len(fields)} field(s) but the header has {len(header)} "
+                        f"({','.join(header)}); fix that line (quote a value that contains a comma)")
+                rows.append((reader.line_num, fields))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{manifest}: cannot be read as CSV ({error}); expected UTF-8 text with columns "
+                           f"path,label[,split][,group]") from None
+    if not header:
+        raise DatasetError(f"{manifest} is empty; expected columns path,label[,split][,group]")
+    return header, rows
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Lexically (.. collapsed, symlinks not followed, as for folder layouts): is `path` under `root`?"""
+    normal = Path(os.path.normpath(path))
+    return normal == root or root in normal.parents
+
+
+def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str], allow_outside_root: bool = False) -> None:
+    header, lines = _read_manifest_rows(manifest)
+    missing = {"path", "label"} - set(header)
     if missing:
         raise DatasetError(
             f"{manifest}: missing column(s) {', '.join(sorted(missing))}; expected columns path,label[,split][,group], "
-            f"found {', '.join(table.columns) or 'none'}"
+            f"found {', '.join(header) or 'none'}"
         )
-    base = manifest.parent
-    for line, record in enumerate(table.to_dict("records"), start=2):
-        if not record["path"] or not record["label"]:
+    base = Path(os.path.normpath(manifest.parent))
+    outside: list[str] = []
+    first_line: dict[str, tuple[int, str]] = {}
+    for line, fields in lines:
+        record = dict(zip(header, fields))
+        label = record["label"].strip()
+        if not record["path"].strip() or not label:
             warnings.append(f"{manifest}:{line}: empty path or label; row left out")
             continue
-        path = Path(record["path"])
-        path = path if path.is_absolute() else base / path
+        path = Path(record["path"].strip())
+        path = Path(os.path.normpath(path if path.is_absolute() else base / path))
+        if not allow_outside_root and not _inside(path, base):
+            outside.append(f"{manifest}:{line}: {record['path'].strip()}")
+            continue
         split = SPLIT_NAMES.get((record.get("split") or "train").strip().lower())
         if split is None:
             raise DatasetError(f"{manifest}:{line}: unknown split {record['split']!r}; use train, validation or test")
+        if str(path) in first_line:
+            earlier, earlier_label = first_line[str(path)]
+            also = f" (with label {earlier_label!r} there, {label!r} here)" if earlier_label != label else ""
+            warnings.append(f"{manifest}:{line}: {path} is already listed on line {earlier}{also}; "
+                            f"the repeat is left out")
+            continue
+        first_line[str(path)] = (line, label)
         if not path.exists():
             warnings.append(f"{manifest}:{line}: {path} does not exist; row left out")
             continue
-        rows.append({"path": str(path), "label": record["label"].strip(), "split": split,
-                     "group": (record.get("group") or None)})
+        rows.append({"path": str(path), "label": label, "split": split,
+                     "group": (record.get("group") or "").strip() or None})
+    if outside:
+        more = f" (and {len(outside) - 1} more row(s) like it)" if len(outside) > 1 else ""
+        raise DatasetError(
+            f"{outside[0]} lies outside the manifest's folder {base}{more}; featurepipe only "
+            f"reads files under it unless you allow it: `featurepipe --allow-outside-root COMMAND ...` "
+            f"(or scan(..., allow_outside_root=True))")
 
 
 def _detect_layout(root: Path) -> str:
@@ -176,12 +242,18 @@ def scan(
     cache_dir: Optional[Path] = None,
     groups_pattern: Optional[str] = None,
     progress: Optional[ProgressCallback] = None,
+    rehash: bool = False,
+    allow_outside_root: Optional[bool] = None,
 ) -> Dataset:
     """Scan DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest into a Dataset.
 
     `cache_dir` (the cache root) keeps content hashes by (path, size, mtime); `groups_pattern` is
     a regex whose first group (or whole match) taken from the file name becomes the image's group.
+    `rehash` re-reads every file instead of trusting remembered hashes; `allow_outside_root` lets a
+    manifest name files outside its own folder (None: as `outside_root_allowed` says, default no).
     """
+    if allow_outside_root is None:
+        allow_outside_root = _ALLOW_OUTSIDE_ROOT.get()
     # Absolute paths: the hash cache is keyed by path, and runs outlive the working directory.
     source = Path(source).expanduser().absolute()
     if not source.exists():
@@ -193,7 +265,7 @@ def scan(
         if source.suffix.lower() != ".csv":
             raise DatasetError(f"{source} is a file but not a .csv manifest; pass a folder or a CSV with columns path,label")
         layout = "manifest"
-        _scan_manifest(source, rows, warnings)
+        _scan_manifest(source, rows, warnings, allow_outside_root)
     else:
         layout = _detect_layout(source)
         if layout == "splits":
@@ -203,16 +275,23 @@ def scan(
         else:
             ignored += _scan_class_folders(source, "train", rows, warnings)
 
+    # A name that is not valid UTF-8 could be hashed and decoded, but no CSV, JSON or terminal
+    # downstream can write it: it is reported by a printable form of its name instead.
+    unreadable: list[tuple[str, str]] = [
+        (path_key(r["path"]), "file name is not valid UTF-8; rename the file (e.g. with convmv) to use it")
+        for r in rows if path_key(r["path"]) != r["path"]]
+    rows = [r for r in rows if path_key(r["path"]) == r["path"]]
     frame = pd.DataFrame(rows, columns=["path", "label", "split", "group"])
     if groups_pattern:
         frame["group"] = _groups_from_names(frame["path"], groups_pattern)
-    cache = HashCache(Path(cache_dir) / "hashes.sqlite" if cache_dir is not None else None)
+    cache = HashCache(Path(cache_dir) / "hashes.sqlite" if cache_dir is not None else None, rehash=rehash)
     try:
         report(progress, "scan", 0, len(frame), "hashing")
         hashes = cache.hash_files(frame["path"].tolist())
     finally:
         cache.close()
-    unreadable = [(p, h[len("error:"):]) for p, (h, _) in hashes.items() if h.startswith("error:")]
+    warnings.extend(cache.warnings)
+    unreadable += [(p, h[len("error:"):]) for p, (h, _) in hashes.items() if h.startswith("error:")]
     frame["hash"] = [hashes[p][0] for p in frame["path"]]
     frame["bytes"] = [hashes[p][1] for p in frame["path"]]
     frame = frame[~frame["hash"].astype(str).str.startswith("error:")].reset_index(drop=True)

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from featurepipe.atomic import write_csv  # issue 12
+from featurepipe.rundir import prepare_run_dir  # issue 12
 from featurepipe.artifacts import MODEL_META, cached_head, remember_head, save_head, write_json
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
@@ -116,8 +118,7 @@ def _new_run_dir(root: Path, dataset: Dataset, spec: Optional[BackboneSpec], exp
     else:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-{spec.name if spec else 'search'}")
         run_dir = runs_dir(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return prepare_run_dir(run_dir)   # issue 12: refuses a user's non-run folder (the CLI passes --overwrite)
 
 
 def feature_set_name(spec: BackboneSpec) -> str:
@@ -288,15 +289,15 @@ def evaluate(
                                   float(leaderboard.iloc[0]["accuracy_mean"]), ensemble)
 
     run_dir = _new_run_dir(root, dataset, specs[0] if len(specs) == 1 else None, run_dir)
-    leaderboard.to_csv(run_dir / "leaderboard.csv", index=False)
-    fold_table.to_csv(run_dir / "folds.csv", index=False)
-    oof.to_csv(run_dir / "oof_predictions.csv", index=False)
+    write_csv(run_dir / "leaderboard.csv", leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
+    write_csv(run_dir / "folds.csv", fold_table)
+    write_csv(run_dir / "oof_predictions.csv", oof)
     for stale in ("nested.json", "nested_folds.csv", "nested_oof.csv"):
         (run_dir / stale).unlink(missing_ok=True)
     if nested_result is not None:
         write_json(run_dir / "nested.json", nested_result.to_dict())
-        nested_result.folds.to_csv(run_dir / "nested_folds.csv", index=False)
-        nested_result.oof.to_csv(run_dir / "nested_oof.csv", index=False)
+        write_csv(run_dir / "nested_folds.csv", nested_result.folds)
+        write_csv(run_dir / "nested_oof.csv", nested_result.oof)
 
     chosen_spec = specs[names.index(best_candidate.features)]
     table = tables[best_candidate.features]
@@ -325,8 +326,8 @@ def evaluate(
         remember_head(refit_cache, run_dir, {"holdout": holdout})
     (run_dir / "holdout.csv").unlink(missing_ok=True)
     if holdout:
-        pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
-                      for k, d in holdout.items()]).to_csv(run_dir / "holdout.csv", index=False)
+        write_csv(run_dir / "holdout.csv", pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
+                                                         for k, d in holdout.items()]))
     fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
     failed = {f.path: f.reason for e in extracted for f in e.failed}
     write_json(run_dir / "config.json", {

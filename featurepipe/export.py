@@ -21,6 +21,7 @@ OUT/export.json describing inputs, outputs, labels and size.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from featurepipe import atomic
 from featurepipe.artifacts import write_json
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.errors import FeaturepipeError
@@ -253,6 +255,20 @@ def _version(name: str) -> Optional[str]:
         return None
 
 
+def check_export_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a user's folder that is not an earlier export, unless told to."""
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / EXPORT_META).read_text())
+        if isinstance(earlier, dict) and earlier.get("format") in FORMATS:
+            return
+    except (OSError, ValueError):
+        pass
+    raise FeaturepipeError(f"--out {out} already holds files and is not a featurepipe export (no {EXPORT_META}); "
+                           f"pick a new or empty folder, or pass --overwrite to write into it anyway")
+
+
 def export(
     run_dir: str | os.PathLike,
     fmt: str,
@@ -260,15 +276,21 @@ def export(
     cache_dir: Optional[str | os.PathLike] = None,
     model: str = "auto",
     progress: Optional[ProgressCallback] = None,
+    trust: bool = False,
+    overwrite: bool = False,
 ) -> ExportResult:
-    """Write the run's model to the folder `out` as `fmt` ("keras" | "savedmodel" | "tflite")."""
+    """Write the run's model to the folder `out` as `fmt` ("keras" | "savedmodel" | "tflite").
+
+    `out` may be new, empty, or an earlier export (whose artefact is replaced); any other folder
+    with files in it is refused unless `overwrite`."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise FeaturepipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FeaturepipeError(f"--out {out} is a file; export writes a folder (model, {LABELS}, {EXPORT_META})")
-    run = open_run(run_dir, model)
+    check_export_folder(out, overwrite)
+    run = open_run(run_dir, model, trust)
     report(progress, "export", 0, 3, f"building the {run.kind} model")
     inner = fixed_size_model(run, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +315,7 @@ def export(
         input_shape = [None, None, None, 3]
     report(progress, "export", 2, 3, "writing labels and metadata")
     labels = out / LABELS
-    labels.write_text("".join(f"{c}\n" for c in run.classes), encoding="utf-8")
+    atomic.write_text(labels, "".join(f"{c}\n" for c in run.classes))
     meta = _describe(run, fmt, artefact, input_shape)
     if fmt == "tflite":
         meta["checked_with"] = checked_with

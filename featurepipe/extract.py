@@ -22,6 +22,7 @@ from featurepipe.backbones.spec import BackboneSpec, hash_payload
 from featurepipe.batches import BatchJob, plan_batches, view_key
 from featurepipe.dataset import Dataset
 from featurepipe.executor import Executor, current_executor
+from featurepipe.hashcache import regular_file_sha256
 from featurepipe.images import AugmentPolicy
 from featurepipe.paths import cache_root, features_dir
 from featurepipe.progress import ProgressCallback, report
@@ -54,6 +55,8 @@ class ExtractReport:
     executor: str = "local"          # the executor this call used (featurepipe.executor)
     batch_size: int = 0              # images per model call (auto-chosen unless given; 0: no model ran)
     precision: str = "float32"       # Keras dtype policy the base ran under
+    waited_seconds: float = 0.0      # of `seconds`, spent waiting for another process's store lock
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -123,7 +126,7 @@ def extract(
     first_path = dataset.frame.drop_duplicates("hash").set_index("hash")["path"].to_dict()
     refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
 
-    known_failures = stores.originals.failures()
+    known_failures = remembered_failures(stores.originals)
     todo = _pending(stores, first_path)
     originals_present = len(first_path) - len(stores.originals.missing(first_path))
     views_present = len(first_path) * stores.augment - sum(sum("@" in k for k in keys) for keys in todo.values())
@@ -137,15 +140,33 @@ def extract(
     for content_hash in [h for h in todo if h in known_failures]:
         del todo[content_hash]
         result.failed += [FailedImage(p, known_failures[content_hash]) for p in _paths_of(dataset, content_hash)]
+    for store in (stores.originals, stores.views):
+        if store is not None:
+            result.warnings.extend(store.repaired)
     if todo:
-        with stores.originals.writer(timeout=lock_timeout) as original_writer:
+        wait_started = time.perf_counter()
+
+        def waiting() -> None:
+            report(progress, "extract", 0, len(todo), "waiting for another process writing this store")
+
+        with stores.originals.writer(timeout=lock_timeout, on_wait=waiting) as original_writer:
             if stores.views is not None:
-                with stores.views.writer(timeout=lock_timeout) as views_writer:
+                with stores.views.writer(timeout=lock_timeout, on_wait=waiting) as views_writer:
+                    result.waited_seconds = time.perf_counter() - wait_started
                     _run(dataset, stores, first_path, original_writer, views_writer, batch_size,
                          decode_threads, augment_seed, result, progress, root, executor)
             else:
+                result.waited_seconds = time.perf_counter() - wait_started
                 _run(dataset, stores, first_path, original_writer, None, batch_size,
                      decode_threads, augment_seed, result, progress, root, executor)
+        # While we waited for the lock, another process may have written some of these rows (and
+        # set the store's dimension): count what is there now, not what was there before.
+        stores.originals.refresh()
+        originals_present = len(first_path) - len(stores.originals.missing(first_path)) - result.extracted
+        if stores.views is not None:
+            stores.views.refresh()
+            views_present = (len(first_path) * stores.augment - result.views_extracted
+                             - len(stores.views.missing(k for h in first_path for k in stores.view_keys(h))))
     result.reused = originals_present
     result.views_reused = views_present
     result.feature_dim = stores.originals.feature_dim or 0
@@ -172,11 +193,32 @@ def _pending(stores: FeatureStores, first_path: dict[str, str]) -> dict[str, lis
     return todo
 
 
+# Reasons decode_image gives for the file system's state rather than the file's bytes: the next run
+# may find the file back, readable, or replaced, so they are never remembered.
+_IO_REASONS = ("file not found", "permission denied", "cannot access file", "is a directory", "not a regular file")
+
+
+def remembered_failures(store: FeatureStore) -> dict[str, str]:
+    """The store's remembered decode failures, less any I/O failure an older version recorded."""
+    return {h: reason for h, reason in store.failures().items() if not str(reason).startswith(_IO_REASONS)}
+
+
+def failure_is_permanent(path: str, content_hash: str, reason: str) -> bool:
+    """Remember a decode failure only when it is a property of the bytes: not an I/O error, and the
+    file still holds exactly the bytes that were hashed (else the failure belongs to other bytes)."""
+    if reason.startswith(_IO_REASONS):
+        return False
+    try:
+        return regular_file_sha256(path) == content_hash
+    except OSError:
+        return False
+
+
 def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], original_writer,
          views_writer, batch_size: int, decode_threads: Optional[int], augment_seed: int,
          result: ExtractReport, progress: Optional[ProgressCallback], root: Path, executor: Executor) -> None:
     # Another process may have finished some of this work while we waited for the lock.
-    known_failures = stores.originals.failures()
+    known_failures = remembered_failures(stores.originals)
     todo = {h: keys for h, keys in _pending(stores, first_path).items() if h not in known_failures}
     if not todo:
         return
@@ -209,7 +251,10 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
             else:
                 writer.add(part.keys, part.features, name=batch.shard_name)
         if outcome.failures:
-            original_writer.add_failures(outcome.failures)
+            permanent = {h: reason for h, reason in outcome.failures.items()
+                         if failure_is_permanent(first_path[h], h, reason)}
+            if permanent:
+                original_writer.add_failures(permanent)
             for content_hash, reason in outcome.failures.items():
                 result.failed += [FailedImage(path, reason) for path in paths_by_hash[content_hash]]
         result.extracted += len(outcome.originals.keys) if outcome.originals else 0

@@ -22,14 +22,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from featurepipe import atomic
 from featurepipe.artifacts import HEAD_META, MODEL_META, load_head, load_head_meta, load_run_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError, ImageDecodeError
 from featurepipe.dataset import walk_images
-from featurepipe.hashcache import HashCache
+from featurepipe.hashcache import HashCache, path_key
 from featurepipe.images import IMAGE_EXTENSIONS, decode_image
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback, report
+from featurepipe.strictjson import json_ready
 
 MODEL_CHOICES = ("auto", "finetuned", "head")
 
@@ -49,6 +51,7 @@ class RunModel:
     spec: Optional[BackboneSpec] = None        # the backbone the head was trained on ("head" only)
     head_meta: Optional[dict] = None
     model_meta: Optional[dict] = None          # model.json ("finetuned" only)
+    trust: bool = False                        # load a head this user's key did not sign (--trust)
 
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
         explicit = override if override is not None else self.config.get("cache_dir")
@@ -56,7 +59,7 @@ class RunModel:
 
     def load_head(self):
         """The best head (scikit-learn estimator or dense head), hash-checked before unpickling."""
-        estimator, _ = load_head(self.run_dir)
+        estimator, _ = load_head(self.run_dir, trust_run=self.trust)
         return estimator
 
     def load_finetuned(self):
@@ -71,8 +74,9 @@ def _read_json(path: Path, what: str) -> dict:
         raise FeaturepipeError(f"{path} is damaged ({error}); re-run {what}") from None
 
 
-def open_run(run_dir: str | os.PathLike, model: str = "auto") -> RunModel:
-    """Read a run directory's model description. `model`: "auto" (fine-tuned if present), "finetuned", "head"."""
+def open_run(run_dir: str | os.PathLike, model: str = "auto", trust: bool = False) -> RunModel:
+    """Read a run directory's model description. `model`: "auto" (fine-tuned if present), "finetuned", "head";
+    `trust`: accept a head that this user's key did not sign (a run copied from elsewhere)."""
     run_dir = Path(run_dir).expanduser()
     if model not in MODEL_CHOICES:
         raise FeaturepipeError(f"model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
@@ -95,7 +99,7 @@ def open_run(run_dir: str | os.PathLike, model: str = "auto") -> RunModel:
             raise FeaturepipeError(f"{model_path} does not describe a fine-tuned model (kind {meta.get('kind')!r}, "
                                    f"missing {', '.join(sorted(missing)) or 'nothing'}); re-run fine-tuning")
         return RunModel(run_dir, "finetuned", [str(c) for c in meta["classes"]], int(meta["image_size"]),
-                        str(meta["resize"]), config, model_meta=meta)
+                        str(meta["resize"]), config, model_meta=meta, trust=trust)
     if not (run_dir / HEAD_META).exists():
         raise FeaturepipeError(f"{run_dir} has no trained head ({HEAD_META} missing) and no fine-tuned model; "
                                f"run `featurepipe evaluate` (or `featurepipe run`) to train one")
@@ -106,7 +110,7 @@ def open_run(run_dir: str | os.PathLike, model: str = "auto") -> RunModel:
                                f"re-run `featurepipe evaluate`")
     spec = BackboneSpec.from_dict(backbone).resolved()
     return RunModel(run_dir, "head", [str(c) for c in meta["classes"]], int(spec.image_size), str(spec.resize),
-                    config, spec=spec, head_meta=meta)
+                    config, spec=spec, head_meta=meta, trust=trust)
 
 
 def head_probabilities(estimator, X: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -190,13 +194,13 @@ class PredictResult:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the rows as .csv (default) or the whole result as .json; replaces `path` atomically."""
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise FeaturepipeError(f"--out {path} is a folder; give a file name such as {path / 'predictions.csv'}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         if path.suffix.lower() == ".json":
-            tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+            atomic.write_json(path, json_ready(self.to_dict()), sort_keys=False, allow_nan=False)
         else:
-            self.frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+            atomic.write_csv(path, self.frame)
         return path
 
 
@@ -219,7 +223,8 @@ def _frame(paths: list[str], proba: dict[str, np.ndarray], errors: dict[str, str
     def prob_at(rank: int) -> np.ndarray:
         return np.where(ok, probabilities[np.arange(n), order[:, rank]] if n else 0.0, np.nan)
 
-    columns: dict[str, Any] = {"path": list(paths), "label": label_at(0), "probability": prob_at(0)}
+    # A non-UTF-8 name as \\xNN: CSV and JSON can hold it.
+    columns: dict[str, Any] = {"path": [path_key(p) for p in paths], "label": label_at(0), "probability": prob_at(0)}
     for i in range(top_k):
         columns[f"label_{i + 1}"], columns[f"prob_{i + 1}"] = label_at(i), prob_at(i)
     for j, c in enumerate(classes):
@@ -275,6 +280,7 @@ def predict(
     batch_size: int = 32,
     progress: Optional[ProgressCallback] = None,
     model: str = "auto",
+    trust: bool = False,
 ) -> PredictResult:
     """Class probabilities for every image file in `inputs` (files and/or folders).
 
@@ -284,7 +290,7 @@ def predict(
     started = time.perf_counter()
     if int(top_k) < 1:
         raise FeaturepipeError(f"top_k must be at least 1, not {top_k}")
-    run = open_run(run_dir, model)
+    run = open_run(run_dir, model, trust)
     paths = collect_inputs(inputs)
     top_k = min(int(top_k), len(run.classes))
     result = PredictResult(pd.DataFrame(), run.kind, run.classes, run.run_dir, top_k)

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from featurepipe.progress import ProgressCallback, ProgressEvent
+from featurepipe.strictjson import json_ready
 
 # In a pipe or under CI rich would wrap at 80 columns; tables and paths read better unwrapped.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -57,7 +58,8 @@ def json_safe_stdout(as_json: bool) -> Iterator[None]:
 
 
 def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """The one place --json output is written: strict JSON (allow_nan=False), NaN printed as null."""
+    sys.stdout.write(json.dumps(json_ready(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -33,12 +33,14 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import h5py
 import numpy as np
 
-from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError
+from featurepipe.atomic import fsync_dir, write_json
+from featurepipe.backbones.spec import hash_payload
+from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError, disk_full, is_disk_full
 
 SCHEMA_VERSION = 1
 COMPACT_AT = 32          # shard count above which a writer merges shards when it finishes
@@ -56,25 +58,74 @@ def _shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+_fsync_dir = fsync_dir
+
+
+def _parse_spec(path: Path) -> dict:
+    """spec.json's content, or StoreCorruptError when it is not a spec (FileNotFoundError passes)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreCorruptError(f"not JSON: {error}") from None
+    if (not isinstance(spec, dict) or not isinstance(spec.get("fingerprint"), str)
+            or not isinstance(spec.get("payload"), dict)
+            or not (spec.get("feature_dim") is None or isinstance(spec.get("feature_dim"), int))):
+        raise StoreCorruptError("not a featurepipe store spec (fingerprint, payload, feature_dim)")
+    return spec
 
 
-def _write_h5(path: Path, keys: np.ndarray, features: np.ndarray) -> None:
+def payload_matches(fingerprint: str, payload: dict) -> bool:
+    """Is `fingerprint` the hash of `payload`? (A views store also keeps its base's payload beside it.)"""
+    own = {k: v for k, v in payload.items() if k != "base_payload"}
+    return hash_payload(payload) == fingerprint or hash_payload(own) == fingerprint
+
+
+def _committed_shards(directory: Path) -> list[Path]:
+    # pathlib's "*" also matches dot-files: skip the ".tmp-*" files of writers in flight or killed.
+    return sorted(p for p in (directory / "shards").glob("*.h5") if not p.name.startswith("."))
+
+
+def _fingerprint_from_shards(directory: Path) -> Optional[tuple[str, dict]]:
+    """(fingerprint, payload) as recorded in the shards' attributes (shards written since they are)."""
+    for shard in _committed_shards(directory):
+        try:
+            with h5py.File(shard, "r") as handle:
+                fingerprint = handle.attrs.get("fingerprint")
+                payload = handle.attrs.get("payload")
+            if isinstance(fingerprint, str) and isinstance(payload, str):
+                return fingerprint, json.loads(payload)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _shard_dims(directory: Path) -> set[int]:
+    dims = set()
+    for shard in _committed_shards(directory):
+        try:
+            with h5py.File(shard, "r") as handle:
+                dims.add(int(handle["features"].shape[1]))
+        except (OSError, KeyError, IndexError):
+            continue
+    return dims
+
+
+def _write_h5(path: Path, keys: np.ndarray, features: np.ndarray, origin: Optional[tuple[str, dict]] = None) -> None:
     with h5py.File(path, "w") as handle:
         handle.create_dataset("keys", data=keys, dtype=_STRING)
         handle.create_dataset("features", data=features)
         handle.attrs["sha256"] = _shard_digest(keys, features)
         handle.attrs["schema_version"] = SCHEMA_VERSION
+        if origin is not None:
+            # What the rows are features of, so a lost or damaged spec.json can be rebuilt from them.
+            handle.attrs["fingerprint"] = origin[0]
+            handle.attrs["payload"] = json.dumps(origin[1], sort_keys=True)
     with open(path, "rb") as raw:
         os.fsync(raw.fileno())
 
 
-def publish_shard(directory: Path, name: str, keys: list[str], features: np.ndarray) -> bool:
+def publish_shard(directory: Path, name: str, keys: list[str], features: np.ndarray,
+                  origin: Optional[tuple[str, dict]] = None) -> bool:
     """Write one shard as DIRECTORY/NAME, never clobbering: False when NAME already existed.
 
     The file is written under a temporary name unique to this attempt, fsynced, then hard-linked
@@ -88,7 +139,12 @@ def publish_shard(directory: Path, name: str, keys: list[str], features: np.ndar
     final = directory / name
     tmp = directory / f".tmp-{uuid.uuid4().hex[:8]}-{name}"
     try:
-        _write_h5(tmp, np.asarray(keys, dtype=object), features)
+        try:
+            _write_h5(tmp, np.asarray(keys, dtype=object), features, origin)
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full(error, directory) from None
+            raise
         try:
             os.link(tmp, final)
             published = True
@@ -107,12 +163,7 @@ def publish_shard(directory: Path, name: str, keys: list[str], features: np.ndar
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 @dataclass
@@ -128,17 +179,20 @@ class StoreInfo:
 
 
 class FeatureStore:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, fingerprint: Optional[str] = None, payload: Optional[dict] = None):
+        """Open the store in `directory`. `fingerprint` and `payload` (what `open` knows) let a damaged
+        spec.json be rebuilt; without them it is rebuilt from what the shards record, when they do."""
         self.directory = Path(directory)
+        self.repaired: list[str] = []          # what opening had to fix, for the caller to say
         spec_path = self.directory / "spec.json"
         try:
-            spec = json.loads(spec_path.read_text())
+            spec = _parse_spec(spec_path)
         except FileNotFoundError:
-            raise StoreError(f"{self.directory} is not a feature store (no spec.json)") from None
-        except json.JSONDecodeError as error:
-            raise StoreCorruptError(
-                f"{spec_path} is damaged ({error}); delete {self.directory} and run extract again"
-            ) from None
+            if fingerprint is None:
+                raise StoreError(f"{self.directory} is not a feature store (no spec.json)") from None
+            spec = self._rebuild_spec(fingerprint, payload, "it was missing")
+        except StoreCorruptError as error:
+            spec = self._rebuild_spec(fingerprint, payload, str(error))
         self.fingerprint: str = spec["fingerprint"]
         self.payload: dict = spec["payload"]
         self.feature_dim: Optional[int] = spec.get("feature_dim")
@@ -146,6 +200,39 @@ class FeatureStore:
         # Shards are immutable once renamed into place (unique names): one whose checksum this process
         # has checked need not be read whole again, so later reads take just the rows they need.
         self._verified: set[str] = set()
+
+    def _rebuild_spec(self, fingerprint: Optional[str], payload: Optional[dict], why: str) -> dict:
+        """A spec from the caller's fingerprint or from the shards' own record; the rows stay."""
+        recorded = _fingerprint_from_shards(self.directory)
+        if fingerprint is None and recorded is not None:
+            fingerprint, payload = recorded
+        if fingerprint is None or payload is None or not payload_matches(fingerprint, payload):
+            raise StoreCorruptError(
+                f"{self.directory / 'spec.json'} is damaged ({why}) and its shards do not record which backbone "
+                f"they hold; its rows stay untouched: run `featurepipe extract` with the same backbone options to "
+                f"rebuild it, or delete {self.directory} to drop them") from None
+        if not self.directory.name or not fingerprint.startswith(self.directory.name):
+            raise StoreCorruptError(f"{self.directory} is not named after fingerprint {fingerprint[:16]}; "
+                                    f"delete it and run extract again")
+        dims = _shard_dims(self.directory)
+        spec = {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint, "payload": payload,
+                "feature_dim": dims.pop() if len(dims) == 1 else None}
+        if recorded is not None and recorded[0] != fingerprint:
+            raise StoreCorruptError(f"{self.directory}'s shards hold features of fingerprint {recorded[0][:16]}, "
+                                    f"not {fingerprint[:16]}; delete that folder and run extract again")
+        (self.directory / "shards").mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.directory / "spec.json", spec)
+        self.repaired.append(f"{self.directory / 'spec.json'} was damaged ({why}); rebuilt from the shards "
+                             f"({spec['feature_dim']}-d features), no row was lost")
+        return spec
+
+    def refresh(self) -> None:
+        """Re-read spec.json (another process may have set feature_dim) and forget the key index."""
+        try:
+            self.feature_dim = _parse_spec(self.directory / "spec.json").get("feature_dim")
+        except (OSError, StoreError):
+            pass
+        self._index = None
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -157,7 +244,8 @@ class FeatureStore:
         if not spec_path.exists():
             _write_json_atomic(spec_path, {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
                                            "payload": payload, "feature_dim": None})
-        store = cls(directory)
+        store = cls(directory, fingerprint, payload)
+        store.sweep_stray_temps()
         if store.fingerprint != fingerprint:
             raise StoreCorruptError(
                 f"{directory} holds features of another fingerprint ({store.fingerprint[:16]}...); "
@@ -173,8 +261,7 @@ class FeatureStore:
     # ---- reading ---------------------------------------------------------------------------
 
     def _shard_paths(self) -> list[Path]:
-        # pathlib's "*" also matches dot-files: skip the ".tmp-*" files of writers in flight or killed.
-        return sorted(p for p in (self.directory / "shards").glob("*.h5") if not p.name.startswith("."))
+        return _committed_shards(self.directory)
 
     def _load_index(self) -> dict[str, tuple[str, int]]:
         # A compaction running in another process may delete shards while we list them; the
@@ -278,32 +365,33 @@ class FeatureStore:
             return json.loads(path.read_text())
         except FileNotFoundError:
             return {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return {}   # only a cache of failures: losing it just means retrying those files
+
+    def clear_failures(self) -> int:
+        """Forget every remembered decode failure (they are tried again); returns how many there were."""
+        count = len(self.failures())
+        (self.directory / "failed.json").unlink(missing_ok=True)
+        return count
 
     # ---- writing ---------------------------------------------------------------------------
 
     @contextmanager
-    def writer(self, timeout: float = 0.0) -> Iterator["StoreWriter"]:
-        """Exclusive write access. Waits up to `timeout` seconds for another writer, then fails clearly."""
-        lock_path = self.directory / ".lock"
-        handle = open(lock_path, "a+")
-        deadline = time.monotonic() + timeout
+    def writer(self, timeout: float = 0.0, on_wait: Optional[Callable[[], None]] = None) -> Iterator["StoreWriter"]:
+        """Exclusive write access. Waits up to `timeout` seconds for another writer (calling `on_wait`
+        once when it starts waiting), then fails clearly."""
+        handle = self._lock(timeout, on_wait)
         try:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StoreLockedError(
-                            f"another featurepipe process is writing to {self.directory}; wait for it to finish "
-                            f"(or pass a longer --lock-timeout) and run again"
-                        ) from None
-                    time.sleep(0.2)
+            # `cache gc` may have removed the whole store while we waited: start it afresh.
+            (self.directory / "shards").mkdir(parents=True, exist_ok=True)
+            if not (self.directory / "spec.json").exists():
+                self.feature_dim = None
+                _write_json_atomic(self.directory / "spec.json", {
+                    "schema_version": SCHEMA_VERSION, "fingerprint": self.fingerprint, "payload": self.payload,
+                    "feature_dim": None})
             for stray in (self.directory / "shards").glob(".tmp-*"):
                 stray.unlink(missing_ok=True)
-            self._index = None
+            self.refresh()
             writer = StoreWriter(self)
             writer.adopt_incoming()
             yield writer
@@ -315,6 +403,61 @@ class FeatureStore:
             handle.close()
             self._index = None
 
+    def sweep_stray_temps(self) -> int:
+        """Delete temporary shards a killed writer left, if no writer is running now (lock free at
+        once). Readers ignore them anyway, but a killed compaction's is as big as the whole store,
+        and a store nothing is written to again would keep it for ever."""
+        strays = list((self.directory / "shards").glob(".tmp-*"))
+        if not strays:
+            return 0
+        try:
+            handle = self._lock(0.0, None)
+        except StoreLockedError:
+            return 0      # a writer is at work: those files may be its own
+        try:
+            for stray in (self.directory / "shards").glob(".tmp-*"):
+                stray.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return len(strays)
+
+    def _lock(self, timeout: float, on_wait: Optional[Callable[[], None]]):
+        """An open handle on .lock holding its flock. The lock file itself may be deleted by a gc that
+        removes the store while we wait; then the lock we got is on a file no one else sees, so we
+        check it is still the one at the path and start over if not."""
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = open(self.directory / ".lock", "a+")
+            try:
+                while True:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise StoreLockedError(
+                                f"another featurepipe process is writing to {self.directory}; wait for it to "
+                                f"finish (or pass a longer --lock-timeout) and run again") from None
+                        if not waited and on_wait is not None:
+                            on_wait()
+                        waited = True
+                        time.sleep(0.2)
+                held = os.fstat(handle.fileno())
+                try:
+                    current = os.stat(self.directory / ".lock")
+                except FileNotFoundError:
+                    current = None
+                if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+                    return handle
+            except BaseException:
+                handle.close()
+                raise
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
     def _write_shard(self, keys: list[str], features: np.ndarray, name: Optional[str] = None) -> bool:
         """Write and commit one shard; False when a shard of that NAME was already committed."""
         features = np.ascontiguousarray(features, dtype=np.float32)
@@ -323,7 +466,7 @@ class FeatureStore:
         self._check_dim(features.shape[1])
         shards = self.directory / "shards"
         name = name or f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
-        return publish_shard(shards, name, keys, features)
+        return publish_shard(shards, name, keys, features, (self.fingerprint, self.payload))
 
     def _check_dim(self, dim: int) -> None:
         """The first shard fixes the store's feature_dim; every later one must match it."""
@@ -397,8 +540,10 @@ class FeatureStore:
     # ---- maintenance -----------------------------------------------------------------------
 
     def verify(self, repair: bool = False) -> list[str]:
-        """Check every shard; return the problems found. With repair, damaged shards are removed."""
-        problems = []
+        """Check spec.json against the shards and every shard against its digest; return the problems.
+        With repair, damaged shards are removed, a wrong spec is rebuilt from the shards where they
+        record their fingerprint, and remembered decode failures are forgotten (so they are retried)."""
+        problems = self.spec_problems()
         damaged = []
         for shard in self._shard_paths():
             try:
@@ -406,12 +551,42 @@ class FeatureStore:
             except StoreCorruptError as error:
                 problems.append(str(error))
                 damaged.append(shard)
-        if repair and damaged:
+        if repair:
             # All at once: a writer may compact on exit, and compaction must not meet a damaged shard.
             with self.writer(timeout=60):
                 for shard in damaged:
                     shard.unlink(missing_ok=True)
+                if self.spec_problems():
+                    recorded = _fingerprint_from_shards(self.directory)
+                    if recorded is not None:
+                        self._rebuild_spec(*recorded, "it disagreed with its shards")
+                        spec = _parse_spec(self.directory / "spec.json")
+                        self.fingerprint, self.payload = spec["fingerprint"], spec["payload"]
+                        self.feature_dim = spec["feature_dim"]
+                    else:
+                        problems.append(f"{self.directory / 'spec.json'} cannot be rebuilt: its shards do not "
+                                        f"record their fingerprint; delete {self.directory} and run extract again")
+                self.clear_failures()
         self._index = None
+        return problems
+
+    def spec_problems(self) -> list[str]:
+        """Ways spec.json disagrees with itself or with the shards (an edited fingerprint or dim)."""
+        spec_path = self.directory / "spec.json"
+        problems = []
+        if not payload_matches(self.fingerprint, self.payload):
+            problems.append(f"{spec_path}: the fingerprint is not the hash of the recorded payload (edited?)")
+        if not self.fingerprint.startswith(self.directory.name):
+            problems.append(f"{spec_path}: fingerprint {self.fingerprint[:16]} does not match the folder name "
+                            f"{self.directory.name} (edited or moved?)")
+        recorded = _fingerprint_from_shards(self.directory)
+        if recorded is not None and recorded[0] != self.fingerprint:
+            problems.append(f"{spec_path}: fingerprint {self.fingerprint[:16]} differs from the one its shards "
+                            f"record ({recorded[0][:16]})")
+        dims = _shard_dims(self.directory)
+        if dims and dims != {self.feature_dim}:
+            problems.append(f"{spec_path}: feature_dim {self.feature_dim} but the shards hold "
+                            f"{', '.join(map(str, sorted(dims)))}-d features")
         return problems
 
     def info(self) -> StoreInfo:
@@ -482,27 +657,74 @@ class StoreWriter:
             path.unlink(missing_ok=True)
 
 
-def list_stores(features_root: Path) -> list[FeatureStore]:
+def list_stores(features_root: Path, problems: Optional[dict[str, str]] = None) -> list[FeatureStore]:
+    """Every store under `features_root`. One whose spec.json is damaged beyond rebuilding is left
+    out and described in `problems` (folder -> message) when given, else it raises."""
     if not Path(features_root).exists():
         return []
     stores = []
     for directory in sorted(Path(features_root).iterdir()):
-        if (directory / "spec.json").exists():
+        if not directory.is_dir() or not ((directory / "spec.json").exists() or (directory / "shards").is_dir()):
+            continue
+        try:
             stores.append(FeatureStore(directory))
+        except StoreError as error:
+            if problems is None:
+                raise
+            problems[str(directory)] = str(error)
     return stores
+
+
+def _remove_locked(store: FeatureStore) -> None:
+    """Delete the store; the caller holds its lock. The lock file goes last, still held: a process
+    waiting for it then finds it is no longer the lock at that path and starts a fresh store."""
+    for path in sorted(store.directory.iterdir()):
+        if path.name == ".lock":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (store.directory / ".lock").unlink(missing_ok=True)
+    try:
+        store.directory.rmdir()
+    except OSError:
+        pass   # something new appeared in it: leave it
 
 
 def remove_store(store: FeatureStore) -> None:
     with store.writer(timeout=60):
-        shutil.rmtree(store.directory / "shards")
-    shutil.rmtree(store.directory)
+        _remove_locked(store)
 
 
-def prune_store(store: FeatureStore, keep: set[str]) -> int:
-    """Drop rows whose keys are not in `keep`; returns how many were dropped."""
+def prune_store(store: FeatureStore, keep) -> int:
+    """Drop rows whose keys are not kept; returns how many were dropped.
+
+    `keep` is a set of keys, or a function called under the store's lock that returns it: deciding
+    under the same lock as deleting means no row written in between can be dropped."""
     with store.writer(timeout=60):
         before = store.keys()
-        dropped = len(before - keep)
+        kept = keep() if callable(keep) else keep
+        dropped = len(before - kept)
         if dropped:
-            store._compact(keep=keep)
+            store._compact(keep=kept)
     return dropped
+
+
+def gc_store(store: FeatureStore, decide: Callable[[FeatureStore], Optional[set[str]]],
+             dry_run: bool = False, timeout: float = 60) -> tuple[bool, int]:
+    """(removed whole store?, rows dropped) with the decision taken under the store's lock.
+
+    `decide(store)` runs while the lock is held, so no writer can add rows between it and the
+    deletion; it returns None to remove the store, else the set of keys to keep."""
+    with store.writer(timeout=timeout):
+        keep = decide(store)
+        if keep is None:
+            if not dry_run:
+                _remove_locked(store)
+            return True, 0
+        before = store.keys()
+        dropped = len(before - keep)
+        if dropped and not dry_run:
+            store._compact(keep=keep)
+        return False, dropped

@@ -263,13 +263,13 @@ def test_class_with_single_image_is_warned_about(image_tree):
 @pytest.fixture
 def hash_calls(monkeypatch):
     calls: list[str] = []
-    real = hashcache.file_sha256
+    real = hashcache.regular_file_sha256
 
-    def counting(path):
+    def counting(path, *args):
         calls.append(str(path))
-        return real(path)
+        return real(path, *args)
 
-    monkeypatch.setattr(hashcache, "file_sha256", counting)
+    monkeypatch.setattr(hashcache, "regular_file_sha256", counting)
     return calls
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from featurepipe import store as store_module
-from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.backbones.spec import BackboneSpec, hash_payload
 from featurepipe.cache import gc_cache, list_cache
 from featurepipe.dataset import scan
 from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError
@@ -19,7 +19,7 @@ from featurepipe.extract import extract, open_stores
 from featurepipe.store import FeatureStore, list_stores, prune_store
 from tests.conftest import make_image
 
-FP = "0123456789abcdef" * 4
+FP = hash_payload({"name": "test"})   # a real fingerprint: verify checks it is the payload's hash
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from featurepipe.backbones.registry import BackboneInfo, get_backbone
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.errors import BackboneError, WeightsUnavailableError
+from featurepipe.errors import BackboneError, DiskFullError, WeightsUnavailableError, disk_full, is_disk_full
 
 _URL_RE = re.compile(r"https?://\S+?\.(?:h5|keras|weights\.h5)")
 
@@ -49,9 +49,11 @@ def build_base(info: BackboneInfo, spec: BackboneSpec, include_top: bool, cache_
     if spec.weights == "imagenet":
         try:
             return info.builder(input_shape, include_top, "imagenet", cache_dir)
-        except WeightsUnavailableError:
+        except (WeightsUnavailableError, DiskFullError):
             raise
         except Exception as error:  # keras raises a bare Exception for a failed download
+            if is_disk_full(error):
+                raise disk_full(error, _keras_cache_dir()) from None
             if "URL fetch failure" in str(error) or isinstance(error, OSError):
                 raise _weights_unavailable(spec, error) from None
             raise

@@ -24,7 +24,7 @@ import os
 import secrets
 from pathlib import Path
 
-from featurepipe.errors import BackboneError, WeightsUnavailableError
+from featurepipe.errors import BackboneError, WeightsUnavailableError, disk_full, is_disk_full
 from featurepipe.hashcache import file_sha256
 from featurepipe.paths import cache_root, weights_dir
 
@@ -189,6 +189,7 @@ def _convert_pth(variant: str, pth: Path, dest: Path, sha: str) -> None:
 
     arrays = _state_dict_to_layers(variant, read_legacy_state_dict(pth), str(pth))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest)
     # Unique per writer so concurrent conversions never share a temp file; "w-" refuses to reuse
     # one, and unlike mkstemp the file gets the usual umask permissions.
     tmp_name = dest.parent / f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
@@ -203,12 +204,33 @@ def _convert_pth(variant: str, pth: Path, dest: Path, sha: str) -> None:
                 for index, value in enumerate(weights):
                     group.create_dataset(str(index), data=np.ascontiguousarray(value, dtype=np.float32))
         os.replace(tmp_name, dest)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
+        if isinstance(error, OSError) and is_disk_full(error):
+            # Not "could not be downloaded": the weights are here, the disk is full.
+            raise disk_full(error, dest.parent) from None
         raise
+
+
+def remove_stale_temps(dest: Path) -> list[Path]:
+    """Delete temporary files of conversions whose process is gone (killed mid-write: its except
+    clause never ran). A temp file names its writer's pid; a live writer's file is left alone."""
+    removed = []
+    for tmp in dest.parent.glob(f".{dest.name}.*.tmp"):
+        pid_text = tmp.name[len(dest.name) + 2:].split("-", 1)[0]
+        try:
+            os.kill(int(pid_text), 0)
+            continue                      # its writer is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue                      # not one of ours, or another user's live process
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _load_converted(model, path: Path, variant: str, sha: str) -> None:
