@@ -112,7 +112,10 @@ def small_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "SHARD_BYTES", 10 * 4 * 6)
     monkeypatch.setattr(store_module, "MIN_SHARD_ROWS", 1)
     monkeypatch.setattr(store_module, "COMPACT_AT", 3)
-    return FeatureStore.open(tmp_path / "features", "f" * 64, {"test": True})
+    from featurepipe.backbones.spec import hash_payload
+
+    # A real fingerprint (the hash of its payload): `verify` checks that spec.json was not edited.
+    return FeatureStore.open(tmp_path / "features", hash_payload({"test": True}), {"test": True})
 
 
 def _shard_sizes(store):
