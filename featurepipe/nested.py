@@ -186,7 +186,10 @@ def leaderboard_ensemble(results: Mapping[str, CVResult], y: np.ndarray, classes
         return (float(np.mean([m["accuracy"] for m in metrics])), float(np.mean([m["log_loss"] for m in metrics])),
                 metrics)
 
-    scored = [(c, *standard(c)[:2]) for c in pool]
+    # The single candidates' fold means are already on their leaderboards (the same fold_metrics).
+    means = {(name, row.head, row.params, row.augment): (float(row.accuracy_mean), float(row.log_loss_mean))
+             for name, result in results.items() for row in result.leaderboard.itertuples()}
+    scored = [(c, *means[(c.features, c.head, c.params, c.augment)]) for c in pool]
     ranked = select(scored)
     ensemble = ensemble_of(ranked, ensemble_size)
     ensemble_folds = pd.DataFrame()
