@@ -7,6 +7,7 @@ given (image, view, seed) always yields the same pixels, independently of batch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -16,7 +17,7 @@ import re
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -286,6 +287,35 @@ def _resize(img: Image.Image, size: int, resize: str) -> Image.Image:
     return img.resize((size, size), _RESAMPLE, box=(left, top, left + side, top + side))
 
 
+@contextlib.contextmanager
+def _loaded_rgb(p: str, draft_side: int) -> Iterator[Image.Image]:
+    """The file's frame 0 fully decoded, EXIF-oriented and converted to RGB (alpha on white); every
+    decoding failure is an ImageDecodeError naming the file. `draft_side`: JPEGs may decode at a
+    lower DCT scale as long as both sides stay >= it."""
+    with _open(p) as img:
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            # DCT-domain downscaling by 1/2, 1/4 or 1/8 makes big photos several times cheaper
+            # to decode. PIL picks the largest factor that keeps *both* sides >= the request, so
+            # the final resize still only shrinks and quality is unaffected.
+            img.draft("RGB", (draft_side, draft_side))
+        try:
+            # Decode fully here so truncation surfaces as an error for this file rather than as
+            # silently grey pixels; we deliberately leave ImageFile.LOAD_TRUNCATED_IMAGES alone.
+            img.load()
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except _DECODE_ERRORS:
+            # A malformed EXIF block does not make the pixels wrong; keep the stored orientation.
+            pass
+        try:
+            rgb = _to_rgb(img, p)
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+        yield rgb
+
+
 def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.ndarray:
     """Decode an image file into a (size, size, 3) uint8 RGB array.
 
@@ -302,27 +332,9 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.nda
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     p = os.fspath(path)
 
-    with _open(p) as img:
-        if isinstance(img, JpegImagePlugin.JpegImageFile):
-            # DCT-domain downscaling by 1/2, 1/4 or 1/8 makes big photos several times cheaper
-            # to decode. PIL picks the largest factor that keeps *both* sides >= the request, so
-            # the final resize still only shrinks and quality is unaffected.
-            img.draft("RGB", (size, size))
+    with _loaded_rgb(p, size) as rgb:
         try:
-            # Decode fully here so truncation surfaces as an error for this file rather than as
-            # silently grey pixels; we deliberately leave ImageFile.LOAD_TRUNCATED_IMAGES alone.
-            img.load()
-        except _DECODE_ERRORS as e:
-            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
-        except _DECODE_ERRORS:
-            # A malformed EXIF block does not make the pixels wrong; keep the stored orientation.
-            pass
-        try:
-            rgb = _to_rgb(img, p)
-            out = _resize(rgb, size, resize)
-            arr = np.array(out, dtype=np.uint8)
+            arr = np.array(_resize(rgb, size, resize), dtype=np.uint8)
         except _DECODE_ERRORS as e:
             raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
     if arr.shape != (size, size, 3):  # pragma: no cover - guards against PIL behaviour changes
@@ -578,19 +590,9 @@ def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHA
     Compare two hashes with ``bin(a ^ b).count("1")``.
     """
     p = os.fspath(path)
-    with _open(p) as img:
-        if isinstance(img, JpegImagePlugin.JpegImageFile):
-            img.draft("RGB", (_PHASH_SIDE * 4, _PHASH_SIDE * 4))   # DCT-domain downscale: cheap decode
+    with _loaded_rgb(p, _PHASH_SIDE * 4) as rgb:   # DCT-domain downscale: a cheap decode
         try:
-            img.load()
-        except _DECODE_ERRORS as e:
-            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
-        except _DECODE_ERRORS:
-            pass
-        try:
-            grey = _to_rgb(img, p).convert("L")
+            grey = rgb.convert("L")
         except _DECODE_ERRORS as e:
             raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
     width, height = grey.size
