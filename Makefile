@@ -23,7 +23,7 @@ test: $(STAMP)
 # The report checked in headless Chromium (tests/test_report_browser.py); `make test` skips it when
 # Chromium is missing. Installing it needs root and apt (Debian/Ubuntu).
 browser-test: $(STAMP)
-	command -v chromium >/dev/null || apt-get install -y chromium
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y chromium)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests/test_report_browser.py
 
 clean:
