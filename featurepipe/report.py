@@ -128,6 +128,10 @@ def _params_text(params: Any) -> str:
         parsed = json.loads(canonical)
     except ValueError:
         return canonical
+    if isinstance(parsed, dict) and isinstance(parsed.get("members"), list):
+        # An ensemble: its members as head(key=value), not its JSON.
+        return " + ".join(f"{m.get('head')}({_params_text(m.get('params') or {})})" for m in parsed["members"]
+                          if isinstance(m, dict))
     if isinstance(parsed, dict):
         return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in parsed.items())
     return canonical
@@ -779,7 +783,8 @@ def _run_section(config: dict, dataset: dict, best_key, best_row, board: pd.Data
         ci = ""
         if "accuracy_ci_low" in best_row.index:
             ci = f" [{_num(best_row['accuracy_ci_low'])}, {_num(best_row['accuracy_ci_high'])}]"
-        cards.append(f'<div class="card best"><div class="k">best head (CV accuracy, 95% interval)</div>'
+        cards.append(f'<div class="card best"><div class="k">best head (CV accuracy, 95% interval; chosen on the same '
+                     f'folds, so optimistic: see nested cross-validation)</div>'
                      f'<div class="v">{_e(_config_label(best_key))}</div>'
                      f'<div>{_num(best_row["accuracy_mean"])}{_e(ci)}</div></div>')
     counts = dict(dataset.get("counts") or {})
