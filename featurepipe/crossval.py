@@ -325,6 +325,16 @@ def _evaluate(X, y, views, classes, head, params, augment, tta, train_idx, val_i
     }
 
 
+def _evaluate_and_keep(path: Path | None, *args) -> dict:
+    """One fit, its result written to `path` (atomically) as soon as it exists, by whichever process
+    ran it: a pooled fit is on disk while in-process heads are still fitting, so a kill loses only
+    the fits in flight."""
+    rec = _evaluate(*args)
+    if path is not None:
+        _write_atomic(path, rec)
+    return rec
+
+
 @dataclass(frozen=True, eq=False)
 class _Unit:
     head: str
@@ -444,13 +454,11 @@ def run_cv(
     def task(i: int):
         u = units[i]
         views = table.views if u.augment == "views" else None
-        return delayed(_evaluate)(table.X, table.y, views, table.classes, u.head, u.kwargs,
-                                  u.augment, u.tta, u.fold.train_idx, u.fold.val_idx, seed)
+        return delayed(_evaluate_and_keep)(paths.get(i), table.X, table.y, views, table.classes, u.head, u.kwargs,
+                                           u.augment, u.tta, u.fold.train_idx, u.fold.val_idx, seed)
 
     def store(i: int, rec: dict) -> None:
-        records[i] = rec
-        if i in paths:
-            _write_atomic(paths[i], rec)
+        records[i] = rec      # already on disk (see _evaluate_and_keep)
         u = units[i]
         report(progress, stage, len(records), total,
                f"{u.head} {u.params} augment={u.augment} repeat {u.fold.repeat} fold {u.fold.pair or u.fold.fold}")

@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -341,6 +342,26 @@ def test_pool_results_are_cached_when_an_in_process_head_fails(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="out of memory"):
         run_cv(t, ["logreg", "broken"], **kw)
     assert run_cv(t, ["logreg"], **kw).reused == 3
+
+
+def test_pool_results_reach_disk_while_in_process_heads_still_fit(tmp_path, monkeypatch):
+    # A killed evaluate keeps every pooled fit that had finished, not only those collected after the
+    # in-process (TensorFlow) heads: the in-process head here waits, bounded, for the pooled fits'
+    # result files to appear, and records whether they did.
+    seen = []
+
+    class Waiting(RecordingClassifier):
+        def fit(self, X, y):
+            deadline = time.monotonic() + (30 if not seen else 0)
+            while len(list(tmp_path.glob("*.json"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(len(list(tmp_path.glob("*.json"))))
+            return super().fit(X, y)
+
+    monkeypatch.setitem(heads.HEADS, "waiting", HeadEntry("waiting", lambda p, s: Waiting(), {}, "spy", in_process=True))
+    t = make_table(views=False)
+    run_cv(t, ["logreg", "waiting"], grids={"logreg": {"C": [1.0]}}, n_folds=3, n_jobs=2, cache_dir=tmp_path)
+    assert seen[0] >= 3      # the 3 logreg folds were written before the first in-process fit ended
 
 
 def test_interval_is_a_t_interval_clipped_to_the_metric_range():
