@@ -243,7 +243,7 @@ def evaluate(
     # ---- end of issue 11 hook
     classes = list(dataset.classes)
     label_index = {label: i for i, label in enumerate(classes)}
-    tables, frames = {}, {}
+    tables = {}
     for name, (stores, features) in zip(names, loaded):
         keep = features.frame["hash"].isin(common).to_numpy() & (features.frame["split"] == "train").to_numpy()
         train_frame = features.frame[keep].reset_index(drop=True)
@@ -258,7 +258,6 @@ def evaluate(
             # The views store is shared by every K (rows hash@0..hash@K-1): K is part of what CV saw.
             views_key=f"{stores.views.fingerprint}:K={stores.augment}" if stores.views is not None else "",
         )
-        frames[name] = features
     first = tables[names[0]]
     user_grids = dict(grids or {})
     search_grids = _class_weight_grid(first.y, heads, user_grids)
@@ -299,10 +298,9 @@ def evaluate(
         write_csv(run_dir / "nested_folds.csv", nested_result.folds)
         write_csv(run_dir / "nested_oof.csv", nested_result.oof)
 
-    chosen_spec = specs[names.index(best_candidate.features)]
+    chosen = names.index(best_candidate.features)
+    chosen_spec, (stores, features) = specs[chosen], loaded[chosen]
     table = tables[best_candidate.features]
-    features = frames[best_candidate.features]
-    stores = loaded[names.index(best_candidate.features)][0]
     best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
             "augment": best_candidate.augment, "tta": bool(tta and best_candidate.augment == "views"),
             "features": best_candidate.features}
@@ -311,8 +309,8 @@ def evaluate(
             "feature_fingerprint": stores.originals.fingerprint}
     # A fine-tuned model in a reused run dir grew from the previous best head: it no longer belongs.
     (run_dir / MODEL_META).unlink(missing_ok=True)
-    frame = features.frame[features.frame["hash"].isin(common)].reset_index(drop=True)
     rows = features.frame["hash"].isin(common).to_numpy()
+    frame = features.frame[rows].reset_index(drop=True)
     holdout_features = DatasetFeatures(frame, features.X[rows],
                                        features.views[rows] if features.views is not None else None, [])
     refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, best, seed, tta, frame)
