@@ -9,6 +9,7 @@ The Keras dense head is saved as .keras, signed the same way, and loaded with sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from featurepipe.errors import FeaturepipeError, TrustError
 from featurepipe.hashcache import file_sha256
 
 HEAD_META = "best_head.json"
+VOTE = "vote"          # best_head.json's head when the run's model averages heads on several feature sets
+MEMBERS_DIR = "members"
 MODEL_META = "model.json"   # written by fine-tuning: the run's model, when there is one
 
 
@@ -54,6 +57,38 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
     return path
 
 
+def _members_digest(members: list) -> str:
+    return hashlib.sha256(json.dumps(members, sort_keys=True).encode()).hexdigest()
+
+
+def member_dir(run_dir: Path, index: int) -> Path:
+    """Where member `index` of a vote keeps its own head and best_head.json (saved by save_head)."""
+    return Path(run_dir) / MEMBERS_DIR / str(index)
+
+
+def save_vote(run_dir: Path, meta: dict, members: list[dict]) -> None:
+    """best_head.json of a soft vote over feature sets: each member's head is saved (signed) in its
+    member_dir; this file lists them, and its signature covers the list, so editing which members vote
+    (or pointing one elsewhere) is refused like an edited head."""
+    members = [{"dir": f"{MEMBERS_DIR}/{i}", **m} for i, m in enumerate(members)]
+    write_json(Path(run_dir) / HEAD_META, {**meta, "head": VOTE, "members": members,
+                                           "hmac": trust.sign(VOTE, _members_digest(members))})
+
+
+def vote_member_dirs(run_dir: Path, meta: dict, trust_run: bool = False) -> list[Path]:
+    """The member folders of a vote's best_head.json, after checking its signature and confinement."""
+    members = meta.get("members")
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise FeaturepipeError(f"{Path(run_dir) / HEAD_META} describes a vote without a list of members; "
+                               f"re-run `featurepipe evaluate`")
+    if not trust_run and not trust.signed(VOTE, _members_digest(members), meta.get("hmac")):
+        raise TrustError(
+            f"{Path(run_dir) / HEAD_META} (a vote over {len(members)} feature sets) was not signed by your featurepipe "
+            f"key ({trust.key_path()}): copied from elsewhere or edited. If you trust where this run came from, "
+            f"pass --trust (or re-run `featurepipe evaluate`).")
+    return [trust.confined(Path(run_dir), f"{m.get('dir')}/{HEAD_META}").parent for m in members]
+
+
 def load_head_meta(run_dir: Path) -> dict:
     path = Path(run_dir) / HEAD_META
     if not path.exists():
@@ -66,6 +101,9 @@ def load_head(run_dir: Path, trust_run: bool = False):
     one that was written, and was signed by this user's key (skipped with `trust_run`)."""
     run_dir = Path(run_dir)
     meta = load_head_meta(run_dir)
+    if meta.get("head") == VOTE:
+        raise FeaturepipeError(f"{run_dir}'s model is a vote over {len(meta.get('members') or [])} feature sets, "
+                               f"not one head; open it with featurepipe.predict.open_run (its `members`)")
     path = trust.confined(run_dir, meta.get("file"))
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing; re-run `featurepipe evaluate` to write it again")

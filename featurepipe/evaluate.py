@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,9 @@ import pandas as pd
 
 from featurepipe.atomic import write_csv  # issue 12
 from featurepipe.rundir import prepare_run_dir  # issue 12
-from featurepipe.artifacts import MODEL_META, cached_head, remember_head, save_head, write_json
+from featurepipe.artifacts import (
+    MEMBERS_DIR, MODEL_META, cached_head, load_head, member_dir, remember_head, save_head, save_vote, write_json,
+)
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
@@ -31,7 +34,7 @@ from featurepipe.extract import ExtractReport, extract, open_stores
 from featurepipe.features import DatasetFeatures, dataset_features
 from featurepipe.heads import HEADS
 from featurepipe.images import AugmentPolicy
-from featurepipe.nested import ENSEMBLE_SIZE, NestedResult, leaderboard_ensemble, nested_cv
+from featurepipe.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.paths import cache_root, runs_dir
 from featurepipe.progress import ProgressCallback
 
@@ -199,6 +202,7 @@ def evaluate(
     ensemble: int = ENSEMBLE_SIZE,
     widen: bool = True,
     dedup_groups: bool = True,
+    vote: bool = True,
 ) -> EvaluateReport:
     """Cross-validate heads on the cached features of every spec in `specs` (default: just `spec`),
     choose the best configuration (a soft-vote ensemble of the top ones included when `ensemble` >= 2),
@@ -279,13 +283,14 @@ def evaluate(
         search_grids = wider
         results = cross_validate(search_grids)
 
-    ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, ensemble)
+    ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, ensemble, vote=vote)
     leaderboard, fold_table, oof = _tables(results, ranked, ensemble_folds, folds, repeats)
     best_candidate = ranked[0]
     nested_result = None
     if nested:
+        # The optimism gap compares with the best row a best-of-N headline would have shown.
         nested_result = nested_cv(results, first.y, classes, first.paths,
-                                  float(leaderboard.iloc[0]["accuracy_mean"]), ensemble)
+                                  float(leaderboard["accuracy_mean"].max()), ensemble, vote=vote)
 
     run_dir = _new_run_dir(root, dataset, specs[0] if len(specs) == 1 else None, run_dir)
     write_csv(run_dir / "leaderboard.csv", leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
@@ -298,30 +303,49 @@ def evaluate(
         write_csv(run_dir / "nested_folds.csv", nested_result.folds)
         write_csv(run_dir / "nested_oof.csv", nested_result.oof)
 
-    chosen = names.index(best_candidate.features)
-    chosen_spec, (stores, features) = specs[chosen], loaded[chosen]
-    table = tables[best_candidate.features]
     best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
             "augment": best_candidate.augment, "tta": bool(tta and best_candidate.augment == "views"),
             "features": best_candidate.features}
-    meta = {"head": best["head"], "params": best["params"], "augment": best["augment"], "tta": tta,
-            "features": best["features"], "classes": classes, "backbone": chosen_spec.to_dict(),
-            "feature_fingerprint": stores.originals.fingerprint}
     # A fine-tuned model in a reused run dir grew from the previous best head: it no longer belongs.
     (run_dir / MODEL_META).unlink(missing_ok=True)
-    rows = features.frame["hash"].isin(common).to_numpy()
-    frame = features.frame[rows].reset_index(drop=True)
-    holdout_features = DatasetFeatures(frame, features.X[rows],
-                                       features.views[rows] if features.views is not None else None, [])
-    refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, best, seed, tta, frame)
-    cached = cached_head(refit_cache, run_dir, meta)
-    if cached is not None:
-        holdout = cached["holdout"]
-    else:
-        estimator = refit(table, best["head"], best["params"], best["augment"], seed)
-        holdout = _score_holdout(estimator, holdout_features, frame, classes, label_index, best, tta)
-        save_head(estimator, run_dir, meta)
-        remember_head(refit_cache, run_dir, {"holdout": holdout})
+    voting = best_candidate.head == VOTE
+    members = best_candidate.members if voting else (best_candidate,)
+    shutil.rmtree(run_dir / MEMBERS_DIR, ignore_errors=True)   # an earlier vote's members (or none)
+    holdout_parts: dict[str, list] = {}
+    for index, member in enumerate(members):
+        chosen = names.index(member.features)
+        stores, features = loaded[chosen]
+        member_best = {"head": member.head, "params": json.loads(member.params), "augment": member.augment,
+                       "tta": bool(tta and member.augment == "views"), "features": member.features}
+        meta = {**member_best, "tta": tta, "classes": classes, "backbone": specs[chosen].to_dict(),
+                "feature_fingerprint": stores.originals.fingerprint}
+        target = member_dir(run_dir, index) if voting else run_dir
+        rows = features.frame["hash"].isin(common).to_numpy()
+        frame = features.frame[rows].reset_index(drop=True)
+        holdout_features = DatasetFeatures(frame, features.X[rows],
+                                           features.views[rows] if features.views is not None else None, [])
+        table = tables[member.features]
+        refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, member_best, seed, tta, frame)
+        estimator = None
+        cached = cached_head(refit_cache, target, meta)
+        if cached is None:
+            estimator = refit(table, member_best["head"], member_best["params"], member_best["augment"], seed)
+            save_head(estimator, target, meta)
+        elif voting and (frame["split"] != "train").any():
+            estimator, _ = load_head(target)    # just copied from this user's signed refit cache
+        parts = {} if estimator is None else _holdout_proba(estimator, holdout_features, frame, label_index,
+                                                            member_best, tta)
+        if cached is None:
+            remember_head(refit_cache, target, {"holdout": _holdout_metrics(parts, classes)})
+        if not voting:
+            holdout = cached["holdout"] if cached is not None else _holdout_metrics(parts, classes)
+        for split, part in parts.items():
+            holdout_parts.setdefault(split, []).append(part)
+    if voting:
+        save_vote(run_dir, {**best, "tta": tta, "classes": classes},
+                  [{"features": m.features, "head": m.head, "params": json.loads(m.params)} for m in members])
+        holdout = _holdout_metrics({split: (parts[0][0], np.mean([p for _, p in parts], axis=0))
+                                    for split, parts in holdout_parts.items()}, classes)
     (run_dir / "holdout.csv").unlink(missing_ok=True)
     if holdout:
         write_csv(run_dir / "holdout.csv", pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
@@ -332,9 +356,9 @@ def evaluate(
         "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
                     "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
                     "failed": [{"path": p, "reason": r} for p, r in failed.items()]},
-        "backbone": chosen_spec.to_dict(), "search": {
+        "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(), "search": {
             "feature_sets": {n: s.to_dict() for n, s in zip(names, specs)}, "heads": list(heads),
-            "grids": search_grids, "ensemble": ensemble, "nested": nested, "widen": widen},
+            "grids": search_grids, "ensemble": ensemble, "nested": nested, "widen": widen, "vote": vote},
         "augment": augment, "augment_seed": augment_seed, "augment_policy": policy.to_dict() if policy else None,
         "heads": list(heads), "grids": grids, "folds": folds, "repeats": repeats, "seed": seed, "tta": tta,
         "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
@@ -373,7 +397,7 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
     board = pd.concat(boards, ignore_index=True)
     ensemble = next((c for c in ranked if c.members), None)
     if ensemble is not None and not ensemble_folds.empty:
-        row = {"head": "ensemble", "params": ensemble.params, "augment": ensemble.augment, "tta": False,
+        row = {"head": ensemble.head, "params": ensemble.params, "augment": ensemble.augment, "tta": False,
                "n_folds": folds, "repeats": repeats, "features": ensemble.features}
         for column in ensemble_folds.columns:
             if column in ("repeat", "fold", "confusion_matrix"):
@@ -381,15 +405,15 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
             row[f"{column}_mean"], row[f"{column}_std"], row[f"{column}_ci_low"], row[f"{column}_ci_high"] = _summary(
                 ensemble_folds[column], _metric_range(column))
         board = pd.concat([board, pd.DataFrame([row])], ignore_index=True)
-        fold_parts.append(ensemble_folds.assign(head="ensemble", params=ensemble.params, augment=ensemble.augment,
+        fold_parts.append(ensemble_folds.assign(head=ensemble.head, params=ensemble.params, augment=ensemble.augment,
                                                 tta=False, features=ensemble.features))
         member_oof = [results[m.features].oof.query("head == @m.head and params == @m.params and augment == @m.augment")
-                      for m in ensemble.members]
+                      .reset_index(drop=True) for m in ensemble.members]
         part = member_oof[0].copy()
         pcols = [c for c in part.columns if c.startswith("p[")]
         part[pcols] = np.mean([m[pcols].to_numpy() for m in member_oof], axis=0)
         part["pred"] = np.asarray([c[2:-1] for c in pcols], dtype=object)[part[pcols].to_numpy().argmax(axis=1)]
-        oof_parts.append(part.assign(head="ensemble", params=ensemble.params, features=ensemble.features))
+        oof_parts.append(part.assign(head=ensemble.head, params=ensemble.params, features=ensemble.features))
     order = {(c.features, c.head, c.params, c.augment): i for i, c in enumerate(ranked)}
     board["_order"] = [order.get(k, len(order)) for k in zip(board["features"], board["head"], board["params"], board["augment"])]
     board = board.sort_values("_order", kind="mergesort").drop(columns="_order").reset_index(drop=True)
@@ -402,8 +426,14 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
     return board, fold_table, oof
 
 
-def _score_holdout(estimator, features, frame, classes, label_index, best, tta) -> dict[str, dict]:
-    scores = {}
+def _holdout_metrics(parts: dict, classes) -> dict[str, dict]:
+    return {split: {"images": len(y_true), **fold_metrics(y_true, proba, classes)}
+            for split, (y_true, proba) in parts.items()}
+
+
+def _holdout_proba(estimator, features, frame, label_index, best, tta) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (true class indices, probabilities) of the refit head on the validation / test images."""
+    out = {}
     for split in ("validation", "test"):
         rows = (frame["split"] == split).to_numpy()
         if not rows.any():
@@ -413,6 +443,5 @@ def _score_holdout(estimator, features, frame, classes, label_index, best, tta) 
             views = features.views[rows]
             stacked = [proba] + [estimator.predict_proba(views[:, k]) for k in range(views.shape[1])]
             proba = np.mean(stacked, axis=0)
-        y_true = frame.loc[rows, "label"].map(label_index).to_numpy()
-        scores[split] = {"images": int(rows.sum()), **fold_metrics(y_true, proba, classes)}
-    return scores
+        out[split] = (frame.loc[rows, "label"].map(label_index).to_numpy(), proba)
+    return out

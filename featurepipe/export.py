@@ -86,6 +86,21 @@ def fixed_size_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = Non
     return keras.Model(images, head(features(images)), name=f"featurepipe_{run.spec.name}")
 
 
+def _resized(run: RunModel, images, prefix: str = ""):
+    """The run's resize policy applied to any-size uint8 images inside the graph, rounded like PIL."""
+    import keras
+
+    # antialias: PIL's bilinear (what training decoded with) widens its kernel when shrinking;
+    # without it TF's bilinear aliases and drifts by a few grey levels on downscaled photos.
+    x = keras.layers.Resizing(run.image_size, run.image_size, interpolation="bilinear",
+                              crop_to_aspect_ratio=run.resize == "center_crop",
+                              pad_to_aspect_ratio=run.resize == "letterbox", fill_mode="constant",
+                              fill_value=float(LETTERBOX_FILL), antialias=True, name=f"{prefix}resize")(images)
+    # Training saw uint8 pixels (PIL rounds). The inner model's uint8 input casts by truncation,
+    # so +0.5 first makes it round-half-up; bilinear output stays within 0..255, so no overflow.
+    return keras.layers.Rescaling(1.0, offset=0.5, name=f"{prefix}round_to_uint8")(x)
+
+
 def any_size_model(run: RunModel, inner):
     """uint8 (n, H, W, 3) of any H, W -> probabilities, the run's resize policy inside the graph."""
     import keras
@@ -93,19 +108,37 @@ def any_size_model(run: RunModel, inner):
     from featurepipe.head_to_keras import InferenceOnly
 
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
-    # antialias: PIL's bilinear (what training decoded with) widens its kernel when shrinking;
-    # without it TF's bilinear aliases and drifts by a few grey levels on downscaled photos.
-    x = keras.layers.Resizing(run.image_size, run.image_size, interpolation="bilinear",
-                              crop_to_aspect_ratio=run.resize == "center_crop",
-                              pad_to_aspect_ratio=run.resize == "letterbox", fill_mode="constant",
-                              fill_value=float(LETTERBOX_FILL), antialias=True, name="resize")(images)
-    # Training saw uint8 pixels (PIL rounds). The inner model's uint8 input casts by truncation,
-    # so +0.5 first makes it round-half-up; bilinear output stays within 0..255, so no overflow.
-    x = keras.layers.Rescaling(1.0, offset=0.5, name="round_to_uint8")(x)
+    x = _resized(run, images)
     # Keras' image preprocessing layers default to training=True, and the first layer to resolve
     # the flag sets it for the whole call: model(x) and the SavedModel's serve() would then run
     # the head's Dropout. The wrapper pins everything after resizing to inference.
     return keras.Model(images, InferenceOnly(inner, name="classifier")(x), name="featurepipe_classifier")
+
+
+def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
+    """A vote run as one network: uint8 (n, H, W, 3) -> the average of every member's probabilities,
+    each member resizing the image its own way and running its own backbone (one copy of each
+    backbone's weights, shared by the members that use it)."""
+    import keras
+
+    from featurepipe.backbones.build import build_feature_model
+    from featurepipe.head_to_keras import InferenceOnly, head_to_keras
+
+    root = run.cache_dir(cache_dir)
+    images = keras.Input((None, None, 3), dtype="uint8", name="images")
+    bases: dict[str, object] = {}
+    outputs = []
+    for index, member in enumerate(run.members):
+        # The same backbone at the same size is the same network whatever the resize policy: one layer,
+        # called once per member that uses it (a shared layer saves once; a shared nested Model does not).
+        shared = json.dumps({**member.spec.to_dict(), "resize": None}, sort_keys=True, default=str)
+        if shared not in bases:
+            bases[shared] = InferenceOnly(build_feature_model(member.spec, root), name=f"backbone_{len(bases)}")
+        features = bases[shared](_resized(member, images, prefix=f"member_{index}_"))
+        head = head_to_keras(member.load_head(), int(features.shape[-1]), name=f"head_{index}")
+        # InferenceOnly as in any_size_model: a dense head's Dropout stays off however the model is called.
+        outputs.append(InferenceOnly(head, name=f"classifier_{index}")(features))
+    return keras.Model(images, keras.layers.Average(name="vote")(outputs), name="featurepipe_vote")
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -238,7 +271,14 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
     else:
         meta["load"] = "ai_edge_litert.interpreter.Interpreter(model_path=path) (pip install ai-edge-litert)"
         meta["run"] = TFLITE_RUN
-    if run.kind == "head":
+    if run.is_vote:
+        meta["image_size"] = meta["resize"] = None
+        meta["input"]["resizing"] = "inside the model (bilinear, antialiased), once per member as listed in `members`"
+        meta["head"] = {"head": "vote", "meaning": "the average of the members' class probabilities"}
+        meta["members"] = [{"backbone": m.spec.to_dict(), "image_size": m.image_size, "resize": m.resize,
+                            "head": {k: (m.head_meta or {}).get(k) for k in ("head", "params", "augment", "file", "sha256")}}
+                           for m in run.members]
+    elif run.kind == "head":
         head = run.head_meta or {}
         meta["backbone"] = run.spec.to_dict()
         meta["head"] = {k: head.get(k) for k in ("head", "params", "augment", "file", "sha256")}
@@ -291,8 +331,15 @@ def export(
         raise FeaturepipeError(f"--out {out} is a file; export writes a folder (model, {LABELS}, {EXPORT_META})")
     check_export_folder(out, overwrite)
     run = open_run(run_dir, model, trust)
+    if run.is_vote and fmt == "tflite":
+        raise FeaturepipeError(
+            f"{run.run_dir}'s model averages {len(run.members)} feature sets, each resizing the image its own way "
+            f"({', '.join(sorted({f'{m.image_size} px {m.resize}' for m in run.members}))}); TFLite takes one fixed "
+            f"input size, so the vote cannot be one .tflite file. Export --format keras or savedmodel (any image "
+            f"size, resizing inside), or make a one-feature-set run for TFLite: `featurepipe run DATA --quick` "
+            f"or `--backbone NAME --resize POLICY`")
     report(progress, "export", 0, 3, f"building the {run.kind} model")
-    inner = fixed_size_model(run, cache_dir)
+    inner = None if run.is_vote else fixed_size_model(run, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     artefact = out / ARTEFACTS[fmt]
     report(progress, "export", 1, 3, f"writing {artefact.name}")
@@ -307,7 +354,7 @@ def export(
         checked_with = _check_tflite(artefact, run.image_size, len(run.classes))
         input_shape = [1, run.image_size, run.image_size, 3]
     else:
-        network = any_size_model(run, inner)
+        network = vote_model(run, cache_dir) if run.is_vote else any_size_model(run, inner)
         if fmt == "keras":
             _save_keras(network, artefact)
         else:

@@ -23,14 +23,16 @@ import numpy as np
 import pandas as pd
 
 from featurepipe import atomic
-from featurepipe.artifacts import HEAD_META, MODEL_META, load_head, load_head_meta, load_run_model
+from featurepipe.artifacts import (
+    HEAD_META, MODEL_META, VOTE, load_head, load_head_meta, load_run_model, vote_member_dirs,
+)
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError, ImageDecodeError
 from featurepipe.dataset import walk_images
 from featurepipe.hashcache import HashCache, path_key
 from featurepipe.images import IMAGE_EXTENSIONS, decode_image
 from featurepipe.paths import cache_root
-from featurepipe.progress import ProgressCallback, report
+from featurepipe.progress import ProgressCallback, ProgressEvent, report
 from featurepipe.strictjson import json_ready
 
 MODEL_CHOICES = ("auto", "finetuned", "head")
@@ -52,6 +54,11 @@ class RunModel:
     head_meta: Optional[dict] = None
     model_meta: Optional[dict] = None          # model.json ("finetuned" only)
     trust: bool = False                        # load a head this user's key did not sign (--trust)
+    members: list["RunModel"] = field(default_factory=list)   # a vote: one head per feature set, averaged
+
+    @property
+    def is_vote(self) -> bool:
+        return bool(self.members)
 
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
         explicit = override if override is not None else self.config.get("cache_dir")
@@ -104,12 +111,25 @@ def open_run(run_dir: str | os.PathLike, model: str = "auto", trust: bool = Fals
         raise FeaturepipeError(f"{run_dir} has no trained head ({HEAD_META} missing) and no fine-tuned model; "
                                f"run `featurepipe evaluate` (or `featurepipe run`) to train one")
     meta = load_head_meta(run_dir)
+    if meta.get("head") == VOTE:
+        members = [_head_model(folder, config, load_head_meta(folder), trust)
+                   for folder in vote_member_dirs(run_dir, meta, trust)]
+        if any(m.classes != [str(c) for c in meta["classes"]] for m in members):
+            raise FeaturepipeError(f"the members of {run_dir / HEAD_META} disagree on the classes; "
+                                   f"re-run `featurepipe evaluate`")
+        first = members[0]
+        return RunModel(run_dir, "head", first.classes, first.image_size, first.resize, config, spec=None,
+                        head_meta=meta, trust=trust, members=members)
+    return _head_model(run_dir, config, meta, trust)
+
+
+def _head_model(folder: Path, config: dict, meta: dict, trust: bool) -> RunModel:
     backbone = meta.get("backbone") or config.get("backbone")
     if not backbone:
-        raise FeaturepipeError(f"{run_dir / HEAD_META} does not record the backbone it was trained on; "
+        raise FeaturepipeError(f"{folder / HEAD_META} does not record the backbone it was trained on; "
                                f"re-run `featurepipe evaluate`")
     spec = BackboneSpec.from_dict(backbone).resolved()
-    return RunModel(run_dir, "head", [str(c) for c in meta["classes"]], int(spec.image_size), str(spec.resize),
+    return RunModel(folder, "head", [str(c) for c in meta["classes"]], int(spec.image_size), str(spec.resize),
                     config, spec=spec, head_meta=meta, trust=trust)
 
 
@@ -299,6 +319,8 @@ def predict(
     report(progress, "predict", 0, len(paths), f"{run.kind} model")
     if run.kind == "finetuned":
         _predict_finetuned(run, paths, batch_size, proba, errors, result, progress)
+    elif run.is_vote:
+        _predict_vote(run, paths, cache_dir, batch_size, proba, errors, result, progress)
     else:
         _predict_head(run, paths, cache_dir, batch_size, proba, errors, result, progress)
     result.frame = _frame(paths, proba, errors, run.classes, top_k)
@@ -325,6 +347,29 @@ def _predict_finetuned(run: RunModel, paths: list[str], batch_size: int, proba: 
         result.computed += len(batch_paths)
         done += len(batch_paths)
         report(progress, "predict", done, len(paths), "")
+
+
+def _predict_vote(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,
+                  result: PredictResult, progress) -> None:
+    """The average of every member's probabilities (each on its own feature set, from the store when cached)."""
+    parts, reused, computed = [], [], []
+    for index, member in enumerate(run.members):
+        own: dict[str, np.ndarray] = {}
+        counts = PredictResult(pd.DataFrame(), "head", run.classes, member.run_dir, 1)
+
+        def relay(event: ProgressEvent, index: int = index) -> None:
+            report(progress, event.stage, event.done, event.total,
+                   f"feature set {index + 1}/{len(run.members)} {event.message}".strip())
+        _predict_head(member, paths, cache_dir, batch_size, own, errors, counts, relay)
+        parts.append(own)
+        reused.append(counts.reused)
+        computed.append(counts.computed)
+        result.warnings.extend(w for w in counts.warnings if w not in result.warnings)
+    # An image counts as reused when every feature set had it, as computed when any had to run a model.
+    result.reused, result.computed = min(reused), max(computed)
+    for path in paths:
+        if path not in errors and all(path in own for own in parts):
+            proba[path] = np.mean([own[path] for own in parts], axis=0)
 
 
 def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,

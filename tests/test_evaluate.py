@@ -188,28 +188,76 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
     result = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
                       n_jobs=1, run_dir=run)
     board = pd.read_csv(run / "leaderboard.csv")
-    assert set(board["features"]) == {"tiny/squash", "tiny/letterbox"}
-    assert {"logreg", "knn", "ncm", "ensemble"} <= set(board["head"])
+    assert set(board["features"]) == {"tiny/squash", "tiny/letterbox", "2 feature sets"}
+    assert {"logreg", "knn", "ncm", "vote"} <= set(board["head"])
+    # Several feature sets: the saved model is the vote of each set's best logreg, ranked first.
     top = board.iloc[0]
     meta = json.loads((run / "best_head.json").read_text())
-    assert (meta["features"], meta["head"]) == (top["features"], top["head"]) == (result.best["features"], result.best["head"])
-    assert meta["backbone"]["resize"] == top["features"].split("/")[1]
+    assert (meta["features"], meta["head"]) == (top["features"], top["head"]) == (result.best["features"], "vote")
+    members = [json.loads((run / m["dir"] / "best_head.json").read_text()) for m in meta["members"]]
+    assert [m["backbone"]["resize"] for m in members] == ["squash", "letterbox"]
+    for m in members:
+        rows = board[(board["features"] == m["features"]) & (board["head"] == "logreg")]
+        assert json.dumps(m["params"], sort_keys=True) == rows.iloc[0]["params"]    # each set's best logreg
     nested = json.loads((run / "nested.json").read_text())
     assert len(nested["folds"]) == 5 and 0.0 < nested["accuracy"]["mean"] <= 1.0
-    assert nested["optimism_gap"] == pytest.approx(top["accuracy_mean"] - nested["accuracy"]["mean"])
+    assert all(f["chosen"].startswith("vote of 2 feature sets") for f in nested["folds"])
+    # The gap is measured from the best row a best-of-N headline would have shown.
+    assert nested["optimism_gap"] == pytest.approx(board["accuracy_mean"].max() - nested["accuracy"]["mean"])
     assert len(pd.read_csv(run / "nested_oof.csv")) == 30
     config = json.loads((run / "config.json").read_text())
-    assert sorted(config["search"]["feature_sets"]) == sorted(board["features"].unique())
-    # The saved winner is what predict uses, whatever head won.
+    assert sorted(config["search"]["feature_sets"]) == ["tiny/letterbox", "tiny/squash"]
+    assert config["backbone"] is None and config["search"]["vote"] is True
+    # The saved vote is what predict uses: the mean of its members' probabilities.
     images = sorted(hard_tree.glob("a/*.png"))[:3]
     predicted = predict(run, images, cache_dir=cache)
     assert len(predicted.frame) == 3 and predicted.failed == 0
+    from featurepipe.artifacts import load_head
+    from featurepipe.extract import open_stores
+    from featurepipe.features import dataset_features
+
+    dataset = scan(hard_tree, cache_dir=cache)
+    expected = []
+    for m, spec in zip(meta["members"], specs):
+        head, _ = load_head(run / m["dir"])
+        features = dataset_features(dataset, open_stores(spec, cache))
+        rows = [features.frame["path"].tolist().index(str(p)) for p in images]
+        expected.append(head.predict_proba(features.X[rows]))
+    columns = [f"p[{c}]" for c in predicted.classes]
+    assert predicted.frame[columns].to_numpy() == pytest.approx(np.mean(expected, axis=0), abs=1e-6)
     html = write_report(run).html_path.read_text()
     assert "Nested cross-validation" in html and "optimism gap" in html
     # A re-run with nothing changed fits nothing.
     again = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
                      n_jobs=1, run_dir=tmp_path / "again")
     assert again.fitted == 0 and again.nested.accuracy == result.nested.accuracy
+    # Without the vote, the search picks one row (or the soft vote of the best set's heads).
+    single = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
+                      n_jobs=1, run_dir=tmp_path / "single", vote=False)
+    assert single.fitted == 0 and "ensemble" in set(single.leaderboard["head"]) and single.best["head"] != "vote"
+    assert not (tmp_path / "single" / "members").exists()
+    assert json.loads((tmp_path / "single" / "best_head.json").read_text())["backbone"]["name"] == "tiny"
+
+
+def test_a_vote_whose_member_list_was_edited_is_refused(hard_tree, cache, tmp_path):
+    from featurepipe.errors import TrustError
+    from featurepipe.predict import open_run
+
+    specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
+    run = tmp_path / "run"
+    evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=("logreg",), specs=specs, folds=3, n_jobs=1,
+             run_dir=run, nested=False)
+    assert [m.spec.resize for m in open_run(run).members] == ["squash", "letterbox"]
+    meta = json.loads((run / "best_head.json").read_text())
+    meta["members"] = meta["members"][:1] + meta["members"][:1]      # the same member twice
+    (run / "best_head.json").write_text(json.dumps(meta))
+    with pytest.raises(TrustError, match="vote over 2 feature sets"):
+        open_run(run)
+    assert len(open_run(run, trust=True).members) == 2                # --trust: the user vouches for it
+    meta["members"][1]["dir"] = "../../elsewhere"
+    (run / "best_head.json").write_text(json.dumps(meta))
+    with pytest.raises(TrustError, match="outside the run folder"):
+        open_run(run, trust=True)
 
 
 def test_c_sweep_widens_when_the_best_c_wins_at_the_edge(hard_tree, cache, tmp_path):

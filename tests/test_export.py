@@ -181,3 +181,50 @@ def test_bad_requests_fail_clearly(exported, tmp_path):
         handle.write(b"\0")
     with pytest.raises(FeaturepipeError, match="does not match the hash"):
         export(tampered, "keras", tmp_path / "z")
+
+
+def test_a_vote_exports_as_one_keras_model_that_matches_predict(exported, tmp_path):
+    """A run that votes over feature sets (different sizes and resize policies) exports as one graph:
+    each member resizes the raw image its own way; the output is the members' average."""
+    import keras
+
+    import featurepipe.head_to_keras  # noqa: F401
+
+    base, _ = exported
+    data, cache = base / "data", base / "cache"
+    specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=40, resize="letterbox"),
+             BackboneSpec(name="tiny", weights="random", image_size=32, resize="center_crop")]
+    run = tmp_path / "vote"
+    evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("logreg",), specs=specs, folds=2, run_dir=run,
+             n_jobs=1)
+    result = export(run, "keras", tmp_path / "out")
+    meta = json.loads(result.meta_path.read_text())
+    assert meta["head"]["head"] == "vote" and [m["resize"] for m in meta["members"]] == [
+        "squash", "letterbox", "center_crop"]
+    assert [m["image_size"] for m in meta["members"]] == [32, 40, 32]
+    model = keras.saving.load_model(result.path, safe_mode=True)
+    # Two backbones built (32 and 40 px), shared by the members that use the same one.
+    assert sum(1 for layer in model.layers if layer.name.startswith("classifier_")) == 3
+    raw = [make_image(tmp_path / "raw" / f"{name}.png", colour, seed=600 + i, size=(61 + 7 * i, 33 + 4 * i))
+           for i, (name, colour) in enumerate(COLOURS.items())]
+    expected = predict(run, raw, cache_dir=cache).frame[["p[blue]", "p[green]", "p[red]"]].to_numpy()
+    from PIL import Image
+
+    from featurepipe.export import any_size_model, fixed_size_model
+    from featurepipe.predict import open_run
+
+    members = [any_size_model(m, fixed_size_model(m, cache)) for m in open_run(run).members]
+    for i, path in enumerate(raw):
+        pixels = np.asarray(Image.open(path).convert("RGB"))[None]
+        got = np.asarray(model.predict_on_batch(pixels))[0]
+        np.testing.assert_allclose(got.sum(), 1.0, atol=1e-5)
+        # Exactly the average of the members exported one by one ...
+        np.testing.assert_allclose(got, np.mean([m.predict_on_batch(pixels)[0] for m in members], axis=0), atol=1e-5)
+        # ... and close to predict: TF's letterbox (pad, then resize) blends the content's edge rows
+        # with the grey fill where PIL pastes them (~0.5 grey levels on average, up to 10 on one row),
+        # which a random 40 px backbone amplifies; squash and center_crop members agree to 2e-4.
+        assert np.argmax(got) == np.argmax(expected[i])
+        np.testing.assert_allclose(got, expected[i], atol=3e-2)
+    with pytest.raises(FeaturepipeError, match="TFLite takes one fixed input size.*--quick"):
+        export(run, "tflite", tmp_path / "lite")
+    assert not (tmp_path / "lite").exists()     # refused before anything was written

@@ -13,7 +13,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 
 from featurepipe.crossval import FeatureTable, make_folds, pair_folds, run_cv
 from featurepipe.errors import DatasetError
-from featurepipe.nested import ensemble_of, leaderboard_ensemble, nested_cv
+from featurepipe.nested import VOTE, ensemble_of, leaderboard_ensemble, nested_cv, vote_of
 
 CLASSES = ["a", "b", "c"]
 GRID = [0.3, 3.0, 30.0]
@@ -59,7 +59,7 @@ def test_nested_score_matches_plain_scikit_learn(tmp_path):
     results = {name: run_cv(t, ["logreg"], grids={"logreg": {"C": GRID}}, n_folds=5, seed=seed, n_jobs=1,
                             cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
     best_row = max(float(r.leaderboard["accuracy_mean"].max()) for r in results.values())
-    nested = nested_cv(results, y, CLASSES, tables["good"].paths, best_row, ensemble_size=0)
+    nested = nested_cv(results, y, CLASSES, tables["good"].paths, best_row, ensemble_size=0, vote=False)
 
     # Independently: the same outer folds, an inner CV on the other folds for every candidate, the
     # winner (accuracy, then log loss, then candidate order) refit without the outer fold.
@@ -99,7 +99,7 @@ def test_ensemble_is_one_head_per_member_on_the_top_feature_set(tmp_path):
     tables, y = _feature_sets()
     results = {name: run_cv(t, ["logreg", "knn", "ncm"], grids={"logreg": {"C": GRID}}, n_folds=5, n_jobs=1,
                             cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
-    ranked, folds = leaderboard_ensemble(results, y, CLASSES, 3)
+    ranked, folds = leaderboard_ensemble(results, y, CLASSES, 3, vote=False)
     ensemble = next(c for c in ranked if c.members)
     top_single = next(c for c in ranked if not c.members)
     assert ensemble.features == top_single.features
@@ -111,3 +111,71 @@ def test_ensemble_is_one_head_per_member_on_the_top_feature_set(tmp_path):
                                                   f.repeat, f.fold)][0]
         assert row.accuracy == pytest.approx(accuracy_score(y[rows], np.mean(probas, axis=0).argmax(axis=1)))
     assert ensemble_of(ranked[:1], 3) is None     # one candidate alone is no ensemble
+
+
+def _inner_choice(X, y, train_k, outer, k, seed):
+    """C for one feature set by an inner CV on outer fold k's training rows (accuracy, log loss, order)."""
+    scores = []
+    for C in GRID:
+        accs, losses = [], []
+        for j, (_, val_j) in enumerate(outer):
+            if j == k:
+                continue
+            fit_rows = np.setdiff1d(train_k, val_j)
+            proba = _plain_logreg(C, seed).fit(X[fit_rows], y[fit_rows]).predict_proba(X[val_j])
+            accs.append(accuracy_score(y[val_j], proba.argmax(axis=1)))
+            losses.append(log_loss(y[val_j], proba, labels=[0, 1, 2]))
+        scores.append((-np.mean(accs), np.mean(losses)))
+    return GRID[min(range(len(GRID)), key=lambda i: (*scores[i], i))]
+
+
+def test_nested_vote_matches_plain_scikit_learn(tmp_path):
+    """The default procedure with several feature sets: each set's logreg C chosen on the inner folds,
+    the sets' probabilities averaged; recomputed here with plain scikit-learn on the same folds."""
+    seed = 0
+    tables, y = _feature_sets()
+    results = {name: run_cv(t, ["logreg", "ncm"], grids={"logreg": {"C": GRID}}, n_folds=5, seed=seed, n_jobs=1,
+                            cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
+    best_row = max(float(r.leaderboard["accuracy_mean"].max()) for r in results.values())
+    nested = nested_cv(results, y, CLASSES, tables["good"].paths, best_row)
+
+    outer = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    expected, chosen = [], []
+    for k, (train_k, test_k) in enumerate(outer):
+        probas, labels = [], []
+        for name, table in tables.items():
+            X = table.X.astype(np.float64)
+            C = _inner_choice(X, y, train_k, outer, k, seed)
+            probas.append(_plain_logreg(C, seed).fit(X[train_k], y[train_k]).predict_proba(X[test_k]))
+            labels.append(f"{name} logreg {json.dumps({'C': C})}")
+        expected.append(accuracy_score(y[test_k], np.mean(probas, axis=0).argmax(axis=1)))
+        chosen.append(f"vote of 2 feature sets ({', '.join(labels)})")
+    assert list(nested.folds["chosen"]) == chosen
+    assert nested.folds["accuracy"].tolist() == pytest.approx(expected)
+    assert nested.accuracy == pytest.approx(np.mean(expected))
+    assert 0.4 < nested.accuracy < 1.0
+    # Not the same number as picking one configuration: the vote is really what was scored.
+    single = nested_cv(results, y, CLASSES, tables["good"].paths, best_row, vote=False)
+    assert list(single.folds["chosen"]) != chosen
+
+
+def test_vote_leads_the_leaderboard_with_one_member_per_feature_set(tmp_path):
+    tables, y = _feature_sets()
+    results = {name: run_cv(t, ["logreg", "knn"], grids={"logreg": {"C": GRID}}, n_folds=5, n_jobs=1,
+                            cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
+    ranked, folds = leaderboard_ensemble(results, y, CLASSES, 3)
+    vote = ranked[0]
+    assert vote.head == VOTE and [m.features for m in vote.members] == ["good", "noisy"]
+    assert all(m.head == "logreg" for m in vote.members)
+    # Each member is its feature set's best logreg row by CV accuracy.
+    for m in vote.members:
+        board = results[m.features].leaderboard
+        assert m.params == board[board["head"] == "logreg"].iloc[0]["params"]
+    for f, row in zip(results["good"].plan, folds.itertuples()):
+        probas = [results[m.features].proba[(m.head, m.params, m.augment, f.repeat, f.fold)] for m in vote.members]
+        rows = probas[0][0]
+        assert row.accuracy == pytest.approx(accuracy_score(y[rows], np.mean([p for _, p in probas], axis=0).argmax(axis=1)))
+    # Without a head named logreg on a set, that set's best candidate of any head votes.
+    only_knn = vote_of([c for c in ranked if c.head == "knn"], ["good", "noisy"])
+    assert [m.head for m in only_knn.members] == ["knn", "knn"]
+    assert vote_of(ranked[1:], ["good"]) is None       # one feature set: no vote
