@@ -72,18 +72,13 @@ class ExportResult:
 
 def fixed_size_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
     """uint8 (n, size, size, 3) RGB -> probabilities: exactly what predict computes on decoded images."""
-    import keras
-
     if run.kind == "finetuned":
         return run.load_finetuned()
     from featurepipe.backbones.build import build_feature_model
-    from featurepipe.head_to_keras import head_to_keras
+    from featurepipe.combined_model import combine   # the model fine-tuning starts from (issue 10)
 
-    estimator = run.load_head()
     features = build_feature_model(run.spec, run.cache_dir(cache_dir))
-    head = head_to_keras(estimator, int(features.output.shape[-1]), name="head")
-    images = keras.Input((run.image_size, run.image_size, 3), dtype="uint8", name="images")
-    return keras.Model(images, head(features(images)), name=f"featurepipe_{run.spec.name}")
+    return combine(features, run.load_head(), name=f"featurepipe_{run.spec.name}")
 
 
 def any_size_model(run: RunModel, inner):

@@ -22,9 +22,9 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import evaluate
 from featurepipe.extract import open_stores
 from featurepipe.features import dataset_features
-from featurepipe.finetune import (
-    base_model, build_finetune_model, decode_split, finetune, make_split, set_trainable,
-)
+from featurepipe.combined_model import base_model, build_finetune_model, set_trainable
+from featurepipe.finetune import finetune
+from featurepipe.image_split import decode_split, make_split
 from featurepipe.hashcache import file_sha256
 from featurepipe.head_to_keras import InferenceOnly, head_to_keras
 from featurepipe.heads import make_head
@@ -534,7 +534,7 @@ def test_rerun_with_nothing_changed_reuses_the_fine_tuned_model(improving):
 
 
 def test_default_top_blocks_per_backbone():
-    from featurepipe.finetune import default_unfreeze_blocks
+    from featurepipe.combined_model import default_unfreeze_blocks
 
     # EfficientNet-Lite0: the last two MBConv stages (blocks_11..14: 192 filters, blocks_15: 320) + head.
     assert default_unfreeze_blocks("efficientnet_lite0", []) == 6
@@ -550,7 +550,7 @@ def test_default_top_blocks_per_backbone():
 
 
 def test_warmup_then_cosine_schedule():
-    from featurepipe.finetune import lr_schedule
+    from featurepipe.training import lr_schedule
 
     schedule = lr_schedule(1e-3, steps_per_epoch=10, epochs=5, warmup_epochs=1, kind="cosine")
     rate = [float(schedule(step)) for step in (0, 5, 10, 30, 50)]
