@@ -10,9 +10,6 @@ The Keras dense head is saved as .keras, signed the same way, and loaded with sa
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +24,6 @@ HEAD_META = "best_head.json"
 MODEL_META = "model.json"   # written by fine-tuning: the run's model, when there is one
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
 def write_json(path: Path, data) -> None:
     atomic.write_json(path, data)
 
@@ -42,13 +35,12 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(estimator, DenseHeadClassifier):
         path = run_dir / "best_head.keras"
-        tmp = _atomic_path(path).with_suffix(".keras")
-        estimator.save_keras(tmp)
+        with atomic.atomic_path(path) as tmp:      # keeps the .keras suffix Keras insists on
+            estimator.save_keras(tmp)
     else:
         path = run_dir / "best_head.joblib"
-        tmp = _atomic_path(path)
-        joblib.dump(estimator, tmp)
-    os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            joblib.dump(estimator, tmp)
     digest = file_sha256(path)
     write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": digest, "hmac": trust.sign(path.name, digest)})
     return path
@@ -110,10 +102,7 @@ def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
     except (OSError, KeyError, TypeError, json.JSONDecodeError, FeaturepipeError):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / record["file"]
-    tmp = _atomic_path(target)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic.copy_file(source, run_dir / record["file"])
     write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"],
                                      "hmac": trust.sign(record["file"], record["sha256"])})
     return record
@@ -123,9 +112,7 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
     """Keep a copy of run_dir's freshly written head for `cached_head`."""
     meta = load_head_meta(run_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(cache_dir / meta["file"])
-    shutil.copyfile(run_dir / meta["file"], tmp)
-    os.replace(tmp, cache_dir / meta["file"])
+    atomic.copy_file(run_dir / meta["file"], cache_dir / meta["file"])
     write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"],
                                        "hmac": trust.sign(meta["file"], meta["sha256"]), **extra})
 

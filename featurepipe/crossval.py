@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, StratifiedKFold
 
+from featurepipe import atomic
 from featurepipe.workers import workers_exit_with_parent  # issue 12
 from featurepipe.errors import DatasetError
 from featurepipe.heads import head_entry, make_head, param_grid
@@ -365,14 +364,7 @@ def _read_cached(path: Path, unit: _Unit, n_classes: int) -> dict | None:
 
 
 def _write_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_json(path, obj, indent=None, sort_keys=False, default=None)
 
 
 # ---------------------------------------------------------------- run

@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -106,31 +105,21 @@ def any_size_model(run: RunModel, inner):
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _fresh(path: Path) -> Path:
-    """A temporary sibling of `path`, renamed into place once complete so readers never see half a model."""
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+# Every artefact goes through featurepipe.atomic: readers never see half a model.
 
 
 def _save_keras(model, path: Path) -> None:
-    tmp = _fresh(path).with_suffix(".keras")   # Keras insists on the suffix
-    try:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    with atomic.atomic_path(path) as tmp:     # keeps the .keras suffix Keras insists on
         model.save(str(tmp))
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_savedmodel(model, path: Path) -> None:
-    tmp = _fresh(path)
+    tmp = atomic.temp_sibling(path)
     try:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
-        _replace(tmp, path)
+        atomic.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -148,9 +137,7 @@ def _save_tflite(model, path: Path) -> None:
             flatbuffer = converter.convert()
         except Exception as error:  # the converter raises ConverterError and friends with long logs
             raise FeaturepipeError(f"TFLite conversion failed: {str(error).strip().splitlines()[0]}") from None
-    tmp = _fresh(path)
-    tmp.write_bytes(flatbuffer)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, flatbuffer)
 
 
 def tflite_interpreter(path: str | os.PathLike):

@@ -24,7 +24,8 @@ import os
 import secrets
 from pathlib import Path
 
-from featurepipe.errors import BackboneError, WeightsUnavailableError, disk_full, is_disk_full
+from featurepipe import atomic
+from featurepipe.errors import BackboneError, WeightsUnavailableError
 from featurepipe.hashcache import file_sha256
 from featurepipe.paths import cache_root, weights_dir
 
@@ -193,26 +194,17 @@ def _convert_pth(variant: str, pth: Path, dest: Path, sha: str) -> None:
     # Unique per writer so concurrent conversions never share a temp file; "w-" refuses to reuse
     # one, and unlike mkstemp the file gets the usual umask permissions.
     tmp_name = dest.parent / f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        with h5py.File(tmp_name, "w-") as f:
-            f.attrs["format"] = _WEIGHTS_FORMAT
-            f.attrs["variant"] = variant
-            f.attrs["source_sha256"] = sha
-            layers = f.create_group("layers")
-            for name, weights in arrays.items():
-                group = layers.create_group(name)
-                for index, value in enumerate(weights):
-                    group.create_dataset(str(index), data=np.ascontiguousarray(value, dtype=np.float32))
-        os.replace(tmp_name, dest)
-    except BaseException as error:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(error, OSError) and is_disk_full(error):
-            # Not "could not be downloaded": the weights are here, the disk is full.
-            raise disk_full(error, dest.parent) from None
-        raise
+    # featurepipe.atomic: fsync, rename, fsync the folder; the temporary file goes on failure, and a
+    # full disk is a DiskFullError naming the file (not "could not be downloaded": the weights are here).
+    with atomic.atomic_path(dest, tmp=tmp_name) as tmp, h5py.File(tmp, "w-") as f:
+        f.attrs["format"] = _WEIGHTS_FORMAT
+        f.attrs["variant"] = variant
+        f.attrs["source_sha256"] = sha
+        layers = f.create_group("layers")
+        for name, weights in arrays.items():
+            group = layers.create_group(name)
+            for index, value in enumerate(weights):
+                group.create_dataset(str(index), data=np.ascontiguousarray(value, dtype=np.float32))
 
 
 def remove_stale_temps(dest: Path) -> list[Path]:
