@@ -27,12 +27,12 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 from featurepipe import atomic
 from featurepipe.artifacts import write_json
+from featurepipe.backbones.fingerprint import package_version
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
@@ -146,7 +146,7 @@ def tflite_interpreter(path: str | os.PathLike):
     try:
         from ai_edge_litert.interpreter import Interpreter
 
-        return Interpreter(model_path=str(path)), f"ai-edge-litert {_version('ai-edge-litert')}"
+        return Interpreter(model_path=str(path)), f"ai-edge-litert {package_version('ai-edge-litert')}"
     except ImportError:
         import warnings
 
@@ -209,7 +209,7 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
         "output": {"dtype": "float32", "shape": [input_shape[0], n],
                    "meaning": f"class probabilities (softmax, rows sum to 1), index i = line i+1 of {LABELS}"},
         "source_run": str(run.run_dir.resolve()),
-        "featurepipe_version": _version("featurepipe"),
+        "featurepipe_version": package_version("featurepipe"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if fmt == "savedmodel":
@@ -228,13 +228,6 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
         meta["finetuned"] = {k: (run.model_meta or {}).get(k) for k in ("file", "sha256")}
         meta["finetuned"]["meta"] = MODEL_META
     return meta
-
-
-def _version(name: str) -> Optional[str]:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def check_export_folder(out: Path, overwrite: bool) -> None:

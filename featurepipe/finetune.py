@@ -240,18 +240,13 @@ def finetune_key(head_meta: dict, config: dict, split: ImageSplit, options: dict
     and what it was fit with), the images and labels (content hashes, per split), the options and
     seed, the backbone (fingerprint: spec, weights, preprocessing, library versions), this module's
     format and numpy's version. Paths are left out: moving a folder changes nothing."""
-    from importlib import metadata
-
-    from featurepipe.backbones.fingerprint import backbone_fingerprint
+    from featurepipe.backbones.fingerprint import backbone_fingerprint, package_version
     from featurepipe.backbones.spec import hash_payload
 
     def rows(frame):
         return sorted([str(h), str(label)] for h, label in zip(frame["hash"], frame["label"]))
 
-    try:
-        version = metadata.version("featurepipe")
-    except metadata.PackageNotFoundError:
-        version = None
+    version = package_version("featurepipe")
     payload = {
         "format": FINETUNE_FORMAT,
         "head": {k: head_meta.get(k) for k in ("head", "params", "augment", "tta", "classes", "sha256",

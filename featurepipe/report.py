@@ -444,18 +444,12 @@ def _short_path(path: str, source: Optional[str]) -> str:
 
 
 def _thumbnail(path: Path) -> Optional[bytes]:
-    from PIL import Image, ImageOps
+    from featurepipe.errors import ImageDecodeError
+    from featurepipe.images import thumbnail_png
 
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
-            image = ImageOps.exif_transpose(image)
-            image = image.convert("RGB")
-            image.thumbnail((THUMB_PX, THUMB_PX))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", optimize=True)
-            return buffer.getvalue()
-    except Exception:   # any decoder failure: the gallery lists the path instead of a picture
+        return thumbnail_png(path, THUMB_PX)
+    except (ImageDecodeError, OSError):   # the gallery lists the path instead of a picture
         return None
 
 
