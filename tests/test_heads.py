@@ -257,3 +257,21 @@ def test_new_heads_convert_to_keras_with_the_same_probabilities(head, params):
     test = rng.normal(size=(7, 8)).astype(np.float32)
     converted = head_to_keras(estimator, 8)
     np.testing.assert_allclose(converted.predict(test, verbose=0), estimator.predict_proba(test), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear_svm", "logreg", "knn", "ncm", "dense"])
+def test_each_head_entry_names_its_own_keras_conversion(name):
+    from featurepipe.heads import HEADS, entry_for_estimator, make_head
+
+    assert HEADS[name].to_keras is not None
+    assert entry_for_estimator(make_head(name, {}, seed=0)) is HEADS[name]
+
+
+def test_an_estimator_no_head_makes_has_no_entry():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    from featurepipe.heads import entry_for_estimator
+
+    assert entry_for_estimator(make_pipeline(StandardScaler(), DecisionTreeClassifier())) is None
