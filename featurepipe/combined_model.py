@@ -89,17 +89,6 @@ def default_unfreeze_blocks(backbone: str, layer_names: list[str]) -> int:
     to block_16 + Conv_1). Everything else: the last registry block, which is already a whole stage
     (VGG block5, ResNet conv5, DenseNet conv5, Xception block14, ConvNeXt stage_3).
     """
-    if backbone.startswith("efficientnet_lite"):
-        from featurepipe.backbones.efficientnet_lite import block_specs
-
-        outs = [spec[-1] for spec in block_specs(backbone.removeprefix("efficientnet_"))]
-        stages = [outs[0]] + [o for prev, o in zip(outs, outs[1:]) if o != prev]
-        top_two = sum(1 for o in outs if o in stages[-2:])
-        return top_two + 1
-    if backbone.startswith("efficientnet_b"):
-        return 2
-    if backbone == "mobilenet_v2":
-        return 4
-    return 1
+    return get_backbone(backbone).default_top_blocks()   # the registry entry's top_blocks
 
 

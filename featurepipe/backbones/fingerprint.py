@@ -40,12 +40,8 @@ def weights_id(spec: BackboneSpec, cache_dir: Optional[Path] = None) -> str:
     if spec.weights == "random":
         return f"random:{spec.seed}"
     if spec.weights == "imagenet":
-        if spec.name.startswith("efficientnet_lite"):
-            from featurepipe.backbones.efficientnet_lite import lite_weights_id
-
-            return f"pth-sha256:{lite_weights_id(spec.name.removeprefix('efficientnet_'))}"
-        # keras.applications pins each ImageNet file by hash in its source, per Keras version.
-        return f"keras-applications-imagenet:{spec.name}"
+        # The entry's pretrained config says what identifies its weights.
+        return get_backbone(spec.name).imagenet_weights_id()
     path = Path(spec.weights).expanduser()
     if not path.is_file():
         raise BackboneError(
