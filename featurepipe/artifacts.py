@@ -22,6 +22,9 @@ from featurepipe.hashcache import file_sha256
 
 HEAD_META = "best_head.json"
 MODEL_META = "model.json"   # written by fine-tuning: the run's model, when there is one
+# The dense head's training curve (epoch, loss, val_loss on its early-stopping hold-out), beside the
+# head when the best head is the dense one; the report draws it.
+HEAD_HISTORY = "best_head_history.csv"
 
 
 def write_json(path: Path, data) -> None:
@@ -42,8 +45,30 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
         with atomic.atomic_path(path) as tmp:
             joblib.dump(estimator, tmp)
     digest = file_sha256(path)
+    _write_history(estimator, run_dir / HEAD_HISTORY)
     write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": digest, "hmac": trust.sign(path.name, digest)})
     return path
+
+
+def _write_history(estimator, path: Path) -> None:
+    """The dense head's per-epoch history_ as CSV; any other head has none (an older file goes)."""
+    history = getattr(estimator, "history_", None) or {}
+    if not history.get("loss"):
+        path.unlink(missing_ok=True)
+        return
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    frame.insert(0, "epoch", range(1, len(frame) + 1))
+    atomic.write_csv(path, frame)
+
+
+def _copy_history(source_dir: Path, target_dir: Path) -> None:
+    """best_head_history.csv follows the head it belongs to (or goes, when that head has none)."""
+    if (source_dir / HEAD_HISTORY).is_file():
+        atomic.copy_file(source_dir / HEAD_HISTORY, target_dir / HEAD_HISTORY)
+    else:
+        (target_dir / HEAD_HISTORY).unlink(missing_ok=True)
 
 
 def load_head_meta(run_dir: Path) -> dict:
@@ -103,6 +128,7 @@ def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.copy_file(source, run_dir / record["file"])
+    _copy_history(cache_dir, run_dir)
     write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"],
                                      "hmac": trust.sign(record["file"], record["sha256"])})
     return record
@@ -113,6 +139,7 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
     meta = load_head_meta(run_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic.copy_file(run_dir / meta["file"], cache_dir / meta["file"])
+    _copy_history(run_dir, cache_dir)
     write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"],
                                        "hmac": trust.sign(meta["file"], meta["sha256"]), **extra})
 
@@ -121,7 +148,7 @@ def load_run_model(run_dir: Path, meta: Optional[dict] = None):
     """(Keras model, model.json) for a run's fine-tuned model: hash-checked, then loaded with safe_mode."""
     import keras
 
-    # Registers the custom layers a fine-tuned file names (Preprocess, InferenceOnly, PlattOneVsRest).
+    # Registers the custom layers a fine-tuned file names (Preprocess, InferenceMode, PlattOneVsRest).
     import featurepipe.head_to_keras  # noqa: F401
 
     run_dir = Path(run_dir)

@@ -133,11 +133,6 @@ def _converted_path(variant: str, sha: str, cache_dir) -> Path:
     return weights_dir(cache_root(cache_dir)) / f"efficientnet_{variant}-{sha[:16]}.weights.h5"
 
 
-def converted_weights_path(variant: str, cache_dir=None) -> Path:
-    """Where the converted weights of the installed .pth live (whether or not converted yet)."""
-    return _converted_path(variant, lite_weights_id(variant), cache_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # conversion
 
@@ -370,7 +365,6 @@ __all__ = [
     "VARIANTS",
     "block_specs",
     "build_efficientnet_lite",
-    "converted_weights_path",
     "lite_weights_id",
     "load_imagenet_weights",
     "pth_path",
