@@ -14,7 +14,8 @@ import keras
 from featurepipe.backbones.registry import block_starts, get_backbone
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError
-from featurepipe.head_to_keras import InferenceOnly, head_to_keras
+from featurepipe.backbones.layers import InferenceMode
+from featurepipe.head_to_keras import head_to_keras
 from featurepipe.paths import cache_root
 
 
@@ -23,7 +24,7 @@ def combine(feature_model, estimator, name: str = "finetune"):
     n_features = int(feature_model.output_shape[-1])
     head = head_to_keras(estimator, n_features, name="head")
     images = keras.Input(feature_model.input_shape[1:], dtype="uint8", name="images")
-    features = InferenceOnly(feature_model, name="backbone")(images)
+    features = InferenceMode(feature_model, name="backbone")(images)
     return keras.Model(images, head(features), name=name)
 
 

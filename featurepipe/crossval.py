@@ -304,7 +304,8 @@ def _proba(est, X, n_classes: int) -> np.ndarray:
     return out
 
 
-def _evaluate(X, y, views, classes, head, params, augment, tta, train_idx, val_idx, seed) -> dict:
+def _fit_fold(X, y, views, classes, head, params, augment, tta, train_idx, val_idx, seed) -> dict:
+    """Fit one head configuration on one fold's training rows and score its validation rows."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -324,11 +325,11 @@ def _evaluate(X, y, views, classes, head, params, augment, tta, train_idx, val_i
     }
 
 
-def _evaluate_and_keep(path: Path | None, *args) -> dict:
+def _fit_fold_and_keep(path: Path | None, *args) -> dict:
     """One fit, its result written to `path` (atomically) as soon as it exists, by whichever process
     ran it: a pooled fit is on disk while in-process heads are still fitting, so a kill loses only
     the fits in flight."""
-    rec = _evaluate(*args)
+    rec = _fit_fold(*args)
     if path is not None:
         _write_atomic(path, rec)
     return rec
@@ -446,11 +447,11 @@ def run_cv(
     def task(i: int):
         u = units[i]
         views = table.views if u.augment == "views" else None
-        return delayed(_evaluate_and_keep)(paths.get(i), table.X, table.y, views, table.classes, u.head, u.kwargs,
+        return delayed(_fit_fold_and_keep)(paths.get(i), table.X, table.y, views, table.classes, u.head, u.kwargs,
                                            u.augment, u.tta, u.fold.train_idx, u.fold.val_idx, seed)
 
     def store(i: int, rec: dict) -> None:
-        records[i] = rec      # already on disk (see _evaluate_and_keep)
+        records[i] = rec      # already on disk (see _fit_fold_and_keep)
         u = units[i]
         report(progress, stage, len(records), total,
                f"{u.head} {u.params} augment={u.augment} repeat {u.fold.repeat} fold {u.fold.pair or u.fold.fold}")

@@ -7,7 +7,7 @@ as Keras layers by featurepipe.head_to_keras), or the fine-tuned model when the 
     keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W; load with
                                      keras.saving.load_model(path, safe_mode=True) after
                                      `import featurepipe.head_to_keras` (registers featurepipe's
-                                     layers: Preprocess, PlattOneVsRest, InferenceOnly)
+                                     layers: Preprocess, PlattOneVsRest, InferenceMode)
     savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images); no
                                      featurepipe or Keras code needed to load it
     tflite      OUT/model.tflite     input uint8 (1, size, size, 3): images ALREADY resized to the
@@ -84,7 +84,7 @@ def any_size_model(run: RunModel, inner):
     """uint8 (n, H, W, 3) of any H, W -> probabilities, the run's resize policy inside the graph."""
     import keras
 
-    from featurepipe.head_to_keras import InferenceOnly
+    from featurepipe.backbones.layers import InferenceMode
 
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
     # antialias: PIL's bilinear (what training decoded with) widens its kernel when shrinking;
@@ -99,7 +99,7 @@ def any_size_model(run: RunModel, inner):
     # Keras' image preprocessing layers default to training=True, and the first layer to resolve
     # the flag sets it for the whole call: model(x) and the SavedModel's serve() would then run
     # the head's Dropout. The wrapper pins everything after resizing to inference.
-    return keras.Model(images, InferenceOnly(inner, name="classifier")(x), name="featurepipe_classifier")
+    return keras.Model(images, InferenceMode(inner, name="classifier")(x), name="featurepipe_classifier")
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -274,10 +274,10 @@ def export(
     if fmt == "tflite":
         import keras
 
-        from featurepipe.head_to_keras import InferenceOnly
+        from featurepipe.backbones.layers import InferenceMode
 
         images = keras.Input((run.image_size, run.image_size, 3), batch_size=1, dtype="uint8", name="images")
-        network = keras.Model(images, InferenceOnly(inner, name="classifier")(images), name="featurepipe_classifier")
+        network = keras.Model(images, InferenceMode(inner, name="classifier")(images), name="featurepipe_classifier")
         _save_tflite(network, artefact)
         checked_with = _check_tflite(artefact, run.image_size, len(run.classes))
         input_shape = [1, run.image_size, run.image_size, 3]

@@ -18,7 +18,7 @@ recipe (SGD 1e-4, momentum 0.9, constant rate, one block) stays available by opt
 precision and XLA are used on a GPU only.
 
 BatchNormalization layers stay frozen everywhere (non-trainable = inference mode in Keras 3) and
-the whole base runs with training=False (InferenceOnly wrapper): a few hundred images cannot
+the whole base runs with training=False (InferenceMode wrapper): a few hundred images cannot
 re-estimate ImageNet batch statistics, and their drift would wreck the pre-trained features.
 
 Honest before/after: the frozen head and the fine-tuned model score the SAME validation images

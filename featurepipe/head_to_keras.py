@@ -10,7 +10,8 @@ LogisticRegression, CalibratedClassifierCV(method="sigmoid") over a linear model
 LogisticRegression, ...), or a DenseHeadClassifier (also bare, outside a pipeline).
 
 Importing this module registers the custom layers that featurepipe's Keras files need
-(`InferenceOnly`, `PlattOneVsRest`, and `Preprocess` from featurepipe.backbones.layers), so
+(`PlattOneVsRest`, `NeighbourVote`, and from featurepipe.backbones.layers `Preprocess` and
+`InferenceMode`), so
 `keras.saving.load_model(path, safe_mode=True)` works after `import featurepipe.head_to_keras`.
 """
 
@@ -20,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess for load_model)
+import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess and InferenceMode for load_model)
 from featurepipe.errors import FeaturepipeError
 
 SUPPORTED = (
@@ -72,24 +73,6 @@ class PlattOneVsRest(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "members": self.members, "classes": self.classes,
                 "mask": self.mask.tolist()}
-
-
-@keras.saving.register_keras_serializable(package="featurepipe")
-class InferenceOnly(keras.layers.Wrapper):
-    """Runs the wrapped layer/model with training=False whatever its caller passes.
-
-    Keras 3 functional models hand their own `training` flag to every nested call, overriding a
-    `training=False` recorded when the graph was built. Fine-tuning needs the base in inference
-    mode while the head trains (stochastic-depth Dropout off; BatchNorm layers are also kept
-    non-trainable, which Keras treats as inference mode), so the base sits in this wrapper.
-    `call` takes no `training` argument on purpose: Keras then never passes one in.
-    """
-
-    def call(self, inputs):
-        return self.layer(inputs, training=False)
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
 
 
 # ------------------------------------------------------------------------------------------------

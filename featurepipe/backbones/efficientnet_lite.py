@@ -181,9 +181,9 @@ def _convert_pth(variant: str, pth: Path, dest: Path, sha: str) -> None:
     import h5py
     import numpy as np
 
-    from featurepipe.backbones.torch_pth import read_legacy_state_dict
+    from featurepipe.backbones.torch_pth import read_state_dict
 
-    arrays = _state_dict_to_layers(variant, read_legacy_state_dict(pth), str(pth))
+    arrays = _state_dict_to_layers(variant, read_state_dict(pth), str(pth))
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dest)
     # Unique per writer so concurrent conversions never share a temp file; "w-" refuses to reuse

@@ -48,3 +48,24 @@ class Preprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+# Registered under its first name, "InferenceOnly": fine-tuned and exported files written before
+# the rename name it so, and must keep loading.
+@keras.saving.register_keras_serializable(package="featurepipe", name="InferenceOnly")
+class InferenceMode(keras.layers.Wrapper):
+    """Runs the wrapped layer/model (the backbone in a combined model, the whole classifier in an
+    exported one) with training=False whatever its caller passes.
+
+    Keras 3 functional models hand their own `training` flag to every nested call, overriding a
+    `training=False` recorded when the graph was built. Fine-tuning needs the base in inference
+    mode while the head trains (stochastic-depth Dropout off; BatchNorm layers are also kept
+    non-trainable, which Keras treats as inference mode), so the base sits in this wrapper.
+    `call` takes no `training` argument on purpose: Keras then never passes one in.
+    """
+
+    def call(self, inputs):
+        return self.layer(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
