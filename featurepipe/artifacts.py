@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -28,10 +25,9 @@ HEAD_META = "best_head.json"
 VOTE = "vote"          # best_head.json's head when the run's model averages heads on several feature sets
 MEMBERS_DIR = "members"
 MODEL_META = "model.json"   # written by fine-tuning: the run's model, when there is one
-
-
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+# The dense head's training curve (epoch, loss, val_loss on its early-stopping hold-out), beside the
+# head when the best head is the dense one; the report draws it.
+HEAD_HISTORY = "best_head_history.csv"
 
 
 def write_json(path: Path, data) -> None:
@@ -45,14 +41,14 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(estimator, DenseHeadClassifier):
         path = run_dir / "best_head.keras"
-        tmp = _atomic_path(path).with_suffix(".keras")
-        estimator.save_keras(tmp)
+        with atomic.atomic_path(path) as tmp:      # keeps the .keras suffix Keras insists on
+            estimator.save_keras(tmp)
     else:
         path = run_dir / "best_head.joblib"
-        tmp = _atomic_path(path)
-        joblib.dump(estimator, tmp)
-    os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            joblib.dump(estimator, tmp)
     digest = file_sha256(path)
+    _write_history(estimator, run_dir / HEAD_HISTORY)
     write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": digest, "hmac": trust.sign(path.name, digest)})
     return path
 
@@ -87,6 +83,27 @@ def vote_member_dirs(run_dir: Path, meta: dict, trust_run: bool = False) -> list
             f"key ({trust.key_path()}): copied from elsewhere or edited. If you trust where this run came from, "
             f"pass --trust (or re-run `featurepipe evaluate`).")
     return [trust.confined(Path(run_dir), f"{m.get('dir')}/{HEAD_META}").parent for m in members]
+
+
+def _write_history(estimator, path: Path) -> None:
+    """The dense head's per-epoch history_ as CSV; any other head has none (an older file goes)."""
+    history = getattr(estimator, "history_", None) or {}
+    if not history.get("loss"):
+        path.unlink(missing_ok=True)
+        return
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    frame.insert(0, "epoch", range(1, len(frame) + 1))
+    atomic.write_csv(path, frame)
+
+
+def _copy_history(source_dir: Path, target_dir: Path) -> None:
+    """best_head_history.csv follows the head it belongs to (or goes, when that head has none)."""
+    if (source_dir / HEAD_HISTORY).is_file():
+        atomic.copy_file(source_dir / HEAD_HISTORY, target_dir / HEAD_HISTORY)
+    else:
+        (target_dir / HEAD_HISTORY).unlink(missing_ok=True)
 
 
 def load_head_meta(run_dir: Path) -> dict:
@@ -148,10 +165,8 @@ def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
     except (OSError, KeyError, TypeError, json.JSONDecodeError, FeaturepipeError):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / record["file"]
-    tmp = _atomic_path(target)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic.copy_file(source, run_dir / record["file"])
+    _copy_history(cache_dir, run_dir)
     write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"],
                                      "hmac": trust.sign(record["file"], record["sha256"])})
     return record
@@ -161,9 +176,8 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
     """Keep a copy of run_dir's freshly written head for `cached_head`."""
     meta = load_head_meta(run_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(cache_dir / meta["file"])
-    shutil.copyfile(run_dir / meta["file"], tmp)
-    os.replace(tmp, cache_dir / meta["file"])
+    atomic.copy_file(run_dir / meta["file"], cache_dir / meta["file"])
+    _copy_history(run_dir, cache_dir)
     write_json(cache_dir / HEAD_META, {"file": meta["file"], "sha256": meta["sha256"],
                                        "hmac": trust.sign(meta["file"], meta["sha256"]), **extra})
 
@@ -172,7 +186,7 @@ def load_run_model(run_dir: Path, meta: Optional[dict] = None):
     """(Keras model, model.json) for a run's fine-tuned model: hash-checked, then loaded with safe_mode."""
     import keras
 
-    # Registers the custom layers a fine-tuned file names (Preprocess, InferenceOnly, PlattOneVsRest).
+    # Registers the custom layers a fine-tuned file names (Preprocess, InferenceMode, PlattOneVsRest).
     import featurepipe.head_to_keras  # noqa: F401
 
     run_dir = Path(run_dir)

@@ -22,12 +22,13 @@ import keras
 import numpy as np
 
 from featurepipe.artifacts import write_json
+from featurepipe.backbones.accel import gpu_available
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
-from featurepipe.finetune import (
-    AugmentedImages, EpochHooks, HistoryLogger, best_row, check_batch_size, decode_split, dtype_policy,
-    evaluate_model, gpu_available, make_split, quiet_retracing, save_model_atomic, tensorboard_callbacks,
-    tidy_history,
+from featurepipe.image_split import decode_split, make_split
+from featurepipe.training import (
+    AugmentedImages, EpochHooks, HistoryLogger, best_row, check_batch_size, dtype_policy, evaluate_model,
+    quiet_retracing, save_model_atomic, tensorboard_callbacks, tidy_history,
 )
 from featurepipe.paths import cache_root, runs_dir
 from featurepipe.rundir import prepare_run_dir

@@ -39,6 +39,12 @@ def is_view_key(key: str) -> bool:
     return "@" in key
 
 
+def parse_view_key(key: str) -> tuple[str, Optional[int]]:
+    """(content hash, view index) of a store key; the index is None for an original image's key."""
+    content_hash, _, index = key.partition("@")
+    return content_hash, (int(index) if index else None)
+
+
 @dataclass(frozen=True)
 class Batch:
     id: str                                          # sha256 of its keys (24 hex digits)
@@ -115,7 +121,7 @@ def decode_item(path: str, content_hash: str, keys: Sequence[str], spec: Backbon
     out = []
     for key in keys:
         if is_view_key(key):
-            view_index = int(key.rsplit("@", 1)[1])
+            view_index = parse_view_key(key)[1]
             out.append((key, augment_image(image, policy, view_rng(content_hash, view_index, augment_seed))))
         else:
             out.append((key, image))

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featurepipe.batches import parse_view_key
 from featurepipe.paths import features_dir, runs_dir
 from featurepipe.refs import live_refs
 from featurepipe.store import FeatureStore, StoreInfo, gc_store, list_stores
@@ -83,7 +84,7 @@ def gc_cache(root: Path, dry_run: bool = False) -> GcResult:
         if store.fingerprint not in used:
             return None
         live_hashes = {h for ref in live for h in ref["hashes"]}
-        return {key for key in store.keys() if key.split("@", 1)[0] in live_hashes}
+        return {key for key in store.keys() if parse_view_key(key)[0] in live_hashes}
 
     for store in list_stores(features_dir(root)):
         removed, rows = gc_store(store, decide, dry_run=dry_run)

@@ -2,60 +2,42 @@
 
 Keras's BackupAndRestore and ModelCheckpoint write their .h5 file in place: a kill in the middle of
 a write leaves a half-written file, and every later resume died on it with a raw h5py error. Here
-every file is written under a temporary name in the same folder and renamed into place, so a file
-that has its final name is complete; a record (latest.json) naming the epoch's file and its sha256
+every file is written through featurepipe.atomic (temporary name in the same folder, fsync, rename,
+fsync the folder), so a file that has its final name is complete; a record (latest.json) naming the epoch's file and its sha256
 is written after the file itself, so a backup is either the last finished epoch or the one before.
 A record whose file is missing or does not match its hash (a disk fault, a hand edit) is reported
 as damaged, never loaded; the caller falls back (finetune starts over and says so).
-
-Atomic means crash-safe against the process being killed; a power cut may still lose the last
-epoch (no fsync), which costs an epoch of training, not a damaged file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Optional
 
 import keras
 import numpy as np
 
+from featurepipe import atomic
 from featurepipe.artifacts import write_json
+from featurepipe.atomic import TMP_PREFIX
 from featurepipe.hashcache import file_sha256
 
 LATEST = "latest.json"
-TMP_PREFIX = ".tmp-"
-
-
-def _tmp_name(path: Path) -> Path:
-    # Keeps the full suffix (".weights.h5": Keras refuses other names) and is unique per writer.
-    return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{time.time_ns() % 10**9}-{path.name}")
 
 
 def save_weights_atomic(model, path: Path) -> str:
     """model.save_weights (weights + optimizer state) to `path` via a temporary file; returns its sha256."""
-    tmp = _tmp_name(path)
-    try:
+    with atomic.atomic_path(path) as tmp:
         model.save_weights(str(tmp))
         digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return digest
 
 
 def save_arrays_atomic(arrays: list[np.ndarray], path: Path) -> None:
     """A model's get_weights() as an .npz (no optimizer state, loads without pickle), atomically."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, *arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, *arrays)
 
 
 def load_arrays(path: Path) -> list[np.ndarray]:

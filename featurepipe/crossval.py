@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, StratifiedKFold
 
+from featurepipe import atomic
 from featurepipe.workers import workers_exit_with_parent  # issue 12
 from featurepipe.errors import DatasetError
 from featurepipe.heads import head_entry, make_head, param_grid
@@ -305,7 +304,8 @@ def _proba(est, X, n_classes: int) -> np.ndarray:
     return out
 
 
-def _evaluate(X, y, views, classes, head, params, augment, tta, train_idx, val_idx, seed) -> dict:
+def _fit_fold(X, y, views, classes, head, params, augment, tta, train_idx, val_idx, seed) -> dict:
+    """Fit one head configuration on one fold's training rows and score its validation rows."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -325,11 +325,11 @@ def _evaluate(X, y, views, classes, head, params, augment, tta, train_idx, val_i
     }
 
 
-def _evaluate_and_keep(path: Path | None, *args) -> dict:
+def _fit_fold_and_keep(path: Path | None, *args) -> dict:
     """One fit, its result written to `path` (atomically) as soon as it exists, by whichever process
     ran it: a pooled fit is on disk while in-process heads are still fitting, so a kill loses only
     the fits in flight."""
-    rec = _evaluate(*args)
+    rec = _fit_fold(*args)
     if path is not None:
         _write_atomic(path, rec)
     return rec
@@ -365,14 +365,7 @@ def _read_cached(path: Path, unit: _Unit, n_classes: int) -> dict | None:
 
 
 def _write_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_json(path, obj, indent=None, sort_keys=False, default=None)
 
 
 # ---------------------------------------------------------------- run
@@ -454,11 +447,11 @@ def run_cv(
     def task(i: int):
         u = units[i]
         views = table.views if u.augment == "views" else None
-        return delayed(_evaluate_and_keep)(paths.get(i), table.X, table.y, views, table.classes, u.head, u.kwargs,
+        return delayed(_fit_fold_and_keep)(paths.get(i), table.X, table.y, views, table.classes, u.head, u.kwargs,
                                            u.augment, u.tta, u.fold.train_idx, u.fold.val_idx, seed)
 
     def store(i: int, rec: dict) -> None:
-        records[i] = rec      # already on disk (see _evaluate_and_keep)
+        records[i] = rec      # already on disk (see _fit_fold_and_keep)
         u = units[i]
         report(progress, stage, len(records), total,
                f"{u.head} {u.params} augment={u.augment} repeat {u.fold.repeat} fold {u.fold.pair or u.fold.fold}")

@@ -20,6 +20,7 @@ import pandas as pd
 from featurepipe.errors import DatasetError
 from featurepipe.hashcache import HashCache, path_key
 from featurepipe.images import IMAGE_EXTENSIONS
+from featurepipe.paths import hash_db
 from featurepipe.progress import ProgressCallback, report
 
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
@@ -284,7 +285,7 @@ def scan(
     frame = pd.DataFrame(rows, columns=["path", "label", "split", "group"])
     if groups_pattern:
         frame["group"] = _groups_from_names(frame["path"], groups_pattern)
-    cache = HashCache(Path(cache_dir) / "hashes.sqlite" if cache_dir is not None else None, rehash=rehash)
+    cache = HashCache(hash_db(cache_dir) if cache_dir is not None else None, rehash=rehash)
     try:
         report(progress, "scan", 0, len(frame), "hashing")
         hashes = cache.hash_files(frame["path"].tolist())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 
 from featurepipe.batches import Batch, BatchJob, BatchOutcome, decode_item, infer_parts
 from featurepipe.errors import FeaturepipeError, ImageDecodeError
+from featurepipe.images import decode_ahead
 
 SCHEDULER_ENV = "FEATUREPIPE_SCHEDULER"
 
@@ -64,28 +63,20 @@ class LocalExecutor(Executor):
         chunk = job.chunk or auto_batch_size(infer, job.spec.image_size, pending)
         build_seconds = time.perf_counter() - started
         threads = job.decode_threads or default_decode_threads()
-        lookahead = max(2 * chunk, 8)
         items = ((content_hash, keys) for batch in batches for content_hash, keys in batch.items)
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-            queue: deque[tuple[str, Future]] = deque()
 
-            def refill() -> None:
-                while len(queue) < lookahead:
-                    try:
-                        content_hash, keys = next(items)
-                    except StopIteration:
-                        return
-                    queue.append((content_hash, pool.submit(decode_item, paths[content_hash], content_hash, keys,
-                                                            job.spec, job.policy, job.augment_seed)))
+        def decode(item):
+            content_hash, keys = item
+            return decode_item(paths[content_hash], content_hash, keys, job.spec, job.policy, job.augment_seed)
 
-            refill()
+        ahead = decode_ahead(items, decode, max(2 * chunk, 8), threads)
+        try:
             for batch in batches:
                 t0 = time.perf_counter()
                 decoded: list[tuple[str, np.ndarray]] = []
                 failures: dict[str, str] = {}
                 for _ in batch.items:
-                    content_hash, future = queue.popleft()
-                    refill()
+                    (content_hash, _keys), future = next(ahead)
                     try:
                         decoded.extend(future.result())
                     except ImageDecodeError as error:
@@ -95,6 +86,8 @@ class LocalExecutor(Executor):
                 yield BatchOutcome(batch.id, originals, views, failures, build_seconds=build_seconds,
                                    decode_seconds=t1 - t0, infer_seconds=time.perf_counter() - t1, chunk=chunk)
                 build_seconds = 0.0
+        finally:
+            ahead.close()        # stops the decode threads when the consumer stops early
 
 
 _CURRENT: ContextVar[Optional[Executor]] = ContextVar("featurepipe_executor", default=None)

@@ -7,7 +7,7 @@ as Keras layers by featurepipe.head_to_keras), or the fine-tuned model when the 
     keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W; load with
                                      keras.saving.load_model(path, safe_mode=True) after
                                      `import featurepipe.head_to_keras` (registers featurepipe's
-                                     layers: Preprocess, PlattOneVsRest, InferenceOnly)
+                                     layers: Preprocess, PlattOneVsRest, InferenceMode)
     savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images); no
                                      featurepipe or Keras code needed to load it
     tflite      OUT/model.tflite     input uint8 (1, size, size, 3): images ALREADY resized to the
@@ -26,14 +26,13 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 from featurepipe import atomic
 from featurepipe.artifacts import write_json
+from featurepipe.backbones.fingerprint import package_version
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
@@ -72,18 +71,13 @@ class ExportResult:
 
 def fixed_size_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
     """uint8 (n, size, size, 3) RGB -> probabilities: exactly what predict computes on decoded images."""
-    import keras
-
     if run.kind == "finetuned":
         return run.load_finetuned()
     from featurepipe.backbones.build import build_feature_model
-    from featurepipe.head_to_keras import head_to_keras
+    from featurepipe.combined_model import combine   # the model fine-tuning starts from (issue 10)
 
-    estimator = run.load_head()
     features = build_feature_model(run.spec, run.cache_dir(cache_dir))
-    head = head_to_keras(estimator, int(features.output.shape[-1]), name="head")
-    images = keras.Input((run.image_size, run.image_size, 3), dtype="uint8", name="images")
-    return keras.Model(images, head(features(images)), name=f"featurepipe_{run.spec.name}")
+    return combine(features, run.load_head(), name=f"featurepipe_{run.spec.name}")
 
 
 def _resized(run: RunModel, images, prefix: str = ""):
@@ -105,14 +99,14 @@ def any_size_model(run: RunModel, inner):
     """uint8 (n, H, W, 3) of any H, W -> probabilities, the run's resize policy inside the graph."""
     import keras
 
-    from featurepipe.head_to_keras import InferenceOnly
+    from featurepipe.backbones.layers import InferenceMode
 
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
     x = _resized(run, images)
     # Keras' image preprocessing layers default to training=True, and the first layer to resolve
     # the flag sets it for the whole call: model(x) and the SavedModel's serve() would then run
     # the head's Dropout. The wrapper pins everything after resizing to inference.
-    return keras.Model(images, InferenceOnly(inner, name="classifier")(x), name="featurepipe_classifier")
+    return keras.Model(images, InferenceMode(inner, name="classifier")(x), name="featurepipe_classifier")
 
 
 def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
@@ -122,7 +116,8 @@ def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
     import keras
 
     from featurepipe.backbones.build import build_feature_model
-    from featurepipe.head_to_keras import InferenceOnly, head_to_keras
+    from featurepipe.backbones.layers import InferenceMode
+    from featurepipe.head_to_keras import head_to_keras
 
     root = run.cache_dir(cache_dir)
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
@@ -133,42 +128,32 @@ def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
         # called once per member that uses it (a shared layer saves once; a shared nested Model does not).
         shared = json.dumps({**member.spec.to_dict(), "resize": None}, sort_keys=True, default=str)
         if shared not in bases:
-            bases[shared] = InferenceOnly(build_feature_model(member.spec, root), name=f"backbone_{len(bases)}")
+            bases[shared] = InferenceMode(build_feature_model(member.spec, root), name=f"backbone_{len(bases)}")
         features = bases[shared](_resized(member, images, prefix=f"member_{index}_"))
         head = head_to_keras(member.load_head(), int(features.shape[-1]), name=f"head_{index}")
-        # InferenceOnly as in any_size_model: a dense head's Dropout stays off however the model is called.
-        outputs.append(InferenceOnly(head, name=f"classifier_{index}")(features))
+        # InferenceMode as in any_size_model: a dense head's Dropout stays off however the model is called.
+        outputs.append(InferenceMode(head, name=f"classifier_{index}")(features))
     return keras.Model(images, keras.layers.Average(name="vote")(outputs), name="featurepipe_vote")
 
 
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _fresh(path: Path) -> Path:
-    """A temporary sibling of `path`, renamed into place once complete so readers never see half a model."""
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+# Every artefact goes through featurepipe.atomic: readers never see half a model.
 
 
 def _save_keras(model, path: Path) -> None:
-    tmp = _fresh(path).with_suffix(".keras")   # Keras insists on the suffix
-    try:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    with atomic.atomic_path(path) as tmp:     # keeps the .keras suffix Keras insists on
         model.save(str(tmp))
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_savedmodel(model, path: Path) -> None:
-    tmp = _fresh(path)
+    tmp = atomic.temp_sibling(path)
     try:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
-        _replace(tmp, path)
+        atomic.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -186,9 +171,7 @@ def _save_tflite(model, path: Path) -> None:
             flatbuffer = converter.convert()
         except Exception as error:  # the converter raises ConverterError and friends with long logs
             raise FeaturepipeError(f"TFLite conversion failed: {str(error).strip().splitlines()[0]}") from None
-    tmp = _fresh(path)
-    tmp.write_bytes(flatbuffer)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, flatbuffer)
 
 
 def tflite_interpreter(path: str | os.PathLike):
@@ -197,7 +180,7 @@ def tflite_interpreter(path: str | os.PathLike):
     try:
         from ai_edge_litert.interpreter import Interpreter
 
-        return Interpreter(model_path=str(path)), f"ai-edge-litert {_version('ai-edge-litert')}"
+        return Interpreter(model_path=str(path)), f"ai-edge-litert {package_version('ai-edge-litert')}"
     except ImportError:
         import warnings
 
@@ -260,7 +243,7 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
         "output": {"dtype": "float32", "shape": [input_shape[0], n],
                    "meaning": f"class probabilities (softmax, rows sum to 1), index i = line i+1 of {LABELS}"},
         "source_run": str(run.run_dir.resolve()),
-        "featurepipe_version": _version("featurepipe"),
+        "featurepipe_version": package_version("featurepipe"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if fmt == "savedmodel":
@@ -286,13 +269,6 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
         meta["finetuned"] = {k: (run.model_meta or {}).get(k) for k in ("file", "sha256")}
         meta["finetuned"]["meta"] = MODEL_META
     return meta
-
-
-def _version(name: str) -> Optional[str]:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def check_export_folder(out: Path, overwrite: bool) -> None:
@@ -346,10 +322,10 @@ def export(
     if fmt == "tflite":
         import keras
 
-        from featurepipe.head_to_keras import InferenceOnly
+        from featurepipe.backbones.layers import InferenceMode
 
         images = keras.Input((run.image_size, run.image_size, 3), batch_size=1, dtype="uint8", name="images")
-        network = keras.Model(images, InferenceOnly(inner, name="classifier")(images), name="featurepipe_classifier")
+        network = keras.Model(images, InferenceMode(inner, name="classifier")(images), name="featurepipe_classifier")
         _save_tflite(network, artefact)
         checked_with = _check_tflite(artefact, run.image_size, len(run.classes))
         input_shape = [1, run.image_size, run.image_size, 3]

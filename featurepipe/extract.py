@@ -19,7 +19,7 @@ from featurepipe import refs
 from featurepipe.backbones.fingerprint import backbone_fingerprint, views_fingerprint
 from featurepipe.backbones.accel import check_precision
 from featurepipe.backbones.spec import BackboneSpec, hash_payload
-from featurepipe.batches import BatchJob, plan_batches, view_key
+from featurepipe.batches import BatchJob, is_view_key, plan_batches, view_key
 from featurepipe.dataset import Dataset
 from featurepipe.executor import Executor, current_executor
 from featurepipe.hashcache import regular_file_sha256
@@ -129,7 +129,7 @@ def extract(
     known_failures = remembered_failures(stores.originals)
     todo = _pending(stores, first_path)
     originals_present = len(first_path) - len(stores.originals.missing(first_path))
-    views_present = len(first_path) * stores.augment - sum(sum("@" in k for k in keys) for keys in todo.values())
+    views_present = len(first_path) * stores.augment - sum(sum(is_view_key(k) for k in keys) for keys in todo.values())
     result = ExtractReport(
         backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
         feature_dim=stores.originals.feature_dim or 0, images=len(first_path), extracted=0, reused=0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Iterator, Optional
 import numpy as np
 import pandas as pd
 
+from featurepipe import atomic
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
 
@@ -90,18 +90,14 @@ def export_features(features: DatasetFeatures, out: Path) -> Path:
 
 
 def _write(meta: pd.DataFrame, dim: int, chunks: Iterator[np.ndarray], out: Path, chunk_rows: int) -> None:
-    """Write to a temporary sibling and rename it into place: a killed export leaves no half file."""
+    """Written through featurepipe.atomic: a killed export leaves no half file."""
     suffix = export_format(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
+    with atomic.atomic_path(out) as tmp:
         writer = {".npz": _write_npz, ".parquet": _write_parquet, ".csv": _write_csv}[suffix]
         written = writer(meta, dim, chunks, tmp, chunk_rows)
         if written != len(meta):   # pragma: no cover - guards the chunking arithmetic
             raise FeaturepipeError(f"export wrote {written} feature rows for {len(meta)} images")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _feature_names(dim: int) -> list[str]:

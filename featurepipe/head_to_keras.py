@@ -10,7 +10,8 @@ LogisticRegression, CalibratedClassifierCV(method="sigmoid") over a linear model
 LogisticRegression, ...), or a DenseHeadClassifier (also bare, outside a pipeline).
 
 Importing this module registers the custom layers that featurepipe's Keras files need
-(`InferenceOnly`, `PlattOneVsRest`, and `Preprocess` from featurepipe.backbones.layers), so
+(`PlattOneVsRest`, `NeighbourVote`, and from featurepipe.backbones.layers `Preprocess` and
+`InferenceMode`), so
 `keras.saving.load_model(path, safe_mode=True)` works after `import featurepipe.head_to_keras`.
 """
 
@@ -20,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess for load_model)
+import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess and InferenceMode for load_model)
 from featurepipe.errors import FeaturepipeError
 
 SUPPORTED = (
@@ -72,24 +73,6 @@ class PlattOneVsRest(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "members": self.members, "classes": self.classes,
                 "mask": self.mask.tolist()}
-
-
-@keras.saving.register_keras_serializable(package="featurepipe")
-class InferenceOnly(keras.layers.Wrapper):
-    """Runs the wrapped layer/model with training=False whatever its caller passes.
-
-    Keras 3 functional models hand their own `training` flag to every nested call, overriding a
-    `training=False` recorded when the graph was built. Fine-tuning needs the base in inference
-    mode while the head trains (stochastic-depth Dropout off; BatchNorm layers are also kept
-    non-trainable, which Keras treats as inference mode), so the base sits in this wrapper.
-    `call` takes no `training` argument on purpose: Keras then never passes one in.
-    """
-
-    def call(self, inputs):
-        return self.layer(inputs, training=False)
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,55 +249,76 @@ def _ncm_output(x, model):
                   activation="softmax")
 
 
+def _transforms_then(output):
+    """A converter for a Pipeline of StandardScaler / Normalizer(l2) steps ending in a final step
+    that `output(x, final, affine)` converts (the pending affine map folded in where it can be)."""
+
+    def convert(estimator, n_features: int, name: str) -> "keras.Model":
+        from sklearn.preprocessing import Normalizer, StandardScaler
+
+        steps = _steps(estimator)
+        n_in = getattr(steps[0], "n_features_in_", None)
+        if n_in is not None and int(n_in) != int(n_features):
+            raise FeaturepipeError(f"the head was fitted on {n_in} features, but the base gives {n_features}; "
+                                   f"was the run made with another backbone or layer?")
+        inputs = keras.Input((int(n_features),), name="features", dtype=_HEAD_DTYPE)
+        x = inputs
+        affine = _Affine(int(n_features))
+        *transforms, final = steps
+        for index, step in enumerate(transforms):
+            if isinstance(step, StandardScaler):
+                affine.add_scaler(step)
+            elif isinstance(step, Normalizer):
+                if step.norm != "l2":
+                    raise _unsupported(f"Normalizer(norm={step.norm!r})")
+                if not affine.identity:
+                    x = affine.layer(f"standardize_{index}")(x)
+                    affine = _Affine(int(n_features))
+                x = keras.layers.UnitNormalization(name=f"l2_normalize_{index}", dtype=_HEAD_DTYPE)(x)
+            else:
+                raise _unsupported(f"a pipeline step {type(step).__name__}")
+        return keras.Model(inputs, output(x, final, affine), name=name)
+
+    return convert
+
+
+def _unfolded(output):
+    """`output(x, model)` for a final step that takes the affine map applied, not folded."""
+
+    def apply(x, model, affine: _Affine):
+        if not affine.identity:
+            x = affine.layer("standardize_out")(x)
+        return output(x, model)
+
+    return apply
+
+
+# The converters HeadEntry.to_keras names (featurepipe.heads): one per head.
+logistic_to_keras = _transforms_then(_logistic_output)
+calibrated_linear_to_keras = _transforms_then(_calibrated_output)
+dense_head_to_keras = _transforms_then(_dense_head_output)
+knn_to_keras = _transforms_then(_unfolded(_knn_output))
+ncm_to_keras = _transforms_then(_unfolded(_ncm_output))
+
+
+def soft_vote_to_keras(estimator, n_features: int, name: str) -> "keras.Model":
+    """The mean of the members' converted heads."""
+    inputs = keras.Input((int(n_features),), name="features", dtype=_HEAD_DTYPE)
+    members = [head_to_keras(e, n_features, name=f"{name}_member{i}")(inputs)
+               for i, e in enumerate(estimator.estimators_)]
+    return keras.Model(inputs, keras.layers.Average(name="soft_vote", dtype=_HEAD_DTYPE)(members), name=name)
+
+
 def head_to_keras(estimator, n_features: int, name: str = "head") -> "keras.Model":
     """A Keras model: float features (n, n_features) -> `estimator.predict_proba` (columns in
-    `estimator.classes_` order). Trainable, serializable (safe_mode) and independent of sklearn."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    from featurepipe.dense_head import DenseHeadClassifier
-    from featurepipe.heads import CosineKNN, NearestClassMean, SoftVoteClassifier
-
-    if isinstance(estimator, SoftVoteClassifier):
-        inputs = keras.Input((int(n_features),), name="features", dtype=_HEAD_DTYPE)
-        members = [head_to_keras(e, n_features, name=f"{name}_member{i}")(inputs)
-                   for i, e in enumerate(estimator.estimators_)]
-        return keras.Model(inputs, keras.layers.Average(name="soft_vote", dtype=_HEAD_DTYPE)(members), name=name)
+    `estimator.classes_` order). Trainable, serializable (safe_mode) and independent of sklearn.
+    The conversion is the `to_keras` of the head (featurepipe.heads.HEADS) whose estimator this is."""
+    from featurepipe.heads import entry_for_estimator
 
     steps = _steps(estimator)
     if not steps:
         raise _unsupported("an empty pipeline")
-    n_in = getattr(steps[0], "n_features_in_", None)
-    if n_in is not None and int(n_in) != int(n_features):
-        raise FeaturepipeError(f"the head was fitted on {n_in} features, but the base gives {n_features}; "
-                               f"was the run made with another backbone or layer?")
-    inputs = keras.Input((int(n_features),), name="features", dtype=_HEAD_DTYPE)
-    x = inputs
-    affine = _Affine(int(n_features))
-    *transforms, final = steps
-    for index, step in enumerate(transforms):
-        if isinstance(step, StandardScaler):
-            affine.add_scaler(step)
-        elif isinstance(step, Normalizer):
-            if step.norm != "l2":
-                raise _unsupported(f"Normalizer(norm={step.norm!r})")
-            if not affine.identity:
-                x = affine.layer(f"standardize_{index}")(x)
-                affine = _Affine(int(n_features))
-            x = keras.layers.UnitNormalization(name=f"l2_normalize_{index}", dtype=_HEAD_DTYPE)(x)
-        else:
-            raise _unsupported(f"a pipeline step {type(step).__name__}")
-    if isinstance(final, LogisticRegression):
-        outputs = _logistic_output(x, final, affine)
-    elif isinstance(final, CalibratedClassifierCV):
-        outputs = _calibrated_output(x, final, affine)
-    elif isinstance(final, DenseHeadClassifier):
-        outputs = _dense_head_output(x, final, affine)
-    elif isinstance(final, (CosineKNN, NearestClassMean)):
-        if not affine.identity:
-            x = affine.layer("standardize_out")(x)
-        outputs = _knn_output(x, final) if isinstance(final, CosineKNN) else _ncm_output(x, final)
-    else:
-        raise _unsupported(type(final).__name__)
-    return keras.Model(inputs, outputs, name=name)
+    entry = entry_for_estimator(estimator)
+    if entry is None or entry.to_keras is None:
+        raise _unsupported(type(steps[-1]).__name__)
+    return entry.to_keras(estimator, n_features, name)

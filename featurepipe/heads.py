@@ -1,13 +1,14 @@
 """Registry of classifier heads trained on bottleneck features.
 
 A head is a function (params, seed) -> unfitted scikit-learn classifier with `predict_proba`,
-plus a small default grid. Adding a head means adding one `HeadEntry` to `HEADS`.
+plus a small default grid, and how its fitted estimator becomes a Keras model (`to_keras`, for
+fine-tuning and export). Adding a head means adding one `HeadEntry` to `HEADS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -29,6 +30,24 @@ class HeadEntry:
     # Heads that load TensorFlow run sequentially in the calling process: a joblib worker each
     # would import TensorFlow (seconds and hundreds of MB apiece) and fight over the same cores.
     in_process: bool = False
+    # The class name of the fitted estimator's last step (a Pipeline's final step, or the estimator
+    # itself): how a loaded head is matched to its entry.
+    final_step: str = ""
+    # (fitted estimator, n_features, name) -> keras.Model with the same predict_proba; None: this
+    # head cannot be fine-tuned or exported. Imports Keras only when called.
+    to_keras: Optional[Callable[[Any, int, str], Any]] = None
+
+
+def _keras_converter(name: str) -> Callable[[Any, int, str], Any]:
+    """featurepipe.head_to_keras.<name>, imported when called (this module stays free of Keras)."""
+
+    def convert(estimator, n_features: int, model_name: str):
+        from featurepipe import head_to_keras
+
+        return getattr(head_to_keras, name)(estimator, n_features, model_name)
+
+    convert.__name__ = name
+    return convert
 
 
 def _resolve(head: str, params: Mapping | None, defaults: dict) -> dict:
@@ -241,30 +260,40 @@ HEADS: dict[str, HeadEntry] = {
             build=_linear_svm,
             default_grid={"C": [0.1, 1.0, 10.0]},
             description="Linear SVM on standardized, L2-normalized features; Platt-calibrated probabilities.",
+            final_step="CalibratedClassifierCV",
+            to_keras=_keras_converter("calibrated_linear_to_keras"),
         ),
         HeadEntry(
             name="logreg",
             build=_logreg,
             default_grid={"C": [10.0, 100.0, 1000.0]},
             description="Multinomial logistic regression (lbfgs) on standardized, L2-normalized features.",
+            final_step="LogisticRegression",
+            to_keras=_keras_converter("logistic_to_keras"),
         ),
         HeadEntry(
             name="knn",
             build=_knn,
             default_grid={"n_neighbors": [3, 9]},
             description="k nearest neighbours by cosine on standardized, L2-normalized features; 1/distance votes.",
+            final_step="CosineKNN",
+            to_keras=_keras_converter("knn_to_keras"),
         ),
         HeadEntry(
             name="ncm",
             build=_ncm,
             default_grid={"temperature": [10.0]},
             description="Nearest class mean by cosine (softmax over 10 x cosine): for very few images per class.",
+            final_step="NearestClassMean",
+            to_keras=_keras_converter("ncm_to_keras"),
         ),
         HeadEntry(
             name="ensemble",
             build=_ensemble,
             default_grid={"members": [[]]},
             description="Soft vote (mean probabilities) of the search's top configurations on one feature set.",
+            final_step="SoftVoteClassifier",
+            to_keras=_keras_converter("soft_vote_to_keras"),
         ),
         HeadEntry(
             name="dense",
@@ -272,9 +301,23 @@ HEADS: dict[str, HeadEntry] = {
             default_grid={"hidden_units": [256]},
             description="Keras Dense(256, relu) -> Dropout(0.5) -> softmax, Adam, early-stopped on a stratified holdout.",
             in_process=True,
+            final_step="DenseHeadClassifier",
+            to_keras=_keras_converter("dense_head_to_keras"),
         ),
     ]
 }
+
+
+def entry_for_estimator(estimator) -> Optional[HeadEntry]:
+    """The entry whose fitted estimators look like `estimator` (by its last step's class); None if
+    no head makes such an estimator."""
+    final = estimator
+    while isinstance(final, Pipeline):
+        steps = [step for _, step in final.steps if step is not None and step != "passthrough"]
+        if not steps:
+            return None
+        final = steps[-1]
+    return next((e for e in HEADS.values() if e.final_step and type(final).__name__ == e.final_step), None)
 
 
 def head_entry(name: str) -> HeadEntry:

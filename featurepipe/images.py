@@ -11,13 +11,16 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import math
 import os
 import re
 import stat
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -25,19 +28,25 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from featurepipe.backbones.spec import LETTERBOX_FILL, RESIZE_POLICIES
 from featurepipe.errors import ImageDecodeError
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
-    "RESIZE_MODES",
+    "RESIZE_POLICIES",
     "LETTERBOX_FILL",
     "FILL_MODES",
     "AugmentPolicy",
     "AugmentParams",
     "apply_augment",
     "augment_image",
+    "decode_ahead",
+    "decode_batches",
     "decode_image",
     "image_size",
     "perceptual_hash",
+    "thumbnail_png",
     "sample_augment_params",
     "view_rng",
 ]
@@ -52,8 +61,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # 2 * PIL.Image.MAX_IMAGE_PIXELS also needs PIL's limit raised.
 MAX_PIXELS: int = 89_478_485
 
-# Defined beside the backbone spec (whose fingerprint must not import PIL), used here.
-RESIZE_MODES: tuple[str, ...] = RESIZE_POLICIES
+# RESIZE_POLICIES (the resize modes) is defined beside the backbone spec, whose fingerprint must not
+# import PIL; it is implemented here.
 FILL_MODES: tuple[str, ...] = ("nearest", "constant", "reflect", "wrap")
 
 # Keras' load_img defaults to "nearest", which aliases badly when shrinking photos. Pillow's
@@ -328,8 +337,8 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.nda
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     size = int(size)
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
     p = os.fspath(path)
 
     with _loaded_rgb(p, size) as rgb:
@@ -340,6 +349,67 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.nda
     if arr.shape != (size, size, 3):  # pragma: no cover - guards against PIL behaviour changes
         raise ImageDecodeError(p, f"decoded to unexpected shape {arr.shape}")
     return arr
+
+
+def thumbnail_png(path: str | os.PathLike[str], max_side: int) -> bytes:
+    """A PNG of the image, oriented and in RGB (alpha on white) like decode_image, no larger than
+    max_side on either side with its aspect ratio kept: the report's galleries. ImageDecodeError
+    (naming the file) when it cannot be decoded."""
+    p = os.fspath(path)
+    with _loaded_rgb(p, 2 * int(max_side)) as rgb:
+        try:
+            small = rgb.copy()
+            small.thumbnail((max_side, max_side))
+            buffer = io.BytesIO()
+            small.save(buffer, format="PNG", optimize=True)
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+    return buffer.getvalue()
+
+
+def decode_ahead(items: Iterable[T], decode: Callable[[T], R], lookahead: int,
+                 threads: int) -> Iterator[tuple[T, "Future[R]"]]:
+    """(item, future of decode(item)) in `items` order, with up to `lookahead` decodes in flight on
+    `threads` threads, so a consumer running a model never waits for pixels and memory stays
+    bounded for any number of items. The one decode-ahead loop (extract's local executor, predict).
+    Thread count: featurepipe.backbones.accel.default_decode_threads()."""
+    todo = iter(items)
+    with ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="decode") as pool:
+        queue: deque = deque()
+
+        def refill() -> None:
+            while len(queue) < lookahead:
+                try:
+                    item = next(todo)
+                except StopIteration:
+                    return
+                queue.append((item, pool.submit(decode, item)))
+
+        refill()
+        while queue:
+            item, future = queue.popleft()
+            refill()
+            yield item, future
+
+
+def decode_batches(paths: Sequence[str], size: int, resize: str, batch_size: int, errors: dict[str, str],
+                   threads: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(paths, uint8 images of shape (n, size, size, 3)) batches of up to `batch_size`, decoded ahead
+    in threads (at most two batches ahead); files that cannot be decoded go to `errors` (path: reason)."""
+    batch_paths: list[str] = []
+    batch: list[np.ndarray] = []
+    lookahead = max(2 * batch_size, 8)
+    for path, future in decode_ahead(paths, lambda p: decode_image(p, size, resize), lookahead, threads):
+        try:
+            batch.append(future.result())
+            batch_paths.append(path)
+        except ImageDecodeError as error:
+            errors[path] = error.reason
+        if len(batch) >= batch_size:
+            yield batch_paths, np.stack(batch)
+            batch_paths, batch = [], []
+    if batch:
+        yield batch_paths, np.stack(batch)
 
 
 # --------------------------------------------------------------------------------------------

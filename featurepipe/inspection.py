@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from featurepipe import atomic
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.crossval import FeatureTable, make_folds, run_cv
 from featurepipe.dataset import Dataset
@@ -195,7 +196,7 @@ def inspect_dataset(
         for name in OUTPUTS:
             (out_dir / name).unlink(missing_ok=True)
             if (cached / name).exists():
-                shutil.copyfile(cached / name, out_dir / name)
+                atomic.copy_file(cached / name, out_dir / name)
         summary = json.loads((out_dir / "inspect.json").read_text())
         summary["reused"] = True
         return InspectReport(out_dir, str(dataset.source), classes, len(frame), summary.get("train_images", 0),
@@ -226,7 +227,7 @@ def inspect_dataset(
     pairs["group"] = [groups[i] for i in pairs["i"]] if len(pairs) else []
     pairs = pairs[["path_a", "path_b", "label_a", "label_b", "split_a", "split_b", "cosine", "hamming", "evidence",
                    "cross_class", "cross_split", "group"]]
-    pairs.to_csv(out_dir / "duplicates.csv", index=False)
+    atomic.write_csv(out_dir / "duplicates.csv", pairs)
 
     train = (frame["split"] == "train").to_numpy()
     tframe = frame[train].reset_index(drop=True)
@@ -309,13 +310,13 @@ def inspect_dataset(
     suspects = suspects.drop(columns="row")
     # label_scores.csv: every training image. suspects.csv: the ones worth a look (top ranks, confident
     # label issues, outliers), short enough to edit and pass back with --exclude / --relabel.
-    suspects.to_csv(out_dir / "label_scores.csv", index=False)
+    atomic.write_csv(out_dir / "label_scores.csv", suspects)
     worth = pd.Series(False, index=suspects.index)
     if "rank" in suspects.columns:
         worth |= (suspects["rank"] <= TOP_SUSPECTS) | suspects["flagged"].astype(bool)
     if "outlier" in suspects.columns:
         worth |= suspects["outlier"].astype(bool)
-    suspects[worth].to_csv(out_dir / "suspects.csv", index=False)
+    atomic.write_csv(out_dir / "suspects.csv", suspects[worth])
 
     # ---- learning curve and embedding map, on one BLAS/OpenMP thread: these are many small fits and
     # a small t-SNE, where thread pools only spin against each other. Measured on data/demo at load ~10
@@ -326,7 +327,7 @@ def inspect_dataset(
             curve = learning_curve(Xt, yt, lambda: make_head(LABEL_HEAD, {"C": LABEL_C}, seed),
                                    groups=table.groups if table is not None else None, draws=learning_curve_draws,
                                    folds=folds, seed=seed)
-            curve.points.to_csv(out_dir / "learning_curve.csv", index=False)
+            atomic.write_csv(out_dir / "learning_curve.csv", curve.points)
             summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
                                          "head": f"{LABEL_HEAD} C={LABEL_C:g}", "draws": learning_curve_draws,
                                          "points": json.loads(curve.points.to_json(orient="records"))}
@@ -347,7 +348,7 @@ def inspect_dataset(
             wrong = set(suspects.loc[suspects["predicted"] != suspects["given"], "path"]) if "predicted" in suspects else set()
             table_map["suspect"] = table_map["path"].isin(flagged)
             table_map["misclassified"] = table_map["path"].isin(wrong)
-            table_map.to_csv(out_dir / "embedding.csv", index=False)
+            atomic.write_csv(out_dir / "embedding.csv", table_map)
             summary["embedding"] = {"points": len(table_map), "pca_variance": [round(v, 4) for v in emap.pca_variance],
                                     "tsne": emap.tsne is not None, "note": emap.note}
         except ValueError as error:
@@ -358,7 +359,7 @@ def inspect_dataset(
     report(progress, "inspect", 6, 6, "done")
     seconds = time.perf_counter() - started
     summary["seconds"] = round(seconds, 3)
-    (out_dir / "inspect.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic.write_json(out_dir / "inspect.json", summary, sort_keys=False)
     if getattr(source, "identity", None):
         tmp = cached.with_name(f".tmp-{os.getpid()}-{key}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -366,8 +367,7 @@ def inspect_dataset(
         for name in OUTPUTS:
             if (out_dir / name).exists():
                 shutil.copyfile(out_dir / name, tmp / name)
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(tmp, cached)
+        atomic.replace_dir(tmp, cached)
     summary["reused"] = False
     return InspectReport(out_dir, str(dataset.source), classes, len(frame), int(train.sum()), failed_list, summary,
                          pairs, suspects, seconds)

@@ -28,5 +28,10 @@ def weights_dir(root: Path) -> Path:
     return root / "weights"
 
 
+def hash_db(root: Path) -> Path:
+    """The cache's SQLite file of content hashes (hashcache) and perceptual hashes (perceptual)."""
+    return Path(root) / "hashes.sqlite"
+
+
 def runs_dir(root: Path) -> Path:
     return root / "runs"

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 
 from featurepipe.errors import ImageDecodeError
 from featurepipe.images import perceptual_hash
+from featurepipe.paths import hash_db
 from featurepipe.progress import ProgressCallback, report
 
 # Bump when perceptual_hash changes what it computes (the hash, the crops): old rows are then ignored.
@@ -46,7 +47,7 @@ def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Pat
     db = None
     if cache_root is not None:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(Path(cache_root) / "hashes.sqlite"), timeout=60)
+        db = sqlite3.connect(str(hash_db(cache_root)), timeout=60)
         db.execute(_SCHEMA)
     try:
         todo = dict(paths_by_hash)

@@ -13,8 +13,6 @@ import json
 import math
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,12 +24,13 @@ from featurepipe import atomic
 from featurepipe.artifacts import (
     HEAD_META, MODEL_META, VOTE, load_head, load_head_meta, load_run_model, vote_member_dirs,
 )
+from featurepipe.backbones.accel import default_decode_threads
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.errors import FeaturepipeError, ImageDecodeError
+from featurepipe.errors import FeaturepipeError
 from featurepipe.dataset import walk_images
 from featurepipe.hashcache import HashCache, path_key
-from featurepipe.images import IMAGE_EXTENSIONS, decode_image
-from featurepipe.paths import cache_root
+from featurepipe.images import IMAGE_EXTENSIONS, decode_batches
+from featurepipe.paths import cache_root, hash_db
 from featurepipe.progress import ProgressCallback, ProgressEvent, report
 from featurepipe.strictjson import json_ready
 
@@ -256,42 +255,6 @@ def _frame(paths: list[str], proba: dict[str, np.ndarray], errors: dict[str, str
 # ------------------------------------------------------------------------------------------ predict
 
 
-def _decode_batches(paths: list[str], size: int, resize: str, batch_size: int, errors: dict[str, str]):
-    """Yield (paths, uint8 images) batches, decoding ahead in threads; failures go to `errors`.
-
-    At most two batches are decoded ahead, so a folder of any size runs in bounded memory.
-    """
-    threads = min(4, (os.cpu_count() or 2) + 1)
-    lookahead = max(2 * batch_size, 8)
-    todo = iter(paths)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        queue: deque = deque()
-
-        def refill() -> None:
-            while len(queue) < lookahead:
-                path = next(todo, None)
-                if path is None:
-                    return
-                queue.append((path, pool.submit(decode_image, path, size, resize)))
-
-        refill()
-        batch_paths: list[str] = []
-        batch: list[np.ndarray] = []
-        while queue:
-            path, future = queue.popleft()
-            refill()
-            try:
-                batch.append(future.result())
-                batch_paths.append(path)
-            except ImageDecodeError as error:
-                errors[path] = error.reason
-            if len(batch) >= batch_size:
-                yield batch_paths, np.stack(batch)
-                batch_paths, batch = [], []
-        if batch:
-            yield batch_paths, np.stack(batch)
-
-
 def predict(
     run_dir: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -336,7 +299,8 @@ def _predict_finetuned(run: RunModel, paths: list[str], batch_size: int, proba: 
 
     network = inference_function(run.load_finetuned(), run.image_size)
     done = 0
-    for batch_paths, images in _decode_batches(paths, run.image_size, run.resize, batch_size, errors):
+    for batch_paths, images in decode_batches(paths, run.image_size, run.resize, batch_size, errors,
+                                                     default_decode_threads()):
         out = np.asarray(network(images), dtype=np.float64)
         if out.shape[1] != len(run.classes):
             raise FeaturepipeError(f"the fine-tuned model outputs {out.shape[1]} values but {MODEL_META} lists "
@@ -378,7 +342,7 @@ def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
 
     estimator = run.load_head()
     root = run.cache_dir(cache_dir)
-    cache = HashCache(root / "hashes.sqlite")
+    cache = HashCache(hash_db(root))
     try:
         # The hash cache is keyed by absolute path (as scan keys it), so the run's own images hit it.
         hashed = cache.hash_files([os.path.abspath(p) for p in paths])
@@ -424,8 +388,8 @@ def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
         first = {by_hash[h][0]: h for h in missing}
         decode_errors: dict[str, str] = {}
         done = result.reused
-        for batch_paths, images in _decode_batches(list(first), run.image_size, run.resize, batch_size,
-                                                   decode_errors):
+        for batch_paths, images in decode_batches(list(first), run.image_size, run.resize, batch_size,
+                                                  decode_errors, default_decode_threads()):
             classify([first[p] for p in batch_paths],
                      np.asarray(network(images), dtype=np.float32))
             result.computed += sum(len(by_hash[first[p]]) for p in batch_paths)

@@ -14,9 +14,7 @@ import html
 import io
 import json
 import math
-import os
 import shlex
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from featurepipe import atomic
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import ProgressCallback, report
 
@@ -230,9 +229,7 @@ class _Charts:
             self.plt.close(fig)
         png = buffer.getvalue()
         path = self.directory / name
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{name}")
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
+        atomic.write_bytes(path, png)
         self.paths.append(path)
         return f'<img class="chart" src="{_data_uri(png)}" alt="{_e(alt)}">'
 
@@ -447,18 +444,12 @@ def _short_path(path: str, source: Optional[str]) -> str:
 
 
 def _thumbnail(path: Path) -> Optional[bytes]:
-    from PIL import Image, ImageOps
+    from featurepipe.errors import ImageDecodeError
+    from featurepipe.images import thumbnail_png
 
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
-            image = ImageOps.exif_transpose(image)
-            image = image.convert("RGB")
-            image.thumbnail((THUMB_PX, THUMB_PX))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", optimize=True)
-            return buffer.getvalue()
-    except Exception:   # any decoder failure: the gallery lists the path instead of a picture
+        return thumbnail_png(path, THUMB_PX)
+    except (ImageDecodeError, OSError):   # the gallery lists the path instead of a picture
         return None
 
 
@@ -722,9 +713,7 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
 
     html_path = run_dir / "report.html"
     page = _page(config, run_dir, sections, missing)
-    tmp = html_path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-report.html")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, html_path)
+    atomic.write_text(html_path, page)
     return ReportResult(html_path=html_path, png_paths=list(charts.paths), sections=[t for t, _ in sections],
                         missing=missing)
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
+from featurepipe import atomic
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import ProgressCallback, report
 from featurepipe.report import (
@@ -356,7 +355,5 @@ def write_inspect_report(inspect_dir: Path, thumbnails: int = 24, progress: Opti
     config = {"dataset": {"source": summary.get("source")}, "backbone": summary.get("backbone") or {}}
     page = _page(config, inspect_dir, sections, []).replace("featurepipe report:", "featurepipe inspect:")
     path = inspect_dir / "inspect.html"
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-inspect.html")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, page)
     return path

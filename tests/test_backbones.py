@@ -347,3 +347,51 @@ def test_pre_placed_imagenet_file_builds_offline(offline_keras_home):
     scale = np.abs(expected).max()
     assert scale > 0 and np.count_nonzero(expected) > 1000
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_register_backbone_adds_refuses_a_clash_and_unregisters():
+    from featurepipe.backbones.registry import (
+        BackboneInfo, PretrainedConfig, register_backbone, registered_backbone, unregister_backbone,
+    )
+    from tests.tiny_backbone import TINY, build_tiny
+
+    other = BackboneInfo(name="tiny_plugin", builder=build_tiny, feature_dim=24, block_key=r"^(block\d+)_",
+                         pretrained=PretrainedConfig(input_size=40, min_size=16, resize="letterbox", preprocess="lite"))
+    try:
+        assert register_backbone(other) is other and register_backbone(other) is other     # same entry: no-op
+        assert BackboneSpec(name="tiny_plugin", weights="random").resolved().image_size == 40
+        assert get_backbone("tiny_plugin").default_resize == "letterbox"
+        with pytest.raises(BackboneError, match="already registered"):
+            register_backbone(BackboneInfo(name="tiny_plugin", builder=build_tiny, feature_dim=1, block_key="x",
+                                           pretrained=PretrainedConfig(input_size=32)))
+    finally:
+        assert unregister_backbone("tiny_plugin") is other
+    with pytest.raises(BackboneError, match="unknown backbone 'tiny_plugin'"):
+        get_backbone("tiny_plugin")
+    # registered_backbone: for a `with` block, then what was there before is back
+    with registered_backbone(other):
+        assert get_backbone("tiny_plugin") is other
+    assert "tiny_plugin" not in BACKBONES
+    with registered_backbone(BackboneInfo(name="tiny", builder=build_tiny, feature_dim=24, block_end=r"_conv$",
+                                          pretrained=PretrainedConfig(input_size=32, min_size=16))):
+        assert get_backbone("tiny").block_end == r"_conv$"
+    assert get_backbone("tiny") is TINY
+
+
+def test_a_registry_entry_checks_its_preprocessing_and_blocks():
+    from featurepipe.backbones.registry import BackboneInfo, PretrainedConfig
+
+    with pytest.raises(BackboneError, match="unknown preprocessing 'yuv'"):
+        BackboneInfo(name="x", builder=print, feature_dim=1, block_key="a",
+                     pretrained=PretrainedConfig(input_size=32, preprocess="yuv"))
+    with pytest.raises(BackboneError, match="exactly one of block_key and block_end"):
+        BackboneInfo(name="x", builder=print, feature_dim=1, pretrained=PretrainedConfig(input_size=32))
+
+
+def test_the_entry_says_what_identifies_its_imagenet_weights():
+    from featurepipe.backbones.efficientnet_lite import lite_weights_id
+    from featurepipe.backbones.fingerprint import weights_id
+
+    lite = BackboneSpec(name="efficientnet_lite1")
+    assert weights_id(lite) == f"pth-sha256:{lite_weights_id('lite1')}"
+    assert weights_id(BackboneSpec(name="vgg16")) == "keras-applications-imagenet:vgg16"

@@ -129,7 +129,7 @@ def test_cv_through_the_dask_backend_scores_exactly_like_local(image_tree, tmp_p
     shutil.rmtree(cache / "evaluations")        # or the second run would only reuse the first one's folds
     with use_executor(dask_executor), distributed.get_task_stream(client=dask_executor.client) as stream:
         remote = evaluate(dataset, TINY, cache, run_dir=tmp_path / "remote", n_jobs=-1, **options)
-    fits = [t for t in stream.data if "_evaluate" in str(t["key"])]
+    fits = [t for t in stream.data if "_fit_fold" in str(t["key"])]
     assert fits, "no CV fit ran on the cluster"
     assert {t["worker"] for t in fits} <= set(dask_executor.client.scheduler_info()["workers"])
     assert remote.fitted == local.fitted > 0 and remote.reused == 0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from featurepipe.backbones import efficientnet_lite as lite
-from featurepipe.backbones.torch_pth import read_legacy_state_dict
+from featurepipe.backbones.torch_pth import read_state_dict
 from featurepipe.errors import BackboneError, WeightsUnavailableError
 
 DEMO_FISH = Path(__file__).resolve().parent.parent / "data" / "demo" / "fish"
@@ -114,7 +114,7 @@ _SYNTHETIC = dict(
 # the reader
 
 def test_reads_the_shipped_lite0_state_dict():
-    state = read_legacy_state_dict(lite.pth_path("lite0"))
+    state = read_state_dict(lite.pth_path("lite0"))
     assert len(state) == 296
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
@@ -130,7 +130,7 @@ def test_reads_the_shipped_lite0_state_dict():
 def test_strided_views_and_both_layouts(tmp_path, legacy):
     path = tmp_path / "t.pth"
     _write_pth(path, **_SYNTHETIC, legacy=legacy)
-    state = read_legacy_state_dict(path)
+    state = read_state_dict(path)
     np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32).reshape(2, 3).T)
     np.testing.assert_array_equal(state["b"], [2.0, 4.0])
     assert state["n"].shape == () and int(state["n"]) == 7
@@ -149,7 +149,7 @@ def test_refuses_disallowed_globals(tmp_path):
             pickle.dump(header, f, protocol=2)
         pickle.dump(collections.OrderedDict(x=Evil()), f, protocol=2)
     with pytest.raises(BackboneError, match=r"refusing to unpickle global .*system"):
-        read_legacy_state_dict(path)
+        read_state_dict(path)
     assert not marker.exists()
 
 
@@ -159,17 +159,17 @@ def test_truncated_and_malformed_files_name_the_file(tmp_path):
         path = tmp_path / f"cut{cut}.pth"
         path.write_bytes(data[:cut])
         with pytest.raises(BackboneError, match=re.escape(str(path))):
-            read_legacy_state_dict(path)
+            read_state_dict(path)
 
     trailing = tmp_path / "trailing.pth"
     _write_pth(trailing, **_SYNTHETIC, trailer=b"junk")
     with pytest.raises(BackboneError, match="unexpected data"):
-        read_legacy_state_dict(trailing)
+        read_state_dict(trailing)
 
     out_of_bounds = tmp_path / "oob.pth"
     _write_pth(out_of_bounds, {"w": ("0", 0, (10,), (1,))}, {"0": np.zeros(6, np.float32)})
     with pytest.raises(BackboneError, match="past the end"):
-        read_legacy_state_dict(out_of_bounds)
+        read_state_dict(out_of_bounds)
 
 
 # ---------------------------------------------------------------------------------------------

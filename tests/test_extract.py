@@ -221,3 +221,11 @@ def test_a_damaged_store_stops_extract_with_the_repair_hint(image_tree, cache):
     assert open_stores(TINY, cache).originals.verify(repair=True)
     again = run(image_tree, cache)
     assert (again.extracted, again.reused) == (8, 16)
+
+
+def test_view_keys_round_trip():
+    from featurepipe.batches import is_view_key, parse_view_key, view_key
+
+    assert parse_view_key(view_key("ab12", 3)) == ("ab12", 3)
+    assert parse_view_key("ab12") == ("ab12", None)
+    assert is_view_key(view_key("ab12", 0)) and not is_view_key("ab12")

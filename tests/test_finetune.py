@@ -22,11 +22,12 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import evaluate
 from featurepipe.extract import open_stores
 from featurepipe.features import dataset_features
-from featurepipe.finetune import (
-    base_model, build_finetune_model, decode_split, finetune, make_split, set_trainable,
-)
+from featurepipe.combined_model import base_model, build_finetune_model, set_trainable
+from featurepipe.finetune import finetune
+from featurepipe.image_split import decode_split, make_split
 from featurepipe.hashcache import file_sha256
-from featurepipe.head_to_keras import InferenceOnly, head_to_keras
+from featurepipe.backbones.layers import InferenceMode
+from featurepipe.head_to_keras import head_to_keras
 from featurepipe.heads import make_head
 from featurepipe.images import decode_image
 from tests.conftest import COLOURS, REPO, make_image
@@ -139,11 +140,17 @@ def test_unsupported_estimator_is_a_clear_error():
         head_to_keras(make_head("logreg").fit(X, y), 7)
 
 
+def test_inference_mode_keeps_the_name_files_were_saved_under():
+    # Fine-tuned and exported .keras files written before the rename name the layer "InferenceOnly".
+    assert keras.saving.get_registered_name(InferenceMode) == "featurepipe>InferenceOnly"
+    assert keras.saving.get_registered_object("featurepipe>InferenceOnly") is InferenceMode
+
+
 def test_inference_only_ignores_training_flag():
     inputs = keras.Input((64,))
     noisy = keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))
     outer_in = keras.Input((64,))
-    outer = keras.Model(outer_in, InferenceOnly(noisy)(outer_in))
+    outer = keras.Model(outer_in, InferenceMode(noisy)(outer_in))
     x = np.ones((2, 64), np.float32)
     np.testing.assert_array_equal(outer(x, training=True), x)
 
@@ -161,7 +168,7 @@ def test_combined_model_reproduces_the_head_before_training(workdir, logreg_run)
         expected = estimator.predict_proba(stored.X)
         actual = model.predict(_decoded(stored.frame["path"]), verbose=0)
         np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
-        # Nothing in the base reacts to training=True: BatchNorm frozen, base wrapped in InferenceOnly.
+        # Nothing in the base reacts to training=True: BatchNorm frozen, base wrapped in InferenceMode.
         images = _decoded(stored.frame["path"][:4])
         np.testing.assert_allclose(model(images, training=True), model(images, training=False), atol=1e-6)
 
@@ -534,7 +541,7 @@ def test_rerun_with_nothing_changed_reuses_the_fine_tuned_model(improving):
 
 
 def test_default_top_blocks_per_backbone():
-    from featurepipe.finetune import default_unfreeze_blocks
+    from featurepipe.combined_model import default_unfreeze_blocks
 
     # EfficientNet-Lite0: the last two MBConv stages (blocks_11..14: 192 filters, blocks_15: 320) + head.
     assert default_unfreeze_blocks("efficientnet_lite0", []) == 6
@@ -550,7 +557,7 @@ def test_default_top_blocks_per_backbone():
 
 
 def test_warmup_then_cosine_schedule():
-    from featurepipe.finetune import lr_schedule
+    from featurepipe.training import lr_schedule
 
     schedule = lr_schedule(1e-3, steps_per_epoch=10, epochs=5, warmup_epochs=1, kind="cosine")
     rate = [float(schedule(step)) for step in (0, 5, 10, 30, 50)]

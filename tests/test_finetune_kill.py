@@ -23,7 +23,8 @@ import pytest
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import scan
 from featurepipe.evaluate import evaluate
-from featurepipe.finetune import finetune, read_history
+from featurepipe.finetune import finetune
+from featurepipe.training import read_history
 from tests.conftest import COLOURS, REPO, make_image
 
 pytestmark = pytest.mark.slow

@@ -257,3 +257,44 @@ def test_new_heads_convert_to_keras_with_the_same_probabilities(head, params):
     test = rng.normal(size=(7, 8)).astype(np.float32)
     converted = head_to_keras(estimator, 8)
     np.testing.assert_allclose(converted.predict(test, verbose=0), estimator.predict_proba(test), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear_svm", "logreg", "knn", "ncm", "dense"])
+def test_each_head_entry_names_its_own_keras_conversion(name):
+    from featurepipe.heads import HEADS, entry_for_estimator, make_head
+
+    assert HEADS[name].to_keras is not None
+    assert entry_for_estimator(make_head(name, {}, seed=0)) is HEADS[name]
+
+
+def test_an_estimator_no_head_makes_has_no_entry():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    from featurepipe.heads import entry_for_estimator
+
+    assert entry_for_estimator(make_pipeline(StandardScaler(), DecisionTreeClassifier())) is None
+
+
+def test_the_dense_heads_history_is_saved_beside_it_and_follows_it(tmp_path):
+    """best_head_history.csv (drawn by the report) is written for a dense best head, removed for a
+    head without one, and travels with the head through the refit cache."""
+    import pandas as pd
+
+    from featurepipe.artifacts import HEAD_HISTORY, cached_head, remember_head, save_head
+
+    X, y = blobs()
+    dense = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
+    run, cache, again = tmp_path / "run", tmp_path / "cache", tmp_path / "again"
+    meta = {"head": "dense", "classes": ["a", "b", "c"]}
+    save_head(dense, run, meta)
+    table = pd.read_csv(run / HEAD_HISTORY)
+    assert list(table.columns) == ["epoch", "loss", "val_loss"]
+    assert table["epoch"].tolist() == list(range(1, len(dense.history_["loss"]) + 1))
+    np.testing.assert_allclose(table["val_loss"], dense.history_["val_loss"], rtol=1e-12)
+    remember_head(cache, run, {})
+    assert cached_head(cache, again, meta) is not None
+    assert (again / HEAD_HISTORY).read_bytes() == (run / HEAD_HISTORY).read_bytes()
+    save_head(make_head("logreg").fit(X, y), run, {**meta, "head": "logreg"})
+    assert not (run / HEAD_HISTORY).exists()

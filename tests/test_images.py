@@ -797,3 +797,40 @@ def test_augment_is_fast_enough():
     for view in range(20):
         augment_image(img, policy, view_rng("speed", view, 0))
     assert (time.perf_counter() - start) / 20 < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# thumbnails (the report's galleries) and the decode-ahead loop (extract, predict)
+# --------------------------------------------------------------------------------------------
+
+
+def test_thumbnail_png_keeps_aspect_orientation_and_composites_alpha_on_white(tmp_path):
+    rgba = np.zeros((40, 200, 4), dtype=np.uint8)     # fully transparent, 200 wide x 40 high
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    thumb = Image.open(io.BytesIO(images.thumbnail_png(tmp_path / "clear.png", 50)))
+    assert thumb.size == (50, 10) and thumb.mode == "RGB"
+    assert np.asarray(thumb).min() == 255                # transparent -> white, as decode_image does
+
+
+def test_thumbnail_png_of_a_broken_file_names_it(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        images.thumbnail_png(bad, 50)
+
+
+def test_decode_batches_keeps_order_reports_failures_and_bounds_batches(tmp_path):
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((9, 12, 3), 20 * i, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    paths.insert(3, str(tmp_path / "bad.png"))
+    errors: dict[str, str] = {}
+    batches = list(images.decode_batches(paths, 4, "squash", 3, errors, threads=3))
+    assert [len(b) for b, _ in batches] == [3, 3, 1]
+    flat = [p for b, _ in batches for p in b]
+    assert flat == [p for p in paths if not p.endswith("bad.png")]
+    assert [int(x[0, 0, 0]) for _, arr in batches for x in arr] == [20 * i for i in range(7)]
+    assert list(errors) == [str(tmp_path / "bad.png")]

@@ -1,6 +1,6 @@
 """A tiny random conv base registered as backbone "tiny", so tests extract real features in milliseconds."""
 
-from featurepipe.backbones.registry import BACKBONES, BackboneInfo
+from featurepipe.backbones.registry import BackboneInfo, PretrainedConfig, register_backbone
 
 
 def build_tiny(input_shape, include_top, weights, cache_dir=None):
@@ -16,5 +16,7 @@ def build_tiny(input_shape, include_top, weights, cache_dir=None):
     return keras.Model(inputs, x, name="tiny")
 
 
-TINY = BackboneInfo("tiny", build_tiny, "tf", 32, 16, 24, block_key=r"^(block\d+)_", description="test only")
-BACKBONES.setdefault("tiny", TINY)
+TINY = register_backbone(BackboneInfo(
+    name="tiny", builder=build_tiny, feature_dim=24, block_key=r"^(block\d+)_", description="test only",
+    pretrained=PretrainedConfig(input_size=32, min_size=16, preprocess="tf"),
+))

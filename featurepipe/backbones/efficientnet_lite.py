@@ -24,7 +24,8 @@ import os
 import secrets
 from pathlib import Path
 
-from featurepipe.errors import BackboneError, WeightsUnavailableError, disk_full, is_disk_full
+from featurepipe import atomic
+from featurepipe.errors import BackboneError, WeightsUnavailableError
 from featurepipe.hashcache import file_sha256
 from featurepipe.paths import cache_root, weights_dir
 
@@ -132,11 +133,6 @@ def _converted_path(variant: str, sha: str, cache_dir) -> Path:
     return weights_dir(cache_root(cache_dir)) / f"efficientnet_{variant}-{sha[:16]}.weights.h5"
 
 
-def converted_weights_path(variant: str, cache_dir=None) -> Path:
-    """Where the converted weights of the installed .pth live (whether or not converted yet)."""
-    return _converted_path(variant, lite_weights_id(variant), cache_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # conversion
 
@@ -185,34 +181,25 @@ def _convert_pth(variant: str, pth: Path, dest: Path, sha: str) -> None:
     import h5py
     import numpy as np
 
-    from featurepipe.backbones.torch_pth import read_legacy_state_dict
+    from featurepipe.backbones.torch_pth import read_state_dict
 
-    arrays = _state_dict_to_layers(variant, read_legacy_state_dict(pth), str(pth))
+    arrays = _state_dict_to_layers(variant, read_state_dict(pth), str(pth))
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dest)
     # Unique per writer so concurrent conversions never share a temp file; "w-" refuses to reuse
     # one, and unlike mkstemp the file gets the usual umask permissions.
     tmp_name = dest.parent / f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        with h5py.File(tmp_name, "w-") as f:
-            f.attrs["format"] = _WEIGHTS_FORMAT
-            f.attrs["variant"] = variant
-            f.attrs["source_sha256"] = sha
-            layers = f.create_group("layers")
-            for name, weights in arrays.items():
-                group = layers.create_group(name)
-                for index, value in enumerate(weights):
-                    group.create_dataset(str(index), data=np.ascontiguousarray(value, dtype=np.float32))
-        os.replace(tmp_name, dest)
-    except BaseException as error:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(error, OSError) and is_disk_full(error):
-            # Not "could not be downloaded": the weights are here, the disk is full.
-            raise disk_full(error, dest.parent) from None
-        raise
+    # featurepipe.atomic: fsync, rename, fsync the folder; the temporary file goes on failure, and a
+    # full disk is a DiskFullError naming the file (not "could not be downloaded": the weights are here).
+    with atomic.atomic_path(dest, tmp=tmp_name) as tmp, h5py.File(tmp, "w-") as f:
+        f.attrs["format"] = _WEIGHTS_FORMAT
+        f.attrs["variant"] = variant
+        f.attrs["source_sha256"] = sha
+        layers = f.create_group("layers")
+        for name, weights in arrays.items():
+            group = layers.create_group(name)
+            for index, value in enumerate(weights):
+                group.create_dataset(str(index), data=np.ascontiguousarray(value, dtype=np.float32))
 
 
 def remove_stale_temps(dest: Path) -> list[Path]:
@@ -378,7 +365,6 @@ __all__ = [
     "VARIANTS",
     "block_specs",
     "build_efficientnet_lite",
-    "converted_weights_path",
     "lite_weights_id",
     "load_imagenet_weights",
     "pth_path",

@@ -12,9 +12,11 @@ from featurepipe.backbones.registry import get_backbone
 from featurepipe.backbones.spec import BackboneSpec, fingerprint_payload, hash_payload
 from featurepipe.errors import BackboneError
 from featurepipe.hashcache import HashCache
+from featurepipe.paths import hash_db
 
 
-def _version(*distributions: str) -> Optional[str]:
+def package_version(*distributions: str) -> Optional[str]:
+    """The installed version of the first of `distributions` that is installed; None if none is."""
     for name in distributions:
         try:
             return metadata.version(name)
@@ -27,9 +29,9 @@ def _version(*distributions: str) -> Optional[str]:
 def library_versions() -> dict:
     """Versions of the libraries whose upgrades can change the numbers."""
     return {
-        "keras": _version("keras"),
-        "tensorflow": _version("tensorflow", "tensorflow-cpu", "tensorflow-macos"),
-        "pillow": _version("pillow"),
+        "keras": package_version("keras"),
+        "tensorflow": package_version("tensorflow", "tensorflow-cpu", "tensorflow-macos"),
+        "pillow": package_version("pillow"),
     }
 
 
@@ -38,19 +40,15 @@ def weights_id(spec: BackboneSpec, cache_dir: Optional[Path] = None) -> str:
     if spec.weights == "random":
         return f"random:{spec.seed}"
     if spec.weights == "imagenet":
-        if spec.name.startswith("efficientnet_lite"):
-            from featurepipe.backbones.efficientnet_lite import lite_weights_id
-
-            return f"pth-sha256:{lite_weights_id(spec.name.removeprefix('efficientnet_'))}"
-        # keras.applications pins each ImageNet file by hash in its source, per Keras version.
-        return f"keras-applications-imagenet:{spec.name}"
+        # The entry's pretrained config says what identifies its weights.
+        return get_backbone(spec.name).imagenet_weights_id()
     path = Path(spec.weights).expanduser()
     if not path.is_file():
         raise BackboneError(
             f"weights file {path} does not exist; pass --weights imagenet, --weights random, or a path to a "
             f".weights.h5 / .keras file saved from the same backbone"
         )
-    cache = HashCache(cache_dir / "hashes.sqlite" if cache_dir is not None else None)
+    cache = HashCache(hash_db(cache_dir) if cache_dir is not None else None)
     try:
         digest, _ = cache.hash_files([str(path.resolve())])[str(path.resolve())]
     finally:

@@ -147,7 +147,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return storage
 
 
-def read_legacy_state_dict(path) -> dict[str, np.ndarray]:
+def read_state_dict(path) -> dict[str, np.ndarray]:
     """The tensors of a PyTorch state_dict file, by key, as C-contiguous numpy arrays.
 
     Both the legacy (pre-1.6) and the zip layout are accepted. Raises BackboneError naming the file
@@ -278,4 +278,4 @@ def _tensor_to_numpy(ref: _TensorRef, name: str, source: str) -> np.ndarray:
     return array
 
 
-__all__ = ["read_legacy_state_dict"]
+__all__ = ["read_state_dict"]
