@@ -1,6 +1,7 @@
 """Near-duplicate benchmark: plant re-encoded / resized / cropped copies in a copy of data/demo.
 
     PYTHONPATH=. python benchmarks/dedup.py [--copies 20] [--seed 0] [--cache-dir cache] [--no-cv]
+                                            [--crop-range 0.05,0.12]
 
 Reports how many planted copies `featurepipe.dedup` finds (a planted pair counts as found when
 the copy and its original end in the same duplicate group), how many detected pairs are not
@@ -27,7 +28,8 @@ sys.path.insert(0, str(REPO))
 KINDS = ("reencode", "resize", "crop", "resize_crop_reencode")
 
 
-def _variant(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, int]:
+def _variant(image: Image.Image, kind: str, rng: np.random.Generator,
+             crop_range: tuple[float, float] = (0.05, 0.12)) -> tuple[Image.Image, int]:
     """A copy of `image` transformed as `kind`, and the JPEG quality to save it with."""
     w, h = image.size
     if kind in ("resize", "resize_crop_reencode"):
@@ -35,14 +37,15 @@ def _variant(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[I
         image = image.resize((max(16, int(w * scale)), max(16, int(h * scale))), Image.Resampling.BILINEAR)
         w, h = image.size
     if kind in ("crop", "resize_crop_reencode"):
-        # 5-12% off each side, different per side: the framing moves, the photo stays.
-        left, right, top, bottom = (rng.uniform(0.05, 0.12) for _ in range(4))
+        # 5-12% (crop_range) off each side, different per side: the framing moves, the photo stays.
+        left, right, top, bottom = (rng.uniform(*crop_range) for _ in range(4))
         image = image.crop((int(left * w), int(top * h), int(w * (1 - right)), int(h * (1 - bottom))))
     quality = int(rng.integers(35, 60)) if kind in ("reencode", "resize_crop_reencode") else 90
     return image, quality
 
 
-def plant(source: Path, target: Path, copies: int, seed: int) -> list[tuple[str, str, str]]:
+def plant(source: Path, target: Path, copies: int, seed: int,
+          crop_range: tuple[float, float] = (0.05, 0.12)) -> list[tuple[str, str, str]]:
     """Copy `source` to `target` and add `copies` transformed copies next to their originals."""
     shutil.copytree(source, target)
     rng = np.random.default_rng(seed)
@@ -53,7 +56,7 @@ def plant(source: Path, target: Path, copies: int, seed: int) -> list[tuple[str,
         original = originals[int(index)]
         kind = KINDS[n % len(KINDS)]
         with Image.open(original) as im:
-            copy, quality = _variant(im.convert("RGB"), kind, rng)
+            copy, quality = _variant(im.convert("RGB"), kind, rng, crop_range)
         path = original.with_name(f"planted_{n:02d}_{kind}_{original.stem}.jpg")
         copy.save(path, format="JPEG", quality=quality)
         planted.append((str(original), str(path), kind))
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--no-cv", action="store_true", help="skip the with/without-groups CV comparison")
     parser.add_argument("--heads", default="logreg,linear_svm")
+    parser.add_argument("--crop-range", default="0.05,0.12",
+                        help="fraction cut off each side of the cropped copies, drawn uniformly from LO,HI")
     args = parser.parse_args()
 
     from featurepipe.backbones.spec import BackboneSpec
@@ -81,7 +86,8 @@ def main() -> None:
     spec = BackboneSpec(name=args.backbone).resolved()
     with tempfile.TemporaryDirectory(prefix="fp-dedup-") as tmp:
         data = Path(tmp) / "demo_planted"
-        planted = plant(REPO / "data" / "demo", data, args.copies, args.seed)
+        crop_range = tuple(float(v) for v in args.crop_range.split(","))
+        planted = plant(REPO / "data" / "demo", data, args.copies, args.seed, crop_range)
         dataset = scan(data, cache_dir=root)
         extract(dataset, spec, root)
         features = dataset_features(dataset, open_stores(spec, root))

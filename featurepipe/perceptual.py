@@ -20,14 +20,14 @@ from featurepipe.images import perceptual_hash
 from featurepipe.progress import ProgressCallback, report
 
 # Bump when perceptual_hash changes what it computes (the hash, the crops): old rows are then ignored.
-PHASH_VERSION = 2
+PHASH_VERSION = 3    # 3: + the 16 off-centre trims (issue 11)
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS phashes (sha256 TEXT, version INTEGER, phash TEXT, error TEXT, "
            "PRIMARY KEY (sha256, version))")
 
 
 @dataclass
 class PerceptualHashes:
-    hashes: dict[str, tuple[int, ...]]                      # content hash -> pHash of the image, its 90% and 80% crop
+    hashes: dict[str, tuple[int, ...]]                      # content hash -> pHash of the image, its 90%/80% crop, its trims
     failed: dict[str, str] = field(default_factory=dict)    # content hash -> why it could not be decoded
     computed: int = 0                                       # decoded in this call (the rest came from the cache)
 

@@ -94,8 +94,8 @@ def _duplicates_section(summary: dict, pairs: Optional[pd.DataFrame], source, th
     if pairs is None:
         return '<p class="note">duplicates.csv is missing.</p>'
     rule = (f'Copies: same file content, or feature cosine ≥ {_num(info.get("cosine_threshold"), 2)}, or perceptual-hash '
-            f'distance ≤ {_e(info.get("hamming_threshold"))} bits (whole image vs its central 90%/80%), or both '
-            f'moderately close. Overridable with <code>--dedup-cosine</code> / <code>--dedup-hamming</code>.')
+            f'distance ≤ {_e(info.get("hamming_threshold"))} bits (whole image vs its central 90%/80% and off-centre trims), '
+            f'or both moderately close and each other\'s nearest neighbour. Overridable with <code>--dedup-cosine</code> / <code>--dedup-hamming</code>.')
     if pairs.empty:
         return f'<p>No near-duplicates found among {_e(summary.get("images", "the"))} images.</p><p class="note">{rule}</p>'
     folds, leaked = info.get("folds", 0), info.get("leaked_folds", 0)

@@ -19,7 +19,7 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli import app
 from featurepipe.crossval import FeatureTable, Fold
 from featurepipe.dataset import scan
-from featurepipe.dedup import find_duplicates, merge_groups, phash_distances, straddling_pairs, union_find
+from featurepipe.dedup import find_duplicates, merge_groups, normalized, phash_distances, straddling_pairs, union_find
 from featurepipe.errors import DatasetError, ImageDecodeError
 from featurepipe.evaluate import evaluate
 from featurepipe.fixes import apply_fixes
@@ -70,7 +70,24 @@ def test_perceptual_hash_survives_resize_reencode_and_crop_but_tells_photos_apar
     assert d[0, 1] <= 4 and d[0, 2] <= 6          # resize and re-encode barely move the hash
     assert d[0, 3] <= 10                          # the crop matches the original's 90%/80% hash
     assert _bits(hashes["a"][0], hashes["crop"][0]) > d[0, 3]   # ...better than the whole-image hash does
-    assert d[0, 4:].min() > 14 and len(hashes["a"]) == 3
+    assert d[0, 4:].min() > 14 and len(hashes["a"]) == 19     # whole, central 90%/80%, 16 trims
+
+
+def test_perceptual_hash_matches_an_off_centre_crop_that_is_also_shrunk_and_reencoded(tmp_path):
+    # The copy the central crops missed (issue 11): 11% off the left, 4% off the right, then shrunk
+    # and saved at JPEG quality 40. Its frame sits off every centred crop of the original.
+    original = _photo(tmp_path / "a.png", 2)
+    with Image.open(original) as im:
+        w, h = im.size
+        copy = im.crop((int(0.11 * w), int(0.05 * h), int(0.96 * w), int(0.89 * h))).resize((70, 52))
+        copy.convert("RGB").save(tmp_path / "copy.jpg", quality=40)
+    table = np.asarray([perceptual_hash(original), perceptual_hash(tmp_path / "copy.jpg")]
+                       + [perceptual_hash(_photo(tmp_path / f"other{i}.png", 100 + i)) for i in range(8)], dtype=np.uint64)
+    d = phash_distances(table, table)
+    centred_only = phash_distances(table[:, :3], table[:, :3])   # whole image + central 90% / 80%, as before
+    assert centred_only[0, 1] > 10 >= d[0, 1]                    # only an off-centre trim brings it under the threshold
+    assert d[0, 1] <= 4
+    assert d[0, 2:].min() > 14 and d[1, 2:].min() > 14           # and the trims do not bring distinct photos close
 
 
 def test_perceptual_hash_rejects_bad_files_like_decode_image(tmp_path):
@@ -114,6 +131,33 @@ def test_find_duplicates_by_hash_cosine_and_phash_clusters_transitively():
     assert [list(c) for c in report.clusters] == [[0, 1, 2], [3, 4]]
     off = find_duplicates(X, hashes, None, cosine_threshold=1.1, hamming_threshold=-1, joint=None)
     assert [(int(i), int(j)) for i, j in zip(off.pairs["i"], off.pairs["j"])] == [(3, 4)]
+
+
+def _flip(value: int, bits: int) -> int:
+    return value ^ ((1 << bits) - 1)          # the lowest `bits` bits flipped: exactly `bits` apart
+
+
+def test_joint_rule_pairs_only_mutual_nearest_neighbours():
+    # Rows 0~1 and 2~4 are both "moderately close" (cosine ~0.7, 12 bits apart), but row 2's nearest
+    # neighbour is its own near-copy 3, so 4 is a look-alike of 2, not a copy: only 0~1 is joined.
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 64))                         # background: unrelated photos, cosine ~0
+    X[1] = 0.7 * X[0] + np.sqrt(1 - 0.49) * rng.normal(size=64)
+    X[3] = X[2] + rng.normal(scale=0.05, size=64)         # a near copy of 2 (cosine ~0.998)
+    X[4] = 0.7 * X[2] + np.sqrt(1 - 0.49) * rng.normal(size=64)
+    Z = normalized(X)
+    cos = Z @ Z.T
+    assert 0.6 < cos[0, 1] < 0.85 and 0.6 < cos[2, 4] < 0.85 and cos[3, 4] < cos[2, 3]
+    ph = [(int(v),) for v in rng.integers(0, 2**63, size=40)]
+    ph[1] = (_flip(ph[0][0], 12),)
+    ph[4] = (_flip(ph[2][0], 12),)
+    ph[3] = (_flip(ph[2][0], 40),)                        # 3 is caught by features alone
+    report = find_duplicates(X, [str(i) for i in range(40)], ph)
+    pairs = {(int(i), int(j)): e for i, j, e in zip(report.pairs["i"], report.pairs["j"], report.pairs["evidence"])}
+    assert pairs == {(0, 1): "features and perceptual hash, both moderately close", (2, 3): "features"}
+    # ...and without the nearest-neighbour test (the rule as it was) 2~4 would have been joined too.
+    nearest = np.argmax(cos - 2 * np.eye(40), axis=1)
+    assert nearest[4] == 2 and nearest[2] == 3 and nearest[0] == 1 and nearest[1] == 0
 
 
 def test_merge_groups_keeps_user_groups_and_joins_them_through_copies():
