@@ -214,7 +214,7 @@ def _curve_section(summary: dict, charts: _Charts, points: Optional[pd.DataFrame
     rows = [[_e(r["label"]), _num(r["accuracy_mean"]), _num(r["accuracy_sem"]), str(int(r["fits"]))]
             for r in points.to_dict("records")]
     return (f'<p><b>Reading:</b> {_e(info.get("reading", ""))}.</p>'
-            f'<p class="sub">{_e(info.get("head", ""))} fitted on n random training images per class of each CV fold '
+            f'<p class="sub">{_e(info.get("head", ""))}{_e(" — " + info["head_source"] if info.get("head_source") else "")} fitted on n random training images per class of each CV fold '
             f'({info.get("draws")} draws per fold and size), scored on the fold\'s whole validation part; whiskers: '
             f'95% interval of the mean.</p>' + image
             + _table(["images per class", "accuracy", "std. error", "fits"], rows, numeric={1, 2, 3}))

@@ -367,6 +367,44 @@ def test_oof_from_run_reads_the_best_configuration_and_refuses_foreign_runs(tmp_
         oof_from_run(run)(FeatureTable(np.zeros((1, 2)), np.array([0]), ["a", "b"], ["y.png"]))
 
 
+def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cache):
+    root = tmp_path / "data"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(14):                          # 3 folds leave 9-10 per class: sizes 5 fit
+            make_image(root / name / f"{name}{i}.png", colour, seed=100 * c + i)
+    dataset = scan(root, cache_dir=cache)
+    run = evaluate(dataset, TINY, cache, heads=("knn",), folds=3, n_jobs=1, run_dir=tmp_path / "run", nested=False)
+    best = json.loads((tmp_path / "run" / "best_head.json").read_text())
+    assert best["head"] == "knn" and run.best["head"] == "knn"
+    result = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp", folds=3, n_jobs=1,
+                             oof_source=oof_from_run(tmp_path / "run"))
+    info = result.summary["learning_curve"]
+    assert info["head_config"] == {"head": "knn", "params": best["params"]}
+    assert info["head_source"] == "the run's selected head"
+    # Recomputed independently: the same curve with that head built directly.
+    from featurepipe.extract import open_stores
+    from featurepipe.features import dataset_features
+    from featurepipe.heads import make_head
+
+    features = dataset_features(dataset, open_stores(TINY.resolved(), cache))
+    y = features.frame["label"].map({c: i for i, c in enumerate(dataset.classes)}).to_numpy()
+    expected = learning_curve(features.X, y, lambda: make_head("knn", best["params"], 0), folds=3, draws=3)
+    got = pd.read_csv(tmp_path / "insp" / "learning_curve.csv")
+    np.testing.assert_allclose(got["accuracy_mean"], expected.points["accuracy_mean"])
+    assert got["label"].tolist() == expected.points["label"].tolist() == ["5", "all (~9)"]
+    # Without a run (or with a head too slow to refit ~65 times) the curve keeps logreg C=50 and says why.
+    plain = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp2", folds=3, n_jobs=1)
+    assert plain.summary["learning_curve"]["head_config"] == {"head": "logreg", "params": {"C": LABEL_C}}
+    assert plain.summary["learning_curve"]["head_source"].startswith("fixed head")
+    from featurepipe.inspection import run_curve_head
+
+    assert run_curve_head({"head": "dense", "params": {}})[0] is None
+    assert "too slow" in run_curve_head({"head": "dense", "params": {}})[2]
+    members = {"members": [{"head": "logreg", "params": {"C": 1.0}}, {"head": "knn", "params": {}}]}
+    assert run_curve_head({"head": "ensemble", "params": members})[:2] == ("ensemble", members)
+    assert run_curve_head({"head": "ensemble", "params": {"members": [{"head": "dense"}]}})[0] is None
+
+
 # ------------------------------------------------------------------------------ evaluate / run / CLI
 
 
