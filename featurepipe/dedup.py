@@ -111,8 +111,8 @@ def find_duplicates(
 ) -> DuplicateReport:
     """Every pair of rows that are copies by content hash, feature cosine or perceptual hash.
 
-    `phashes[i]` is row i's hashes (whole image first, then central crops; see
-    images.perceptual_hash) or None when it has none (the perceptual tests are skipped for it).
+    `phashes[i]` is row i's hashes (whole image first, then central crops and trims; see
+    images.perceptual_hash) or None / () when it has none (the perceptual tests are skipped for it).
     `joint` = (max Hamming, min cosine) for pairs close on both; None turns that rule off.
     """
     X = np.asarray(X)
@@ -121,13 +121,13 @@ def find_duplicates(
     if len(hashes) != n:
         raise ValueError(f"{len(hashes)} content hashes for {n} feature rows")
     have_ph = np.zeros(n, dtype=bool)
-    width = max((len(v) for v in (phashes or []) if v is not None), default=1)
+    width = max([1] + [len(v) for v in (phashes or []) if v is not None])
     ph = np.zeros((n, width), dtype=np.uint64)
     if phashes is not None:
         if len(phashes) != n:
             raise ValueError(f"{len(phashes)} perceptual hashes for {n} feature rows")
         for i, value in enumerate(phashes):
-            if value is not None:
+            if value is not None and len(value):     # None: not decodable; (): a flat image, nothing to hash
                 values = [int(v) for v in value]
                 have_ph[i] = True
                 ph[i] = values + [values[0]] * (width - len(values))   # missing crops: the whole image
@@ -289,6 +289,31 @@ def apply_duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optio
     frame["group"] = groups
     info.groups = int(pd.Series(groups).nunique())
     return frame, info
+
+
+def fold_shortfall(frame: pd.DataFrame, grouped: pd.DataFrame, folds: int) -> Optional[str]:
+    """What to tell the user when duplicate grouping, and only it, leaves a class of the training split
+    with fewer groups than `folds` (None when it does not).
+
+    Without this, k-fold CV fails on a dataset the user never grouped with "class 'x' has images from
+    only 4 distinct groups", which does not say where the groups came from or what to do.
+    """
+    train = (frame["split"] == "train").to_numpy()
+    before_frame, after_frame = frame[train], grouped[train]
+    user = before_frame["group"] if "group" in before_frame.columns else pd.Series(np.nan, index=before_frame.index)
+    before = user.astype(object).where(user.notna(), [f"row:{i}" for i in before_frame.index])
+    for label in sorted(before_frame["label"].unique(), key=str):
+        rows = (before_frame["label"] == label).to_numpy()
+        had, has = before[rows].nunique(), after_frame["group"][rows].nunique()
+        if has < folds <= had:
+            members = after_frame[rows].groupby("group")["path"].apply(list)
+            copies = [" ~ ".join(Path(p).name for p in paths) for paths in members if len(paths) > 1]
+            shown = "; ".join(copies[:3]) + (f"; and {len(copies) - 3} more" if len(copies) > 3 else "")
+            return (f"class '{label}' has {had} training images (or groups), but near-duplicates among them "
+                    f"({shown}) are kept in one fold each, which leaves {has}: too few for {folds}-fold "
+                    f"cross-validation. Use --folds {max(2, has)}, remove the copies, or pass --no-dedup-groups "
+                    f"(the copies may then straddle folds and inflate the scores)")
+    return None
 
 
 def duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optional[Path],

@@ -575,6 +575,8 @@ _PHASH_SIDE = 32
 _PHASH_BITS_SIDE = 8
 PHASH_CROPS: tuple[float, ...] = (1.0, 0.9, 0.8)
 PHASH_TRIM_STEPS: tuple[float, ...] = (0.05, 0.11)
+# Grey levels between the darkest and lightest pixel below which an image counts as flat (no hash).
+_PHASH_FLAT_RANGE = 2
 # (left, top, right, bottom) fractions cut off, every combination of PHASH_TRIM_STEPS.
 PHASH_TRIMS: tuple[tuple[float, float, float, float], ...] = tuple(
     (left, top, right, bottom) for left in PHASH_TRIM_STEPS for top in PHASH_TRIM_STEPS
@@ -599,6 +601,9 @@ def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHA
     bottom) fractions cut off in `trims`. Decoding follows decode_image (EXIF orientation, alpha on
     white, frame 0) and raises ImageDecodeError for the same files.
     Compare two hashes with ``bin(a ^ b).count("1")``.
+
+    A flat image (one colour, whatever the colour) has no structure to hash: every flat image would
+    get the same hash and look like a copy of every other. It gets the empty tuple: no hash.
     """
     p = os.fspath(path)
     with _loaded_rgb(p, _PHASH_SIDE * 4) as rgb:   # DCT-domain downscale: a cheap decode
@@ -607,6 +612,9 @@ def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHA
         except _DECODE_ERRORS as e:
             raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
     width, height = grey.size
+    lo, hi = grey.getextrema()
+    if hi - lo < _PHASH_FLAT_RANGE:
+        return ()
     out = []
     for fraction in crops:
         if not 0 < fraction <= 1:

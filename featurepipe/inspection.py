@@ -357,7 +357,7 @@ def inspect_dataset(
         try:
             curve = learning_curve(Xt, yt, lambda: make_head(curve_name, curve_params, seed),
                                    groups=table.groups if table is not None else None, draws=learning_curve_draws,
-                                   folds=folds, seed=seed)
+                                   folds=folds, seed=seed, class_names=classes)
             curve.points.to_csv(out_dir / "learning_curve.csv", index=False)
             summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
                                          "head": f"{curve_name} {json.dumps(curve_params, sort_keys=True)}",

@@ -90,6 +90,21 @@ def test_perceptual_hash_matches_an_off_centre_crop_that_is_also_shrunk_and_reen
     assert d[0, 2:].min() > 14 and d[1, 2:].min() > 14           # and the trims do not bring distinct photos close
 
 
+def test_flat_images_get_no_perceptual_hash_and_are_not_copies_of_each_other(tmp_path):
+    # Every one-colour image has the same pHash (no structure): without this, a red and a green
+    # placeholder were reported as copies across classes.
+    for name, colour in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("px", (9, 9, 9))):
+        Image.new("RGB", (40, 30) if name != "px" else (1, 1), colour).save(tmp_path / f"{name}.png")
+    hashes = perceptual_hashes({n: str(tmp_path / f"{n}.png") for n in ("red", "green", "px")}, tmp_path / "cache")
+    assert hashes.hashes == {"red": (), "green": (), "px": ()} and not hashes.failed
+    again = perceptual_hashes({"red": str(tmp_path / "red.png")}, tmp_path / "cache")   # () survives the cache
+    assert again.hashes == {"red": ()} and again.computed == 0
+    X = np.random.default_rng(0).normal(size=(3, 16))                                   # features: unrelated
+    report = find_duplicates(X, ["a", "b", "c"], [(), (), ()])
+    assert report.pairs.empty
+    assert len(perceptual_hash(_photo(tmp_path / "photo.png", 1))) == 19                # a photo is not flat
+
+
 def test_perceptual_hash_rejects_bad_files_like_decode_image(tmp_path):
     bad = tmp_path / "page.jpg"
     bad.write_text("<html>not found</html>")
@@ -255,6 +270,36 @@ def test_learning_curve_on_a_tiny_dataset_explains_instead_of_crashing():
     X = np.random.default_rng(0).normal(size=(6, 4))
     with pytest.raises(ValueError, match="smallest class has only"):
         learning_curve(X, np.array([0, 0, 0, 1, 1, 1]), lambda: LogisticRegression(), folds=3)
+
+
+def test_learning_curve_explains_empty_and_one_class_data_and_names_classes():
+    with pytest.raises(ValueError, match="at least 2 classes; there are 0 image"):
+        learning_curve(np.zeros((0, 4)), np.zeros(0, dtype=int), lambda: LogisticRegression())
+    with pytest.raises(ValueError, match="at least 2 classes; there are 6 image.* in 1 class"):
+        learning_curve(np.zeros((6, 4)), np.ones(6, dtype=int), lambda: LogisticRegression())
+    # groups that put a whole class in one group: the error names the class, not its index
+    X = np.random.default_rng(0).normal(size=(12, 4))
+    y = np.repeat([0, 2], 6)                                  # class 1 ("empty") has no images: left out
+    groups = np.array(["g"] * 6 + [f"h{i}" for i in range(6)])
+    with pytest.raises(DatasetError, match="class 'cat' has images from only 1 distinct group"):
+        learning_curve(X, y, lambda: LogisticRegression(), groups=groups, folds=3, class_names=["cat", "empty", "dog"])
+
+
+def test_embedding_of_copies_is_explained_instead_of_crashing_the_process():
+    # t-SNE on identical rows used to kill the Python process (segfault): run it in a child process.
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom featurepipe.embedding import embed\n"
+            "X = np.tile(np.random.default_rng(0).normal(size=(1, 32)), (10, 1))\n"
+            "try:\n    embed(X)\nexcept ValueError as e:\n    print('explained:', e)\n"
+            "X[:5] += 1.0\ntry:\n    embed(X)\nexcept ValueError as e:\n    print('two points:', e)\n"
+            "X[:2] += np.eye(2, 32)\nm = embed(X)\nprint('four points:', m.tsne is None, m.note)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "explained: an embedding map needs at least 3 distinct images; these 10 have only 1" in done.stdout
+    assert "two points: an embedding map needs at least 3 distinct images; these 10 have only 2" in done.stdout
+    assert "four points: True t-SNE needs at least 5 distinct images (there are 4)" in done.stdout   # PCA only
 
 
 # ------------------------------------------------------------------------------ fixes
@@ -424,6 +469,25 @@ def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path
     _evaluate(dup_tree, cache, tmp_path / "off", dedup_groups=False)
     config = json.loads((tmp_path / "off" / "config.json").read_text())
     assert config["dedup_groups"]["enabled"] is False
+
+
+def test_evaluate_says_when_copies_leave_a_class_too_few_groups_for_the_folds(tmp_path, cache):
+    root = tmp_path / "data"
+    for c, name in enumerate(("red", "green", "blue")):
+        for i in range(5):
+            _photo(root / name / f"{name}{i}.png", 10 * c + i)
+    with Image.open(root / "red" / "red0.png") as im:
+        im.resize((80, 60)).save(root / "red" / "red4.png")            # red: 5 images, 4 distinct photos
+    dataset = scan(root, cache_dir=cache)
+    with pytest.raises(DatasetError, match=r"class 'red' has 5 training images .*\(red0.png ~ red4.png\).* leaves 4: "
+                                           r"too few for 5-fold.*--folds 4.*--no-dedup-groups"):
+        evaluate(dataset, TINY, cache, heads=("logreg",), folds=5, n_jobs=1, run_dir=tmp_path / "r5", nested=False)
+    ok = evaluate(dataset, TINY, cache, heads=("logreg",), folds=4, n_jobs=1, run_dir=tmp_path / "r4", nested=False)
+    assert json.loads((tmp_path / "r4" / "config.json").read_text())["dedup_groups"]["clusters"] == 1
+    assert len(ok.leaderboard) >= 1
+    off = evaluate(dataset, TINY, cache, heads=("logreg",), folds=5, n_jobs=1, run_dir=tmp_path / "off",
+                   nested=False, dedup_groups=False)              # the user's choice: copies may leak
+    assert len(off.leaderboard) >= 1
 
 
 def test_evaluate_without_copies_gives_the_same_results_as_before(image_tree, cache, tmp_path):
