@@ -10,11 +10,16 @@ it was trained on. Three kinds of evidence mark a pair of images as copies:
   must not turn whole classes into one "copy" group;
 - Hamming distance of their 64-bit perceptual hashes <= `hamming_threshold`, which catches
   resized / re-encoded copies whatever backbone extracted the features; the distance is the
-  smallest between one image's whole-image hash and the other's hashes of its central 100/90/80%,
-  so cropped copies match too;
-- both moderately close (Hamming <= JOINT_HAMMING and cosine >= JOINT_COSINE): heavily degraded
-  copies (shrunk, cropped and re-encoded at once) that neither test alone is sure of; here too the
-  feature distance must be below JOINT_RELATIVE x the median nearest-neighbour distance.
+  smallest between one image's whole-image hash and the other's hashes of its central 100/90/80%
+  and of its 16 off-centre trims (images.PHASH_TRIMS), so cropped copies match too, centred or not;
+- both moderately close (Hamming <= JOINT_HAMMING and cosine >= JOINT_COSINE) and each other's
+  nearest neighbour in feature space: heavily degraded copies (shrunk, cropped and re-encoded at
+  once) that neither test alone is sure of; here too the feature distance must be below
+  JOINT_RELATIVE x the median nearest-neighbour distance. The nearest-neighbour condition is what
+  keeps this rule from pairing two distinct photos of one scene type: a copy's nearest neighbour
+  is its original, while a look-alike photo usually has a closer partner (its own copy, or
+  another look-alike); with 19 hashes per image distinct photos come within 16 bits far more
+  often than with 3 (on data/demo: 54 pairs instead of 14), so the rule needs that extra test.
 
 Pairs are joined into groups with union-find (a~b and b~c puts a, b and c in one group), and
 those groups are merged with the user's own groups. Pure functions on arrays; the only I/O is
@@ -30,13 +35,14 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-# Measured on data/demo with 20 planted copies, 6 seeds (benchmarks/dedup.py, see README "inspect"):
-# distinct demo photos reach at most cosine 0.79 and at least Hamming 12 (10 with more crop
-# hashes); re-encoded copies sit at Hamming 0-2, crops at cosine 0.79-0.95 and Hamming 2-12,
-# shrunk+cropped+re-encoded copies anywhere from cosine 0.3 / Hamming 26 to cosine 0.8 / Hamming 4.
+# Measured on data/demo with 20 planted copies, 8 seeds (benchmarks/dedup.py, see README "inspect"):
+# distinct demo photos reach at most cosine 0.79 and at least Hamming 12 (10 between a planted copy
+# and a look-alike of its original); with the off-centre trims every planted copy is within 8 bits
+# of its original (re-encodes 0-2, crops 2-8, shrunk+cropped+re-encoded 2-8; without the trims the
+# last reached 26 bits and was missed), at cosine 0.28-0.99.
 DEFAULT_COSINE = 0.85
 DEFAULT_HAMMING = 10
-JOINT_HAMMING = 16
+JOINT_HAMMING = 12
 JOINT_COSINE = 0.60
 # On data/demo the median nearest-neighbour distance is ~0.46 and the closest distinct photos sit at
 # 0.44-0.47 of it; the absolute thresholds above correspond to ~0.33 (0.85) and ~0.87 (0.60) of it.
@@ -105,8 +111,8 @@ def find_duplicates(
 ) -> DuplicateReport:
     """Every pair of rows that are copies by content hash, feature cosine or perceptual hash.
 
-    `phashes[i]` is row i's hashes (whole image first, then central crops; see
-    images.perceptual_hash) or None when it has none (the perceptual tests are skipped for it).
+    `phashes[i]` is row i's hashes (whole image first, then central crops and trims; see
+    images.perceptual_hash) or None / () when it has none (the perceptual tests are skipped for it).
     `joint` = (max Hamming, min cosine) for pairs close on both; None turns that rule off.
     """
     X = np.asarray(X)
@@ -115,18 +121,18 @@ def find_duplicates(
     if len(hashes) != n:
         raise ValueError(f"{len(hashes)} content hashes for {n} feature rows")
     have_ph = np.zeros(n, dtype=bool)
-    width = max((len(v) for v in (phashes or []) if v is not None), default=1)
+    width = max([1] + [len(v) for v in (phashes or []) if v is not None])
     ph = np.zeros((n, width), dtype=np.uint64)
     if phashes is not None:
         if len(phashes) != n:
             raise ValueError(f"{len(phashes)} perceptual hashes for {n} feature rows")
         for i, value in enumerate(phashes):
-            if value is not None:
+            if value is not None and len(value):     # None: not decodable; (): a flat image, nothing to hash
                 values = [int(v) for v in value]
                 have_ph[i] = True
                 ph[i] = values + [values[0]] * (width - len(values))   # missing crops: the whole image
     Z = normalized(X)
-    typical = median_neighbour_distance(Z, hashes)
+    typical, nearest = nearest_neighbours(Z, hashes)
     rows_i, rows_j, cos_out, ham_out, kinds = [], [], [], [], []
     for start in range(0, n, BLOCK):
         stop = min(n, start + BLOCK)
@@ -136,7 +142,9 @@ def find_duplicates(
         same = hashes[start:stop, None] == hashes[None, :]
         by_cos = (cos >= cosine_threshold) & (1 - cos <= FEATURE_RELATIVE * typical)
         by_ham = both & (ham <= hamming_threshold)
-        by_joint = (both & (ham <= joint[0]) & (cos >= joint[1]) & (1 - cos <= JOINT_RELATIVE * typical)
+        rows, cols = np.arange(start, stop), np.arange(n)
+        mutual = (nearest[rows][:, None] == cols[None, :]) & (nearest[cols][None, :] == rows[:, None])
+        by_joint = (both & mutual & (ham <= joint[0]) & (cos >= joint[1]) & (1 - cos <= JOINT_RELATIVE * typical)
                     if joint is not None else np.zeros_like(by_cos))
         hit = same | by_cos | by_ham | by_joint
         upper = np.arange(start, stop)[:, None] < np.arange(n)[None, :]
@@ -159,19 +167,24 @@ def find_duplicates(
                            int(hamming_threshold))
 
 
-def median_neighbour_distance(Z: np.ndarray, hashes: np.ndarray) -> float:
-    """Median over rows of 1 - cosine to the nearest other row with different content (inf if < 3 rows)."""
+def nearest_neighbours(Z: np.ndarray, hashes: np.ndarray) -> tuple[float, np.ndarray]:
+    """The median over rows of 1 - cosine to the nearest other row with different content (inf if
+    < 3 rows), and each row's nearest such row (-1 where there is none)."""
     n = len(Z)
-    if n < 3:
-        return float("inf")
+    index = np.full(n, -1, dtype=int)
+    if n < 2:
+        return float("inf"), index
     nearest = np.empty(n)
     for start in range(0, n, BLOCK):
         stop = min(n, start + BLOCK)
         distance = 1.0 - Z[start:stop] @ Z.T
         distance[hashes[start:stop, None] == hashes[None, :]] = np.inf     # itself and byte-identical copies
+        index[start:stop] = distance.argmin(axis=1)
         nearest[start:stop] = distance.min(axis=1)
+    index[~np.isfinite(nearest)] = -1
     finite = nearest[np.isfinite(nearest)]
-    return float(np.median(finite)) if len(finite) else float("inf")
+    typical = float(np.median(finite)) if len(finite) and n >= 3 else float("inf")
+    return typical, index
 
 
 def union_find(n: int, edges) -> np.ndarray:
@@ -276,6 +289,31 @@ def apply_duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optio
     frame["group"] = groups
     info.groups = int(pd.Series(groups).nunique())
     return frame, info
+
+
+def fold_shortfall(frame: pd.DataFrame, grouped: pd.DataFrame, folds: int) -> Optional[str]:
+    """What to tell the user when duplicate grouping, and only it, leaves a class of the training split
+    with fewer groups than `folds` (None when it does not).
+
+    Without this, k-fold CV fails on a dataset the user never grouped with "class 'x' has images from
+    only 4 distinct groups", which does not say where the groups came from or what to do.
+    """
+    train = (frame["split"] == "train").to_numpy()
+    before_frame, after_frame = frame[train], grouped[train]
+    user = before_frame["group"] if "group" in before_frame.columns else pd.Series(np.nan, index=before_frame.index)
+    before = user.astype(object).where(user.notna(), [f"row:{i}" for i in before_frame.index])
+    for label in sorted(before_frame["label"].unique(), key=str):
+        rows = (before_frame["label"] == label).to_numpy()
+        had, has = before[rows].nunique(), after_frame["group"][rows].nunique()
+        if has < folds <= had:
+            members = after_frame[rows].groupby("group")["path"].apply(list)
+            copies = [" ~ ".join(Path(p).name for p in paths) for paths in members if len(paths) > 1]
+            shown = "; ".join(copies[:3]) + (f"; and {len(copies) - 3} more" if len(copies) > 3 else "")
+            return (f"class '{label}' has {had} training images (or groups), but near-duplicates among them "
+                    f"({shown}) are kept in one fold each, which leaves {has}: too few for {folds}-fold "
+                    f"cross-validation. Use --folds {max(2, has)}, remove the copies, or pass --no-dedup-groups "
+                    f"(the copies may then straddle folds and inflate the scores)")
+    return None
 
 
 def duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optional[Path],

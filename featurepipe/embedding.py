@@ -39,10 +39,19 @@ def embed(X: np.ndarray, seed: int = 0, max_points: int = TSNE_MAX_POINTS) -> Em
         rows = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
         note = f"{max_points} of {n} images, drawn at random (seed {seed})"
     Z = normalized(X[rows])
+    # Copies have equal features. With fewer than 3 distinct points there is nothing to map (PCA's
+    # explained variance is 0/0), and t-SNE on such input computes NaNs and crashed the process
+    # (a segfault in scikit-learn's Barnes-Hut code, seen with a dataset of copies of one image).
+    distinct = len(np.unique(np.round(Z, 9), axis=0))
+    if distinct < 3:
+        raise ValueError(f"an embedding map needs at least 3 distinct images; these {n} have only {distinct} "
+                         f"distinct feature vector(s) (they are copies of each other)")
     pca = PCA(n_components=2, random_state=seed).fit(Z)
     points = pca.transform(Z)
     tsne = None
-    if len(rows) >= 5:
+    # A row equal to the mean is all zeros after centring: no cosine distance to anything (NaN).
+    zero_rows = int(np.sum(~np.any(Z != 0, axis=1)))
+    if len(rows) >= 5 and distinct >= 5 and not zero_rows:
         perplexity = float(min(30.0, (len(rows) - 1) / 3.0))
         # The usual t-SNE recipe: first PCA to at most 50 dimensions (keeps the neighbourhoods, makes
         # the pairwise distances ~25x cheaper on 1280-d features). One thread: its joblib threads only
@@ -51,6 +60,9 @@ def embed(X: np.ndarray, seed: int = 0, max_points: int = TSNE_MAX_POINTS) -> Em
         tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", metric="cosine", random_state=seed,
                     max_iter=1000, n_jobs=1).fit_transform(reduced)
     else:
-        note = (note + "; " if note else "") + "t-SNE needs at least 5 images"
+        why = ("t-SNE needs at least 5 images" if len(rows) < 5 else
+               f"t-SNE needs at least 5 distinct images (there are {distinct})" if distinct < 5 else
+               f"no t-SNE: {zero_rows} image(s) have features equal to the mean of all, with no direction")
+        note = (note + "; " if note else "") + why
     variance = tuple(float(v) for v in pca.explained_variance_ratio_[:2])
     return EmbeddingMap(rows, points, tsne, variance, note)

@@ -232,13 +232,17 @@ def evaluate(
     # ---- issue 11 hook: near-duplicates share a group, so StratifiedGroupKFold keeps them in one fold
     # (merged with the user's groups; frames unchanged when none are found; recorded in config.json).
     # Found once, on the first feature set, and applied to every feature set's rows by content hash.
-    from featurepipe.dedup import DedupGrouping, apply_duplicate_groups
+    from featurepipe.dedup import DedupGrouping, apply_duplicate_groups, fold_shortfall
+    from featurepipe.errors import DatasetError
 
     dedup = DedupGrouping(False, 0, 0, 0, 0, 0.0, 0)
     if dedup_groups:
         first_features = loaded[0][1]
         grouped, dedup = apply_duplicate_groups(first_features.frame, first_features.X, root, progress=progress)
         if dedup.clusters:
+            shortfall = fold_shortfall(first_features.frame, grouped, folds)
+            if shortfall:   # say that the copies, not the user's data, leave a class too few groups
+                raise DatasetError(shortfall)
             group_of = dict(zip(grouped["hash"], grouped["group"]))
             for _, features in loaded:
                 features.frame = features.frame.assign(group=features.frame["hash"].map(group_of))

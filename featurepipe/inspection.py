@@ -44,11 +44,16 @@ LABEL_HEAD = "logreg"
 LABEL_C = 50.0
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
-CACHE_VERSION = 2         # bump when what inspect computes changes: cached results are then ignored
+CACHE_VERSION = 3         # bump when what inspect computes changes: cached results are then ignored
 OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "label_scores.csv", "learning_curve.csv",
            "embedding.csv")
 
 OofSource = Callable[[FeatureTable], np.ndarray]   # table -> (n, classes) out-of-fold probabilities
+# A source may also carry `curve_head` = (head, params, why): the head the learning curve fits.
+# The curve fits it ~(sizes + 1) x folds x draws times (65 on data/demo), so only cheap heads are
+# taken from a run: scikit-learn ones and soft votes of them. The dense head (~1 s a fit in
+# TensorFlow) would make the curve cost a minute; the curve then keeps logreg C=50 and says why.
+CURVE_EXPENSIVE_HEADS = ("dense",)
 
 
 @dataclass
@@ -105,11 +110,41 @@ def oof_from_run(run_dir: Path) -> OofSource:
                                                                               "params": str, "augment": str})
         return _oof_matrix(oof, table.paths, table.classes, best, path)
     source.description = f"the best configuration's out-of-fold predictions in {path}"   # type: ignore[attr-defined]
+    source.curve_head = run_curve_head(best)                                               # type: ignore[attr-defined]
     digest = hashlib.sha256(path.read_bytes())
     if (run_dir / "best_head.json").exists():
         digest.update((run_dir / "best_head.json").read_bytes())
     source.identity = "run:" + digest.hexdigest()                                          # type: ignore[attr-defined]
     return source
+
+
+def run_curve_head(best: Optional[dict]) -> tuple[Optional[str], dict, str]:
+    """(head, params, why) the learning curve should fit for a run whose best_head.json is `best`;
+    head None means "keep the default head", and `why` says why."""
+    if not best or not best.get("head"):
+        return None, {}, "the run records no selected head"
+    from featurepipe.heads import HEADS
+
+    name, params = str(best["head"]), dict(best.get("params") or {})
+    if name == "vote" and params.get("members"):
+        # A vote across feature sets: the curve runs on one feature set (the first, which `run` inspects),
+        # so it fits that member's head.
+        first = params["members"][0]
+        head, member_params, why = run_curve_head({"head": first.get("head"), "params": first.get("params"),
+                                                   "augment": first.get("augment", "none")})
+        return head, member_params, why if head is None else f"the vote's member on {first.get('features')} ({why})"
+    used = [name] + [str(m.get("head")) for m in params.get("members", [])] if name == "ensemble" else [name]
+    unknown = [h for h in used if h not in HEADS]
+    if unknown:
+        return None, {}, f"the run's head {unknown[0]!r} is not one this version knows"
+    costly = [h for h in used if h in CURVE_EXPENSIVE_HEADS]
+    if costly:
+        return None, {}, (f"the run selected the {costly[0]} head, too slow to refit ~65 times for a curve "
+                          f"(~1 s a fit)")
+    why = "the run's selected head"
+    if best.get("augment", "none") != "none":
+        why += f" (fitted on original images only; the run used augment={best['augment']})"
+    return name, params, why
 
 
 def _oof_matrix(oof: pd.DataFrame, paths: list[str], classes: list[str], best: Optional[dict],
@@ -323,13 +358,19 @@ def inspect_dataset(
     # on 2 cores: learning curve 0.5 s instead of 3-6 s, embedding 0.6 s instead of 9-30 s.
     with threadpool_limits(1):
         report(progress, "inspect", 3, 6, "learning curve")
+        # The run's selected head when the source names a cheap one (oof_from_run), else logreg C=50.
+        curve_name, curve_params, curve_why = getattr(source, "curve_head", (None, {}, "no run was given"))
+        if curve_name is None:
+            curve_name, curve_params, curve_why = LABEL_HEAD, {"C": LABEL_C}, f"fixed head ({curve_why})"
         try:
-            curve = learning_curve(Xt, yt, lambda: make_head(LABEL_HEAD, {"C": LABEL_C}, seed),
+            curve = learning_curve(Xt, yt, lambda: make_head(curve_name, curve_params, seed),
                                    groups=table.groups if table is not None else None, draws=learning_curve_draws,
-                                   folds=folds, seed=seed)
+                                   folds=folds, seed=seed, class_names=classes)
             atomic.write_csv(out_dir / "learning_curve.csv", curve.points)
             summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
-                                         "head": f"{LABEL_HEAD} C={LABEL_C:g}", "draws": learning_curve_draws,
+                                         "head": f"{curve_name} {json.dumps(curve_params, sort_keys=True)}",
+                                         "head_config": {"head": curve_name, "params": curve_params},
+                                         "head_source": curve_why, "draws": learning_curve_draws,
                                          "points": json.loads(curve.points.to_json(orient="records"))}
         except (DatasetError, ValueError) as error:
             notes["learning_curve"] = str(error)

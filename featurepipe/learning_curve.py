@@ -29,14 +29,25 @@ class LearningCurve:
 
 
 def learning_curve(X: np.ndarray, y: np.ndarray, make_head: Callable[[], object], groups=None,
-                   sizes: Sequence[int] = SIZES, draws: int = 3, folds: int = 5, seed: int = 0) -> LearningCurve:
-    """Accuracy vs images per class; raises ValueError when the data is too small for a curve."""
+                   sizes: Sequence[int] = SIZES, draws: int = 3, folds: int = 5, seed: int = 0,
+                   class_names: Optional[Sequence[str]] = None) -> LearningCurve:
+    """Accuracy vs images per class; raises ValueError when the data is too small for a curve.
+
+    `class_names[k]` names class k in those messages."""
     X, y = np.asarray(X), np.asarray(y, dtype=int)
-    counts = np.bincount(y)
+    counts = np.bincount(y) if len(y) else np.zeros(0, dtype=int)
+    if len(counts[counts > 0]) < 2:
+        raise ValueError(f"a learning curve needs training images with features in at least 2 classes; "
+                         f"there are {len(y)} image(s) in {len(counts[counts > 0])} class(es)")
     n_folds = int(min(folds, counts[counts > 0].min()))
-    if n_folds < 2 or len(counts[counts > 0]) < 2:
+    if n_folds < 2:
         raise ValueError("too few images per class for a learning curve (each class needs at least 2)")
-    splits = make_folds(y, groups, n_folds=n_folds, seed=seed)
+    if class_names is not None:   # named in make_folds' errors; classes without images are left out
+        present = np.flatnonzero(counts)
+        splits = make_folds(np.searchsorted(present, y), groups, n_folds=n_folds, seed=seed,
+                            class_names=[str(class_names[k]) for k in present])
+    else:
+        splits = make_folds(y, groups, n_folds=n_folds, seed=seed)
     smallest = min(int(np.bincount(y[f.train_idx], minlength=len(counts))[counts > 0].min()) for f in splits)
     usable = [s for s in sorted(set(int(s) for s in sizes)) if 2 <= s < smallest]
     if not usable:

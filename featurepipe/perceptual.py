@@ -21,14 +21,14 @@ from featurepipe.paths import hash_db
 from featurepipe.progress import ProgressCallback, report
 
 # Bump when perceptual_hash changes what it computes (the hash, the crops): old rows are then ignored.
-PHASH_VERSION = 2
+PHASH_VERSION = 4    # 3: + the 16 off-centre trims; 4: a flat image gets no hash (issue 11)
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS phashes (sha256 TEXT, version INTEGER, phash TEXT, error TEXT, "
            "PRIMARY KEY (sha256, version))")
 
 
 @dataclass
 class PerceptualHashes:
-    hashes: dict[str, tuple[int, ...]]                      # content hash -> pHash of the image, its 90% and 80% crop
+    hashes: dict[str, tuple[int, ...]]                      # content hash -> pHash of the image, its 90%/80% crop, its trims; () = flat image, no hash
     failed: dict[str, str] = field(default_factory=dict)    # content hash -> why it could not be decoded
     computed: int = 0                                       # decoded in this call (the rest came from the cache)
 
@@ -59,7 +59,7 @@ def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Pat
                                   f"({','.join('?' * len(chunk))})", [PHASH_VERSION, *chunk]).fetchall()
                 for digest, phash, error in rows:
                     if phash is not None:
-                        result.hashes[digest] = tuple(int(h, 16) for h in phash.split(","))
+                        result.hashes[digest] = tuple(int(h, 16) for h in phash.split(",") if h)   # "": flat
                     else:
                         result.failed[digest] = error or "cannot be decoded"
                     todo.pop(digest, None)

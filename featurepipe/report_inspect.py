@@ -93,8 +93,8 @@ def _duplicates_section(summary: dict, pairs: Optional[pd.DataFrame], source, th
     if pairs is None:
         return '<p class="note">duplicates.csv is missing.</p>'
     rule = (f'Copies: same file content, or feature cosine ≥ {_num(info.get("cosine_threshold"), 2)}, or perceptual-hash '
-            f'distance ≤ {_e(info.get("hamming_threshold"))} bits (whole image vs its central 90%/80%), or both '
-            f'moderately close. Overridable with <code>--dedup-cosine</code> / <code>--dedup-hamming</code>.')
+            f'distance ≤ {_e(info.get("hamming_threshold"))} bits (whole image vs its central 90%/80% and off-centre trims), '
+            f'or both moderately close and each other\'s nearest neighbour. Overridable with <code>--dedup-cosine</code> / <code>--dedup-hamming</code>.')
     if pairs.empty:
         return f'<p>No near-duplicates found among {_e(summary.get("images", "the"))} images.</p><p class="note">{rule}</p>'
     folds, leaked = info.get("folds", 0), info.get("leaked_folds", 0)
@@ -213,7 +213,7 @@ def _curve_section(summary: dict, charts: _Charts, points: Optional[pd.DataFrame
     rows = [[_e(r["label"]), _num(r["accuracy_mean"]), _num(r["accuracy_sem"]), str(int(r["fits"]))]
             for r in points.to_dict("records")]
     return (f'<p><b>Reading:</b> {_e(info.get("reading", ""))}.</p>'
-            f'<p class="sub">{_e(info.get("head", ""))} fitted on n random training images per class of each CV fold '
+            f'<p class="sub">{_e(info.get("head", ""))}{_e(" — " + info["head_source"] if info.get("head_source") else "")} fitted on n random training images per class of each CV fold '
             f'({info.get("draws")} draws per fold and size), scored on the fold\'s whole validation part; whiskers: '
             f'95% interval of the mean.</p>' + image
             + _table(["images per class", "accuracy", "std. error", "fits"], rows, numeric={1, 2, 3}))

@@ -19,7 +19,7 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli import app
 from featurepipe.crossval import FeatureTable, Fold
 from featurepipe.dataset import scan
-from featurepipe.dedup import find_duplicates, merge_groups, phash_distances, straddling_pairs, union_find
+from featurepipe.dedup import find_duplicates, merge_groups, normalized, phash_distances, straddling_pairs, union_find
 from featurepipe.errors import DatasetError, ImageDecodeError
 from featurepipe.evaluate import evaluate
 from featurepipe.fixes import apply_fixes
@@ -70,7 +70,39 @@ def test_perceptual_hash_survives_resize_reencode_and_crop_but_tells_photos_apar
     assert d[0, 1] <= 4 and d[0, 2] <= 6          # resize and re-encode barely move the hash
     assert d[0, 3] <= 10                          # the crop matches the original's 90%/80% hash
     assert _bits(hashes["a"][0], hashes["crop"][0]) > d[0, 3]   # ...better than the whole-image hash does
-    assert d[0, 4:].min() > 14 and len(hashes["a"]) == 3
+    assert d[0, 4:].min() > 14 and len(hashes["a"]) == 19     # whole, central 90%/80%, 16 trims
+
+
+def test_perceptual_hash_matches_an_off_centre_crop_that_is_also_shrunk_and_reencoded(tmp_path):
+    # The copy the central crops missed (issue 11): 11% off the left, 4% off the right, then shrunk
+    # and saved at JPEG quality 40. Its frame sits off every centred crop of the original.
+    original = _photo(tmp_path / "a.png", 2)
+    with Image.open(original) as im:
+        w, h = im.size
+        copy = im.crop((int(0.11 * w), int(0.05 * h), int(0.96 * w), int(0.89 * h))).resize((70, 52))
+        copy.convert("RGB").save(tmp_path / "copy.jpg", quality=40)
+    table = np.asarray([perceptual_hash(original), perceptual_hash(tmp_path / "copy.jpg")]
+                       + [perceptual_hash(_photo(tmp_path / f"other{i}.png", 100 + i)) for i in range(8)], dtype=np.uint64)
+    d = phash_distances(table, table)
+    centred_only = phash_distances(table[:, :3], table[:, :3])   # whole image + central 90% / 80%, as before
+    assert centred_only[0, 1] > 10 >= d[0, 1]                    # only an off-centre trim brings it under the threshold
+    assert d[0, 1] <= 4
+    assert d[0, 2:].min() > 14 and d[1, 2:].min() > 14           # and the trims do not bring distinct photos close
+
+
+def test_flat_images_get_no_perceptual_hash_and_are_not_copies_of_each_other(tmp_path):
+    # Every one-colour image has the same pHash (no structure): without this, a red and a green
+    # placeholder were reported as copies across classes.
+    for name, colour in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("px", (9, 9, 9))):
+        Image.new("RGB", (40, 30) if name != "px" else (1, 1), colour).save(tmp_path / f"{name}.png")
+    hashes = perceptual_hashes({n: str(tmp_path / f"{n}.png") for n in ("red", "green", "px")}, tmp_path / "cache")
+    assert hashes.hashes == {"red": (), "green": (), "px": ()} and not hashes.failed
+    again = perceptual_hashes({"red": str(tmp_path / "red.png")}, tmp_path / "cache")   # () survives the cache
+    assert again.hashes == {"red": ()} and again.computed == 0
+    X = np.random.default_rng(0).normal(size=(3, 16))                                   # features: unrelated
+    report = find_duplicates(X, ["a", "b", "c"], [(), (), ()])
+    assert report.pairs.empty
+    assert len(perceptual_hash(_photo(tmp_path / "photo.png", 1))) == 19                # a photo is not flat
 
 
 def test_perceptual_hash_rejects_bad_files_like_decode_image(tmp_path):
@@ -114,6 +146,33 @@ def test_find_duplicates_by_hash_cosine_and_phash_clusters_transitively():
     assert [list(c) for c in report.clusters] == [[0, 1, 2], [3, 4]]
     off = find_duplicates(X, hashes, None, cosine_threshold=1.1, hamming_threshold=-1, joint=None)
     assert [(int(i), int(j)) for i, j in zip(off.pairs["i"], off.pairs["j"])] == [(3, 4)]
+
+
+def _flip(value: int, bits: int) -> int:
+    return value ^ ((1 << bits) - 1)          # the lowest `bits` bits flipped: exactly `bits` apart
+
+
+def test_joint_rule_pairs_only_mutual_nearest_neighbours():
+    # Rows 0~1 and 2~4 are both "moderately close" (cosine ~0.7, 12 bits apart), but row 2's nearest
+    # neighbour is its own near-copy 3, so 4 is a look-alike of 2, not a copy: only 0~1 is joined.
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 64))                         # background: unrelated photos, cosine ~0
+    X[1] = 0.7 * X[0] + np.sqrt(1 - 0.49) * rng.normal(size=64)
+    X[3] = X[2] + rng.normal(scale=0.05, size=64)         # a near copy of 2 (cosine ~0.998)
+    X[4] = 0.7 * X[2] + np.sqrt(1 - 0.49) * rng.normal(size=64)
+    Z = normalized(X)
+    cos = Z @ Z.T
+    assert 0.6 < cos[0, 1] < 0.85 and 0.6 < cos[2, 4] < 0.85 and cos[3, 4] < cos[2, 3]
+    ph = [(int(v),) for v in rng.integers(0, 2**63, size=40)]
+    ph[1] = (_flip(ph[0][0], 12),)
+    ph[4] = (_flip(ph[2][0], 12),)
+    ph[3] = (_flip(ph[2][0], 40),)                        # 3 is caught by features alone
+    report = find_duplicates(X, [str(i) for i in range(40)], ph)
+    pairs = {(int(i), int(j)): e for i, j, e in zip(report.pairs["i"], report.pairs["j"], report.pairs["evidence"])}
+    assert pairs == {(0, 1): "features and perceptual hash, both moderately close", (2, 3): "features"}
+    # ...and without the nearest-neighbour test (the rule as it was) 2~4 would have been joined too.
+    nearest = np.argmax(cos - 2 * np.eye(40), axis=1)
+    assert nearest[4] == 2 and nearest[2] == 3 and nearest[0] == 1 and nearest[1] == 0
 
 
 def test_merge_groups_keeps_user_groups_and_joins_them_through_copies():
@@ -211,6 +270,36 @@ def test_learning_curve_on_a_tiny_dataset_explains_instead_of_crashing():
     X = np.random.default_rng(0).normal(size=(6, 4))
     with pytest.raises(ValueError, match="smallest class has only"):
         learning_curve(X, np.array([0, 0, 0, 1, 1, 1]), lambda: LogisticRegression(), folds=3)
+
+
+def test_learning_curve_explains_empty_and_one_class_data_and_names_classes():
+    with pytest.raises(ValueError, match="at least 2 classes; there are 0 image"):
+        learning_curve(np.zeros((0, 4)), np.zeros(0, dtype=int), lambda: LogisticRegression())
+    with pytest.raises(ValueError, match="at least 2 classes; there are 6 image.* in 1 class"):
+        learning_curve(np.zeros((6, 4)), np.ones(6, dtype=int), lambda: LogisticRegression())
+    # groups that put a whole class in one group: the error names the class, not its index
+    X = np.random.default_rng(0).normal(size=(12, 4))
+    y = np.repeat([0, 2], 6)                                  # class 1 ("empty") has no images: left out
+    groups = np.array(["g"] * 6 + [f"h{i}" for i in range(6)])
+    with pytest.raises(DatasetError, match="class 'cat' has images from only 1 distinct group"):
+        learning_curve(X, y, lambda: LogisticRegression(), groups=groups, folds=3, class_names=["cat", "empty", "dog"])
+
+
+def test_embedding_of_copies_is_explained_instead_of_crashing_the_process():
+    # t-SNE on identical rows used to kill the Python process (segfault): run it in a child process.
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom featurepipe.embedding import embed\n"
+            "X = np.tile(np.random.default_rng(0).normal(size=(1, 32)), (10, 1))\n"
+            "try:\n    embed(X)\nexcept ValueError as e:\n    print('explained:', e)\n"
+            "X[:5] += 1.0\ntry:\n    embed(X)\nexcept ValueError as e:\n    print('two points:', e)\n"
+            "X[:2] += np.eye(2, 32)\nm = embed(X)\nprint('four points:', m.tsne is None, m.note)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "explained: an embedding map needs at least 3 distinct images; these 10 have only 1" in done.stdout
+    assert "two points: an embedding map needs at least 3 distinct images; these 10 have only 2" in done.stdout
+    assert "four points: True t-SNE needs at least 5 distinct images (there are 4)" in done.stdout   # PCA only
 
 
 # ------------------------------------------------------------------------------ fixes
@@ -323,6 +412,44 @@ def test_oof_from_run_reads_the_best_configuration_and_refuses_foreign_runs(tmp_
         oof_from_run(run)(FeatureTable(np.zeros((1, 2)), np.array([0]), ["a", "b"], ["y.png"]))
 
 
+def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cache):
+    root = tmp_path / "data"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(14):                          # 3 folds leave 9-10 per class: sizes 5 fit
+            make_image(root / name / f"{name}{i}.png", colour, seed=100 * c + i)
+    dataset = scan(root, cache_dir=cache)
+    run = evaluate(dataset, TINY, cache, heads=("knn",), folds=3, n_jobs=1, run_dir=tmp_path / "run", nested=False)
+    best = json.loads((tmp_path / "run" / "best_head.json").read_text())
+    assert best["head"] == "knn" and run.best["head"] == "knn"
+    result = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp", folds=3, n_jobs=1,
+                             oof_source=oof_from_run(tmp_path / "run"))
+    info = result.summary["learning_curve"]
+    assert info["head_config"] == {"head": "knn", "params": best["params"]}
+    assert info["head_source"] == "the run's selected head"
+    # Recomputed independently: the same curve with that head built directly.
+    from featurepipe.extract import open_stores
+    from featurepipe.features import dataset_features
+    from featurepipe.heads import make_head
+
+    features = dataset_features(dataset, open_stores(TINY.resolved(), cache))
+    y = features.frame["label"].map({c: i for i, c in enumerate(dataset.classes)}).to_numpy()
+    expected = learning_curve(features.X, y, lambda: make_head("knn", best["params"], 0), folds=3, draws=3)
+    got = pd.read_csv(tmp_path / "insp" / "learning_curve.csv")
+    np.testing.assert_allclose(got["accuracy_mean"], expected.points["accuracy_mean"])
+    assert got["label"].tolist() == expected.points["label"].tolist() == ["5", "all (~9)"]
+    # Without a run (or with a head too slow to refit ~65 times) the curve keeps logreg C=50 and says why.
+    plain = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp2", folds=3, n_jobs=1)
+    assert plain.summary["learning_curve"]["head_config"] == {"head": "logreg", "params": {"C": LABEL_C}}
+    assert plain.summary["learning_curve"]["head_source"].startswith("fixed head")
+    from featurepipe.inspection import run_curve_head
+
+    assert run_curve_head({"head": "dense", "params": {}})[0] is None
+    assert "too slow" in run_curve_head({"head": "dense", "params": {}})[2]
+    members = {"members": [{"head": "logreg", "params": {"C": 1.0}}, {"head": "knn", "params": {}}]}
+    assert run_curve_head({"head": "ensemble", "params": members})[:2] == ("ensemble", members)
+    assert run_curve_head({"head": "ensemble", "params": {"members": [{"head": "dense"}]}})[0] is None
+
+
 # ------------------------------------------------------------------------------ evaluate / run / CLI
 
 
@@ -342,6 +469,25 @@ def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path
     _evaluate(dup_tree, cache, tmp_path / "off", dedup_groups=False)
     config = json.loads((tmp_path / "off" / "config.json").read_text())
     assert config["dedup_groups"]["enabled"] is False
+
+
+def test_evaluate_says_when_copies_leave_a_class_too_few_groups_for_the_folds(tmp_path, cache):
+    root = tmp_path / "data"
+    for c, name in enumerate(("red", "green", "blue")):
+        for i in range(5):
+            _photo(root / name / f"{name}{i}.png", 10 * c + i)
+    with Image.open(root / "red" / "red0.png") as im:
+        im.resize((80, 60)).save(root / "red" / "red4.png")            # red: 5 images, 4 distinct photos
+    dataset = scan(root, cache_dir=cache)
+    with pytest.raises(DatasetError, match=r"class 'red' has 5 training images .*\(red0.png ~ red4.png\).* leaves 4: "
+                                           r"too few for 5-fold.*--folds 4.*--no-dedup-groups"):
+        evaluate(dataset, TINY, cache, heads=("logreg",), folds=5, n_jobs=1, run_dir=tmp_path / "r5", nested=False)
+    ok = evaluate(dataset, TINY, cache, heads=("logreg",), folds=4, n_jobs=1, run_dir=tmp_path / "r4", nested=False)
+    assert json.loads((tmp_path / "r4" / "config.json").read_text())["dedup_groups"]["clusters"] == 1
+    assert len(ok.leaderboard) >= 1
+    off = evaluate(dataset, TINY, cache, heads=("logreg",), folds=5, n_jobs=1, run_dir=tmp_path / "off",
+                   nested=False, dedup_groups=False)              # the user's choice: copies may leak
+    assert len(off.leaderboard) >= 1
 
 
 def test_evaluate_without_copies_gives_the_same_results_as_before(image_tree, cache, tmp_path):
