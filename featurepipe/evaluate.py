@@ -347,7 +347,8 @@ def evaluate(
             holdout_parts.setdefault(split, []).append(part)
     if voting:
         save_vote(run_dir, {**best, "tta": tta, "classes": classes},
-                  [{"features": m.features, "head": m.head, "params": json.loads(m.params)} for m in members])
+                  [{"features": m.features, "head": m.head, "params": json.loads(m.params),
+                    "cv_accuracy": _row_accuracy(results[m.features].leaderboard, m)} for m in members])
         holdout = _holdout_metrics({split: (parts[0][0], np.mean([p for _, p in parts], axis=0))
                                     for split, parts in holdout_parts.items()}, classes)
     (run_dir / "holdout.csv").unlink(missing_ok=True)
@@ -428,6 +429,11 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
     oof = pd.concat(oof_parts, ignore_index=True)
     oof.insert(0, "features", oof.pop("features"))
     return board, fold_table, oof
+
+
+def _row_accuracy(board: pd.DataFrame, c) -> float:
+    row = board[(board["head"] == c.head) & (board["params"] == c.params) & (board["augment"] == c.augment)]
+    return float(row.iloc[0]["accuracy_mean"])
 
 
 def _holdout_metrics(parts: dict, classes) -> dict[str, dict]:

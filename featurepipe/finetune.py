@@ -55,6 +55,7 @@ import pandas as pd
 
 from featurepipe import atomic
 from featurepipe.artifacts import MODEL_META, load_head, write_json
+from featurepipe.finetune_vote import Vote, open_vote, vote_proba
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.combined_model import (
@@ -312,6 +313,7 @@ class _Prepared:
     state: dict
     resuming: bool
     notes: list[str]
+    vote: Optional[Vote] = None      # the run's model is a vote: fine-tuning starts from one member
 
     @property
     def out(self) -> Path:
@@ -362,12 +364,21 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
     out = run_dir / FINETUNE_DIR
     config = _read_json(run_dir / "config.json",
                         f"{run_dir} has no config.json; pass a run directory written by `featurepipe evaluate`")
-    estimator, meta = load_head(run_dir)
+    notes: list[str] = []
+    vote = open_vote(run_dir)
+    if vote is None:
+        estimator, meta = load_head(run_dir)
+    else:
+        if requested.get("strategy") == "head":
+            raise FeaturepipeError(f"{run_dir}'s model is a vote over {len(vote.members)} feature sets; strategy "
+                                   f"'head' would replace it with one frozen member. `featurepipe export` writes "
+                                   f"the vote itself as one model")
+        estimator, meta = vote.started_from.estimator, vote.started_from.meta
+        notes.append(vote.note())
     classes = list(meta["classes"])
     spec = BackboneSpec.from_dict(meta["backbone"]).resolved()
     root = cache_root(cache_dir if cache_dir is not None else config.get("cache_dir"))
     state_path, split_path = out / "state.json", out / "split.json"
-    notes: list[str] = []
     remove_temporaries(out)
 
     state = _read_optional_json(state_path) if resume else None
@@ -404,7 +415,9 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
                 f"the classes in {dataset.source} ({', '.join(dataset.classes)}) are not the run's "
                 f"({', '.join(classes)}); re-run `featurepipe evaluate` first")
         split = make_split(dataset, options["seed"])
-        key = finetune_key(meta, config, split, options, spec, root)
+        # A vote's fine-tuning is judged against the vote: a different vote is a different fine-tuning.
+        key_meta = meta if vote is None else {**meta, "sha256": f"{meta.get('sha256')}+vote:{vote.meta.get('hmac')}"}
+        key = finetune_key(key_meta, config, split, options, spec, root)
         if reuse:
             finished = _reusable(run_dir, key)
             if finished is not None:
@@ -417,7 +430,7 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
         write_json(split_path, split.to_json())
         write_json(state_path, state)   # from here on --resume continues this call
     return _Prepared(run_dir, config, estimator, meta, classes, spec, root, split, options, key, state, resuming,
-                     notes)
+                     notes, vote)
 
 
 def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Sequence) -> _Trained:
@@ -452,6 +465,10 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         max_diff = _check_reproduces(model, feature_model, estimator, x_val, batch_size)
         jit = bool(mixed)
         proba_before = predict_proba(model, x_val, batch_size)
+        if prep.vote is not None:   # the run's model is the vote: that is what fine-tuning must beat
+            proba_before = vote_proba(prep.vote, prep.root, val_rows["hash"].tolist(), len(classes),
+                                      (train_rows["hash"].tolist(), y_train) if head_source == "refit" else None,
+                                      int(prep.config.get("seed", 0)))
         before = scores(y_val, proba_before)
         blocks = options["unfreeze_blocks"]
         if blocks is None:
@@ -536,9 +553,12 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
                                                           "decode test")
             failed = failed + test_failed
             y_test = split.test["label"][kept_test].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
-            frozen_model = combine(feature_model, prep.estimator, name="frozen")
+            if prep.vote is not None:
+                frozen = vote_proba(prep.vote, prep.root, split.test["hash"][kept_test].tolist(), len(classes))
+            else:
+                frozen = predict_proba(combine(feature_model, prep.estimator, name="frozen"), x_test, batch_size)
             test = {"images": int(len(y_test)),
-                    "frozen": scores(y_test, predict_proba(frozen_model, x_test, batch_size)),
+                    "frozen": scores(y_test, frozen),
                     "finetuned": scores(y_test, predict_proba(model, x_test, batch_size)), "kept": kept}
     return _Trained(model, estimator, head_source, int(len(x_train)), y_val, val_rows, proba_before, proba_after,
                     before, after, history, best, blocks, unfrozen, n_trainable, decision, kept, test, failed,
@@ -596,6 +616,9 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         "train_images": result.train_images, "val_images": result.val_images, "validation": split.source,
         "head": {"name": prep.meta["head"], "params": prep.meta.get("params"), "augment": prep.meta.get("augment"),
                  "source": result.head_source},
+        "vote": None if prep.vote is None else {
+            "members": [m.features for m in prep.vote.members], "started_from": prep.vote.started_from.features,
+            "before_is": "the vote's probabilities (the run's model), not the started-from member's"},
         "reproduction_max_abs_diff": t.max_diff, "mixed_precision": t.mixed, "jit_compile": t.jit,
         "backbone": spec.to_dict(), "classes": classes, "failed": t.failed,
         "model": f"{FINETUNE_DIR}/{MODEL_FILE}", "sha256": digest, "seconds": round(result.seconds, 3),

@@ -88,6 +88,7 @@ def run(
     specs: Optional[Sequence[BackboneSpec]] = None,
     nested: bool = True,
     ensemble: int = ENSEMBLE_SIZE,
+    vote: bool = True,
     dedup_groups: bool = True,
     exclude: Optional[str | os.PathLike] = None,
     relabel: Optional[str | os.PathLike] = None,
@@ -119,7 +120,8 @@ def run(
     evaluated = timed("evaluate", evaluate, dataset, specs[0], root, heads=tuple(heads), grids=grids, folds=folds,
                       repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
                       run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
-                      specs=specs, nested=nested, ensemble=ensemble, dedup_groups=dedup_groups)
+                      specs=specs, nested=nested, ensemble=ensemble, dedup_groups=dedup_groups,
+                      vote=vote)
     extracted = merge_extract_reports(extracts)
     if inspect:   # issue 11: know-your-data sections of the report, from cached features and the run's OOF
         from featurepipe.inspection import inspect_dataset, oof_from_run

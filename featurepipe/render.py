@@ -74,6 +74,13 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
 def params_text(params: str) -> str:
     """key=value pairs; an ensemble lists its members as head(key=value)."""
     parsed = json.loads(params)
+    if "members" in parsed and all("features" in m for m in parsed["members"]):
+        # A vote across feature sets: one head per set; members sharing a head and params are grouped.
+        groups: dict[str, int] = {}
+        for m in parsed["members"]:
+            key = f"{m['head']}(" + ", ".join(f"{k}={v}" for k, v in (m.get("params") or {}).items()) + ")"
+            groups[key] = groups.get(key, 0) + 1
+        return "one per feature set: " + ", ".join(f"{key} x{n}" if n > 1 else key for key, n in groups.items())
     if "members" in parsed:
         return " + ".join(f"{m['head']}(" + ", ".join(f"{k}={v}" for k, v in (m.get("params") or {}).items()) + ")"
                           for m in parsed["members"])

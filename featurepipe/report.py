@@ -129,7 +129,9 @@ def _params_text(params: Any) -> str:
         return canonical
     if isinstance(parsed, dict) and isinstance(parsed.get("members"), list):
         # An ensemble: its members as head(key=value), not its JSON.
-        return " + ".join(f"{m.get('head')}({_params_text(m.get('params') or {})})" for m in parsed["members"]
+        # A vote across feature sets names each member's feature set too.
+        return " + ".join(f"{(str(m['features']) + ' ') if m.get('features') else ''}{m.get('head')}"
+                          f"({_params_text(m.get('params') or {})})" for m in parsed["members"]
                           if isinstance(m, dict))
     if isinstance(parsed, dict):
         return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in parsed.items())
@@ -759,6 +761,11 @@ def _nested_section(nested: dict) -> str:
             'on the other folds only; the configuration it chose, trained without the outer fold, was scored on '
             'it. That estimates what the saved model will score on new photos; the best leaderboard row was '
             'chosen on the folds that score it, and is optimistic by about the gap.</p>')
+    if any(str(f.get("chosen", "")).startswith("vote of ") for f in nested.get("folds") or []):
+        text += ('<p class="sub">With several feature sets the procedure is a vote: each feature set\'s best '
+                 'logistic regression (its C chosen by the inner folds), their probabilities averaged. It is always '
+                 'the vote, never one row picked among many near-equal ones, which is what made picking optimistic '
+                 'on small folds.</p>')
     rows = [[_e(f"{f.get('repeat', 0)}/{f.get('fold')}"), _e(f.get("chosen", "")), _num(f.get("inner_accuracy")),
              _num(f.get("accuracy"))] for f in nested.get("folds") or []]
     table = _table(["outer fold", "chosen by the inner search", "inner CV accuracy", "outer accuracy"], rows)

@@ -283,3 +283,16 @@ def test_search_cli_rejects_concatenation_with_a_clear_message(hard_tree, cache)
     assert out.exit_code == 2 and "not supported yet" in out.output and "tiny,tiny" in out.output
     out = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--resize", "stretch", "--cache-dir", str(cache)])
     assert out.exit_code == 2 and "auto" in out.output
+
+
+def test_cli_votes_across_feature_sets_unless_told_not_to(hard_tree, cache, tmp_path):
+    common = ["evaluate", str(hard_tree), "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+              "--resize", "auto", "--heads", "logreg", "--folds", "3", "--cache-dir", str(cache), "--json"]
+    voted = CliRunner().invoke(app, common + ["--run-dir", str(tmp_path / "voted")])
+    assert voted.exit_code == 0, voted.output
+    assert json.loads((tmp_path / "voted" / "best_head.json").read_text())["head"] == "vote"
+    assert len(list((tmp_path / "voted" / "members").iterdir())) == 3       # squash, center_crop, letterbox
+    single = CliRunner().invoke(app, common + ["--run-dir", str(tmp_path / "single"), "--no-vote"])
+    assert single.exit_code == 0, single.output
+    assert json.loads((tmp_path / "single" / "best_head.json").read_text())["head"] == "logreg"
+    assert not (tmp_path / "single" / "members").exists()

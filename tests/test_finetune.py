@@ -10,6 +10,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from featurepipe.artifacts import load_head
@@ -596,3 +597,45 @@ def test_test_split_is_scored_once_at_the_end(tmp_path):
     assert result.test["frozen"]["val_accuracy"] == 1.0
     split = json.loads((tmp_path / "run" / "finetune" / "split.json").read_text())
     assert len(split["test"]) == 6 and not {r[0] for r in split["test"]} & {r[0] for r in split["train"] + split["validation"]}
+
+
+def test_a_vote_run_fine_tunes_its_best_member_against_the_vote(workdir, tmp_path):
+    """A run whose model is a vote over feature sets: fine-tuning trains the member that scored best
+    alone, and 'before' is the vote's probabilities on the validation images (members refit without
+    them), recomputed here from the cached features with plain scikit-learn heads."""
+    cache = workdir / "cache"
+    specs = [SPEC, BackboneSpec(name="tiny", weights="random", image_size=24, resize="letterbox")]
+    run = tmp_path / "vote"
+    evaluate(scan(workdir / "data", cache_dir=cache), SPEC, cache, heads=("logreg",), specs=specs, folds=2,
+             run_dir=run, n_jobs=1)
+    meta = json.loads((run / "best_head.json").read_text())
+    assert meta["head"] == "vote"
+    with pytest.raises(FeaturepipeError, match="vote over 2 feature sets.*featurepipe export"):
+        finetune(run, strategy="head", cache_dir=cache)
+    result = finetune(run, epochs=1, cache_dir=cache, **FAST)
+    summary = json.loads((run / "finetune" / "summary.json").read_text())
+    best = max(range(2), key=lambda i: (meta["members"][i]["cv_accuracy"], -i))
+    assert summary["vote"]["started_from"] == meta["members"][best]["features"]
+    assert summary["backbone"]["image_size"] == specs[best].image_size
+    assert any("vote over 2 feature sets" in n for n in result.notes)
+
+    split = json.loads((run / "finetune" / "split.json").read_text())
+    assert split["source"] != "validation"          # no validation split in the data: carved from train
+    train = [row for row in split["train"]]
+    val = pd.read_csv(run / "finetune" / "validation_predictions.csv")
+    classes = meta["classes"]
+    dataset = scan(workdir / "data", cache_dir=cache)
+    probas = []
+    for m, spec in zip(meta["members"], specs):
+        features = dataset_features(dataset, open_stores(spec, cache))
+        index = {p: i for i, p in enumerate(features.frame["path"])}
+        X_train = features.X[[index[row[0]] for row in train]]
+        y_train = np.array([classes.index(row[1]) for row in train])
+        head = make_head("logreg", m["params"], 0).fit(X_train, y_train)
+        probas.append(head.predict_proba(features.X[[index[p] for p in val["path"]]]))
+    expected = np.mean(probas, axis=0)
+    y_val = np.array([classes.index(c) for c in val["label"]])
+    np.testing.assert_allclose(val["before_p_true"], expected[np.arange(len(y_val)), y_val], atol=1e-6)
+    assert result.before["val_accuracy"] == pytest.approx(np.mean(expected.argmax(axis=1) == y_val))
+    # Kept only when it beats the vote; otherwise predict keeps using the vote.
+    assert (run / "model.json").exists() == (result.kept == "finetuned")
