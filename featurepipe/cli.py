@@ -66,6 +66,9 @@ def _global_options(
         from featurepipe.quiet import quiet_tensorflow_startup
 
         quiet_tensorflow_startup()
+    from featurepipe.memory import lean_arrow_allocator
+
+    lean_arrow_allocator()
     if allow_outside_root:
         scope = outside_root_allowed(True)
         scope.__enter__()
