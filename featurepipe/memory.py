@@ -10,12 +10,19 @@ when they are freed. Measured cost: none visible (Arrow's buffers here are few a
 from __future__ import annotations
 
 import os
+import sys
 
 ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
 
 
 def lean_arrow_allocator() -> None:
     """Use the system allocator for Arrow's default pool, unless the user chose a pool in the
-    environment. Arrow reads the variable when the pool is first used, so this must run before any
-    Arrow allocation; a pool already in use is left alone (nothing changes mid-process)."""
-    os.environ.setdefault(ARROW_POOL_VARIABLE, "system")
+    environment. Arrow reads the variable when the pool is first used; importing pandas may already
+    have done that, so an imported pyarrow is switched explicitly (before any of our allocations)."""
+    if ARROW_POOL_VARIABLE in os.environ:
+        return
+    os.environ[ARROW_POOL_VARIABLE] = "system"
+    if "pyarrow" in sys.modules:
+        import pyarrow
+
+        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
