@@ -123,14 +123,17 @@ def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int
                 rows += len(chunk)
         for column in meta.columns:
             # A fixed-width unicode array as wide as the column's longest value (found in a first pass).
-            parts = lambda: (_text_array(meta[column].iloc[start:start + chunk_rows])  # noqa: E731
-                             for start in range(0, len(meta), chunk_rows))
-            width = max((part.dtype.itemsize // 4 for part in parts()), default=1)
+            width = max((part.dtype.itemsize // 4 for part in _text_chunks(meta[column], chunk_rows)), default=1)
             with archive.open(f"{column}.npy", "w", force_zip64=True) as member:
                 _write_npy_header(member, np.dtype(f"<U{width}"), (len(meta),))
-                for part in parts():
+                for part in _text_chunks(meta[column], chunk_rows):
                     member.write(part.astype(f"<U{width}").tobytes())
     return rows
+
+
+def _text_chunks(values: pd.Series, chunk_rows: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(values), chunk_rows):
+        yield _text_array(values.iloc[start:start + chunk_rows])
 
 
 def _text_array(values: pd.Series) -> np.ndarray:

@@ -61,6 +61,15 @@ def _shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
 _fsync_dir = fsync_dir
 
 
+def _unreadable_shard(path: Path, error: Exception) -> StoreCorruptError:
+    return StoreCorruptError(f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it")
+
+
+def _damaged_shard(path: Path) -> StoreCorruptError:
+    return StoreCorruptError(f"{path} does not match its checksum (damaged or edited); run `featurepipe cache verify "
+                             f"--repair` to drop it, and its images are re-extracted on the next run")
+
+
 def _parse_spec(path: Path) -> dict:
     """spec.json's content, or StoreCorruptError when it is not a spec (FileNotFoundError passes)."""
     try:
@@ -340,9 +349,7 @@ class FeatureStore:
             with h5py.File(path, "r") as handle:
                 span = handle["features"][low:high]
         except (OSError, KeyError) as error:
-            raise StoreCorruptError(
-                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
-            ) from None
+            raise _unreadable_shard(path, error) from None
         return span[rows - low]
 
     def _check_shard(self, path: Path, block_rows: int = 1024) -> None:
@@ -358,14 +365,9 @@ class FeatureStore:
                 for start in range(0, dataset.shape[0], block_rows):
                     digest.update(np.ascontiguousarray(dataset[start:start + block_rows], dtype=np.float32))
         except (OSError, KeyError) as error:
-            raise StoreCorruptError(
-                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
-            ) from None
+            raise _unreadable_shard(path, error) from None
         if expected != digest.hexdigest():
-            raise StoreCorruptError(
-                f"{path} does not match its checksum (damaged or edited); run `featurepipe cache verify --repair` "
-                f"to drop it, and its images are re-extracted on the next run"
-            )
+            raise _damaged_shard(path)
 
     def _read_shard(self, path: Path, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -374,15 +376,10 @@ class FeatureStore:
                 features = handle["features"][()]
                 expected = handle.attrs.get("sha256")
         except (OSError, KeyError) as error:
-            raise StoreCorruptError(
-                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
-            ) from None
+            raise _unreadable_shard(path, error) from None
         keys = np.asarray(keys, dtype=object)
         if check and expected != _shard_digest(keys, features):
-            raise StoreCorruptError(
-                f"{path} does not match its checksum (damaged or edited); run `featurepipe cache verify --repair` "
-                f"to drop it, and its images are re-extracted on the next run"
-            )
+            raise _damaged_shard(path)
         return keys, features
 
     def failures(self) -> dict[str, str]:
