@@ -9,7 +9,8 @@
     python benchmarks/memory_scaling.py scan    --work /tmp/fp-scale
     python benchmarks/memory_scaling.py run     --work /tmp/fp-scale
     python benchmarks/memory_scaling.py add10   --work /tmp/fp-scale
-    python benchmarks/memory_scaling.py nested  --work /tmp/fp-scale   # hook: the accuracy issue's default search
+    python benchmarks/memory_scaling.py nested  --work /tmp/fp-scale   # hook: evaluate with FP_NESTED_ARGS
+    python benchmarks/memory_scaling.py search  --work /tmp/fp-scale --images 2000   # the default search, real weights
 
 `setup` writes the 70,000 images as PNG files under WORK/fashion/<class>/ plus CSV manifests of
 nested subsets (the first N of a class-interleaved order, so every subset has all 10 classes).
@@ -280,10 +281,50 @@ def step_nested(work: Path) -> None:
     emit(work, result)
 
 
+def step_search(work: Path, images: int, jobs: str) -> None:
+    """The accuracy issue's default search (`featurepipe run`: Lite0/1/2 x squash/center_crop/letterbox,
+    ImageNet weights, heads logreg/knn/ncm + ensemble, nested CV) on `images` Fashion-MNIST images.
+
+    Extraction is timed per feature set (one `extract` each, into WORK/cache_search), then `run` is
+    timed on those cached features with no CV fit cached: a fresh cache root whose features/ and
+    weights/ are hard links to cache_search's (so evaluate, nested, inspect and report all run cold).
+    """
+    import shutil
+
+    sys.path.insert(0, str(CODE))
+    from featurepipe.search import search_specs
+
+    manifest = subset(work, images)
+    cache = work / "cache_search"
+    for spec in search_specs():
+        result = cli(["extract", str(manifest), "--backbone", spec.name, "--resize", spec.resize, "--cache-dir",
+                      str(cache), "--json"], f"extract {spec.name}/{spec.resize}", work, images=images)
+        summary = result.pop("summary", {})
+        result.update(extracted=summary.get("extracted"), reused=summary.get("reused"),
+                      images_per_s=summary.get("images_per_second"), build_s=summary.get("build_seconds"))
+        emit(work, result)
+    cold = work / "cache_search_cold"
+    shutil.rmtree(cold, ignore_errors=True)
+    cold.mkdir()
+    for name in ("features", "weights"):
+        if (cache / name).exists():
+            shutil.copytree(cache / name, cold / name, copy_function=os.link)
+    run_dir = work / f"search_run_{images}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    result = cli(["run", str(manifest), "--cache-dir", str(cold), "--run-dir", str(run_dir), "--jobs", jobs, "--json"],
+                 f"run default search on {images} images (cached features, cold fits, --jobs {jobs})", work,
+                 images=images)
+    summary = result.pop("summary", {})
+    evaluate = summary.get("evaluate", {})
+    result.update(stages=summary.get("stages"), fitted=evaluate.get("fitted"), reused=evaluate.get("reused"),
+                  best=summary.get("best"), nested_accuracy=((summary.get("nested") or {}).get("accuracy") or {}).get("mean"))
+    emit(work, result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("step", choices=["setup", "extract", "export", "predict", "evaluate", "scan", "run", "add10",
-                                         "nested"])
+                                         "nested", "search"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/fp-scale"))
     parser.add_argument("--sizes", default="")
     parser.add_argument("--format", default="npz", help="features export format: npz | parquet | csv")
@@ -291,6 +332,8 @@ def main() -> None:
     parser.add_argument("--heads", default="linear_svm,logreg,dense")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--grid", default="", help="evaluate --grid (default: the heads' default grids)")
+    parser.add_argument("--images", type=int, default=2000, help="search: images of the balanced order")
+    parser.add_argument("--jobs", default="-1", help="search: run --jobs")
     parser.add_argument("--code", type=Path, default=REPO, help="featurepipe checkout to run (default: this one)")
     args = parser.parse_args()
     global CODE
@@ -310,7 +353,8 @@ def main() -> None:
      "scan": lambda: step_scan(work),
      "run": lambda: step_run(work),
      "add10": lambda: step_add10(work),
-     "nested": lambda: step_nested(work)}[args.step]()
+     "nested": lambda: step_nested(work),
+     "search": lambda: step_search(work, args.images, args.jobs)}[args.step]()
 
 
 if __name__ == "__main__":

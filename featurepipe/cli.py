@@ -64,6 +64,9 @@ def _global_options(
         "paths or ../); refused by default so a manifest cannot make featurepipe read arbitrary files."),
 ) -> None:
     """Frozen ImageNet bases, cached features, cross-validated heads and fine-tuning for small image sets."""
+    from featurepipe.memory import lean_arrow_allocator
+
+    lean_arrow_allocator()   # before anything imports pandas (issue 14: flat memory)
     from featurepipe.dataset import outside_root_allowed
 
     if not verbose:

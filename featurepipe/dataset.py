@@ -82,14 +82,42 @@ def _subdirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
-def _scan_class_folders(root: Path, split: str, rows: list[dict], warnings: list[str]) -> int:
+class _Rows:
+    """Scanned rows as one list per column. A dict per image cost ~400 bytes each (tens of MB at
+    70,000 images, the bulk of a scan's peak memory); columns share their repeated label, split and
+    group objects, so what is left per image is its path string."""
+
+    def __init__(self) -> None:
+        self.path: list[str] = []
+        self.label: list[str] = []
+        self.split: list[str] = []
+        self.group: list[Optional[str]] = []
+        self._shared: dict[str, str] = {}
+
+    def add(self, path: str, label: str, split: str, group: Optional[str] = None) -> None:
+        self.path.append(path)
+        self.label.append(self._shared.setdefault(label, label))
+        self.split.append(split)
+        self.group.append(group)
+
+    def keep(self, mask: list[bool]) -> None:
+        for name in ("path", "label", "split", "group"):
+            setattr(self, name, [v for v, k in zip(getattr(self, name), mask) if k])
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+
+def _scan_class_folders(root: Path, split: str, rows: _Rows, warnings: list[str]) -> int:
     ignored = sum(1 for p in root.iterdir() if p.is_file())
     for class_dir in _subdirs(root):
         images, skipped = walk_images(class_dir)
         ignored += skipped
         if not images:
             warnings.append(f"class folder {class_dir} has no images; it is left out")
-        rows.extend({"path": str(p), "label": class_dir.name, "split": split, "group": None} for p in images)
+        label = class_dir.name
+        for p in images:
+            rows.add(str(p), label, split)
     return ignored
 
 
@@ -107,16 +135,14 @@ def outside_root_allowed(allowed: bool = True) -> Iterator[None]:
         _ALLOW_OUTSIDE_ROOT.reset(token)
 
 
-def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """(header, [(line number, fields)]) with every line checked to have the header's field count.
-
-    The csv module, not pandas: given one line with an extra field, pandas silently takes the
-    first column as the index and shifts every other one, and all rows then read as missing files."""
+def _manifest_lines(manifest: Path) -> Iterator:
+    """The header (a list of names), then (line number, fields) for each non-blank line, each line
+    checked to have the header's field count."""
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = [name.strip() for name in next(reader, [])]
-            rows = []
+            yield header
             for fields in reader:
                 if not any(field.strip() for field in fields):
                     continue   # blank line
@@ -124,13 +150,28 @@ def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[tuple[int, list
                     raise DatasetError(
                         f"{manifest}:{reader.line_num}: {len(fields)} field(s) but the header has {len(header)} "
                         f"({','.join(header)}); fix that line (quote a value that contains a comma)")
-                rows.append((reader.line_num, fields))
+                yield reader.line_num, fields
     except (UnicodeDecodeError, csv.Error) as error:
         raise DatasetError(f"{manifest}: cannot be read as CSV ({error}); expected UTF-8 text with columns "
                            f"path,label[,split][,group]") from None
+
+
+def _read_manifest_rows(manifest: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """(header, lines: (line number, fields)) with every line checked to have the header's field count.
+
+    The csv module, not pandas: given one line with an extra field, pandas silently takes the
+    first column as the index and shifts every other one, and all rows then read as missing files.
+    The check is a first pass that keeps nothing (a bad line fails before any row is used); `lines`
+    reads the file again as it is consumed, so 70,000 lines are never held in memory at once."""
+    lines = _manifest_lines(manifest)
+    header = next(lines)
+    for _ in lines:
+        pass
     if not header:
         raise DatasetError(f"{manifest} is empty; expected columns path,label[,split][,group]")
-    return header, rows
+    lines = _manifest_lines(manifest)
+    next(lines)
+    return header, lines
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -139,7 +180,7 @@ def _inside(path: Path, root: Path) -> bool:
     return normal == root or root in normal.parents
 
 
-def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str], allow_outside_root: bool = False) -> None:
+def _scan_manifest(manifest: Path, rows: _Rows, warnings: list[str], allow_outside_root: bool = False) -> None:
     header, lines = _read_manifest_rows(manifest)
     missing = {"path", "label"} - set(header)
     if missing:
@@ -149,7 +190,7 @@ def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str], allow_
         )
     base = Path(os.path.normpath(manifest.parent))
     outside: list[str] = []
-    first_line: dict[str, tuple[int, str]] = {}
+    first_line: dict[str, tuple[int, str]] = {}   # path -> (line, label) of its first listing
     for line, fields in lines:
         record = dict(zip(header, fields))
         label = record["label"].strip()
@@ -174,8 +215,7 @@ def _scan_manifest(manifest: Path, rows: list[dict], warnings: list[str], allow_
         if not path.exists():
             warnings.append(f"{manifest}:{line}: {path} does not exist; row left out")
             continue
-        rows.append({"path": str(path), "label": label, "split": split,
-                     "group": (record.get("group") or "").strip() or None})
+        rows.add(str(path), label, split, (record.get("group") or "").strip() or None)
     if outside:
         more = f" (and {len(outside) - 1} more row(s) like it)" if len(outside) > 1 else ""
         raise DatasetError(
@@ -208,7 +248,7 @@ def _check_labels(frame: pd.DataFrame, warnings: list[str], source: Path) -> lis
         raise DatasetError(
             f"only one class ({classes[0]!r}) found in {source}; a classifier needs at least two class folders"
         )
-    splits = set(frame["split"])
+    splits = set(frame["split"].unique())
     if len(splits) > 1:
         train_labels = set(frame.loc[frame["split"] == "train", "label"])
         if not train_labels:
@@ -259,7 +299,7 @@ def scan(
     source = Path(source).expanduser().absolute()
     if not source.exists():
         raise DatasetError(f"{source} does not exist; pass a folder of class folders or a CSV manifest")
-    rows: list[dict] = []
+    rows = _Rows()
     warnings: list[str] = []
     ignored = 0
     if source.is_file():
@@ -279,30 +319,36 @@ def scan(
     # A name that is not valid UTF-8 could be hashed and decoded, but no CSV, JSON or terminal
     # downstream can write it: it is reported by a printable form of its name instead.
     unreadable: list[tuple[str, str]] = [
-        (path_key(r["path"]), "file name is not valid UTF-8; rename the file (e.g. with convmv) to use it")
-        for r in rows if path_key(r["path"]) != r["path"]]
-    rows = [r for r in rows if path_key(r["path"]) == r["path"]]
-    frame = pd.DataFrame(rows, columns=["path", "label", "split", "group"])
+        (path_key(p), "file name is not valid UTF-8; rename the file (e.g. with convmv) to use it")
+        for p in rows.path if path_key(p) != p]
+    if unreadable:
+        rows.keep([path_key(p) == p for p in rows.path])
     if groups_pattern:
-        frame["group"] = _groups_from_names(frame["path"], groups_pattern)
+        rows.group = _groups_from_names(rows.path, groups_pattern)
     cache = HashCache(hash_db(cache_dir) if cache_dir is not None else None, rehash=rehash)
     try:
-        report(progress, "scan", 0, len(frame), "hashing")
-        hashes = cache.hash_files(frame["path"].tolist())
+        report(progress, "scan", 0, len(rows), "hashing")
+        hashes = cache.hash_files(rows.path)
     finally:
         cache.close()
     warnings.extend(cache.warnings)
     unreadable += [(p, h[len("error:"):]) for p, (h, _) in hashes.items() if h.startswith("error:")]
-    frame["hash"] = [hashes[p][0] for p in frame["path"]]
-    frame["bytes"] = [hashes[p][1] for p in frame["path"]]
-    frame = frame[~frame["hash"].astype(str).str.startswith("error:")].reset_index(drop=True)
+    # Columns straight from the lists (the paths' own order), unhashable files left out before the
+    # table exists (no filtered copy of it), then the per-image Python objects are dropped.
+    if any(hashes[p][0].startswith("error:") for p in rows.path):
+        rows.keep([not hashes[p][0].startswith("error:") for p in rows.path])
+    columns = {"path": rows.path, "label": rows.label, "split": rows.split, "group": rows.group,
+               "hash": [hashes[p][0] for p in rows.path], "bytes": [hashes[p][1] for p in rows.path]}
+    del hashes, rows
+    frame = pd.DataFrame(columns, columns=COLUMNS)
+    del columns
     report(progress, "scan", len(frame), len(frame), "hashed")
     classes = _check_labels(frame, warnings, source)
     for label, count in frame.loc[frame["split"] == "train", "label"].value_counts().items():
         if count == 1:
             warnings.append(f"class {label!r} has a single training image; cross-validation needs at least 2 per class")
     _warn_duplicates(frame, warnings)
-    return Dataset(source, layout, frame[COLUMNS], classes, warnings, ignored, unreadable)
+    return Dataset(source, layout, frame, classes, warnings, ignored, unreadable)
 
 
 def _groups_from_names(paths: pd.Series, pattern: str) -> list[Optional[str]]:

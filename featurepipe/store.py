@@ -61,6 +61,15 @@ def _shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
 _fsync_dir = fsync_dir
 
 
+def _unreadable_shard(path: Path, error: Exception) -> StoreCorruptError:
+    return StoreCorruptError(f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it")
+
+
+def _damaged_shard(path: Path) -> StoreCorruptError:
+    return StoreCorruptError(f"{path} does not match its checksum (damaged or edited); run `featurepipe cache verify "
+                             f"--repair` to drop it, and its images are re-extracted on the next run")
+
+
 def _parse_spec(path: Path) -> dict:
     """spec.json's content, or StoreCorruptError when it is not a spec (FileNotFoundError passes)."""
     try:
@@ -288,6 +297,13 @@ class FeatureStore:
             self._index = self._load_index()
         return set(self._index)
 
+    def has(self, keys: Iterable[str]) -> np.ndarray:
+        """One bool per key: is it in the store? (No copy of the index, unlike keys().)"""
+        if self._index is None:
+            self._index = self._load_index()
+        index = self._index
+        return np.fromiter((key in index for key in keys), dtype=bool)
+
     def missing(self, keys: Iterable[str]) -> list[str]:
         have = self.keys()
         seen: set[str] = set()
@@ -325,19 +341,33 @@ class FeatureStore:
 
     def _shard_rows(self, path: Path, rows: np.ndarray) -> np.ndarray:
         if path.name not in self._verified:
-            features = self._read_shard(path)[1]
+            self._check_shard(path)
             self._verified.add(path.name)
-            return features[rows]
-        # Checked earlier in this process: read only the span of rows asked for.
+        # Checked (once per process): read only the span of rows asked for.
         low, high = int(rows.min()), int(rows.max()) + 1
         try:
             with h5py.File(path, "r") as handle:
                 span = handle["features"][low:high]
         except (OSError, KeyError) as error:
-            raise StoreCorruptError(
-                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
-            ) from None
+            raise _unreadable_shard(path, error) from None
         return span[rows - low]
+
+    def _check_shard(self, path: Path, block_rows: int = 1024) -> None:
+        """_read_shard's checksum test, reading the features `block_rows` at a time (the digest is
+        over the same bytes in the same order), so a reader never holds a whole 16 MiB shard."""
+        try:
+            with h5py.File(path, "r") as handle:
+                keys = handle["keys"].asstr()[()]
+                expected = handle.attrs.get("sha256")
+                digest = hashlib.sha256()
+                digest.update("\n".join(np.asarray(keys, dtype=object).tolist()).encode())
+                dataset = handle["features"]
+                for start in range(0, dataset.shape[0], block_rows):
+                    digest.update(np.ascontiguousarray(dataset[start:start + block_rows], dtype=np.float32))
+        except (OSError, KeyError) as error:
+            raise _unreadable_shard(path, error) from None
+        if expected != digest.hexdigest():
+            raise _damaged_shard(path)
 
     def _read_shard(self, path: Path, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -346,15 +376,10 @@ class FeatureStore:
                 features = handle["features"][()]
                 expected = handle.attrs.get("sha256")
         except (OSError, KeyError) as error:
-            raise StoreCorruptError(
-                f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it"
-            ) from None
+            raise _unreadable_shard(path, error) from None
         keys = np.asarray(keys, dtype=object)
         if check and expected != _shard_digest(keys, features):
-            raise StoreCorruptError(
-                f"{path} does not match its checksum (damaged or edited); run `featurepipe cache verify --repair` "
-                f"to drop it, and its images are re-extracted on the next run"
-            )
+            raise _damaged_shard(path)
         return keys, features
 
     def failures(self) -> dict[str, str]:
