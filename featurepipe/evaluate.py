@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,11 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.atomic import write_csv  # issue 12
-from featurepipe.rundir import prepare_run_dir  # issue 12
-from featurepipe.artifacts import (
-    MEMBERS_DIR, MODEL_META, cached_head, load_head, member_dir, remember_head, save_head, save_vote, write_json,
-)
+from featurepipe import run as rundir
+from featurepipe.run import Run, cached_head, remember_head
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
@@ -35,7 +30,7 @@ from featurepipe.features import DatasetFeatures, dataset_features
 from featurepipe.heads import HEADS
 from featurepipe.images import AugmentPolicy
 from featurepipe.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
-from featurepipe.paths import cache_root, runs_dir
+from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback
 
 DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
@@ -113,15 +108,6 @@ def _refit_key(table_key: str, best: dict, seed: int, tta: bool, frame: pd.DataF
     text = json.dumps([table_key, best["head"], best["params"], best["augment"], seed, tta,
                        holdout[["hash", "label", "split"]].values.tolist()], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _new_run_dir(root: Path, dataset: Dataset, spec: Optional[BackboneSpec], explicit: Optional[Path]) -> Path:
-    if explicit is not None:
-        run_dir = Path(explicit)
-    else:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-{spec.name if spec else 'search'}")
-        run_dir = runs_dir(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    return prepare_run_dir(run_dir)   # issue 12: refuses a user's non-run folder (the CLI passes --overwrite)
 
 
 def feature_set_name(spec: BackboneSpec) -> str:
@@ -296,25 +282,26 @@ def evaluate(
         nested_result = nested_cv(results, first.y, classes, first.paths,
                                   float(leaderboard["accuracy_mean"].max()), ensemble, vote=vote)
 
-    run_dir = _new_run_dir(root, dataset, specs[0] if len(specs) == 1 else None, run_dir)
-    write_csv(run_dir / "leaderboard.csv", leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
-    write_csv(run_dir / "folds.csv", fold_table)
-    write_csv(run_dir / "oof_predictions.csv", oof)
-    for stale in ("nested.json", "nested_folds.csv", "nested_oof.csv"):
-        (run_dir / stale).unlink(missing_ok=True)
+    # issue 12: Run.new refuses a user's non-run folder (the CLI passes --overwrite)
+    run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
+    run_dir = run.path
+    run.write_csv(rundir.LEADERBOARD, leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
+    run.write_csv(rundir.FOLDS, fold_table)
+    run.write_csv(rundir.OOF, oof)
+    run.remove(rundir.NESTED, rundir.NESTED_FOLDS, rundir.NESTED_OOF)
     if nested_result is not None:
-        write_json(run_dir / "nested.json", nested_result.to_dict())
-        write_csv(run_dir / "nested_folds.csv", nested_result.folds)
-        write_csv(run_dir / "nested_oof.csv", nested_result.oof)
+        run.write_json(rundir.NESTED, nested_result.to_dict())
+        run.write_csv(rundir.NESTED_FOLDS, nested_result.folds)
+        run.write_csv(rundir.NESTED_OOF, nested_result.oof)
 
     best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
             "augment": best_candidate.augment, "tta": bool(tta and best_candidate.augment == "views"),
             "features": best_candidate.features}
     # A fine-tuned model in a reused run dir grew from the previous best head: it no longer belongs.
-    (run_dir / MODEL_META).unlink(missing_ok=True)
+    run.clear_model()
     voting = best_candidate.head == VOTE
     members = best_candidate.members if voting else (best_candidate,)
-    shutil.rmtree(run_dir / MEMBERS_DIR, ignore_errors=True)   # an earlier vote's members (or none)
+    run.clear_members()   # an earlier vote's members (or none)
     holdout_parts: dict[str, list] = {}
     for index, member in enumerate(members):
         chosen = names.index(member.features)
@@ -323,7 +310,7 @@ def evaluate(
                        "tta": bool(tta and member.augment == "views"), "features": member.features}
         meta = {**member_best, "tta": tta, "classes": classes, "backbone": specs[chosen].to_dict(),
                 "feature_fingerprint": stores.originals.fingerprint}
-        target = member_dir(run_dir, index) if voting else run_dir
+        target = run.member(index) if voting else run
         rows = features.frame["hash"].isin(common).to_numpy()
         frame = features.frame[rows].reset_index(drop=True)
         holdout_features = DatasetFeatures(frame, features.X[rows],
@@ -331,32 +318,32 @@ def evaluate(
         table = tables[member.features]
         refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, member_best, seed, tta, frame)
         estimator = None
-        cached = cached_head(refit_cache, target, meta)
+        cached = cached_head(refit_cache, target.path, meta)
         if cached is None:
             estimator = refit(table, member_best["head"], member_best["params"], member_best["augment"], seed)
-            save_head(estimator, target, meta)
+            target.save_head(estimator, meta)
         elif voting and (frame["split"] != "train").any():
-            estimator, _ = load_head(target)    # just copied from this user's signed refit cache
+            estimator, _ = target.load_head()    # just copied from this user's signed refit cache
         parts = {} if estimator is None else _holdout_proba(estimator, holdout_features, frame, label_index,
                                                             member_best, tta)
         if cached is None:
-            remember_head(refit_cache, target, {"holdout": _holdout_metrics(parts, classes)})
+            remember_head(refit_cache, target.path, {"holdout": _holdout_metrics(parts, classes)})
         if not voting:
             holdout = cached["holdout"] if cached is not None else _holdout_metrics(parts, classes)
         for split, part in parts.items():
             holdout_parts.setdefault(split, []).append(part)
     if voting:
-        save_vote(run_dir, {**best, "tta": tta, "classes": classes},
+        run.save_vote({**best, "tta": tta, "classes": classes},
                   [{"features": m.features, "head": m.head, "params": json.loads(m.params)} for m in members])
         holdout = _holdout_metrics({split: (parts[0][0], np.mean([p for _, p in parts], axis=0))
                                     for split, parts in holdout_parts.items()}, classes)
-    (run_dir / "holdout.csv").unlink(missing_ok=True)
+    run.remove(rundir.HOLDOUT)
     if holdout:
-        write_csv(run_dir / "holdout.csv", pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
+        run.write_csv(rundir.HOLDOUT, pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
                                                          for k, d in holdout.items()]))
     fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
     failed = {f.path: f.reason for e in extracted for f in e.failed}
-    write_json(run_dir / "config.json", {
+    run.write_json(rundir.CONFIG, {
         "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
                     "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
                     "failed": [{"path": p, "reason": r} for p, r in failed.items()]},

@@ -54,7 +54,8 @@ import numpy as np
 import pandas as pd
 
 from featurepipe import atomic
-from featurepipe.artifacts import MODEL_META, load_head, write_json
+from featurepipe.atomic import write_json
+from featurepipe.run import FINETUNE_DIR, MODEL_META, load_head, read_json
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.combined_model import (
@@ -77,7 +78,6 @@ from featurepipe.training import (
 STRATEGIES = ("head", "top-blocks", "fpt", "all")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-FINETUNE_DIR = "finetune"
 MODEL_FILE = "finetuned.keras"
 # Early stopping and the best epoch follow the plain validation cross-entropy (val_loss includes
 # label smoothing, whose floor depends on the number of classes).
@@ -139,12 +139,6 @@ class FinetuneReport:
 
 # ------------------------------------------------------------------------------------------------
 # finetune
-
-
-def _read_json(path: Path, missing: str) -> dict:
-    if not path.exists():
-        raise FeaturepipeError(missing)
-    return json.loads(path.read_text())
 
 
 def _read_optional_json(path: Path) -> Optional[dict]:
@@ -360,7 +354,7 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
     from featurepipe.dataset import scan
 
     out = run_dir / FINETUNE_DIR
-    config = _read_json(run_dir / "config.json",
+    config = read_json(run_dir / "config.json",
                         f"{run_dir} has no config.json; pass a run directory written by `featurepipe evaluate`")
     estimator, meta = load_head(run_dir)
     classes = list(meta["classes"])

@@ -32,7 +32,8 @@ from featurepipe.dedup import DEFAULT_COSINE, DEFAULT_HAMMING, duplicate_groups,
 from featurepipe.errors import DatasetError, FeaturepipeError
 from featurepipe.heads import make_head
 from featurepipe.label_issues import knn_outliers, label_issues
-from featurepipe.paths import cache_root, runs_dir
+from featurepipe.paths import cache_root
+from featurepipe.run import HEAD_META, OOF, read_json
 from featurepipe.progress import ProgressCallback, report
 
 # The label-issue and learning-curve head: logistic regression on standardized + L2-normalized
@@ -99,11 +100,11 @@ def oof_from_cv(root: Optional[Path], C: float = LABEL_C, folds: int = 5, seed: 
 def oof_from_run(run_dir: Path) -> OofSource:
     """Out-of-fold probabilities of the run's best configuration (mean over repeats)."""
     run_dir = Path(run_dir)
-    path = run_dir / "oof_predictions.csv"
+    path = run_dir / OOF
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing; pass the run directory that `featurepipe evaluate` or "
                                f"`featurepipe run` printed")
-    best = json.loads((run_dir / "best_head.json").read_text()) if (run_dir / "best_head.json").exists() else None
+    best = read_json(run_dir / HEAD_META) if (run_dir / HEAD_META).exists() else None
 
     def source(table: FeatureTable) -> np.ndarray:
         oof = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"path": str, "head": str,
@@ -112,8 +113,8 @@ def oof_from_run(run_dir: Path) -> OofSource:
     source.description = f"the best configuration's out-of-fold predictions in {path}"   # type: ignore[attr-defined]
     source.curve_head = run_curve_head(best)                                               # type: ignore[attr-defined]
     digest = hashlib.sha256(path.read_bytes())
-    if (run_dir / "best_head.json").exists():
-        digest.update((run_dir / "best_head.json").read_bytes())
+    if (run_dir / HEAD_META).exists():
+        digest.update((run_dir / HEAD_META).read_bytes())
     source.identity = "run:" + digest.hexdigest()                                          # type: ignore[attr-defined]
     return source
 

@@ -12,12 +12,12 @@ import keras
 import numpy as np
 import pytest
 
-from featurepipe.artifacts import load_head
+from featurepipe.run import load_head
 from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.baseline import baseline
 from featurepipe.dataset import scan
-from featurepipe.artifacts import load_run_model
+from featurepipe.run import load_run_model
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import evaluate
 from featurepipe.extract import open_stores
@@ -73,7 +73,7 @@ def run_copy(logreg_run, tmp_path):
 def improving(logreg_run, workdir, tmp_path_factory):
     """A run whose best head leaves room (logreg with C=1e-5: nearly uniform probabilities), so a
     short fine-tuning measurably lowers the validation loss and becomes the run's model."""
-    from featurepipe.artifacts import load_head_meta, save_head
+    from featurepipe.run import load_head_meta, save_head
 
     run = shutil.copytree(logreg_run, tmp_path_factory.mktemp("improving") / "run")
     meta = {k: v for k, v in load_head_meta(run).items() if k not in ("file", "sha256")}
