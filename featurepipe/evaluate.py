@@ -1,7 +1,9 @@
 """Stage `evaluate`: k-fold CV of heads on cached features, the best head refit and saved in a run dir.
 
-Whatever features are missing are extracted first (through the store); after that only cached
-features are touched, so comparing heads costs seconds.
+`evaluate_features` is the stage: it takes the dataset's cached features (one DatasetFeatures per
+feature set, read from the stores by featurepipe.features) and never builds a model, so comparing
+heads costs seconds. `evaluate` is the convenience the tests and library users call: it extracts
+whatever is missing first (featurepipe.extract), reads the features back and evaluates them.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from featurepipe.backbones.registry import get_backbone
 from featurepipe.crossval import FeatureTable, _metric_range, _summary, fold_metrics, refit, run_cv
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
-from featurepipe.extract import ExtractReport, extract, open_stores
-from featurepipe.features import DatasetFeatures, dataset_features
+from featurepipe.extract import ExtractReport
+from featurepipe.features import DatasetFeatures, cached_features
 from featurepipe.heads import HEADS
-from featurepipe.images import AugmentPolicy
+from featurepipe.images import AugmentSpec
 from featurepipe.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback
@@ -177,8 +179,7 @@ def evaluate(
     folds: int = 5,
     repeats: int = 1,
     seed: int = 0,
-    augment: int = 0,
-    augment_seed: int = 0,
+    augment: AugmentSpec | int = 0,
     tta: bool = False,
     run_dir: Optional[Path] = None,
     n_jobs: int = -1,
@@ -190,28 +191,77 @@ def evaluate(
     dedup_groups: bool = True,
     vote: bool = True,
 ) -> EvaluateReport:
-    """Cross-validate heads on the cached features of every spec in `specs` (default: just `spec`),
-    choose the best configuration (a soft-vote ensemble of the top ones included when `ensemble` >= 2),
-    refit it on all training images and save it; with `nested`, score that whole selection by nested CV."""
+    """Extract what is missing for every spec in `specs` (default: just `spec`; `augment`: an
+    AugmentSpec or a bare view count), then evaluate_features on what the stores hold."""
+    from featurepipe.extract import extract
+
     started = time.perf_counter()
+    _check_heads(heads)
+    root = cache_root(cache_dir)
+    augment = AugmentSpec.of(augment)
+    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
+    extracted = [extract(dataset, s, root, augment=augment, progress=progress) for s in specs]
+    result = evaluate_features(dataset, cached_features(dataset, specs, root, augment), root, heads=heads,
+                               grids=grids, folds=folds, repeats=repeats, seed=seed, tta=tta, run_dir=run_dir,
+                               n_jobs=n_jobs, progress=progress, nested=nested, ensemble=ensemble, widen=widen,
+                               dedup_groups=dedup_groups, vote=vote, extracts=extracted)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_heads(heads: Sequence[str]) -> None:
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise FeaturepipeError(f"unknown head(s) {', '.join(unknown)}; heads: {', '.join(HEADS)}")
+
+
+def evaluate_features(
+    dataset: Dataset,
+    features: Sequence[DatasetFeatures],
+    cache_dir: Optional[str | os.PathLike] = None,
+    heads: tuple[str, ...] = DEFAULT_HEADS,
+    grids: Optional[dict] = None,
+    folds: int = 5,
+    repeats: int = 1,
+    seed: int = 0,
+    tta: bool = False,
+    run_dir: Optional[Path] = None,
+    n_jobs: int = -1,
+    progress: Optional[ProgressCallback] = None,
+    nested: bool = True,
+    ensemble: int = ENSEMBLE_SIZE,
+    widen: bool = True,
+    dedup_groups: bool = True,
+    vote: bool = True,
+    extracts: Sequence[ExtractReport] = (),
+) -> EvaluateReport:
+    """Cross-validate heads on the cached features of each feature set (featurepipe.features.cached_features:
+    one DatasetFeatures per backbone spec, all with the same augmentation), choose the best configuration
+    (a soft-vote ensemble of the top ones included when `ensemble` >= 2), refit it on all training
+    images and save it; with `nested`, score that whole selection by nested CV. `extracts`: what
+    extraction reported for these feature sets (its failed images are recorded in config.json)."""
+    started = time.perf_counter()
+    _check_heads(heads)
     root = cache_root(cache_dir)
-    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
+    if not features or any(f.stores is None for f in features):
+        raise FeaturepipeError("evaluate needs each feature set's features as read from its stores "
+                               "(featurepipe.features.cached_features)")
+    specs = [f.stores.spec for f in features]
     names = [feature_set_name(s) for s in specs]
+    if len(set(names)) != len(names):
+        raise FeaturepipeError(f"the same feature set is given twice ({', '.join(names)}); pass each spec once")
+    augment = features[0].stores.augment_spec
+    if any(f.stores.augment_spec != augment for f in features):
+        raise FeaturepipeError("the feature sets were read with different augmentation; read them all with "
+                               "one AugmentSpec")
+    extracted = list(extracts)
     notes = []
     if nested and folds < 3:
         # Said in the result, config.json and the CLI summary: there is no headline to report.
         notes.append(f"nested CV skipped: it needs at least 3 folds (the inner search trains without two of "
                      f"them) and --folds is {folds}; the leaderboard's best row is optimistic")
         nested = False
-    policy = AugmentPolicy() if augment else None
-    extracted, loaded = [], []
-    for s in specs:
-        extracted.append(extract(dataset, s, root, augment=augment, augment_seed=augment_seed, progress=progress))
-        stores = open_stores(s, root, augment, policy, augment_seed)
-        loaded.append((stores, dataset_features(dataset, stores)))
+    loaded = [(f.stores, replace(f)) for f in features]   # copies: the dedup groups below are ours, not the caller's
     # Every feature set scores the same images: those with features in all of them (a file that
     # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
     common = set.intersection(*(set(f.frame["hash"]) for _, f in loaded))
@@ -350,7 +400,7 @@ def evaluate(
         "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(), "search": {
             "feature_sets": {n: s.to_dict() for n, s in zip(names, specs)}, "heads": list(heads),
             "grids": search_grids, "ensemble": ensemble, "nested": nested, "widen": widen, "vote": vote},
-        "augment": augment, "augment_seed": augment_seed, "augment_policy": policy.to_dict() if policy else None,
+        **augment.to_config(),
         "heads": list(heads), "grids": grids, "folds": folds, "repeats": repeats, "seed": seed, "tta": tta,
         "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
         "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # issue 11: leakage groups, --exclude/--relabel
@@ -359,7 +409,7 @@ def evaluate(
     fitted = sum(r.fitted for r in results.values())
     return EvaluateReport(run_dir=run_dir, leaderboard=leaderboard, best=best, holdout=holdout,
                           fitted=fitted, reused=sum(r.reused for r in results.values()),
-                          extract=merge_extract_reports(extracted), images_used=len(first.y),
+                          extract=merge_extract_reports(extracted) if extracted else None, images_used=len(first.y),
                           images_missing=sorted(set(p for _, f in loaded for p in f.missing)),
                           seconds=time.perf_counter() - started, nested=nested_result, extracts=extracted,
                           notes=notes)

@@ -65,7 +65,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.finetune_compare import compare, scores
 from featurepipe.hashcache import file_sha256
 from featurepipe.image_split import ImageSplit, decode_frame, decode_split, make_split
-from featurepipe.images import AugmentPolicy, augment_image, view_rng
+from featurepipe.images import AugmentSpec, augment_image, view_rng
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback, report
 from featurepipe.training import (
@@ -173,11 +173,10 @@ def _refit_head(meta: dict, config: dict, feature_model, images, labels, hashes,
 
     views = None
     if meta.get("augment") == "views":
-        policy = AugmentPolicy.from_dict(config.get("augment_policy") or {})
-        seed = int(config.get("augment_seed", 0))
-        views = np.stack([features(np.stack([augment_image(img, policy, view_rng(h, k, seed))
+        augment = AugmentSpec.from_config(config)
+        views = np.stack([features(np.stack([augment_image(img, augment.policy, view_rng(h, k, augment.seed))
                                              for img, h in zip(images, hashes)]))
-                          for k in range(int(config.get("augment", 0)))], axis=1)
+                          for k in range(augment.count)], axis=1)
     table = FeatureTable(X=features(images), y=labels.astype(np.int64), classes=classes, paths=list(paths), views=views)
     # float32 whatever the caller's policy: the dense head caches its Keras trainer across fits.
     with dtype_policy(False):

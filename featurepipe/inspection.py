@@ -181,7 +181,7 @@ def _canonical(text: str) -> str:
 
 
 def summary_fingerprint(spec: BackboneSpec, root: Path) -> str:
-    from featurepipe.extract import open_stores
+    from featurepipe.features import open_stores
 
     return open_stores(spec, root).originals.fingerprint
 
@@ -206,8 +206,8 @@ def inspect_dataset(
     progress: Optional[ProgressCallback] = None,
 ) -> InspectReport:
     from featurepipe.embedding import embed
-    from featurepipe.extract import extract, open_stores
-    from featurepipe.features import dataset_features
+    from featurepipe.extract import extract
+    from featurepipe.features import dataset_features, open_stores
     from featurepipe.learning_curve import learning_curve
 
     started = time.perf_counter()

@@ -240,7 +240,7 @@ def _predict_vote(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
 
 def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,
                   result: PredictResult, progress) -> None:
-    from featurepipe.extract import open_stores
+    from featurepipe.features import open_stores
 
     estimator = run.load_head()
     root = run.cache_dir(cache_dir)

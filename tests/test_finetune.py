@@ -199,12 +199,12 @@ def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatc
     """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
     import featurepipe.crossval as crossval
     from featurepipe.finetune import _refit_head
-    from featurepipe.images import AugmentPolicy
+    from featurepipe.images import AugmentPolicy, AugmentSpec
 
     cache = workdir / "cache"
     dataset = scan(workdir / "data", cache_dir=cache)
     evaluate(dataset, SPEC, cache, heads=("logreg",), folds=2, augment=2, run_dir=workdir / "run_views", n_jobs=1)
-    stored = dataset_features(dataset, open_stores(SPEC, cache, 2, AugmentPolicy(), 0))
+    stored = dataset_features(dataset, open_stores(SPEC, cache, AugmentSpec(2, AugmentPolicy(), 0)))
     config = json.loads((workdir / "run_views" / "config.json").read_text())
     seen = {}
     monkeypatch.setattr(crossval, "refit", lambda table, *args: seen.setdefault("table", table))
