@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from featurepipe.errors import DatasetError, FeaturepipeError
 from featurepipe.heads import make_head
 from featurepipe.label_issues import knn_outliers, label_issues
 from featurepipe.paths import cache_root
-from featurepipe.run import HEAD_META, OOF, read_json
+from featurepipe.run import HEAD_META, OOF, dated_name, read_json
 from featurepipe.progress import ProgressCallback, report
 
 # The label-issue and learning-curve head: logistic regression on standardized + L2-normalized
@@ -187,8 +186,7 @@ def summary_fingerprint(spec: BackboneSpec, root: Path) -> str:
 
 
 def default_out_dir(root: Path, dataset: Dataset, spec: BackboneSpec) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-{spec.name}")
-    return root / "inspections" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    return root / "inspections" / dated_name(dataset.source, spec.name)
 
 
 def inspect_dataset(

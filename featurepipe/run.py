@@ -107,10 +107,15 @@ def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def dated_name(source: str | os.PathLike, label: str) -> str:
+    """<date-time>-<dataset folder>-<label>, safe as a folder name: how runs (and inspections) are named."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(source).stem}-{label}")
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
 def default_run_dir(root: Path, source: str | os.PathLike, label: str) -> Path:
     """CACHE/runs/<date-time>-<dataset folder>-<label>: where a run goes without --run-dir."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(source).stem}-{label}")
-    return runs_dir(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    return runs_dir(root) / dated_name(source, label)
 
 
 def new_run_dir(root: Path, source: str | os.PathLike, label: str,
