@@ -12,7 +12,6 @@ images in, probabilities out, loads with safe_mode=True) and summary.json.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Optional, Sequence
 import keras
 import numpy as np
 
-from featurepipe.artifacts import write_json
+from featurepipe.atomic import write_json
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
@@ -30,11 +29,10 @@ from featurepipe.training import (
     AugmentedImages, EpochHooks, HistoryLogger, best_row, check_batch_size, dtype_policy, evaluate_model,
     quiet_retracing, save_model_atomic, tensorboard_callbacks, tidy_history,
 )
-from featurepipe.paths import cache_root, runs_dir
-from featurepipe.rundir import prepare_run_dir
+from featurepipe.paths import cache_root
+from featurepipe.run import BASELINE_DIR, new_run_dir
 from featurepipe.progress import ProgressCallback
 
-BASELINE_DIR = "baseline"
 MODEL_FILE = "baseline.keras"
 LEARNING_RATE = 1e-3   # RMSprop's default, as in the blog post
 # Three valid 3x3 convs each followed by a 2x2 pool need at least this many pixels.
@@ -77,11 +75,6 @@ def build_small_convnet(image_size: int, n_classes: int, name: str = "baseline")
     return keras.Model(images, outputs, name=name)
 
 
-def _default_run_dir(dataset: Dataset, cache_dir) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-baseline")
-    return runs_dir(cache_root(cache_dir)) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-
-
 @quiet_retracing()
 def baseline(
     dataset: Dataset,
@@ -109,7 +102,7 @@ def baseline(
         split, classes, image_size, "squash", progress)
     check_batch_size(len(x_train), batch_size)
 
-    run_dir = prepare_run_dir(run_dir if run_dir is not None else _default_run_dir(dataset, cache_dir))  # issue 12
+    run_dir = new_run_dir(cache_root(cache_dir), dataset.source, "baseline", run_dir)  # issue 12: refuses a user's folder
     out = run_dir / BASELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("history.csv", "best.weights.h5"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from featurepipe.batches import parse_view_key
-from featurepipe.paths import features_dir, runs_dir
+from featurepipe.paths import features_dir
 from featurepipe.refs import live_refs
+from featurepipe.run import fingerprints_used_by_runs
 from featurepipe.store import FeatureStore, StoreInfo, gc_store, list_stores
 
 
@@ -54,17 +54,6 @@ class GcResult:
     dry_run: bool = False
 
 
-def _fingerprints_used_by_runs(root: Path) -> set[str]:
-    used: set[str] = set()
-    for config in runs_dir(root).glob("*/config.json"):
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        used.update(data.get("feature_fingerprints", []))
-    return used
-
-
 def gc_cache(root: Path, dry_run: bool = False) -> GcResult:
     """Remove stores no live dataset or run refers to, and rows of images no dataset holds any more.
 
@@ -80,7 +69,7 @@ def gc_cache(root: Path, dry_run: bool = False) -> GcResult:
 
     def decide(store: FeatureStore):
         live, _ = live_refs(root)
-        used = _fingerprints_used_by_runs(root) | {fp for ref in live for fp in ref["stores"]}
+        used = fingerprints_used_by_runs(root) | {fp for ref in live for fp in ref["stores"]}
         if store.fingerprint not in used:
             return None
         live_hashes = {h for ref in live for h in ref["hashes"]}

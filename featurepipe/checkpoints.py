@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from featurepipe import atomic
-from featurepipe.artifacts import write_json
+from featurepipe.atomic import write_json
 from featurepipe.atomic import TMP_PREFIX
 from featurepipe.hashcache import file_sha256
 

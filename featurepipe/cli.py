@@ -97,7 +97,7 @@ def _fail(error: Exception) -> None:
 def _check_run_dir(run_dir: Optional[Path], overwrite: bool) -> None:
     """--run-dir: refuse a folder of the user's that is not a run before any work starts (issue 12)."""
     if run_dir is not None:
-        from featurepipe.rundir import prepare_run_dir
+        from featurepipe.run import prepare_run_dir
 
         prepare_run_dir(run_dir, overwrite)
 
@@ -148,6 +148,7 @@ def extract(
     from featurepipe.dataset import scan
     from featurepipe.executor import executor_scope
     from featurepipe.extract import extract as run_extract
+    from featurepipe.images import AugmentSpec
     from featurepipe.paths import cache_root
 
     try:
@@ -156,7 +157,7 @@ def extract(
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json), \
                 executor_scope(scheduler, workers):
             dataset = scan(data, cache_dir=root, progress=progress, rehash=rehash)
-            result = run_extract(dataset, spec, root, augment=augment, augment_seed=augment_seed,
+            result = run_extract(dataset, spec, root, augment=AugmentSpec(augment, seed=augment_seed),
                                  batch_size=batch_size, lock_timeout=lock_timeout, progress=progress,
                                  precision=precision)
     except (FeaturepipeError, ValueError) as error:
@@ -226,6 +227,7 @@ def evaluate(
     from featurepipe import render
     from featurepipe.executor import executor_scope
     from featurepipe.evaluate import evaluate as run_evaluate, parse_grid
+    from featurepipe.images import AugmentSpec
     from featurepipe.paths import cache_root
 
     try:
@@ -236,8 +238,8 @@ def evaluate(
                 executor_scope(scheduler, workers):
             dataset = _scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
             result = run_evaluate(dataset, specs[0], root, heads=_head_names(heads),
-                                  grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=augment,
-                                  augment_seed=augment_seed, tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress,
+                                  grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed, augment=AugmentSpec(augment, seed=augment_seed),
+                                  tta=tta, run_dir=run_dir, n_jobs=jobs, progress=progress,
                                   specs=specs, nested=nested, ensemble=ensemble, dedup_groups=not no_dedup_groups,
                                   vote=vote)
     except (FeaturepipeError, ValueError) as error:

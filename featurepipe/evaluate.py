@@ -1,7 +1,9 @@
 """Stage `evaluate`: k-fold CV of heads on cached features, the best head refit and saved in a run dir.
 
-Whatever features are missing are extracted first (through the store); after that only cached
-features are touched, so comparing heads costs seconds.
+`evaluate_features` is the stage: it takes the dataset's cached features (one DatasetFeatures per
+feature set, read from the stores by featurepipe.features) and never builds a model, so comparing
+heads costs seconds. `evaluate` is the convenience the tests and library users call: it extracts
+whatever is missing first (featurepipe.extract), reads the features back and evaluates them.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,23 +19,20 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.atomic import write_csv  # issue 12
-from featurepipe.rundir import prepare_run_dir  # issue 12
-from featurepipe.artifacts import (
-    MEMBERS_DIR, MODEL_META, cached_head, load_head, member_dir, remember_head, save_head, save_vote, write_json,
-)
+from featurepipe import run as rundir
+from featurepipe.run import Run, cached_head, remember_head
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
 from featurepipe.crossval import FeatureTable, _metric_range, _summary, fold_metrics, refit, run_cv
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
-from featurepipe.extract import ExtractReport, extract, open_stores
-from featurepipe.features import DatasetFeatures, dataset_features
+from featurepipe.extract import ExtractReport
+from featurepipe.features import DatasetFeatures, cached_features
 from featurepipe.heads import HEADS
-from featurepipe.images import AugmentPolicy
+from featurepipe.images import AugmentSpec
 from featurepipe.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
-from featurepipe.paths import cache_root, runs_dir
+from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback
 
 DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
@@ -115,15 +112,6 @@ def _refit_key(table_key: str, best: dict, seed: int, tta: bool, frame: pd.DataF
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _new_run_dir(root: Path, dataset: Dataset, spec: Optional[BackboneSpec], explicit: Optional[Path]) -> Path:
-    if explicit is not None:
-        run_dir = Path(explicit)
-    else:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-{spec.name if spec else 'search'}")
-        run_dir = runs_dir(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    return prepare_run_dir(run_dir)   # issue 12: refuses a user's non-run folder (the CLI passes --overwrite)
-
-
 def feature_set_name(spec: BackboneSpec) -> str:
     """How a searched feature set is named in leaderboards: backbone/resize, plus what else differs."""
     info = get_backbone(spec.name)
@@ -191,8 +179,7 @@ def evaluate(
     folds: int = 5,
     repeats: int = 1,
     seed: int = 0,
-    augment: int = 0,
-    augment_seed: int = 0,
+    augment: AugmentSpec | int = 0,
     tta: bool = False,
     run_dir: Optional[Path] = None,
     n_jobs: int = -1,
@@ -204,28 +191,77 @@ def evaluate(
     dedup_groups: bool = True,
     vote: bool = True,
 ) -> EvaluateReport:
-    """Cross-validate heads on the cached features of every spec in `specs` (default: just `spec`),
-    choose the best configuration (a soft-vote ensemble of the top ones included when `ensemble` >= 2),
-    refit it on all training images and save it; with `nested`, score that whole selection by nested CV."""
+    """Extract what is missing for every spec in `specs` (default: just `spec`; `augment`: an
+    AugmentSpec or a bare view count), then evaluate_features on what the stores hold."""
+    from featurepipe.extract import extract
+
     started = time.perf_counter()
+    _check_heads(heads)
+    root = cache_root(cache_dir)
+    augment = AugmentSpec.of(augment)
+    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
+    extracted = [extract(dataset, s, root, augment=augment, progress=progress) for s in specs]
+    result = evaluate_features(dataset, cached_features(dataset, specs, root, augment), root, heads=heads,
+                               grids=grids, folds=folds, repeats=repeats, seed=seed, tta=tta, run_dir=run_dir,
+                               n_jobs=n_jobs, progress=progress, nested=nested, ensemble=ensemble, widen=widen,
+                               dedup_groups=dedup_groups, vote=vote, extracts=extracted)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_heads(heads: Sequence[str]) -> None:
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise FeaturepipeError(f"unknown head(s) {', '.join(unknown)}; heads: {', '.join(HEADS)}")
+
+
+def evaluate_features(
+    dataset: Dataset,
+    features: Sequence[DatasetFeatures],
+    cache_dir: Optional[str | os.PathLike] = None,
+    heads: tuple[str, ...] = DEFAULT_HEADS,
+    grids: Optional[dict] = None,
+    folds: int = 5,
+    repeats: int = 1,
+    seed: int = 0,
+    tta: bool = False,
+    run_dir: Optional[Path] = None,
+    n_jobs: int = -1,
+    progress: Optional[ProgressCallback] = None,
+    nested: bool = True,
+    ensemble: int = ENSEMBLE_SIZE,
+    widen: bool = True,
+    dedup_groups: bool = True,
+    vote: bool = True,
+    extracts: Sequence[ExtractReport] = (),
+) -> EvaluateReport:
+    """Cross-validate heads on the cached features of each feature set (featurepipe.features.cached_features:
+    one DatasetFeatures per backbone spec, all with the same augmentation), choose the best configuration
+    (a soft-vote ensemble of the top ones included when `ensemble` >= 2), refit it on all training
+    images and save it; with `nested`, score that whole selection by nested CV. `extracts`: what
+    extraction reported for these feature sets (its failed images are recorded in config.json)."""
+    started = time.perf_counter()
+    _check_heads(heads)
     root = cache_root(cache_dir)
-    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
+    if not features or any(f.stores is None for f in features):
+        raise FeaturepipeError("evaluate needs each feature set's features as read from its stores "
+                               "(featurepipe.features.cached_features)")
+    specs = [f.stores.spec for f in features]
     names = [feature_set_name(s) for s in specs]
+    if len(set(names)) != len(names):
+        raise FeaturepipeError(f"the same feature set is given twice ({', '.join(names)}); pass each spec once")
+    augment = features[0].stores.augment_spec
+    if any(f.stores.augment_spec != augment for f in features):
+        raise FeaturepipeError("the feature sets were read with different augmentation; read them all with "
+                               "one AugmentSpec")
+    extracted = list(extracts)
     notes = []
     if nested and folds < 3:
         # Said in the result, config.json and the CLI summary: there is no headline to report.
         notes.append(f"nested CV skipped: it needs at least 3 folds (the inner search trains without two of "
                      f"them) and --folds is {folds}; the leaderboard's best row is optimistic")
         nested = False
-    policy = AugmentPolicy() if augment else None
-    extracted, loaded = [], []
-    for s in specs:
-        extracted.append(extract(dataset, s, root, augment=augment, augment_seed=augment_seed, progress=progress))
-        stores = open_stores(s, root, augment, policy, augment_seed)
-        loaded.append((stores, dataset_features(dataset, stores)))
+    loaded = [(f.stores, replace(f)) for f in features]   # copies: the dedup groups below are ours, not the caller's
     # Every feature set scores the same images: those with features in all of them (a file that
     # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
     common = set.intersection(*(set(f.frame["hash"]) for _, f in loaded))
@@ -296,25 +332,26 @@ def evaluate(
         nested_result = nested_cv(results, first.y, classes, first.paths,
                                   float(leaderboard["accuracy_mean"].max()), ensemble, vote=vote)
 
-    run_dir = _new_run_dir(root, dataset, specs[0] if len(specs) == 1 else None, run_dir)
-    write_csv(run_dir / "leaderboard.csv", leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
-    write_csv(run_dir / "folds.csv", fold_table)
-    write_csv(run_dir / "oof_predictions.csv", oof)
-    for stale in ("nested.json", "nested_folds.csv", "nested_oof.csv"):
-        (run_dir / stale).unlink(missing_ok=True)
+    # issue 12: Run.new refuses a user's non-run folder (the CLI passes --overwrite)
+    run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
+    run_dir = run.path
+    run.write_csv(rundir.LEADERBOARD, leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
+    run.write_csv(rundir.FOLDS, fold_table)
+    run.write_csv(rundir.OOF, oof)
+    run.remove(rundir.NESTED, rundir.NESTED_FOLDS, rundir.NESTED_OOF)
     if nested_result is not None:
-        write_json(run_dir / "nested.json", nested_result.to_dict())
-        write_csv(run_dir / "nested_folds.csv", nested_result.folds)
-        write_csv(run_dir / "nested_oof.csv", nested_result.oof)
+        run.write_json(rundir.NESTED, nested_result.to_dict())
+        run.write_csv(rundir.NESTED_FOLDS, nested_result.folds)
+        run.write_csv(rundir.NESTED_OOF, nested_result.oof)
 
     best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
             "augment": best_candidate.augment, "tta": bool(tta and best_candidate.augment == "views"),
             "features": best_candidate.features}
     # A fine-tuned model in a reused run dir grew from the previous best head: it no longer belongs.
-    (run_dir / MODEL_META).unlink(missing_ok=True)
+    run.clear_model()
     voting = best_candidate.head == VOTE
     members = best_candidate.members if voting else (best_candidate,)
-    shutil.rmtree(run_dir / MEMBERS_DIR, ignore_errors=True)   # an earlier vote's members (or none)
+    run.clear_members()   # an earlier vote's members (or none)
     holdout_parts: dict[str, list] = {}
     for index, member in enumerate(members):
         chosen = names.index(member.features)
@@ -323,7 +360,7 @@ def evaluate(
                        "tta": bool(tta and member.augment == "views"), "features": member.features}
         meta = {**member_best, "tta": tta, "classes": classes, "backbone": specs[chosen].to_dict(),
                 "feature_fingerprint": stores.originals.fingerprint}
-        target = member_dir(run_dir, index) if voting else run_dir
+        target = run.member(index) if voting else run
         rows = features.frame["hash"].isin(common).to_numpy()
         frame = features.frame[rows].reset_index(drop=True)
         holdout_features = DatasetFeatures(frame, features.X[rows],
@@ -331,40 +368,40 @@ def evaluate(
         table = tables[member.features]
         refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, member_best, seed, tta, frame)
         estimator = None
-        cached = cached_head(refit_cache, target, meta)
+        cached = cached_head(refit_cache, target.path, meta)
         if cached is None:
             estimator = refit(table, member_best["head"], member_best["params"], member_best["augment"], seed)
-            save_head(estimator, target, meta)
+            target.save_head(estimator, meta)
         elif voting and (frame["split"] != "train").any():
-            estimator, _ = load_head(target)    # just copied from this user's signed refit cache
+            estimator, _ = target.load_head()    # just copied from this user's signed refit cache
         parts = {} if estimator is None else _holdout_proba(estimator, holdout_features, frame, label_index,
                                                             member_best, tta)
         if cached is None:
-            remember_head(refit_cache, target, {"holdout": _holdout_metrics(parts, classes)})
+            remember_head(refit_cache, target.path, {"holdout": _holdout_metrics(parts, classes)})
         if not voting:
             holdout = cached["holdout"] if cached is not None else _holdout_metrics(parts, classes)
         for split, part in parts.items():
             holdout_parts.setdefault(split, []).append(part)
     if voting:
-        save_vote(run_dir, {**best, "tta": tta, "classes": classes},
-                  [{"features": m.features, "head": m.head, "params": json.loads(m.params),
-                    "cv_accuracy": _row_accuracy(results[m.features].leaderboard, m)} for m in members])
+        run.save_vote({**best, "tta": tta, "classes": classes},
+                      [{"features": m.features, "head": m.head, "params": json.loads(m.params),
+                        "cv_accuracy": _row_accuracy(results[m.features].leaderboard, m)} for m in members])
         holdout = _holdout_metrics({split: (parts[0][0], np.mean([p for _, p in parts], axis=0))
                                     for split, parts in holdout_parts.items()}, classes)
-    (run_dir / "holdout.csv").unlink(missing_ok=True)
+    run.remove(rundir.HOLDOUT)
     if holdout:
-        write_csv(run_dir / "holdout.csv", pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
+        run.write_csv(rundir.HOLDOUT, pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
                                                          for k, d in holdout.items()]))
     fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
     failed = {f.path: f.reason for e in extracted for f in e.failed}
-    write_json(run_dir / "config.json", {
+    run.write_json(rundir.CONFIG, {
         "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
                     "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
                     "failed": [{"path": p, "reason": r} for p, r in failed.items()]},
         "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(), "search": {
             "feature_sets": {n: s.to_dict() for n, s in zip(names, specs)}, "heads": list(heads),
             "grids": search_grids, "ensemble": ensemble, "nested": nested, "widen": widen, "vote": vote},
-        "augment": augment, "augment_seed": augment_seed, "augment_policy": policy.to_dict() if policy else None,
+        **augment.to_config(),
         "heads": list(heads), "grids": grids, "folds": folds, "repeats": repeats, "seed": seed, "tta": tta,
         "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
         "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # issue 11: leakage groups, --exclude/--relabel
@@ -373,7 +410,7 @@ def evaluate(
     fitted = sum(r.fitted for r in results.values())
     return EvaluateReport(run_dir=run_dir, leaderboard=leaderboard, best=best, holdout=holdout,
                           fitted=fitted, reused=sum(r.reused for r in results.values()),
-                          extract=merge_extract_reports(extracted), images_used=len(first.y),
+                          extract=merge_extract_reports(extracted) if extracted else None, images_used=len(first.y),
                           images_missing=sorted(set(p for _, f in loaded for p in f.missing)),
                           seconds=time.perf_counter() - started, nested=nested_result, extracts=extracted,
                           notes=notes)

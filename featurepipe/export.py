@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Optional
 
 from featurepipe import atomic
-from featurepipe.artifacts import write_json
+from featurepipe.atomic import write_json
 from featurepipe.backbones.fingerprint import package_version
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
-from featurepipe.predict import MODEL_META, RunModel, open_run
+from featurepipe.run import MODEL_META, RunModel, open_run
 from featurepipe.progress import ProgressCallback, report
 
 FORMATS = ("keras", "savedmodel", "tflite")

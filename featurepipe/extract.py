@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Optional
 
 from featurepipe import refs
-from featurepipe.backbones.fingerprint import backbone_fingerprint, views_fingerprint
-from featurepipe.backbones.accel import check_precision
-from featurepipe.backbones.spec import BackboneSpec, hash_payload
-from featurepipe.batches import BatchJob, is_view_key, plan_batches, view_key
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.batches import BatchJob, is_view_key, plan_batches
 from featurepipe.dataset import Dataset
 from featurepipe.executor import Executor, current_executor
+# FeatureStores/open_stores live in features.py (reading the stores needs no extraction); imported
+# here too because extract fills exactly those stores, and callers open them through either module.
+from featurepipe.features import FeatureStores, open_stores  # noqa: F401
 from featurepipe.hashcache import regular_file_sha256
-from featurepipe.images import AugmentPolicy
-from featurepipe.paths import cache_root, features_dir
+from featurepipe.images import AugmentSpec
+from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback, report
 from featurepipe.store import FeatureStore
 
@@ -70,43 +71,11 @@ class ExtractReport:
         return data
 
 
-@dataclass
-class FeatureStores:
-    """The stores a spec (and augmentation) maps to, opened without building any model."""
-    spec: BackboneSpec
-    originals: FeatureStore
-    views: Optional[FeatureStore]
-    augment: int
-    policy: Optional[AugmentPolicy]
-
-    def view_keys(self, content_hash: str) -> list[str]:
-        return [view_key(content_hash, k) for k in range(self.augment)]
-
-
-def open_stores(spec: BackboneSpec, root: Path, augment: int = 0, policy: Optional[AugmentPolicy] = None,
-                augment_seed: int = 0, precision: str = "float32") -> FeatureStores:
-    spec = spec.resolved()
-    fingerprint, payload = backbone_fingerprint(spec, root)
-    if check_precision(precision) != "float32":
-        # Half-precision features differ by ~1e-3 relative: their own store, never mixed with float32 rows.
-        payload = {**payload, "precision": precision}
-        fingerprint = hash_payload(payload)
-    originals = FeatureStore.open(features_dir(root), fingerprint, payload)
-    views = None
-    if augment > 0:
-        policy = policy or AugmentPolicy()
-        views_fp, views_payload = views_fingerprint(fingerprint, policy.to_dict(), augment_seed)
-        views = FeatureStore.open(features_dir(root), views_fp, {**views_payload, "base_payload": payload})
-    return FeatureStores(spec, originals, views, augment if views else 0, policy if views else None)
-
-
 def extract(
     dataset: Dataset,
     spec: BackboneSpec = BackboneSpec(),
     cache_dir: Optional[str | os.PathLike] = None,
-    augment: int = 0,
-    augment_policy: Optional[AugmentPolicy] = None,
-    augment_seed: int = 0,
+    augment: AugmentSpec | int = 0,
     batch_size: Optional[int] = None,
     decode_threads: Optional[int] = None,
     lock_timeout: float = 600.0,
@@ -121,7 +90,8 @@ def extract(
     started = time.perf_counter()
     executor = executor or current_executor()
     root = cache_root(cache_dir)
-    stores = open_stores(spec, root, augment, augment_policy, augment_seed, precision)
+    augment = AugmentSpec.of(augment)   # count, policy and seed of the views (a bare int: the count)
+    stores = open_stores(spec, root, augment, precision)
     spec = stores.spec
     first_path = dataset.frame.drop_duplicates("hash").set_index("hash")["path"].to_dict()
     refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
@@ -133,7 +103,7 @@ def extract(
     result = ExtractReport(
         backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
         feature_dim=stores.originals.feature_dim or 0, images=len(first_path), extracted=0, reused=0,
-        views_per_image=augment, executor=executor.name,
+        views_per_image=augment.count, executor=executor.name,
         views_fingerprint=stores.views.fingerprint if stores.views else None,
         views_store_dir=str(stores.views.directory) if stores.views else None, precision=precision,
     )
@@ -154,11 +124,11 @@ def extract(
                 with stores.views.writer(timeout=lock_timeout, on_wait=waiting) as views_writer:
                     result.waited_seconds = time.perf_counter() - wait_started
                     _run(dataset, stores, first_path, original_writer, views_writer, batch_size,
-                         decode_threads, augment_seed, result, progress, root, executor)
+                         decode_threads, result, progress, root, executor)
             else:
                 result.waited_seconds = time.perf_counter() - wait_started
                 _run(dataset, stores, first_path, original_writer, None, batch_size,
-                     decode_threads, augment_seed, result, progress, root, executor)
+                     decode_threads, result, progress, root, executor)
         # While we waited for the lock, another process may have written some of these rows (and
         # set the store's dimension): count what is there now, not what was there before.
         stores.originals.refresh()
@@ -215,7 +185,7 @@ def failure_is_permanent(path: str, content_hash: str, reason: str) -> bool:
 
 
 def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], original_writer,
-         views_writer, batch_size: int, decode_threads: Optional[int], augment_seed: int,
+         views_writer, batch_size: int, decode_threads: Optional[int],
          result: ExtractReport, progress: Optional[ProgressCallback], root: Path, executor: Executor) -> None:
     # Another process may have finished some of this work while we waited for the lock.
     known_failures = remembered_failures(stores.originals)
@@ -233,7 +203,7 @@ def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], or
         spec=spec, root=str(root), payload=stores.originals.payload,
         originals_incoming=str(stores.originals.incoming),
         views_incoming=str(stores.views.incoming) if stores.views is not None else None,
-        policy=stores.policy, augment_seed=augment_seed, chunk=batch_size or 0, decode_threads=decode_threads or 0,
+        policy=stores.policy, augment_seed=stores.seed, chunk=batch_size or 0, decode_threads=decode_threads or 0,
         precision=result.precision,
         registry_module=_registry_module(spec.name),
     )

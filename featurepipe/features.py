@@ -1,18 +1,67 @@
-"""Reading a dataset's cached features back as arrays, and exporting them for other tools."""
+"""A dataset's cached features: the stores a backbone spec (and augmentation) maps to, the features
+read back from them as arrays (what evaluate and inspect work on), and exports for other tools.
+
+Nothing here builds a model or extracts: `featurepipe.extract` fills the stores, this module reads them.
+"""
 
 from __future__ import annotations
 
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from featurepipe import atomic
+from featurepipe.backbones.accel import check_precision
+from featurepipe.backbones.fingerprint import backbone_fingerprint, views_fingerprint
+from featurepipe.backbones.spec import BackboneSpec, hash_payload
+from featurepipe.batches import view_key
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
+from featurepipe.images import AugmentPolicy, AugmentSpec
+from featurepipe.paths import features_dir
+from featurepipe.store import FeatureStore
+
+
+@dataclass
+class FeatureStores:
+    """The stores a spec (and augmentation) maps to, opened without building any model."""
+    spec: BackboneSpec
+    originals: FeatureStore
+    views: Optional[FeatureStore]
+    augment: int
+    policy: Optional[AugmentPolicy]
+    seed: int = 0                     # the views' seed (AugmentSpec.seed)
+
+    def view_keys(self, content_hash: str) -> list[str]:
+        return [view_key(content_hash, k) for k in range(self.augment)]
+
+    @property
+    def augment_spec(self) -> AugmentSpec:
+        return AugmentSpec(self.augment, self.policy, self.seed)
+
+
+def open_stores(spec: BackboneSpec, root: Path, augment: AugmentSpec | int = 0,
+                precision: str = "float32") -> FeatureStores:
+    """`augment`: an AugmentSpec, or a bare view count (default policy, seed 0)."""
+    augment = AugmentSpec.of(augment)
+    spec = spec.resolved()
+    fingerprint, payload = backbone_fingerprint(spec, root)
+    if check_precision(precision) != "float32":
+        # Half-precision features differ by ~1e-3 relative: their own store, never mixed with float32 rows.
+        payload = {**payload, "precision": precision}
+        fingerprint = hash_payload(payload)
+    originals = FeatureStore.open(features_dir(root), fingerprint, payload)
+    views = None
+    policy = augment.resolved_policy
+    if augment.count > 0:
+        views_fp, views_payload = views_fingerprint(fingerprint, policy.to_dict(), augment.seed)
+        views = FeatureStore.open(features_dir(root), views_fp, {**views_payload, "base_payload": payload})
+    return FeatureStores(spec, originals, views, augment.count if views else 0, policy if views else None,
+                         augment.seed)
 
 
 @dataclass
@@ -21,10 +70,11 @@ class DatasetFeatures:
     X: np.ndarray                     # (n, d) original-image features
     views: Optional[np.ndarray]       # (n, K, d) augmented-view features, or None
     missing: list[str]                # paths without features (they failed to decode)
+    stores: Optional[FeatureStores] = None   # where they came from (spec, fingerprints, augmentation)
 
 
-def dataset_features(dataset: Dataset, stores) -> DatasetFeatures:
-    """Features of every dataset row whose image is in the stores (see extract.open_stores)."""
+def dataset_features(dataset: Dataset, stores: FeatureStores) -> DatasetFeatures:
+    """Features of every dataset row whose image is in the stores (see open_stores)."""
     have = stores.originals.keys()
     present = dataset.frame["hash"].isin(have)
     frame = dataset.frame[present].reset_index(drop=True)
@@ -33,7 +83,13 @@ def dataset_features(dataset: Dataset, stores) -> DatasetFeatures:
     if stores.views is not None and len(frame):
         keys = [k for h in frame["hash"] for k in stores.view_keys(h)]
         views = stores.views.read(keys).reshape(len(frame), stores.augment, -1)
-    return DatasetFeatures(frame, X, views, dataset.frame.loc[~present, "path"].tolist())
+    return DatasetFeatures(frame, X, views, dataset.frame.loc[~present, "path"].tolist(), stores)
+
+
+def cached_features(dataset: Dataset, specs: Sequence[BackboneSpec], root: Path,
+                    augment: AugmentSpec | int = 0) -> list[DatasetFeatures]:
+    """One DatasetFeatures per spec, read from the stores as they are (extract fills them first)."""
+    return [dataset_features(dataset, open_stores(spec, root, augment)) for spec in specs]
 
 
 META_COLUMNS = ["path", "label", "split", "group", "hash"]

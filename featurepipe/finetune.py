@@ -54,8 +54,9 @@ import numpy as np
 import pandas as pd
 
 from featurepipe import atomic
-from featurepipe.artifacts import MODEL_META, load_head, write_json
+from featurepipe.atomic import write_json
 from featurepipe.finetune_vote import Vote, open_vote, vote_proba
+from featurepipe.run import FINETUNE_DIR, MODEL_META, load_head, read_json
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.combined_model import (
@@ -65,7 +66,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.finetune_compare import compare, scores
 from featurepipe.hashcache import file_sha256
 from featurepipe.image_split import ImageSplit, decode_frame, decode_split, make_split
-from featurepipe.images import AugmentPolicy, augment_image, view_rng
+from featurepipe.images import AugmentSpec, augment_image, view_rng
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback, report
 from featurepipe.training import (
@@ -78,7 +79,6 @@ from featurepipe.training import (
 STRATEGIES = ("head", "top-blocks", "fpt", "all")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-FINETUNE_DIR = "finetune"
 MODEL_FILE = "finetuned.keras"
 # Early stopping and the best epoch follow the plain validation cross-entropy (val_loss includes
 # label smoothing, whose floor depends on the number of classes).
@@ -142,12 +142,6 @@ class FinetuneReport:
 # finetune
 
 
-def _read_json(path: Path, missing: str) -> dict:
-    if not path.exists():
-        raise FeaturepipeError(missing)
-    return json.loads(path.read_text())
-
-
 def _read_optional_json(path: Path) -> Optional[dict]:
     """A JSON file written by this module, or None when it is missing or unreadable."""
     try:
@@ -180,11 +174,10 @@ def _refit_head(meta: dict, config: dict, feature_model, images, labels, hashes,
 
     views = None
     if meta.get("augment") == "views":
-        policy = AugmentPolicy.from_dict(config.get("augment_policy") or {})
-        seed = int(config.get("augment_seed", 0))
-        views = np.stack([features(np.stack([augment_image(img, policy, view_rng(h, k, seed))
+        augment = AugmentSpec.from_config(config)
+        views = np.stack([features(np.stack([augment_image(img, augment.policy, view_rng(h, k, augment.seed))
                                              for img, h in zip(images, hashes)]))
-                          for k in range(int(config.get("augment", 0)))], axis=1)
+                          for k in range(augment.count)], axis=1)
     table = FeatureTable(X=features(images), y=labels.astype(np.int64), classes=classes, paths=list(paths), views=views)
     # float32 whatever the caller's policy: the dense head caches its Keras trainer across fits.
     with dtype_policy(False):
@@ -362,7 +355,7 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
     from featurepipe.dataset import scan
 
     out = run_dir / FINETUNE_DIR
-    config = _read_json(run_dir / "config.json",
+    config = read_json(run_dir / "config.json",
                         f"{run_dir} has no config.json; pass a run directory written by `featurepipe evaluate`")
     notes: list[str] = []
     vote = open_vote(run_dir)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from featurepipe.artifacts import load_head, load_head_meta, vote_member_dirs
+from featurepipe.run import load_head, load_head_meta, vote_member_dirs
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError
 
@@ -76,7 +76,7 @@ def open_vote(run_dir: Path, trust_run: bool = False) -> Optional[Vote]:
 
 
 def _features(member: VoteMember, root: Path, hashes: Sequence[str]) -> np.ndarray:
-    from featurepipe.extract import open_stores
+    from featurepipe.features import open_stores
 
     store = open_stores(member.spec, root).originals
     missing = store.missing(list(hashes))

@@ -490,6 +490,41 @@ class AugmentPolicy:
 
 
 @dataclass(frozen=True)
+class AugmentSpec:
+    """The augmented views of every image, as one value through extract, evaluate and `run`: how
+    many per image (`count`, 0: none), drawn with which `policy` (None: AugmentPolicy's defaults)
+    from which `seed`. The views store's fingerprint covers policy and seed; config.json records
+    all three (to_config), and fine-tuning reads them back (from_config)."""
+
+    count: int = 0
+    policy: AugmentPolicy | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, augment: "AugmentSpec | int | None") -> "AugmentSpec":
+        """An AugmentSpec as given, or a bare view count (default policy, seed 0)."""
+        if isinstance(augment, AugmentSpec):
+            return augment
+        return cls(int(augment or 0))
+
+    @property
+    def resolved_policy(self) -> AugmentPolicy | None:
+        """The policy views are drawn with; None without views."""
+        return (self.policy or AugmentPolicy()) if self.count > 0 else None
+
+    def to_config(self) -> dict[str, Any]:
+        policy = self.resolved_policy
+        return {"augment": self.count, "augment_seed": self.seed,
+                "augment_policy": policy.to_dict() if policy else None}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "AugmentSpec":
+        """What a run's config.json recorded (older runs without these fields: no views)."""
+        return cls(int(config.get("augment") or 0), AugmentPolicy.from_dict(config.get("augment_policy") or {}),
+                   int(config.get("augment_seed", 0) or 0))
+
+
+@dataclass(frozen=True)
 class AugmentParams:
     """One concrete draw of the random transform (names as in Keras' get_random_transform)."""
 

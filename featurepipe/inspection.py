@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from featurepipe.dedup import DEFAULT_COSINE, DEFAULT_HAMMING, duplicate_groups,
 from featurepipe.errors import DatasetError, FeaturepipeError
 from featurepipe.heads import make_head
 from featurepipe.label_issues import knn_outliers, label_issues
-from featurepipe.paths import cache_root, runs_dir
+from featurepipe.paths import cache_root
+from featurepipe.run import HEAD_META, OOF, dated_name, read_json
 from featurepipe.progress import ProgressCallback, report
 
 # The label-issue and learning-curve head: logistic regression on standardized + L2-normalized
@@ -99,11 +99,11 @@ def oof_from_cv(root: Optional[Path], C: float = LABEL_C, folds: int = 5, seed: 
 def oof_from_run(run_dir: Path) -> OofSource:
     """Out-of-fold probabilities of the run's best configuration (mean over repeats)."""
     run_dir = Path(run_dir)
-    path = run_dir / "oof_predictions.csv"
+    path = run_dir / OOF
     if not path.exists():
         raise FeaturepipeError(f"{path} is missing; pass the run directory that `featurepipe evaluate` or "
                                f"`featurepipe run` printed")
-    best = json.loads((run_dir / "best_head.json").read_text()) if (run_dir / "best_head.json").exists() else None
+    best = read_json(run_dir / HEAD_META) if (run_dir / HEAD_META).exists() else None
 
     def source(table: FeatureTable) -> np.ndarray:
         oof = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"path": str, "head": str,
@@ -112,8 +112,8 @@ def oof_from_run(run_dir: Path) -> OofSource:
     source.description = f"the best configuration's out-of-fold predictions in {path}"   # type: ignore[attr-defined]
     source.curve_head = run_curve_head(best)                                               # type: ignore[attr-defined]
     digest = hashlib.sha256(path.read_bytes())
-    if (run_dir / "best_head.json").exists():
-        digest.update((run_dir / "best_head.json").read_bytes())
+    if (run_dir / HEAD_META).exists():
+        digest.update((run_dir / HEAD_META).read_bytes())
     source.identity = "run:" + digest.hexdigest()                                          # type: ignore[attr-defined]
     return source
 
@@ -180,14 +180,13 @@ def _canonical(text: str) -> str:
 
 
 def summary_fingerprint(spec: BackboneSpec, root: Path) -> str:
-    from featurepipe.extract import open_stores
+    from featurepipe.features import open_stores
 
     return open_stores(spec, root).originals.fingerprint
 
 
 def default_out_dir(root: Path, dataset: Dataset, spec: BackboneSpec) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(dataset.source).stem}-{spec.name}")
-    return root / "inspections" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    return root / "inspections" / dated_name(dataset.source, spec.name)
 
 
 def inspect_dataset(
@@ -205,8 +204,8 @@ def inspect_dataset(
     progress: Optional[ProgressCallback] = None,
 ) -> InspectReport:
     from featurepipe.embedding import embed
-    from featurepipe.extract import extract, open_stores
-    from featurepipe.features import dataset_features
+    from featurepipe.extract import extract
+    from featurepipe.features import dataset_features, open_stores
     from featurepipe.learning_curve import learning_curve
 
     started = time.perf_counter()

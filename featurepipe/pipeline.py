@@ -18,8 +18,10 @@ import pandas as pd
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import Dataset, scan
-from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate, feature_set_name, merge_extract_reports
+from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate_features, feature_set_name, merge_extract_reports
 from featurepipe.extract import ExtractReport, extract
+from featurepipe.features import cached_features
+from featurepipe.images import AugmentSpec
 from featurepipe.nested import ENSEMBLE_SIZE
 from featurepipe.paths import cache_root
 from featurepipe.progress import ProgressCallback
@@ -75,14 +77,13 @@ def run(
     folds: int = 5,
     repeats: int = 1,
     seed: int = 0,
-    augment: int = 0,
+    augment: AugmentSpec | int = 0,
     tta: bool = False,
     finetune: bool = False,
     finetune_epochs: Optional[int] = None,
     run_dir: Optional[str | os.PathLike] = None,
     progress: Optional[ProgressCallback] = None,
     grids: Optional[dict] = None,
-    augment_seed: int = 0,
     n_jobs: int = -1,
     thumbnails: int = 24,
     specs: Optional[Sequence[BackboneSpec]] = None,
@@ -97,11 +98,13 @@ def run(
     """The whole job on DATA; returns where the run was written and what each stage cost.
 
     `specs` are the feature sets searched (default: just `spec`; `featurepipe run` passes
-    featurepipe.search.search_specs()), each extracted once and compared on cached features."""
+    featurepipe.search.search_specs()), each extracted once and compared on cached features.
+    `augment`: the augmented views (an AugmentSpec, or a bare count with the default policy and seed 0)."""
     started = time.perf_counter()
     stages: dict[str, float] = {}
     root = cache_root(cache_dir)
     specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
+    augment = AugmentSpec.of(augment)
 
     def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -114,14 +117,14 @@ def run(
         from featurepipe.fixes import apply_fixes
 
         dataset = apply_fixes(dataset, exclude, relabel)
-    extracts = [timed("extract", extract, dataset, s, root, augment=augment, augment_seed=augment_seed,
-                      progress=progress) for s in specs]
-    # evaluate() extracts again first; with everything just stored that is a key lookup, no model.
-    evaluated = timed("evaluate", evaluate, dataset, specs[0], root, heads=tuple(heads), grids=grids, folds=folds,
-                      repeats=repeats, seed=seed, augment=augment, augment_seed=augment_seed, tta=tta,
+    extracts = [timed("extract", extract, dataset, s, root, augment=augment, progress=progress) for s in specs]
+    # Evaluate works on what the stores now hold: read once, no model built.
+    features = timed("evaluate", cached_features, dataset, specs, root, augment)
+    evaluated = timed("evaluate", evaluate_features, dataset, features, root, heads=tuple(heads), grids=grids,
+                      folds=folds, repeats=repeats, seed=seed, tta=tta,
                       run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
-                      specs=specs, nested=nested, ensemble=ensemble, dedup_groups=dedup_groups,
-                      vote=vote)
+                      nested=nested, ensemble=ensemble, dedup_groups=dedup_groups, extracts=extracts, vote=vote)
+    del features   # the arrays are evaluate's; inspect and report read what they need themselves
     extracted = merge_extract_reports(extracts)
     if inspect:   # issue 11: know-your-data sections of the report, from cached features and the run's OOF
         from featurepipe.inspection import inspect_dataset, oof_from_run

@@ -9,7 +9,6 @@ are not decoded at all, and the backbone is only built when some image is missin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,115 +20,18 @@ import numpy as np
 import pandas as pd
 
 from featurepipe import atomic
-from featurepipe.artifacts import (
-    HEAD_META, MODEL_META, VOTE, load_head, load_head_meta, load_run_model, vote_member_dirs,
-)
 from featurepipe.backbones.accel import default_decode_threads
-from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import FeaturepipeError
 from featurepipe.dataset import walk_images
 from featurepipe.hashcache import HashCache, path_key
 from featurepipe.images import IMAGE_EXTENSIONS, decode_batches
-from featurepipe.paths import cache_root, hash_db
+from featurepipe.paths import hash_db
 from featurepipe.progress import ProgressCallback, ProgressEvent, report
+from featurepipe.run import MODEL_META, RunModel, open_run
 from featurepipe.strictjson import json_ready
 
-MODEL_CHOICES = ("auto", "finetuned", "head")
 
-
-# ------------------------------------------------------------------------------------------ the run's model
-
-
-@dataclass
-class RunModel:
-    """What a run predicts with, as recorded in its directory (nothing heavy is loaded yet)."""
-    run_dir: Path
-    kind: str                        # "finetuned" | "head"
-    classes: list[str]
-    image_size: int
-    resize: str
-    config: dict
-    spec: Optional[BackboneSpec] = None        # the backbone the head was trained on ("head" only)
-    head_meta: Optional[dict] = None
-    model_meta: Optional[dict] = None          # model.json ("finetuned" only)
-    trust: bool = False                        # load a head this user's key did not sign (--trust)
-    members: list["RunModel"] = field(default_factory=list)   # a vote: one head per feature set, averaged
-
-    @property
-    def is_vote(self) -> bool:
-        return bool(self.members)
-
-    def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
-        explicit = override if override is not None else self.config.get("cache_dir")
-        return cache_root(explicit)
-
-    def load_head(self):
-        """The best head (scikit-learn estimator or dense head), hash-checked before unpickling."""
-        estimator, _ = load_head(self.run_dir, trust_run=self.trust)
-        return estimator
-
-    def load_finetuned(self):
-        """The fine-tuned Keras model (uint8 (n, s, s, 3) -> probabilities), hash-checked, safe_mode."""
-        return load_run_model(self.run_dir, self.model_meta)[0]
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FeaturepipeError(f"{path} is damaged ({error}); re-run {what}") from None
-
-
-def open_run(run_dir: str | os.PathLike, model: str = "auto", trust: bool = False) -> RunModel:
-    """Read a run directory's model description. `model`: "auto" (fine-tuned if present), "finetuned", "head";
-    `trust`: accept a head that this user's key did not sign (a run copied from elsewhere)."""
-    run_dir = Path(run_dir).expanduser()
-    if model not in MODEL_CHOICES:
-        raise FeaturepipeError(f"model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
-    if not run_dir.is_dir():
-        raise FeaturepipeError(f"run directory {run_dir} does not exist; `featurepipe evaluate` and "
-                               f"`featurepipe run` print the run directory they wrote")
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FeaturepipeError(f"{run_dir} is not a featurepipe run directory (no config.json); point at a "
-                               f"directory written by `featurepipe evaluate` or `featurepipe run`")
-    config = _read_json(config_path, "`featurepipe evaluate`")
-    model_path = run_dir / MODEL_META
-    if model == "finetuned" and not model_path.exists():
-        raise FeaturepipeError(f"{run_dir} has no fine-tuned model ({MODEL_META} missing); run fine-tuning first "
-                               f"or predict with the best head")
-    if model_path.exists() and model != "head":
-        meta = _read_json(model_path, "fine-tuning")
-        missing = {"file", "sha256", "classes", "image_size", "resize"} - set(meta)
-        if meta.get("kind") != "finetuned" or missing:
-            raise FeaturepipeError(f"{model_path} does not describe a fine-tuned model (kind {meta.get('kind')!r}, "
-                                   f"missing {', '.join(sorted(missing)) or 'nothing'}); re-run fine-tuning")
-        return RunModel(run_dir, "finetuned", [str(c) for c in meta["classes"]], int(meta["image_size"]),
-                        str(meta["resize"]), config, model_meta=meta, trust=trust)
-    if not (run_dir / HEAD_META).exists():
-        raise FeaturepipeError(f"{run_dir} has no trained head ({HEAD_META} missing) and no fine-tuned model; "
-                               f"run `featurepipe evaluate` (or `featurepipe run`) to train one")
-    meta = load_head_meta(run_dir)
-    if meta.get("head") == VOTE:
-        members = [_head_model(folder, config, load_head_meta(folder), trust)
-                   for folder in vote_member_dirs(run_dir, meta, trust)]
-        if any(m.classes != [str(c) for c in meta["classes"]] for m in members):
-            raise FeaturepipeError(f"the members of {run_dir / HEAD_META} disagree on the classes; "
-                                   f"re-run `featurepipe evaluate`")
-        first = members[0]
-        return RunModel(run_dir, "head", first.classes, first.image_size, first.resize, config, spec=None,
-                        head_meta=meta, trust=trust, members=members)
-    return _head_model(run_dir, config, meta, trust)
-
-
-def _head_model(folder: Path, config: dict, meta: dict, trust: bool) -> RunModel:
-    backbone = meta.get("backbone") or config.get("backbone")
-    if not backbone:
-        raise FeaturepipeError(f"{folder / HEAD_META} does not record the backbone it was trained on; "
-                               f"re-run `featurepipe evaluate`")
-    spec = BackboneSpec.from_dict(backbone).resolved()
-    return RunModel(folder, "head", [str(c) for c in meta["classes"]], int(spec.image_size), str(spec.resize),
-                    config, spec=spec, head_meta=meta, trust=trust)
+# ------------------------------------------------------------------------------------------ head output
 
 
 def head_probabilities(estimator, X: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -338,7 +240,7 @@ def _predict_vote(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
 
 def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,
                   result: PredictResult, progress) -> None:
-    from featurepipe.extract import open_stores
+    from featurepipe.features import open_stores
 
     estimator = run.load_head()
     root = run.cache_dir(cache_dir)

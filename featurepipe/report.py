@@ -25,6 +25,7 @@ import pandas as pd
 from featurepipe import atomic
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import ProgressCallback, report
+from featurepipe.run import read_json
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc")
 METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1_macro": "macro F1",
@@ -79,13 +80,6 @@ def _read_csv(path: Path) -> pd.DataFrame:
         if column in frame.columns:
             frame[column] = frame[column].fillna("")
     return frame
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise FeaturepipeError(f"{path}: cannot be read as JSON ({error}); re-run `featurepipe evaluate`") from None
 
 
 def _canonical_params(params: Any) -> str:
@@ -616,8 +610,8 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
         raise FeaturepipeError(f"{leaderboard_path} has no rows; re-run `featurepipe evaluate`")
     board = _with_key(board)
     missing = [name for name in OPTIONAL_INPUTS if not (run_dir / name).exists()]
-    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-    best_meta = _read_json(run_dir / "best_head.json") if (run_dir / "best_head.json").exists() else {}
+    config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+    best_meta = read_json(run_dir / "best_head.json") if (run_dir / "best_head.json").exists() else {}
     folds = _with_key(_read_csv(run_dir / "folds.csv")) if (run_dir / "folds.csv").exists() else None
     oof = _with_key(_read_csv(run_dir / "oof_predictions.csv")) if (run_dir / "oof_predictions.csv").exists() else None
     dataset = config.get("dataset") or {}
@@ -649,7 +643,7 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
 
     # ---- the headline: nested CV of the whole search
     if (run_dir / "nested.json").exists():
-        sections.append((S_NESTED, _nested_section(_read_json(run_dir / "nested.json"))))
+        sections.append((S_NESTED, _nested_section(read_json(run_dir / "nested.json"))))
 
     # ---- leaderboard
     tick(S_LEADERBOARD)
@@ -993,7 +987,7 @@ def _training_section(charts: _Charts, directory: Path, png_name: str, title: st
         return ""
     parts = []
     if summary_path.exists():
-        summary = _read_json(summary_path)
+        summary = read_json(summary_path)
         if isinstance(summary, dict):
             parts.append(_summary_block(summary))
     if history_path.exists():
@@ -1014,7 +1008,7 @@ def _comparison(run_dir: Path, best_row) -> str:
                         ("baseline", "small convnet from scratch (validation accuracy)")):
         path = run_dir / name / "summary.json"
         if path.exists():
-            summary = _read_json(path)
+            summary = read_json(path)
             after = summary.get("after") if isinstance(summary, dict) else None
             if isinstance(after, dict) and "val_accuracy" in after:
                 rows.append([_e(label), _num(after["val_accuracy"])])
@@ -1056,7 +1050,7 @@ def _finetune_section(charts: _Charts, directory: Path, source: Optional[str]) -
     history_path, summary_path = directory / "history.csv", directory / "summary.json"
     if not history_path.exists() and not summary_path.exists():
         return ""
-    summary = _read_json(summary_path) if summary_path.exists() else {}
+    summary = read_json(summary_path) if summary_path.exists() else {}
     summary = summary if isinstance(summary, dict) else {}
     parts = []
     kept, decision = summary.get("kept"), summary.get("decision") or {}

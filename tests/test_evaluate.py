@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from typer.testing import CliRunner
 
-from featurepipe.artifacts import load_head
+from featurepipe.run import load_head
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli import app
 from featurepipe.dataset import scan
@@ -212,7 +212,7 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
     images = sorted(hard_tree.glob("a/*.png"))[:3]
     predicted = predict(run, images, cache_dir=cache)
     assert len(predicted.frame) == 3 and predicted.failed == 0
-    from featurepipe.artifacts import load_head
+    from featurepipe.run import load_head
     from featurepipe.extract import open_stores
     from featurepipe.features import dataset_features
 
@@ -241,7 +241,7 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
 
 def test_a_vote_whose_member_list_was_edited_is_refused(hard_tree, cache, tmp_path):
     from featurepipe.errors import TrustError
-    from featurepipe.predict import open_run
+    from featurepipe.run import open_run
 
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
     run = tmp_path / "run"

@@ -211,7 +211,7 @@ def test_a_vote_exports_as_one_keras_model_that_matches_predict(exported, tmp_pa
     from PIL import Image
 
     from featurepipe.export import any_size_model, fixed_size_model
-    from featurepipe.predict import open_run
+    from featurepipe.run import open_run
 
     members = [any_size_model(m, fixed_size_model(m, cache)) for m in open_run(run).members]
     for i, path in enumerate(raw):

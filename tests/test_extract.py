@@ -12,7 +12,7 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import scan
 from featurepipe.extract import extract, open_stores
 from featurepipe.features import dataset_features
-from featurepipe.images import decode_image
+from featurepipe.images import AugmentSpec, decode_image
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -191,7 +191,7 @@ def test_augmented_views(image_tree, cache):
     np.testing.assert_array_equal(features3.X, features.X)
 
     # another augmentation seed gets other views, but still shares the originals
-    other_seed = run(image_tree, cache, augment=1, augment_seed=5)
+    other_seed = run(image_tree, cache, augment=AugmentSpec(1, seed=5))
     assert (other_seed.extracted, other_seed.views_extracted) == (0, 24)
     assert other_seed.views_store_dir != first.views_store_dir
 

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe.artifacts import load_head
+from featurepipe.run import load_head
 from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.baseline import baseline
 from featurepipe.dataset import scan
-from featurepipe.artifacts import load_run_model
+from featurepipe.run import load_run_model
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import evaluate
 from featurepipe.extract import open_stores
@@ -74,7 +74,7 @@ def run_copy(logreg_run, tmp_path):
 def improving(logreg_run, workdir, tmp_path_factory):
     """A run whose best head leaves room (logreg with C=1e-5: nearly uniform probabilities), so a
     short fine-tuning measurably lowers the validation loss and becomes the run's model."""
-    from featurepipe.artifacts import load_head_meta, save_head
+    from featurepipe.run import load_head_meta, save_head
 
     run = shutil.copytree(logreg_run, tmp_path_factory.mktemp("improving") / "run")
     meta = {k: v for k, v in load_head_meta(run).items() if k not in ("file", "sha256")}
@@ -200,12 +200,12 @@ def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatc
     """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
     import featurepipe.crossval as crossval
     from featurepipe.finetune import _refit_head
-    from featurepipe.images import AugmentPolicy
+    from featurepipe.images import AugmentPolicy, AugmentSpec
 
     cache = workdir / "cache"
     dataset = scan(workdir / "data", cache_dir=cache)
     evaluate(dataset, SPEC, cache, heads=("logreg",), folds=2, augment=2, run_dir=workdir / "run_views", n_jobs=1)
-    stored = dataset_features(dataset, open_stores(SPEC, cache, 2, AugmentPolicy(), 0))
+    stored = dataset_features(dataset, open_stores(SPEC, cache, AugmentSpec(2, AugmentPolicy(), 0)))
     config = json.loads((workdir / "run_views" / "config.json").read_text())
     seen = {}
     monkeypatch.setattr(crossval, "refit", lambda table, *args: seen.setdefault("table", table))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe.artifacts import load_head
+from featurepipe.run import load_head
 from featurepipe.backbones import build as build_module
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import scan

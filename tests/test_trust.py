@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featurepipe import trust
-from featurepipe.artifacts import HEAD_META, load_head, load_run_model
+from featurepipe.run import HEAD_META, load_head, load_run_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli import app
 from featurepipe.dataset import scan
@@ -25,7 +25,7 @@ from featurepipe.evaluate import evaluate
 from featurepipe.hashcache import file_sha256
 from featurepipe.predict import PredictResult
 from featurepipe.render import print_json
-from featurepipe.rundir import prepare_run_dir
+from featurepipe.run import prepare_run_dir
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
