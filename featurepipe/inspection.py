@@ -44,7 +44,7 @@ LABEL_HEAD = "logreg"
 LABEL_C = 50.0
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
-CACHE_VERSION = 3         # bump when what inspect computes changes: cached results are then ignored
+CACHE_VERSION = 4         # bump when what inspect computes changes: cached results are then ignored (4: dedup rules, issue 11)
 OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "label_scores.csv", "learning_curve.csv",
            "embedding.csv")
 
@@ -259,8 +259,9 @@ def inspect_dataset(
     pairs["cross_class"] = pairs["label_a"] != pairs["label_b"] if len(pairs) else []
     pairs["cross_split"] = pairs["split_a"] != pairs["split_b"] if len(pairs) else []
     pairs["group"] = [groups[i] for i in pairs["i"]] if len(pairs) else []
+    # grouped: False for a pair complete linkage kept apart (a~b, b~c, but not a~c; see dedup.py)
     pairs = pairs[["path_a", "path_b", "label_a", "label_b", "split_a", "split_b", "cosine", "hamming", "evidence",
-                   "cross_class", "cross_split", "group"]]
+                   "cross_class", "cross_split", "group", "grouped"]]
     atomic.write_csv(out_dir / "duplicates.csv", pairs)
 
     train = (frame["split"] == "train").to_numpy()

@@ -19,7 +19,8 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli import app
 from featurepipe.crossval import FeatureTable, Fold
 from featurepipe.dataset import scan
-from featurepipe.dedup import find_duplicates, merge_groups, normalized, phash_distances, straddling_pairs, union_find
+from featurepipe.dedup import (DEFAULT_HAMMING, complete_linkage, find_duplicates, merge_groups, normalized,
+                              phash_distances, straddling_pairs, union_find)
 from featurepipe.errors import DatasetError, ImageDecodeError
 from featurepipe.evaluate import evaluate
 from featurepipe.fixes import apply_fixes
@@ -128,7 +129,7 @@ def test_perceptual_hashes_are_cached_per_content_and_failures_remembered(tmp_pa
 # ------------------------------------------------------------------------------ duplicates (pure)
 
 
-def test_find_duplicates_by_hash_cosine_and_phash_clusters_transitively():
+def test_find_duplicates_by_hash_cosine_and_phash_never_chains_a_group():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(6, 32))
     X[1] = X[0] + rng.normal(scale=0.01, size=32)     # near copy of 0 in feature space
@@ -141,9 +142,12 @@ def test_find_duplicates_by_hash_cosine_and_phash_clusters_transitively():
     pairs = {(i, j): e for i, j, e in zip(report.pairs["i"], report.pairs["j"], report.pairs["evidence"])}
     assert pairs[(3, 4)] == "content hash"
     assert "features" in pairs[(0, 1)] and pairs[(0, 2)] == "perceptual hash"
-    assert report.cluster[0] == report.cluster[1] == report.cluster[2]      # 1~0~2: one group
-    assert len({report.cluster[5], report.cluster[0], report.cluster[3]}) == 3
-    assert [list(c) for c in report.clusters] == [[0, 1, 2], [3, 4]]
+    # 1~0~2 but 1 and 2 are not copies of each other: no chain. 0 goes with its closest copy, 1
+    # (features near-identical); 0~2 stays listed as a pair, but outside the group.
+    assert [list(c) for c in report.clusters] == [[0, 1], [3, 4]]
+    assert len({report.cluster[2], report.cluster[5], report.cluster[0], report.cluster[3]}) == 4
+    grouped = {(int(i), int(j)): bool(g) for i, j, g in zip(report.pairs["i"], report.pairs["j"], report.pairs["grouped"])}
+    assert grouped == {(0, 1): True, (0, 2): False, (3, 4): True}
     off = find_duplicates(X, hashes, None, cosine_threshold=1.1, hamming_threshold=-1, joint=None)
     assert [(int(i), int(j)) for i, j in zip(off.pairs["i"], off.pairs["j"])] == [(3, 4)]
 
@@ -173,6 +177,86 @@ def test_joint_rule_pairs_only_mutual_nearest_neighbours():
     # ...and without the nearest-neighbour test (the rule as it was) 2~4 would have been joined too.
     nearest = np.argmax(cos - 2 * np.eye(40), axis=1)
     assert nearest[4] == 2 and nearest[2] == 3 and nearest[0] == 1 and nearest[1] == 0
+
+
+def _garment(path, n, seed):
+    """A low-detail product shot: one light silhouette (n picks shape and size) with three small marks
+    on a black background, like Fashion-MNIST. The background fixes most of its pHash bits."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    shape, w, h = list(itertools.product((0, 1), (24, 29, 34, 39, 44), (28, 34, 40, 46)))[n]
+    image = Image.new("L", (64, 64), 0)
+    draw = ImageDraw.Draw(image)
+    x0, y0 = 32 - w // 2, 32 - h // 2
+    (draw.ellipse if shape else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=200)
+    for _ in range(3):
+        x, y = x0 + int(rng.integers(3, w - 8)), y0 + int(rng.integers(3, h - 8))
+        draw.rectangle([x, y, x + 4, y + 4], fill=90)
+    image.save(path)
+    return image
+
+
+def test_distinct_low_detail_images_do_not_chain_into_groups_but_a_planted_copy_is_found(tmp_path):
+    # 40 distinct silhouettes on black plus a shrunk, re-encoded copy of #7. Features: 16x16 pixels,
+    # a weak "backbone" under which similar silhouettes are close too (as for similar products).
+    images = [_garment(tmp_path / f"g{i}.png", i, i) for i in range(40)]
+    images[7].resize((48, 48), Image.Resampling.BILINEAR).convert("RGB").save(tmp_path / "copy.jpg", quality=50)
+    paths = [tmp_path / f"g{i}.png" for i in range(40)] + [tmp_path / "copy.jpg"]
+    ph = [perceptual_hash(p) for p in paths]
+    X = np.stack([np.asarray(Image.open(p).convert("L").resize((16, 16)), dtype=float).ravel() for p in paths])
+    H = np.asarray([list(v) for v in ph], dtype=np.uint64)
+    D = phash_distances(H, H)
+    upper = np.triu(np.ones((40, 40), dtype=bool), 1)
+    # The data reproduces the failure: by the absolute threshold alone the distinct images chain into
+    # one big "copy" group (single linkage), as 634 Fashion-MNIST photos did.
+    close = D[:40, :40] <= DEFAULT_HAMMING
+    assert (close & upper).sum() >= 20
+    assert np.bincount(union_find(40, zip(*np.nonzero(close & upper)))).max() >= 10
+    report = find_duplicates(X, [p.name for p in paths], ph)
+    assert report.cluster[7] == report.cluster[40]                      # the planted copy is found
+    assert max(len(c) for c in report.clusters) == 2                    # no chains
+    lookalikes = [(int(i), int(j)) for i, j in zip(report.pairs["i"], report.pairs["j"]) if (i, j) != (7, 40)]
+    assert len(lookalikes) <= 2, lookalikes                             # of 780 distinct pairs
+
+
+def test_a_hash_match_must_stand_out_from_the_images_neighbourhood():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 32))                                       # features: unrelated
+    base = int(rng.integers(0, 2**63))
+    others = [(int(v),) for v in rng.integers(0, 2**63, size=30)]
+    ph = list(others)
+    ph[0], ph[1] = (base,), (base ^ 0b1111,)                            # 0~1: 4 bits apart
+    alone = find_duplicates(X, [str(i) for i in range(30)], ph)
+    assert [(int(i), int(j)) for i, j in zip(alone.pairs["i"], alone.pairs["j"])] == [(0, 1)]
+    # Now 0 sits in a crowd: three look-alikes 6-8 bits from it (as similar sneakers on black are),
+    # so 4 bits no longer says "copy" and the hash alone pairs nothing.
+    for row, bits in ((2, 0b111111 << 8), (3, 0b1111111 << 20), (4, 0b11111111 << 40)):
+        ph[row] = (base ^ bits,)
+    crowd = find_duplicates(X, [str(i) for i in range(30)], ph)
+    assert crowd.pairs.empty
+
+
+def test_many_reencoded_copies_of_one_photo_stay_one_group():
+    # Six near-identical copies are each other's whole neighbourhood, so the gap tests cannot see
+    # them stand out; near-identity on both features and hash still groups them.
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(40, 64))
+    X[1:6] = X[0] + rng.normal(scale=0.02, size=(5, 64))
+    ph = [(int(v),) for v in rng.integers(0, 2**63, size=40)]
+    for row in range(1, 6):
+        ph[row] = (ph[0][0] ^ (0b11 << (2 * row)) if row % 2 else ph[0][0],)   # 0 or 2 bits
+    report = find_duplicates(X, [str(i) for i in range(40)], ph)
+    assert [list(c) for c in report.clusters] == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_complete_linkage_joins_only_groups_that_are_copies_throughout():
+    chain = complete_linkage(6, [(0, 1), (1, 2), (2, 3), (3, 4)])      # a~b~c~d~e, nothing else
+    assert np.bincount(chain).max() == 2
+    assert chain[0] == chain[1] and chain[1] != chain[2] and chain[2] == chain[3] and chain[4] == 4
+    clique = complete_linkage(5, [(0, 1), (1, 2), (0, 2), (2, 3)])     # 0, 1, 2 all copies of each other
+    assert list(clique) == [0, 0, 0, 3, 4]
+    assert list(complete_linkage(3, [])) == [0, 1, 2]
 
 
 def test_merge_groups_keeps_user_groups_and_joins_them_through_copies():
