@@ -56,7 +56,7 @@ import pandas as pd
 from featurepipe import atomic
 from featurepipe.atomic import write_json
 from featurepipe.finetune_vote import Vote, open_vote, vote_proba
-from featurepipe.run import FINETUNE_DIR, MODEL_META, load_head, read_json
+from featurepipe.run import CONFIG, FINETUNE_DIR, MODEL_META, load_head, read_json
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.combined_model import (
@@ -355,7 +355,7 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
     from featurepipe.dataset import scan
 
     out = run_dir / FINETUNE_DIR
-    config = read_json(run_dir / "config.json",
+    config = read_json(run_dir / CONFIG,
                         f"{run_dir} has no config.json; pass a run directory written by `featurepipe evaluate`")
     notes: list[str] = []
     vote = open_vote(run_dir)

@@ -25,7 +25,9 @@ import pandas as pd
 from featurepipe import atomic
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import ProgressCallback, report
-from featurepipe.run import read_json
+from featurepipe.run import (
+    BASELINE_DIR, CONFIG, FINETUNE_DIR, FOLDS, HEAD_HISTORY, HEAD_META, HOLDOUT, LEADERBOARD, NESTED, OOF, read_json,
+)
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc")
 METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1_macro": "macro F1",
@@ -49,9 +51,9 @@ S_BASELINE = "Baseline trained from scratch"
 S_DENSE = "Dense head training"
 S_REPRODUCE = "Reproduce"
 
-OPTIONAL_INPUTS = ("config.json", "folds.csv", "oof_predictions.csv", "best_head.json", "holdout.csv",
-                   "finetune/history.csv", "finetune/summary.json", "baseline/history.csv",
-                   "baseline/summary.json", "best_head_history.csv")
+OPTIONAL_INPUTS = (CONFIG, FOLDS, OOF, HEAD_META, HOLDOUT, f"{FINETUNE_DIR}/history.csv",
+                   f"{FINETUNE_DIR}/summary.json", f"{BASELINE_DIR}/history.csv", f"{BASELINE_DIR}/summary.json",
+                   HEAD_HISTORY)
 
 
 @dataclass
@@ -597,7 +599,7 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
     if not run_dir.is_dir():
         raise FeaturepipeError(f"run directory {run_dir} does not exist; run `featurepipe evaluate` first "
                                f"(it prints the run directory it wrote)")
-    leaderboard_path = run_dir / "leaderboard.csv"
+    leaderboard_path = run_dir / LEADERBOARD
     if not leaderboard_path.exists():
         raise FeaturepipeError(f"{leaderboard_path} is missing; {run_dir} is not a finished evaluate run. "
                                f"Run `featurepipe evaluate` first and point `featurepipe report` at its run directory")
@@ -610,10 +612,10 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
         raise FeaturepipeError(f"{leaderboard_path} has no rows; re-run `featurepipe evaluate`")
     board = _with_key(board)
     missing = [name for name in OPTIONAL_INPUTS if not (run_dir / name).exists()]
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-    best_meta = read_json(run_dir / "best_head.json") if (run_dir / "best_head.json").exists() else {}
-    folds = _with_key(_read_csv(run_dir / "folds.csv")) if (run_dir / "folds.csv").exists() else None
-    oof = _with_key(_read_csv(run_dir / "oof_predictions.csv")) if (run_dir / "oof_predictions.csv").exists() else None
+    config = read_json(run_dir / CONFIG) if (run_dir / CONFIG).exists() else {}
+    best_meta = read_json(run_dir / HEAD_META) if (run_dir / HEAD_META).exists() else {}
+    folds = _with_key(_read_csv(run_dir / FOLDS)) if (run_dir / FOLDS).exists() else None
+    oof = _with_key(_read_csv(run_dir / OOF)) if (run_dir / OOF).exists() else None
     dataset = config.get("dataset") or {}
     classes = [str(c) for c in (dataset.get("classes") or best_meta.get("classes") or [])]
     if not classes and oof is not None:
@@ -642,8 +644,8 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
     sections.append((S_RUN, _run_section(config, dataset, best_key, best_row, board)))
 
     # ---- the headline: nested CV of the whole search
-    if (run_dir / "nested.json").exists():
-        sections.append((S_NESTED, _nested_section(read_json(run_dir / "nested.json"))))
+    if (run_dir / NESTED).exists():
+        sections.append((S_NESTED, _nested_section(read_json(run_dir / NESTED))))
 
     # ---- leaderboard
     tick(S_LEADERBOARD)
@@ -677,8 +679,8 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
 
     # ---- holdout
     tick(S_HOLDOUT)
-    if (run_dir / "holdout.csv").exists():
-        sections.append((S_HOLDOUT, _holdout_section(_read_csv(run_dir / "holdout.csv"), best_name)))
+    if (run_dir / HOLDOUT).exists():
+        sections.append((S_HOLDOUT, _holdout_section(_read_csv(run_dir / HOLDOUT), best_name)))
 
     # ---- fine-tuning, baseline, dense head curves
     tick(S_FINETUNE)
@@ -689,8 +691,8 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
     if baseline:
         sections.append((S_BASELINE, baseline))
     tick(S_DENSE)
-    if (run_dir / "best_head_history.csv").exists():
-        history = _read_csv(run_dir / "best_head_history.csv")
+    if (run_dir / HEAD_HISTORY).exists():
+        history = _read_csv(run_dir / HEAD_HISTORY)
         image = _curves_chart(charts, history, "dense_curves.png", "dense head")
         if image:
             sections.append((S_DENSE, '<p class="sub">Training curve of the dense head refit on the whole '
