@@ -46,7 +46,7 @@ def dask_executor():
 def _tree(root: Path, n: int) -> Path:
     colours = list(COLOURS.values())
     for i in range(n):
-        make_image(root / f"class{i % 3}" / f"img{i:02d}.png", colours[i % 3], seed=5000 + i)
+        make_image(root / f"class{i % 3}" / f"img{i:03d}.png", colours[i % 3], seed=5000 + i)
     return root
 
 
@@ -219,7 +219,9 @@ CHILD = "import tests.tiny_backbone; from featurepipe.cli import main; main()"
 def test_ctrl_c_shuts_the_local_cluster_down(tmp_path):
     import psutil
 
-    data = _tree(tmp_path / "data", 30)
+    # Enough one-image batches that the job is still running when Ctrl-C arrives, even on a fast,
+    # idle machine (30 finished before the signal landed once, and the run then rightly exited 0).
+    data = _tree(tmp_path / "data", 400)
     cache = tmp_path / "cache"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     child = subprocess.Popen([sys.executable, "-c", CHILD, "extract", str(data), *TINY_ARGS, "--cache-dir",
@@ -236,7 +238,9 @@ def test_ctrl_c_shuts_the_local_cluster_down(tmp_path):
         assert len(workers) >= 2, workers
         child.send_signal(signal.SIGINT)
         child.wait(timeout=60)
-        assert child.returncode != 0
+        assert child.returncode != 0, "the extract had finished before Ctrl-C reached it: give it more images"
+        stored = len(open_stores(TINY, cache).originals.keys())
+        assert stored < 400, stored     # it really was interrupted, not finished
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert alive == [], f"still running after Ctrl-C: {alive}"
     finally:
