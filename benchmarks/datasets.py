@@ -1,6 +1,7 @@
 """Benchmark data sets assembled from what this machine can reach (not a test).
 
     python benchmarks/datasets.py fmnist --per-class 30 --out /tmp/fmnist30
+    python benchmarks/datasets.py subset --src data/demo --per-class 10 --seed 1 --out /tmp/demo10s1
 
 `fmnist`: Debian's `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist), 10 classes of
 28x28 grey clothing photos. A seeded subsample of N images per class is written as RGB PNG files in
@@ -61,16 +62,41 @@ def make_fmnist(out: Path, per_class: int, seed: int = 0, size: int = 96, aspect
     return out
 
 
+def make_subset(src: Path, out: Path, per_class: int, seed: int = 0) -> Path:
+    """A seeded draw of N images per class of DATA/<class>/* (hard links where possible, else copies):
+    smaller versions of a photo set, e.g. the demo at 10 or 15 photos per class."""
+    import random
+    import shutil
+
+    rng = random.Random(seed)
+    src, out = Path(src), Path(out)
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        (out / folder.name).mkdir(parents=True, exist_ok=True)
+        for path in rng.sample(files, min(per_class, len(files))):
+            try:
+                (out / folder.name / path.name).hardlink_to(path)
+            except OSError:
+                shutil.copy2(path, out / folder.name / path.name)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=["fmnist"])
+    parser.add_argument("name", choices=["fmnist", "subset"])
+    parser.add_argument("--src", type=Path, help="subset: the DATA/<class>/* folder to draw from")
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--aspect", action="store_true")
     args = parser.parse_args()
-    make_fmnist(args.out, args.per_class, args.seed, args.size, args.aspect)
+    if args.name == "subset":
+        if args.src is None:
+            parser.error("subset needs --src DATA")
+        make_subset(args.src, args.out, args.per_class, args.seed)
+    else:
+        make_fmnist(args.out, args.per_class, args.seed, args.size, args.aspect)
     print(args.out)
 
 

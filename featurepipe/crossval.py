@@ -33,7 +33,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFol
 from featurepipe import atomic
 from featurepipe.workers import workers_exit_with_parent  # issue 12
 from featurepipe.errors import DatasetError
-from featurepipe.heads import head_entry, make_head, param_grid
+from featurepipe.heads import head_entry, make_head, param_grid, revisions
 from featurepipe.progress import ProgressCallback, report
 
 # Bump when what a cached fold result means changes (metrics, training rows, TTA), so old files are ignored.
@@ -348,7 +348,7 @@ class _Unit:
         payload = json.dumps(
             {"v": CACHE_VERSION, "sklearn": sklearn.__version__, "table": table_id, "classes": list(classes),
              "seed": seed, "plan": plan,
-             "head": self.head, "params": self.params, "augment": self.augment, "tta": self.tta,
+             "head": self.head, "heads": revisions(), "params": self.params, "augment": self.augment, "tta": self.tta,
              "repeat": self.fold.repeat, "fold": self.fold.fold},
             sort_keys=True,
         )

@@ -29,7 +29,7 @@ from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import ExtractReport
 from featurepipe.features import DatasetFeatures, cached_features
-from featurepipe.heads import HEADS
+from featurepipe.heads import HEADS, revisions
 from featurepipe.images import AugmentSpec
 from featurepipe.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.paths import cache_root
@@ -107,7 +107,7 @@ def _table_key(fingerprints: list[str], frame: pd.DataFrame) -> str:
 def _refit_key(table_key: str, best: dict, seed: int, tta: bool, frame: pd.DataFrame) -> str:
     """Everything the refit head and its holdout scores depend on, including the holdout rows."""
     holdout = frame[frame["split"] != "train"]
-    text = json.dumps([table_key, best["head"], best["params"], best["augment"], seed, tta,
+    text = json.dumps([table_key, best["head"], revisions(), best["params"], best["augment"], seed, tta,
                        holdout[["hash", "label", "split"]].values.tolist()], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

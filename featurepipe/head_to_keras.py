@@ -5,12 +5,12 @@
 image -> probabilities model is exactly the evaluated head on a frozen base before its first step,
 and export can ship the head inside one Keras file.
 
-Supported: Pipeline steps StandardScaler / Normalizer(l2) / passthrough, ending in
+Supported: Pipeline steps StandardScaler / Normalizer(l2) / SignedSqrt / passthrough, ending in
 LogisticRegression, CalibratedClassifierCV(method="sigmoid") over a linear model (LinearSVC,
 LogisticRegression, ...), or a DenseHeadClassifier (also bare, outside a pipeline).
 
 Importing this module registers the custom layers that featurepipe's Keras files need
-(`PlattOneVsRest`, `NeighbourVote`, and from featurepipe.backbones.layers `Preprocess` and
+(`PlattOneVsRest`, `NeighbourVote`, `SignedSqrt`, and from featurepipe.backbones.layers `Preprocess` and
 `InferenceMode`), so
 `keras.saving.load_model(path, safe_mode=True)` works after `import featurepipe.head_to_keras`.
 """
@@ -25,7 +25,7 @@ import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess and Inf
 from featurepipe.errors import FeaturepipeError
 
 SUPPORTED = (
-    "Pipeline of StandardScaler / Normalizer(norm='l2') ending in LogisticRegression, "
+    "Pipeline of StandardScaler / Normalizer(norm='l2') / SignedSqrt ending in LogisticRegression, "
     "CalibratedClassifierCV(method='sigmoid') over a linear model, CosineKNN or NearestClassMean; "
     "DenseHeadClassifier; SoftVoteClassifier of these"
 )
@@ -99,6 +99,22 @@ class NeighbourVote(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "onehot": self.onehot.tolist(), "min_distance": self.min_distance}
+
+
+@keras.saving.register_keras_serializable(package="featurepipe")
+class SignedSqrt(keras.layers.Layer):
+    """heads.SignedSqrt: sign(x) * (sqrt(|x| + eps) - sqrt(eps)); finite slope at 0 for fine-tuning."""
+
+    def __init__(self, eps: float, **kwargs):
+        super().__init__(**kwargs)
+        self.eps = float(eps)
+
+    def call(self, x):
+        x = ops.cast(x, self.compute_dtype)
+        return ops.sign(x) * (ops.sqrt(ops.abs(x) + self.eps) - float(np.sqrt(self.eps)))
+
+    def get_config(self):
+        return {**super().get_config(), "eps": self.eps}
 
 
 def _unsupported(what) -> FeaturepipeError:
@@ -256,6 +272,8 @@ def _transforms_then(output):
     def convert(estimator, n_features: int, name: str) -> "keras.Model":
         from sklearn.preprocessing import Normalizer, StandardScaler
 
+        from featurepipe.heads import SignedSqrt as SignedSqrtStep
+
         steps = _steps(estimator)
         n_in = getattr(steps[0], "n_features_in_", None)
         if n_in is not None and int(n_in) != int(n_features):
@@ -275,6 +293,11 @@ def _transforms_then(output):
                     x = affine.layer(f"standardize_{index}")(x)
                     affine = _Affine(int(n_features))
                 x = keras.layers.UnitNormalization(name=f"l2_normalize_{index}", dtype=_HEAD_DTYPE)(x)
+            elif isinstance(step, SignedSqrtStep):
+                if not affine.identity:
+                    x = affine.layer(f"standardize_{index}")(x)
+                    affine = _Affine(int(n_features))
+                x = SignedSqrt(step.eps, name=f"signed_sqrt_{index}", dtype=_HEAD_DTYPE)(x)
             else:
                 raise _unsupported(f"a pipeline step {type(step).__name__}")
         return keras.Model(inputs, output(x, final, affine), name=name)

@@ -41,7 +41,7 @@ def test_registry_has_the_three_heads_with_small_grids():
 def test_unknown_head_or_param_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown head 'svm'.*valid heads: linear_svm, logreg, knn, ncm, ensemble, dense"):
         make_head("svm")
-    with pytest.raises(ValueError, match=r"gamma.*'logreg'.*valid parameters: C, class_weight, max_iter"):
+    with pytest.raises(ValueError, match=r"gamma.*'logreg'.*valid parameters: C, class_weight, front, max_iter"):
         make_head("logreg", {"gamma": 1.0})
     with pytest.raises(ValueError, match="valid parameters:.*hidden_units"):
         param_grid("dense", {"units": [8]})
@@ -298,3 +298,78 @@ def test_the_dense_heads_history_is_saved_beside_it_and_follows_it(tmp_path):
     assert (again / HEAD_HISTORY).read_bytes() == (run / HEAD_HISTORY).read_bytes()
     save_head(make_head("logreg").fit(X, y), run, {**meta, "head": "logreg"})
     assert not (run / HEAD_HISTORY).exists()
+
+
+def test_logreg_fronts_match_plain_sklearn_pipelines():
+    """Each front is exactly its plain scikit-learn recomputation; sqrt is the default."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+    from sklearn.pipeline import make_pipeline
+
+    X, y = make_classification(n_samples=90, n_features=12, n_informative=6, n_classes=3, random_state=0)
+    X = np.abs(X) * (np.arange(12) + 1)    # non-negative with very unequal scales, like pooled activations
+    eps = 1e-8
+    sqrt = FunctionTransformer(lambda a: np.sign(a) * (np.sqrt(np.abs(a) + eps) - np.sqrt(eps)))
+    plain = {"sqrt": [sqrt, Normalizer()], "standard": [StandardScaler(), Normalizer()], "l2": [Normalizer()]}
+    test = X[::7] + 0.5
+    for front, steps in plain.items():
+        ours = make_head("logreg", {"C": 30.0, "front": front}).fit(X, y)
+        ref = make_pipeline(*steps, LogisticRegression(C=30.0, max_iter=1000, random_state=0)).fit(X, y)
+        np.testing.assert_allclose(ours.predict_proba(test), ref.predict_proba(test), atol=1e-6)
+    default = make_head("logreg", {"C": 30.0}).fit(X, y).predict_proba(test)
+    np.testing.assert_allclose(default, make_head("logreg", {"C": 30.0, "front": "sqrt"}).fit(X, y).predict_proba(test))
+    assert not np.allclose(default, make_head("logreg", {"C": 30.0, "front": "standard"}).fit(X, y).predict_proba(test))
+    with pytest.raises(ValueError, match="unknown front 'whiten'.*valid fronts: sqrt, standard, l2"):
+        make_head("logreg", {"front": "whiten"})
+
+
+def test_signed_sqrt_keeps_signs_is_zero_at_zero_and_checks_its_input():
+    from featurepipe.heads import SignedSqrt
+
+    step = SignedSqrt().fit(np.zeros((2, 3)))
+    out = step.transform(np.array([[4.0, 0.0, -9.0], [1e-12, 0.25, -0.25]]))
+    np.testing.assert_allclose(out, [[2.0, 0.0, -3.0], [0.0, 0.5, -0.5]], atol=1e-4)
+    assert out[0, 1] == 0.0
+    with pytest.raises(ValueError, match="3 features"):
+        step.transform(np.ones((1, 4)))
+    with pytest.raises(NotFittedError):
+        SignedSqrt().transform(np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("front", ["sqrt", "standard", "l2"])
+def test_every_logreg_front_converts_to_keras_survives_reload_and_has_finite_gradients(front, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from featurepipe.head_to_keras import head_to_keras
+
+    rng = np.random.default_rng(4)
+    X, y = np.abs(rng.normal(size=(45, 10))).astype(np.float32), np.repeat([0, 1, 2], 15)
+    X[y == 1, :3] += 1.5
+    X[:, 4] = 0.0     # a dead channel: the signed sqrt's slope at 0 must stay finite for fine-tuning
+    estimator = make_head("logreg", {"C": 100.0, "front": front}).fit(X, y)
+    path = tmp_path / "head.keras"
+    head_to_keras(estimator, 10).save(path)
+    model = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(model.predict(X, verbose=0), estimator.predict_proba(X), atol=1e-5)
+    x = tf.Variable(X)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.math.log(model(x)[:, 0]))
+    assert bool(tf.reduce_all(tf.math.is_finite(tape.gradient(loss, x))))
+
+
+def test_a_heads_revision_is_part_of_every_cached_fit(monkeypatch, tmp_path):
+    """Params name only what the grid set: when a head's defaults change, its revision must make
+    cached fold results miss instead of serving fits of the old defaults."""
+    import dataclasses
+
+    from featurepipe import heads
+    from featurepipe.crossval import FeatureTable, run_cv
+
+    X, y = make_classification(n_samples=40, n_features=6, n_informative=4, n_classes=2, random_state=1)
+    table = FeatureTable(X=X, y=y, classes=["a", "b"], paths=[f"{i}.png" for i in range(40)])
+    first = run_cv(table, ["logreg"], n_folds=3, cache_dir=tmp_path, n_jobs=1)
+    assert first.fitted > 0 and run_cv(table, ["logreg"], n_folds=3, cache_dir=tmp_path, n_jobs=1).fitted == 0
+    bumped = dataclasses.replace(heads.HEADS["logreg"], revision=heads.HEADS["logreg"].revision + 1)
+    monkeypatch.setitem(heads.HEADS, "logreg", bumped)
+    assert run_cv(table, ["logreg"], n_folds=3, cache_dir=tmp_path, n_jobs=1).fitted == first.fitted

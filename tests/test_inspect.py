@@ -523,7 +523,7 @@ def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cac
     assert got["label"].tolist() == expected.points["label"].tolist() == ["5", "all (~9)"]
     # Without a run (or with a head too slow to refit ~65 times) the curve keeps logreg C=50 and says why.
     plain = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp2", folds=3, n_jobs=1)
-    assert plain.summary["learning_curve"]["head_config"] == {"head": "logreg", "params": {"C": LABEL_C}}
+    assert plain.summary["learning_curve"]["head_config"] == {"head": "logreg", "params": {"C": LABEL_C, "front": "standard"}}
     assert plain.summary["learning_curve"]["head_source"].startswith("fixed head")
     from featurepipe.inspection import run_curve_head
 
