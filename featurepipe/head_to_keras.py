@@ -103,7 +103,8 @@ class NeighbourVote(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="featurepipe")
 class SignedSqrt(keras.layers.Layer):
-    """heads.SignedSqrt: sign(x) * (sqrt(|x| + eps) - sqrt(eps)); finite slope at 0 for fine-tuning."""
+    """heads.signed_sqrt: sign(x) * sqrt(|x|), linear below eps, so the slope at 0 is finite (the
+    maximum inside the sqrt keeps the unused branch's gradient finite too)."""
 
     def __init__(self, eps: float, **kwargs):
         super().__init__(**kwargs)
@@ -111,7 +112,8 @@ class SignedSqrt(keras.layers.Layer):
 
     def call(self, x):
         x = ops.cast(x, self.compute_dtype)
-        return ops.sign(x) * (ops.sqrt(ops.abs(x) + self.eps) - float(np.sqrt(self.eps)))
+        a = ops.abs(x)
+        return ops.sign(x) * ops.where(a >= self.eps, ops.sqrt(ops.maximum(a, self.eps)), a / float(np.sqrt(self.eps)))
 
     def get_config(self):
         return {**super().get_config(), "eps": self.eps}

@@ -21,7 +21,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 
-SQRT_EPS = 1e-8
+SQRT_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,19 @@ def _linear_svm(params: Mapping, seed: int):
     ])
 
 
-class SignedSqrt(TransformerMixin, BaseEstimator):
-    """Power normalization of pooled CNN features: sign(x) * (sqrt(|x| + eps) - sqrt(eps)).
+def signed_sqrt(X: np.ndarray, eps: float) -> np.ndarray:
+    """sign(x) * sqrt(|x|), linear below |x| = eps (slope 1/sqrt(eps) instead of infinite)."""
+    a = np.abs(X)
+    return np.sign(X) * np.where(a >= eps, np.sqrt(np.maximum(a, eps)), a / np.sqrt(eps))
 
-    A few large activations stop dominating each row (measured before the L2 step of the logreg
-    head: see FRONTS). The eps keeps the slope finite at 0, where pooled ReLU features often sit,
-    so the converted Keras head (head_to_keras.SignedSqrt, the same formula) can be fine-tuned
-    through without infinite gradients. Stateless."""
+
+class SignedSqrt(TransformerMixin, BaseEstimator):
+    """Power normalization of pooled CNN features: sign(x) * sqrt(|x|), so a few large activations
+    stop dominating each row (see FRONTS for what it was measured against).
+
+    Below |x| = eps (1e-12) it is linear, which changes no feature that matters but keeps the slope
+    finite at 0, where pooled ReLU features often sit: the converted Keras head
+    (head_to_keras.SignedSqrt, the same formula) can be fine-tuned through. Stateless."""
 
     def __init__(self, eps: float = SQRT_EPS):
         self.eps = eps
@@ -123,8 +129,7 @@ class SignedSqrt(TransformerMixin, BaseEstimator):
 
     def transform(self, X):
         check_is_fitted(self, "n_features_in_")
-        X = validate_data(self, X, reset=False)
-        return np.sign(X) * (np.sqrt(np.abs(X) + self.eps) - np.sqrt(self.eps))
+        return signed_sqrt(validate_data(self, X, reset=False), self.eps)
 
 
 # The feature transform in front of the logreg head. Measured with nested CV of the default vote
@@ -315,7 +320,7 @@ HEADS: dict[str, HeadEntry] = {
             description="Multinomial logistic regression (lbfgs) on signed-sqrt, L2-normalized features (front: sqrt | standard | l2).",
             final_step="LogisticRegression",
             to_keras=_keras_converter("logistic_to_keras"),
-            revision=2,    # 2: signed sqrt + L2 front by default (was standardize + L2)
+            revision=3,    # 2: signed sqrt + L2 front by default (was standardize + L2); 3: exact sqrt above 1e-12
         ),
         HeadEntry(
             name="knn",

@@ -81,7 +81,7 @@ def test_leaderboard_equals_plain_scikit_learn_on_exported_features(hard_tree, c
     accuracies, losses = [], []
     for train, val in StratifiedKFold(5, shuffle=True, random_state=3).split(X, y):
         # The default logreg front written out: signed square root, then unit-norm rows.
-        signed_sqrt = FunctionTransformer(lambda a: np.sign(a) * (np.sqrt(np.abs(a) + 1e-8) - np.sqrt(1e-8)))
+        signed_sqrt = FunctionTransformer(lambda a: np.sign(a) * np.sqrt(np.abs(a)))
         model = make_pipeline(signed_sqrt, Normalizer(), LogisticRegression(C=1.0, max_iter=1000, random_state=3))
         model.fit(X[train], y[train])
         accuracies.append(accuracy_score(y[val], model.predict(X[val])))

@@ -308,8 +308,7 @@ def test_logreg_fronts_match_plain_sklearn_pipelines():
 
     X, y = make_classification(n_samples=90, n_features=12, n_informative=6, n_classes=3, random_state=0)
     X = np.abs(X) * (np.arange(12) + 1)    # non-negative with very unequal scales, like pooled activations
-    eps = 1e-8
-    sqrt = FunctionTransformer(lambda a: np.sign(a) * (np.sqrt(np.abs(a) + eps) - np.sqrt(eps)))
+    sqrt = FunctionTransformer(lambda a: np.sign(a) * np.sqrt(np.abs(a)))
     plain = {"sqrt": [sqrt, Normalizer()], "standard": [StandardScaler(), Normalizer()], "l2": [Normalizer()]}
     test = X[::7] + 0.5
     for front, steps in plain.items():
@@ -327,9 +326,11 @@ def test_signed_sqrt_keeps_signs_is_zero_at_zero_and_checks_its_input():
     from featurepipe.heads import SignedSqrt
 
     step = SignedSqrt().fit(np.zeros((2, 3)))
-    out = step.transform(np.array([[4.0, 0.0, -9.0], [1e-12, 0.25, -0.25]]))
-    np.testing.assert_allclose(out, [[2.0, 0.0, -3.0], [0.0, 0.5, -0.5]], atol=1e-4)
+    out = step.transform(np.array([[4.0, 0.0, -9.0], [1e-6, 0.25, -0.25]]))
+    np.testing.assert_allclose(out, [[2.0, 0.0, -3.0], [1e-3, 0.5, -0.5]], rtol=1e-12)
     assert out[0, 1] == 0.0
+    tiny = step.transform(np.array([[1e-14, -1e-14, 1e-12]]))     # linear below eps = 1e-12: finite slope
+    np.testing.assert_allclose(tiny, [[1e-8, -1e-8, 1e-6]], rtol=1e-9)
     with pytest.raises(ValueError, match="3 features"):
         step.transform(np.ones((1, 4)))
     with pytest.raises(NotFittedError):
