@@ -133,9 +133,9 @@ class SignedSqrt(TransformerMixin, BaseEstimator):
 
 
 # The feature transform in front of the logreg head. Measured with nested CV of the default vote
-# (9 feature sets; benchmarks/accuracy.py and README): "sqrt" scored at least "standard" on all
-# 8 sets tried (the demo, 4 demo subsets of 10-15 photos per class, Fashion-MNIST 12/30/100 per
-# class) and higher on 4 of them (+0.8 to +2.5 points); "l2" alone was higher on 4 and lower on one.
+# (9 feature sets; benchmarks/fronts.py, table in the README): "sqrt" scored at least "standard" on
+# all 8 sets tried (the demo, 4 demo draws of 10-15 photos per class, Fashion-MNIST 12/30/100 per
+# class), higher on 5 (+0.3 to +2.5 points), +1.0 point on average.
 FRONTS = ("sqrt", "standard", "l2")
 
 
