@@ -7,8 +7,9 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+import numpy as np
 import pandas as pd
 
 from featurepipe import columns
@@ -24,7 +25,7 @@ def record(root: Path, dataset, stores) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     source = str(Path(dataset.source).resolve())
     path = directory / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
-    hashes = sorted_hashes(dataset.frame["hash"])
+    hashes = SortedHashes(dataset.frame["hash"])
     known_stores, same_hashes = _known(path, hashes)
     fingerprints = sorted(set(known_stores or []) | {s.fingerprint for s in stores})
     if same_hashes and known_stores == fingerprints:
@@ -32,10 +33,30 @@ def record(root: Path, dataset, stores) -> None:
     _write(path, {"source": source, "stores": fingerprints, "updated": time.time()}, hashes)
 
 
-def sorted_hashes(hashes: pd.Series) -> pd.Series:
-    """The distinct hashes, sorted, as a compact column (a set and a sorted list of 70,000 Python
-    strings cost ~15 MB, held while the file was compared)."""
-    return hashes[~columns.duplicated(hashes)].sort_values(ignore_index=True)
+class SortedHashes:
+    """A column's distinct hashes in sorted order, as one array of fixed-width UTF-8 bytes sorted in
+    place and read a chunk at a time: a set and a sorted list of 70,000 Python strings cost ~15 MB,
+    a sorted copy of the (chunked Arrow) column ~9 MB; this is ~4.5 MB."""
+
+    def __init__(self, hashes: pd.Series):
+        parts = [np.array([h.encode("utf-8") for h in part], dtype="S") for part in columns.chunks(hashes)]
+        self._sorted = np.concatenate(parts) if parts else np.empty(0, dtype="S1")
+        del parts
+        self._sorted.sort()
+        distinct = np.append(True, self._sorted[1:] != self._sorted[:-1])
+        if not distinct.all():
+            self._sorted = self._sorted[distinct]
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def chunks(self) -> Iterator[list[str]]:
+        for start in range(0, len(self._sorted), columns.CHUNK_ROWS):
+            yield [h.decode("utf-8") for h in self._sorted[start:start + columns.CHUNK_ROWS].tolist()]
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self.chunks():
+            yield from part
 
 
 # The layout atomic.write_json gives a ref (indent 2, sorted keys): "hashes" comes first, one per line.
@@ -43,7 +64,7 @@ _OPENING = ("{\n", '  "hashes": [\n')
 _CLOSING = "  ],\n"
 
 
-def _known(path: Path, hashes: pd.Series) -> tuple[Optional[list], bool]:
+def _known(path: Path, hashes: SortedHashes) -> tuple[Optional[list], bool]:
     """(the stores the ref at `path` lists, or None without one; does it list exactly `hashes`?)
 
     A ref in write_json's layout is compared a line at a time, so the file's hashes are never all
@@ -54,7 +75,7 @@ def _known(path: Path, hashes: pd.Series) -> tuple[Optional[list], bool]:
         return None, False
     with handle:
         if tuple(handle.readline() for _ in _OPENING) == _OPENING:
-            expected = columns.each(hashes)
+            expected = iter(hashes)
             same = True
             for line in handle:
                 if line == _CLOSING:
@@ -63,10 +84,10 @@ def _known(path: Path, hashes: pd.Series) -> tuple[Optional[list], bool]:
                 same = same and json.loads(line.rstrip().rstrip(",")) == next(expected, None)
         handle.seek(0)
         known = json.loads(handle.read())
-    return known.get("stores"), known.get("hashes") == hashes.tolist()
+    return known.get("stores"), known.get("hashes") == list(hashes)
 
 
-def _write(path: Path, rest: dict, hashes: pd.Series) -> None:
+def _write(path: Path, rest: dict, hashes: SortedHashes) -> None:
     """The same text as write_json(path, {"hashes": [...], **rest}), the hashes written a chunk at a time."""
     if not len(hashes):
         write_json(path, {"hashes": [], **rest})
@@ -75,7 +96,7 @@ def _write(path: Path, rest: dict, hashes: pd.Series) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.write("".join(_OPENING))
         separator = ""
-        for part in columns.chunks(hashes):
+        for part in hashes.chunks():
             out.write(separator + ",\n".join(f"    {json.dumps(h)}" for h in part))
             separator = ",\n"
         out.write("\n" + _CLOSING + tail[2:])
