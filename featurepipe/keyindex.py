@@ -38,8 +38,9 @@ class KeyIndex:
         order = np.argsort(keys, kind="stable")
         keys = keys[order]
         last = np.append(keys[1:] != keys[:-1], True)     # the last of each run of equal keys
-        order = order[last]
-        return cls(keys[last], owner[order], rows[order], [n for n, _ in shards])
+        if not last.all():                                 # no third copy of the keys when all are unique
+            keys, order = keys[last], order[last]
+        return cls(keys, owner[order], rows[order], [n for n, _ in shards])
 
     def __len__(self) -> int:
         return len(self._keys)
