@@ -36,7 +36,7 @@ class KeyIndex:
         rows = np.concatenate([np.arange(len(p), dtype=np.int32) for p in parts])
         del parts
         order = np.argsort(keys, kind="stable")
-        keys = keys[order]
+        keys.sort()                       # in place: the same array as keys[order], without a second copy
         last = np.append(keys[1:] != keys[:-1], True)     # the last of each run of equal keys
         if not last.all():                                 # no third copy of the keys when all are unique
             keys, order = keys[last], order[last]
