@@ -163,6 +163,9 @@ def _feature_names(dim: int) -> list[str]:
     return [f"f{i}" for i in range(dim)]
 
 
+NPZ_WRITE_ROWS = 256
+
+
 def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int) -> int:
     # The same file np.savez_compressed writes (one .npy per array), every member streamed behind a
     # header that states the final shape (and string width) up front: no whole-column array is built.
@@ -171,7 +174,11 @@ def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int
         with archive.open("features.npy", "w", force_zip64=True) as member:
             _write_npy_header(member, np.dtype("<f4"), (len(meta), dim))
             for chunk in chunks:
-                member.write(memoryview(np.ascontiguousarray(chunk, dtype="<f4")).cast("B"))   # no bytes copy
+                chunk = np.ascontiguousarray(chunk, dtype="<f4")
+                # No bytes copy, and 256 rows per write: deflate returns what it compressed as one
+                # bytes object (~5 MB for a whole chunk; random-looking floats hardly shrink).
+                for start in range(0, len(chunk), NPZ_WRITE_ROWS):
+                    member.write(memoryview(chunk[start:start + NPZ_WRITE_ROWS]).cast("B"))
                 rows += len(chunk)
         for column in meta.columns:
             # A fixed-width unicode array as wide as the column's longest value (found in a first pass).
