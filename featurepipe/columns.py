@@ -56,3 +56,17 @@ def duplicated(values: pd.Series, keep: str | bool = "first") -> np.ndarray:
         if len(rows) > 1:
             out[rows[1:] if keep == "first" else rows] = True
     return out
+
+
+def joined(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate of 1-d fixed-width bytes arrays, emptying `parts` as each is copied. The result
+    comes from np.empty, whose pages become resident only as they are filled, so the peak is about
+    one copy of the data instead of two (4.5 MB less for 70,000 hashes)."""
+    width = max((part.dtype.itemsize for part in parts), default=1)
+    out = np.empty(sum(map(len, parts)), dtype=f"S{max(width, 1)}")
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from featurepipe.columns import joined
+
 LOOKUP_CHUNK = 4096
 
 
@@ -25,22 +27,26 @@ class KeyIndex:
         self.names = list(names)   # shard file names
 
     @classmethod
-    def build(cls, shards: Sequence[tuple[str, Sequence]]) -> "KeyIndex":
-        """From (shard name, its keys as str or UTF-8 bytes) in shard order. A key in several shards
-        (a killed compaction leaves duplicates, never gaps) is found in the last, as with a dict."""
-        parts = [_encoded(keys) for _, keys in shards]
-        if not parts or not sum(map(len, parts)):
-            return cls(np.empty(0, dtype="S1"), np.empty(0, np.int32), np.empty(0, np.int32), [n for n, _ in shards])
-        keys = np.concatenate(parts)
-        owner = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
-        rows = np.concatenate([np.arange(len(p), dtype=np.int32) for p in parts])
-        del parts
+    def build(cls, shards: Iterable[tuple[str, Sequence]]) -> "KeyIndex":
+        """From (shard name, its keys as str or UTF-8 bytes) in shard order, taken one shard at a time
+        (only one shard's keys are ever Python objects). A key in several shards (a killed compaction
+        leaves duplicates, never gaps) is found in the last, as with a dict."""
+        names, parts = [], []
+        for name, keys in shards:
+            names.append(name)
+            parts.append(_encoded(keys))
+        sizes = [len(p) for p in parts]
+        if not sum(sizes):
+            return cls(np.empty(0, dtype="S1"), np.empty(0, np.int32), np.empty(0, np.int32), names)
+        keys = joined(parts)
+        owner = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        rows = np.concatenate([np.arange(n, dtype=np.int32) for n in sizes])
         order = np.argsort(keys, kind="stable")
         keys.sort()                       # in place: the same array as keys[order], without a second copy
         last = np.append(keys[1:] != keys[:-1], True)     # the last of each run of equal keys
         if not last.all():                                 # no third copy of the keys when all are unique
             keys, order = keys[last], order[last]
-        return cls(keys, owner[order], rows[order], [n for n, _ in shards])
+        return cls(keys, owner[order], rows[order], names)
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -278,11 +278,7 @@ class FeatureStore:
         # merged shard is already in place by then, so one fresh listing sees every row.
         for attempt in range(3):
             try:
-                shards = []
-                for shard in self._shard_paths():
-                    with h5py.File(shard, "r") as handle:
-                        shards.append((shard.name, handle["keys"][()]))   # UTF-8 bytes, as stored
-                return KeyIndex.build(shards)
+                return KeyIndex.build(self._shard_keys())
             except FileNotFoundError:
                 time.sleep(0.05 * (attempt + 1))
             except (OSError, KeyError) as error:
@@ -296,6 +292,11 @@ class FeatureStore:
         if self._index is None:
             self._index = self._load_index()
         return self._index
+
+    def _shard_keys(self) -> Iterator[tuple[str, np.ndarray]]:
+        for shard in self._shard_paths():
+            with h5py.File(shard, "r") as handle:
+                yield shard.name, handle["keys"][()]        # UTF-8 bytes, as stored
 
     def keys(self) -> set[str]:
         return set(self._key_index())
