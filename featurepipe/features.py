@@ -180,6 +180,9 @@ def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int
                 for start in range(0, len(chunk), NPZ_WRITE_ROWS):
                     member.write(memoryview(chunk[start:start + NPZ_WRITE_ROWS]).cast("B"))
                 rows += len(chunk)
+                # Freed before the next chunk is read: the loop variable would keep it alive meanwhile
+                # (two chunks, +5 MB, whenever there is more than one).
+                del chunk
         for column in meta.columns:
             # A fixed-width unicode array as wide as the column's longest value (found in a first pass).
             width = max((part.dtype.itemsize // 4 for part in _text_chunks(meta[column], chunk_rows)), default=1)
@@ -237,6 +240,7 @@ def _write_parquet(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows:
             arrays += [pa.array(by_feature[j]) for j in range(dim)]
             batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
             rows += len(chunk)
+            del chunk
             if len(batches) == PARQUET_GROUP_CHUNKS:
                 flush(writer)
         flush(writer)
@@ -252,4 +256,5 @@ def _write_csv(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int
             table = pd.concat([part, pd.DataFrame(chunk, columns=_feature_names(dim))], axis=1)
             table.to_csv(handle, index=False, header=False)
             rows += len(chunk)
+            del chunk
     return rows
