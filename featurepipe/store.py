@@ -343,9 +343,9 @@ class FeatureStore:
             self._check_shard(path)
             self._verified.add(path.name)
         # Checked (once per process): read only the rows asked for. A dense run of rows is one span
-        # read; rows scattered over a shard (a dataset listed in another order than it was extracted:
-        # ~50 rows of each of 22 shards per 1,024-row export chunk at 70,000 images) are read as a
-        # selection, since their span is nearly the whole 16 MiB shard, read (and held) per chunk.
+        # read; rows scattered over a shard are read as a selection, since their span can be the whole
+        # 16 MiB shard: rows are stored in content-hash order (extract plans batches by hash), so a
+        # 1,024-row export chunk in dataset order took ~50 rows from each of 22 shards at 70,000 images.
         low, high = int(rows.min()), int(rows.max()) + 1
         try:
             with h5py.File(path, "r") as handle:
