@@ -15,8 +15,10 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+import numpy as np
 import pandas as pd
 
+from featurepipe import columns
 from featurepipe.errors import DatasetError
 from featurepipe.hashcache import HashCache, path_key
 from featurepipe.images import IMAGE_EXTENSIONS
@@ -82,30 +84,62 @@ def _subdirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
+# Rows are gathered into small tables of ROWS_CHUNK rows (pandas' Arrow strings under pandas 3), and
+# every later pass (group names, hashing) takes ROWS_CHUNK rows at a time: Python objects per image
+# (~600 bytes: a path, a hash, the hash cache's answer) only ever exist for one chunk.
+ROWS_CHUNK = 4096
+_TEXT = pd.Series(["x"]).dtype    # what pandas makes of a list of str: "str" (pandas 3) or object
+
+
+def _column(values: list) -> pd.Series:
+    """One chunk of a column, with the dtype pandas gives the whole list: text columns as _TEXT,
+    a text column with no value at all (no group anywhere) as object Nones, numbers inferred."""
+    if values and all(v is None or isinstance(v, str) for v in values):
+        return pd.Series(values, dtype=object if all(v is None for v in values) else _TEXT)
+    return pd.Series(values)
+
+
+def _concat(parts: list[pd.Series]) -> pd.Series:
+    if not parts:
+        return pd.Series([], dtype=object)
+    if len({part.dtype for part in parts}) > 1:
+        parts = [part.astype(_TEXT) for part in parts]   # chunks with and without groups: text, as for the whole list
+    return pd.concat(parts, ignore_index=True)
+
+
 class _Rows:
-    """Scanned rows as one list per column. A dict per image cost ~400 bytes each (tens of MB at
-    70,000 images, the bulk of a scan's peak memory); columns share their repeated label, split and
-    group objects, so what is left per image is its path string."""
+    """Scanned rows as columns. A dict per image cost ~400 bytes each and Python lists ~150 (tens of
+    MB at 70,000 images, the bulk of a scan's peak memory); here only the open chunk is Python
+    objects, the rest compact tables. A name that is not valid UTF-8 (which no CSV, JSON or Arrow
+    string can hold) is set aside in `unreadable` as it arrives, by a printable form of its name."""
 
-    def __init__(self) -> None:
-        self.path: list[str] = []
-        self.label: list[str] = []
-        self.split: list[str] = []
-        self.group: list[Optional[str]] = []
-        self._shared: dict[str, str] = {}
+    def __init__(self, *names: str) -> None:
+        self.names = names or ("path", "label", "split", "group")
+        self._open: list[list] = [[] for _ in self.names]
+        self._tables: list[pd.DataFrame] = []
+        self.unreadable: list[tuple[str, str]] = []
 
-    def add(self, path: str, label: str, split: str, group: Optional[str] = None) -> None:
-        self.path.append(path)
-        self.label.append(self._shared.setdefault(label, label))
-        self.split.append(split)
-        self.group.append(group)
+    def add(self, *values) -> None:
+        path = values[0]
+        if path_key(path) != path:
+            self.unreadable.append((path_key(path), "file name is not valid UTF-8; rename the file (e.g. with "
+                                                    "convmv) to use it"))
+            return
+        for column, value in zip(self._open, values):
+            column.append(value)
+        if len(self._open[0]) >= ROWS_CHUNK:
+            self._flush()
 
-    def keep(self, mask: list[bool]) -> None:
-        for name in ("path", "label", "split", "group"):
-            setattr(self, name, [v for v, k in zip(getattr(self, name), mask) if k])
+    def _flush(self) -> None:
+        if self._open[0]:
+            self._tables.append(pd.DataFrame({n: _column(v) for n, v in zip(self.names, self._open)}))
+            self._open = [[] for _ in self.names]
 
-    def __len__(self) -> int:
-        return len(self.path)
+    def table(self) -> pd.DataFrame:
+        """Every row so far, one column per name (empty columns of dtype object when there are none)."""
+        self._flush()
+        tables, self._tables = self._tables, []
+        return pd.DataFrame({n: _concat([t[n] for t in tables]) for n in self.names}, columns=list(self.names))
 
 
 def _scan_class_folders(root: Path, split: str, rows: _Rows, warnings: list[str]) -> int:
@@ -117,7 +151,7 @@ def _scan_class_folders(root: Path, split: str, rows: _Rows, warnings: list[str]
             warnings.append(f"class folder {class_dir} has no images; it is left out")
         label = class_dir.name
         for p in images:
-            rows.add(str(p), label, split)
+            rows.add(str(p), label, split, None)
     return ignored
 
 
@@ -180,7 +214,8 @@ def _inside(path: Path, root: Path) -> bool:
     return normal == root or root in normal.parents
 
 
-def _scan_manifest(manifest: Path, rows: _Rows, warnings: list[str], allow_outside_root: bool = False) -> None:
+def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool = False) -> pd.DataFrame:
+    """The manifest's usable rows (path, label, split, group), warnings appended in line order."""
     header, lines = _read_manifest_rows(manifest)
     missing = {"path", "label"} - set(header)
     if missing:
@@ -190,12 +225,16 @@ def _scan_manifest(manifest: Path, rows: _Rows, warnings: list[str], allow_outsi
         )
     base = Path(os.path.normpath(manifest.parent))
     outside: list[str] = []
-    first_line: dict[str, tuple[int, str]] = {}   # path -> (line, label) of its first listing
+    # Every listed row goes into compact columns with its line and whether its file exists; repeats
+    # and missing files are settled on the whole path column afterwards, so no dict of every path
+    # (~250 bytes per row at 70,000 rows) is held while reading.
+    listed = _Rows("path", "label", "split", "group", "line", "exists")
+    notes: list[tuple[int, str]] = []   # (line, warning): one per line at most, said in line order
     for line, fields in lines:
         record = dict(zip(header, fields))
         label = record["label"].strip()
         if not record["path"].strip() or not label:
-            warnings.append(f"{manifest}:{line}: empty path or label; row left out")
+            notes.append((line, f"{manifest}:{line}: empty path or label; row left out"))
             continue
         path = Path(record["path"].strip())
         path = Path(os.path.normpath(path if path.is_absolute() else base / path))
@@ -205,23 +244,34 @@ def _scan_manifest(manifest: Path, rows: _Rows, warnings: list[str], allow_outsi
         split = SPLIT_NAMES.get((record.get("split") or "train").strip().lower())
         if split is None:
             raise DatasetError(f"{manifest}:{line}: unknown split {record['split']!r}; use train, validation or test")
-        if str(path) in first_line:
-            earlier, earlier_label = first_line[str(path)]
-            also = f" (with label {earlier_label!r} there, {label!r} here)" if earlier_label != label else ""
-            warnings.append(f"{manifest}:{line}: {path} is already listed on line {earlier}{also}; "
-                            f"the repeat is left out")
-            continue
-        first_line[str(path)] = (line, label)
-        if not path.exists():
-            warnings.append(f"{manifest}:{line}: {path} does not exist; row left out")
-            continue
-        rows.add(str(path), label, split, (record.get("group") or "").strip() or None)
+        listed.add(str(path), label, split, (record.get("group") or "").strip() or None, line, path.exists())
     if outside:
         more = f" (and {len(outside) - 1} more row(s) like it)" if len(outside) > 1 else ""
         raise DatasetError(
             f"{outside[0]} lies outside the manifest's folder {base}{more}; featurepipe only "
             f"reads files under it unless you allow it: `featurepipe --allow-outside-root COMMAND ...` "
             f"(or scan(..., allow_outside_root=True))")
+    table = listed.table()
+    repeat = columns.duplicated(table["path"], keep="first")
+    if repeat.any():
+        listings = columns.duplicated(table["path"], keep=False)
+        first: dict[str, tuple[int, str]] = {}   # only paths listed more than once: (line, label) of the first
+        for path, label, line, again in zip(table["path"][listings], table["label"][listings],
+                                            table["line"][listings], repeat[listings]):
+            if not again:
+                first[path] = (line, label)
+                continue
+            earlier, earlier_label = first[path]
+            also = f" (with label {earlier_label!r} there, {label!r} here)" if earlier_label != label else ""
+            notes.append((line, f"{manifest}:{line}: {path} is already listed on line {earlier}{also}; "
+                                f"the repeat is left out"))
+    gone = ~repeat & ~table["exists"].to_numpy(dtype=bool)
+    for path, line in zip(table["path"][gone], table["line"][gone]):
+        notes.append((line, f"{manifest}:{line}: {path} does not exist; row left out"))
+    warnings.extend(text for _, text in sorted(notes, key=lambda note: note[0]))
+    keep = ~repeat & ~gone
+    table = table[["path", "label", "split", "group"]]
+    return table if keep.all() else table[keep].reset_index(drop=True)
 
 
 def _detect_layout(root: Path) -> str:
@@ -267,8 +317,9 @@ def _check_labels(frame: pd.DataFrame, warnings: list[str], source: Path) -> lis
 
 
 def _warn_duplicates(frame: pd.DataFrame, warnings: list[str]) -> None:
-    # Only hashes seen more than once: iterating one group per image costs seconds on 70,000 files.
-    frame = frame[frame.duplicated("hash", keep=False)]
+    # Only hashes seen more than once: iterating one group per image costs seconds on 70,000 files
+    # (and columns.duplicated finds them without pandas' ~22 MB hash table of every hash).
+    frame = frame[columns.duplicated(frame["hash"], keep=False)]
     for digest, group in frame.groupby("hash"):
         if group["label"].nunique() > 1:
             pairs = ", ".join(f"{p} ({label})" for p, label in zip(group["path"], group["label"]))
@@ -306,7 +357,7 @@ def scan(
         if source.suffix.lower() != ".csv":
             raise DatasetError(f"{source} is a file but not a .csv manifest; pass a folder or a CSV with columns path,label")
         layout = "manifest"
-        _scan_manifest(source, rows, warnings, allow_outside_root)
+        table = _scan_manifest(source, warnings, allow_outside_root)
     else:
         layout = _detect_layout(source)
         if layout == "splits":
@@ -315,33 +366,35 @@ def scan(
                 ignored += _scan_class_folders(split_dir, SPLIT_NAMES[split_dir.name.lower()], rows, warnings)
         else:
             ignored += _scan_class_folders(source, "train", rows, warnings)
-
+        table = rows.table()
     # A name that is not valid UTF-8 could be hashed and decoded, but no CSV, JSON or terminal
-    # downstream can write it: it is reported by a printable form of its name instead.
-    unreadable: list[tuple[str, str]] = [
-        (path_key(p), "file name is not valid UTF-8; rename the file (e.g. with convmv) to use it")
-        for p in rows.path if path_key(p) != p]
-    if unreadable:
-        rows.keep([path_key(p) == p for p in rows.path])
+    # downstream can write it: _Rows reported it by a printable form of its name instead.
+    unreadable: list[tuple[str, str]] = rows.unreadable
     if groups_pattern:
-        rows.group = _groups_from_names(rows.path, groups_pattern)
+        regex = _group_regex(groups_pattern)
+        table["group"] = _concat([_column(_groups_from_names(paths, regex))
+                                  for paths in columns.chunks(table["path"], ROWS_CHUNK)])
     cache = HashCache(hash_db(cache_dir) if cache_dir is not None else None, rehash=rehash)
+    hashes, sizes, hashed = [], [], []
     try:
-        report(progress, "scan", 0, len(rows), "hashing")
-        hashes = cache.hash_files(rows.path)
+        report(progress, "scan", 0, len(table), "hashing")
+        for paths in columns.chunks(table["path"], ROWS_CHUNK):
+            answers = cache.hash_files(paths)
+            found = [answers[p] for p in paths]
+            del answers
+            hashes.append(_column([h for h, _ in found]))
+            sizes.append(_column([size for _, size in found]))
+            hashed.append(np.fromiter((not h.startswith("error:") for h, _ in found), dtype=bool, count=len(found)))
+            unreadable += [(p, h[len("error:"):]) for p, (h, _) in zip(paths, found) if h.startswith("error:")]
     finally:
         cache.close()
     warnings.extend(cache.warnings)
-    unreadable += [(p, h[len("error:"):]) for p, (h, _) in hashes.items() if h.startswith("error:")]
-    # Columns straight from the lists (the paths' own order), unhashable files left out before the
-    # table exists (no filtered copy of it), then the per-image Python objects are dropped.
-    if any(hashes[p][0].startswith("error:") for p in rows.path):
-        rows.keep([not hashes[p][0].startswith("error:") for p in rows.path])
-    columns = {"path": rows.path, "label": rows.label, "split": rows.split, "group": rows.group,
-               "hash": [hashes[p][0] for p in rows.path], "bytes": [hashes[p][1] for p in rows.path]}
-    del hashes, rows
-    frame = pd.DataFrame(columns, columns=COLUMNS)
-    del columns
+    frame = pd.DataFrame({**{c: table[c] for c in table.columns}, "hash": _concat(hashes), "bytes": _concat(sizes)},
+                         columns=COLUMNS)
+    del table, hashes, sizes
+    # Unhashable files (gone, unreadable, not regular) are left out of the table.
+    if hashed and not all(part.all() for part in hashed):
+        frame = frame[np.concatenate(hashed)].reset_index(drop=True)
     report(progress, "scan", len(frame), len(frame), "hashed")
     classes = _check_labels(frame, warnings, source)
     for label, count in frame.loc[frame["split"] == "train", "label"].value_counts().items():
@@ -351,11 +404,14 @@ def scan(
     return Dataset(source, layout, frame, classes, warnings, ignored, unreadable)
 
 
-def _groups_from_names(paths: pd.Series, pattern: str) -> list[Optional[str]]:
+def _group_regex(pattern: str) -> re.Pattern:
     try:
-        regex = re.compile(pattern)
+        return re.compile(pattern)
     except re.error as error:
         raise DatasetError(f"--groups pattern {pattern!r} is not a valid regular expression: {error}") from None
+
+
+def _groups_from_names(paths: list[str], regex: re.Pattern) -> list[Optional[str]]:
     groups = []
     for path in paths:
         match = regex.search(Path(path).name)

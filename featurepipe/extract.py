@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from featurepipe import refs
+import pandas as pd
+
+from featurepipe import columns, refs
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.batches import BatchJob, is_view_key, plan_batches
 from featurepipe.dataset import Dataset
@@ -93,16 +95,16 @@ def extract(
     augment = AugmentSpec.of(augment)   # count, policy and seed of the views (a bare int: the count)
     stores = open_stores(spec, root, augment, precision)
     spec = stores.spec
-    first_path = dataset.frame.drop_duplicates("hash").set_index("hash")["path"].to_dict()
+    images = unique_images(dataset.frame)
     refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
 
     known_failures = remembered_failures(stores.originals)
-    todo = _pending(stores, first_path)
-    originals_present = len(first_path) - len(stores.originals.missing(first_path))
-    views_present = len(first_path) * stores.augment - sum(sum(is_view_key(k) for k in keys) for keys in todo.values())
+    todo = _pending(stores, images["hash"])
+    originals_present = len(images) - sum(h in keys for h, keys in todo.items())
+    views_present = len(images) * stores.augment - sum(sum(is_view_key(k) for k in keys) for keys in todo.values())
     result = ExtractReport(
         backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
-        feature_dim=stores.originals.feature_dim or 0, images=len(first_path), extracted=0, reused=0,
+        feature_dim=stores.originals.feature_dim or 0, images=len(images), extracted=0, reused=0,
         views_per_image=augment.count, executor=executor.name,
         views_fingerprint=stores.views.fingerprint if stores.views else None,
         views_store_dir=str(stores.views.directory) if stores.views else None, precision=precision,
@@ -123,25 +125,24 @@ def extract(
             if stores.views is not None:
                 with stores.views.writer(timeout=lock_timeout, on_wait=waiting) as views_writer:
                     result.waited_seconds = time.perf_counter() - wait_started
-                    _run(dataset, stores, first_path, original_writer, views_writer, batch_size,
+                    _run(dataset, stores, images, original_writer, views_writer, batch_size,
                          decode_threads, result, progress, root, executor)
             else:
                 result.waited_seconds = time.perf_counter() - wait_started
-                _run(dataset, stores, first_path, original_writer, None, batch_size,
+                _run(dataset, stores, images, original_writer, None, batch_size,
                      decode_threads, result, progress, root, executor)
         # While we waited for the lock, another process may have written some of these rows (and
         # set the store's dimension): count what is there now, not what was there before.
         stores.originals.refresh()
-        originals_present = len(first_path) - len(stores.originals.missing(first_path)) - result.extracted
+        originals_present = int(stores.originals.has(columns.each(images["hash"])).sum()) - result.extracted
         if stores.views is not None:
             stores.views.refresh()
-            views_present = (len(first_path) * stores.augment - result.views_extracted
-                             - len(stores.views.missing(k for h in first_path for k in stores.view_keys(h))))
+            views_present = int(stores.views.has(_view_keys(stores, images["hash"])).sum()) - result.views_extracted
     result.reused = originals_present
     result.views_reused = views_present
     result.feature_dim = stores.originals.feature_dim or 0
     result.seconds = time.perf_counter() - started
-    report(progress, "extract", len(first_path), len(first_path), "done")
+    report(progress, "extract", len(images), len(images), "done")
     return result
 
 
@@ -149,18 +150,43 @@ def _paths_of(dataset: Dataset, content_hash: str) -> list[str]:
     return dataset.frame.loc[dataset.frame["hash"] == content_hash, "path"].tolist()
 
 
-def _pending(stores: FeatureStores, first_path: dict[str, str]) -> dict[str, list[str]]:
-    """content hash -> the store keys still missing for it (original and/or views)."""
-    missing_originals = set(stores.originals.missing(first_path))
-    missing_views = set(stores.views.missing(k for h in first_path for k in stores.view_keys(h))) \
-        if stores.views is not None else set()
+def unique_images(frame: pd.DataFrame) -> pd.DataFrame:
+    """hash and path of each content hash's first row, in dataset order (duplicates share one row).
+
+    A table, not a dict: a hash -> path dict of 70,000 images cost ~18 MB of Python objects, kept
+    through a run that finds everything cached (issue 14)."""
+    repeat = columns.duplicated(frame["hash"])
+    images = frame[["hash", "path"]]
+    return images[~repeat].reset_index(drop=True) if repeat.any() else images
+
+
+def _view_keys(stores: FeatureStores, hashes: pd.Series):
+    return (key for content_hash in columns.each(hashes) for key in stores.view_keys(content_hash))
+
+
+def _pending(stores: FeatureStores, hashes: pd.Series) -> dict[str, list[str]]:
+    """content hash -> the store keys still missing for it (original and/or views), in `hashes`'
+    order; looked up a key at a time in the store's index (no set of every key, no list of hashes)."""
+    lacking = ~stores.originals.has(columns.each(hashes))
+    views_lacking = None
+    if stores.views is not None:
+        views_lacking = ~stores.views.has(_view_keys(stores, hashes)).reshape(len(hashes), stores.augment)
+    wanted = lacking if views_lacking is None else lacking | views_lacking.any(axis=1)
     todo: dict[str, list[str]] = {}
-    for content_hash in first_path:
-        keys = [content_hash] if content_hash in missing_originals else []
-        keys += [k for k in stores.view_keys(content_hash) if k in missing_views]
-        if keys:
+    if not wanted.any():
+        return todo
+    for row, content_hash in enumerate(columns.each(hashes)):
+        if wanted[row]:
+            keys = [content_hash] if lacking[row] else []
+            if views_lacking is not None:
+                keys += [k for k, absent in zip(stores.view_keys(content_hash), views_lacking[row]) if absent]
             todo[content_hash] = keys
     return todo
+
+
+def _first_paths(images: pd.DataFrame, hashes) -> dict[str, str]:
+    """content hash -> its first path, for `hashes` only (those still to extract)."""
+    return {h: p for h, p in zip(columns.each(images["hash"]), columns.each(images["path"])) if h in hashes}
 
 
 # Reasons decode_image gives for the file system's state rather than the file's bytes: the next run
@@ -184,14 +210,15 @@ def failure_is_permanent(path: str, content_hash: str, reason: str) -> bool:
         return False
 
 
-def _run(dataset: Dataset, stores: FeatureStores, first_path: dict[str, str], original_writer,
+def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original_writer,
          views_writer, batch_size: int, decode_threads: Optional[int],
          result: ExtractReport, progress: Optional[ProgressCallback], root: Path, executor: Executor) -> None:
     # Another process may have finished some of this work while we waited for the lock.
     known_failures = remembered_failures(stores.originals)
-    todo = {h: keys for h, keys in _pending(stores, first_path).items() if h not in known_failures}
+    todo = {h: keys for h, keys in _pending(stores, images["hash"]).items() if h not in known_failures}
     if not todo:
         return
+    first_path = _first_paths(images, todo)
     # Shards (the batches) hold a fixed number of images so that local and distributed runs agree;
     # how many go through the model at once (chunk) is the executor's to choose when not given.
     batches = {batch.id: batch for batch in plan_batches(todo, batch_size or PLAN_BATCH)}

@@ -163,6 +163,9 @@ def _feature_names(dim: int) -> list[str]:
     return [f"f{i}" for i in range(dim)]
 
 
+NPZ_WRITE_ROWS = 256
+
+
 def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int) -> int:
     # The same file np.savez_compressed writes (one .npy per array), every member streamed behind a
     # header that states the final shape (and string width) up front: no whole-column array is built.
@@ -171,8 +174,15 @@ def _write_npz(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int
         with archive.open("features.npy", "w", force_zip64=True) as member:
             _write_npy_header(member, np.dtype("<f4"), (len(meta), dim))
             for chunk in chunks:
-                member.write(memoryview(np.ascontiguousarray(chunk, dtype="<f4")).cast("B"))   # no bytes copy
+                chunk = np.ascontiguousarray(chunk, dtype="<f4")
+                # No bytes copy, and 256 rows per write: deflate returns what it compressed as one
+                # bytes object (~5 MB for a whole chunk; random-looking floats hardly shrink).
+                for start in range(0, len(chunk), NPZ_WRITE_ROWS):
+                    member.write(memoryview(chunk[start:start + NPZ_WRITE_ROWS]).cast("B"))
                 rows += len(chunk)
+                # Freed before the next chunk is read: the loop variable would keep it alive meanwhile
+                # (two chunks, +5 MB, whenever there is more than one).
+                del chunk
         for column in meta.columns:
             # A fixed-width unicode array as wide as the column's longest value (found in a first pass).
             width = max((part.dtype.itemsize // 4 for part in _text_chunks(meta[column], chunk_rows)), default=1)
@@ -224,9 +234,13 @@ def _write_parquet(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows:
             part = meta.iloc[rows:rows + len(chunk)]
             arrays = [pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
                                 for v in part[c]], type=pa.string()) for c in META_COLUMNS]
-            arrays += [pa.array(np.ascontiguousarray(chunk[:, j], dtype=np.float32)) for j in range(dim)]
+            # One feature-major copy of the chunk, each column a zero-copy view of it: 1,280 separate
+            # 4 KB column copies per chunk left the heap fragmented (~20 MB more resident at 70,000 rows).
+            by_feature = np.ascontiguousarray(np.asarray(chunk, dtype=np.float32).T)
+            arrays += [pa.array(by_feature[j]) for j in range(dim)]
             batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
             rows += len(chunk)
+            del chunk
             if len(batches) == PARQUET_GROUP_CHUNKS:
                 flush(writer)
         flush(writer)
@@ -242,4 +256,5 @@ def _write_csv(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows: int
             table = pd.concat([part, pd.DataFrame(chunk, columns=_feature_names(dim))], axis=1)
             table.to_csv(handle, index=False, header=False)
             rows += len(chunk)
+            del chunk
     return rows
