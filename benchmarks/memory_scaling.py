@@ -329,7 +329,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="")
     parser.add_argument("--format", default="npz", help="features export format: npz | parquet | csv")
     parser.add_argument("--rows", type=int, default=10000)
-    parser.add_argument("--heads", default="linear_svm,logreg,dense")
+    parser.add_argument("--heads", default="logreg,knn,ncm")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--grid", default="", help="evaluate --grid (default: the heads' default grids)")
     parser.add_argument("--images", type=int, default=2000, help="search: images of the balanced order")
