@@ -101,6 +101,6 @@ def apply_fixes(dataset: Dataset, exclude: Optional[str | os.PathLike] = None,
         warnings.append(f"excluded {len(rows)} image(s) listed in {csv}")
     classes = [c for c in dataset.classes if (frame["label"] == c).any()]
     if len(classes) < 2:
-        raise DatasetError(f"after --exclude/--relabel fewer than 2 classes have images; check the CSVs")
+        raise DatasetError("after --exclude/--relabel fewer than 2 classes have images; check the CSVs")
     return Dataset(dataset.source, dataset.layout, frame, classes if classes != dataset.classes else dataset.classes,
                    warnings, dataset.ignored, list(dataset.unreadable), edits)

@@ -1,8 +1,6 @@
 """featurepipe.atomic: the one way the package writes files (issue 10)."""
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
