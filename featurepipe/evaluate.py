@@ -457,8 +457,10 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
         part["pred"] = np.asarray([c[2:-1] for c in pcols], dtype=object)[part[pcols].to_numpy().argmax(axis=1)]
         oof_parts.append(part.assign(head=ensemble.head, params=ensemble.params, features=ensemble.features))
     order = {(c.features, c.head, c.params, c.augment): i for i, c in enumerate(ranked)}
-    board["_order"] = [order.get(k, len(order)) for k in zip(board["features"], board["head"], board["params"], board["augment"])]
-    board = board.sort_values("_order", kind="mergesort").drop(columns="_order").reset_index(drop=True)
+    # A stable sort by search rank without adding a column: inserting one into the wide board made
+    # pandas warn that the frame is fragmented (printed to the user's terminal).
+    keys = [order.get(k, len(order)) for k in zip(board["features"], board["head"], board["params"], board["augment"])]
+    board = board.iloc[np.argsort(np.asarray(keys), kind="stable")].reset_index(drop=True)
     board = pd.concat([pd.DataFrame({"rank": np.arange(1, len(board) + 1), "features": board["features"]}),
                        board.drop(columns="features")], axis=1)
     fold_table = pd.concat(fold_parts, ignore_index=True)
