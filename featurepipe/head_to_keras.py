@@ -288,20 +288,20 @@ def _transforms_then(output):
         for index, step in enumerate(transforms):
             if isinstance(step, StandardScaler):
                 affine.add_scaler(step)
-            elif isinstance(step, Normalizer):
+                continue
+            if isinstance(step, Normalizer):
                 if step.norm != "l2":
                     raise _unsupported(f"Normalizer(norm={step.norm!r})")
-                if not affine.identity:
-                    x = affine.layer(f"standardize_{index}")(x)
-                    affine = _Affine(int(n_features))
-                x = keras.layers.UnitNormalization(name=f"l2_normalize_{index}", dtype=_HEAD_DTYPE)(x)
+                layer = keras.layers.UnitNormalization(name=f"l2_normalize_{index}", dtype=_HEAD_DTYPE)
             elif isinstance(step, SignedSqrtStep):
-                if not affine.identity:
-                    x = affine.layer(f"standardize_{index}")(x)
-                    affine = _Affine(int(n_features))
-                x = SignedSqrt(step.eps, name=f"signed_sqrt_{index}", dtype=_HEAD_DTYPE)(x)
+                layer = SignedSqrt(step.eps, name=f"signed_sqrt_{index}", dtype=_HEAD_DTYPE)
             else:
                 raise _unsupported(f"a pipeline step {type(step).__name__}")
+            # A non-linear step: the pending affine map must be applied before it, not folded past it.
+            if not affine.identity:
+                x = affine.layer(f"standardize_{index}")(x)
+                affine = _Affine(int(n_features))
+            x = layer(x)
         return keras.Model(inputs, output(x, final, affine), name=name)
 
     return convert

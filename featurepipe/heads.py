@@ -98,8 +98,7 @@ def _linear_svm(params: Mapping, seed: int):
     return Pipeline([
         # Standardize, then L2-normalize: pooled CNN features vary in overall magnitude from image
         # to image, and unit-norm rows make C comparable across backbones and keep liblinear fast.
-        ("scale", StandardScaler()),
-        ("l2", Normalizer()),
+        *_front("standard"),
         # Platt scaling on 3 inner folds, averaging the 3 calibrated SVMs (ensemble=True): 3 fits on
         # 2/3 of the rows, a third cheaper than ensemble=False (3 inner fits + 1 on all rows).
         ("svm", CalibratedClassifierCV(svm, method="sigmoid", cv=CalibrationFolds(3), ensemble=True)),
@@ -260,7 +259,7 @@ class SoftVoteClassifier(ClassifierMixin, BaseEstimator):
 
 def _scaled(final):
     # The same standardize + L2 front as the linear heads: kNN and class means compare directions.
-    return Pipeline([("scale", StandardScaler()), ("l2", Normalizer()), ("clf", final)])
+    return Pipeline([*_front("standard"), ("clf", final)])
 
 
 def _knn(params: Mapping, seed: int):
