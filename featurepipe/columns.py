@@ -70,3 +70,10 @@ def joined(parts: list[np.ndarray]) -> np.ndarray:
         out[start:start + len(part)] = part
         start += len(part)
     return out
+
+
+def encoded(values) -> np.ndarray:
+    """Strings (or UTF-8 bytes) as one fixed-width bytes array: a few bytes a value instead of a
+    Python object each."""
+    values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    return np.array([v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values], dtype="S")

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from featurepipe.columns import joined
+from featurepipe.columns import encoded, joined
 
 LOOKUP_CHUNK = 4096
 
@@ -34,7 +34,7 @@ class KeyIndex:
         names, parts = [], []
         for name, keys in shards:
             names.append(name)
-            parts.append(_encoded(keys))
+            parts.append(encoded(keys))
         sizes = [len(p) for p in parts]
         if not sum(sizes):
             return cls(np.empty(0, dtype="S1"), np.empty(0, np.int32), np.empty(0, np.int32), names)
@@ -83,7 +83,3 @@ class KeyIndex:
             raise KeyError(absent)
         return self._shards[at], self._rows[at]
 
-
-def _encoded(keys: Sequence) -> np.ndarray:
-    values = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-    return np.array([k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in values], dtype="S")

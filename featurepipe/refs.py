@@ -39,8 +39,7 @@ class SortedHashes:
     a sorted copy of the (chunked Arrow) column ~9 MB; this is ~4.5 MB."""
 
     def __init__(self, hashes: pd.Series):
-        self._sorted = columns.joined([np.array([h.encode("utf-8") for h in part], dtype="S")
-                                       for part in columns.chunks(hashes)])
+        self._sorted = columns.joined([columns.encoded(part) for part in columns.chunks(hashes)])
         self._sorted.sort()
         distinct = np.append(True, self._sorted[1:] != self._sorted[:-1])
         if not distinct.all():
