@@ -37,15 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data(name: str, scratch: Path) -> Path:
-    if name.startswith("fmnist"):
-        from benchmarks.datasets import make_fmnist
+    from benchmarks.datasets import named
 
-        per_class = int(name.removeprefix("fmnist") or 30)
-        out = scratch / name
-        if not out.exists():
-            make_fmnist(out, per_class, seed=0)
-        return out
-    return Path(name)
+    return named(name, scratch, REPO / "data" / "demo")
 
 
 def seeds_dense(X, y, train, test, seed: int = 0) -> float:
@@ -103,7 +97,7 @@ def one(data: Path, cache: Path, seed: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", action="append", default=None, help="a folder, or fmnist30 / fmnist100")
+    parser.add_argument("--data", action="append", default=None, help="a folder, fmnistN[:seed] or demoN:seed (see datasets.named)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
     names = args.data or [str(REPO / "data" / "demo"), "fmnist30", "fmnist100"]

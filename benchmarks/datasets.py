@@ -81,6 +81,22 @@ def make_subset(src: Path, out: Path, per_class: int, seed: int = 0) -> Path:
     return out
 
 
+def named(name: str, scratch: Path, demo: Path) -> Path:
+    """A benchmark data set by name, made under `scratch` on first use: `fmnistN[:seed]` (N per class),
+    `demoN:seed` (N photos per class drawn from `demo`), anything else a folder as given."""
+    stem, _, seed = name.partition(":")
+    out = Path(scratch) / name.replace(":", "s")
+    if stem.startswith("fmnist"):
+        if not out.exists():
+            make_fmnist(out, int(stem.removeprefix("fmnist") or 30), seed=int(seed or 0))
+        return out
+    if stem.startswith("demo") and stem != "demo":
+        if not out.exists():
+            make_subset(demo, out, int(stem.removeprefix("demo")), seed=int(seed or 0))
+        return out
+    return Path(name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=["fmnist", "subset"])

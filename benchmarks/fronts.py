@@ -31,19 +31,9 @@ FRONTS = ("standard", "l2", "sqrt")
 
 
 def _data(name: str, scratch: Path) -> Path:
-    from benchmarks.datasets import make_fmnist, make_subset
+    from benchmarks.datasets import named
 
-    stem, _, seed = name.partition(":")
-    out = scratch / name.replace(":", "s")
-    if stem.startswith("fmnist"):
-        if not out.exists():
-            make_fmnist(out, int(stem.removeprefix("fmnist")), seed=int(seed or 0))
-        return out
-    if stem.startswith("demo") and stem != "demo":
-        if not out.exists():
-            make_subset(REPO / "data" / "demo", out, int(stem.removeprefix("demo")), seed=int(seed or 0))
-        return out
-    return Path(name)
+    return named(name, scratch, REPO / "data" / "demo")
 
 
 def one(data: Path, cache: Path, front: str, seed: int = 0) -> dict:
