@@ -714,6 +714,7 @@ def features_export(
     from featurepipe.dataset import scan
     from featurepipe.extract import extract as run_extract, open_stores
     from featurepipe.features import export_dataset_features, export_format
+    from featurepipe.memory import return_large_blocks
     from featurepipe.paths import cache_root
 
     try:
@@ -724,6 +725,7 @@ def features_export(
             dataset = scan(data, cache_dir=root, progress=progress)
             run_extract(dataset, spec, root, progress=progress)
         # Streamed from the store to the file: memory stays flat however many images there are.
+        return_large_blocks()
         written = export_dataset_features(dataset, open_stores(spec, root), out)
     except (FeaturepipeError, ValueError) as error:
         _fail(error)

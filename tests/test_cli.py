@@ -190,9 +190,13 @@ def test_features_export_round_trips(cli, image_tree, cache, tmp_path, suffix):
     else:
         table = pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
         assert list(table.columns[:5]) == ["path", "label", "split", "group", "hash"]
-        assert list(table.columns[5:]) == [f"f{i}" for i in range(24)]
         paths, labels = table["path"].tolist(), table["label"].tolist()
-        features = table[[f"f{i}" for i in range(24)]].to_numpy()
+        if suffix == ".parquet":   # one fixed-size-list column, as the .npz's `features` matrix
+            assert list(table.columns[5:]) == ["features"]
+            features = np.stack(table["features"].to_numpy())
+        else:
+            assert list(table.columns[5:]) == [f"f{i}" for i in range(24)]
+            features = table[[f"f{i}" for i in range(24)]].to_numpy()
         assert table["hash"].tolist() == [frame.loc[p, "hash"] for p in paths]
     assert sorted(paths) == sorted(expected) and len(paths) == 24
     assert labels == [frame.loc[p, "label"] for p in paths]
