@@ -176,7 +176,9 @@ def extract(
                              f"{result.store_dir}; what it extracted is counted as reused", highlight=False)
     render.stdout.print(
         f"{result.backbone}: {result.images} images, [green]{result.extracted} extracted[/], "
-        f"{result.reused} reused, [red]{len(result.failed)} failed[/] in {result.seconds:.1f} s "
+        f"{result.reused} reused"
+        + (f" ({result.copied} square images from another resize policy's features)" if result.copied else "")
+        + f", [red]{len(result.failed)} failed[/] in {result.seconds:.1f} s "
         f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}",
         highlight=False)
     if augment:

@@ -425,7 +425,7 @@ def merge_extract_reports(reports: list[ExtractReport]) -> ExtractReport:
     return replace(first, extracted=sum(r.extracted for r in reports), reused=sum(r.reused for r in reports),
                    failed=list(failed.values()), views_extracted=sum(r.views_extracted for r in reports),
                    views_reused=sum(r.views_reused for r in reports), seconds=sum(r.seconds for r in reports),
-                   build_seconds=sum(r.build_seconds for r in reports))
+                   build_seconds=sum(r.build_seconds for r in reports), copied=sum(r.copied for r in reports))
 
 
 def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: int, repeats: int):

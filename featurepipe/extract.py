@@ -46,7 +46,7 @@ class ExtractReport:
     feature_dim: int
     images: int                      # unique images (by content) in the dataset
     extracted: int                   # originals run through the base in this call
-    reused: int                      # originals already in the store
+    reused: int                      # originals already in the store (copied ones included)
     failed: list[FailedImage] = field(default_factory=list)
     views_per_image: int = 0
     views_extracted: int = 0
@@ -59,6 +59,7 @@ class ExtractReport:
     batch_size: int = 0              # images per model call (auto-chosen unless given; 0: no model ran)
     precision: str = "float32"       # Keras dtype policy the base ran under
     waited_seconds: float = 0.0      # of `seconds`, spent waiting for another process's store lock
+    copied: int = 0                  # square images' originals copied from another resize policy's store
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -219,6 +220,9 @@ def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original
     if not todo:
         return
     first_path = _first_paths(images, todo)
+    _copy_square_images(stores, todo, first_path, original_writer, result, progress, root)
+    if not todo:
+        return
     # Shards (the batches) hold a fixed number of images so that local and distributed runs agree;
     # how many go through the model at once (chunk) is the executor's to choose when not given.
     batches = {batch.id: batch for batch in plan_batches(todo, batch_size or PLAN_BATCH)}
@@ -261,6 +265,53 @@ def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original
         result.batch_size = outcome.chunk or result.batch_size
         done += len(batch.items)
         report(progress, "extract", done, len(todo), "")
+
+
+COPY_ROWS = 1024   # rows copied from another policy's store per shard
+
+
+def _copy_square_images(stores: FeatureStores, todo: dict[str, list[str]], first_path: dict[str, str],
+                        original_writer, result: ExtractReport, progress: Optional[ProgressCallback],
+                        root: Path) -> None:
+    """Fill square images' originals from the same backbone's store under another resize policy,
+    taking them out of `todo`: squash, center_crop and letterbox give a square image the same pixels,
+    so `run`'s three policies cost one extraction on square photos (augmented views are drawn per
+    policy and are always computed). A header that cannot be read leaves the image to extraction,
+    which reports it."""
+    from featurepipe.features import other_policy_stores
+    from featurepipe.errors import ImageDecodeError
+    from featurepipe.images import image_size
+
+    wanted = [h for h, keys in todo.items() if h in keys]
+    if not wanted:
+        return
+    others = other_policy_stores(stores.spec, root, result.precision)
+    if not others:
+        return
+    square = []
+    for content_hash in wanted:
+        try:
+            width, height = image_size(first_path[content_hash])
+        except (ImageDecodeError, OSError):
+            continue
+        if width == height:
+            square.append(content_hash)
+    for other in others:
+        if not square:
+            break
+        found = other.has(square)
+        there = [h for h, present in zip(square, found) if present]
+        for start in range(0, len(there), COPY_ROWS):
+            keys = there[start:start + COPY_ROWS]
+            original_writer.add(keys, other.read(keys))
+            for content_hash in keys:
+                todo[content_hash].remove(content_hash)
+                if not todo[content_hash]:
+                    del todo[content_hash]
+            result.copied += len(keys)
+            report(progress, "extract", result.copied, len(wanted),
+                   f"square images copied from the {other.payload.get('resize', 'other')} features")
+        square = [h for h, present in zip(square, found) if not present]
 
 
 PLAN_BATCH = 32   # images per batch (shard) when --batch-size is not given

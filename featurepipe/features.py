@@ -49,11 +49,7 @@ def open_stores(spec: BackboneSpec, root: Path, augment: AugmentSpec | int = 0,
     """`augment`: an AugmentSpec, or a bare view count (default policy, seed 0)."""
     augment = AugmentSpec.of(augment)
     spec = spec.resolved()
-    fingerprint, payload = backbone_fingerprint(spec, root)
-    if check_precision(precision) != "float32":
-        # Half-precision features differ by ~1e-3 relative: their own store, never mixed with float32 rows.
-        payload = {**payload, "precision": precision}
-        fingerprint = hash_payload(payload)
+    fingerprint, payload = _originals_fingerprint(spec, root, precision)
     originals = FeatureStore.open(features_dir(root), fingerprint, payload)
     views = None
     policy = augment.resolved_policy
@@ -62,6 +58,36 @@ def open_stores(spec: BackboneSpec, root: Path, augment: AugmentSpec | int = 0,
         views = FeatureStore.open(features_dir(root), views_fp, {**views_payload, "base_payload": payload})
     return FeatureStores(spec, originals, views, augment.count if views else 0, policy if views else None,
                          augment.seed)
+
+
+def _originals_fingerprint(spec: BackboneSpec, root: Path, precision: str) -> tuple[str, dict]:
+    fingerprint, payload = backbone_fingerprint(spec, root)
+    if check_precision(precision) != "float32":
+        # Half-precision features differ by ~1e-3 relative: their own store, never mixed with float32 rows.
+        payload = {**payload, "precision": precision}
+        fingerprint = hash_payload(payload)
+    return fingerprint, payload
+
+
+def other_policy_stores(spec: BackboneSpec, root: Path, precision: str = "float32") -> list[FeatureStore]:
+    """The existing originals stores of `spec` under the other resize policies (none is created).
+
+    A square image is the same square of pixels under squash, center_crop and letterbox
+    (featurepipe.images), so its features under one policy are its features under the others:
+    extract copies them from here instead of running the base again."""
+    from dataclasses import replace
+
+    from featurepipe.backbones.spec import RESIZE_POLICIES
+
+    spec = spec.resolved()
+    found = []
+    for policy in RESIZE_POLICIES:
+        if policy == spec.resize:
+            continue
+        fingerprint, payload = _originals_fingerprint(replace(spec, resize=policy), root, precision)
+        if (features_dir(root) / fingerprint[:16] / "spec.json").is_file():
+            found.append(FeatureStore.open(features_dir(root), fingerprint, payload))
+    return found
 
 
 @dataclass

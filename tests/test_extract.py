@@ -229,3 +229,50 @@ def test_view_keys_round_trip():
     assert parse_view_key(view_key("ab12", 3)) == ("ab12", 3)
     assert parse_view_key("ab12") == ("ab12", None)
     assert is_view_key(view_key("ab12", 0)) and not is_view_key("ab12")
+
+
+# ---- square images under the other resize policies ------------------------------------------
+
+
+def _square_and_oblong(root: Path) -> tuple[list[Path], list[Path]]:
+    square = [make_image(root / "a" / f"sq{i}.png", (200, 40, 40), seed=i, size=(40, 40)) for i in range(5)]
+    square += [make_image(root / "b" / f"sq{i}.jpg", (40, 40, 200), seed=10 + i, size=(36, 36)) for i in range(3)]
+    oblong = [make_image(root / "a" / f"wide{i}.png", (200, 60, 40), seed=20 + i, size=(48, 30)) for i in range(3)]
+    oblong += [make_image(root / "b" / f"tall{i}.png", (40, 60, 200), seed=30 + i, size=(30, 48)) for i in range(3)]
+    return square, oblong
+
+
+def test_square_images_are_copied_from_another_policy_not_extracted_again(tmp_path, cache):
+    """run searches squash, center_crop and letterbox: a square image is the same pixels under each,
+    so only the oblong ones go through the base again, and the copied rows equal what extraction
+    under that policy alone computes (a fresh cache), to float round-off."""
+    square, oblong = _square_and_oblong(tmp_path / "data")
+    dataset = scan(tmp_path / "data", cache_dir=cache)
+    squash = extract(dataset, BackboneSpec(**{**TINY.to_dict(), "resize": "squash"}), cache)
+    assert (squash.extracted, squash.copied) == (14, 0)
+    for policy in ("center_crop", "letterbox"):
+        spec = BackboneSpec(**{**TINY.to_dict(), "resize": policy})
+        report = extract(dataset, spec, cache)
+        assert (report.copied, report.extracted, report.reused) == (8, 6, 8)
+        fresh_root = tmp_path / f"fresh-{policy}"
+        fresh = scan(tmp_path / "data", cache_dir=fresh_root)
+        assert extract(fresh, spec, fresh_root).copied == 0
+        got = dataset_features(dataset, open_stores(spec, cache))
+        want = dataset_features(fresh, open_stores(spec, fresh_root))
+        assert got.frame["path"].tolist() == want.frame["path"].tolist()
+        np.testing.assert_allclose(got.X, want.X, rtol=1e-5, atol=1e-6)
+    again = extract(dataset, BackboneSpec(**{**TINY.to_dict(), "resize": "letterbox"}), cache)
+    assert (again.copied, again.extracted, again.reused) == (0, 0, 14)
+
+
+def test_square_images_missing_from_the_other_policy_are_extracted(tmp_path, cache):
+    """Only rows the other store holds are copied: a square image added since is extracted, and a
+    square file whose header cannot be read goes to extraction, which reports it."""
+    square, oblong = _square_and_oblong(tmp_path / "data")
+    extract(scan(tmp_path / "data", cache_dir=cache), BackboneSpec(**{**TINY.to_dict(), "resize": "squash"}), cache)
+    make_image(tmp_path / "data" / "a" / "new.png", (210, 30, 30), seed=99, size=(40, 40))
+    (tmp_path / "data" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    dataset = scan(tmp_path / "data", cache_dir=cache)
+    report = extract(dataset, BackboneSpec(**{**TINY.to_dict(), "resize": "center_crop"}), cache)
+    assert (report.copied, report.extracted) == (8, 7)
+    assert [Path(f.path).name for f in report.failed] == ["broken.png"]
