@@ -298,3 +298,25 @@ def test_cli_votes_across_feature_sets_unless_told_not_to(hard_tree, cache, tmp_
     assert single.exit_code == 0, single.output
     assert json.loads((tmp_path / "single" / "best_head.json").read_text())["head"] == "logreg"
     assert not (tmp_path / "single" / "members").exists()
+
+
+def test_square_photos_are_cross_validated_once_for_all_three_resize_policies(tmp_path, cache):
+    """A square image has the same features under squash, center_crop and letterbox (extract copies
+    them), so CV keyed by the feature values fits each configuration once: searching the three
+    policies fits no more than searching one, and every policy's leaderboard rows are the same."""
+    root = tmp_path / "square"
+    for c, (name, colour) in enumerate([("red", (200, 40, 40)), ("blue", (40, 40, 200))]):
+        for i in range(9):
+            make_image(root / name / f"{name}{i}.png", colour, seed=10 * c + i, size=(36, 36))
+    specs = [BackboneSpec(name="tiny", weights="random", image_size=32, resize=r)
+             for r in ("squash", "center_crop", "letterbox")]
+    one = evaluate(scan(root, cache_dir=tmp_path / "one"), TINY, tmp_path / "one", heads=("logreg", "knn"),
+                   specs=specs[:1], folds=3, n_jobs=1, run_dir=tmp_path / "run-one")
+    three = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg", "knn"), specs=specs, folds=3,
+                     n_jobs=1, run_dir=tmp_path / "run-three")
+    assert three.extract.copied == 2 * 18 and three.extract.extracted == 18
+    assert three.fitted == one.fitted > 0
+    board = three.leaderboard
+    rows = {name: board[board["features"] == name].sort_values(["head", "params"])["accuracy_mean"].tolist()
+            for name in ("tiny/squash", "tiny/center_crop", "tiny/letterbox")}
+    assert rows["tiny/squash"] == rows["tiny/center_crop"] == rows["tiny/letterbox"]
