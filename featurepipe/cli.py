@@ -40,6 +40,8 @@ AsJson = typer.Option(False, "--json", help="Print the summary as one JSON objec
 Heads = typer.Option("logreg,knn,ncm", "--heads", help="Comma-separated head names (default: what `run` searches; "
                                                          "linear_svm and dense on request: 3x and ~20x a logreg fit).")
 Folds = typer.Option(5, "--folds")
+AutoFolds = typer.Option(None, "--folds", help="Cross-validation folds (default: 5, or as many as the smallest "
+                                               "class has images when that is 2-4, said in the summary).")
 Repeats = typer.Option(1, "--repeats")
 Seed = typer.Option(0, "--seed")
 Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}.")
@@ -210,7 +212,7 @@ def _dataset_summary(dataset) -> dict:
 def evaluate(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
     heads: str = Heads,
-    folds: int = Folds, repeats: int = Repeats,
+    folds: Optional[int] = AutoFolds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, augment_seed: int = typer.Option(0, "--augment-seed"),
     tta: bool = Tta,
@@ -476,7 +478,7 @@ def run_all(
                                                       "instead of the whole search."),
     heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated head names (default: logreg,knn,ncm)."),
     nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote,
-    folds: int = Folds, repeats: int = Repeats,
+    folds: Optional[int] = AutoFolds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),

@@ -128,7 +128,11 @@ class CVResult:
 # ---------------------------------------------------------------- folds
 
 
-def _check_class_sizes(y: np.ndarray, groups, n_folds: int, class_names: Sequence[str] | None) -> None:
+DEFAULT_FOLDS = 5
+
+
+def _smallest_class(y: np.ndarray, groups, class_names: Sequence[str] | None) -> tuple[int, str]:
+    """(images -- or groups, with groups -- of the smallest class, its name): the most folds that work."""
     labels = np.arange(len(class_names)) if class_names is not None else np.unique(y)
     if groups is None:
         counts = [int(np.sum(y == c)) for c in labels]
@@ -137,10 +141,26 @@ def _check_class_sizes(y: np.ndarray, groups, n_folds: int, class_names: Sequenc
         groups = np.asarray(groups)
         counts = [len(np.unique(groups[y == c])) for c in labels]
     i = int(np.argmin(counts))
-    m = counts[i]
+    return counts[i], class_names[i] if class_names is not None else str(labels[i])
+
+
+def auto_folds(y: np.ndarray, groups, class_names: Sequence[str] | None) -> tuple[int, str | None]:
+    """The fold count when the user gave none: DEFAULT_FOLDS, or fewer when the smallest class has fewer
+    images (groups), so that a set with a 3- or 4-photo class still gets a model and an estimate rather
+    than an error; with a note saying so (None at DEFAULT_FOLDS). Below 2 the usual error follows
+    from make_folds."""
+    m, name = _smallest_class(np.asarray(y), groups, class_names)
+    if m >= DEFAULT_FOLDS or m < 2:
+        return DEFAULT_FOLDS, None
+    unit = "images" if groups is None else "distinct groups"
+    return m, (f"{m}-fold cross-validation: class '{name}' has {m} {unit}, too few for the default "
+               f"{DEFAULT_FOLDS} folds (pass --folds to choose; more photos of '{name}' make the estimate firmer)")
+
+
+def _check_class_sizes(y: np.ndarray, groups, n_folds: int, class_names: Sequence[str] | None) -> None:
+    m, name = _smallest_class(y, groups, class_names)
     if m >= n_folds:
         return
-    name = class_names[i] if class_names is not None else str(labels[i])
     unit = "images" if groups is None else "groups"
     plural = "" if m == 1 else "s"
     has = f"only {m} image{plural}" if groups is None else f"images from only {m} distinct group{plural}"

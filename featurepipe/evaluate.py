@@ -24,7 +24,7 @@ from featurepipe.run import Run, cached_head, remember_head
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
-from featurepipe.crossval import FeatureTable, _metric_range, _summary, fold_metrics, refit, run_cv
+from featurepipe.crossval import FeatureTable, _metric_range, _summary, auto_folds, fold_metrics, refit, run_cv
 from featurepipe.dataset import Dataset
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import ExtractReport
@@ -57,6 +57,7 @@ class EvaluateReport:
     nested: Optional[NestedResult] = None            # the headline: nested CV of the whole selection
     extracts: list[ExtractReport] = field(default_factory=list)   # one per searched spec
     notes: list[str] = field(default_factory=list)                # what the caller should be told
+    folds: int = 0                                   # the fold count used (auto: 5 or the smallest class)
 
     def to_dict(self) -> dict:
         columns = [c for c in self.leaderboard.columns if not c.endswith(("_ci_low", "_ci_high")) or "accuracy" in c]
@@ -67,6 +68,7 @@ class EvaluateReport:
             "images_missing": self.images_missing, "seconds": round(self.seconds, 3),
             "extract": self.extract.to_dict() if self.extract else None,
             "nested": self.nested.to_dict() if self.nested is not None else None, "notes": self.notes,
+            "folds": self.folds,
         }
 
 
@@ -181,7 +183,7 @@ def evaluate(
     cache_dir: Optional[str | os.PathLike] = None,
     heads: tuple[str, ...] = DEFAULT_HEADS,
     grids: Optional[dict] = None,
-    folds: int = 5,
+    folds: Optional[int] = None,
     repeats: int = 1,
     seed: int = 0,
     augment: AugmentSpec | int = 0,
@@ -226,7 +228,7 @@ def evaluate_features(
     cache_dir: Optional[str | os.PathLike] = None,
     heads: tuple[str, ...] = DEFAULT_HEADS,
     grids: Optional[dict] = None,
-    folds: int = 5,
+    folds: Optional[int] = None,
     repeats: int = 1,
     seed: int = 0,
     tta: bool = False,
@@ -261,11 +263,6 @@ def evaluate_features(
                                "one AugmentSpec")
     extracted = list(extracts)
     notes = []
-    if nested and folds < 3:
-        # Said in the result, config.json and the CLI summary: there is no headline to report.
-        notes.append(f"nested CV skipped: it needs at least 3 folds (the inner search trains without two of "
-                     f"them) and --folds is {folds}; the leaderboard's best row is optimistic")
-        nested = False
     loaded = [(f.stores, replace(f)) for f in features]   # copies: the dedup groups below are ours, not the caller's
     # Every feature set scores the same images: those with features in all of them (a file that
     # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
@@ -280,7 +277,7 @@ def evaluate_features(
     if dedup_groups:
         first_features = loaded[0][1]
         grouped, dedup = apply_duplicate_groups(first_features.frame, first_features.X, root, progress=progress)
-        if dedup.clusters:
+        if dedup.clusters and folds is not None:   # (auto folds count the groups themselves)
             shortfall = fold_shortfall(first_features.frame, grouped, folds)
             if shortfall:   # say that the copies, not the user's data, leave a class too few groups
                 raise DatasetError(shortfall)
@@ -308,6 +305,15 @@ def evaluate_features(
             views_key=f"{stores.views.fingerprint}:K={stores.augment}" if stores.views is not None else "",
         )
     first = tables[names[0]]
+    if folds is None:   # the default: 5, fewer when the smallest class (or its groups) is smaller
+        folds, fewer = auto_folds(first.y, first.groups, classes)
+        if fewer:
+            notes.append(fewer)
+    if nested and folds < 3:
+        # Said in the result, config.json and the CLI summary: there is no headline to report.
+        notes.append(f"nested CV skipped: it needs at least 3 folds (the inner search trains without two of "
+                     f"them) and there are {folds}; the leaderboard's best row is optimistic")
+        nested = False
     user_grids = dict(grids or {})
     search_grids = _class_weight_grid(first.y, heads, user_grids)
     modes = ("none", "views") if first.views is not None else ("none",)
@@ -418,7 +424,7 @@ def evaluate_features(
                           extract=merge_extract_reports(extracted) if extracted else None, images_used=len(first.y),
                           images_missing=sorted(set(p for _, f in loaded for p in f.missing)),
                           seconds=time.perf_counter() - started, nested=nested_result, extracts=extracted,
-                          notes=notes)
+                          notes=notes, folds=folds)
 
 
 def merge_extract_reports(reports: list[ExtractReport]) -> ExtractReport:

@@ -74,7 +74,7 @@ def run(
     spec: BackboneSpec = BackboneSpec(),
     cache_dir: Optional[str | os.PathLike] = None,
     heads: tuple[str, ...] = DEFAULT_HEADS,
-    folds: int = 5,
+    folds: Optional[int] = None,
     repeats: int = 1,
     seed: int = 0,
     augment: AugmentSpec | int = 0,
@@ -132,7 +132,7 @@ def run(
         # On the feature set the search chose: the one whose out-of-fold predictions the run keeps.
         chosen = next((s for s in specs if feature_set_name(s) == evaluated.best.get("features")), specs[0])
         timed("inspect", inspect_dataset, dataset, chosen, root, out_dir=evaluated.run_dir / "inspect",
-              oof_source=oof_from_run(evaluated.run_dir), folds=folds, seed=seed, n_jobs=n_jobs, progress=progress)
+              oof_source=oof_from_run(evaluated.run_dir), folds=evaluated.folds, seed=seed, n_jobs=n_jobs, progress=progress)
     elif (evaluated.run_dir / "inspect" / "inspect.json").exists():   # --no-inspect into a reused run dir
         import shutil
 

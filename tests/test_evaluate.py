@@ -156,6 +156,36 @@ def test_too_few_images_for_the_fold_count_names_the_class_and_the_largest_k(tmp
     assert "few" in str(error.value) and "3" in str(error.value)
 
 
+def test_default_folds_shrink_to_the_smallest_class_and_say_so(tmp_path, cache):
+    """No --folds: 5 folds, or as many as the smallest class has images (3 here), with a note, the
+    nested headline still computed, and the same numbers as asking for 3 folds explicitly; a class of
+    one image is still an error."""
+    root = tmp_path / "small"
+    for i in range(6):
+        make_image(root / "many" / f"m{i}.png", (200, 30, 30), seed=i)
+    for i in range(3):
+        make_image(root / "few" / f"f{i}.png", (30, 30, 200), seed=50 + i)
+    auto = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), grids={"logreg": {"C": [10.0]}},
+                    run_dir=tmp_path / "auto", n_jobs=1, dedup_groups=False)
+    assert auto.folds == 3 and set(auto.leaderboard["n_folds"]) == {3}
+    assert any("3-fold" in n and "'few' has 3 images" in n for n in auto.notes)
+    assert auto.nested is not None
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["folds"] == 3
+    explicit = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), grids={"logreg": {"C": [10.0]}},
+                        folds=3, run_dir=tmp_path / "explicit", n_jobs=1, dedup_groups=False)
+    assert explicit.notes == [] and explicit.fitted == 0      # the very fits auto made
+    assert explicit.nested.accuracy == auto.nested.accuracy
+    for extra in range(3, 6):   # 5+ images in every class: the default 5 folds, no note
+        make_image(root / "few" / f"f{extra}.png", (30, 30, 200), seed=50 + extra)
+    full = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), grids={"logreg": {"C": [10.0]}},
+                    run_dir=tmp_path / "full", n_jobs=1, dedup_groups=False)
+    assert full.folds == 5 and full.notes == []
+    make_image(root / "one" / "o0.png", (30, 200, 30), seed=99)
+    with pytest.raises(DatasetError, match="'one' has only 1 image"):
+        evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), run_dir=tmp_path / "one",
+                 n_jobs=1, dedup_groups=False)
+
+
 def test_unknown_head_and_bad_grid_are_clear_errors(hard_tree, cache, tmp_path):
     with pytest.raises(FeaturepipeError, match="unknown head.*forest"):
         _evaluate(hard_tree, cache, tmp_path / "run", heads=("forest",))

@@ -290,29 +290,28 @@ def block(size):
     libc.memset(address, 1, size)   # touched, so resident
     return address
 libc.free(block(8 << 20))          # a first big block, freed: glibc raises its mmap threshold here
-before = resident()
-chunks, pins = [], []
-for i in range(40):                # 5 MB chunks with small long-lived blocks between them, as a writer makes
-    chunks.append(block(5 << 20))
-    pins.append(libc.malloc(4096))
-for address in chunks:
+chunks = [block(5 << 20) for _ in range(40)]
+held = resident()
+for address in chunks[::2]:        # every other chunk freed, its neighbours still in use (as a writer's are)
     libc.free(address)
-print(round(resident() - before))
+print(round(held - resident()))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt")
 def test_return_large_blocks_gives_freed_chunks_back_to_the_system():
-    """featurepipe.memory.return_large_blocks (features export): 40 freed 5 MB chunks with small objects
-    between them no longer stay resident (glibc's adaptive threshold puts them on the heap, where the
-    small objects pin them)."""
+    """featurepipe.memory.return_large_blocks (features export): 20 freed 5 MB chunks between chunks
+    still in use go back to the system (~100 MB); with glibc's adaptive threshold they sit on the heap
+    between live neighbours and stay resident."""
     import subprocess
 
-    def grown(mode: str) -> int:
+    def returned(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", _BLOCKS_CHILD, mode], capture_output=True, text=True,
                              check=True, cwd=str(Path(__file__).resolve().parents[1]))
         return int(out.stdout.strip())
 
-    assert grown("fixed") < 20
-    assert grown("adaptive") > 100      # what the export paid before, so the check above means something
+    adaptive = returned("adaptive")
+    if adaptive > 80:   # pragma: no cover - an allocator that returns such blocks by itself
+        pytest.skip(f"this C library returned {adaptive} MB without the fixed threshold: nothing to show")
+    assert returned("fixed") > 80
