@@ -311,7 +311,7 @@ def test_return_large_blocks_gives_freed_chunks_back_to_the_system():
                              check=True, cwd=str(Path(__file__).resolve().parents[1]))
         return int(out.stdout.strip())
 
-    adaptive = returned("adaptive")
-    if adaptive > 80:   # pragma: no cover - an allocator that returns such blocks by itself
-        pytest.skip(f"this C library returned {adaptive} MB without the fixed threshold: nothing to show")
-    assert returned("fixed") > 80
+    # Without it (a plain process) glibc kept them: 0 MB returned here. (Under the full suite a child
+    # sometimes got mapped blocks without it too, for reasons not found, so that side is not asserted.)
+    fixed = returned("fixed")
+    assert fixed > 80, f"{fixed} MB returned with the fixed threshold, {returned('adaptive')} MB without"
