@@ -244,9 +244,22 @@ def _style(ax) -> None:
     ax.set_axisbelow(True)
 
 
+CHART_LABEL_CHARS = 64
+
+
+def _chart_label(key) -> str:
+    """A configuration's y-axis label, cut to CHART_LABEL_CHARS: a vote's label lists every member (~600
+    characters for `run`'s nine), which made the charts ~3,700 px wide with the bars squeezed to the
+    right and cost ~0.4 s of rendering; the table below each chart keeps the whole label."""
+    label = _config_label(key)
+    if len(label) > CHART_LABEL_CHARS:
+        label = label[:CHART_LABEL_CHARS - 1].rstrip() + "\u2026"
+    return _plain(label)
+
+
 def _leaderboard_chart(charts: _Charts, board: pd.DataFrame, best_key, limit: int = 40) -> str:
     shown = board.head(limit)
-    labels = [_plain(_config_label(k)) for k in shown["_key"]]
+    labels = [_chart_label(k) for k in shown["_key"]]
     means = shown["accuracy_mean"].to_numpy(dtype=float)
     n = len(shown)
     fig, ax = charts.figure(9.0, 0.38 * n + 1.3)
@@ -271,7 +284,7 @@ def _leaderboard_chart(charts: _Charts, board: pd.DataFrame, best_key, limit: in
 
 def _folds_chart(charts: _Charts, folds: pd.DataFrame, order: list, best_key) -> str:
     data = [folds.loc[folds["_key"] == key, "accuracy"].dropna().to_numpy(dtype=float) for key in order]
-    labels = [_plain(_config_label(k)) for k in order]
+    labels = [_chart_label(k) for k in order]
     n = len(order)
     fig, ax = charts.figure(9.0, 0.42 * n + 1.3)
     y = np.arange(n)
