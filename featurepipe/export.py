@@ -33,6 +33,7 @@ from typing import Optional
 from featurepipe import atomic
 from featurepipe.atomic import write_json
 from featurepipe.backbones.fingerprint import package_version
+from featurepipe.backbones.registry import keras_name
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.errors import FeaturepipeError
 from featurepipe.hashcache import file_sha256
@@ -77,7 +78,7 @@ def fixed_size_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = Non
     from featurepipe.combined_model import combine   # the model fine-tuning starts from (issue 10)
 
     features = build_feature_model(run.spec, run.cache_dir(cache_dir))
-    return combine(features, run.load_head(), name=f"featurepipe_{run.spec.name}")
+    return combine(features, run.load_head(), name=f"featurepipe_{keras_name(run.spec.name)}")
 
 
 def _resized(run: RunModel, images, prefix: str = ""):

@@ -58,6 +58,7 @@ from featurepipe.atomic import write_json
 from featurepipe.finetune_vote import Vote, open_vote, vote_proba
 from featurepipe.run import CONFIG, FINETUNE_DIR, MODEL_META, load_head, read_json
 from featurepipe.backbones.accel import gpu_available
+from featurepipe.backbones.registry import CONCAT
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.combined_model import (
     base_model, build_finetune_model, combine, default_unfreeze_blocks, set_trainable, trainable_params,
@@ -370,6 +371,10 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
         notes.append(vote.note())
     classes = list(meta["classes"])
     spec = BackboneSpec.from_dict(meta["backbone"]).resolved()
+    if CONCAT in spec.name:
+        raise FeaturepipeError(f"{run_dir}'s model stands on {spec.name}, a concatenation of backbones; fine-tuning "
+                               f"trains one backbone's top blocks, so fine-tune a run of one of its parts (e.g. "
+                               f"`featurepipe run DATA --backbone {spec.name.split(CONCAT)[0]}`)")
     root = cache_root(cache_dir if cache_dir is not None else config.get("cache_dir"))
     state_path, split_path = out / "state.json", out / "split.json"
     remove_temporaries(out)

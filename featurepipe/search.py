@@ -19,16 +19,21 @@ AUTO = "auto"
 
 
 def parse_backbones(text: Optional[str]) -> Optional[tuple[str, ...]]:
-    """--backbone: one name or a comma-separated list of backbones to search."""
+    """--backbone: one name or a comma-separated list of backbones to search; "a+b" is one feature set
+    made of a's and b's features side by side."""
     if text is None:
         return None
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
         raise FeaturepipeError("--backbone is empty; see `featurepipe backbones` for the names")
-    concat = [n for n in names if "+" in n]
-    if concat:
-        raise FeaturepipeError(f"--backbone {concat[0]}: concatenated backbones (a+b) are not supported yet; "
-                               f"search them side by side instead: --backbone {concat[0].replace('+', ',')}")
+    from featurepipe.backbones.registry import get_backbone
+    from featurepipe.errors import BackboneError
+
+    for name in names:   # a+b: both parts' features side by side, one searchable feature set
+        try:
+            get_backbone(name)
+        except BackboneError as error:
+            raise FeaturepipeError(f"--backbone {name}: {error}") from None
     return names
 
 

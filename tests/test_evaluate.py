@@ -310,9 +310,9 @@ def test_c_sweep_widens_when_the_best_c_wins_at_the_edge(hard_tree, cache, tmp_p
     assert _widen({"x": Board(plateau)}, ("logreg",), {}, {}) == {}
 
 
-def test_search_cli_rejects_concatenation_with_a_clear_message(hard_tree, cache):
+def test_search_cli_rejects_a_bad_concatenation_or_resize_with_a_clear_message(hard_tree, cache):
     out = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--backbone", "tiny+tiny", "--cache-dir", str(cache)])
-    assert out.exit_code == 2 and "not supported yet" in out.output and "tiny,tiny" in out.output
+    assert out.exit_code == 2 and "names a backbone twice" in out.output
     out = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--resize", "stretch", "--cache-dir", str(cache)])
     assert out.exit_code == 2 and "auto" in out.output
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from featurepipe.backbones.registry import BackboneInfo, get_backbone
+from featurepipe.backbones.registry import BackboneInfo, get_backbone, keras_name
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.errors import BackboneError, DiskFullError, WeightsUnavailableError, disk_full, is_disk_full
 
@@ -121,7 +121,7 @@ def build_feature_model(spec: BackboneSpec, cache_dir: Optional[Path] = None):
             raise BackboneError(
                 f"{spec.name} has no layer named {spec.layer!r}; some of its layers: {', '.join(names[-12:])}"
             ) from None
-        base = keras.Model(base.inputs, tap, name=f"{spec.name}_to_{spec.layer}")
+        base = keras.Model(base.inputs, tap, name=f"{keras_name(spec.name)}_to_{spec.layer}")
     images = keras.Input((spec.image_size, spec.image_size, 3), dtype="uint8", name="images")
     x = Preprocess(info.preprocess, name="preprocess")(images)
     x = base(x, training=False)
@@ -133,7 +133,7 @@ def build_feature_model(spec: BackboneSpec, cache_dir: Optional[Path] = None):
         x = pooling(name=f"{spec.pooling}_pool", dtype="float32")(x)
     elif len(x.shape) != 2:
         raise BackboneError(f"layer {spec.layer!r} gives outputs of shape {x.shape}; pick a conv or dense layer")
-    return keras.Model(images, x, name=f"features_{spec.name}")
+    return keras.Model(images, x, name=f"features_{keras_name(spec.name)}")
 
 
 def inference_function(model, size: int):

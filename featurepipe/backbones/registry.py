@@ -237,12 +237,68 @@ for _entry in _ENTRIES:
     register_backbone(_entry)
 
 
+CONCAT = "+"
+
+
 def get_backbone(name: str) -> BackboneInfo:
+    """A registered entry, or for "a+b" the concatenation of registered entries (see concatenated)."""
     try:
         return BACKBONES[name]
     except KeyError:
+        if CONCAT in name:
+            return concatenated(name)
         known = ", ".join(sorted(BACKBONES))
-        raise BackboneError(f"unknown backbone {name!r}; known backbones: {known}") from None
+        raise BackboneError(f"unknown backbone {name!r}; known backbones: {known} (or a+b: their features "
+                            f"side by side)") from None
+
+
+def keras_name(name: str) -> str:
+    """A backbone name as Keras model names allow it ("+" is not a valid name scope character)."""
+    return name.replace(CONCAT, "_and_")
+
+
+def concatenated(name: str) -> BackboneInfo:
+    """"a+b": one feature vector made of a's and b's average-pooled features side by side, both run
+    on the same input image (the larger of their default sizes unless --image-size says otherwise).
+
+    A searchable feature set like any backbone (its own store: it is extracted once per image and
+    resize policy, like a and b). The parts must share their preprocessing (the Lite family does),
+    since one Preprocess layer feeds both. Fine-tuning one is refused (which blocks would train?)."""
+    parts = name.split(CONCAT)
+    if any(not part for part in parts):
+        raise BackboneError(f"{name!r}: name two or more backbones joined by '+', e.g. "
+                            f"efficientnet_lite0+efficientnet_lite2")
+    if len(set(parts)) != len(parts):
+        raise BackboneError(f"{name!r} names a backbone twice; each part must be a different backbone")
+    infos = [get_backbone(part) for part in parts]
+    modes = sorted({info.preprocess for info in infos})
+    if len(modes) > 1:
+        raise BackboneError(f"{name!r}: its parts preprocess images differently ({', '.join(modes)}), and one "
+                            f"preprocessing feeds them all; concatenate backbones that share it, or search them "
+                            f"side by side with --backbone {','.join(parts)}")
+
+    def build(input_shape, include_top: bool, weights: Optional[str], cache_dir=None):
+        import keras
+
+        if include_top:
+            raise BackboneError(f"{name}: a concatenated backbone has no ImageNet classifier layers to tap")
+        inputs = keras.Input(tuple(input_shape), name="preprocessed")
+        pooled = [keras.layers.GlobalAveragePooling2D(name=f"{info.name}_avg_pool", dtype="float32")(
+                      info.builder(input_shape, False, weights, cache_dir)(inputs)) for info in infos]
+        return keras.Model(inputs, keras.layers.Concatenate(name="concatenated")(pooled), name=keras_name(name))
+
+    # Dask workers import the builder's module to find a backbone: a plugin part's module registers it.
+    build.__module__ = next((info.builder.__module__ for info in infos
+                             if not info.builder.__module__.startswith("featurepipe.")), __name__)
+    return BackboneInfo(
+        name=name, builder=build, feature_dim=sum(info.feature_dim for info in infos),
+        block_end=r"^concatenated$", top_blocks=1,
+        description="features of " + " and ".join(parts) + " side by side",
+        pretrained=PretrainedConfig(
+            input_size=max(info.default_size for info in infos), min_size=max(info.min_size for info in infos),
+            resize=infos[0].default_resize, preprocess=modes[0],
+            weights_id=lambda: CONCAT.join(info.imagenet_weights_id() for info in infos)),
+    )
 
 
 def block_starts(info: BackboneInfo, layer_names: list[str]) -> list[int]:

@@ -34,6 +34,9 @@ class BackboneSpec:
         from featurepipe.backbones.registry import get_backbone
 
         info = get_backbone(self.name)
+        if "+" in self.name and (self.layer is not None or self.pooling != "avg"):
+            raise ValueError(f"{self.name}: a concatenated backbone gives each part's average-pooled features; "
+                             f"--layer and --pooling apply to single backbones only")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         size = self.image_size or info.default_size
