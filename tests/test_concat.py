@@ -14,7 +14,7 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.dataset import scan
 from featurepipe.errors import BackboneError, FeaturepipeError
 from featurepipe.evaluate import evaluate
-from featurepipe.extract import extract, open_stores
+from featurepipe.extract import open_stores
 from featurepipe.features import dataset_features
 from featurepipe.images import decode_image
 from featurepipe.search import parse_backbones, search_specs

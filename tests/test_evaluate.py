@@ -350,3 +350,8 @@ def test_square_photos_are_cross_validated_once_for_all_three_resize_policies(tm
     rows = {name: board[board["features"] == name].sort_values(["head", "params"])["accuracy_mean"].tolist()
             for name in ("tiny/squash", "tiny/center_crop", "tiny/letterbox")}
     assert rows["tiny/squash"] == rows["tiny/center_crop"] == rows["tiny/letterbox"]
+    # One refit serves the three members, each saved with its own policy (predict decodes new,
+    # non-square images by it).
+    meta = json.loads((tmp_path / "run-three" / "best_head.json").read_text())
+    members = [json.loads((tmp_path / "run-three" / m["dir"] / "best_head.json").read_text()) for m in meta["members"]]
+    assert [m["backbone"]["resize"] for m in members] == ["squash", "center_crop", "letterbox"]
