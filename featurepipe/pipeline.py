@@ -147,7 +147,8 @@ def run(
         finetuned = timed("finetune", finetune_fn, evaluated.run_dir, **kwargs)
     from featurepipe.report import write_report
 
-    written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress)
+    written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress,
+                    chart_cache=root / "report-charts")
     reused_everything = (extracted.extracted == 0 and extracted.views_extracted == 0 and evaluated.fitted == 0
                          and (not finetune or bool(getattr(finetuned, "reused", False))))
     return RunResult(

@@ -296,3 +296,42 @@ def test_chart_labels_are_cut_and_the_table_keeps_the_whole_label():
     assert len(short) == CHART_LABEL_CHARS and short.endswith("\u2026") and full.startswith(short[:-1].rstrip())
     plain = ("logreg", json.dumps({"C": 10.0}), "none")
     assert _chart_label(plain) == _config_label(plain)
+
+
+def test_charts_drawn_from_the_same_data_are_copied_not_drawn_again(tmp_path, monkeypatch):
+    """write_report(chart_cache=...) (what `run` passes): a second report on the same numbers draws no
+    chart and writes the very same PNGs; changed numbers are drawn; a cache entry whose file name or
+    bytes were tampered with is ignored, never followed."""
+    import shutil
+
+    from matplotlib.figure import Figure
+
+    first = make_run(tmp_path / "a")
+    cache = tmp_path / "charts"
+    write_report(first, chart_cache=cache)
+    drawn = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(1), real_savefig(self, *a, **k))[1])
+    second = tmp_path / "b" / "run"
+    shutil.copytree(first, second)
+    shutil.rmtree(second / "report")
+    page = write_report(second, chart_cache=cache).html_path.read_text(encoding="utf-8")
+    assert drawn == []
+    names = sorted(p.name for p in (first / "report").glob("*.png"))
+    assert names and names == sorted(p.name for p in (second / "report").glob("*.png"))
+    assert all((first / "report" / n).read_bytes() == (second / "report" / n).read_bytes() for n in names)
+    assert page.count('<img class="chart"') >= len(names)
+
+    board = pd.read_csv(second / "leaderboard.csv")
+    board.loc[0, "accuracy_mean"] = 0.5                 # other numbers: the leaderboard chart is drawn
+    board.to_csv(second / "leaderboard.csv", index=False)
+    write_report(second, chart_cache=cache)
+    assert len(drawn) == 1
+
+    for record in cache.glob("*.json"):                 # tampered entries: drawn again, nothing followed
+        data = json.loads(record.read_text())
+        record.write_text(json.dumps({**data, "name": "../../escaped.png"}))
+    drawn.clear()
+    write_report(second, chart_cache=cache)
+    assert len(drawn) == len(names) and not (tmp_path / "escaped.png").exists()
+    assert not list(tmp_path.rglob("escaped.png"))
