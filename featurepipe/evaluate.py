@@ -277,8 +277,9 @@ def evaluate_features(
     if dedup_groups:
         first_features = loaded[0][1]
         grouped, dedup = apply_duplicate_groups(first_features.frame, first_features.X, root, progress=progress)
-        if dedup.clusters and folds is not None:   # (auto folds count the groups themselves)
-            shortfall = fold_shortfall(first_features.frame, grouped, folds)
+        if dedup.clusters:
+            # (Auto folds count the groups themselves: only a fold count the user chose can fall short.)
+            shortfall = fold_shortfall(first_features.frame, grouped, folds) if folds is not None else None
             if shortfall:   # say that the copies, not the user's data, leave a class too few groups
                 raise DatasetError(shortfall)
             group_of = dict(zip(grouped["hash"], grouped["group"]))

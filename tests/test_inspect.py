@@ -542,12 +542,15 @@ def _evaluate(tree, cache, run_dir, **kwargs):
                     run_dir=run_dir, **kwargs)
 
 
-def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path):
-    _evaluate(dup_tree, cache, tmp_path / "on")
+@pytest.mark.parametrize("folds", [3, None])      # None: the default (auto) fold count
+def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path, folds):
+    evaluate(scan(dup_tree, cache_dir=cache), TINY, cache, heads=("logreg",), folds=folds, n_jobs=1,
+             run_dir=tmp_path / "on")
     config = json.loads((tmp_path / "on" / "config.json").read_text())
     assert config["dedup_groups"]["enabled"] is True and config["dedup_groups"]["clusters"] == 2
     assert config["dedup_groups"]["groups"] == 26 - 2                  # two pairs became two groups
     oof = pd.read_csv(tmp_path / "on" / "oof_predictions.csv")
+    assert set(oof["fold"]) == set(range(config["folds"]))
     folds = dict(zip(oof["path"].str.split("/").str[-1], oof["fold"]))
     assert folds["red0.png"] == folds["red0_big.png"] and folds["green0.png"] == folds["green0_as_blue.jpg"]
     _evaluate(dup_tree, cache, tmp_path / "off", dedup_groups=False)
