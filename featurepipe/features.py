@@ -243,7 +243,8 @@ def _write_parquet(meta: pd.DataFrame, dim: int, chunks, path: Path, chunk_rows:
     and column until it closes -- ~17 MB at 70,000 rows in 4,096-row groups, plus the 21 MB those
     groups buffered -- so the file's memory grew 1.35x from 1,000 to 70,000 images. With one list
     column a row group costs a few hundred bytes of metadata, so each chunk is its own row group
-    (~5 MB of 1,280-d features) and memory stays flat. The same layout as the .npz export (a `features` matrix beside the metadata)."""
+    (~5 MB of 1,280-d features) and memory stays flat. The same layout as the .npz export (a `features`
+    matrix beside the metadata)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
