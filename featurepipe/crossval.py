@@ -192,6 +192,9 @@ def make_folds(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     _check_class_sizes(y, groups, n_folds, class_names)
+    key = _folds_key(y, groups, n_folds, repeats, seed)
+    if key in _FOLDS_MEMO:
+        return list(_FOLDS_MEMO[key])
     dummy = np.zeros((len(y), 1))
     folds: list[Fold] = []
     if groups is not None:
@@ -208,7 +211,27 @@ def make_folds(
             folds.append(Fold(i // n_folds, i % n_folds, tr, va))
     if any(len(f.val_idx) == 0 for f in folds):
         raise DatasetError(f"{n_folds}-fold cross-validation left a fold empty; use fewer folds")
-    return folds
+    for array in (a for f in folds for a in (f.train_idx, f.val_idx)):
+        array.flags.writeable = False    # shared by every caller with the same inputs (_FOLDS_MEMO)
+    _FOLDS_MEMO[key] = folds
+    while len(_FOLDS_MEMO) > FOLDS_MEMO_SIZE:
+        _FOLDS_MEMO.pop(next(iter(_FOLDS_MEMO)))
+    return list(folds)
+
+
+# make_folds is called once per feature set with the very same labels and groups (`run` searches nine,
+# twice when the C grid widens): StratifiedGroupKFold's greedy assignment is pure Python, ~0.1 s per
+# call at 1,000 images and more at 10,000, so the splits are remembered by their inputs.
+FOLDS_MEMO_SIZE = 8
+_FOLDS_MEMO: dict[str, list] = {}
+
+
+def _folds_key(y: np.ndarray, groups, n_folds: int, repeats: int, seed: int) -> str:
+    digest = hashlib.sha256(f"{n_folds}|{repeats}|{seed}|{y.dtype.str}|{y.shape}|".encode())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    if groups is not None:
+        digest.update(b"|groups|" + json.dumps([repr(g) for g in np.asarray(groups).tolist()]).encode())
+    return digest.hexdigest()
 
 
 def pair_folds(folds: Sequence[Fold]) -> list[Fold]:

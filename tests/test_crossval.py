@@ -377,3 +377,40 @@ def test_interval_is_a_t_interval_clipped_to_the_metric_range():
     assert mean + half > 1.0 and high == 1.0
     # log loss has no upper bound, only a lower one
     assert _summary([0.01, 0.5, 0.02], _metric_range("log_loss"))[2] == 0.0
+
+
+def test_make_folds_remembers_splits_by_their_inputs(monkeypatch):
+    """`run` asks for the same folds once per feature set: the greedy group split runs once, the
+    result is the same splits (read-only, so no caller can change another's), and other labels,
+    groups, counts or seeds get their own."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from featurepipe import crossval
+
+    calls = []
+    real_split = StratifiedGroupKFold.split
+
+    def split(self, *args, **kwargs):
+        calls.append(1)
+        return real_split(self, *args, **kwargs)
+
+    monkeypatch.setattr(StratifiedGroupKFold, "split", split)
+    monkeypatch.setattr(crossval, "_FOLDS_MEMO", {})
+    rng = np.random.default_rng(7)
+    y = np.repeat([0, 1, 2], 20)
+    groups = np.array([f"g{i // 2}" for i in range(60)], dtype=object)
+    first = crossval.make_folds(y, groups, 5, seed=3)
+    again = crossval.make_folds(y.copy(), groups.copy(), 5, seed=3)
+    assert len(calls) == 1
+    assert [(f.train_idx.tolist(), f.val_idx.tolist()) for f in first] == \
+           [(f.train_idx.tolist(), f.val_idx.tolist()) for f in again]
+    with pytest.raises(ValueError):
+        first[0].val_idx[0] = 99
+    fresh = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=3)
+    expected = [va.tolist() for _, va in real_split(fresh, np.zeros((60, 1)), y, groups)]
+    assert [f.val_idx.tolist() for f in first] == expected          # what sklearn itself gives
+    crossval.make_folds(y, groups, 5, seed=4)
+    crossval.make_folds(y, groups, 4, seed=3)
+    crossval.make_folds(y, np.array([f"g{i // 3}" for i in range(60)], dtype=object), 5, seed=3)
+    crossval.make_folds(rng.permutation(y), groups, 5, seed=3)
+    assert len(calls) == 5
