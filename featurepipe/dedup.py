@@ -376,16 +376,73 @@ def apply_duplicate_groups(frame: pd.DataFrame, X: np.ndarray, cache_root: Optio
     """The frame with its "group" column set so that near-duplicates share a group (merged with user groups).
 
     When no duplicates are found the frame is returned unchanged (same folds as without the hook).
+    The grouping is kept in CACHE/dedup/ by what it depends on (the rows' content hashes, user groups,
+    features and thresholds): finding the pairs was 33 s of a 41 s `evaluate` of 10,000 images that
+    had nothing else to compute.
     """
-    groups, report = duplicate_groups(frame, X, cache_root, cosine_threshold, hamming_threshold, progress)
-    info = DedupGrouping(True, len(report.clusters), report.duplicated_rows, 0, len(report.pairs),
-                         report.cosine_threshold, report.hamming_threshold, report.phash_failed)
-    if not report.clusters:
+    key = _grouping_key(frame, X, cosine_threshold, hamming_threshold)
+    remembered = _remembered_grouping(cache_root, key, len(frame))
+    if remembered is not None:
+        groups, info = remembered
+    else:
+        groups, report = duplicate_groups(frame, X, cache_root, cosine_threshold, hamming_threshold, progress)
+        info = DedupGrouping(True, len(report.clusters), report.duplicated_rows, 0, len(report.pairs),
+                             report.cosine_threshold, report.hamming_threshold, report.phash_failed)
+        if report.clusters:
+            info.groups = int(pd.Series(groups).nunique())
+        _remember_grouping(cache_root, key, groups if report.clusters else None, info)
+    if not info.clusters:
         return frame, info
     frame = frame.copy()
     frame["group"] = groups
-    info.groups = int(pd.Series(groups).nunique())
     return frame, info
+
+
+# Bump when finding duplicates or merging groups changes: remembered groupings are then not reused.
+GROUPING_VERSION = 1
+
+
+def _grouping_key(frame: pd.DataFrame, X: np.ndarray, cosine_threshold: float, hamming_threshold: int) -> str:
+    import hashlib
+    import json
+
+    user = frame["group"].tolist() if "group" in frame.columns else []
+    digest = hashlib.sha256(json.dumps([GROUPING_VERSION, float(cosine_threshold), int(hamming_threshold),
+                                        list(X.shape), frame["hash"].tolist(), [repr(g) for g in user]]).encode())
+    digest.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:40]
+
+
+def _remembered_grouping(cache_root: Optional[Path], key: str, rows: int):
+    """(groups or None, DedupGrouping) kept for `key`; None when there is none or it does not fit."""
+    import json
+
+    if cache_root is None:
+        return None
+    try:
+        data = json.loads((Path(cache_root) / "dedup" / f"{key}.json").read_text())
+        info = DedupGrouping(**data["info"])
+        groups = data["groups"]
+        if groups is None and info.clusters == 0:
+            return None, info
+        if isinstance(groups, list) and len(groups) == rows and all(isinstance(g, str) for g in groups):
+            return np.asarray(groups, dtype=object), info
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _remember_grouping(cache_root: Optional[Path], key: str, groups, info: DedupGrouping) -> None:
+    from featurepipe import atomic
+
+    if cache_root is None:
+        return
+    try:
+        (Path(cache_root) / "dedup").mkdir(parents=True, exist_ok=True)
+        atomic.write_json(Path(cache_root) / "dedup" / f"{key}.json",
+                          {"groups": None if groups is None else [str(g) for g in groups], "info": info.to_dict()})
+    except OSError:
+        pass   # not kept: found again next time
 
 
 def fold_shortfall(frame: pd.DataFrame, grouped: pd.DataFrame, folds: int) -> Optional[str]:

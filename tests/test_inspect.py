@@ -558,6 +558,30 @@ def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path
     assert config["dedup_groups"]["enabled"] is False
 
 
+def test_the_duplicate_grouping_is_remembered_and_a_damaged_record_is_found_again(dup_tree, cache, tmp_path,
+                                                                                monkeypatch):
+    """Finding the pairs costs seconds at 10,000 images: a second evaluate of the same rows reads the
+    grouping kept in CACHE/dedup/ (the same folds), and a damaged record is recomputed, not trusted."""
+    from featurepipe import dedup
+
+    calls = []
+    real = dedup.duplicate_groups
+    monkeypatch.setattr(dedup, "duplicate_groups", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    _evaluate(dup_tree, cache, tmp_path / "first")
+    _evaluate(dup_tree, cache, tmp_path / "second")
+    assert len(calls) == 1
+    first, second = (pd.read_csv(tmp_path / r / "oof_predictions.csv") for r in ("first", "second"))
+    assert first[["path", "fold"]].equals(second[["path", "fold"]])
+    assert (json.loads((tmp_path / "first" / "config.json").read_text())["dedup_groups"]
+            == json.loads((tmp_path / "second" / "config.json").read_text())["dedup_groups"])
+    for record in (cache / "dedup").glob("*.json"):
+        record.write_text('{"groups": ["a"], "info": {"enabled": true}}')
+    _evaluate(dup_tree, cache, tmp_path / "third")
+    assert len(calls) == 2
+    third = pd.read_csv(tmp_path / "third" / "oof_predictions.csv")
+    assert first[["path", "fold"]].equals(third[["path", "fold"]])
+
+
 def test_evaluate_says_when_copies_leave_a_class_too_few_groups_for_the_folds(tmp_path, cache):
     root = tmp_path / "data"
     for c, name in enumerate(("red", "green", "blue")):
