@@ -27,4 +27,4 @@ browser-test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests/test_report_browser.py
 
 clean:
-	rm -rf $(VENV) cache/features cache/runs cache/weights cache/refs cache/hashes.sqlite cache/report-charts
+	rm -rf $(VENV) cache/features cache/runs cache/weights cache/refs cache/hashes.sqlite cache/report-charts cache/dedup
