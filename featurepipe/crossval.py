@@ -31,6 +31,7 @@ from sklearn.metrics import (
 from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, StratifiedKFold
 
 from featurepipe import atomic
+from featurepipe.digest import digest
 from featurepipe.workers import workers_exit_with_parent  # issue 12
 from featurepipe.errors import DatasetError
 from featurepipe.heads import head_entry, make_head, param_grid, revisions
@@ -192,7 +193,7 @@ def make_folds(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     _check_class_sizes(y, groups, n_folds, class_names)
-    key = _folds_key(y, groups, n_folds, repeats, seed)
+    key = digest(n_folds, repeats, seed, y, None if groups is None else np.asarray(groups, dtype=object))
     if key in _FOLDS_MEMO:
         return list(_FOLDS_MEMO[key])
     dummy = np.zeros((len(y), 1))
@@ -225,13 +226,6 @@ def make_folds(
 FOLDS_MEMO_SIZE = 8
 _FOLDS_MEMO: dict[str, list] = {}
 
-
-def _folds_key(y: np.ndarray, groups, n_folds: int, repeats: int, seed: int) -> str:
-    digest = hashlib.sha256(f"{n_folds}|{repeats}|{seed}|{y.dtype.str}|{y.shape}|".encode())
-    digest.update(np.ascontiguousarray(y).tobytes())
-    if groups is not None:
-        digest.update(b"|groups|" + json.dumps([repr(g) for g in np.asarray(groups).tolist()]).encode())
-    return digest.hexdigest()
 
 
 def pair_folds(folds: Sequence[Fold]) -> list[Fold]:

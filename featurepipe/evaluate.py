@@ -26,6 +26,7 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
 from featurepipe.crossval import FeatureTable, _metric_range, _summary, auto_folds, fold_metrics, refit, run_cv
 from featurepipe.dataset import Dataset
+from featurepipe.digest import digest
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import ExtractReport
 from featurepipe.features import DatasetFeatures, cached_features
@@ -104,11 +105,7 @@ def _table_key(features: np.ndarray, frame: pd.DataFrame) -> str:
     under squash, center_crop and letterbox (extract copies them), and their CV fits, nested fits and
     refits are then computed once, not three times. `features`: every row the run uses (the refit's
     holdout rows too), ~0.1 s of hashing per 10,000 x 1,280."""
-    digest = hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).data)
-    digest.update(f"|{features.shape}|".encode())
-    for row in frame[["hash", "label", "group"]].itertuples(index=False):
-        digest.update(f"{row.hash}:{row.label}:{row.group}\n".encode())
-    return digest.hexdigest()
+    return digest(np.asarray(features, dtype=np.float32), frame[["hash", "label", "group"]])
 
 
 def _refit_key(table_key: str, best: dict, seed: int, tta: bool, frame: pd.DataFrame) -> str:
@@ -292,7 +289,8 @@ def evaluate_features(
     label_index = {label: i for i, label in enumerate(classes)}
     tables = {}
     for name, (stores, features) in zip(names, loaded):
-        keep = features.frame["hash"].isin(common).to_numpy() & (features.frame["split"] == "train").to_numpy()
+        used = features.frame["hash"].isin(common).to_numpy()
+        keep = used & (features.frame["split"] == "train").to_numpy()
         train_frame = features.frame[keep].reset_index(drop=True)
         if train_frame.empty:
             raise FeaturepipeError(f"{dataset.source} has no training images with features; nothing to evaluate")
@@ -301,7 +299,7 @@ def evaluate_features(
             X=features.X[keep], y=train_frame["label"].map(label_index).to_numpy(), classes=classes,
             paths=train_frame["path"].tolist(), groups=groups,
             views=features.views[keep] if features.views is not None else None,
-            key=_table_key(features.X[features.frame["hash"].isin(common).to_numpy()], train_frame),
+            key=_table_key(features.X[used], train_frame),
             # The views store is shared by every K (rows hash@0..hash@K-1): K is part of what CV saw.
             views_key=f"{stores.views.fingerprint}:K={stores.augment}" if stores.views is not None else "",
         )

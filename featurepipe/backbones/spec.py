@@ -31,10 +31,10 @@ class BackboneSpec:
 
     def resolved(self) -> "BackboneSpec":
         """Fill the backbone's defaults in, validating every option."""
-        from featurepipe.backbones.registry import get_backbone
+        from featurepipe.backbones.registry import CONCAT, get_backbone
 
         info = get_backbone(self.name)
-        if "+" in self.name and (self.layer is not None or self.pooling != "avg"):
+        if CONCAT in self.name and (self.layer is not None or self.pooling != "avg"):
             raise ValueError(f"{self.name}: a concatenated backbone gives each part's average-pooled features; "
                              f"--layer and --pooling apply to single backbones only")
         if self.pooling not in POOLINGS:
