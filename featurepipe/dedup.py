@@ -403,14 +403,11 @@ GROUPING_VERSION = 1
 
 
 def _grouping_key(frame: pd.DataFrame, X: np.ndarray, cosine_threshold: float, hamming_threshold: int) -> str:
-    import hashlib
-    import json
+    from featurepipe.digest import digest
 
-    user = frame["group"].tolist() if "group" in frame.columns else []
-    digest = hashlib.sha256(json.dumps([GROUPING_VERSION, float(cosine_threshold), int(hamming_threshold),
-                                        list(X.shape), frame["hash"].tolist(), [repr(g) for g in user]]).encode())
-    digest.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:40]
+    user = frame["group"].to_numpy(dtype=object) if "group" in frame.columns else None
+    return digest(GROUPING_VERSION, float(cosine_threshold), int(hamming_threshold), frame["hash"].tolist(), user,
+                  np.asarray(X, dtype=np.float32))[:40]
 
 
 def _remembered_grouping(cache_root: Optional[Path], key: str, rows: int):
@@ -423,12 +420,16 @@ def _remembered_grouping(cache_root: Optional[Path], key: str, rows: int):
         data = json.loads((Path(cache_root) / "dedup" / f"{key}.json").read_text())
         info = DedupGrouping(**data["info"])
         groups = data["groups"]
-        if groups is None and info.clusters == 0:
-            return None, info
-        if isinstance(groups, list) and len(groups) == rows and all(isinstance(g, str) for g in groups):
-            return np.asarray(groups, dtype=object), info
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        return None
+    counts = (info.clusters, info.images_in_clusters, info.groups, info.pairs, info.phash_failed)
+    if not (info.enabled is True and all(type(c) is int and c >= 0 for c in counts)
+            and all(isinstance(t, (int, float)) for t in (info.cosine_threshold, info.hamming_threshold))):
+        return None   # not what _remember_grouping writes: found again
+    if groups is None and info.clusters == 0:
+        return None, info
+    if info.clusters and isinstance(groups, list) and len(groups) == rows and all(isinstance(g, str) for g in groups):
+        return np.asarray(groups, dtype=object), info
     return None
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from featurepipe import atomic
+from featurepipe import atomic, trust
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import ProgressCallback, report
 from featurepipe.run import (
@@ -239,10 +239,13 @@ class _Charts:
             png = (self.cache / f"{key}.png").read_bytes()
         except (OSError, ValueError):
             return None
-        name, alt = record.get("name") if isinstance(record, dict) else None, record.get("alt")
-        # Only a plain PNG file name, and bytes that are the ones recorded, are taken from the cache.
+        if not isinstance(record, dict):
+            return None
+        name, alt = record.get("name"), record.get("alt")
+        # Only a plain PNG file name, and bytes signed with this user's key (featurepipe.trust, as the
+        # refit cache does), are taken: a hash written beside the file would guard nothing.
         if not (isinstance(name, str) and _CHART_FILE.match(name) and isinstance(alt, str)
-                and record.get("sha256") == hashlib.sha256(png).hexdigest()):
+                and trust.signed(f"{key}.png", hashlib.sha256(png).hexdigest(), record.get("hmac"))):
             return None
         return self._keep(png, name, alt)
 
@@ -250,8 +253,8 @@ class _Charts:
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(self.cache / f"{key}.png", png)
-            atomic.write_json(self.cache / f"{key}.json",
-                              {"name": name, "alt": alt, "sha256": hashlib.sha256(png).hexdigest()})
+            mac = trust.sign(f"{key}.png", hashlib.sha256(png).hexdigest())
+            atomic.write_json(self.cache / f"{key}.json", {"name": name, "alt": alt, "hmac": mac})
             kept = sorted(self.cache.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
             for old in kept[CHART_CACHE_FILES:]:
                 old.unlink(missing_ok=True)
@@ -285,16 +288,9 @@ def _chart_key(draw: str, args: tuple, kwargs: dict) -> str:
     """What a chart is drawn from: the drawing function, its code version, matplotlib's and the data."""
     import matplotlib
 
-    digest = hashlib.sha256(json.dumps([draw, CHART_CACHE_VERSION, matplotlib.__version__]).encode())
-    for value in (*args, *sorted(kwargs.items())):
-        if isinstance(value, pd.DataFrame):
-            digest.update(value.to_json(orient="split", default_handler=str).encode())
-        elif isinstance(value, np.ndarray):
-            digest.update(f"{value.dtype.str}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-        else:
-            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
-        digest.update(b"|")
-    return digest.hexdigest()[:40]
+    from featurepipe.digest import digest
+
+    return digest(draw, CHART_CACHE_VERSION, matplotlib.__version__, *args, sorted(kwargs.items()))[:40]
 
 
 def _cached_chart(draw):

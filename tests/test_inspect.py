@@ -574,12 +574,19 @@ def test_the_duplicate_grouping_is_remembered_and_a_damaged_record_is_found_agai
     assert first[["path", "fold"]].equals(second[["path", "fold"]])
     assert (json.loads((tmp_path / "first" / "config.json").read_text())["dedup_groups"]
             == json.loads((tmp_path / "second" / "config.json").read_text())["dedup_groups"])
-    for record in (cache / "dedup").glob("*.json"):
-        record.write_text('{"groups": ["a"], "info": {"enabled": true}}')
-    _evaluate(dup_tree, cache, tmp_path / "third")
-    assert len(calls) == 2
-    third = pd.read_csv(tmp_path / "third" / "oof_predictions.csv")
-    assert first[["path", "fold"]].equals(third[["path", "fold"]])
+    records = list((cache / "dedup").glob("*.json"))
+    good = json.loads(records[0].read_text())
+    damaged = ['{"groups": ["a"], "info": {"enabled": true}}', "[]",
+               json.dumps({**good, "info": {**good["info"], "clusters": "2"}}),
+               json.dumps({**good, "groups": good["groups"][:-1]}),
+               json.dumps({**good, "groups": None})]
+    for n, text in enumerate(damaged):
+        for record in records:
+            record.write_text(text)
+        _evaluate(dup_tree, cache, tmp_path / f"damaged{n}")
+        assert len(calls) == 2 + n, text
+        again = pd.read_csv(tmp_path / f"damaged{n}" / "oof_predictions.csv")
+        assert first[["path", "fold"]].equals(again[["path", "fold"]]), text
 
 
 def test_evaluate_says_when_copies_leave_a_class_too_few_groups_for_the_folds(tmp_path, cache):

@@ -300,8 +300,8 @@ def test_chart_labels_are_cut_and_the_table_keeps_the_whole_label():
 
 def test_charts_drawn_from_the_same_data_are_copied_not_drawn_again(tmp_path, monkeypatch):
     """write_report(chart_cache=...) (what `run` passes): a second report on the same numbers draws no
-    chart and writes the very same PNGs; changed numbers are drawn; a cache entry whose file name or
-    bytes were tampered with is ignored, never followed."""
+    chart and writes the very same PNGs; changed numbers are drawn; a cache entry whose file name,
+    bytes (signed with the user's key) or record were tampered with is ignored, never followed."""
     import shutil
 
     from matplotlib.figure import Figure
@@ -335,3 +335,26 @@ def test_charts_drawn_from_the_same_data_are_copied_not_drawn_again(tmp_path, mo
     write_report(second, chart_cache=cache)
     assert len(drawn) == len(names) and not (tmp_path / "escaped.png").exists()
     assert not list(tmp_path.rglob("escaped.png"))
+    for png in cache.glob("*.png"):                     # other bytes, same records: not what was signed
+        png.write_bytes(png.read_bytes() + b"tampered")
+    drawn.clear()
+    write_report(second, chart_cache=cache)
+    assert len(drawn) == len(names)
+    assert not any((second / "report" / n).read_bytes().endswith(b"tampered") for n in names)
+    import hashlib
+
+    for record in cache.glob("*.json"):                 # other bytes with their hash written beside: refused
+        png = record.with_suffix(".png")
+        png.write_bytes(png.read_bytes() + b"forged")
+        data = json.loads(record.read_text())
+        digest = hashlib.sha256(png.read_bytes()).hexdigest()
+        record.write_text(json.dumps({**data, "sha256": digest, "hmac": digest}))
+    drawn.clear()
+    write_report(second, chart_cache=cache)
+    assert len(drawn) == len(names)
+    assert not any((second / "report" / n).read_bytes().endswith(b"forged") for n in names)
+    for record in cache.glob("*.json"):                 # not even an object: drawn again, no crash
+        record.write_text("[]")
+    drawn.clear()
+    write_report(second, chart_cache=cache)
+    assert len(drawn) == len(names)
