@@ -34,6 +34,7 @@ featurepipe's store (--cache-dir, default a temporary folder), so a second call 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -61,7 +62,6 @@ class Features:
         self.dataset = scan(data, cache_dir=cache)
         self.cache = cache
         self.y = None
-        self.square = None
 
     def get(self, name: str, resize: str = "squash", size: int | None = None, pooling: str = "avg",
             layer: str | None = None) -> np.ndarray:
@@ -80,20 +80,24 @@ class Features:
             raise SystemExit(f"{spec.name}/{spec.resize}: rows came back in another order")
         return np.asarray(table.X, dtype=np.float64)
 
-    def is_square(self) -> bool:
+    @functools.cached_property
+    def square(self) -> bool:
         """Whether squash, center_crop and letterbox give the same pixels (every image square)."""
-        if self.square is None:
-            a = self.get(BACKBONES[0], "squash")
-            self.square = bool(np.array_equal(a, self.get(BACKBONES[0], "center_crop")))
-        return self.square
+        return bool(np.array_equal(self.get(BACKBONES[0], "squash"), self.get(BACKBONES[0], "center_crop")))
 
 
 def front(X: np.ndarray) -> np.ndarray:
-    from sklearn.preprocessing import Normalizer
+    """The product's logreg front (its pipeline without the classifier: signed sqrt + L2), stateless."""
+    from featurepipe.heads import make_head
 
-    from featurepipe.heads import SignedSqrt
+    return make_head("logreg", {}, 0)[:-1].fit_transform(X)
 
-    return Normalizer().fit_transform(SignedSqrt().fit_transform(X))
+
+def logreg(C: float = 100.0):
+    """The logistic regression behind every logreg figure here (on features already through `front`)."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=3000)
 
 
 def oof_proba(make, X, y, folds) -> np.ndarray:
@@ -110,14 +114,14 @@ def accuracy(proba, y) -> float:
 
 def _heads():
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+    from sklearn.linear_model import RidgeClassifier
     from sklearn.svm import SVC
 
     class Ridge(RidgeClassifier):       # decision values as scores: only the argmax is used
         def predict_proba(self, X):
             return self.decision_function(X)
 
-    return {"logreg": lambda: LogisticRegression(C=100, max_iter=3000),
+    return {"logreg": logreg,
             "lda_shrinkage": lambda: LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"),
             "svm_rbf": lambda: SVC(C=10, probability=True, random_state=0),
             "ridge": lambda: Ridge(alpha=0.1)}
@@ -133,16 +137,15 @@ def part_heads(feats: Features, folds) -> dict:
 
 
 def _vote_sets(feats: Features) -> list[np.ndarray]:
-    policies = ("squash",) if feats.is_square() else ("squash", "center_crop", "letterbox")
+    policies = ("squash",) if feats.square else ("squash", "center_crop", "letterbox")
     return [feats.get(name, policy) for name in BACKBONES for policy in policies]
 
 
 def part_votes(feats: Features, folds) -> dict:
-    from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
 
     y, sets = feats.y, [front(X) for X in _vote_sets(feats)]
-    members = {"logreg": lambda: LogisticRegression(C=100, max_iter=3000)}
+    members = {"logreg": logreg}
     for C in (1, 10, 100):
         members[f"svm_rbf C={C}"] = lambda C=C: SVC(C=C, probability=True, random_state=0)
     proba = {m: [oof_proba(make, X, y, folds) for X in sets] for m, make in members.items()}
@@ -154,7 +157,6 @@ def part_votes(feats: Features, folds) -> dict:
 
 
 def part_fronts(feats: Features, folds) -> dict:
-    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
@@ -166,14 +168,12 @@ def part_fronts(feats: Features, folds) -> dict:
               "sqrt + L2 + centre + L2": lambda: [SignedSqrt(), Normalizer(), StandardScaler(with_std=False), Normalizer()]}
     for name, steps in fronts.items():
         for C in (10, 100):
-            make = lambda steps=steps, C=C: make_pipeline(*steps(), LogisticRegression(C=C, max_iter=3000))
+            make = lambda steps=steps, C=C: make_pipeline(*steps(), logreg(C))
             out[f"{name}, C={C}"] = accuracy(sum(oof_proba(make, X, y, folds) for X in sets), y)
     return out
 
 
 def part_selection(feats: Features, folds) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
     y, sets = feats.y, [front(X) for X in _vote_sets(feats)]
     n_classes, fold_of = int(y.max()) + 1, np.zeros(len(y), dtype=int)
     for k, f in enumerate(folds):
@@ -185,7 +185,7 @@ def part_selection(feats: Features, folds) -> dict:
         if (s, C, held_out) not in fits:
             test = np.isin(fold_of, list(held_out))
             out = np.zeros((len(y), n_classes))
-            out[test] = LogisticRegression(C=C, max_iter=3000).fit(sets[s][~test], y[~test]).predict_proba(sets[s][test])
+            out[test] = logreg(C).fit(sets[s][~test], y[~test]).predict_proba(sets[s][test])
             fits[(s, C, held_out)] = out
         return fits[(s, C, held_out)]
 
@@ -233,34 +233,30 @@ def pooled_variants(maps: np.ndarray) -> dict:
 
 
 def part_pooling(feats: Features, folds) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
     y, out = feats.y, {}
     for name in BACKBONES[:2]:
         flat = feats.get(name, pooling="flatten")
         side = int(round(np.sqrt(flat.shape[1] / 1280)))
         for variant, X in pooled_variants(flat.reshape(len(flat), side, side, 1280)).items():
             out[f"{name}: {variant}"] = accuracy(
-                oof_proba(lambda: LogisticRegression(C=100, max_iter=3000), X, y, folds), y)
+                oof_proba(logreg, X, y, folds), y)
     return out
 
 
 def part_sizes(feats: Features, folds) -> dict:
-    from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import Normalizer
 
     from featurepipe.backbones.registry import get_backbone
 
     y, out = feats.y, {}
-    make = lambda: LogisticRegression(C=100, max_iter=3000)
     for name in BACKBONES[:2]:
         default = get_backbone(name).default_size
         by_size = {size: front(feats.get(name, size=size)) for size in (128, 176, default, 288)}
         for size, X in by_size.items():
-            out[f"{name} @{size}"] = accuracy(oof_proba(make, X, y, folds), y)
+            out[f"{name} @{size}"] = accuracy(oof_proba(logreg, X, y, folds), y)
         three = [by_size[176], by_size[default], by_size[288]]
-        out[f"{name} @176+{default}+288 concatenated"] = accuracy(oof_proba(make, np.hstack(three), y, folds), y)
-        out[f"{name} @176+{default}+288 averaged"] = accuracy(oof_proba(make, Normalizer().fit_transform(sum(three)), y, folds), y)
+        out[f"{name} @176+{default}+288 concatenated"] = accuracy(oof_proba(logreg, np.hstack(three), y, folds), y)
+        out[f"{name} @176+{default}+288 averaged"] = accuracy(oof_proba(logreg, Normalizer().fit_transform(sum(three)), y, folds), y)
     return out
 
 
@@ -268,7 +264,6 @@ def part_headconv(feats: Features, folds, epochs: int = 12) -> dict:
     """Lite0's head_conv (+ its frozen BatchNorm, ReLU6, average pool, sqrt + L2) and the logreg head,
     both initialized from what the frozen pipeline has, trained together on cached blocks_15 maps."""
     import keras
-    from sklearn.linear_model import LogisticRegression
 
     from featurepipe.backbones.build import build_feature_model
     from featurepipe.backbones.spec import BackboneSpec
@@ -302,14 +297,14 @@ def part_headconv(feats: Features, folds, epochs: int = 12) -> dict:
     curve = np.zeros(epochs + 1)
     for f in folds:
         keras.utils.set_random_seed(0)
-        head = LogisticRegression(C=100, max_iter=3000).fit(pooled[f.train_idx], y[f.train_idx])
+        head = logreg().fit(pooled[f.train_idx], y[f.train_idx])
         m = model(head)
         for epoch in range(epochs + 1):
             if epoch:
                 m.fit(maps[f.train_idx], y[f.train_idx], epochs=1, batch_size=32, verbose=0)
             right = np.argmax(m.predict(maps[f.val_idx], verbose=0), axis=1) == y[f.val_idx]
             curve[epoch] += right.sum()
-    return {"frozen logreg C=100": accuracy(oof_proba(lambda: LogisticRegression(C=100, max_iter=3000), pooled, y, folds), y),
+    return {"frozen logreg C=100": accuracy(oof_proba(logreg, pooled, y, folds), y),
             "accuracy after epoch 0..N": [round(float(c) / len(y), 4) for c in curve]}
 
 
