@@ -65,12 +65,12 @@ def plain_logreg(X, y, train, test) -> float:
 
 def one(data: Path, cache: Path, seed: int = 0) -> dict:
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.crossval import make_folds
-    from featurepipe.dataset import scan
-    from featurepipe.evaluate import SEARCH_HEADS, evaluate
-    from featurepipe.extract import extract, open_stores
-    from featurepipe.features import dataset_features
-    from featurepipe.search import search_specs
+    from featurepipe.evaluation.crossval import make_folds
+    from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.evaluate import SEARCH_HEADS, evaluate
+    from featurepipe.extraction.extract import extract, open_stores
+    from featurepipe.extraction.features import dataset_features
+    from featurepipe.evaluation.search import search_specs
 
     dataset = scan(data, cache_dir=cache)
     squash = BackboneSpec(name="efficientnet_lite0", resize="squash").resolved()

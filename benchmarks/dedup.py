@@ -8,7 +8,7 @@ keeps 10 randomly drawn photos per class (40) and copies half of them: a small d
 are a large share, the case where leakage moves the CV score; `--plant-class fish` copies only fish
 photos (the hardest class on the demo).
 
-Reports how many planted copies `featurepipe.dedup` finds (a planted pair counts as found when
+Reports how many planted copies `featurepipe.data.dedup` finds (a planted pair counts as found when
 the copy and its original end in the same duplicate group), how many detected pairs are not
 planted (false pairs), the similarity gap between copies and distinct photos, and the best
 cross-validated accuracy with and without duplicate groups (the leakage the groups remove).
@@ -102,11 +102,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.dedup import DEFAULT_COSINE, DEFAULT_HAMMING, duplicate_groups
-    from featurepipe.extract import extract, open_stores
-    from featurepipe.features import dataset_features
-    from featurepipe.paths import cache_root
+    from featurepipe.data.dataset import scan
+    from featurepipe.data.dedup import DEFAULT_COSINE, DEFAULT_HAMMING, duplicate_groups
+    from featurepipe.extraction.extract import extract, open_stores
+    from featurepipe.extraction.features import dataset_features
+    from featurepipe.core.cachedirs import cache_root
 
     root = cache_root(args.cache_dir)
     spec = BackboneSpec(name=args.backbone).resolved()
@@ -130,8 +130,8 @@ def main() -> None:
         missed = [(Path(b).name, kind) for a, b, kind in planted if found.cluster[index[a]] != found.cluster[index[b]]]
 
         # The gap: similarity of each planted pair vs the closest pair of distinct photos.
-        from featurepipe.dedup import normalized, phash_distances
-        from featurepipe.perceptual import perceptual_hashes
+        from featurepipe.data.dedup import normalized, phash_distances
+        from featurepipe.data.perceptual import perceptual_hashes
 
         ph = perceptual_hashes(frame.drop_duplicates("hash").set_index("hash")["path"].to_dict(), root)
         hashes = np.asarray([ph.hashes[h] for h in frame["hash"]], dtype=np.uint64)   # (n, crops)
@@ -158,7 +158,7 @@ def main() -> None:
             "dedup_seconds": round(seconds, 3),
         }
         if not args.no_cv:
-            from featurepipe.evaluate import evaluate
+            from featurepipe.evaluation.evaluate import evaluate
 
             heads = tuple(h for h in args.heads.split(",") if h)
             scores = {}

@@ -40,9 +40,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
 from featurepipe.backbones.spec import BackboneSpec  # noqa: E402
-from featurepipe.dataset import scan  # noqa: E402
-from featurepipe.executor import Executor, LocalExecutor  # noqa: E402
-from featurepipe.extract import extract  # noqa: E402
+from featurepipe.data.dataset import scan  # noqa: E402
+from featurepipe.extraction.executors.local import Executor, LocalExecutor  # noqa: E402
+from featurepipe.extraction.extract import extract  # noqa: E402
 
 
 def _make_dataset(target: Path, copies: int) -> Path:
@@ -101,7 +101,7 @@ def run_local(dataset, spec, cache, batch_size):
 
 
 def run_dask(dataset, spec, cache, batch_size, workers):
-    from featurepipe.dask_executor import DaskExecutor
+    from featurepipe.extraction.executors.dask_cluster import DaskExecutor
 
     started = time.perf_counter()
     executor = DaskExecutor.local_cluster(workers)

@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from featurepipe.crossval import FeatureTable, run_cv
+from featurepipe.evaluation.crossval import FeatureTable, run_cv
 from featurepipe.heads import param_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def synthetic_table(rows: int, dim: int, classes: int, seed: int, noise: float) 
 def seconds_per_image_extract() -> float:
     from featurepipe.backbones.build import build_feature_model
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.images import decode_image
+    from featurepipe.data.images import decode_image
 
     spec = BackboneSpec().resolved()
     model = build_feature_model(spec)

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from featurepipe.quiet import quiet_tensorflow_startup
+from featurepipe.cli.quiet import quiet_tensorflow_startup
 
 quiet_tensorflow_startup()
 
 from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.extract import extract
-from featurepipe.images import decode_image
+from featurepipe.data.dataset import scan
+from featurepipe.extraction.extract import extract
+from featurepipe.data.images import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def decode_breakdown(paths: list[str], size: int, resize: str, sample: int = 48)
     JPEG/PNG decoding (with draft-mode DCT downscaling) and the rest (orientation, RGB, resize, array)."""
     from PIL import Image, ImageOps, JpegImagePlugin
 
-    from featurepipe.images import _resize, _to_rgb
+    from featurepipe.data.images import _resize, _to_rgb
 
     decode = resize_s = 0.0
     chosen = paths[:sample]

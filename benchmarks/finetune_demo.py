@@ -39,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.evaluate import evaluate
-    from featurepipe.finetune import finetune
+    from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.evaluate import evaluate
+    from featurepipe.training.finetune import finetune
 
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="featurepipe-finetune-demo-"))
     out: dict = {"cache_dir": str(cache)}
@@ -61,7 +61,7 @@ def main() -> None:
     out["finetune"] = {k: v for k, v in report.to_dict().items() if k not in ("unfrozen_layers", "failed")}
     out["finetune"]["unfrozen_layers"] = len(report.unfrozen_layers)
     if args.baseline:
-        from featurepipe.baseline import baseline
+        from featurepipe.training.baseline import baseline
 
         config = json.loads((Path(run_dir) / "config.json").read_text())
         base = baseline(scan(config["dataset"]["source"], cache_dir=cache), epochs=args.epochs,

@@ -62,9 +62,9 @@ def build_fashion(dest: Path, per_class: int = 50, size: int = 96, seed: int = 0
 
 
 def measure(name: str, data: Path, spec, heads: tuple[str, ...], epochs: int, cache: Path, folds: int) -> dict:
-    from featurepipe.dataset import scan
-    from featurepipe.evaluate import evaluate
-    from featurepipe.finetune import finetune
+    from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.evaluate import evaluate
+    from featurepipe.training.finetune import finetune
 
     started = time.perf_counter()
     evaluated = evaluate(scan(data, cache_dir=cache), spec, cache, heads=heads, folds=folds,

@@ -37,9 +37,9 @@ def _data(name: str, scratch: Path) -> Path:
 
 
 def one(data: Path, cache: Path, front: str, seed: int = 0) -> dict:
-    from featurepipe.dataset import scan
-    from featurepipe.evaluate import evaluate
-    from featurepipe.search import search_specs
+    from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.evaluate import evaluate
+    from featurepipe.evaluation.search import search_specs
 
     dataset = scan(data, cache_dir=cache)
     specs = search_specs()

@@ -6,7 +6,7 @@ The accuracy issue asks the default `run` to beat the seeds' Dense 256 head by 3
 Fashion-MNIST. This script measures the alternatives to today's default (the vote of each feature
 set's signed-sqrt + L2 logistic regression) that could plausibly close such a gap, all on features of
 the offline EfficientNet-Lite0/1/2 bases, with plain 5-fold stratified CV, seed 0, the same folds in
-every column (featurepipe.crossval.make_folds without groups, as accuracy.py's (a) and (b)). Fixed
+every column (featurepipe.evaluation.crossval.make_folds without groups, as accuracy.py's (a) and (b)). Fixed
 parameters, no selection: these are single configurations, to compare with each other, not
 nested-CV estimates. Parts (`--parts`, default all):
 
@@ -17,7 +17,7 @@ nested-CV estimates. Parts (`--parts`, default all):
            only where the images are square) of logreg C=100, RBF SVM C=1/10/100, and both;
   fronts   the same logreg vote after signed sqrt + L2 (today), + centring, + L2/centring/L2 (C=10, 100);
   selection how the vote's C is chosen, each procedure scored by nested CV on the 5 folds (the inner
-           CV of outer fold k uses the other 4 folds, as featurepipe.nested does): each feature set's
+           CV of outer fold k uses the other 4 folds, as featurepipe.evaluation.nested does): each feature set's
            own C by inner accuracy, then log loss (today); one C shared by all sets, chosen by the
            vote's inner score; no choice, every C of the grid in the vote; C fixed at 10 or 100;
   pooling  Lite0 and Lite1: the last feature map pooled as global average (today), + 4 overlapping
@@ -57,7 +57,7 @@ class Features:
     """Features of one data set by (backbone, resize, size, pooling, layer), extracted once into the cache."""
 
     def __init__(self, data: Path, cache: Path):
-        from featurepipe.dataset import scan
+        from featurepipe.data.dataset import scan
 
         self.dataset = scan(data, cache_dir=cache)
         self.cache = cache
@@ -66,8 +66,8 @@ class Features:
     def get(self, name: str, resize: str = "squash", size: int | None = None, pooling: str = "avg",
             layer: str | None = None) -> np.ndarray:
         from featurepipe.backbones.spec import BackboneSpec
-        from featurepipe.extract import extract, open_stores
-        from featurepipe.features import dataset_features
+        from featurepipe.extraction.extract import extract, open_stores
+        from featurepipe.extraction.features import dataset_features
 
         spec = BackboneSpec(name=name, resize=resize, image_size=size, pooling=pooling, layer=layer).resolved()
         extract(self.dataset, spec, self.cache)
@@ -321,7 +321,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)   # SVC(probability=True), deprecated in 1.9
     from benchmarks.datasets import named
-    from featurepipe.crossval import make_folds
+    from featurepipe.evaluation.crossval import make_folds
 
     with tempfile.TemporaryDirectory(prefix="featurepipe-ceiling-") as scratch:
         cache = args.cache_dir or Path(scratch) / "cache"

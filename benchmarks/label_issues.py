@@ -50,14 +50,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.crossval import FeatureTable
-    from featurepipe.dataset import scan
-    from featurepipe.dedup import duplicate_groups
-    from featurepipe.extract import extract, open_stores
-    from featurepipe.features import dataset_features
-    from featurepipe.inspection import oof_from_cv
-    from featurepipe.label_issues import label_issues
-    from featurepipe.paths import cache_root
+    from featurepipe.evaluation.crossval import FeatureTable
+    from featurepipe.data.dataset import scan
+    from featurepipe.data.dedup import duplicate_groups
+    from featurepipe.extraction.extract import extract, open_stores
+    from featurepipe.extraction.features import dataset_features
+    from featurepipe.inspection.inspect import oof_from_cv
+    from featurepipe.inspection.label_issues import label_issues
+    from featurepipe.core.cachedirs import cache_root
 
     root = cache_root(args.cache_dir)
     spec = BackboneSpec().resolved()

@@ -225,7 +225,7 @@ def step_evaluate(work: Path, rows: int, heads: str, folds: int, grid: str) -> N
 def step_scan(work: Path) -> None:
     """Scanning the 70,000-file folder tree, in-process: cold (hashing every file) then warm."""
     sys.path.insert(0, str(CODE))
-    from featurepipe.dataset import scan
+    from featurepipe.data.dataset import scan
 
     import resource
 
@@ -292,7 +292,7 @@ def step_search(work: Path, images: int, jobs: str) -> None:
     import shutil
 
     sys.path.insert(0, str(CODE))
-    from featurepipe.search import search_specs
+    from featurepipe.evaluation.search import search_specs
 
     manifest = subset(work, images)
     cache = work / "cache_search"

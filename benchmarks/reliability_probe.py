@@ -46,9 +46,9 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[6])
     import tests.tiny_backbone
     import pandas as pd
-    from featurepipe import store
+    from featurepipe.store import featurestore as store
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
+    from featurepipe.data.dataset import scan
 
     mode, data, cache, run_dir, kill_at = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
     count = [0]
@@ -75,10 +75,10 @@ CHILD = textwrap.dedent("""
     progress = lambda event: tick()
     dataset = scan(data, cache_dir=cache)
     if mode == "extract":
-        from featurepipe.extract import extract
+        from featurepipe.extraction.extract import extract
         extract(dataset, spec, cache, batch_size=%d, decode_threads=1, progress=progress)
     else:
-        from featurepipe.evaluate import evaluate
+        from featurepipe.evaluation.evaluate import evaluate
         evaluate(dataset, spec, cache, heads=("logreg", "linear_svm"), folds=3, run_dir=run_dir, n_jobs=1,
                  progress=progress)
     print(json.dumps({"events": count[0]}))
@@ -117,9 +117,9 @@ def probe_extract_kills(work: Path, limit: int) -> dict:
     import numpy as np
 
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.extract import extract, open_stores
-    from featurepipe.features import dataset_features
+    from featurepipe.data.dataset import scan
+    from featurepipe.extraction.extract import extract, open_stores
+    from featurepipe.extraction.features import dataset_features
 
     spec = BackboneSpec(name="tiny", weights="random", image_size=32)
     data = make_tree(work / "data")
@@ -184,10 +184,10 @@ def _run_dir_whole(run_dir: Path) -> list[str]:
 def probe_evaluate_kills(work: Path, limit: int) -> dict:
     import pandas as pd
 
-    from featurepipe.run import load_head
+    from featurepipe.rundir.run import load_head
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.evaluate import evaluate
+    from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.evaluate import evaluate
 
     spec = BackboneSpec(name="tiny", weights="random", image_size=32)
     data = make_tree(work / "data", seed=500)
@@ -223,8 +223,8 @@ GC_CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     import tests.tiny_backbone
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.extract import extract
+    from featurepipe.data.dataset import scan
+    from featurepipe.extraction.extract import extract
     data, cache = Path(sys.argv[1]), Path(sys.argv[2])
     result = extract(scan(data, cache_dir=cache), BackboneSpec(name="tiny", weights="random", image_size=32), cache,
                      batch_size=2, decode_threads=1, progress=lambda e: time.sleep(0.05))
@@ -234,9 +234,9 @@ GC_CHILD = textwrap.dedent("""
 
 def probe_gc_race(work: Path, tries: int) -> dict:
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.cache import gc_cache
-    from featurepipe.dataset import scan
-    from featurepipe.extract import extract, open_stores
+    from featurepipe.rundir.maintenance import gc_cache
+    from featurepipe.data.dataset import scan
+    from featurepipe.extraction.extract import extract, open_stores
 
     spec = BackboneSpec(name="tiny", weights="random", image_size=32)
     lost_total = 0
@@ -275,7 +275,7 @@ def _alarm(signum, frame):
 def cli(*args):
     from typer.testing import CliRunner
 
-    from featurepipe.cli import app
+    from featurepipe.cli.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -490,8 +490,8 @@ def bad_input_cases(shared: dict) -> dict:
 
     def missing_for_a_moment(f):
         from featurepipe.backbones.spec import BackboneSpec
-        from featurepipe.dataset import scan
-        from featurepipe.extract import extract
+        from featurepipe.data.dataset import scan
+        from featurepipe.extraction.extract import extract
 
         spec = BackboneSpec(name="tiny", weights="random", image_size=32)
         data = make_tree(f / "d", 6, seed=4400)
@@ -504,7 +504,7 @@ def bad_input_cases(shared: dict) -> dict:
         return again.extracted == 1 and not again.failed, "retried and extracted on the next run"
 
     def disk_full_extract(f):
-        from featurepipe import store
+        from featurepipe.store import featurestore as store
 
         data = make_tree(f / "d", 6, seed=4500)
         real = store.h5py.File
@@ -525,7 +525,7 @@ def bad_input_cases(shared: dict) -> dict:
 
         from featurepipe.backbones.build import build_feature_model
         from featurepipe.backbones.spec import BackboneSpec
-        from featurepipe.errors import DiskFullError
+        from featurepipe.core.errors import DiskFullError
 
         real = h5.File
 
@@ -570,8 +570,8 @@ def bad_input_cases(shared: dict) -> dict:
 
     def lock_waiter(f):
         from featurepipe.backbones.spec import BackboneSpec
-        from featurepipe.dataset import scan
-        from featurepipe.extract import extract, open_stores
+        from featurepipe.data.dataset import scan
+        from featurepipe.extraction.extract import extract, open_stores
 
         spec = BackboneSpec(name="tiny", weights="random", image_size=32)
         data = make_tree(f / "d", 6, seed=4900)
@@ -593,8 +593,8 @@ def bad_input_cases(shared: dict) -> dict:
 def hostile_cases(shared: dict) -> dict:
     import joblib
 
-    from featurepipe import trust
-    from featurepipe.hashcache import file_sha256
+    from featurepipe.core import trust
+    from featurepipe.core.hashcache import file_sha256
 
     class Payload:
         def __init__(self, marker):
@@ -738,8 +738,8 @@ def hostile_cases(shared: dict) -> dict:
 
 def shared_run(work: Path) -> dict:
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.evaluate import evaluate
+    from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.evaluate import evaluate
 
     data = make_tree(work / "data", 9, seed=6000)
     spec = BackboneSpec(name="tiny", weights="random", image_size=32)

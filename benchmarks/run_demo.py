@@ -26,9 +26,9 @@ def single(args) -> None:
     """One run in this process; prints its figures as JSON on the last line of stdout."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()
-    from featurepipe.evaluate import SEARCH_HEADS
+    from featurepipe.evaluation.evaluate import SEARCH_HEADS
     from featurepipe.pipeline import run
-    from featurepipe.search import parse_backbones, search_specs
+    from featurepipe.evaluation.search import parse_backbones, search_specs
 
     imported = time.perf_counter() - started
     specs = search_specs(parse_backbones(args.backbone), quick=args.quick)

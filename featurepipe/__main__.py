@@ -1,5 +1,5 @@
 """`python -m featurepipe ...`: the same command as the `featurepipe` script."""
 
-from featurepipe.cli import main
+from featurepipe.cli.app import main
 
 main()

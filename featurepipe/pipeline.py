@@ -17,14 +17,14 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import Dataset, scan
-from featurepipe.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate_features, feature_set_name, merge_extract_reports
-from featurepipe.extract import ExtractReport, extract
-from featurepipe.features import cached_features
-from featurepipe.images import AugmentSpec
-from featurepipe.nested import ENSEMBLE_SIZE
-from featurepipe.paths import cache_root
-from featurepipe.progress import ProgressCallback
+from featurepipe.data.dataset import Dataset, scan
+from featurepipe.evaluation.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate_features, feature_set_name, merge_extract_reports
+from featurepipe.extraction.extract import ExtractReport, extract
+from featurepipe.extraction.features import cached_features
+from featurepipe.data.images import AugmentSpec
+from featurepipe.evaluation.nested import ENSEMBLE_SIZE
+from featurepipe.core.cachedirs import cache_root
+from featurepipe.core.progress import ProgressCallback
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RunResult:
     dataset: Dataset
     extract: ExtractReport
     evaluate: EvaluateReport
-    finetune: Any = None                 # what featurepipe.finetune.finetune returned, when it ran
+    finetune: Any = None                 # what featurepipe.training.finetune.finetune returned, when it ran
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -98,7 +98,7 @@ def run(
     """The whole job on DATA; returns where the run was written and what each stage cost.
 
     `specs` are the feature sets searched (default: just `spec`; `featurepipe run` passes
-    featurepipe.search.search_specs()), each extracted once and compared on cached features.
+    featurepipe.evaluation.search.search_specs()), each extracted once and compared on cached features.
     `augment`: the augmented views (an AugmentSpec, or a bare count with the default policy and seed 0)."""
     started = time.perf_counter()
     stages: dict[str, float] = {}
@@ -114,7 +114,7 @@ def run(
 
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
     if exclude is not None or relabel is not None:   # issue 11: --exclude / --relabel (recorded in config.json)
-        from featurepipe.fixes import apply_fixes
+        from featurepipe.data.edits import apply_fixes
 
         dataset = apply_fixes(dataset, exclude, relabel)
     extracts = [timed("extract", extract, dataset, s, root, augment=augment, progress=progress) for s in specs]
@@ -127,7 +127,7 @@ def run(
     del features   # the arrays are evaluate's; inspect and report read what they need themselves
     extracted = merge_extract_reports(extracts)
     if inspect:   # issue 11: know-your-data sections of the report, from cached features and the run's OOF
-        from featurepipe.inspection import inspect_dataset, oof_from_run
+        from featurepipe.inspection.inspect import inspect_dataset, oof_from_run
 
         # On the feature set the search chose: the one whose out-of-fold predictions the run keeps.
         chosen = next((s for s in specs if feature_set_name(s) == evaluated.best.get("features")), specs[0])
@@ -139,13 +139,13 @@ def run(
         shutil.rmtree(evaluated.run_dir / "inspect")
     finetuned = None
     if finetune:
-        from featurepipe.finetune import finetune as finetune_fn
+        from featurepipe.training.finetune import finetune as finetune_fn
 
         kwargs: dict[str, Any] = {"cache_dir": root, "progress": progress}
         if finetune_epochs is not None:
             kwargs["epochs"] = finetune_epochs
         finetuned = timed("finetune", finetune_fn, evaluated.run_dir, **kwargs)
-    from featurepipe.report import write_report
+    from featurepipe.report.html import write_report
 
     written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress,
                     chart_cache=root / "report-charts")

@@ -1,7 +1,7 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The key that signs run artefacts (featurepipe.trust): one per test session, never the user's own.
+# The key that signs run artefacts (featurepipe.core.trust): one per test session, never the user's own.
 import tempfile  # noqa: E402
 
 os.environ.setdefault("FEATUREPIPE_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="featurepipe-key-"), "trust.key"))

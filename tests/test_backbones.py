@@ -18,9 +18,9 @@ from featurepipe.backbones.fingerprint import backbone_fingerprint
 from featurepipe.backbones.layers import PREPROCESS_MODES
 from featurepipe.backbones.registry import BACKBONES, block_starts, get_backbone
 from featurepipe.backbones.spec import POOLINGS, RESIZE_POLICIES, BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.errors import BackboneError, WeightsUnavailableError
-from featurepipe.extract import extract
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import BackboneError, WeightsUnavailableError
+from featurepipe.extraction.extract import extract
 from tests.conftest import REPO
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -194,8 +194,8 @@ def test_fingerprint_and_a_cached_rerun_never_import_tensorflow(image_tree, cach
         "       'vgg': f.backbone_fingerprint(BackboneSpec(name='vgg16', weights='random'))[0],\n"
         "       'lite': f.backbone_fingerprint(BackboneSpec())[0]}\n"
         "out['heavy_after_fingerprints'] = sorted(m for m in sys.modules if m.split('.')[0] in HEAVY)[:5]\n"
-        "from featurepipe.dataset import scan\n"
-        "from featurepipe.extract import extract\n"
+        "from featurepipe.data.dataset import scan\n"
+        "from featurepipe.extraction.extract import extract\n"
         "r = extract(scan(Path(sys.argv[1]), cache_dir=Path(sys.argv[2])),"
         " BackboneSpec(name='tiny', weights='random', image_size=32), Path(sys.argv[2]))\n"
         "out.update(extracted=r.extracted, reused=r.reused,\n"

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.cli import app
-from featurepipe.dataset import scan
-from featurepipe.extract import open_stores
-from featurepipe.features import dataset_features
+from featurepipe.cli.app import app
+from featurepipe.data.dataset import scan
+from featurepipe.extraction.extract import open_stores
+from featurepipe.extraction.features import dataset_features
 
 TINY_ARGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "32"]
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

@@ -11,13 +11,13 @@ import tests.tiny_backbone  # noqa: F401  (registers "tiny" and "tiny2")
 from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.registry import get_backbone
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.errors import BackboneError, FeaturepipeError
-from featurepipe.evaluate import evaluate
-from featurepipe.extract import open_stores
-from featurepipe.features import dataset_features
-from featurepipe.images import decode_image
-from featurepipe.search import parse_backbones, search_specs
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import BackboneError, FeaturepipeError
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.extraction.extract import open_stores
+from featurepipe.extraction.features import dataset_features
+from featurepipe.data.images import decode_image
+from featurepipe.evaluation.search import parse_backbones, search_specs
 
 BOTH = BackboneSpec(name="tiny+tiny2", weights="random")
 
@@ -59,9 +59,9 @@ def test_layer_and_pooling_options_are_refused_for_a_concatenation():
 def test_searched_saved_predicted_exported_and_not_fine_tuned(image_tree, cache, tmp_path):
     """`--backbone tiny+tiny2,tiny`: the concatenation is one more feature set; a run on it alone saves
     a head that predict and the exported Keras model (safe_mode) apply to the concatenated features."""
-    from featurepipe.export import export
-    from featurepipe.finetune import finetune
-    from featurepipe.predict import predict
+    from featurepipe.deploy.export import export
+    from featurepipe.training.finetune import finetune
+    from featurepipe.deploy.predict import predict
 
     names = parse_backbones("tiny+tiny2,tiny")
     specs = search_specs(names, resize="squash", weights="random")
@@ -77,7 +77,7 @@ def test_searched_saved_predicted_exported_and_not_fine_tuned(image_tree, cache,
     assert meta["backbone"]["name"] == "tiny+tiny2"
     features = dataset_features(dataset, open_stores(specs[0], cache))
     assert features.X.shape == (24, 36)
-    from featurepipe.run import load_head
+    from featurepipe.rundir.run import load_head
 
     head, _ = load_head(run)
     paths = features.frame["path"].tolist()[:4]
@@ -85,7 +85,7 @@ def test_searched_saved_predicted_exported_and_not_fine_tuned(image_tree, cache,
     columns = [f"p[{c}]" for c in predicted.classes]
     np.testing.assert_allclose(predicted.frame[columns].to_numpy(), head.predict_proba(features.X[:4]), atol=1e-6)
     exported = export(run, "keras", tmp_path / "exported", cache_dir=cache)
-    import featurepipe.head_to_keras  # noqa: F401  (the featurepipe layers the .keras file names)
+    import featurepipe.heads.to_keras  # noqa: F401  (the featurepipe layers the .keras file names)
 
     model = keras.saving.load_model(next(exported.path.glob("*.keras")) if exported.path.is_dir() else exported.path,
                                     safe_mode=True)

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from featurepipe import heads
-from featurepipe.crossval import (
+from featurepipe.evaluation.crossval import (
     FeatureTable,
     fold_metrics,
     fold_plan_id,
@@ -18,9 +18,9 @@ from featurepipe.crossval import (
     refit,
     run_cv,
 )
-from featurepipe.errors import DatasetError
+from featurepipe.core.errors import DatasetError
 from featurepipe.heads import HeadEntry, make_head
-from featurepipe.progress import ProgressEvent
+from featurepipe.core.progress import ProgressEvent
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -367,7 +367,7 @@ def test_pool_results_reach_disk_while_in_process_heads_still_fit(tmp_path, monk
 def test_interval_is_a_t_interval_clipped_to_the_metric_range():
     from scipy import stats
 
-    from featurepipe.crossval import _metric_range, _summary
+    from featurepipe.evaluation.crossval import _metric_range, _summary
 
     folds = [1.0, 1.0, 0.9, 1.0, 0.95]
     mean, std, low, high = _summary(folds, _metric_range("accuracy"))
@@ -385,7 +385,7 @@ def test_make_folds_remembers_splits_by_their_inputs(monkeypatch):
     groups, counts or seeds get their own."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from featurepipe import crossval
+    from featurepipe.evaluation import crossval
 
     calls = []
     real_split = StratifiedGroupKFold.split

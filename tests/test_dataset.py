@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from featurepipe import hashcache
-from featurepipe.dataset import load_groups, scan
-from featurepipe.errors import DatasetError
+from featurepipe.core import hashcache
+from featurepipe.data.dataset import load_groups, scan
+from featurepipe.core.errors import DatasetError
 from tests.conftest import COLOURS, make_image
 
 

@@ -20,15 +20,15 @@ distributed = pytest.importorskip("distributed", reason="the dask extra is not i
 from typer.testing import CliRunner  # noqa: E402
 
 from featurepipe.backbones.spec import BackboneSpec  # noqa: E402
-from featurepipe.batches import plan_batches  # noqa: E402
-from featurepipe.cli import app  # noqa: E402
-from featurepipe.dask_executor import DaskExecutor  # noqa: E402
-from featurepipe.dataset import scan  # noqa: E402
-from featurepipe.evaluate import evaluate  # noqa: E402
-from featurepipe.errors import FeaturepipeError  # noqa: E402
-from featurepipe.executor import open_executor, use_executor  # noqa: E402
-from featurepipe.extract import extract, open_stores  # noqa: E402
-from featurepipe.features import dataset_features  # noqa: E402
+from featurepipe.extraction.batches import plan_batches  # noqa: E402
+from featurepipe.cli.app import app  # noqa: E402
+from featurepipe.extraction.executors.dask_cluster import DaskExecutor  # noqa: E402
+from featurepipe.data.dataset import scan  # noqa: E402
+from featurepipe.evaluation.evaluate import evaluate  # noqa: E402
+from featurepipe.core.errors import FeaturepipeError  # noqa: E402
+from featurepipe.extraction.executors.local import open_executor, use_executor  # noqa: E402
+from featurepipe.extraction.extract import extract, open_stores  # noqa: E402
+from featurepipe.extraction.features import dataset_features  # noqa: E402
 from tests.conftest import COLOURS, REPO, make_image  # noqa: E402
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -212,7 +212,7 @@ def test_a_worker_killed_mid_extract_is_survived_with_one_shard_per_batch(tmp_pa
     assert killed["pid"] not in client.run(os.getpid).values()
 
 
-CHILD = "import tests.tiny_backbone; from featurepipe.cli import main; main()"
+CHILD = "import tests.tiny_backbone; from featurepipe.cli.app import main; main()"
 
 
 def _ctrl_c_reaches_python() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from featurepipe.backbones import efficientnet_lite as lite
 from featurepipe.backbones.torch_pth import read_state_dict
-from featurepipe.errors import BackboneError, WeightsUnavailableError
+from featurepipe.core.errors import BackboneError, WeightsUnavailableError
 
 DEMO_FISH = Path(__file__).resolve().parent.parent / "data" / "demo" / "fish"
 # Checked by hand: a rock beauty (Pomacanthus), a salmon, a clownfish, a goldfish, a puffer.

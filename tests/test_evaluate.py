@@ -12,14 +12,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer
 from typer.testing import CliRunner
 
-from featurepipe.run import load_head
+from featurepipe.rundir.run import load_head
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.cli import app
-from featurepipe.dataset import scan
-from featurepipe.errors import DatasetError, FeaturepipeError
-from featurepipe.evaluate import evaluate, parse_grid
-from featurepipe.extract import open_stores
-from featurepipe.features import dataset_features
+from featurepipe.cli.app import app
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import DatasetError, FeaturepipeError
+from featurepipe.evaluation.evaluate import evaluate, parse_grid
+from featurepipe.extraction.extract import open_stores
+from featurepipe.extraction.features import dataset_features
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -211,9 +211,9 @@ def test_cli_evaluate_json(hard_tree, cache, tmp_path):
 
 
 def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tree, cache, tmp_path):
-    from featurepipe.evaluate import SEARCH_HEADS
-    from featurepipe.predict import predict
-    from featurepipe.report import write_report
+    from featurepipe.evaluation.evaluate import SEARCH_HEADS
+    from featurepipe.deploy.predict import predict
+    from featurepipe.report.html import write_report
 
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
     run = tmp_path / "run"
@@ -244,9 +244,9 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
     images = sorted(hard_tree.glob("a/*.png"))[:3]
     predicted = predict(run, images, cache_dir=cache)
     assert len(predicted.frame) == 3 and predicted.failed == 0
-    from featurepipe.run import load_head
-    from featurepipe.extract import open_stores
-    from featurepipe.features import dataset_features
+    from featurepipe.rundir.run import load_head
+    from featurepipe.extraction.extract import open_stores
+    from featurepipe.extraction.features import dataset_features
 
     dataset = scan(hard_tree, cache_dir=cache)
     expected = []
@@ -272,8 +272,8 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
 
 
 def test_a_vote_whose_member_list_was_edited_is_refused(hard_tree, cache, tmp_path):
-    from featurepipe.errors import TrustError
-    from featurepipe.run import open_run
+    from featurepipe.core.errors import TrustError
+    from featurepipe.rundir.run import open_run
 
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
     run = tmp_path / "run"
@@ -296,7 +296,7 @@ def test_c_sweep_widens_when_the_best_c_wins_at_the_edge(hard_tree, cache, tmp_p
     result = _evaluate(hard_tree, cache, tmp_path / "run", grids={"logreg": {"C": [0.001, 0.01]}}, widen=True)
     # A user grid is searched as given ...
     assert sorted(json.loads(p)["C"] for p in result.leaderboard["params"]) == [0.001, 0.01]
-    from featurepipe.evaluate import _widen
+    from featurepipe.evaluation.evaluate import _widen
 
     class Board:   # ... the default grid widens when its top C beats its neighbour
         def __init__(self, rows):

@@ -9,12 +9,12 @@ import pytest
 
 from featurepipe.backbones.fingerprint import backbone_fingerprint
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.batches import BatchJob, plan_batches, run_batch
-from featurepipe.dataset import scan
-from featurepipe.errors import BackboneError, DatasetError, FeaturepipeError, StoreCorruptError, StoreError
-from featurepipe.executor import LocalExecutor, current_executor, executor_scope, open_executor, use_executor
-from featurepipe.extract import extract, open_stores
-from featurepipe.store import FeatureStore, publish_shard
+from featurepipe.extraction.batches import BatchJob, plan_batches, run_batch
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import BackboneError, DatasetError, FeaturepipeError, StoreCorruptError, StoreError
+from featurepipe.extraction.executors.local import LocalExecutor, current_executor, executor_scope, open_executor, use_executor
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.store.featurestore import FeatureStore, publish_shard
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -190,7 +190,7 @@ def test_open_executor_options(monkeypatch):
 
 
 def test_without_the_dask_extra_the_message_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "featurepipe.dask_executor", None)      # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "featurepipe.extraction.executors.dask_cluster", None)      # import fails as if not installed
     for kwargs in ({"workers": 2}, {"scheduler": "tcp://127.0.0.1:8786"}):
         with pytest.raises(FeaturepipeError, match=r"pip install 'featurepipe\[dask\]'"):
             with executor_scope(**kwargs):

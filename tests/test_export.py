@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import evaluate
-from featurepipe.export import FORMATS, export
-from featurepipe.images import decode_image
-from featurepipe.predict import predict
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import FeaturepipeError
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.deploy.export import FORMATS, export
+from featurepipe.data.images import decode_image
+from featurepipe.deploy.predict import predict
 from tests.conftest import COLOURS, REPO, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -53,7 +53,7 @@ LOADER = textwrap.dedent("""
     assert not any(m.startswith("featurepipe") for m in sys.modules), "SavedModel/TFLite needed featurepipe"
 
     import keras
-    import featurepipe.head_to_keras  # registers the featurepipe layers the .keras file names
+    import featurepipe.heads.to_keras  # registers the featurepipe layers the .keras file names
     model = keras.saving.load_model(exports["keras"], safe_mode=True)
     for name in np.load(inputs).files:
         results[f"keras/{name}"] = np.asarray(model.predict_on_batch(np.load(inputs)[name]))
@@ -139,8 +139,8 @@ def test_a_finetuned_run_exports_its_finetuned_model(exported, tmp_path):
 
     import keras
 
-    import featurepipe.head_to_keras  # noqa: F401
-    from featurepipe.finetune import finetune
+    import featurepipe.heads.to_keras  # noqa: F401
+    from featurepipe.training.finetune import finetune
 
     base, _ = exported
     run_dir = tmp_path / "run"
@@ -188,7 +188,7 @@ def test_a_vote_exports_as_one_keras_model_that_matches_predict(exported, tmp_pa
     each member resizes the raw image its own way; the output is the members' average."""
     import keras
 
-    import featurepipe.head_to_keras  # noqa: F401
+    import featurepipe.heads.to_keras  # noqa: F401
 
     base, _ = exported
     data, cache = base / "data", base / "cache"
@@ -210,8 +210,8 @@ def test_a_vote_exports_as_one_keras_model_that_matches_predict(exported, tmp_pa
     expected = predict(run, raw, cache_dir=cache).frame[["p[blue]", "p[green]", "p[red]"]].to_numpy()
     from PIL import Image
 
-    from featurepipe.export import any_size_model, fixed_size_model
-    from featurepipe.run import open_run
+    from featurepipe.deploy.export import any_size_model, fixed_size_model
+    from featurepipe.rundir.run import open_run
 
     members = [any_size_model(m, fixed_size_model(m, cache)) for m in open_run(run).members]
     for i, path in enumerate(raw):

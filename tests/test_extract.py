@@ -9,10 +9,10 @@ from PIL import Image
 
 from featurepipe.backbones import build as build_module
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.extract import extract, open_stores
-from featurepipe.features import dataset_features
-from featurepipe.images import AugmentSpec, decode_image
+from featurepipe.data.dataset import scan
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.extraction.features import dataset_features
+from featurepipe.data.images import AugmentSpec, decode_image
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -211,7 +211,7 @@ def test_duplicates_are_extracted_once(image_tree, cache):
 
 
 def test_a_damaged_store_stops_extract_with_the_repair_hint(image_tree, cache):
-    from featurepipe.errors import StoreCorruptError
+    from featurepipe.core.errors import StoreCorruptError
 
     run(image_tree, cache, batch_size=8)
     shards = sorted((cache / "features").glob("*/shards/*.h5"))
@@ -224,7 +224,7 @@ def test_a_damaged_store_stops_extract_with_the_repair_hint(image_tree, cache):
 
 
 def test_view_keys_round_trip():
-    from featurepipe.batches import is_view_key, parse_view_key, view_key
+    from featurepipe.extraction.batches import is_view_key, parse_view_key, view_key
 
     assert parse_view_key(view_key("ab12", 3)) == ("ab12", 3)
     assert parse_view_key("ab12") == ("ab12", None)

@@ -13,24 +13,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe.run import load_head
+from featurepipe.rundir.run import load_head
 from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.baseline import baseline
-from featurepipe.dataset import scan
-from featurepipe.run import load_run_model
-from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import evaluate
-from featurepipe.extract import open_stores
-from featurepipe.features import dataset_features
-from featurepipe.combined_model import base_model, build_finetune_model, set_trainable
-from featurepipe.finetune import finetune
-from featurepipe.image_split import decode_split, make_split
-from featurepipe.hashcache import file_sha256
+from featurepipe.training.baseline import baseline
+from featurepipe.data.dataset import scan
+from featurepipe.rundir.run import load_run_model
+from featurepipe.core.errors import FeaturepipeError
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.extraction.extract import open_stores
+from featurepipe.extraction.features import dataset_features
+from featurepipe.heads.combined import base_model, build_finetune_model, set_trainable
+from featurepipe.training.finetune import finetune
+from featurepipe.training.split import decode_split, make_split
+from featurepipe.core.hashcache import file_sha256
 from featurepipe.backbones.layers import InferenceMode
-from featurepipe.head_to_keras import head_to_keras
+from featurepipe.heads.to_keras import head_to_keras
 from featurepipe.heads import make_head
-from featurepipe.images import decode_image
+from featurepipe.data.images import decode_image
 from tests.conftest import COLOURS, REPO, make_image
 
 SPEC = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -74,7 +74,7 @@ def run_copy(logreg_run, tmp_path):
 def improving(logreg_run, workdir, tmp_path_factory):
     """A run whose best head leaves room (logreg with C=1e-5: nearly uniform probabilities), so a
     short fine-tuning measurably lowers the validation loss and becomes the run's model."""
-    from featurepipe.run import load_head_meta, save_head
+    from featurepipe.rundir.run import load_head_meta, save_head
 
     run = shutil.copytree(logreg_run, tmp_path_factory.mktemp("improving") / "run")
     meta = {k: v for k, v in load_head_meta(run).items() if k not in ("file", "sha256")}
@@ -100,7 +100,7 @@ def _decoded(paths):
 
 def _saved(run):
     """The fine-tuned file, whether or not the run kept it as its model."""
-    import featurepipe.head_to_keras  # noqa: F401  (registers the custom layers)
+    import featurepipe.heads.to_keras  # noqa: F401  (registers the custom layers)
 
     return keras.saving.load_model(run / "finetune" / "finetuned.keras", safe_mode=True)
 
@@ -200,9 +200,9 @@ def test_freezing_by_blocks(logreg_run, workdir):
 
 def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatch):
     """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
-    import featurepipe.crossval as crossval
-    from featurepipe.finetune import _refit_head
-    from featurepipe.images import AugmentPolicy, AugmentSpec
+    import featurepipe.evaluation.crossval as crossval
+    from featurepipe.training.finetune import _refit_head
+    from featurepipe.data.images import AugmentPolicy, AugmentSpec
 
     cache = workdir / "cache"
     dataset = scan(workdir / "data", cache_dir=cache)
@@ -291,7 +291,7 @@ def test_saved_model_reloads_in_a_fresh_process(improving, tmp_path):
     np.save(tmp_path / "images.npy", images)
     child = textwrap.dedent(f"""
         import sys, numpy as np, keras
-        import featurepipe.head_to_keras
+        import featurepipe.heads.to_keras
         model = keras.saving.load_model(sys.argv[1], safe_mode=True)
         np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
     """)
@@ -442,7 +442,7 @@ def test_strategy_all_trains_every_block_but_batchnorm(run_copy):
 
 
 def test_gpu_path_mixed_precision_saves_a_float32_model(run_copy, monkeypatch):
-    import featurepipe.finetune as module
+    import featurepipe.training.finetune as module
 
     monkeypatch.setattr(module, "gpu_available", lambda: True)
     result = finetune(run_copy, strategy="head", **FAST)
@@ -485,7 +485,7 @@ def test_a_fine_tuning_that_cannot_help_keeps_the_frozen_head(trained):
 
 
 def predict_kind(run):
-    from featurepipe.predict import predict
+    from featurepipe.deploy.predict import predict
 
     return predict(run, [Path(r[0]) for r in json.loads((run / "finetune" / "split.json").read_text())["validation"]][:2]
                    ).model_kind
@@ -499,7 +499,7 @@ def test_a_fine_tuning_that_pays_off_becomes_the_runs_model(improving):
     assert predict_kind(run) == "finetuned"
     rows = (run / "finetune" / "validation_predictions.csv").read_text().splitlines()
     assert rows[0] == "path,label,before_pred,after_pred,before_p_true,after_p_true" and len(rows) == 1 + result.val_images
-    from featurepipe.report import write_report
+    from featurepipe.report.html import write_report
 
     page = write_report(run, thumbnails=0).html_path.read_text()
     assert "the fine-tuned model is the run&#x27;s model" in page and "What was trained" in page
@@ -507,7 +507,7 @@ def test_a_fine_tuning_that_pays_off_becomes_the_runs_model(improving):
 
 
 def test_the_decision_rule():
-    from featurepipe.finetune_compare import compare, mcnemar_p
+    from featurepipe.training.compare import compare, mcnemar_p
 
     y = np.array([0, 1] * 10)
     sure = np.eye(2)[y] * 0.8 + 0.1                        # right, p_true 0.9
@@ -544,7 +544,7 @@ def test_rerun_with_nothing_changed_reuses_the_fine_tuned_model(improving):
 
 
 def test_default_top_blocks_per_backbone():
-    from featurepipe.combined_model import default_unfreeze_blocks
+    from featurepipe.heads.combined import default_unfreeze_blocks
 
     # EfficientNet-Lite0: the last two MBConv stages (blocks_11..14: 192 filters, blocks_15: 320) + head.
     assert default_unfreeze_blocks("efficientnet_lite0", []) == 6
@@ -560,7 +560,7 @@ def test_default_top_blocks_per_backbone():
 
 
 def test_warmup_then_cosine_schedule():
-    from featurepipe.training import lr_schedule
+    from featurepipe.training.keras_fit import lr_schedule
 
     schedule = lr_schedule(1e-3, steps_per_epoch=10, epochs=5, warmup_epochs=1, kind="cosine")
     rate = [float(schedule(step)) for step in (0, 5, 10, 30, 50)]

@@ -21,10 +21,10 @@ import keras
 import pytest
 
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.evaluate import evaluate
-from featurepipe.finetune import finetune
-from featurepipe.training import read_history
+from featurepipe.data.dataset import scan
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.training.finetune import finetune
+from featurepipe.training.keras_fit import read_history
 from tests.conftest import COLOURS, REPO, make_image
 
 pytestmark = pytest.mark.slow
@@ -38,8 +38,8 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import keras, numpy as np
     import tests.tiny_backbone
-    import featurepipe.finetune as ft
-    import featurepipe.checkpoints as ck
+    import featurepipe.training.finetune as ft
+    import featurepipe.training.checkpoints as ck
 
     run, point = Path(sys.argv[1]), sys.argv[2]
 
@@ -139,7 +139,7 @@ def test_resume_finishes_after_a_kill(evaluated, tmp_path, point):
     assert not (out / "backup").exists() and not list(out.rglob(".tmp-*"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["key"] == result.key and summary["epochs"] == 3
-    import featurepipe.head_to_keras  # noqa: F401  (custom layers for the safe_mode load)
+    import featurepipe.heads.to_keras  # noqa: F401  (custom layers for the safe_mode load)
 
     model = keras.saving.load_model(out / "finetuned.keras", safe_mode=True)
     assert model.output_shape == (None, 3)

@@ -10,12 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe import columns, dataset as dataset_module, refs, store as store_module
+from featurepipe.core import columns
+
+from featurepipe.data import dataset as dataset_module
+
+from featurepipe.store import refs, featurestore as store_module
 from featurepipe.backbones.spec import hash_payload
-from featurepipe.dataset import scan
-from featurepipe.features import FeatureStores, export_dataset_features
-from featurepipe.keyindex import KeyIndex
-from featurepipe.store import FeatureStore
+from featurepipe.data.dataset import scan
+from featurepipe.extraction.features import FeatureStores, export_dataset_features
+from featurepipe.store.keyindex import KeyIndex
+from featurepipe.store.featurestore import FeatureStore
 from tests.conftest import make_image
 
 # ---- repeats -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def golden_key(golden, monkeypatch):
 
 @pytest.mark.parametrize("name", RUNS)
 def test_an_old_run_predicts_what_it_predicted_when_written(golden_key, tmp_path, name):
-    from featurepipe.predict import predict
+    from featurepipe.deploy.predict import predict
 
     expected = json.loads((golden_key / "expected.json").read_text())
     result = predict(golden_key / name, [golden_key / "data"], cache_dir=tmp_path / "cache")
@@ -50,7 +50,7 @@ def test_an_old_run_predicts_what_it_predicted_when_written(golden_key, tmp_path
 
 @pytest.mark.parametrize("name", ("logreg", "vote", "finetuned"))
 def test_an_old_run_exports(golden_key, tmp_path, name):
-    from featurepipe.export import export
+    from featurepipe.deploy.export import export
 
     result = export(golden_key / name, "keras", tmp_path / "out", cache_dir=tmp_path / "cache")
     assert (tmp_path / "out" / "labels.txt").read_text().split() == ["blue", "green", "red"]
@@ -59,8 +59,8 @@ def test_an_old_run_exports(golden_key, tmp_path, name):
 
 def test_an_edited_old_run_is_still_refused(golden_key, tmp_path):
     """The golden key really is what lets the runs above load: a run whose head changed is refused."""
-    from featurepipe.errors import FeaturepipeError
-    from featurepipe.predict import predict
+    from featurepipe.core.errors import FeaturepipeError
+    from featurepipe.deploy.predict import predict
 
     run = tmp_path / "logreg"
     shutil.copytree(golden_key / "logreg", run)
@@ -97,7 +97,7 @@ def test_cache_keys_and_head_revisions_are_those_of_the_previous_version():
 
     assert views_fingerprint("abc", {"flip": True}, 3)[0] == \
         "efd64f551880cb5e969e218d20a9e90e0c0be61b225c0a9ff6ebbdce48890282"
-    from featurepipe.digest import digest
+    from featurepipe.core.digest import digest
 
     assert digest(5, 1, 0, np.array([0, 1, 2]), None, np.array(["a", "b"], dtype=object),
                   pd.DataFrame({"a": [1, 2]})) == "e6512c369a4491d0f3db808df1d518749bb57a18e1e84364d3902485913b9bdf"

@@ -12,7 +12,7 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 from sklearn.utils import check_random_state
 
-from featurepipe.dense_head import DenseHeadClassifier, _early_stopping_split
+from featurepipe.heads.dense import DenseHeadClassifier, _early_stopping_split
 from featurepipe.heads import HEADS, HeadEntry, make_head, param_grid
 
 # Small enough that every Keras fit takes a fraction of a second.
@@ -57,7 +57,7 @@ def test_param_grid_expands_and_overrides():
 
 
 def test_importing_heads_and_crossval_does_not_load_tensorflow():
-    code = "import sys, featurepipe.heads, featurepipe.crossval; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    code = "import sys, featurepipe.heads, featurepipe.evaluation.crossval; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -248,7 +248,7 @@ def test_ensemble_is_the_mean_of_its_members_and_refuses_nesting():
 @pytest.mark.parametrize("head, params", [("knn", {"n_neighbors": 3}), ("ncm", {}),
                                           ("ensemble", {"members": [{"head": "logreg"}, {"head": "knn"}]})])
 def test_new_heads_convert_to_keras_with_the_same_probabilities(head, params):
-    from featurepipe.head_to_keras import head_to_keras
+    from featurepipe.heads.to_keras import head_to_keras
 
     rng = np.random.default_rng(2)
     X, y = rng.normal(size=(30, 8)).astype(np.float32), np.repeat([0, 1, 2], 10)
@@ -282,7 +282,7 @@ def test_the_dense_heads_history_is_saved_beside_it_and_follows_it(tmp_path):
     head without one, and travels with the head through the refit cache."""
     import pandas as pd
 
-    from featurepipe.run import HEAD_HISTORY, cached_head, remember_head, save_head
+    from featurepipe.rundir.run import HEAD_HISTORY, cached_head, remember_head, save_head
 
     X, y = blobs()
     dense = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
@@ -342,7 +342,7 @@ def test_every_logreg_front_converts_to_keras_survives_reload_and_has_finite_gra
     import keras
     import tensorflow as tf
 
-    from featurepipe.head_to_keras import head_to_keras
+    from featurepipe.heads.to_keras import head_to_keras
 
     rng = np.random.default_rng(4)
     X, y = np.abs(rng.normal(size=(45, 10))).astype(np.float32), np.repeat([0, 1, 2], 15)
@@ -365,7 +365,7 @@ def test_a_heads_revision_is_part_of_every_cached_fit(monkeypatch, tmp_path):
     import dataclasses
 
     from featurepipe import heads
-    from featurepipe.crossval import FeatureTable, run_cv
+    from featurepipe.evaluation.crossval import FeatureTable, run_cv
 
     X, y = make_classification(n_samples=40, n_features=6, n_informative=4, n_classes=2, random_state=1)
     table = FeatureTable(X=X, y=y, classes=["a", "b"], paths=[f"{i}.png" for i in range(40)])

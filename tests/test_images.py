@@ -1,4 +1,4 @@
-"""Tests for featurepipe.images: decoding any file into (size, size, 3) uint8 RGB, and augmentation."""
+"""Tests for featurepipe.data.images: decoding any file into (size, size, 3) uint8 RGB, and augmentation."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurepipe import images
-from featurepipe.errors import ImageDecodeError
-from featurepipe.images import (
+from featurepipe.data import images
+from featurepipe.core.errors import ImageDecodeError
+from featurepipe.data.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
     AugmentParams,
@@ -187,7 +187,7 @@ def test_center_crop_two_halves(tmp_path):
 
 
 def test_letterbox_keeps_whole_image_and_pads_with_grey(tmp_path):
-    from featurepipe.images import LETTERBOX_FILL
+    from featurepipe.data.images import LETTERBOX_FILL
 
     # 300x100 bands -> 30x10 content centred in a 30x30 square: rows 0-9 and 20-29 are padding.
     path = _save(_bands(300, 100, [RED, GREEN, BLUE]), tmp_path / "bands.png")

@@ -16,19 +16,19 @@ from typer.testing import CliRunner
 
 from featurepipe import pipeline
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.cli import app
-from featurepipe.crossval import FeatureTable, Fold
-from featurepipe.dataset import scan
-from featurepipe.dedup import (DEFAULT_HAMMING, complete_linkage, find_duplicates, merge_groups, normalized,
+from featurepipe.cli.app import app
+from featurepipe.evaluation.crossval import FeatureTable, Fold
+from featurepipe.data.dataset import scan
+from featurepipe.data.dedup import (DEFAULT_HAMMING, complete_linkage, find_duplicates, merge_groups, normalized,
                               phash_distances, straddling_pairs, union_find)
-from featurepipe.errors import DatasetError, ImageDecodeError
-from featurepipe.evaluate import evaluate
-from featurepipe.fixes import apply_fixes
-from featurepipe.images import perceptual_hash
-from featurepipe.inspection import LABEL_C, inspect_dataset, oof_from_cv, oof_from_run
-from featurepipe.label_issues import knn_outliers, label_issues
-from featurepipe.learning_curve import learning_curve
-from featurepipe.perceptual import perceptual_hashes
+from featurepipe.core.errors import DatasetError, ImageDecodeError
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.data.edits import apply_fixes
+from featurepipe.data.images import perceptual_hash
+from featurepipe.inspection.inspect import LABEL_C, inspect_dataset, oof_from_cv, oof_from_run
+from featurepipe.inspection.label_issues import knn_outliers, label_issues
+from featurepipe.inspection.learning_curve import learning_curve
+from featurepipe.data.perceptual import perceptual_hashes
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -119,7 +119,7 @@ def test_perceptual_hashes_are_cached_per_content_and_failures_remembered(tmp_pa
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     first = perceptual_hashes({"h1": str(good), "h2": str(bad)}, tmp_path / "cache")
     assert set(first.hashes) == {"h1"} and set(first.failed) == {"h2"} and first.computed == 2
-    import featurepipe.perceptual as perceptual
+    import featurepipe.data.perceptual as perceptual
 
     monkeypatch.setattr(perceptual, "perceptual_hash", lambda p: (_ for _ in ()).throw(AssertionError("decoded")))
     second = perceptual_hashes({"h1": str(good), "h2": str(bad)}, tmp_path / "cache")
@@ -374,7 +374,7 @@ def test_embedding_of_copies_is_explained_instead_of_crashing_the_process():
     import subprocess
     import sys
 
-    code = ("import numpy as np\nfrom featurepipe.embedding import embed\n"
+    code = ("import numpy as np\nfrom featurepipe.inspection.embedding import embed\n"
             "X = np.tile(np.random.default_rng(0).normal(size=(1, 32)), (10, 1))\n"
             "try:\n    embed(X)\nexcept ValueError as e:\n    print('explained:', e)\n"
             "X[:5] += 1.0\ntry:\n    embed(X)\nexcept ValueError as e:\n    print('two points:', e)\n"
@@ -472,7 +472,7 @@ def test_inspect_on_a_tiny_dataset_explains_every_section(tmp_path, cache):
     result = inspect_dataset(scan(root, cache_dir=cache), TINY, cache, out_dir=tmp_path / "insp", n_jobs=1)
     notes = result.summary["notes"]
     assert "learning_curve" in notes and "embedding" not in notes      # 4 images: a map, no curve
-    from featurepipe.report_inspect import SECTIONS, write_inspect_report
+    from featurepipe.report.inspect_sections import SECTIONS, write_inspect_report
 
     page = write_inspect_report(tmp_path / "insp").read_text()
     for title in SECTIONS:
@@ -511,8 +511,8 @@ def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cac
     assert info["head_config"] == {"head": "knn", "params": best["params"]}
     assert info["head_source"] == "the run's selected head"
     # Recomputed independently: the same curve with that head built directly.
-    from featurepipe.extract import open_stores
-    from featurepipe.features import dataset_features
+    from featurepipe.extraction.extract import open_stores
+    from featurepipe.extraction.features import dataset_features
     from featurepipe.heads import make_head
 
     features = dataset_features(dataset, open_stores(TINY.resolved(), cache))
@@ -525,7 +525,7 @@ def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cac
     plain = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp2", folds=3, n_jobs=1)
     assert plain.summary["learning_curve"]["head_config"] == {"head": "logreg", "params": {"C": LABEL_C, "front": "standard"}}
     assert plain.summary["learning_curve"]["head_source"].startswith("fixed head")
-    from featurepipe.inspection import run_curve_head
+    from featurepipe.inspection.inspect import run_curve_head
 
     assert run_curve_head({"head": "dense", "params": {}})[0] is None
     assert "too slow" in run_curve_head({"head": "dense", "params": {}})[2]
@@ -562,7 +562,7 @@ def test_the_duplicate_grouping_is_remembered_and_a_damaged_record_is_found_agai
                                                                                 monkeypatch):
     """Finding the pairs costs seconds at 10,000 images: a second evaluate of the same rows reads the
     grouping kept in CACHE/dedup/ (the same folds), and a damaged record is recomputed, not trusted."""
-    from featurepipe import dedup
+    from featurepipe.data import dedup
 
     calls = []
     real = dedup.duplicate_groups
@@ -672,7 +672,7 @@ def test_inspect_reports_copies_across_splits_and_scores_only_training_images(tm
 
 
 def test_report_marks_inspect_results_of_an_earlier_evaluation_stale(image_tree, cache, tmp_path):
-    from featurepipe.report import write_report
+    from featurepipe.report.html import write_report
 
     run = tmp_path / "run"
     pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1)

@@ -12,10 +12,10 @@ import numpy as np
 
 from featurepipe.backbones.fingerprint import backbone_fingerprint
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.extract import extract, open_stores
-from featurepipe.features import dataset_features
-from featurepipe.store import FeatureStore
+from featurepipe.data.dataset import scan
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.extraction.features import dataset_features
+from featurepipe.store.featurestore import FeatureStore
 from tests.conftest import COLOURS, REPO, make_image
 
 N_IMAGES = 60
@@ -28,8 +28,8 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import tests.tiny_backbone
     from featurepipe.backbones.spec import BackboneSpec
-    from featurepipe.dataset import scan
-    from featurepipe.extract import extract
+    from featurepipe.data.dataset import scan
+    from featurepipe.extraction.extract import extract
 
     data, cache = Path(sys.argv[1]), Path(sys.argv[2])
 

@@ -11,9 +11,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer
 
-from featurepipe.crossval import FeatureTable, make_folds, pair_folds, run_cv
-from featurepipe.errors import DatasetError
-from featurepipe.nested import VOTE, ensemble_of, leaderboard_ensemble, nested_cv, vote_of
+from featurepipe.evaluation.crossval import FeatureTable, make_folds, pair_folds, run_cv
+from featurepipe.core.errors import DatasetError
+from featurepipe.evaluation.nested import VOTE, ensemble_of, leaderboard_ensemble, nested_cv, vote_of
 
 CLASSES = ["a", "b", "c"]
 GRID = [0.3, 3.0, 30.0]

@@ -7,8 +7,8 @@ import pytest
 from featurepipe import pipeline
 from featurepipe.backbones import build as build_module
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.errors import FeaturepipeError
-from featurepipe.predict import predict
+from featurepipe.core.errors import FeaturepipeError
+from featurepipe.deploy.predict import predict
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

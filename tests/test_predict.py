@@ -7,17 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe.run import load_head
+from featurepipe.rundir.run import load_head
 from featurepipe.backbones import build as build_module
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import evaluate
-from featurepipe.extract import extract, open_stores
-from featurepipe.features import dataset_features
-from featurepipe.hashcache import file_sha256
-from featurepipe.images import decode_image
-from featurepipe.predict import predict
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import FeaturepipeError
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.extraction.features import dataset_features
+from featurepipe.core.hashcache import file_sha256
+from featurepipe.data.images import decode_image
+from featurepipe.deploy.predict import predict
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from featurepipe.quiet import is_startup_noise
+from featurepipe.cli.quiet import is_startup_noise
 from tests.conftest import make_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_filter_drops_native_noise_and_passes_everything_else_through():
     # Native code writes to file descriptor 2 directly, so the test does too, in a child process.
     script = textwrap.dedent(f"""
         import os, sys
-        from featurepipe.quiet import filtered_stderr
+        from featurepipe.cli.quiet import filtered_stderr
         os.write(2, b"before\\n")
         with filtered_stderr():
             os.write(2, {ONEDNN!r}.encode() + b"\\n")
@@ -67,7 +67,7 @@ def test_cli_hides_tensorflow_startup_lines_unless_verbose(tmp_path):
     for c, colour in enumerate([(220, 30, 30), (30, 40, 220)]):
         for i in range(3):
             make_image(tmp_path / "data" / f"c{c}" / f"{i}.png", colour, seed=10 * c + i)
-    cli = "import tests.tiny_backbone; from featurepipe.cli import main; main()"
+    cli = "import tests.tiny_backbone; from featurepipe.cli.app import main; main()"
     args = ["extract", str(tmp_path / "data"), "--backbone", "tiny", "--weights", "random"]
     quiet = subprocess.run([sys.executable, "-c", cli, *args, "--cache-dir", str(tmp_path / "quiet")], capture_output=True, text=True, env=_env(),
                            cwd=REPO, timeout=300)

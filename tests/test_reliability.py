@@ -17,15 +17,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from featurepipe import hashcache, store as store_module
+from featurepipe.core import hashcache
+
+from featurepipe.store import featurestore as store_module
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.cache import gc_cache, verify_cache
-from featurepipe.cli import app
-from featurepipe.dataset import outside_root_allowed, scan
-from featurepipe.errors import DatasetError, DiskFullError, FeaturepipeError
-from featurepipe.extract import extract, open_stores
-from featurepipe.hashcache import HashCache
-from featurepipe.store import FeatureStore
+from featurepipe.rundir.maintenance import gc_cache, verify_cache
+from featurepipe.cli.app import app
+from featurepipe.data.dataset import outside_root_allowed, scan
+from featurepipe.core.errors import DatasetError, DiskFullError, FeaturepipeError
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.core.hashcache import HashCache
+from featurepipe.store.featurestore import FeatureStore
 from tests.conftest import COLOURS, REPO, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -148,7 +150,7 @@ def test_the_process_that_waited_for_the_lock_reports_reused_rows_and_the_dimens
         from featurepipe.backbones.build import build_feature_model, inference_function
 
         infer = inference_function(build_feature_model(TINY, cache), 32)
-        from featurepipe.images import decode_image
+        from featurepipe.data.images import decode_image
 
         images = np.stack([decode_image(p, 32, "squash") for p in dataset.frame["path"]])
         writer.add(dataset.frame["hash"].tolist(), np.asarray(infer(images), dtype=np.float32))
@@ -164,8 +166,8 @@ def test_the_process_that_waited_for_the_lock_reports_reused_rows_and_the_dimens
 
 HASH_CHILD = textwrap.dedent("""
     import sys
-    from featurepipe.dataset import scan
-    from featurepipe.hashcache import HashCache
+    from featurepipe.data.dataset import scan
+    from featurepipe.core.hashcache import HashCache
     data, cache = sys.argv[1], sys.argv[2]
     dataset = scan(data, cache_dir=cache)
     print(len(dataset), sorted(r for _, r in dataset.unreadable))
@@ -194,8 +196,8 @@ def test_predict_skips_a_fifo_in_a_folder_with_an_error_row(tmp_path):
     child = subprocess.run(
         [sys.executable, "-c", textwrap.dedent("""
             import sys
-            from featurepipe.predict import collect_inputs
-            from featurepipe.hashcache import HashCache
+            from featurepipe.deploy.predict import collect_inputs
+            from featurepipe.core.hashcache import HashCache
             paths = collect_inputs([sys.argv[1]])
             print(sum(h.startswith("error:") for h, _ in HashCache(None).hash_files(paths).values()), len(paths))
         """), str(data)], env=CHILD_ENV, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -479,7 +481,7 @@ def test_a_killed_conversion_leaves_no_temporary_file_for_ever(tmp_path):
 WORKERS_CHILD = textwrap.dedent("""
     import os, sys, time
     from joblib import Parallel, delayed
-    from featurepipe.workers import workers_exit_with_parent
+    from featurepipe.core.workers import workers_exit_with_parent
 
     def task(folder):
         open(os.path.join(folder, str(os.getpid())), "w").close()
@@ -527,7 +529,8 @@ def test_joblib_workers_exit_when_their_parent_is_killed(tmp_path):
 
 
 def test_crossval_creates_its_pool_with_the_parent_watchdog(monkeypatch):
-    from featurepipe import crossval, workers
+    from featurepipe.evaluation import crossval
+    from featurepipe.core import workers
 
     entered = []
     real = workers.workers_exit_with_parent

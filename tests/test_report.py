@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from featurepipe.errors import FeaturepipeError
-from featurepipe.report import ReportResult, write_report
+from featurepipe.core.errors import FeaturepipeError
+from featurepipe.report.html import ReportResult, write_report
 
 CLASSES = ["cat", "dog", "b&w"]          # "&" checks that names are escaped
 HEADS = {"logreg": {"C": 1.0}, "linear_svm": {"C": 0.1}}
@@ -286,7 +286,7 @@ def test_chart_labels_are_cut_and_the_table_keeps_the_whole_label():
     """A vote lists all its members in its label (~600 characters for run's nine feature sets): the
     charts' y labels are cut to CHART_LABEL_CHARS (the charts were ~3,700 px wide, the bars squeezed
     into a corner), short labels are left alone."""
-    from featurepipe.report import CHART_LABEL_CHARS, _chart_label, _config_label
+    from featurepipe.report.html import CHART_LABEL_CHARS, _chart_label, _config_label
 
     members = [{"features": f"efficientnet_lite{i % 3}/squash", "head": "logreg", "params": {"C": 1000.0}}
                for i in range(9)]

@@ -84,9 +84,9 @@ def test_report_sections_and_images_load_in_headless_chromium(image_tree, cache,
 
 
 def test_inspect_html_loads_in_headless_chromium(image_tree, cache, tmp_path):
-    from featurepipe.dataset import scan
-    from featurepipe.inspection import inspect_dataset
-    from featurepipe.report_inspect import SECTIONS, write_inspect_report
+    from featurepipe.data.dataset import scan
+    from featurepipe.inspection.inspect import inspect_dataset
+    from featurepipe.report.inspect_sections import SECTIONS, write_inspect_report
 
     out = inspect_dataset(scan(image_tree, cache_dir=cache), TINY, cache, out_dir=tmp_path / "insp", folds=3,
                           n_jobs=1).out_dir

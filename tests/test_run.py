@@ -1,4 +1,4 @@
-"""featurepipe.run owns the run directory; stages take each other's values, not each other's internals."""
+"""featurepipe.rundir.run owns the run directory; stages take each other's values, not each other's internals."""
 
 import ast
 import json
@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from featurepipe import run as rundir
+from featurepipe.rundir import run as rundir
 from featurepipe.backbones.fingerprint import views_fingerprint
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import evaluate, evaluate_features
-from featurepipe.extract import extract
-from featurepipe.features import cached_features, open_stores
-from featurepipe.images import AugmentPolicy, AugmentSpec
-from featurepipe.run import HeadMeta, ModelMeta, Run, fingerprints_used_by_runs, read_json
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import FeaturepipeError
+from featurepipe.evaluation.evaluate import evaluate, evaluate_features
+from featurepipe.extraction.extract import extract
+from featurepipe.extraction.features import cached_features, open_stores
+from featurepipe.data.images import AugmentPolicy, AugmentSpec
+from featurepipe.rundir.run import HeadMeta, ModelMeta, Run, fingerprints_used_by_runs, read_json
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 PACKAGE = Path(__file__).resolve().parent.parent / "featurepipe"
@@ -36,19 +36,19 @@ def _imported_modules(module: str) -> set[str]:
 
 
 def test_stages_do_not_reach_into_each_other():
-    assert "featurepipe.predict" not in _imported_modules("export")
-    assert "featurepipe.extract" not in _imported_modules("predict")
-    assert "featurepipe.finetune" not in _imported_modules("baseline")
-    # the run directory has one owner: nobody else names these modules (they are folded into run.py)
+    assert "featurepipe.deploy.predict" not in _imported_modules("deploy/export")
+    assert "featurepipe.extraction.extract" not in _imported_modules("deploy/predict")
+    assert "featurepipe.training.finetune" not in _imported_modules("training/baseline")
+    # the run directory has one owner: nobody names the module it was once split into
     for path in PACKAGE.rglob("*.py"):
-        assert not {"featurepipe.artifacts", "featurepipe.rundir"} & _imported_modules(
-            str(path.relative_to(PACKAGE).with_suffix(""))), path
+        assert "featurepipe.artifacts" not in _imported_modules(str(path.relative_to(PACKAGE).with_suffix(""))), path
 
 
 def test_no_module_but_run_reads_or_deletes_run_files_by_their_literal_names():
     # evaluate deleted "model.json" by literal while the constant existed; finetune, predict and
     # report each had their own _read_json
-    for name in ("evaluate", "predict", "export", "finetune", "baseline", "cache"):
+    for name in ("evaluation/evaluate", "deploy/predict", "deploy/export", "training/finetune", "training/baseline",
+                 "rundir/maintenance"):
         source = (PACKAGE / f"{name}.py").read_text()
         assert not re.search(r"""["'](model\.json|best_head\.json|config\.json)["']\)?\.unlink""", source), name
         assert "def _read_json" not in source, name
@@ -144,7 +144,7 @@ def test_evaluate_features_takes_cached_features_and_never_extracts(image_tree, 
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("evaluate_features extracted")
-    monkeypatch.setattr("featurepipe.extract.extract", no_extraction)
+    monkeypatch.setattr("featurepipe.extraction.extract.extract", no_extraction)
     staged = evaluate_features(dataset, features, cache, run_dir=tmp_path / "staged", **options)
     assert staged.extract is None and staged.extracts == []
     for name in (rundir.LEADERBOARD, rundir.OOF, rundir.FOLDS):

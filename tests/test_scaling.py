@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe import store as store_module
+from featurepipe.store import featurestore as store_module
 from featurepipe.backbones import accel
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.dataset import scan
-from featurepipe.errors import StoreCorruptError
-from featurepipe.extract import extract, open_stores
-from featurepipe.features import dataset_features, export_dataset_features, export_features
-from featurepipe.store import FeatureStore
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import StoreCorruptError
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.extraction.features import dataset_features, export_dataset_features, export_features
+from featurepipe.store.featurestore import FeatureStore
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 
@@ -257,7 +257,7 @@ def test_streamed_export_holds_what_the_plain_whole_table_writers_would(image_tr
 
 @pytest.mark.parametrize("chosen, expected", [(None, "system"), ("mimalloc", "mimalloc")])
 def test_cli_gives_arrow_the_system_allocator_unless_the_user_chose_one(chosen, expected):
-    """featurepipe.memory (called by the CLI): pandas' Arrow strings on the system allocator, which
+    """featurepipe.cli.memory (called by the CLI): pandas' Arrow strings on the system allocator, which
     returns freed blocks (mimalloc kept ~20 MB after a 70,000-image scan), even when pandas was
     imported first; an ARROW_DEFAULT_MEMORY_POOL the user set wins."""
     import os
@@ -267,7 +267,7 @@ def test_cli_gives_arrow_the_system_allocator_unless_the_user_chose_one(chosen, 
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     if chosen:
         env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
-    code = ("import pandas as pd\nfrom featurepipe.memory import lean_arrow_allocator\nlean_arrow_allocator()\n"
+    code = ("import pandas as pd\nfrom featurepipe.cli.memory import lean_arrow_allocator\nlean_arrow_allocator()\n"
             "import pyarrow as pa\npd.Series(['a', 'b'], dtype='str')\nprint(pa.default_memory_pool().backend_name)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
@@ -276,7 +276,7 @@ def test_cli_gives_arrow_the_system_allocator_unless_the_user_chose_one(chosen, 
 
 _BLOCKS_CHILD = """
 import ctypes, sys
-from featurepipe.memory import return_large_blocks
+from featurepipe.cli.memory import return_large_blocks
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
 libc.memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
@@ -301,7 +301,7 @@ print(round(held - resident()))
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt")
 def test_return_large_blocks_gives_freed_chunks_back_to_the_system():
-    """featurepipe.memory.return_large_blocks (features export): 20 freed 5 MB chunks between chunks
+    """featurepipe.cli.memory.return_large_blocks (features export): 20 freed 5 MB chunks between chunks
     still in use go back to the system (~100 MB); with glibc's adaptive threshold they sit on the heap
     between live neighbours and stay resident."""
     import subprocess

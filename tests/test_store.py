@@ -10,13 +10,13 @@ import h5py
 import numpy as np
 import pytest
 
-from featurepipe import store as store_module
+from featurepipe.store import featurestore as store_module
 from featurepipe.backbones.spec import BackboneSpec, hash_payload
-from featurepipe.cache import gc_cache, list_cache
-from featurepipe.dataset import scan
-from featurepipe.errors import StoreCorruptError, StoreError, StoreLockedError
-from featurepipe.extract import extract, open_stores
-from featurepipe.store import FeatureStore, list_stores, prune_store
+from featurepipe.rundir.maintenance import gc_cache, list_cache
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import StoreCorruptError, StoreError, StoreLockedError
+from featurepipe.extraction.extract import extract, open_stores
+from featurepipe.store.featurestore import FeatureStore, list_stores, prune_store
 from tests.conftest import make_image
 
 FP = hash_payload({"name": "test"})   # a real fingerprint: verify checks it is the payload's hash
@@ -290,7 +290,7 @@ def test_prune_store_keeps_only_the_given_keys(store):
     assert prune_store(fresh, keep) == 0
 
 
-# ---- gc through featurepipe.cache ---------------------------------------------------------
+# ---- gc through featurepipe.rundir.maintenance ---------------------------------------------------------
 
 
 def _second_tree(root: Path) -> Path:

@@ -15,17 +15,17 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from featurepipe import trust
-from featurepipe.run import HEAD_META, load_head, load_run_model
+from featurepipe.core import trust
+from featurepipe.rundir.run import HEAD_META, load_head, load_run_model
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.cli import app
-from featurepipe.dataset import scan
-from featurepipe.errors import FeaturepipeError, TrustError
-from featurepipe.evaluate import evaluate
-from featurepipe.hashcache import file_sha256
-from featurepipe.predict import PredictResult
-from featurepipe.render import print_json
-from featurepipe.run import prepare_run_dir
+from featurepipe.cli.app import app
+from featurepipe.data.dataset import scan
+from featurepipe.core.errors import FeaturepipeError, TrustError
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.core.hashcache import file_sha256
+from featurepipe.deploy.predict import PredictResult
+from featurepipe.cli.render import print_json
+from featurepipe.rundir.run import prepare_run_dir
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

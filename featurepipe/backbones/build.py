@@ -11,7 +11,7 @@ from typing import Optional
 
 from featurepipe.backbones.registry import BackboneInfo, get_backbone, keras_name
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.errors import BackboneError, DiskFullError, WeightsUnavailableError, disk_full, is_disk_full
+from featurepipe.core.errors import BackboneError, DiskFullError, WeightsUnavailableError, disk_full, is_disk_full
 
 _URL_RE = re.compile(r"https?://\S+?\.(?:h5|keras|weights\.h5)")
 

@@ -24,10 +24,10 @@ import os
 import secrets
 from pathlib import Path
 
-from featurepipe import atomic
-from featurepipe.errors import BackboneError, WeightsUnavailableError
-from featurepipe.hashcache import file_sha256
-from featurepipe.paths import cache_root, weights_dir
+from featurepipe.core import atomic
+from featurepipe.core.errors import BackboneError, WeightsUnavailableError
+from featurepipe.core.hashcache import file_sha256
+from featurepipe.core.cachedirs import cache_root, weights_dir
 
 # variant -> (width multiplier, depth multiplier, native resolution, classifier dropout)
 VARIANTS = {
@@ -189,7 +189,7 @@ def _convert_pth(variant: str, pth: Path, dest: Path, sha: str) -> None:
     # Unique per writer so concurrent conversions never share a temp file; "w-" refuses to reuse
     # one, and unlike mkstemp the file gets the usual umask permissions.
     tmp_name = dest.parent / f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    # featurepipe.atomic: fsync, rename, fsync the folder; the temporary file goes on failure, and a
+    # featurepipe.core.atomic: fsync, rename, fsync the folder; the temporary file goes on failure, and a
     # full disk is a DiskFullError naming the file (not "could not be downloaded": the weights are here).
     with atomic.atomic_path(dest, tmp=tmp_name) as tmp, h5py.File(tmp, "w-") as f:
         f.attrs["format"] = _WEIGHTS_FORMAT

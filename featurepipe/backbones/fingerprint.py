@@ -10,9 +10,9 @@ from typing import Optional
 
 from featurepipe.backbones.registry import get_backbone
 from featurepipe.backbones.spec import BackboneSpec, fingerprint_payload, hash_payload
-from featurepipe.errors import BackboneError
-from featurepipe.hashcache import HashCache
-from featurepipe.paths import hash_db
+from featurepipe.core.errors import BackboneError
+from featurepipe.core.hashcache import HashCache
+from featurepipe.core.cachedirs import hash_db
 
 
 def package_version(*distributions: str) -> Optional[str]:

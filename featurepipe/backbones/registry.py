@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
-from featurepipe.errors import BackboneError
+from featurepipe.core.errors import BackboneError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 POOLINGS = ("avg", "max", "flatten")
-# How images become squares (featurepipe.images implements them; also images.RESIZE_MODES).
+# How images become squares (featurepipe.data.images implements them; also images.RESIZE_MODES).
 RESIZE_POLICIES = ("squash", "center_crop", "letterbox")
 # letterbox pads to a square with this grey before resizing: mid-grey is ~0 after every backbone's
 # preprocessing, so the padding carries as little signal as a constant can. One value (not an RGB

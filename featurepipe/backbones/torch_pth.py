@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurepipe.errors import BackboneError
+from featurepipe.core.errors import BackboneError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001

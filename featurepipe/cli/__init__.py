@@ -1,0 +1,5 @@
+"""The command line: a thin typer layer over the stages (one module per command group)."""
+
+from featurepipe.cli.app import app, main
+
+__all__ = ["app", "main"]

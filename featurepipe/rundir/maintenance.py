@@ -1,0 +1,83 @@
+"""Cache maintenance behind `featurepipe cache ls | verify | gc`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featurepipe.extraction.batches import parse_view_key
+from featurepipe.core.cachedirs import features_dir
+from featurepipe.store.refs import live_refs
+from featurepipe.rundir.run import fingerprints_used_by_runs
+from featurepipe.store.featurestore import FeatureStore, StoreInfo, gc_store, list_stores
+
+
+def list_cache(root: Path) -> list[StoreInfo]:
+    return [store.info() for store in list_stores(features_dir(root))]
+
+
+@dataclass
+class VerifyResult:
+    checked: int = 0
+    problems: dict[str, list[str]] = field(default_factory=dict)   # store dir -> problems
+    failures_remembered: int = 0     # images remembered as undecodable (not retried by extract)
+    repaired: list[str] = field(default_factory=list)   # what opening the stores rebuilt (a damaged spec.json)
+    failures_cleared: int = 0        # of those, forgotten by --repair (retried next time)
+
+
+def verify_cache(root: Path, repair: bool = False) -> VerifyResult:
+    result = VerifyResult()
+    unopenable: dict[str, str] = {}
+    for store in list_stores(features_dir(root), problems=unopenable):
+        result.checked += 1
+        result.repaired.extend(store.repaired)
+        failures = len(store.failures())
+        problems = store.verify(repair=repair)
+        if problems:
+            result.problems[str(store.directory)] = problems
+        if failures:
+            result.failures_remembered += failures
+            if repair:
+                result.failures_cleared += failures
+    # A store whose spec cannot be read or rebuilt is reported, and no longer hides the others.
+    for directory, problem in unopenable.items():
+        result.checked += 1
+        result.problems[directory] = [problem]
+    return result
+
+
+@dataclass
+class GcResult:
+    stores_removed: list[str] = field(default_factory=list)
+    rows_removed: int = 0
+    refs_removed: int = 0
+    dry_run: bool = False
+
+
+def gc_cache(root: Path, dry_run: bool = False) -> GcResult:
+    """Remove stores no live dataset or run refers to, and rows of images no dataset holds any more.
+
+    Each store's fate is decided while holding its write lock, from the references as they are at
+    that moment: `extract` records its dataset's reference before it takes the lock, so every row
+    written before the decision is referred to, and none can be written between decision and deletion."""
+    result = GcResult(dry_run=dry_run)
+    _, stale = live_refs(root)
+    result.refs_removed = len(stale)
+    if not dry_run:
+        for path in stale:
+            path.unlink(missing_ok=True)
+
+    def decide(store: FeatureStore):
+        live, _ = live_refs(root)
+        used = fingerprints_used_by_runs(root) | {fp for ref in live for fp in ref["stores"]}
+        if store.fingerprint not in used:
+            return None
+        live_hashes = {h for ref in live for h in ref["hashes"]}
+        return {key for key in store.keys() if parse_view_key(key)[0] in live_hashes}
+
+    for store in list_stores(features_dir(root)):
+        removed, rows = gc_store(store, decide, dry_run=dry_run)
+        if removed:
+            result.stores_removed.append(str(store.directory))
+        result.rows_removed += rows
+    return result
