@@ -26,7 +26,7 @@ from featurepipe.extraction.executors.dask_cluster import DaskExecutor  # noqa: 
 from featurepipe.data.dataset import scan  # noqa: E402
 from featurepipe.evaluation.evaluate import evaluate  # noqa: E402
 from featurepipe.core.errors import FeaturepipeError  # noqa: E402
-from featurepipe.extraction.executors.local import open_executor, use_executor  # noqa: E402
+from featurepipe.extraction.executors.choose import open_executor, use_executor  # noqa: E402
 from featurepipe.extraction.extract import extract, open_stores  # noqa: E402
 from featurepipe.extraction.features import dataset_features  # noqa: E402
 from tests.conftest import COLOURS, REPO, make_image  # noqa: E402

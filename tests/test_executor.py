@@ -12,7 +12,8 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.extraction.batches import BatchJob, plan_batches, run_batch
 from featurepipe.data.dataset import scan
 from featurepipe.core.errors import BackboneError, DatasetError, FeaturepipeError, StoreCorruptError, StoreError
-from featurepipe.extraction.executors.local import LocalExecutor, current_executor, executor_scope, open_executor, use_executor
+from featurepipe.extraction.executors.choose import current_executor, executor_scope, open_executor, use_executor
+from featurepipe.extraction.executors.local import LocalExecutor
 from featurepipe.extraction.extract import extract, open_stores
 from featurepipe.store.featurestore import FeatureStore, publish_shard
 from tests.conftest import make_image

@@ -149,7 +149,7 @@ def extract(
     """Run the frozen base over every image not yet in the cache and store its features."""
     from featurepipe.cli import render
     from featurepipe.data.dataset import scan
-    from featurepipe.extraction.executors.local import executor_scope
+    from featurepipe.extraction.executors.choose import executor_scope
     from featurepipe.extraction.extract import extract as run_extract
     from featurepipe.data.images import AugmentSpec
     from featurepipe.core.cachedirs import cache_root
@@ -230,7 +230,7 @@ def evaluate(
 ) -> None:
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
     from featurepipe.cli import render
-    from featurepipe.extraction.executors.local import executor_scope
+    from featurepipe.extraction.executors.choose import executor_scope
     from featurepipe.evaluation.evaluate import evaluate as run_evaluate, parse_grid
     from featurepipe.data.images import AugmentSpec
     from featurepipe.core.cachedirs import cache_root
@@ -494,7 +494,7 @@ def run_all(
     """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
     from featurepipe.cli import render
     from featurepipe.evaluation.evaluate import SEARCH_HEADS, parse_grid
-    from featurepipe.extraction.executors.local import executor_scope
+    from featurepipe.extraction.executors.choose import executor_scope
     from featurepipe.core.cachedirs import cache_root
     from featurepipe.pipeline import run as run_pipeline
 

@@ -4,7 +4,7 @@ Only images whose content hash is missing from the store are decoded and run; th
 cut into batches (featurepipe.extraction.batches.plan_batches) and each batch is committed as its own shard,
 so a killed run loses at most the batches in flight. Batches run on an executor: this process by
 default, where decoding runs in threads ahead of inference so the model never waits for pixels, or
-a Dask cluster (featurepipe.extraction.executors.local).
+a Dask cluster (featurepipe.extraction.executors.choose picks one).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from featurepipe.store import refs
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.extraction.batches import BatchJob, is_view_key, plan_batches
 from featurepipe.data.dataset import Dataset
-from featurepipe.extraction.executors.local import Executor, current_executor
+from featurepipe.extraction.executors.base import Executor
+from featurepipe.extraction.executors.choose import current_executor
 # FeatureStores/open_stores live in features.py (reading the stores needs no extraction); imported
 # here too because extract fills exactly those stores, and callers open them through either module.
 from featurepipe.extraction.features import FeatureStores, open_stores  # noqa: F401
@@ -57,7 +58,7 @@ class ExtractReport:
     views_store_dir: Optional[str] = None
     seconds: float = 0.0
     build_seconds: float = 0.0       # of `seconds`, spent building the model (0 when nothing was missing)
-    executor: str = "local"          # the executor this call used (featurepipe.extraction.executors.local)
+    executor: str = "local"          # the executor this call used (featurepipe.extraction.executors.choose)
     batch_size: int = 0              # images per model call (auto-chosen unless given; 0: no model ran)
     precision: str = "float32"       # Keras dtype policy the base ran under
     waited_seconds: float = 0.0      # of `seconds`, spent waiting for another process's store lock
@@ -89,7 +90,7 @@ def extract(
     precision: str = "float32",
 ) -> ExtractReport:
     """Extract what is missing; batches run on EXECUTOR (default: the current one, see
-    featurepipe.extraction.executors.local), and only this process commits them to the store.
+    featurepipe.extraction.executors.choose), and only this process commits them to the store.
     batch_size None: 32 on a CPU, the largest of 256/128/64/32 that fits on a GPU (see accel).
     precision: a Keras dtype policy ("mixed_float16" is ~2x faster on recent GPUs), stored apart."""
     started = time.perf_counter()

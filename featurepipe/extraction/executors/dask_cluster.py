@@ -28,7 +28,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from featurepipe.extraction.batches import BatchOutcome, run_batch
 from featurepipe.core.errors import FeaturepipeError
-from featurepipe.extraction.executors.local import Executor
+from featurepipe.extraction.executors.base import Executor
 
 
 def _task(job, batch, paths, tf_threads: int, pin_gpus: bool) -> BatchOutcome:
