@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from featurepipe.core.errors import UsageError
+
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 CPU_BATCH_SIZE = 32                      # measured: the model's own limit on 2-16 cores is reached by 32
 GPU_BATCH_CANDIDATES = (256, 128, 64, 32)
@@ -21,7 +23,7 @@ GPU_BATCH_CANDIDATES = (256, 128, 64, 32)
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
 
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from featurepipe.core.errors import UsageError
+
 POOLINGS = ("avg", "max", "flatten")
 # How images become squares (featurepipe.data.images implements them; also images.RESIZE_MODES).
 RESIZE_POLICIES = ("squash", "center_crop", "letterbox")
@@ -35,16 +37,16 @@ class BackboneSpec:
 
         info = get_backbone(self.name)
         if CONCAT in self.name and (self.layer is not None or self.pooling != "avg"):
-            raise ValueError(f"{self.name}: a concatenated backbone gives each part's average-pooled features; "
+            raise UsageError(f"{self.name}: a concatenated backbone gives each part's average-pooled features; "
                              f"--layer and --pooling apply to single backbones only")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+            raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         size = self.image_size or info.default_size
         if size < info.min_size:
-            raise ValueError(f"{self.name} needs images of at least {info.min_size} px, not {size}")
+            raise UsageError(f"{self.name} needs images of at least {info.min_size} px, not {size}")
         resize = self.resize or info.default_resize
         if resize not in RESIZE_POLICIES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
+            raise UsageError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
         return replace(self, image_size=size, resize=resize)
 
     def to_dict(self) -> dict:

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.core.errors import BackboneError, DatasetError, ImageDecodeError, StoreError
+from featurepipe.core.errors import BackboneError, DatasetError, ImageDecodeError, StoreError, UsageError
 from featurepipe.data.images import AugmentPolicy, augment_image, decode_image, view_rng
 from featurepipe.store.featurestore import publish_shard
 
@@ -66,7 +66,7 @@ def plan_batches(todo: Mapping[str, Sequence[str]], batch_size: int) -> list[Bat
     The order and the ids depend only on what is missing, never on the dataset's file order or on
     which executor runs them, so every executor commits the same shards."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        raise UsageError(f"batch size must be at least 1, not {batch_size}")
     hashes = sorted(h for h, keys in todo.items() if keys)
     batches = []
     for start in range(0, len(hashes), batch_size):
