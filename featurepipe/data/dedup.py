@@ -53,6 +53,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from featurepipe.core.cachedirs import dedup_dir
+
 # Measured on data/demo with 20 planted copies, 8 seeds (benchmarks/dedup.py, see README "inspect"):
 # distinct demo photos reach at most cosine 0.79 and at least Hamming 12 (10 between a planted copy
 # and a look-alike of its original); with the off-centre trims every planted copy is within 8 bits
@@ -417,7 +419,7 @@ def _remembered_grouping(cache_root: Optional[Path], key: str, rows: int):
     if cache_root is None:
         return None
     try:
-        data = json.loads((Path(cache_root) / "dedup" / f"{key}.json").read_text())
+        data = json.loads((dedup_dir(cache_root) / f"{key}.json").read_text())
         info = DedupGrouping(**data["info"])
         groups = data["groups"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -439,8 +441,8 @@ def _remember_grouping(cache_root: Optional[Path], key: str, groups, info: Dedup
     if cache_root is None:
         return
     try:
-        (Path(cache_root) / "dedup").mkdir(parents=True, exist_ok=True)
-        atomic.write_json(Path(cache_root) / "dedup" / f"{key}.json",
+        dedup_dir(cache_root).mkdir(parents=True, exist_ok=True)
+        atomic.write_json(dedup_dir(cache_root) / f"{key}.json",
                           {"groups": None if groups is None else [str(g) for g in groups], "info": info.to_dict()})
     except OSError:
         pass   # not kept: found again next time

@@ -37,13 +37,13 @@ from featurepipe.backbones.registry import keras_name
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.hashcache import file_sha256
-from featurepipe.rundir.run import MODEL_META, RunModel, open_run
+from featurepipe.rundir.layout import EXPORT_KERAS, EXPORT_META, MODEL_META
+from featurepipe.rundir.run import RunModel, open_run
 from featurepipe.core.progress import ProgressCallback, report
 
 FORMATS = ("keras", "savedmodel", "tflite")
-ARTEFACTS = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite"}
+ARTEFACTS = {"keras": EXPORT_KERAS, "savedmodel": "saved_model", "tflite": "model.tflite"}
 LABELS = "labels.txt"
-EXPORT_META = "export.json"
 
 
 @dataclass
