@@ -1,0 +1,41 @@
+"""The Makefile agrees with the package: `make clean` removes every cache entry featurepipe
+rebuilds (featurepipe.core.cachedirs.ENTRIES) and keeps the run directories, which are results."""
+
+import shlex
+from pathlib import Path
+
+from featurepipe.core import cachedirs
+
+MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
+
+
+def clean_removes() -> set[str]:
+    """The paths the `clean` target's rm -rf names (one plain command under the target)."""
+    lines = MAKEFILE.read_text().splitlines()
+    start = lines.index("clean:")
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    assert len(recipe) == 1, f"`make clean` should stay one rm -rf line, found {recipe}"
+    words = shlex.split(recipe[0])
+    assert words[:2] == ["rm", "-rf"], recipe[0]
+    return set(words[2:])
+
+
+def test_make_clean_removes_every_cache_entry_but_the_runs():
+    removed = clean_removes()
+    rebuilt = [entry for entry in cachedirs.ENTRIES if entry != cachedirs.RUNS]
+    missing = [entry for entry in rebuilt if f"cache/{entry}" not in removed]
+    assert missing == [], f"add {', '.join(f'cache/{m}' for m in missing)} to the Makefile's clean target"
+    assert set(cachedirs.DERIVED) <= set(rebuilt)
+
+
+def test_make_clean_keeps_the_run_directories():
+    assert f"cache/{cachedirs.RUNS}" not in clean_removes()
+
+
+def test_make_clean_names_nothing_that_is_not_a_cache_entry():
+    removed = {p for p in clean_removes() if p.startswith("cache/")}
+    assert removed == {f"cache/{entry}" for entry in cachedirs.ENTRIES if entry != cachedirs.RUNS}
