@@ -1,4 +1,4 @@
-"""featurepipe.core.atomic: the one way the package writes files (issue 10)."""
+"""featurepipe.core.atomic: the one way the package writes files."""
 
 import re
 

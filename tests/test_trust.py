@@ -1,4 +1,4 @@
-"""What a run directory may make featurepipe do (issue 12): artefacts are confined to the run folder,
+"""What a run directory may make featurepipe do: artefacts are confined to the run folder,
 signed with this user's key, and loaded only when the signature holds (or --trust); folders of the
 user's are never written into unasked; --json and --out files are strict and whole."""
 

@@ -146,7 +146,7 @@ def _lite_weights_id(variant: str) -> Callable[[], str]:
 
 
 def _lite_top_blocks(variant: str) -> Callable[[], int]:
-    """The last two MBConv stages + the head conv (its last registry block alone moved nothing, issue 9)."""
+    """The last two MBConv stages + the head conv (its last registry block alone moved nothing)."""
 
     def top_blocks() -> int:
         from featurepipe.backbones.efficientnet_lite import block_specs

@@ -3,7 +3,7 @@
 A dataset's table keeps its paths and hashes as compact strings (Arrow under pandas 3). Asking pandas
 or Arrow which of 70,000 hashes repeat builds a hash table holding a copy of every string (~22 MB),
 and `.tolist()` makes a Python object of each (~110 bytes apiece); either costs more than the column
-itself, and `features export` must stay flat from 1,000 to 70,000 images (issue 14). Here a column is
+itself, and `features export` must stay flat from 1,000 to 70,000 images. Here a column is
 read CHUNK_ROWS values at a time, and repeats are found by sorting 8-byte digests of the values,
 with equal digests confirmed on the values themselves (so a digest collision cannot merge two).
 """

@@ -21,8 +21,8 @@ it was trained on. Three kinds of evidence mark a pair of images as copies:
   another look-alike); with 19 hashes per image distinct photos come within 16 bits far more
   often than with 3 (on data/demo: 54 pairs instead of 14), so the rule needs that extra test.
 
-Closeness alone is not evidence when the dataset is crowded (issue 11, "False positives on
-low-detail images"): on Fashion-MNIST (small objects on a black background) the background fixes
+Closeness alone is not evidence when the dataset is crowded (false positives on low-detail
+images): on Fashion-MNIST (small objects on a black background) the background fixes
 most DCT bits, so distinct sneakers sit 2-10 bits apart and similar products at cosine 0.85-0.9;
 the absolute thresholds found 3,191 "copy" pairs among 1,000 distinct photos. So each test is also
 judged against the two images' own neighbourhoods, which generalises to any photo set:
@@ -68,7 +68,7 @@ JOINT_COSINE = 0.60
 # 0.44-0.47 of it; the absolute thresholds above correspond to ~0.33 (0.85) and ~0.87 (0.60) of it.
 FEATURE_RELATIVE = 0.35
 JOINT_RELATIVE = 0.9
-# The local-density tests (issue 11, "False positives on low-detail images"; figures in the note).
+# The local-density tests, against false positives on low-detail images.
 # Planted demo copies (8 seeds, 160 pairs) stand >= 10 bits clear of the 3rd-nearest other image of
 # either side, except two shrunk+cropped+re-encoded ones at 8 and 6 bits, whose features agree (mutual
 # nearest neighbours, cosine 0.75-0.80: the joint rule); on Fashion-MNIST 1,000 distinct photos

@@ -21,7 +21,7 @@ from featurepipe.core.cachedirs import hash_db
 from featurepipe.core.progress import ProgressCallback, report
 
 # Bump when perceptual_hash changes what it computes (the hash, the crops): old rows are then ignored.
-PHASH_VERSION = 4    # 3: + the 16 off-centre trims; 4: a flat image gets no hash (issue 11)
+PHASH_VERSION = 4    # 3: + the 16 off-centre trims; 4: a flat image gets no hash
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS phashes (sha256 TEXT, version INTEGER, phash TEXT, error TEXT, "
            "PRIMARY KEY (sha256, version))")
 

@@ -75,7 +75,7 @@ def fixed_size_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = Non
     if run.kind == "finetuned":
         return run.load_finetuned()
     from featurepipe.backbones.build import build_feature_model
-    from featurepipe.heads.combined import combine   # the model fine-tuning starts from (issue 10)
+    from featurepipe.heads.combined import combine   # the same model fine-tuning starts from
 
     features = build_feature_model(run.spec, run.cache_dir(cache_dir))
     return combine(features, run.load_head(), name=f"featurepipe_{keras_name(run.spec.name)}")

@@ -158,7 +158,7 @@ def unique_images(frame: pd.DataFrame) -> pd.DataFrame:
     """hash and path of each content hash's first row, in dataset order (duplicates share one row).
 
     A table, not a dict: a hash -> path dict of 70,000 images cost ~18 MB of Python objects, kept
-    through a run that finds everything cached (issue 14)."""
+    through a run that finds everything cached."""
     repeat = columns.duplicated(frame["hash"])
     images = frame[["hash", "path"]]
     return images[~repeat].reset_index(drop=True) if repeat.any() else images
