@@ -31,4 +31,4 @@ browser-test: $(STAMP)
 # fine-tuned model that took hours, the report) that nothing rebuilds as they were; `rm -rf cache/runs`
 # drops them too. tests/test_makefile.py fails when an entry is added to cachedirs and not here.
 clean:
-	rm -rf $(VENV) cache/features cache/weights cache/hashes.sqlite cache/refs cache/evaluations cache/inspections cache/dedup cache/report-charts
+	rm -rf $(VENV) cache/features cache/weights cache/hashes.sqlite cache/refs cache/evaluations cache/inspections cache/dedup cache/report-charts cache/runs

@@ -1,5 +1,5 @@
-"""The Makefile agrees with the package: `make clean` removes every cache entry featurepipe
-rebuilds (featurepipe.core.cachedirs.ENTRIES) and keeps the run directories, which are results."""
+"""The Makefile agrees with the package: `make clean` removes every cache entry featurepipe keeps
+(featurepipe.core.cachedirs.ENTRIES), the run directories included, as it always did."""
 
 import shlex
 from pathlib import Path
@@ -24,18 +24,13 @@ def clean_removes() -> set[str]:
     return set(words[2:])
 
 
-def test_make_clean_removes_every_cache_entry_but_the_runs():
+def test_make_clean_removes_every_cache_entry():
     removed = clean_removes()
-    rebuilt = [entry for entry in cachedirs.ENTRIES if entry != cachedirs.RUNS]
-    missing = [entry for entry in rebuilt if f"cache/{entry}" not in removed]
+    missing = [entry for entry in cachedirs.ENTRIES if f"cache/{entry}" not in removed]
     assert missing == [], f"add {', '.join(f'cache/{m}' for m in missing)} to the Makefile's clean target"
-    assert set(cachedirs.DERIVED) <= set(rebuilt)
-
-
-def test_make_clean_keeps_the_run_directories():
-    assert f"cache/{cachedirs.RUNS}" not in clean_removes()
+    assert set(cachedirs.DERIVED) <= set(cachedirs.ENTRIES)
 
 
 def test_make_clean_names_nothing_that_is_not_a_cache_entry():
     removed = {p for p in clean_removes() if p.startswith("cache/")}
-    assert removed == {f"cache/{entry}" for entry in cachedirs.ENTRIES if entry != cachedirs.RUNS}
+    assert removed == {f"cache/{entry}" for entry in cachedirs.ENTRIES}
