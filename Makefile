@@ -26,9 +26,7 @@ browser-test: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y chromium)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests/test_report_browser.py
 
-# The virtual environment and every entry of ./cache (featurepipe/core/cachedirs.py ENTRIES) except
-# cache/runs: those are rebuilt on demand, while a run directory holds results (signed heads, a
-# fine-tuned model that took hours, the report) that nothing rebuilds as they were; `rm -rf cache/runs`
-# drops them too. tests/test_makefile.py fails when an entry is added to cachedirs and not here.
+# The virtual environment and every entry of ./cache (featurepipe/core/cachedirs.py ENTRIES), run
+# directories included. tests/test_makefile.py fails when an entry is added to cachedirs and not here.
 clean:
 	rm -rf $(VENV) cache/features cache/weights cache/hashes.sqlite cache/refs cache/evaluations cache/inspections cache/dedup cache/report-charts cache/runs
