@@ -129,7 +129,8 @@ PHOTO_SETS: dict[str, tuple[str, dict[str, list[str]]]] = {
         "tool": ["household/tools/*.png"],
     }),
     "scenes": ("gcompris-qt-data", {
-        "animal": ["rcc:explore_farm_animals.rcc:*/animals/*.webp", "rcc:explore_world_animals.rcc:*/animals/*.webp"],
+        "animal": ["rcc:explore_farm_animals.rcc:*/animals/*.webp",
+                   "rcc:explore_world_animals.rcc:*/animals/*.webp"],
         "fish": ["rcc:categorization.rcc:" + _CAT + "fishes/*.webp"],
         "monument": ["rcc:categorization.rcc:" + _CAT + "monuments/*.webp"],
         "renewable_energy": ["rcc:categorization.rcc:" + _CAT + "renewable/*.webp"],  # wind, solar, dams
