@@ -97,7 +97,7 @@ def one(data: Path, cache: Path, seed: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", action="append", default=None, help="a folder, fmnistN[:seed] or demoN:seed (see datasets.named)")
+    parser.add_argument("--data", action="append", default=None, help="a folder, fmnistN[:seed], demoN:seed or photos-SET[N][:seed] (see datasets.named)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
     names = args.data or [str(REPO / "data" / "demo"), "fmnist30", "fmnist100"]
