@@ -359,3 +359,23 @@ def test_charts_drawn_from_the_same_data_are_copied_not_drawn_again(tmp_path, mo
     drawn.clear()
     write_report(second, chart_cache=cache)
     assert len(drawn) == len(names)
+
+
+def test_a_section_is_one_function_and_one_entry(tmp_path, monkeypatch):
+    """The page is write.SECTIONS in order: an entry added there is written (heading, link, progress
+    step) where it stands, and an entry whose function returns None is left out without a heading."""
+    from featurepipe.report import write
+
+    run = make_run(tmp_path)
+    extra = write.Section("Extra", lambda context: f"<p>{len(context.board)} rows</p>")
+    absent = write.Section("Never", lambda context: None)
+    at = [entry.title for entry in write.SECTIONS].index("Leaderboard") + 1
+    monkeypatch.setattr(write, "SECTIONS", (*write.SECTIONS[:at], extra, absent, *write.SECTIONS[at:]))
+    events = []
+    result = write_report(run, progress=events.append)
+    page = result.html_path.read_text(encoding="utf-8")
+    assert result.sections == [*SECTIONS[:2], "Extra", *SECTIONS[2:]]
+    assert '<section id="extra"><h2>Extra</h2><p>2 rows</p></section>' in page and 'href="#extra"' in page
+    assert "Never" not in page
+    steps = [e.message for e in events if e.stage == "report"]
+    assert steps[2:4] == ["Extra", "Never"] and events[-1].done == events[-1].total == 12
