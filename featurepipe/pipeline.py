@@ -145,7 +145,7 @@ def run(
         if finetune_epochs is not None:
             kwargs["epochs"] = finetune_epochs
         finetuned = timed("finetune", finetune_fn, evaluated.run_dir, **kwargs)
-    from featurepipe.report.html import write_report
+    from featurepipe.report.write import write_report
 
     written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress,
                     chart_cache=root / "report-charts")

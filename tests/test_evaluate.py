@@ -213,7 +213,7 @@ def test_cli_evaluate_json(hard_tree, cache, tmp_path):
 def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tree, cache, tmp_path):
     from featurepipe.evaluation.evaluate import SEARCH_HEADS
     from featurepipe.deploy.predict import predict
-    from featurepipe.report.html import write_report
+    from featurepipe.report.write import write_report
 
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
     run = tmp_path / "run"

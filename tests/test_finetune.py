@@ -499,7 +499,7 @@ def test_a_fine_tuning_that_pays_off_becomes_the_runs_model(improving):
     assert predict_kind(run) == "finetuned"
     rows = (run / "finetune" / "validation_predictions.csv").read_text().splitlines()
     assert rows[0] == "path,label,before_pred,after_pred,before_p_true,after_p_true" and len(rows) == 1 + result.val_images
-    from featurepipe.report.html import write_report
+    from featurepipe.report.write import write_report
 
     page = write_report(run, thumbnails=0).html_path.read_text()
     assert "the fine-tuned model is the run&#x27;s model" in page and "What was trained" in page

@@ -672,7 +672,7 @@ def test_inspect_reports_copies_across_splits_and_scores_only_training_images(tm
 
 
 def test_report_marks_inspect_results_of_an_earlier_evaluation_stale(image_tree, cache, tmp_path):
-    from featurepipe.report.html import write_report
+    from featurepipe.report.write import write_report
 
     run = tmp_path / "run"
     pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from featurepipe.core.errors import FeaturepipeError
-from featurepipe.report.html import ReportResult, write_report
+from featurepipe.report.write import ReportResult, write_report
 
 CLASSES = ["cat", "dog", "b&w"]          # "&" checks that names are escaped
 HEADS = {"logreg": {"C": 1.0}, "linear_svm": {"C": 0.1}}
@@ -286,16 +286,17 @@ def test_chart_labels_are_cut_and_the_table_keeps_the_whole_label():
     """A vote lists all its members in its label (~600 characters for run's nine feature sets): the
     charts' y labels are cut to CHART_LABEL_CHARS (the charts were ~3,700 px wide, the bars squeezed
     into a corner), short labels are left alone."""
-    from featurepipe.report.html import CHART_LABEL_CHARS, _chart_label, _config_label
+    from featurepipe.report.charts import CHART_LABEL_CHARS, _chart_label
+    from featurepipe.report.configs import config_label
 
     members = [{"features": f"efficientnet_lite{i % 3}/squash", "head": "logreg", "params": {"C": 1000.0}}
                for i in range(9)]
     key = ("vote", json.dumps({"members": members}), "none")
-    full, short = _config_label(key), _chart_label(key)
+    full, short = config_label(key), _chart_label(key)
     assert len(full) > 3 * CHART_LABEL_CHARS
     assert len(short) == CHART_LABEL_CHARS and short.endswith("\u2026") and full.startswith(short[:-1].rstrip())
     plain = ("logreg", json.dumps({"C": 10.0}), "none")
-    assert _chart_label(plain) == _config_label(plain)
+    assert _chart_label(plain) == config_label(plain)
 
 
 def test_charts_drawn_from_the_same_data_are_copied_not_drawn_again(tmp_path, monkeypatch):
@@ -358,3 +359,23 @@ def test_charts_drawn_from_the_same_data_are_copied_not_drawn_again(tmp_path, mo
     drawn.clear()
     write_report(second, chart_cache=cache)
     assert len(drawn) == len(names)
+
+
+def test_a_section_is_one_function_and_one_entry(tmp_path, monkeypatch):
+    """The page is write.SECTIONS in order: an entry added there is written (heading, link, progress
+    step) where it stands, and an entry whose function returns None is left out without a heading."""
+    from featurepipe.report import write
+
+    run = make_run(tmp_path)
+    extra = write.Section("Extra", lambda context: f"<p>{len(context.board)} rows</p>")
+    absent = write.Section("Never", lambda context: None)
+    at = [entry.title for entry in write.SECTIONS].index("Leaderboard") + 1
+    monkeypatch.setattr(write, "SECTIONS", (*write.SECTIONS[:at], extra, absent, *write.SECTIONS[at:]))
+    events = []
+    result = write_report(run, progress=events.append)
+    page = result.html_path.read_text(encoding="utf-8")
+    assert result.sections == [*SECTIONS[:2], "Extra", *SECTIONS[2:]]
+    assert '<section id="extra"><h2>Extra</h2><p>2 rows</p></section>' in page and 'href="#extra"' in page
+    assert "Never" not in page
+    steps = [e.message for e in events if e.stage == "report"]
+    assert steps[2:4] == ["Extra", "Never"] and events[-1].done == events[-1].total == 12

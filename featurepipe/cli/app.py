@@ -275,7 +275,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
            as_json: bool = AsJson) -> None:
     """Write RUN_DIR/report.html (self-contained) and the charts as PNGs in RUN_DIR/report/."""
     from featurepipe.cli import render
-    from featurepipe.report.html import write_report
+    from featurepipe.report.write import write_report
 
     try:
         with render.progress_view(False if as_json else None) as progress, render.json_safe_stdout(as_json):

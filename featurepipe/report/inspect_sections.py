@@ -1,7 +1,7 @@
 """Report sections for `inspect`'s results (near-duplicates, label issues, outliers, class balance,
 learning curve, embedding map), rendered from an inspect folder (inspect.json + CSVs).
 
-Used by report.write_report when a run directory has an inspect/ folder, and on its own by
+Used by report.write.write_report when a run directory has an inspect/ folder, and on its own by
 `featurepipe inspect` (write_inspect_report). Everything is embedded: thumbnails as data URIs,
 the embedding map as inline SVG whose points show the file name (<title>) and a thumbnail on hover.
 """
@@ -20,8 +20,11 @@ import pandas as pd
 from featurepipe.core import atomic
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback, report
-from featurepipe.report.html import (
-    BEST_COLOUR, OTHER_COLOUR, _Charts, _data_uri, _e, _num, _page, _resolve_image, _short_path, _table, _thumbnail,
+from featurepipe.report.charts import Charts
+from featurepipe.report.html import BEST_COLOUR, OTHER_COLOUR, data_uri, esc, html_table, num, render_page
+from featurepipe.report.thumbnails import resolve_image, short_path, thumbnail
+from featurepipe.rundir.layout import (
+    DUPLICATES, EMBEDDING, INSPECT_HTML, INSPECT_JSON, LABEL_SCORES, LEARNING_CURVE, REPORT_DIR, SUSPECTS,
 )
 
 S_DUPLICATES = "Near-duplicates and leakage"
@@ -54,9 +57,9 @@ def _read_frame(path: Path) -> Optional[pd.DataFrame]:
 
 def _picture(path: str, source: Optional[str], cache: dict) -> str:
     if path not in cache:
-        image_path = _resolve_image(path, source)
-        png = _thumbnail(image_path) if image_path is not None else None
-        cache[path] = (f'<img src="{_data_uri(png)}" alt="{_e(Path(path).name)}">' if png is not None else
+        image_path = resolve_image(path, source)
+        png = thumbnail(image_path) if image_path is not None else None
+        cache[path] = (f'<img src="{data_uri(png)}" alt="{esc(Path(path).name)}">' if png is not None else
                        f'<div class="noimg">no thumbnail<br>({"file not found" if image_path is None else "cannot be decoded"})</div>')
     return cache[path]
 
@@ -65,7 +68,7 @@ def _small_thumb(path: str, source: Optional[str]) -> Optional[str]:
     """A JPEG data URI MAP_THUMB_PX wide, for hover thumbnails (JPEG: ~4x smaller than PNG)."""
     from PIL import Image, ImageOps
 
-    image_path = _resolve_image(path, source)
+    image_path = resolve_image(path, source)
     if image_path is None:
         return None
     try:
@@ -91,12 +94,12 @@ def _figure(picture: str, caption: str, klass: str = "miss", data: str = "") -> 
 def _duplicates_section(summary: dict, pairs: Optional[pd.DataFrame], source, thumbs: dict) -> str:
     info = summary.get("duplicates") or {}
     if pairs is None:
-        return '<p class="note">duplicates.csv is missing.</p>'
-    rule = (f'Copies: same file content, or feature cosine ≥ {_num(info.get("cosine_threshold"), 2)}, or perceptual-hash '
-            f'distance ≤ {_e(info.get("hamming_threshold"))} bits (whole image vs its central 90%/80% and off-centre trims), '
+        return f'<p class="note">{DUPLICATES} is missing.</p>'
+    rule = (f'Copies: same file content, or feature cosine ≥ {num(info.get("cosine_threshold"), 2)}, or perceptual-hash '
+            f'distance ≤ {esc(info.get("hamming_threshold"))} bits (whole image vs its central 90%/80% and off-centre trims), '
             f'or both moderately close and each other\'s nearest neighbour. Overridable with <code>--dedup-cosine</code> / <code>--dedup-hamming</code>.')
     if pairs.empty:
-        return f'<p>No near-duplicates found among {_e(summary.get("images", "the"))} images.</p><p class="note">{rule}</p>'
+        return f'<p>No near-duplicates found among {esc(summary.get("images", "the"))} images.</p><p class="note">{rule}</p>'
     folds, leaked = info.get("folds", 0), info.get("leaked_folds", 0)
     leaking = info.get("pairs_leaking", 0)
     leak = (f'Without duplicate groups, <b>{leaked} of {folds} folds</b> would have had a copy of a validation image '
@@ -111,13 +114,13 @@ def _duplicates_section(summary: dict, pairs: Optional[pd.DataFrame], source, th
         cross = ' <span class="flag">different labels</span>' if str(r.get("cross_class")) in ("True", "true", "1") else ""
         ham = "–" if int(r.get("hamming", -1)) < 0 else str(int(r["hamming"]))
         rows.append([f'<div class="pair">{_picture(r["path_a"], source, thumbs)}{_picture(r["path_b"], source, thumbs)}</div>',
-                     f'<span class="path">{_e(_short_path(r["path_a"], source))}</span> ({_e(r["label_a"])}, {_e(r["split_a"])})'
-                     f'<br><span class="path">{_e(_short_path(r["path_b"], source))}</span> ({_e(r["label_b"])}, '
-                     f'{_e(r["split_b"])}){cross}',
-                     _num(r["cosine"]), ham, _e(r["evidence"])])
-    parts.append(_table(["images", "files", "cosine", "pHash bits", "evidence"], rows, numeric={2, 3}, cls="dups"))
+                     f'<span class="path">{esc(short_path(r["path_a"], source))}</span> ({esc(r["label_a"])}, {esc(r["split_a"])})'
+                     f'<br><span class="path">{esc(short_path(r["path_b"], source))}</span> ({esc(r["label_b"])}, '
+                     f'{esc(r["split_b"])}){cross}',
+                     num(r["cosine"]), ham, esc(r["evidence"])])
+    parts.append(html_table(["images", "files", "cosine", "pHash bits", "evidence"], rows, numeric={2, 3}, cls="dups"))
     if len(pairs) > len(shown):
-        parts.append(f'<p class="note">{len(pairs) - len(shown)} more pair(s) in duplicates.csv.</p>')
+        parts.append(f'<p class="note">{len(pairs) - len(shown)} more pair(s) in {DUPLICATES}.</p>')
     return "".join(parts)
 
 
@@ -125,7 +128,7 @@ def _labels_section(summary: dict, suspects: Optional[pd.DataFrame], source, lim
                     progress) -> str:
     notes = summary.get("notes") or {}
     if "label_issues" in notes or suspects is None or "margin" not in suspects.columns:
-        return f'<p>Not computed: {_e(notes.get("label_issues", "label_scores.csv is missing"))}.</p>'
+        return f'<p>Not computed: {esc(notes.get("label_issues", f"{LABEL_SCORES} is missing"))}.</p>'
     info = summary.get("label_issues") or {}
     shown = suspects.head(max(0, limit))
     figures = []
@@ -133,19 +136,19 @@ def _labels_section(summary: dict, suspects: Optional[pd.DataFrame], source, lim
         report(progress, "thumbnails", n, len(shown), Path(r["path"]).name)
         flag = ' <span class="flag">confident</span>' if str(r.get("flagged")) in ("True", "true", "1") else ""
         caption = (f'<span class="lab">#{int(r["rank"])}</span>{flag}<br>'
-                   f'<span class="lab true">given: {_e(r["given"])}</span><br>'
-                   f'<span class="lab pred">suggested: {_e(r["suggested"])}</span><br>'
-                   f'<span class="muted">p(given)={_num(r["self_confidence"])} · margin={_num(r["margin"])}</span>'
-                   f'<span class="path" title="{_e(r["path"])}">{_e(_short_path(r["path"], source))}</span>')
+                   f'<span class="lab true">given: {esc(r["given"])}</span><br>'
+                   f'<span class="lab pred">suggested: {esc(r["suggested"])}</span><br>'
+                   f'<span class="muted">p(given)={num(r["self_confidence"])} · margin={num(r["margin"])}</span>'
+                   f'<span class="path" title="{esc(r["path"])}">{esc(short_path(r["path"], source))}</span>')
         figures.append(_figure(_picture(r["path"], source, thumbs), caption, "miss suspect",
                                f' data-margin="{float(r["margin"]):.6f}"'))
-    return (f'<p class="sub">Out-of-fold probabilities from {_e(summary.get("label_source", "?"))}. Ranked by '
+    return (f'<p class="sub">Out-of-fold probabilities from {esc(summary.get("label_source", "?"))}. Ranked by '
             f'normalized margin p(given) − max p(other), lowest first; "confident" marks images whose suggested '
             f'class reaches that class\'s own average confidence (confident learning): {info.get("flagged", 0)} '
             f'image(s), {info.get("misclassified", 0)} misclassified in all.</p>'
             f'<div class="gallery">{"".join(figures)}</div>'
-            '<p class="note">To act on them: edit <code>suspects.csv</code> in the inspect folder (keep the rows you '
-            'agree with) and pass it back, <code>featurepipe run DATA --exclude suspects.csv</code> to leave images '
+            f'<p class="note">To act on them: edit <code>{SUSPECTS}</code> in the inspect folder (keep the rows you '
+            f'agree with) and pass it back, <code>featurepipe run DATA --exclude {SUSPECTS}</code> to leave images '
             'out, or <code>--relabel fixes.csv</code> (columns path,label; the <code>suggested</code> column is used '
             'when there is no label column). Features are reused; only the CV folds are refitted.</p>')
 
@@ -156,14 +159,14 @@ def _outliers_section(summary: dict, suspects: Optional[pd.DataFrame], source, t
         return '<p>Not computed: too few images with features.</p>'
     top = suspects.sort_values("outlier_score", ascending=False).head(OUTLIERS_SHOWN)
     figures = [_figure(_picture(r["path"], source, thumbs),
-                       f'<span class="lab">{_e(r["given"])}</span>'
+                       f'<span class="lab">{esc(r["given"])}</span>'
                        + (' <span class="flag">outlier</span>' if str(r.get("outlier")) in ("True", "true", "1") else "")
-                       + f'<br><span class="muted">kNN distance {_num(r["outlier_score"])}</span>'
-                       f'<span class="path" title="{_e(r["path"])}">{_e(_short_path(r["path"], source))}</span>')
+                       + f'<br><span class="muted">kNN distance {num(r["outlier_score"])}</span>'
+                       f'<span class="path" title="{esc(r["path"])}">{esc(short_path(r["path"], source))}</span>')
                for r in top.to_dict("records")]
     return (f'<p class="sub">Mean cosine distance to the {info.get("neighbours")} nearest other images in feature '
             f'space (copies excluded). {info.get("flagged", 0)} image(s) above the outlier line '
-            f'{_num(info.get("threshold"))} (Q3 + 3 IQR); the {len(top)} farthest are shown. Outliers are often '
+            f'{num(info.get("threshold"))} (Q3 + 3 IQR); the {len(top)} farthest are shown. Outliers are often '
             f'off-topic, corrupt-looking or unusually framed photos.</p><div class="gallery">{"".join(figures)}</div>')
 
 
@@ -173,27 +176,27 @@ def _balance_section(summary: dict, failed_listed_elsewhere: bool) -> str:
     if not counts:
         return "<p>No training images.</p>"
     total = max(1, max(counts.values()))
-    rows = [[_e(c), str(n), f'<span style="display:inline-block;height:9px;width:{int(160 * n / total)}px;'
+    rows = [[esc(c), str(n), f'<span style="display:inline-block;height:9px;width:{int(160 * n / total)}px;'
                             f'background:{OTHER_COLOUR};border-radius:2px"></span>'] for c, n in counts.items()]
-    verdict = (f'<b>Imbalanced</b>: the largest class has {_num(info.get("ratio"), 1)}× the images of the smallest '
-               f'(above {_num(info.get("threshold"), 1)}×). Accuracy then favours the big classes; read balanced '
+    verdict = (f'<b>Imbalanced</b>: the largest class has {num(info.get("ratio"), 1)}× the images of the smallest '
+               f'(above {num(info.get("threshold"), 1)}×). Accuracy then favours the big classes; read balanced '
                f'accuracy and per-class recall, try <code>--grid \'{{"logreg": {{"class_weight": ["balanced"]}}}}\'</code>, '
                f'or add photos to the small classes.' if info.get("imbalanced") else
-               f'Balanced enough: the largest class has {_num(info.get("ratio"), 2)}× the images of the smallest.')
-    out = f"<p>{verdict}</p>" + _table(["class", "training images", ""], rows, numeric={1})
+               f'Balanced enough: the largest class has {num(info.get("ratio"), 2)}× the images of the smallest.')
+    out = f"<p>{verdict}</p>" + html_table(["class", "training images", ""], rows, numeric={1})
     failed = summary.get("failed") or []
     if failed and not failed_listed_elsewhere:
         out += (f"<h3>Images in no analysis ({len(failed)})</h3><p class=\"note\">They could not be decoded, so they "
-                f"have no features.</p>" + _table(["path", "reason"], [[f'<span class="path">{_e(f["path"])}</span>',
-                                                                       _e(f["reason"])] for f in failed]))
+                f"have no features.</p>" + html_table(["path", "reason"], [[f'<span class="path">{esc(f["path"])}</span>',
+                                                                            esc(f["reason"])] for f in failed]))
     return out
 
 
-def _curve_section(summary: dict, charts: _Charts, points: Optional[pd.DataFrame]) -> str:
+def _curve_section(summary: dict, charts: Charts, points: Optional[pd.DataFrame]) -> str:
     notes = summary.get("notes") or {}
     info = summary.get("learning_curve")
     if not info or points is None or points.empty:
-        return f'<p>Not computed: {_e(notes.get("learning_curve", "learning_curve.csv is missing"))}.</p>'
+        return f'<p>Not computed: {esc(notes.get("learning_curve", f"{LEARNING_CURVE} is missing"))}.</p>'
     fig, ax = charts.figure(7.5, 3.6)
     x = points["images_per_class"].to_numpy(dtype=float)
     y = points["accuracy_mean"].to_numpy(dtype=float)
@@ -210,13 +213,13 @@ def _curve_section(summary: dict, charts: _Charts, points: Optional[pd.DataFrame
     ax.spines["right"].set_visible(False)
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     image = charts.save(fig, "learning_curve.png", "learning curve: accuracy against images per class")
-    rows = [[_e(r["label"]), _num(r["accuracy_mean"]), _num(r["accuracy_sem"]), str(int(r["fits"]))]
+    rows = [[esc(r["label"]), num(r["accuracy_mean"]), num(r["accuracy_sem"]), str(int(r["fits"]))]
             for r in points.to_dict("records")]
-    return (f'<p><b>Reading:</b> {_e(info.get("reading", ""))}.</p>'
-            f'<p class="sub">{_e(info.get("head", ""))}{_e(" — " + info["head_source"] if info.get("head_source") else "")} fitted on n random training images per class of each CV fold '
+    return (f'<p><b>Reading:</b> {esc(info.get("reading", ""))}.</p>'
+            f'<p class="sub">{esc(info.get("head", ""))}{esc(" — " + info["head_source"] if info.get("head_source") else "")} fitted on n random training images per class of each CV fold '
             f'({info.get("draws")} draws per fold and size), scored on the fold\'s whole validation part; whiskers: '
             f'95% interval of the mean.</p>' + image
-            + _table(["images per class", "accuracy", "std. error", "fits"], rows, numeric={1, 2, 3}))
+            + html_table(["images per class", "accuracy", "std. error", "fits"], rows, numeric={1, 2, 3}))
 
 
 def _svg_map(frame: pd.DataFrame, xcol: str, ycol: str, classes: list[str], title: str, thumb_ids: dict) -> str:
@@ -242,13 +245,13 @@ def _svg_map(frame: pd.DataFrame, xcol: str, ycol: str, classes: list[str], titl
             tx = min(sx[i] + 8, width - MAP_THUMB_PX - 2)
             ty = max(2, min(sy[i] - MAP_THUMB_PX - 8, height - MAP_THUMB_PX - 2))
             thumb = f'<use class="th" href="#{thumb_ids[r["path"]]}" x="{tx:.1f}" y="{ty:.1f}"/>'
-        points.append(f'<g class="pt" data-path="{_e(r["path"])}"><title>{_e(tip)}</title>{ring}'
+        points.append(f'<g class="pt" data-path="{esc(r["path"])}"><title>{esc(tip)}</title>{ring}'
                       f'<circle cx="{sx[i]:.1f}" cy="{sy[i]:.1f}" r="5" fill="{colour.get(r["label"], "#999")}"{stroke}/>'
                       f'{thumb}</g>')
     return (f'<figure class="map"><svg class="emap" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-            f'width="{width}" height="{height}" role="img" aria-label="{_e(title)}">'
+            f'width="{width}" height="{height}" role="img" aria-label="{esc(title)}">'
             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fbfcfd" stroke="#d8dee4"/>'
-            f'{"".join(points)}</svg><figcaption>{_e(title)}</figcaption></figure>')
+            f'{"".join(points)}</svg><figcaption>{esc(title)}</figcaption></figure>')
 
 
 MAP_SCRIPT = ("<script>document.querySelectorAll('svg.emap g.pt').forEach(function(g){"
@@ -259,7 +262,7 @@ def _map_section(summary: dict, frame: Optional[pd.DataFrame], classes: list[str
     notes = summary.get("notes") or {}
     info = summary.get("embedding")
     if not info or frame is None or frame.empty:
-        return f'<p>Not computed: {_e(notes.get("embedding", "embedding.csv is missing"))}.</p>'
+        return f'<p>Not computed: {esc(notes.get("embedding", f"{EMBEDDING} is missing"))}.</p>'
     thumb_ids, defs = {}, []
     for n, path in enumerate(frame["path"].head(MAP_THUMBS)):
         uri = _small_thumb(path, source)
@@ -270,17 +273,17 @@ def _map_section(summary: dict, frame: Optional[pd.DataFrame], classes: list[str
     maps = []
     variance = info.get("pca_variance") or [float("nan")] * 2
     maps.append(_svg_map(frame, "pca_x", "pca_y", classes,
-                         f"PCA (axes explain {_num(variance[0] * 100, 1)}% and {_num(variance[1] * 100, 1)}% of the variance)",
+                         f"PCA (axes explain {num(variance[0] * 100, 1)}% and {num(variance[1] * 100, 1)}% of the variance)",
                          thumb_ids))
     if "tsne_x" in frame.columns and frame["tsne_x"].notna().all():
         maps.append(_svg_map(frame, "tsne_x", "tsne_y", classes, "t-SNE (cosine; distances between clusters mean little)",
                              thumb_ids))
-    legend = "".join(f'<span class="key"><i style="background:{PALETTE[i % len(PALETTE)]}"></i>{_e(c)}</span>'
+    legend = "".join(f'<span class="key"><i style="background:{PALETTE[i % len(PALETTE)]}"></i>{esc(c)}</span>'
                      for i, c in enumerate(classes))
     legend += ('<span class="key"><i style="background:#fff;border:2px solid #111"></i>misclassified (out of fold)</span>'
                '<span class="key"><i style="background:#fff;border:2px solid #cf222e;border-radius:50%"></i>'
                'label suspect</span>')
-    note = f' {_e(info["note"])}.' if info.get("note") else ""
+    note = f' {esc(info["note"])}.' if info.get("note") else ""
     more = (f' Hover thumbnails for the first {MAP_THUMBS} points.' if len(frame) > MAP_THUMBS else "")
     return (f'<p class="sub">Every training image\'s cached features in two dimensions, coloured by its given label. '
             f'Hover a point for its file name and thumbnail.{note}{more} Points deep inside another class\'s cluster '
@@ -305,7 +308,7 @@ svg.emap g.pt:hover circle { stroke: #000; stroke-width: 2.5; }
 """
 
 
-def inspect_sections(inspect_dir: Path, charts: _Charts, source: Optional[str] = None, thumbnails: int = 24,
+def inspect_sections(inspect_dir: Path, charts: Charts, source: Optional[str] = None, thumbnails: int = 24,
                      progress: Optional[ProgressCallback] = None, failed_listed_elsewhere: bool = False,
                      run_dir: Optional[Path] = None) -> list[tuple[str, str]]:
     """(title, html) of every inspect section, each explained instead of left out when it could not be computed.
@@ -314,21 +317,21 @@ def inspect_sections(inspect_dir: Path, charts: _Charts, source: Optional[str] =
     """
     inspect_dir = Path(inspect_dir)
     try:
-        summary = json.loads((inspect_dir / "inspect.json").read_text())
+        summary = json.loads((inspect_dir / INSPECT_JSON).read_text())
     except (OSError, ValueError) as error:
-        raise FeaturepipeError(f"{inspect_dir / 'inspect.json'}: cannot be read ({error}); "
+        raise FeaturepipeError(f"{inspect_dir / INSPECT_JSON}: cannot be read ({error}); "
                                f"re-run `featurepipe inspect`") from None
     source = source or summary.get("source")
     classes = [str(c) for c in summary.get("classes") or []]
-    suspects = _read_frame(inspect_dir / "label_scores.csv")
+    suspects = _read_frame(inspect_dir / LABEL_SCORES)
     thumbs: dict = {}
     sections = [
-        (S_DUPLICATES, _duplicates_section(summary, _read_frame(inspect_dir / "duplicates.csv"), source, thumbs)),
+        (S_DUPLICATES, _duplicates_section(summary, _read_frame(inspect_dir / DUPLICATES), source, thumbs)),
         (S_LABELS, _labels_section(summary, suspects, source, min(thumbnails, TOP_SUSPECTS), thumbs, progress)),
         (S_OUTLIERS, _outliers_section(summary, suspects, source, thumbs)),
         (S_BALANCE, _balance_section(summary, failed_listed_elsewhere)),
-        (S_CURVE, _curve_section(summary, charts, _read_frame(inspect_dir / "learning_curve.csv"))),
-        (S_MAP, _map_section(summary, _read_frame(inspect_dir / "embedding.csv"), classes, source)),
+        (S_CURVE, _curve_section(summary, charts, _read_frame(inspect_dir / LEARNING_CURVE))),
+        (S_MAP, _map_section(summary, _read_frame(inspect_dir / EMBEDDING), classes, source)),
     ]
     stale = ""
     identity = summary.get("label_source_identity") or ""
@@ -349,11 +352,11 @@ def inspect_sections(inspect_dir: Path, charts: _Charts, source: Optional[str] =
 def write_inspect_report(inspect_dir: Path, thumbnails: int = 24, progress: Optional[ProgressCallback] = None) -> Path:
     """INSPECT_DIR/inspect.html, self-contained, with the learning-curve PNG also in INSPECT_DIR/report/."""
     inspect_dir = Path(inspect_dir)
-    summary = json.loads((inspect_dir / "inspect.json").read_text())
-    charts = _Charts(inspect_dir / "report")
+    summary = json.loads((inspect_dir / INSPECT_JSON).read_text())
+    charts = Charts(inspect_dir / REPORT_DIR)
     sections = inspect_sections(inspect_dir, charts, summary.get("source"), thumbnails, progress)
     config = {"dataset": {"source": summary.get("source")}, "backbone": summary.get("backbone") or {}}
-    page = _page(config, inspect_dir, sections, []).replace("featurepipe report:", "featurepipe inspect:")
-    path = inspect_dir / "inspect.html"
+    page = render_page(config, inspect_dir, sections, []).replace("featurepipe report:", "featurepipe inspect:")
+    path = inspect_dir / INSPECT_HTML
     atomic.write_text(path, page)
     return path
