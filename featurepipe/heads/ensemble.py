@@ -42,7 +42,8 @@ class SoftVoteClassifier(ClassifierMixin, BaseEstimator):
         return np.mean([e.predict_proba(X) for e in self.estimators_], axis=0)
 
     def predict(self, X):
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)     # first: an unfitted vote raises NotFittedError, not AttributeError
+        return self.classes_[proba.argmax(axis=1)]
 
 
 @register_head(

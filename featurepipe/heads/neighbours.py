@@ -11,6 +11,7 @@ from typing import Mapping
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.pipeline import Pipeline
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featurepipe.core.errors import UsageError
@@ -39,6 +40,7 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)     # a continuous y would otherwise give one class per value
         if self.n_neighbors < 1:
             raise UsageError(f"n_neighbors must be >= 1, got {self.n_neighbors}")
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -76,6 +78,7 @@ class NearestClassMean(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)     # a continuous y would otherwise give one class per value
         self.classes_, codes = np.unique(y, return_inverse=True)
         means = np.stack([X[codes == c].mean(axis=0) for c in range(len(self.classes_))])
         self.means_ = _unit_rows(means)
