@@ -116,6 +116,15 @@ def test_an_entry_must_say_how_a_keras_saved_head_is_read_back():
         HeadEntry("p", lambda p, s: None, {}, "unknown format", save_format="onnx")
 
 
+def test_a_keras_head_file_is_read_by_its_heads_loader_or_the_one_that_writes_such_files():
+    from featurepipe.heads.registry import keras_file_entry
+
+    assert keras_file_entry("dense") is HEADS["dense"]
+    # Only the dense head writes .keras files: one under another name is handed to its loader,
+    # which refuses what is not a dense head (as before the registry).
+    assert keras_file_entry("logreg") is HEADS["dense"] and keras_file_entry(None) is HEADS["dense"]
+
+
 def test_importing_heads_and_crossval_does_not_load_tensorflow():
     # Building the dense head (and its grid) must not either: joblib workers build every head.
     code = ("import sys, featurepipe.heads, featurepipe.evaluation.crossval\n"

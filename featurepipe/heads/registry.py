@@ -230,10 +230,20 @@ def keras_converter(entry: HeadEntry) -> Optional[Callable[[Any, int, str], Any]
     return resolve(entry.to_keras) if entry.to_keras else None
 
 
-def keras_loader(name: str) -> Callable[[Any, Any], Any]:
-    """(path, classes) -> fitted estimator, for a head `name` saved in the "keras" format."""
-    entry = head_entry(name)
-    if entry.keras_loader is None:
-        raise FeaturepipeError(f"head '{name}' is saved with {entry.save_format}, not as a .keras file; re-run "
-                               f"`featurepipe evaluate` to write the run's head again")
+def keras_file_entry(name: Optional[str]) -> HeadEntry:
+    """The entry that reads a run's .keras head file: head `name`'s when it saves as keras, else the
+    first registered head that does (only such a head writes one; a file swapped in under another
+    head's name is then refused by that loader, with Keras's own reason)."""
+    entry = HEADS.get(name or "")
+    if entry is not None and entry.save_format == "keras":
+        return entry
+    entry = next((e for e in HEADS.values() if e.save_format == "keras"), None)
+    if entry is None:
+        raise FeaturepipeError(f"no registered head saves as a .keras file, so head '{name}' cannot be read from "
+                               f"one; re-run `featurepipe evaluate` to write the run's head again")
+    return entry
+
+
+def keras_loader(entry: HeadEntry) -> Callable[[Any, Any], Any]:
+    """(path, classes) -> fitted estimator, for an entry whose save_format is "keras" (imports it)."""
     return resolve(entry.keras_loader)

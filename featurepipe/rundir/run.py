@@ -232,13 +232,13 @@ def load_head(run_dir: Path, trust_run: bool = False):
             f"user or machine, written by an older featurepipe, or edited. Loading a head can run code it "
             f"contains; if you trust where this run came from, pass --trust (or re-run `featurepipe evaluate`).")
     if path.suffix == ".keras":
-        from featurepipe.heads.registry import keras_loader
+        from featurepipe.heads.registry import keras_file_entry, keras_loader
 
-        load = keras_loader(meta.get("head"))
+        entry = keras_file_entry(meta.get("head"))
         try:
-            return load(path, meta["classes"]), meta
+            return keras_loader(entry)(path, meta["classes"]), meta
         except Exception as error:  # keras raises ValueError/TypeError for refused or unreadable archives
-            raise FeaturepipeError(f"cannot load the {meta.get('head')} head {path} with Keras safe_mode "
+            raise FeaturepipeError(f"cannot load the {entry.name} head {path} with Keras safe_mode "
                                    f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}); "
                                    f"re-run `featurepipe evaluate` to rebuild it") from None
     return joblib.load(path), meta
