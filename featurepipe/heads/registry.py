@@ -35,6 +35,9 @@ SAVE_FORMATS = ("joblib", "keras")
 
 @dataclass(frozen=True)
 class HeadEntry:
+    """One head: how to build it and everything the search, the run directory and the Keras
+    conversion need to know about it. Only name, build, default_grid and description are positional."""
+
     name: str
     build: Callable[[dict, int], Any]   # (params over the defaults, seed) -> unfitted estimator
     default_grid: dict[str, list]       # what the search tries when the user gives no grid
