@@ -1,45 +1,62 @@
-import pickle
+"""The head registry and every registered head: parametrised over `head_names()`, so a head added
+to the registry is fitted, converted to Keras and saved through its format here without editing
+this file. DenseHeadClassifier's own contract is in tests/test_head_dense.py, the scikit-learn
+estimator checks in tests/test_head_checks.py, a test-local head in tests/test_head_plugin.py."""
+
 import subprocess
 import sys
 
-import joblib
 import numpy as np
 import pytest
-from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.exceptions import NotFittedError
-from sklearn.metrics import log_loss
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
-from sklearn.utils import check_random_state
 
-from featurepipe.heads.dense import DenseHeadClassifier, _early_stopping_split
-from featurepipe.heads import HEADS, HeadEntry, make_head, param_grid
-
-# Small enough that every Keras fit takes a fraction of a second.
-FAST_DENSE = dict(hidden_units=32, epochs=40, patience=5, batch_size=32)
-
-
-def blobs(n=90, d=24, n_classes=3, seed=0):
-    X, y = make_classification(
-        n_samples=n, n_features=d, n_informative=8, n_redundant=0, n_classes=n_classes,
-        n_clusters_per_class=1, class_sep=2.5, random_state=seed,
-    )
-    return X.astype(np.float32), y
+from featurepipe.core.errors import UsageError
+from featurepipe.heads import (
+    HEADS, HeadEntry, default_heads, entry_for_estimator, expensive_heads, head_entry, head_names, make_head,
+    param_grid, register_head, registered_head, revisions, unregister_head,
+)
+from featurepipe.heads.registry import SAVE_FORMATS, save_format
+from tests.head_support import blobs, fast_params, head_round_trip
 
 
 # ---------------------------------------------------------------- registry
 
 
-def test_registry_has_the_three_heads_with_small_grids():
-    assert {"linear_svm", "logreg", "dense"} <= set(HEADS)
-    for name, entry in HEADS.items():
-        assert isinstance(entry, HeadEntry) and entry.name == name and entry.description
-        assert 1 <= len(param_grid(name)) <= 3
-    assert HEADS["dense"].in_process and not HEADS["logreg"].in_process
+@pytest.mark.parametrize("name", head_names())
+def test_every_head_declares_itself_completely(name):
+    entry = HEADS[name]
+    assert isinstance(entry, HeadEntry) and entry.name == name and entry.description
+    assert 1 <= len(param_grid(name)) <= 3
+    assert set(entry.default_grid) <= set(entry.defaults), "the grid may only set parameters the head takes"
+    assert entry.save_format in SAVE_FORMATS
+    assert entry.final_step and entry.to_keras and ":" in entry.to_keras   # named, not imported
+
+
+def test_the_registry_keeps_todays_heads_order_and_flags():
+    assert head_names() == ("linear_svm", "logreg", "knn", "ncm", "ensemble", "dense")
+    assert default_heads() == ("logreg", "knn", "ncm")      # what `featurepipe run` searches
+    assert expensive_heads() == ("dense",)
+    assert [n for n in head_names() if HEADS[n].class_weight] == ["linear_svm", "logreg"]
+    assert [n for n in head_names() if HEADS[n].in_process] == ["dense"]
+    assert [n for n in head_names() if HEADS[n].save_format == "keras"] == ["dense"]
+
+
+def test_the_search_and_inspect_read_their_heads_from_the_registry():
+    from featurepipe.evaluation.evaluate import SEARCH_HEADS, _class_weight_grid
+    from featurepipe.inspection.inspect import run_curve_head
+
+    assert SEARCH_HEADS == default_heads()
+    imbalanced = np.array([0] * 9 + [1] * 3)
+    grids = _class_weight_grid(imbalanced, head_names(), {})
+    assert sorted(grids) == ["linear_svm", "logreg"]
+    assert all(grid == {"class_weight": [None, "balanced"]} for grid in grids.values())
+    assert run_curve_head({"head": "dense", "params": {}})[0] is None
+    assert run_curve_head({"head": "knn", "params": {}})[0] == "knn"
 
 
 def test_unknown_head_or_param_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown head 'svm'.*valid heads: linear_svm, logreg, knn, ncm, ensemble, dense"):
+    with pytest.raises(UsageError, match="unknown head 'svm'.*valid heads: linear_svm, logreg, knn, ncm, ensemble, dense"):
         make_head("svm")
     with pytest.raises(ValueError, match=r"gamma.*'logreg'.*valid parameters: C, class_weight, front, max_iter"):
         make_head("logreg", {"gamma": 1.0})
@@ -56,21 +73,76 @@ def test_param_grid_expands_and_overrides():
     assert type(param_grid("logreg", {"C": np.array([2.0])})[0]["C"]) is float
 
 
+def test_registering_refuses_a_second_head_under_a_name_unless_replacing():
+    def build(params, seed):
+        return make_head("ncm", params, seed)
+
+    entry = HeadEntry("twin", build, {}, "a copy of ncm", defaults={"temperature": 10.0}, final_step="")
+    try:
+        assert register_head(entry) is entry and register_head(entry) is entry    # the same entry: a no-op
+        other = HeadEntry("twin", build, {}, "another", defaults={"temperature": 10.0})
+        with pytest.raises(UsageError, match="already registered.*replace=True"):
+            register_head(other)
+        assert register_head(other, replace=True) is other and head_entry("twin") is other
+    finally:
+        assert unregister_head("twin") is not None
+    assert "twin" not in HEADS and unregister_head("twin") is None
+
+
+def test_registered_head_puts_back_what_it_replaced_and_the_decorator_returns_the_builder():
+    original = HEADS["knn"]
+    stand_in = HeadEntry("knn", lambda params, seed: None, {}, "stand-in")
+    with registered_head(stand_in):
+        assert head_entry("knn") is stand_in and list(HEADS).index("knn") == 2
+    assert HEADS["knn"] is original
+
+    def build(params, seed):
+        return make_head("logreg", params, seed)
+
+    try:
+        assert register_head("decorated", defaults={"C": 1.0}, default_grid={"C": [1.0]},
+                             description="logreg again")(build) is build
+        assert head_entry("decorated").build is build and param_grid("decorated") == [{"C": 1.0}]
+        assert "decorated" in revisions()
+    finally:
+        unregister_head("decorated")
+    assert "decorated" not in revisions()
+
+
+def test_an_entry_must_say_how_a_keras_saved_head_is_read_back():
+    with pytest.raises(UsageError, match="keras_loader"):
+        HeadEntry("k", lambda p, s: None, {}, "no loader", save_format="keras")
+    with pytest.raises(UsageError, match="save_format"):
+        HeadEntry("p", lambda p, s: None, {}, "unknown format", save_format="onnx")
+
+
+def test_a_keras_head_file_is_read_by_its_heads_loader_or_the_one_that_writes_such_files():
+    from featurepipe.heads.registry import keras_file_entry
+
+    assert keras_file_entry("dense") is HEADS["dense"]
+    # Only the dense head writes .keras files: one under another name is handed to its loader,
+    # which refuses what is not a dense head (as before the registry).
+    assert keras_file_entry("logreg") is HEADS["dense"] and keras_file_entry(None) is HEADS["dense"]
+
+
 def test_importing_heads_and_crossval_does_not_load_tensorflow():
-    code = "import sys, featurepipe.heads, featurepipe.evaluation.crossval; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    # Building the dense head (and its grid) must not either: joblib workers build every head.
+    code = ("import sys, featurepipe.heads, featurepipe.evaluation.crossval\n"
+            "from featurepipe.heads import make_head, param_grid\n"
+            "make_head('dense'); param_grid('dense')\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- every head
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
-@pytest.mark.parametrize("name", ["linear_svm", "logreg", "dense"])
+@pytest.mark.parametrize("name", head_names())
 def test_head_fits_and_gives_probabilities(name, n_classes):
     X, y = blobs(n_classes=n_classes)
-    params = FAST_DENSE if name == "dense" else {}
-    est = make_head(name, params, seed=0).fit(X[:70], y[:70])
+    est = make_head(name, fast_params(name), seed=0).fit(X[:70], y[:70])
     proba = est.predict_proba(X[70:])
     assert proba.shape == (20, n_classes)
     assert np.all(proba >= 0) and np.allclose(proba.sum(axis=1), 1.0)
@@ -78,132 +150,57 @@ def test_head_fits_and_gives_probabilities(name, n_classes):
     assert np.mean(est.predict(X[70:]) == y[70:]) >= 0.8
 
 
+@pytest.mark.parametrize("name", head_names())
+def test_every_head_runs_through_cv_and_a_run_directory_in_its_save_format(name, tmp_path):
+    head_round_trip(name, fast_params(name), tmp_path)
+
+
+@pytest.mark.parametrize("name", head_names())
+def test_every_head_converts_to_keras_with_the_same_probabilities(name):
+    from featurepipe.heads.to_keras import head_to_keras
+
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(30, 8)).astype(np.float32), np.repeat([0, 1, 2], 10)
+    X[y == 2] += 1.0
+    estimator = make_head(name, fast_params(name)).fit(X, y)
+    assert entry_for_estimator(estimator) is HEADS[name]
+    test = rng.normal(size=(7, 8)).astype(np.float32)
+    converted = head_to_keras(estimator, 8)
+    np.testing.assert_allclose(converted.predict(test, verbose=0), estimator.predict_proba(test), atol=1e-5)
+
+
+def test_an_estimator_no_head_makes_has_no_entry_and_is_pickled():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    other = make_pipeline(StandardScaler(), DecisionTreeClassifier())
+    assert entry_for_estimator(other) is None and save_format(other) == "joblib"
+
+
+def test_a_keras_saved_head_inside_a_pipeline_or_vote_is_pickled_whole():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    dense = make_head("dense")
+    assert save_format(dense) == "keras"
+    assert save_format(make_pipeline(StandardScaler(), dense)) == "joblib"
+    assert save_format(make_head("ensemble", {"members": [{"head": "dense"}, {"head": "logreg"}]})) == "joblib"
+
+
+def test_pickled_classes_keep_the_names_old_runs_use():
+    import featurepipe.heads as heads
+
+    for name in ("SignedSqrt", "CalibrationFolds", "CosineKNN", "NearestClassMean", "SoftVoteClassifier"):
+        cls = getattr(heads, name)
+        assert f"{cls.__module__}.{cls.__qualname__}" == f"featurepipe.heads.{name}"
+
+
 def test_linear_svm_calibrates_with_two_training_images_per_class():
     X, y = blobs(n=90)
     idx = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(3)])
     est = make_head("linear_svm", {"C": 1.0}).fit(X[idx], y[idx])
     assert est.predict_proba(X).shape == (90, 3)
-
-
-# ---------------------------------------------------------------- DenseHeadClassifier contract
-
-
-@pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")
-def test_dense_passes_sklearn_estimator_checks():
-    from sklearn.utils.estimator_checks import check_estimator
-
-    results = check_estimator(DenseHeadClassifier(**{**FAST_DENSE, "batch_size": 64}), on_fail=None)
-    failed = [(r["check_name"], repr(r["exception"])[:300]) for r in results if r["status"] == "failed"]
-    assert not failed
-
-
-def test_dense_params_and_clone():
-    est = DenseHeadClassifier(hidden_units=8, dropout=0.25)
-    assert est.get_params() == {
-        "hidden_units": 8, "dropout": 0.25, "learning_rate": 1e-3, "epochs": 100,
-        "batch_size": 32, "patience": 10, "validation_fraction": 0.15, "random_state": 0,
-    }
-    X, y = blobs()
-    est.set_params(**FAST_DENSE).fit(X, y)
-    fresh = clone(est)
-    assert fresh.get_params() == est.get_params()
-    assert not hasattr(fresh, "model_") and not hasattr(fresh, "classes_")
-
-
-def test_dense_inside_grid_search_and_cross_val_score():
-    X, y = blobs()
-    cv = StratifiedKFold(3, shuffle=True, random_state=0)
-    search = GridSearchCV(DenseHeadClassifier(**FAST_DENSE), {"hidden_units": [8, 32]}, cv=cv).fit(X, y)
-    assert search.best_params_["hidden_units"] in (8, 32)
-    assert len(search.cv_results_["mean_test_score"]) == 2
-    assert search.predict_proba(X).shape == (90, 3)
-    scores = cross_val_score(DenseHeadClassifier(**FAST_DENSE), X, y, cv=cv, scoring="neg_log_loss")
-    assert scores.shape == (3,) and np.all(np.isfinite(scores))
-    assert cross_val_score(DenseHeadClassifier(**FAST_DENSE), X, y, cv=cv).mean() >= 0.8
-
-
-def test_dense_fit_attributes_and_early_stopping():
-    X, y = blobs()
-    est = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
-    assert est.n_features_in_ == 24
-    assert set(est.history_) == {"loss", "val_loss"}
-    n_epochs = len(est.history_["loss"])
-    assert n_epochs == len(est.history_["val_loss"]) <= FAST_DENSE["epochs"]
-    assert est.best_epoch_ == int(np.argmin(est.history_["val_loss"]))
-    if n_epochs < FAST_DENSE["epochs"]:
-        assert n_epochs == est.best_epoch_ + FAST_DENSE["patience"] + 1
-    # Restore-best-weights: the kept model's loss on the early-stopping holdout is the best epoch's.
-    seed = check_random_state(0).randint(np.iinfo(np.int32).max)
-    _, holdout = _early_stopping_split(y.astype(np.int32), 0.15, seed)
-    holdout_loss = log_loss(y[holdout], est.predict_proba(X[holdout]), labels=[0, 1, 2])
-    assert holdout_loss == pytest.approx(min(est.history_["val_loss"]), rel=1e-4)
-
-
-def test_dense_is_deterministic_under_random_state():
-    X, y = blobs()
-    a = DenseHeadClassifier(**FAST_DENSE, random_state=7).fit(X, y).predict_proba(X)
-    b = DenseHeadClassifier(**FAST_DENSE, random_state=7).fit(X, y).predict_proba(X)
-    c = DenseHeadClassifier(**FAST_DENSE, random_state=8).fit(X, y).predict_proba(X)
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a, c)
-
-
-def test_dense_binary_with_string_labels():
-    X, y = blobs(n_classes=2)
-    labels = np.array(["cat", "dog"])[y]
-    est = DenseHeadClassifier(**FAST_DENSE).fit(X, labels)
-    assert est.predict_proba(X).shape == (90, 2)
-    assert set(est.predict(X)) <= {"cat", "dog"}
-    assert est.model_.get_layer("output").units == 2
-
-
-def test_dense_tiny_training_set_falls_back_to_training_loss():
-    X, y = blobs()
-    idx = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(3)])  # one image per class
-    est = DenseHeadClassifier(**FAST_DENSE).fit(X[idx], y[idx])
-    assert est.predict_proba(X).shape == (90, 3)
-
-
-def test_dense_errors():
-    X, y = blobs()
-    with pytest.raises(NotFittedError):
-        DenseHeadClassifier().predict_proba(X)
-    with pytest.raises(ValueError, match="1 class"):
-        DenseHeadClassifier(**FAST_DENSE).fit(X, np.zeros(len(X), int))
-    est = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
-    with pytest.raises(ValueError, match="features"):
-        est.predict(X[:, :10])
-    with pytest.raises(ValueError, match="dropout"):
-        DenseHeadClassifier(dropout=1.0).fit(X, y)
-
-
-def test_dense_pickle_round_trip_stores_weights_not_keras(tmp_path):
-    X, y = blobs()
-    est = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
-    state = est.__getstate__()
-    assert "model_" not in state and len(state["_model_weights"]) == 4
-    assert all(isinstance(w, np.ndarray) for w in state["_model_weights"])
-    assert hasattr(est, "model_")  # pickling must not strip the live estimator
-    joblib.dump(est, tmp_path / "head.joblib")
-    loaded = joblib.load(tmp_path / "head.joblib")
-    assert np.array_equal(loaded.predict_proba(X), est.predict_proba(X))
-    assert loaded.get_params() == est.get_params() and loaded.history_ == est.history_
-    again = pickle.loads(pickle.dumps(loaded))
-    assert np.array_equal(again.predict_proba(X), est.predict_proba(X))
-
-
-def test_dense_keras_file_round_trip(tmp_path):
-    X, y = blobs()
-    labels = np.array(["a", "b", "c"])[y]
-    est = DenseHeadClassifier(**FAST_DENSE).fit(X, labels)
-    path = tmp_path / "head.keras"
-    est.save_keras(path)
-    loaded = DenseHeadClassifier.load_keras(path, classes=est.classes_)
-    assert np.array_equal(loaded.predict_proba(X), est.predict_proba(X))
-    assert list(loaded.predict(X)) == list(est.predict(X))
-    assert loaded.hidden_units == 32 and loaded.n_features_in_ == 24
-    with pytest.raises(ValueError, match="2 classes"):
-        DenseHeadClassifier.load_keras(path, classes=["a", "b"])
 
 
 def test_knn_and_class_mean_heads_match_a_plain_recomputation():
@@ -239,65 +236,12 @@ def test_ensemble_is_the_mean_of_its_members_and_refuses_nesting():
     ensemble = make_head("ensemble", {"members": members}).fit(X, y)
     parts = [make_head(m["head"], m["params"]).fit(X, y).predict_proba(X) for m in members]
     np.testing.assert_allclose(ensemble.predict_proba(X), np.mean(parts, axis=0))
-    with pytest.raises(ValueError, match="cannot contain an ensemble"):
+    with pytest.raises(UsageError, match="cannot contain an ensemble"):
         make_head("ensemble", {"members": [{"head": "ensemble"}]})
-    with pytest.raises(ValueError, match="at least 2 members"):
+    with pytest.raises(UsageError, match="at least 2 members"):
         make_head("ensemble", {"members": members[:1]}).fit(X, y)
-
-
-@pytest.mark.parametrize("head, params", [("knn", {"n_neighbors": 3}), ("ncm", {}),
-                                          ("ensemble", {"members": [{"head": "logreg"}, {"head": "knn"}]})])
-def test_new_heads_convert_to_keras_with_the_same_probabilities(head, params):
-    from featurepipe.heads.to_keras import head_to_keras
-
-    rng = np.random.default_rng(2)
-    X, y = rng.normal(size=(30, 8)).astype(np.float32), np.repeat([0, 1, 2], 10)
-    X[y == 2] += 1.0
-    estimator = make_head(head, params).fit(X, y)
-    test = rng.normal(size=(7, 8)).astype(np.float32)
-    converted = head_to_keras(estimator, 8)
-    np.testing.assert_allclose(converted.predict(test, verbose=0), estimator.predict_proba(test), atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["linear_svm", "logreg", "knn", "ncm", "dense"])
-def test_each_head_entry_names_its_own_keras_conversion(name):
-    from featurepipe.heads import HEADS, entry_for_estimator, make_head
-
-    assert HEADS[name].to_keras is not None
-    assert entry_for_estimator(make_head(name, {}, seed=0)) is HEADS[name]
-
-
-def test_an_estimator_no_head_makes_has_no_entry():
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.tree import DecisionTreeClassifier
-
-    from featurepipe.heads import entry_for_estimator
-
-    assert entry_for_estimator(make_pipeline(StandardScaler(), DecisionTreeClassifier())) is None
-
-
-def test_the_dense_heads_history_is_saved_beside_it_and_follows_it(tmp_path):
-    """best_head_history.csv (drawn by the report) is written for a dense best head, removed for a
-    head without one, and travels with the head through the refit cache."""
-    import pandas as pd
-
-    from featurepipe.rundir.run import HEAD_HISTORY, cached_head, remember_head, save_head
-
-    X, y = blobs()
-    dense = DenseHeadClassifier(**FAST_DENSE).fit(X, y)
-    run, cache, again = tmp_path / "run", tmp_path / "cache", tmp_path / "again"
-    meta = {"head": "dense", "classes": ["a", "b", "c"]}
-    save_head(dense, run, meta)
-    table = pd.read_csv(run / HEAD_HISTORY)
-    assert list(table.columns) == ["epoch", "loss", "val_loss"]
-    assert table["epoch"].tolist() == list(range(1, len(dense.history_["loss"]) + 1))
-    np.testing.assert_allclose(table["val_loss"], dense.history_["val_loss"], rtol=1e-12)
-    remember_head(cache, run, {})
-    assert cached_head(cache, again, meta) is not None
-    assert (again / HEAD_HISTORY).read_bytes() == (run / HEAD_HISTORY).read_bytes()
-    save_head(make_head("logreg").fit(X, y), run, {**meta, "head": "logreg"})
-    assert not (run / HEAD_HISTORY).exists()
+    with pytest.raises(NotFittedError):
+        make_head("ensemble", {"members": members}).predict(X)
 
 
 def test_logreg_fronts_match_plain_sklearn_pipelines():

@@ -30,17 +30,16 @@ from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.extraction.extract import ExtractReport
 from featurepipe.extraction.features import DatasetFeatures, cached_features
-from featurepipe.heads import HEADS, revisions
+from featurepipe.heads import HEADS, default_heads, revisions
 from featurepipe.data.images import AugmentSpec
 from featurepipe.evaluation.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.progress import ProgressCallback
 
 DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
-# The searched pipeline (`run`): cheap heads only, so nested CV over every feature set stays in seconds.
-# The dense head costs ~1 s a fit in TensorFlow and did not beat tuned logreg on the measured sets.
-# linear_svm (3 calibration fits per fit) scored like logreg on every measured set at 3x the cost.
-SEARCH_HEADS = ("logreg", "knn", "ncm")
+# The searched pipeline (`run`): the registry's heads flagged default=True (logreg, knn, ncm), cheap
+# ones only, so nested CV over every feature set stays in seconds.
+SEARCH_HEADS = default_heads()
 
 
 @dataclass
@@ -132,7 +131,7 @@ def _class_weight_grid(y: np.ndarray, heads, grids: dict) -> dict:
         return grids
     out = dict(grids)
     for head in heads:
-        if head in ("logreg", "linear_svm") and "class_weight" not in out.get(head, {}):
+        if head in HEADS and HEADS[head].class_weight and "class_weight" not in out.get(head, {}):
             out[head] = {**out.get(head, {}), "class_weight": [None, "balanced"]}
     return out
 

@@ -82,7 +82,7 @@ def default_unfreeze_blocks(backbone: str, layer_names: list[str]) -> int:
     """How many registry blocks (counted from the top) the default fine-tuning trains.
 
     "Top block" must mean enough layers to matter. EfficientNet-Lite's last registry block is its
-    1x1 head conv alone (training it moved nothing, issue 9), so there it is the last two MBConv
+    1x1 head conv alone (training it moved nothing), so there it is the last two MBConv
     stages + the head conv (Lite0: blocks_11..15 + head_conv: 6 registry blocks, 2.6M weights).
     Measured on 500 Fashion-MNIST images (benchmarks/finetune_gain.py, validation accuracy from
     0.71 frozen): head conv + last stage 0.78, two stages 0.80, three stages 0.81 at 1.6x the time.

@@ -23,6 +23,9 @@ from keras import ops
 
 import featurepipe.backbones.layers  # noqa: F401  (registers Preprocess and InferenceMode for load_model)
 from featurepipe.core.errors import FeaturepipeError
+from featurepipe.heads.linear import SignedSqrt as SignedSqrtStep
+from featurepipe.heads.neighbours import KNN_MIN_DISTANCE
+from featurepipe.heads.registry import entry_for_estimator, keras_converter
 
 SUPPORTED = (
     "Pipeline of StandardScaler / Normalizer(norm='l2') / SignedSqrt ending in LogisticRegression, "
@@ -103,7 +106,7 @@ class NeighbourVote(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="featurepipe")
 class SignedSqrt(keras.layers.Layer):
-    """heads.signed_sqrt: sign(x) * sqrt(|x|), linear below eps, so the slope at 0 is finite (the
+    """heads.linear.signed_sqrt: sign(x) * sqrt(|x|), linear below eps, so the slope at 0 is finite (the
     maximum inside the sqrt keeps the unused branch's gradient finite too)."""
 
     def __init__(self, eps: float, **kwargs):
@@ -252,13 +255,7 @@ def _dense_head_output(x, model, affine: _Affine):
 def _knn_output(x, model):
     # x is already unit-norm (the pipeline's Normalizer); the training rows are too.
     sims = _dense(x, model.train_.T, np.zeros(len(model.train_)), name="cosine_to_train")
-    return NeighbourVote(model.k_, model.onehot_, _knn_min_distance(), name="probabilities", dtype=_HEAD_DTYPE)(sims)
-
-
-def _knn_min_distance() -> float:
-    from featurepipe.heads import KNN_MIN_DISTANCE
-
-    return KNN_MIN_DISTANCE
+    return NeighbourVote(model.k_, model.onehot_, KNN_MIN_DISTANCE, name="probabilities", dtype=_HEAD_DTYPE)(sims)
 
 
 def _ncm_output(x, model):
@@ -273,8 +270,6 @@ def _transforms_then(output):
 
     def convert(estimator, n_features: int, name: str) -> "keras.Model":
         from sklearn.preprocessing import Normalizer, StandardScaler
-
-        from featurepipe.heads import SignedSqrt as SignedSqrtStep
 
         steps = _steps(estimator)
         n_in = getattr(steps[0], "n_features_in_", None)
@@ -318,7 +313,7 @@ def _unfolded(output):
     return apply
 
 
-# The converters HeadEntry.to_keras names (featurepipe.heads): one per head.
+# The converters the registry's entries name in `to_keras` ("featurepipe.heads.to_keras:<name>").
 logistic_to_keras = _transforms_then(_logistic_output)
 calibrated_linear_to_keras = _transforms_then(_calibrated_output)
 dense_head_to_keras = _transforms_then(_dense_head_output)
@@ -337,13 +332,12 @@ def soft_vote_to_keras(estimator, n_features: int, name: str) -> "keras.Model":
 def head_to_keras(estimator, n_features: int, name: str = "head") -> "keras.Model":
     """A Keras model: float features (n, n_features) -> `estimator.predict_proba` (columns in
     `estimator.classes_` order). Trainable, serializable (safe_mode) and independent of sklearn.
-    The conversion is the `to_keras` of the head (featurepipe.heads.HEADS) whose estimator this is."""
-    from featurepipe.heads import entry_for_estimator
-
+    The conversion is the `to_keras` of the registered head whose estimator this is."""
     steps = _steps(estimator)
     if not steps:
         raise _unsupported("an empty pipeline")
     entry = entry_for_estimator(estimator)
-    if entry is None or entry.to_keras is None:
+    convert = keras_converter(entry) if entry is not None else None
+    if convert is None:
         raise _unsupported(type(steps[-1]).__name__)
-    return entry.to_keras(estimator, n_features, name)
+    return convert(estimator, n_features, name)

@@ -55,9 +55,9 @@ OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "label_scores.csv",
 OofSource = Callable[[FeatureTable], np.ndarray]   # table -> (n, classes) out-of-fold probabilities
 # A source may also carry `curve_head` = (head, params, why): the head the learning curve fits.
 # The curve fits it ~(sizes + 1) x folds x draws times (65 on data/demo), so only cheap heads are
-# taken from a run: scikit-learn ones and soft votes of them. The dense head (~1 s a fit in
-# TensorFlow) would make the curve cost a minute; the curve then keeps logreg C=50 and says why.
-CURVE_EXPENSIVE_HEADS = ("dense",)
+# taken from a run: scikit-learn ones and soft votes of them. An expensive head (the registry's flag:
+# the dense one, ~1 s a fit in TensorFlow) would make the curve cost a minute; the curve then keeps
+# logreg C=50 and says why.
 
 
 @dataclass
@@ -127,7 +127,7 @@ def run_curve_head(best: Optional[dict]) -> tuple[Optional[str], dict, str]:
     head None means "keep the default head", and `why` says why."""
     if not best or not best.get("head"):
         return None, {}, "the run records no selected head"
-    from featurepipe.heads import HEADS
+    from featurepipe.heads import HEADS, expensive_heads
 
     name, params = str(best["head"]), dict(best.get("params") or {})
     if name == "vote" and params.get("members"):
@@ -141,7 +141,7 @@ def run_curve_head(best: Optional[dict]) -> tuple[Optional[str], dict, str]:
     unknown = [h for h in used if h not in HEADS]
     if unknown:
         return None, {}, f"the run's head {unknown[0]!r} is not one this version knows"
-    costly = [h for h in used if h in CURVE_EXPENSIVE_HEADS]
+    costly = [h for h in used if h in expensive_heads()]
     if costly:
         return None, {}, (f"the run selected the {costly[0]} head, too slow to refit ~65 times for a curve "
                           f"(~1 s a fit)")

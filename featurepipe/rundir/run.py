@@ -134,10 +134,10 @@ def fingerprints_used_by_runs(root: Path) -> set[str]:
 
 def save_head(estimator, run_dir: Path, meta: dict) -> Path:
     """Write the head and best_head.json (meta + file name + sha256); returns the head file."""
-    from featurepipe.heads.dense import DenseHeadClassifier
+    from featurepipe.heads.registry import save_format
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(estimator, DenseHeadClassifier):
+    if save_format(estimator) == "keras":     # the estimator's save_keras; its entry's keras_loader reads it
         path = run_dir / "best_head.keras"
         with atomic.atomic_path(path) as tmp:      # keeps the .keras suffix Keras insists on
             estimator.save_keras(tmp)
@@ -232,12 +232,13 @@ def load_head(run_dir: Path, trust_run: bool = False):
             f"user or machine, written by an older featurepipe, or edited. Loading a head can run code it "
             f"contains; if you trust where this run came from, pass --trust (or re-run `featurepipe evaluate`).")
     if path.suffix == ".keras":
-        from featurepipe.heads.dense import DenseHeadClassifier
+        from featurepipe.heads.registry import keras_file_entry, keras_loader
 
+        entry = keras_file_entry(meta.get("head"))
         try:
-            return DenseHeadClassifier.load_keras(path, meta["classes"]), meta
+            return keras_loader(entry)(path, meta["classes"]), meta
         except Exception as error:  # keras raises ValueError/TypeError for refused or unreadable archives
-            raise FeaturepipeError(f"cannot load the dense head {path} with Keras safe_mode "
+            raise FeaturepipeError(f"cannot load the {entry.name} head {path} with Keras safe_mode "
                                    f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}); "
                                    f"re-run `featurepipe evaluate` to rebuild it") from None
     return joblib.load(path), meta
