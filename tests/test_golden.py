@@ -48,6 +48,17 @@ def test_an_old_run_predicts_what_it_predicted_when_written(golden_key, tmp_path
         np.testing.assert_allclose(got[image], row, rtol=0, atol=1e-5, err_msg=f"{name}: {image}")
 
 
+def test_a_dense_head_pickled_by_the_previous_version_loads_and_predicts_the_same():
+    """0.1.0 pickled the dense head (in ensembles and cached refits) as featurepipe.dense_head.*."""
+    import joblib
+
+    estimator = joblib.load(GOLDEN / "dense_head.joblib")
+    assert type(estimator).__name__ == "DenseHeadClassifier"
+    X = np.load(GOLDEN / "dense_head_X.npy")
+    expected = json.loads((GOLDEN / "dense_head_proba.json").read_text())
+    np.testing.assert_allclose(estimator.predict_proba(X), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ("logreg", "vote", "finetuned"))
 def test_an_old_run_exports(golden_key, tmp_path, name):
     from featurepipe.deploy.export import export

@@ -37,3 +37,5 @@ r = predict(out / "finetuned", [data], top_k=1)
 expected["finetuned"] = {Path(p).name: list(map(float, row)) for p, row in zip(r.frame["path"], r.frame[[c for c in r.frame.columns if c.startswith("p[")]].to_numpy())}
 expected["_model_kind"] = {n: predict(out / n, [data / "red" / "red0.png"]).model_kind for n in ("logreg", "dense", "ensemble", "vote", "finetuned")}
 (out / "expected.json").write_text(json.dumps(expected, indent=0, sort_keys=True))
+# dense_head.joblib / dense_head_X.npy / dense_head_proba.json: a dense head pickled by 0.1.0 on its own
+# (make_head("dense", {"epochs": 3}, 0) fitted on 30 rows of seeded noise, 3 classes; see test_golden).
