@@ -30,7 +30,7 @@ from featurepipe.evaluation.crossval import FeatureTable, _metric_range, _summar
 from featurepipe.evaluation.refit_best import SearchedSet, refit_best
 from featurepipe.data.dataset import Dataset
 from featurepipe.core.digest import digest
-from featurepipe.core.errors import FeaturepipeError
+from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.extraction.extract import ExtractReport
 from featurepipe.extraction.features import DatasetFeatures, cached_features
 from featurepipe.heads import HEADS
@@ -91,14 +91,14 @@ def parse_grid(text: Optional[str]) -> Optional[dict]:
         else:
             grid = json.loads(text)
     except (ValueError, OSError) as error:
-        raise FeaturepipeError(f"--grid {text!r}: not valid JSON/TOML ({error}); expected "
-                               f"{{\"head\": {{\"param\": [values]}}}}") from None
+        raise UsageError(f"--grid {text!r}: not valid JSON/TOML ({error}); expected "
+                         f"{{\"head\": {{\"param\": [values]}}}}") from None
     if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
-        raise FeaturepipeError(f"--grid must map head names to {{param: [values]}}, got {grid!r}")
+        raise UsageError(f"--grid must map head names to {{param: [values]}}, got {grid!r}")
     unknown = set(grid) - set(HEADS)
     if unknown:
-        raise FeaturepipeError(f"--grid names unknown head(s) {', '.join(sorted(unknown))}; "
-                               f"heads: {', '.join(HEADS)}")
+        raise UsageError(f"--grid names unknown head(s) {', '.join(sorted(unknown))}; "
+                         f"heads: {', '.join(HEADS)}")
     return {head: {k: v if isinstance(v, list) else [v] for k, v in params.items()} for head, params in grid.items()}
 
 
