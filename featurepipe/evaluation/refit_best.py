@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.cachedirs import refits_dir
 from featurepipe.evaluation.crossval import FeatureTable, fold_metrics, refit
 from featurepipe.evaluation.nested import VOTE
-from featurepipe.extraction.features import DatasetFeatures
+from featurepipe.extraction.features import DatasetFeatures, FeatureStores
 from featurepipe.heads import revisions
 from featurepipe.rundir.layout import HOLDOUT
 from featurepipe.rundir.run import Run, cached_head, remember_head
@@ -25,8 +26,8 @@ class SearchedSet:
     """One feature set as the search saw it."""
 
     name: str                    # its leaderboard name (evaluate.feature_set_name)
-    spec: object                 # the resolved BackboneSpec
-    stores: object               # the stores its features were read from
+    spec: BackboneSpec           # resolved
+    stores: FeatureStores        # the stores its features were read from
     features: DatasetFeatures    # every row, dedup groups applied
     table: FeatureTable          # the training rows CV used
 
