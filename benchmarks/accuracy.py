@@ -67,6 +67,7 @@ def one(data: Path, cache: Path, seed: int = 0) -> dict:
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.evaluation.crossval import make_folds
     from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import SEARCH_HEADS, evaluate
     from featurepipe.extraction.extract import extract, open_stores
     from featurepipe.extraction.features import dataset_features
@@ -86,8 +87,8 @@ def one(data: Path, cache: Path, seed: int = 0) -> dict:
         specs = search_specs(quick=quick)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
-            result = evaluate(dataset, specs[0], cache, heads=SEARCH_HEADS, specs=specs, seed=seed,
-                              run_dir=Path(run_dir) / "run", vote=vote)
+            result = evaluate(dataset, SearchConfig(specs=specs, heads=SEARCH_HEADS, seed=seed, vote=vote), cache,
+                              run_dir=Path(run_dir) / "run")
         out[name] = {"nested": result.nested.accuracy, "nested_ci": [result.nested.summary["accuracy"]["ci_low"],
                                                                      result.nested.summary["accuracy"]["ci_high"]],
                      "best_row": result.nested.best_inner_accuracy, "gap": result.nested.optimism_gap,

@@ -158,6 +158,7 @@ def main() -> None:
             "dedup_seconds": round(seconds, 3),
         }
         if not args.no_cv:
+            from featurepipe.evaluation.config import SearchConfig
             from featurepipe.evaluation.evaluate import evaluate
 
             heads = tuple(h for h in args.heads.split(",") if h)
@@ -165,8 +166,8 @@ def main() -> None:
             involved = {p for pair in planted for p in pair[:2]}
             boards = {}
             for name, on in (("without_groups", False), ("with_dedup_groups", True)):
-                report = evaluate(dataset, spec, root, heads=heads, run_dir=Path(tmp) / f"run-{name}",
-                                  dedup_groups=on)
+                report = evaluate(dataset, SearchConfig(specs=(spec,), heads=heads, dedup_groups=on), root,
+                                  run_dir=Path(tmp) / f"run-{name}")
                 best = report.leaderboard.iloc[0]
                 boards[name] = report.leaderboard
                 # Where leakage acts: the planted copies and their originals, scored out of fold.

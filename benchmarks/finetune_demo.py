@@ -40,7 +40,9 @@ def main() -> None:
 
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import evaluate
+    from featurepipe.training.config import FinetuneConfig
     from featurepipe.training.finetune import finetune
 
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="featurepipe-finetune-demo-"))
@@ -49,15 +51,16 @@ def main() -> None:
     if run_dir is None:
         started = time.perf_counter()
         dataset = scan(args.data, cache_dir=cache)
-        result = evaluate(dataset, BackboneSpec(name=args.backbone), cache,
-                          heads=tuple(h for h in args.heads.split(",") if h), folds=args.folds,
-                          run_dir=cache / "runs" / "demo")
+        result = evaluate(dataset, SearchConfig(specs=(BackboneSpec(name=args.backbone),),
+                                                heads=tuple(h for h in args.heads.split(",") if h), folds=args.folds),
+                          cache, run_dir=cache / "runs" / "demo")
         run_dir = result.run_dir
         out["evaluate"] = {"best": result.best, "seconds": round(time.perf_counter() - started, 1),
                            "cv_accuracy": float(result.leaderboard.iloc[0]["accuracy_mean"])
                            if "accuracy_mean" in result.leaderboard else None}
-    report = finetune(run_dir, unfreeze_blocks=args.unfreeze_blocks, epochs=args.epochs, lr=args.lr,
-                      batch_size=args.batch_size, strategy=args.strategy, cache_dir=cache, reuse=False)
+    report = finetune(run_dir, FinetuneConfig(unfreeze_blocks=args.unfreeze_blocks, epochs=args.epochs, lr=args.lr,
+                                              batch_size=args.batch_size, strategy=args.strategy, reuse=False),
+                      cache_dir=cache)
     out["finetune"] = {k: v for k, v in report.to_dict().items() if k not in ("unfrozen_layers", "failed")}
     out["finetune"]["unfrozen_layers"] = len(report.unfrozen_layers)
     if args.baseline:

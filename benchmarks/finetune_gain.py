@@ -63,11 +63,13 @@ def build_fashion(dest: Path, per_class: int = 50, size: int = 96, seed: int = 0
 
 def measure(name: str, data: Path, spec, heads: tuple[str, ...], epochs: int, cache: Path, folds: int) -> dict:
     from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import evaluate
+    from featurepipe.training.config import FinetuneConfig
     from featurepipe.training.finetune import finetune
 
     started = time.perf_counter()
-    evaluated = evaluate(scan(data, cache_dir=cache), spec, cache, heads=heads, folds=folds,
+    evaluated = evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(spec,), heads=heads, folds=folds), cache,
                          run_dir=cache / "runs" / name)
     row = {"set": name, "best_head": evaluated.best, "cv_accuracy": float(evaluated.leaderboard.iloc[0]["accuracy_mean"]),
            "evaluate_s": round(time.perf_counter() - started, 1)}
@@ -75,7 +77,7 @@ def measure(name: str, data: Path, spec, heads: tuple[str, ...], epochs: int, ca
         run = cache / "runs" / f"{name}-{label}"
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(evaluated.run_dir, run)
-        result = finetune(run, epochs=epochs, cache_dir=cache, reuse=False, **options)
+        result = finetune(run, FinetuneConfig(epochs=epochs, reuse=False, **options), cache_dir=cache)
         row["frozen"] = result.before
         row["val_images"], row["train_images"] = result.val_images, result.train_images
         row[label] = {**result.after, "improved": result.improved, "kept": result.kept, "reason": result.reason,

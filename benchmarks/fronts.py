@@ -38,6 +38,7 @@ def _data(name: str, scratch: Path) -> Path:
 
 def one(data: Path, cache: Path, front: str, seed: int = 0) -> dict:
     from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import evaluate
     from featurepipe.evaluation.search import search_specs
 
@@ -45,8 +46,9 @@ def one(data: Path, cache: Path, front: str, seed: int = 0) -> dict:
     specs = search_specs()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        result = evaluate(dataset, specs[0], cache, heads=("logreg",), specs=specs, seed=seed,
-                          grids={"logreg": {"front": [front]}}, run_dir=Path(run_dir) / "run", vote=True)
+        result = evaluate(dataset, SearchConfig(specs=specs, heads=("logreg",), seed=seed,
+                                                grids={"logreg": {"front": [front]}}, vote=True),
+                          cache, run_dir=Path(run_dir) / "run")
     return {"data": str(data), "front": front, "images": len(dataset.frame), "nested": result.nested.accuracy,
             "best_row": result.nested.best_inner_accuracy, "seconds": time.perf_counter() - started}
 

@@ -78,9 +78,10 @@ CHILD = textwrap.dedent("""
         from featurepipe.extraction.extract import extract
         extract(dataset, spec, cache, batch_size=%d, decode_threads=1, progress=progress)
     else:
+        from featurepipe.evaluation.config import SearchConfig
         from featurepipe.evaluation.evaluate import evaluate
-        evaluate(dataset, spec, cache, heads=("logreg", "linear_svm"), folds=3, run_dir=run_dir, n_jobs=1,
-                 progress=progress)
+        evaluate(dataset, SearchConfig(specs=(spec,), heads=("logreg", "linear_svm"), folds=3), cache,
+                 run_dir=run_dir, n_jobs=1, progress=progress)
     print(json.dumps({"events": count[0]}))
 """ % BATCH)
 
@@ -187,6 +188,7 @@ def probe_evaluate_kills(work: Path, limit: int) -> dict:
     from featurepipe.rundir.run import load_head
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import evaluate
 
     spec = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -202,8 +204,8 @@ def probe_evaluate_kills(work: Path, limit: int) -> dict:
         outcome = {"kill_at": k, "of": total, "killed": child.returncode == -signal.SIGKILL}
         try:
             left = _run_dir_whole(run_dir)
-            again = evaluate(scan(data, cache_dir=cache), spec, cache, heads=("logreg", "linear_svm"), folds=3,
-                             run_dir=run_dir, n_jobs=1)
+            again = evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(spec,), heads=("logreg", "linear_svm"),
+                                                                       folds=3), cache, run_dir=run_dir, n_jobs=1)
             got = pd.read_csv(run_dir / "leaderboard.csv")
             same = got[columns].round(9).equals(want[columns].round(9))
             load_head(run_dir)
@@ -739,12 +741,13 @@ def hostile_cases(shared: dict) -> dict:
 def shared_run(work: Path) -> dict:
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.data.dataset import scan
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import evaluate
 
     data = make_tree(work / "data", 9, seed=6000)
     spec = BackboneSpec(name="tiny", weights="random", image_size=32)
-    evaluate(scan(data, cache_dir=work / "cache"), spec, work / "cache", heads=("logreg",), folds=2,
-             run_dir=work / "run", n_jobs=1)
+    evaluate(scan(data, cache_dir=work / "cache"), SearchConfig(specs=(spec,), heads=("logreg",), folds=2),
+             work / "cache", run_dir=work / "run", n_jobs=1)
     return {"run": work / "run", "image": data / "class0" / "img000.png"}
 
 

@@ -26,6 +26,7 @@ def single(args) -> None:
     """One run in this process; prints its figures as JSON on the last line of stdout."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()
+    from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import SEARCH_HEADS
     from featurepipe.pipeline import run
     from featurepipe.evaluation.search import parse_backbones, search_specs
@@ -33,8 +34,8 @@ def single(args) -> None:
     imported = time.perf_counter() - started
     specs = search_specs(parse_backbones(args.backbone), quick=args.quick)
     heads = tuple(h for h in args.heads.split(",") if h) if args.heads else SEARCH_HEADS
-    result = run(args.data, specs[0], args.cache_dir, heads=heads, folds=args.folds, run_dir=args.run_dir,
-                 specs=specs)
+    result = run(args.data, SearchConfig(specs=specs, heads=heads, folds=args.folds), args.cache_dir,
+                 run_dir=args.run_dir)
     best = result.leaderboard.iloc[0]
     print(json.dumps({
         "import_seconds": round(imported, 2),

@@ -12,19 +12,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import pandas as pd
 
-from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.core.cachedirs import cache_root, report_charts_dir
+from featurepipe.core.progress import ProgressCallback
 from featurepipe.data.dataset import Dataset, scan
-from featurepipe.evaluation.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate_features, feature_set_name, merge_extract_reports
+from featurepipe.evaluation.config import SearchConfig
+from featurepipe.evaluation.evaluate import EvaluateReport, evaluate_features, feature_set_name, merge_extract_reports
 from featurepipe.extraction.extract import ExtractReport, extract
 from featurepipe.extraction.features import cached_features
-from featurepipe.data.images import AugmentSpec
-from featurepipe.evaluation.nested import ENSEMBLE_SIZE
-from featurepipe.core.cachedirs import cache_root
-from featurepipe.core.progress import ProgressCallback
+from featurepipe.rundir import layout
+from featurepipe.training.config import FinetuneConfig
 
 
 @dataclass
@@ -71,40 +71,28 @@ class RunResult:
 
 def run(
     data: str | os.PathLike,
-    spec: BackboneSpec = BackboneSpec(),
+    config: SearchConfig,
     cache_dir: Optional[str | os.PathLike] = None,
-    heads: tuple[str, ...] = DEFAULT_HEADS,
-    folds: Optional[int] = None,
-    repeats: int = 1,
-    seed: int = 0,
-    augment: AugmentSpec | int = 0,
-    tta: bool = False,
-    finetune: bool = False,
-    finetune_epochs: Optional[int] = None,
+    *,
+    finetune: Optional[FinetuneConfig] = None,
     run_dir: Optional[str | os.PathLike] = None,
     progress: Optional[ProgressCallback] = None,
-    grids: Optional[dict] = None,
     n_jobs: int = -1,
     thumbnails: int = 24,
-    specs: Optional[Sequence[BackboneSpec]] = None,
-    nested: bool = True,
-    ensemble: int = ENSEMBLE_SIZE,
-    vote: bool = True,
-    dedup_groups: bool = True,
     exclude: Optional[str | os.PathLike] = None,
     relabel: Optional[str | os.PathLike] = None,
     inspect: bool = True,
 ) -> RunResult:
     """The whole job on DATA; returns where the run was written and what each stage cost.
 
-    `specs` are the feature sets searched (default: just `spec`; `featurepipe run` passes
-    featurepipe.evaluation.search.search_specs()), each extracted once and compared on cached features.
-    `augment`: the augmented views (an AugmentSpec, or a bare count with the default policy and seed 0)."""
+    `config` says what is searched (evaluation.config.SearchConfig; `featurepipe run` passes
+    featurepipe.evaluation.search.search_specs() as its specs): each feature set is extracted once,
+    with config.augment's views, and compared on cached features. `finetune`: also fine-tune the
+    chosen model with these options (training.config.FinetuneConfig); None: no fine-tuning."""
     started = time.perf_counter()
     stages: dict[str, float] = {}
     root = cache_root(cache_dir)
-    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
-    augment = AugmentSpec.of(augment)
+    specs = list(dict.fromkeys(s.resolved() for s in config.specs))
 
     def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -113,44 +101,42 @@ def run(
         return value
 
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
-    if exclude is not None or relabel is not None:   # issue 11: --exclude / --relabel (recorded in config.json)
+    if exclude is not None or relabel is not None:   # --exclude / --relabel (recorded in config.json)
         from featurepipe.data.edits import apply_fixes
 
         dataset = apply_fixes(dataset, exclude, relabel)
-    extracts = [timed("extract", extract, dataset, s, root, augment=augment, progress=progress) for s in specs]
+    extracts = [timed("extract", extract, dataset, s, root, augment=config.augment, progress=progress) for s in specs]
     # Evaluate works on what the stores now hold: read once, no model built.
-    features = timed("evaluate", cached_features, dataset, specs, root, augment)
-    evaluated = timed("evaluate", evaluate_features, dataset, features, root, heads=tuple(heads), grids=grids,
-                      folds=folds, repeats=repeats, seed=seed, tta=tta,
+    features = timed("evaluate", cached_features, dataset, specs, root, config.augment)
+    evaluated = timed("evaluate", evaluate_features, dataset, features, config, root,
                       run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
-                      nested=nested, ensemble=ensemble, dedup_groups=dedup_groups, extracts=extracts, vote=vote)
+                      extracts=extracts)
     del features   # the arrays are evaluate's; inspect and report read what they need themselves
     extracted = merge_extract_reports(extracts)
-    if inspect:   # issue 11: know-your-data sections of the report, from cached features and the run's OOF
+    inspect_dir = evaluated.run_dir / layout.INSPECT_DIR
+    if inspect:   # know-your-data sections of the report, from cached features and the run's OOF
         from featurepipe.inspection.inspect import inspect_dataset, oof_from_run
 
         # On the feature set the search chose: the one whose out-of-fold predictions the run keeps.
         chosen = next((s for s in specs if feature_set_name(s) == evaluated.best.get("features")), specs[0])
-        timed("inspect", inspect_dataset, dataset, chosen, root, out_dir=evaluated.run_dir / "inspect",
-              oof_source=oof_from_run(evaluated.run_dir), folds=evaluated.folds, seed=seed, n_jobs=n_jobs, progress=progress)
-    elif (evaluated.run_dir / "inspect" / "inspect.json").exists():   # --no-inspect into a reused run dir
+        timed("inspect", inspect_dataset, dataset, chosen, root, out_dir=inspect_dir,
+              oof_source=oof_from_run(evaluated.run_dir), folds=evaluated.folds, seed=config.seed, n_jobs=n_jobs,
+              progress=progress)
+    elif (inspect_dir / layout.INSPECT_JSON).exists():   # --no-inspect into a reused run dir
         import shutil
 
-        shutil.rmtree(evaluated.run_dir / "inspect")
+        shutil.rmtree(inspect_dir)
     finetuned = None
-    if finetune:
+    if finetune is not None:
         from featurepipe.training.finetune import finetune as finetune_fn
 
-        kwargs: dict[str, Any] = {"cache_dir": root, "progress": progress}
-        if finetune_epochs is not None:
-            kwargs["epochs"] = finetune_epochs
-        finetuned = timed("finetune", finetune_fn, evaluated.run_dir, **kwargs)
+        finetuned = timed("finetune", finetune_fn, evaluated.run_dir, finetune, cache_dir=root, progress=progress)
     from featurepipe.report.write import write_report
 
     written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress,
-                    chart_cache=root / "report-charts")
+                    chart_cache=report_charts_dir(root))
     reused_everything = (extracted.extracted == 0 and extracted.views_extracted == 0 and evaluated.fitted == 0
-                         and (not finetune or bool(getattr(finetuned, "reused", False))))
+                         and (finetune is None or bool(getattr(finetuned, "reused", False))))
     return RunResult(
         run_dir=evaluated.run_dir, leaderboard=evaluated.leaderboard, best=evaluated.best,
         report_path=written.html_path, stages=stages, reused_everything=reused_everything, dataset=dataset,

@@ -18,6 +18,8 @@ from featurepipe.extraction.extract import open_stores
 from featurepipe.extraction.features import dataset_features
 from featurepipe.data.images import decode_image
 from featurepipe.evaluation.search import parse_backbones, search_specs
+from featurepipe.training.config import FinetuneConfig
+from featurepipe.evaluation.config import SearchConfig
 
 BOTH = BackboneSpec(name="tiny+tiny2", weights="random")
 
@@ -66,13 +68,13 @@ def test_searched_saved_predicted_exported_and_not_fine_tuned(image_tree, cache,
     names = parse_backbones("tiny+tiny2,tiny")
     specs = search_specs(names, resize="squash", weights="random")
     dataset = scan(image_tree, cache_dir=cache)
-    searched = evaluate(dataset, specs[0], cache, heads=("logreg",), specs=specs, folds=3, n_jobs=1,
-                        run_dir=tmp_path / "search")
+    searched = evaluate(dataset, SearchConfig(heads=("logreg",), specs=specs, folds=3),
+                        cache, n_jobs=1, run_dir=tmp_path / "search")
     assert {"tiny+tiny2/squash", "tiny/squash"} <= set(searched.leaderboard["features"])
     assert searched.extract.extracted == 2 * 24
 
     run = tmp_path / "concat"
-    evaluate(dataset, specs[0], cache, heads=("logreg",), folds=3, n_jobs=1, run_dir=run)
+    evaluate(dataset, SearchConfig(specs=(specs[0],), heads=("logreg",), folds=3), cache, n_jobs=1, run_dir=run)
     meta = json.loads((run / "best_head.json").read_text())
     assert meta["backbone"]["name"] == "tiny+tiny2"
     features = dataset_features(dataset, open_stores(specs[0], cache))
@@ -93,4 +95,4 @@ def test_searched_saved_predicted_exported_and_not_fine_tuned(image_tree, cache,
     np.testing.assert_allclose(np.asarray(model.predict_on_batch(images)), predicted.frame[columns].to_numpy(),
                                atol=1e-4)
     with pytest.raises(FeaturepipeError, match="concatenation of backbones"):
-        finetune(run, cache_dir=cache, epochs=1)
+        finetune(run, FinetuneConfig(epochs=1), cache_dir=cache)

@@ -29,6 +29,7 @@ from featurepipe.core.errors import FeaturepipeError  # noqa: E402
 from featurepipe.extraction.executors.choose import open_executor, use_executor  # noqa: E402
 from featurepipe.extraction.extract import extract, open_stores  # noqa: E402
 from featurepipe.extraction.features import dataset_features  # noqa: E402
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, REPO, make_image  # noqa: E402
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -125,10 +126,11 @@ def test_cv_through_the_dask_backend_scores_exactly_like_local(image_tree, tmp_p
     cache = tmp_path / "cache"
     dataset = scan(image_tree, cache_dir=cache)
     options = dict(heads=("logreg", "linear_svm"), folds=3, seed=3)
-    local = evaluate(dataset, TINY, cache, run_dir=tmp_path / "local", n_jobs=1, **options)
+    local = evaluate(dataset, SearchConfig(specs=(TINY,), **options), cache, run_dir=tmp_path / "local", n_jobs=1)
     shutil.rmtree(cache / "evaluations")        # or the second run would only reuse the first one's folds
     with use_executor(dask_executor), distributed.get_task_stream(client=dask_executor.client) as stream:
-        remote = evaluate(dataset, TINY, cache, run_dir=tmp_path / "remote", n_jobs=-1, **options)
+        remote = evaluate(dataset, SearchConfig(specs=(TINY,), **options),
+                          cache, run_dir=tmp_path / "remote", n_jobs=-1)
     fits = [t for t in stream.data if "_fit_fold" in str(t["key"])]
     assert fits, "no CV fit ran on the cluster"
     assert {t["worker"] for t in fits} <= set(dask_executor.client.scheduler_info()["workers"])

@@ -20,6 +20,7 @@ from featurepipe.core.errors import DatasetError, FeaturepipeError
 from featurepipe.evaluation.evaluate import evaluate, parse_grid
 from featurepipe.extraction.extract import open_stores
 from featurepipe.extraction.features import dataset_features
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -37,9 +38,9 @@ def hard_tree(tmp_path):
 
 
 def _evaluate(tree, cache, run_dir, **kwargs):
-    options = dict(heads=("logreg",), folds=5, n_jobs=1, run_dir=run_dir, ensemble=0, widen=False)
+    options = dict(heads=("logreg",), folds=5, ensemble=0, widen=False)
     options.update(kwargs)
-    return evaluate(scan(tree, cache_dir=cache), TINY, cache, **options)
+    return evaluate(scan(tree, cache_dir=cache), SearchConfig(specs=(TINY,), **options), cache, run_dir=run_dir, n_jobs=1)
 
 
 def test_run_dir_holds_everything_needed_to_reproduce(hard_tree, cache, tmp_path):
@@ -99,8 +100,8 @@ def test_predefined_splits_cv_on_train_and_score_validation_once(tmp_path, cache
         for c, (name, colour) in enumerate(HARD.items()):
             for i in range(count):
                 make_image(root / split / name / f"{name}_{i}.png", colour, seed=hash((split, c, i)) % 10_000)
-    result = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), folds=4, n_jobs=1,
-                      run_dir=tmp_path / "run")
+    result = evaluate(scan(root, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=4),
+                      cache, n_jobs=1, run_dir=tmp_path / "run")
     assert result.images_used == 24
     oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv")
     assert not oof["path"].str.contains("/validation/").any()
@@ -120,7 +121,8 @@ def test_groups_never_straddle_train_and_validation(hard_tree, cache, tmp_path):
     # files a_0..a_9 -> groups by the digit's parity within each class: "a_even", "a_odd", ...
     dataset = scan(hard_tree, cache_dir=cache, groups_pattern=r"^([a-c]_\d)")
     dataset.frame["group"] = [f"{g[0]}{int(g[-1]) % 5}" for g in dataset.frame["group"]]
-    result = evaluate(dataset, TINY, cache, heads=("logreg",), folds=3, n_jobs=1, run_dir=tmp_path / "run")
+    result = evaluate(dataset, SearchConfig(specs=(TINY,), heads=("logreg",), folds=3),
+                      cache, n_jobs=1, run_dir=tmp_path / "run")
     assert result.fitted == 3 * (3 + 3)      # 3 folds and, for nested CV, their 3 pairs, per C
     oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv")
     groups = dict(zip(dataset.frame["path"], dataset.frame["group"]))
@@ -152,7 +154,8 @@ def test_too_few_images_for_the_fold_count_names_the_class_and_the_largest_k(tmp
     for i in range(3):
         make_image(root / "few" / f"f{i}.png", (30, 30, 200), seed=50 + i)
     with pytest.raises(DatasetError) as error:
-        evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), folds=5, run_dir=tmp_path / "run")
+        evaluate(scan(root, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=5),
+                 cache, run_dir=tmp_path / "run")
     assert "few" in str(error.value) and "3" in str(error.value)
 
 
@@ -165,25 +168,25 @@ def test_default_folds_shrink_to_the_smallest_class_and_say_so(tmp_path, cache):
         make_image(root / "many" / f"m{i}.png", (200, 30, 30), seed=i)
     for i in range(3):
         make_image(root / "few" / f"f{i}.png", (30, 30, 200), seed=50 + i)
-    auto = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), grids={"logreg": {"C": [10.0]}},
-                    run_dir=tmp_path / "auto", n_jobs=1, dedup_groups=False)
+    auto = evaluate(scan(root, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), grids={"logreg": {"C": [10.0]}}, dedup_groups=False),
+                    cache, run_dir=tmp_path / "auto", n_jobs=1)
     assert auto.folds == 3 and set(auto.leaderboard["n_folds"]) == {3}
     assert any("3-fold" in n and "'few' has 3 images" in n for n in auto.notes)
     assert auto.nested is not None
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["folds"] == 3
-    explicit = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), grids={"logreg": {"C": [10.0]}},
-                        folds=3, run_dir=tmp_path / "explicit", n_jobs=1, dedup_groups=False)
+    explicit = evaluate(scan(root, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), grids={"logreg": {"C": [10.0]}}, folds=3, dedup_groups=False),
+                        cache, run_dir=tmp_path / "explicit", n_jobs=1)
     assert explicit.notes == [] and explicit.fitted == 0      # the very fits auto made
     assert explicit.nested.accuracy == auto.nested.accuracy
     for extra in range(3, 6):   # 5+ images in every class: the default 5 folds, no note
         make_image(root / "few" / f"f{extra}.png", (30, 30, 200), seed=50 + extra)
-    full = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), grids={"logreg": {"C": [10.0]}},
-                    run_dir=tmp_path / "full", n_jobs=1, dedup_groups=False)
+    full = evaluate(scan(root, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), grids={"logreg": {"C": [10.0]}}, dedup_groups=False),
+                    cache, run_dir=tmp_path / "full", n_jobs=1)
     assert full.folds == 5 and full.notes == []
     make_image(root / "one" / "o0.png", (30, 200, 30), seed=99)
     with pytest.raises(DatasetError, match="'one' has only 1 image"):
-        evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg",), run_dir=tmp_path / "one",
-                 n_jobs=1, dedup_groups=False)
+        evaluate(scan(root, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), dedup_groups=False),
+                 cache, run_dir=tmp_path / "one", n_jobs=1)
 
 
 def test_unknown_head_and_bad_grid_are_clear_errors(hard_tree, cache, tmp_path):
@@ -217,8 +220,8 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
 
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
     run = tmp_path / "run"
-    result = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
-                      n_jobs=1, run_dir=run)
+    result = evaluate(scan(hard_tree, cache_dir=cache), SearchConfig(heads=SEARCH_HEADS, specs=specs, folds=5),
+                      cache, n_jobs=1, run_dir=run)
     board = pd.read_csv(run / "leaderboard.csv")
     assert set(board["features"]) == {"tiny/squash", "tiny/letterbox", "2 feature sets"}
     assert {"logreg", "knn", "ncm", "vote"} <= set(board["head"])
@@ -260,12 +263,12 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
     html = write_report(run).html_path.read_text()
     assert "Nested cross-validation" in html and "optimism gap" in html
     # A re-run with nothing changed fits nothing.
-    again = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
-                     n_jobs=1, run_dir=tmp_path / "again")
+    again = evaluate(scan(hard_tree, cache_dir=cache), SearchConfig(heads=SEARCH_HEADS, specs=specs, folds=5),
+                     cache, n_jobs=1, run_dir=tmp_path / "again")
     assert again.fitted == 0 and again.nested.accuracy == result.nested.accuracy
     # Without the vote, the search picks one row (or the soft vote of the best set's heads).
-    single = evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=SEARCH_HEADS, specs=specs, folds=5,
-                      n_jobs=1, run_dir=tmp_path / "single", vote=False)
+    single = evaluate(scan(hard_tree, cache_dir=cache), SearchConfig(heads=SEARCH_HEADS, specs=specs, folds=5, vote=False),
+                      cache, n_jobs=1, run_dir=tmp_path / "single")
     assert single.fitted == 0 and "ensemble" in set(single.leaderboard["head"]) and single.best["head"] != "vote"
     assert not (tmp_path / "single" / "members").exists()
     assert json.loads((tmp_path / "single" / "best_head.json").read_text())["backbone"]["name"] == "tiny"
@@ -277,8 +280,8 @@ def test_a_vote_whose_member_list_was_edited_is_refused(hard_tree, cache, tmp_pa
 
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")]
     run = tmp_path / "run"
-    evaluate(scan(hard_tree, cache_dir=cache), TINY, cache, heads=("logreg",), specs=specs, folds=3, n_jobs=1,
-             run_dir=run, nested=False)
+    evaluate(scan(hard_tree, cache_dir=cache), SearchConfig(heads=("logreg",), specs=specs, folds=3, nested=False),
+             cache, n_jobs=1, run_dir=run)
     assert [m.spec.resize for m in open_run(run).members] == ["squash", "letterbox"]
     meta = json.loads((run / "best_head.json").read_text())
     meta["members"] = meta["members"][:1] + meta["members"][:1]      # the same member twice
@@ -340,10 +343,10 @@ def test_square_photos_are_cross_validated_once_for_all_three_resize_policies(tm
             make_image(root / name / f"{name}{i}.png", colour, seed=10 * c + i, size=(36, 36))
     specs = [BackboneSpec(name="tiny", weights="random", image_size=32, resize=r)
              for r in ("squash", "center_crop", "letterbox")]
-    one = evaluate(scan(root, cache_dir=tmp_path / "one"), TINY, tmp_path / "one", heads=("logreg", "knn"),
-                   specs=specs[:1], folds=3, n_jobs=1, run_dir=tmp_path / "run-one")
-    three = evaluate(scan(root, cache_dir=cache), TINY, cache, heads=("logreg", "knn"), specs=specs, folds=3,
-                     n_jobs=1, run_dir=tmp_path / "run-three")
+    one = evaluate(scan(root, cache_dir=tmp_path / "one"), SearchConfig(heads=("logreg", "knn"), specs=specs[:1], folds=3),
+                   tmp_path / "one", n_jobs=1, run_dir=tmp_path / "run-one")
+    three = evaluate(scan(root, cache_dir=cache), SearchConfig(heads=("logreg", "knn"), specs=specs, folds=3),
+                     cache, n_jobs=1, run_dir=tmp_path / "run-three")
     assert three.extract.copied == 2 * 18 and three.extract.extracted == 18
     assert three.fitted == one.fitted > 0
     board = three.leaderboard

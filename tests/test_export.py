@@ -16,6 +16,8 @@ from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.deploy.export import FORMATS, export
 from featurepipe.data.images import decode_image
 from featurepipe.deploy.predict import predict
+from featurepipe.training.config import FinetuneConfig
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, REPO, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -72,7 +74,8 @@ def exported(tmp_path_factory):
         for i in range(8):
             make_image(data / name / f"{name}{i}.png", colour, seed=100 * c + i)
     # The dense head: its Dropout must stay off in every artefact however it is called.
-    evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("dense",), folds=2, run_dir=base / "run", n_jobs=1)
+    evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("dense",), folds=2),
+             cache, run_dir=base / "run", n_jobs=1)
     results = {fmt: export(base / "run", fmt, base / fmt) for fmt in FORMATS}
     return base, results
 
@@ -147,7 +150,7 @@ def test_a_finetuned_run_exports_its_finetuned_model(exported, tmp_path):
     shutil.copytree(base / "run", run_dir)
     # strategy "head": the frozen head and base as one Keras model, always the run's model afterwards
     # (a trained one is kept only when it beats the frozen head; see tests/test_finetune.py).
-    assert finetune(run_dir, strategy="head", cache_dir=base / "cache").kept == "finetuned"
+    assert finetune(run_dir, FinetuneConfig(strategy="head"), cache_dir=base / "cache").kept == "finetuned"
     result = export(run_dir, "keras", tmp_path / "out")
     assert result.model_kind == "finetuned"
     assert json.loads(result.meta_path.read_text())["finetuned"]["file"] == "finetune/finetuned.keras"
@@ -195,8 +198,8 @@ def test_a_vote_exports_as_one_keras_model_that_matches_predict(exported, tmp_pa
     specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=40, resize="letterbox"),
              BackboneSpec(name="tiny", weights="random", image_size=32, resize="center_crop")]
     run = tmp_path / "vote"
-    evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("logreg",), specs=specs, folds=2, run_dir=run,
-             n_jobs=1)
+    evaluate(scan(data, cache_dir=cache), SearchConfig(heads=("logreg",), specs=specs, folds=2),
+             cache, run_dir=run, n_jobs=1)
     result = export(run, "keras", tmp_path / "out")
     meta = json.loads(result.meta_path.read_text())
     assert meta["head"]["head"] == "vote" and [m["resize"] for m in meta["members"]] == [

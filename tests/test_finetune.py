@@ -31,6 +31,8 @@ from featurepipe.backbones.layers import InferenceMode
 from featurepipe.heads.to_keras import head_to_keras
 from featurepipe.heads import make_head
 from featurepipe.data.images import decode_image
+from featurepipe.training.config import FinetuneConfig
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, REPO, make_image
 
 SPEC = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -55,7 +57,8 @@ def _evaluated(workdir, head: str):
     run = workdir / f"run_{head}"
     if not run.exists():
         cache = workdir / "cache"
-        evaluate(scan(workdir / "data", cache_dir=cache), SPEC, cache, heads=(head,), folds=2, run_dir=run, n_jobs=1)
+        evaluate(scan(workdir / "data", cache_dir=cache), SearchConfig(specs=(SPEC,), heads=(head,), folds=2),
+                 cache, run_dir=run, n_jobs=1)
     return run
 
 
@@ -84,14 +87,14 @@ def improving(logreg_run, workdir, tmp_path_factory):
     stored = dataset_features(scan(workdir / "data", cache_dir=workdir / "cache"), open_stores(SPEC, workdir / "cache"))
     labels = stored.frame["label"].map({c: i for i, c in enumerate(sorted(COLOURS))}).to_numpy()
     save_head(make_head("logreg", meta["params"], seed=0).fit(stored.X, labels), run, meta)
-    return run, finetune(run, **IMPROVE)
+    return run, finetune(run, FinetuneConfig(**IMPROVE))
 
 
 @pytest.fixture(scope="module")
 def trained(logreg_run, tmp_path_factory):
     """One top-blocks fine-tuning (1 epoch) shared by the checks on its outputs."""
     run = shutil.copytree(logreg_run, tmp_path_factory.mktemp("trained") / "run")
-    return run, finetune(run, epochs=1, unfreeze_blocks=1, **FAST)
+    return run, finetune(run, FinetuneConfig(epochs=1, unfreeze_blocks=1, **FAST))
 
 
 def _decoded(paths):
@@ -206,7 +209,8 @@ def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatc
 
     cache = workdir / "cache"
     dataset = scan(workdir / "data", cache_dir=cache)
-    evaluate(dataset, SPEC, cache, heads=("logreg",), folds=2, augment=2, run_dir=workdir / "run_views", n_jobs=1)
+    evaluate(dataset, SearchConfig(specs=(SPEC,), heads=("logreg",), folds=2, augment=2),
+             cache, run_dir=workdir / "run_views", n_jobs=1)
     stored = dataset_features(dataset, open_stores(SPEC, cache, AugmentSpec(2, AugmentPolicy(), 0)))
     config = json.loads((workdir / "run_views" / "config.json").read_text())
     seen = {}
@@ -228,7 +232,7 @@ def _base_weights(model) -> dict[str, list[np.ndarray]]:
 
 
 def test_strategy_head_changes_no_weights(run_copy, workdir):
-    result = finetune(run_copy, strategy="head", **FAST)
+    result = finetune(run_copy, FinetuneConfig(strategy="head", **FAST))
     assert result.epochs_run == 0 and result.best_epoch is None and result.trainable_params == 0
     assert result.after == result.before
     saved, _ = load_run_model(run_copy)
@@ -303,7 +307,7 @@ def test_saved_model_reloads_in_a_fresh_process(improving, tmp_path):
 
 
 def test_tampered_model_is_refused(run_copy):
-    assert finetune(run_copy, strategy="head", **FAST).kept == "finetuned"
+    assert finetune(run_copy, FinetuneConfig(strategy="head", **FAST)).kept == "finetuned"
     with open(run_copy / "finetune" / "finetuned.keras", "ab") as handle:
         handle.write(b"x")
     with pytest.raises(FeaturepipeError, match="sha256"):
@@ -331,7 +335,7 @@ class Recorder(keras.callbacks.Callback):
 
 def test_resume_continues_an_interrupted_training(run_copy):
     with pytest.raises(KeyboardInterrupt):
-        finetune(run_copy, epochs=3, callbacks=[Interrupt(at_epoch=1)], **FAST)
+        finetune(run_copy, FinetuneConfig(epochs=3, **FAST), callbacks=[Interrupt(at_epoch=1)])
     out = run_copy / "finetune"
     assert (out / "backup").is_dir() and not (out / "summary.json").exists()
     first = (out / "history.csv").read_text().splitlines()
@@ -339,7 +343,7 @@ def test_resume_continues_an_interrupted_training(run_copy):
 
     recorder = Recorder()
     # The interrupted call's options win (epochs=3), whatever is passed with resume=True.
-    result = finetune(run_copy, resume=True, epochs=30, callbacks=[recorder])
+    result = finetune(run_copy, FinetuneConfig(resume=True, epochs=30), callbacks=[recorder])
     assert recorder.epochs == [1, 2]
     assert result.resumed_from_epoch == 2 and result.epochs_run == 3
     lines = (out / "history.csv").read_text().splitlines()
@@ -348,13 +352,13 @@ def test_resume_continues_an_interrupted_training(run_copy):
     # The learning-rate schedule continued where it stopped: the optimizer's step counter came back.
     assert json.loads((out / "summary.json").read_text())["report"]["epochs_run"] == 3
     # Resuming a finished fine-tuning returns it (a kill after its last write leaves nothing to do).
-    again = finetune(run_copy, resume=True, callbacks=[recorder := Recorder()])
+    again = finetune(run_copy, FinetuneConfig(resume=True), callbacks=[recorder := Recorder()])
     assert again.reused and recorder.epochs == [] and again.after == result.after
 
 
 def test_fpt_pretrains_the_head_then_fine_tunes(run_copy):
     recorder = Recorder()
-    result = finetune(run_copy, strategy="fpt", epochs=2, callbacks=[recorder], **FAST)
+    result = finetune(run_copy, FinetuneConfig(strategy="fpt", epochs=2, **FAST), callbacks=[recorder])
     assert recorder.epochs == [0, 1] and result.epochs_run == 2
     summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
     assert summary["pretrain_epochs"] == 1 and summary["pretrain_lr"] == pytest.approx(1e-2)
@@ -368,14 +372,14 @@ def test_fpt_pretrains_the_head_then_fine_tunes(run_copy):
 def test_too_little_data_for_the_batch_size(run_copy):
     message = r"only 18 training image\(s\), fewer than the batch size 64.*--batch-size 16"
     with pytest.raises(FeaturepipeError, match=message):
-        finetune(run_copy, batch_size=64)
+        finetune(run_copy, FinetuneConfig(batch_size=64))
 
 
 def test_run_without_a_best_head(run_copy, tmp_path):
     with pytest.raises(FeaturepipeError, match="config.json"):
         finetune(tmp_path / "nothing")
     # Killed before state.json was written: --resume starts over with the options passed, and says so.
-    started = finetune(run_copy, resume=True, strategy="head", **FAST)
+    started = finetune(run_copy, FinetuneConfig(resume=True, strategy="head", **FAST))
     assert started.notes and "started over" in started.notes[0] and started.kept == "finetuned"
     (run_copy / "best_head.json").unlink()
     with pytest.raises(FeaturepipeError, match="best_head.json missing"):
@@ -437,7 +441,7 @@ def test_baseline_trains_and_writes_its_files(workdir, tmp_path):
 
 
 def test_strategy_all_trains_every_block_but_batchnorm(run_copy):
-    result = finetune(run_copy, strategy="all", epochs=1, **FAST)
+    result = finetune(run_copy, FinetuneConfig(strategy="all", epochs=1, **FAST))
     assert set(result.unfrozen_layers) == {"block1_conv", "block2_conv", "block3_conv"}
 
 
@@ -445,7 +449,7 @@ def test_gpu_path_mixed_precision_saves_a_float32_model(run_copy, monkeypatch):
     import featurepipe.training.finetune as module
 
     monkeypatch.setattr(module, "gpu_available", lambda: True)
-    result = finetune(run_copy, strategy="head", **FAST)
+    result = finetune(run_copy, FinetuneConfig(strategy="head", **FAST))
     assert json.loads((run_copy / "finetune" / "summary.json").read_text())["mixed_precision"] is True
     assert keras.config.dtype_policy().name == "float32"
     saved, _ = load_run_model(run_copy)
@@ -459,9 +463,9 @@ def test_a_validation_split_is_used_as_is_with_the_runs_own_head(tmp_path):
         for i in range(8):
             split = "validation" if i < 2 else "train"
             make_image(data / split / name / f"{name}{i}.png", colour, seed=100 * c + i)
-    evaluated = evaluate(scan(data, cache_dir=cache), SPEC, cache, heads=("logreg",), folds=2,
-                         run_dir=tmp_path / "run", n_jobs=1)
-    result = finetune(tmp_path / "run", strategy="head", **FAST)
+    evaluated = evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(SPEC,), heads=("logreg",), folds=2),
+                         cache, run_dir=tmp_path / "run", n_jobs=1)
+    result = finetune(tmp_path / "run", FinetuneConfig(strategy="head", **FAST))
     assert result.validation == "validation" and result.head_source == "run" and result.val_images == 6
     # The same head on the same images as evaluate's hold-out scoring.
     assert result.before["val_accuracy"] == pytest.approx(evaluated.holdout["validation"]["accuracy"])
@@ -534,12 +538,12 @@ def test_the_decision_rule():
 def test_rerun_with_nothing_changed_reuses_the_fine_tuned_model(improving):
     run, first = improving
     recorder = Recorder()
-    again = finetune(run, callbacks=[recorder], **IMPROVE)
+    again = finetune(run, FinetuneConfig(**IMPROVE), callbacks=[recorder])
     assert again.reused and recorder.epochs == [] and again.key == first.key and again.after == first.after
     # evaluate removes model.json when it rewrites a run; the reused result puts it back.
     (run / "model.json").unlink()
-    assert finetune(run, **IMPROVE).reused and (run / "model.json").exists()
-    changed = finetune(run, callbacks=[recorder], **{**IMPROVE, "seed": 1})
+    assert finetune(run, FinetuneConfig(**IMPROVE)).reused and (run / "model.json").exists()
+    changed = finetune(run, FinetuneConfig(**{**IMPROVE, "seed": 1}), callbacks=[recorder])
     assert not changed.reused and changed.key != first.key and recorder.epochs == [0, 1, 2]
 
 
@@ -573,14 +577,14 @@ def test_warmup_then_cosine_schedule():
 
 def test_bad_options_are_clear_errors(run_copy):
     with pytest.raises(FeaturepipeError, match="unknown optimizer 'rmsprop'"):
-        finetune(run_copy, optimizer="rmsprop")
+        finetune(run_copy, FinetuneConfig(optimizer="rmsprop"))
     with pytest.raises(FeaturepipeError, match="label-smoothing"):
-        finetune(run_copy, label_smoothing=1.0)
+        finetune(run_copy, FinetuneConfig(label_smoothing=1.0))
 
 
 def test_seeds_recipe_stays_available(run_copy):
-    result = finetune(run_copy, optimizer="sgd", lr=1e-4, schedule="constant", label_smoothing=0.0,
-                      unfreeze_blocks=1, epochs=1, batch_size=8)
+    result = finetune(run_copy, FinetuneConfig(optimizer="sgd", lr=1e-4, schedule="constant", label_smoothing=0.0,
+                                               unfreeze_blocks=1, epochs=1, batch_size=8))
     summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
     assert (summary["optimizer"], summary["lr"], summary["schedule"], summary["momentum"]) == ("sgd", 1e-4, "constant", 0.9)
     assert result.unfrozen_layers == ["block3_conv"]
@@ -592,8 +596,9 @@ def test_test_split_is_scored_once_at_the_end(tmp_path):
         for i in range(8):
             split = "validation" if i < 2 else "test" if i < 4 else "train"
             make_image(data / split / name / f"{name}{i}.png", colour, seed=100 * c + i)
-    evaluate(scan(data, cache_dir=cache), SPEC, cache, heads=("logreg",), folds=2, run_dir=tmp_path / "run", n_jobs=1)
-    result = finetune(tmp_path / "run", epochs=1, **FAST)
+    evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(SPEC,), heads=("logreg",), folds=2),
+             cache, run_dir=tmp_path / "run", n_jobs=1)
+    result = finetune(tmp_path / "run", FinetuneConfig(epochs=1, **FAST))
     assert result.val_images == 6 and result.train_images == 12
     assert result.test["images"] == 6 and set(result.test) == {"images", "frozen", "finetuned", "kept"}
     assert result.test["frozen"]["val_accuracy"] == 1.0
@@ -608,13 +613,13 @@ def test_a_vote_run_fine_tunes_its_best_member_against_the_vote(workdir, tmp_pat
     cache = workdir / "cache"
     specs = [SPEC, BackboneSpec(name="tiny", weights="random", image_size=24, resize="letterbox")]
     run = tmp_path / "vote"
-    evaluate(scan(workdir / "data", cache_dir=cache), SPEC, cache, heads=("logreg",), specs=specs, folds=2,
-             run_dir=run, n_jobs=1)
+    evaluate(scan(workdir / "data", cache_dir=cache), SearchConfig(heads=("logreg",), specs=specs, folds=2),
+             cache, run_dir=run, n_jobs=1)
     meta = json.loads((run / "best_head.json").read_text())
     assert meta["head"] == "vote"
     with pytest.raises(FeaturepipeError, match="vote over 2 feature sets.*featurepipe export"):
-        finetune(run, strategy="head", cache_dir=cache)
-    result = finetune(run, epochs=1, cache_dir=cache, **FAST)
+        finetune(run, FinetuneConfig(strategy="head"), cache_dir=cache)
+    result = finetune(run, FinetuneConfig(epochs=1, **FAST), cache_dir=cache)
     summary = json.loads((run / "finetune" / "summary.json").read_text())
     best = max(range(2), key=lambda i: (meta["members"][i]["cv_accuracy"], -i))
     assert summary["vote"]["started_from"] == meta["members"][best]["features"]

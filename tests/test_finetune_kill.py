@@ -25,6 +25,8 @@ from featurepipe.data.dataset import scan
 from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.training.finetune import finetune
 from featurepipe.training.keras_fit import read_history
+from featurepipe.training.config import FinetuneConfig
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, REPO, make_image
 
 pytestmark = pytest.mark.slow
@@ -40,6 +42,7 @@ CHILD = textwrap.dedent(
     import tests.tiny_backbone
     import featurepipe.training.finetune as ft
     import featurepipe.training.checkpoints as ck
+    from featurepipe.training.config import FinetuneConfig
 
     run, point = Path(sys.argv[1]), sys.argv[2]
 
@@ -76,7 +79,7 @@ CHILD = textwrap.dedent(
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch = epoch
 
-    ft.finetune(run, callbacks=[MidEpoch()], epochs=3, batch_size=8, lr=1e-3, patience=10, seed=0)
+    ft.finetune(run, FinetuneConfig(epochs=3, batch_size=8, lr=1e-3, patience=10, seed=0), callbacks=[MidEpoch()])
     print("FINISHED", flush=True)
     """
 )
@@ -90,8 +93,8 @@ def evaluated(tmp_path_factory):
     for c, (name, colour) in enumerate(COLOURS.items()):
         for i in range(8):
             make_image(root / "data" / name / f"{name}{i}.png", colour, seed=100 * c + i)
-    evaluate(scan(root / "data", cache_dir=root / "cache"), SPEC, root / "cache", heads=("logreg",), folds=2,
-             run_dir=root / "run", n_jobs=1)
+    evaluate(scan(root / "data", cache_dir=root / "cache"), SearchConfig(specs=(SPEC,), heads=("logreg",), folds=2),
+             root / "cache", run_dir=root / "run", n_jobs=1)
     return root / "run"
 
 
@@ -132,7 +135,7 @@ def test_resume_finishes_after_a_kill(evaluated, tmp_path, point):
     if point != "before-state":
         assert json.loads((out / "state.json").read_text())["status"] == "running"
 
-    result = finetune(run, resume=True, **OPTIONS)
+    result = finetune(run, FinetuneConfig(resume=True, **OPTIONS))
 
     assert json.loads((out / "state.json").read_text())["status"] == "done"
     assert read_history(out / "history.csv")["epoch"].tolist() == [0, 1, 2] and result.epochs_run == 3
@@ -157,7 +160,7 @@ def test_a_damaged_backup_is_detected_and_the_run_starts_over(evaluated, tmp_pat
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(run, callbacks=[Stop()], **OPTIONS)
+        finetune(run, FinetuneConfig(**OPTIONS), callbacks=[Stop()])
     backup = run / "finetune" / "backup" / "finetune"
     latest = json.loads((backup / "latest.json").read_text())
     assert latest["epoch"] == 1
@@ -166,6 +169,6 @@ def test_a_damaged_backup_is_detected_and_the_run_starts_over(evaluated, tmp_pat
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    result = finetune(run, resume=True, **OPTIONS)
+    result = finetune(run, FinetuneConfig(resume=True, **OPTIONS))
     assert "backup is damaged" in result.notes[0] and "started over" in result.notes[0]
     assert result.epochs_run == 3 and result.resumed_from_epoch is None

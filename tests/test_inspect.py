@@ -29,6 +29,7 @@ from featurepipe.inspection.inspect import LABEL_C, inspect_dataset, oof_from_cv
 from featurepipe.inspection.label_issues import knn_outliers, label_issues
 from featurepipe.inspection.learning_curve import learning_curve
 from featurepipe.data.perceptual import perceptual_hashes
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -502,7 +503,8 @@ def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cac
         for i in range(14):                          # 3 folds leave 9-10 per class: sizes 5 fit
             make_image(root / name / f"{name}{i}.png", colour, seed=100 * c + i)
     dataset = scan(root, cache_dir=cache)
-    run = evaluate(dataset, TINY, cache, heads=("knn",), folds=3, n_jobs=1, run_dir=tmp_path / "run", nested=False)
+    run = evaluate(dataset, SearchConfig(specs=(TINY,), heads=("knn",), folds=3, nested=False),
+                   cache, n_jobs=1, run_dir=tmp_path / "run")
     best = json.loads((tmp_path / "run" / "best_head.json").read_text())
     assert best["head"] == "knn" and run.best["head"] == "knn"
     result = inspect_dataset(dataset, TINY, cache, out_dir=tmp_path / "insp", folds=3, n_jobs=1,
@@ -538,14 +540,14 @@ def test_learning_curve_uses_the_runs_selected_head_and_records_it(tmp_path, cac
 
 
 def _evaluate(tree, cache, run_dir, **kwargs):
-    return evaluate(scan(tree, cache_dir=cache), TINY, cache, heads=("logreg",), folds=3, n_jobs=1,
-                    run_dir=run_dir, **kwargs)
+    return evaluate(scan(tree, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=3, **kwargs),
+                    cache, n_jobs=1, run_dir=run_dir)
 
 
 @pytest.mark.parametrize("folds", [3, None])      # None: the default (auto) fold count
 def test_evaluate_groups_copies_by_default_and_says_so(dup_tree, cache, tmp_path, folds):
-    evaluate(scan(dup_tree, cache_dir=cache), TINY, cache, heads=("logreg",), folds=folds, n_jobs=1,
-             run_dir=tmp_path / "on")
+    evaluate(scan(dup_tree, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=folds),
+             cache, n_jobs=1, run_dir=tmp_path / "on")
     config = json.loads((tmp_path / "on" / "config.json").read_text())
     assert config["dedup_groups"]["enabled"] is True and config["dedup_groups"]["clusters"] == 2
     assert config["dedup_groups"]["groups"] == 26 - 2                  # two pairs became two groups
@@ -599,12 +601,14 @@ def test_evaluate_says_when_copies_leave_a_class_too_few_groups_for_the_folds(tm
     dataset = scan(root, cache_dir=cache)
     with pytest.raises(DatasetError, match=r"class 'red' has 5 training images .*\(red0.png ~ red4.png\).* leaves 4: "
                                            r"too few for 5-fold.*--folds 4.*--no-dedup-groups"):
-        evaluate(dataset, TINY, cache, heads=("logreg",), folds=5, n_jobs=1, run_dir=tmp_path / "r5", nested=False)
-    ok = evaluate(dataset, TINY, cache, heads=("logreg",), folds=4, n_jobs=1, run_dir=tmp_path / "r4", nested=False)
+        evaluate(dataset, SearchConfig(specs=(TINY,), heads=("logreg",), folds=5, nested=False),
+                 cache, n_jobs=1, run_dir=tmp_path / "r5")
+    ok = evaluate(dataset, SearchConfig(specs=(TINY,), heads=("logreg",), folds=4, nested=False),
+                  cache, n_jobs=1, run_dir=tmp_path / "r4")
     assert json.loads((tmp_path / "r4" / "config.json").read_text())["dedup_groups"]["clusters"] == 1
     assert len(ok.leaderboard) >= 1
-    off = evaluate(dataset, TINY, cache, heads=("logreg",), folds=5, n_jobs=1, run_dir=tmp_path / "off",
-                   nested=False, dedup_groups=False)              # the user's choice: copies may leak
+    off = evaluate(dataset, SearchConfig(specs=(TINY,), heads=("logreg",), folds=5, nested=False, dedup_groups=False),
+                   cache, n_jobs=1, run_dir=tmp_path / "off")              # the user's choice: copies may leak
     assert len(off.leaderboard) >= 1
 
 
@@ -617,7 +621,8 @@ def test_evaluate_without_copies_gives_the_same_results_as_before(image_tree, ca
 
 
 def test_run_relabel_reuses_features_and_the_report_has_the_inspect_sections(dup_tree, cache, tmp_path):
-    first = pipeline.run(dup_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=tmp_path / "run1", n_jobs=1)
+    first = pipeline.run(dup_tree, SearchConfig(specs=(TINY,), heads=("logreg",), folds=3),
+                         cache, run_dir=tmp_path / "run1", n_jobs=1)
     assert list(first.stages) == ["scan", "extract", "evaluate", "inspect", "report"]
     page = first.report_path.read_text()
     for title in ("Near-duplicates and leakage", "Label issues", "Outliers", "Class balance", "Learning curve",
@@ -626,8 +631,8 @@ def test_run_relabel_reuses_features_and_the_report_has_the_inspect_sections(dup
     assert page.count("broken.png</span>") == 1       # listed once (run section; config.json dump aside)
     suspects = pd.read_csv(tmp_path / "run1" / "inspect" / "suspects.csv")
     suspects.head(1)[["path", "suggested"]].to_csv(tmp_path / "fixes.csv", index=False)
-    second = pipeline.run(dup_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=tmp_path / "run2", n_jobs=1,
-                          relabel=tmp_path / "fixes.csv")
+    second = pipeline.run(dup_tree, SearchConfig(specs=(TINY,), heads=("logreg",), folds=3),
+                          cache, run_dir=tmp_path / "run2", n_jobs=1, relabel=tmp_path / "fixes.csv")
     assert second.extract.extracted == 0 and second.evaluate.fitted > 0
     config = json.loads((tmp_path / "run2" / "config.json").read_text())
     assert config["edits"]["relabel"]["changed"][0]["to"] == "green"
@@ -675,11 +680,12 @@ def test_report_marks_inspect_results_of_an_earlier_evaluation_stale(image_tree,
     from featurepipe.report.write import write_report
 
     run = tmp_path / "run"
-    pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1)
+    pipeline.run(image_tree, SearchConfig(specs=(TINY,), heads=("logreg",), folds=3), cache, run_dir=run, n_jobs=1)
     assert "earlier evaluation" not in (run / "report.html").read_text()
     (tmp_path / "fix.csv").write_text("path,label\nred/red0.png,blue\n")
-    evaluate(apply_fixes(scan(image_tree, cache_dir=cache), relabel=tmp_path / "fix.csv"), TINY, cache,
-             heads=("logreg",), folds=3, n_jobs=1, run_dir=run)          # new OOF, old inspect/
+    evaluate(apply_fixes(scan(image_tree, cache_dir=cache), relabel=tmp_path / "fix.csv"),
+             SearchConfig(specs=(TINY,), heads=("logreg",), folds=3), cache, n_jobs=1, run_dir=run)  # new OOF, old inspect/
     assert "earlier evaluation" in write_report(run).html_path.read_text()
-    pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=run, n_jobs=1, inspect=False)
+    pipeline.run(image_tree, SearchConfig(specs=(TINY,), heads=("logreg",), folds=3),
+                 cache, run_dir=run, n_jobs=1, inspect=False)
     assert not (run / "inspect").exists() and "Label issues" not in (run / "report.html").read_text()

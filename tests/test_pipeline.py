@@ -9,13 +9,16 @@ from featurepipe.backbones import build as build_module
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.deploy.predict import predict
+from featurepipe.evaluation.config import SearchConfig
+from featurepipe.training.config import FinetuneConfig
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 
 
 def _run(data, cache, run_dir, **kwargs):
-    return pipeline.run(data, TINY, cache, heads=("logreg",), folds=2, run_dir=run_dir, n_jobs=1, **kwargs)
+    return pipeline.run(data, SearchConfig(specs=(TINY,), heads=("logreg",), folds=2),
+                        cache, run_dir=run_dir, n_jobs=1, **kwargs)
 
 
 def test_second_run_with_nothing_changed_reuses_everything(image_tree, cache, tmp_path, monkeypatch):
@@ -53,7 +56,7 @@ def test_a_new_image_is_extracted_and_the_folds_refitted(image_tree, cache, tmp_
 
 
 def test_finetune_runs_between_evaluate_and_report_and_is_reused_on_a_rerun(image_tree, cache, tmp_path):
-    result = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=1)
+    result = _run(image_tree, cache, tmp_path / "run", finetune=FinetuneConfig(epochs=1))
     assert list(result.stages) == ["scan", "extract", "evaluate", "inspect", "finetune", "report"]
     assert result.finetune.epochs_run == 1 and not result.reused_everything and not result.finetune.reused
     assert json.loads(json.dumps(result.to_dict()))["finetune"]["strategy"] == "top-blocks"
@@ -63,10 +66,10 @@ def test_finetune_runs_between_evaluate_and_report_and_is_reused_on_a_rerun(imag
     assert predict(result.run_dir, [image_tree / "green"]).model_kind == "head"
     assert "Fine-tuning" in result.report_path.read_text()
     # Nothing changed: the fine-tuning is reused, not trained again.
-    again = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=1)
+    again = _run(image_tree, cache, tmp_path / "run", finetune=FinetuneConfig(epochs=1))
     assert again.finetune.reused and again.reused_everything and again.finetune.key == result.finetune.key
     # A different fine-tuning option trains again.
-    longer = _run(image_tree, cache, tmp_path / "run", finetune=True, finetune_epochs=2)
+    longer = _run(image_tree, cache, tmp_path / "run", finetune=FinetuneConfig(epochs=2))
     assert not longer.finetune.reused and longer.finetune.epochs_run == 2
 
 

@@ -18,6 +18,7 @@ from featurepipe.extraction.features import dataset_features
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.data.images import decode_image
 from featurepipe.deploy.predict import predict
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -31,7 +32,8 @@ def trained(tmp_path_factory):
     for c, (name, colour) in enumerate(COLOURS.items()):
         for i in range(8):
             make_image(data / name / f"{name}{i}.png", colour, seed=100 * c + i)
-    evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("logreg",), folds=2, run_dir=base / "run", n_jobs=1)
+    evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=2),
+             cache, run_dir=base / "run", n_jobs=1)
     return data, cache, base / "run"
 
 

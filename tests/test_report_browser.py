@@ -16,6 +16,7 @@ from PIL import Image
 
 from featurepipe import pipeline
 from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.evaluation.config import SearchConfig
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 BROWSER = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -66,7 +67,8 @@ def test_report_sections_and_images_load_in_headless_chromium(image_tree, cache,
     with Image.open(image_tree / "green" / "green0.png") as im:
         im.save(image_tree / "blue" / "green0_as_blue.jpg", quality=95)     # a cross-class copy
     (image_tree / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    result = pipeline.run(image_tree, TINY, cache, heads=("logreg",), folds=3, run_dir=tmp_path / "run", n_jobs=1)
+    result = pipeline.run(image_tree, SearchConfig(specs=(TINY,), heads=("logreg",), folds=3),
+                          cache, run_dir=tmp_path / "run", n_jobs=1)
     found = render(result.report_path, tmp_path)
 
     for title in ("Run", "Leaderboard", "Near-duplicates and leakage", "Label issues", "Outliers", "Class balance",

@@ -18,6 +18,7 @@ from featurepipe.extraction.extract import extract
 from featurepipe.extraction.features import cached_features, open_stores
 from featurepipe.data.images import AugmentPolicy, AugmentSpec
 from featurepipe.rundir.run import HeadMeta, ModelMeta, Run, fingerprints_used_by_runs, read_json
+from featurepipe.evaluation.config import SearchConfig
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 PACKAGE = Path(__file__).resolve().parent.parent / "featurepipe"
@@ -137,15 +138,15 @@ def test_augment_spec_is_one_value_with_the_old_fingerprints(tmp_path):
 
 def test_evaluate_features_takes_cached_features_and_never_extracts(image_tree, cache, tmp_path, monkeypatch):
     dataset = scan(image_tree, cache_dir=cache)
-    options = dict(heads=("logreg",), folds=3, n_jobs=1, ensemble=0, widen=False, nested=False)
-    evaluate(dataset, TINY, cache, run_dir=tmp_path / "whole", **options)
+    config = SearchConfig(specs=(TINY,), heads=("logreg",), folds=3, ensemble=0, widen=False, nested=False)
+    evaluate(dataset, config, cache, run_dir=tmp_path / "whole", n_jobs=1)
     features = cached_features(dataset, [TINY.resolved()], cache)
     frame_before = features[0].frame.copy()
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("evaluate_features extracted")
     monkeypatch.setattr("featurepipe.extraction.extract.extract", no_extraction)
-    staged = evaluate_features(dataset, features, cache, run_dir=tmp_path / "staged", **options)
+    staged = evaluate_features(dataset, features, config, cache, run_dir=tmp_path / "staged", n_jobs=1)
     assert staged.extract is None and staged.extracts == []
     for name in (rundir.LEADERBOARD, rundir.OOF, rundir.FOLDS):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "staged" / name).read_bytes(), name
@@ -153,11 +154,11 @@ def test_evaluate_features_takes_cached_features_and_never_extracts(image_tree, 
     config = json.loads((tmp_path / "staged" / rundir.CONFIG).read_text())
     assert (config["augment"], config["augment_seed"], config["augment_policy"]) == (0, 0, None)
     with pytest.raises(FeaturepipeError, match="the same feature set is given twice"):
-        evaluate_features(dataset, features * 2, cache, run_dir=tmp_path / "twice", **options)
+        evaluate_features(dataset, features * 2, config, cache, run_dir=tmp_path / "twice", n_jobs=1)
     letterbox = BackboneSpec(name="tiny", weights="random", image_size=32, resize="letterbox")
     other = replace(features[0], stores=open_stores(letterbox, cache, AugmentSpec(1)))
     with pytest.raises(FeaturepipeError, match="different augmentation"):
-        evaluate_features(dataset, features + [other], cache, run_dir=tmp_path / "mixed", **options)
+        evaluate_features(dataset, features + [other], config, cache, run_dir=tmp_path / "mixed", n_jobs=1)
 
 
 def test_members_of_a_vote_are_runs_that_share_the_parent_config(tmp_path):

@@ -26,6 +26,7 @@ from featurepipe.core.hashcache import file_sha256
 from featurepipe.deploy.predict import PredictResult
 from featurepipe.cli.render import print_json
 from featurepipe.rundir.run import prepare_run_dir
+from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -50,7 +51,8 @@ def trained(tmp_path_factory):
     for c, (name, colour) in enumerate(COLOURS.items()):
         for i in range(6):
             make_image(data / name / f"{name}{i}.png", colour, seed=300 * c + i)
-    evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("logreg",), folds=2, run_dir=base / "run", n_jobs=1)
+    evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=2),
+             cache, run_dir=base / "run", n_jobs=1)
     return data, cache, base / "run"
 
 
@@ -195,7 +197,8 @@ def test_evaluate_cli_leaves_a_users_folder_untouched(image_tree, cache, tmp_pat
 
 def test_an_earlier_run_can_be_reused_as_run_dir(trained, run_copy):
     data, cache, _ = trained
-    again = evaluate(scan(data, cache_dir=cache), TINY, cache, heads=("logreg",), folds=2, run_dir=run_copy, n_jobs=1)
+    again = evaluate(scan(data, cache_dir=cache), SearchConfig(specs=(TINY,), heads=("logreg",), folds=2),
+                     cache, run_dir=run_copy, n_jobs=1)
     assert again.run_dir == run_copy and (run_copy / ".featurepipe-run").is_file()
 
 

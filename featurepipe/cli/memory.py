@@ -2,8 +2,8 @@
 
 Arrow's default allocator (mimalloc in the pyarrow wheels) keeps freed memory for reuse. pandas 3
 stores every string column in Arrow, so scanning 70,000 images (paths and hashes) left ~20 MB more
-resident than the system allocator does, and that counts against the flat-memory target of issue
-14 (`features export`: 1,000 vs 70,000 images). The system allocator returns large blocks to the OS
+resident than the system allocator does, and that counts against the flat-memory target
+(`features export`: 1,000 vs 70,000 images). The system allocator returns large blocks to the OS
 when they are freed. Measured cost: none visible (Arrow's buffers here are few and large).
 """
 

@@ -4,11 +4,13 @@
 feature set, read from the stores by featurepipe.extraction.features) and never builds a model, so comparing
 heads costs seconds. `evaluate` is the convenience the tests and library users call: it extracts
 whatever is missing first (featurepipe.extraction.extract), reads the features back and evaluates them.
+Both take what to search as one evaluation.config.SearchConfig (annotated by name only: config.py
+builds on this module's defaults, so importing it here would make a cycle). The steps of the stage
+are the helpers below it; the refit of the winner is evaluation.refit_best.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -19,21 +21,22 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.rundir import run as rundir
-from featurepipe.rundir.run import Run, cached_head, remember_head
+from featurepipe.rundir import layout
+from featurepipe.rundir.run import Run
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
-from featurepipe.evaluation.crossval import FeatureTable, _metric_range, _summary, auto_folds, fold_metrics, refit, run_cv
+from featurepipe.evaluation.crossval import FeatureTable, _metric_range, _summary, auto_folds, run_cv
+from featurepipe.evaluation.refit_best import SearchedSet, refit_best
 from featurepipe.data.dataset import Dataset
 from featurepipe.core.digest import digest
-from featurepipe.core.errors import FeaturepipeError
+from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.extraction.extract import ExtractReport
 from featurepipe.extraction.features import DatasetFeatures, cached_features
 from featurepipe.heads import HEADS, default_heads, revisions
 from featurepipe.data.images import AugmentSpec
-from featurepipe.evaluation.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
-from featurepipe.core.cachedirs import cache_root
+from featurepipe.evaluation.nested import VOTE, NestedResult, leaderboard_ensemble, nested_cv
+from featurepipe.core.cachedirs import cache_root, evaluations_dir
 from featurepipe.core.progress import ProgressCallback
 
 DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
@@ -87,14 +90,14 @@ def parse_grid(text: Optional[str]) -> Optional[dict]:
         else:
             grid = json.loads(text)
     except (ValueError, OSError) as error:
-        raise FeaturepipeError(f"--grid {text!r}: not valid JSON/TOML ({error}); expected "
-                               f"{{\"head\": {{\"param\": [values]}}}}") from None
+        raise UsageError(f"--grid {text!r}: not valid JSON/TOML ({error}); expected "
+                         f"{{\"head\": {{\"param\": [values]}}}}") from None
     if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
-        raise FeaturepipeError(f"--grid must map head names to {{param: [values]}}, got {grid!r}")
+        raise UsageError(f"--grid must map head names to {{param: [values]}}, got {grid!r}")
     unknown = set(grid) - set(HEADS)
     if unknown:
-        raise FeaturepipeError(f"--grid names unknown head(s) {', '.join(sorted(unknown))}; "
-                               f"heads: {', '.join(HEADS)}")
+        raise UsageError(f"--grid names unknown head(s) {', '.join(sorted(unknown))}; "
+                         f"heads: {', '.join(HEADS)}")
     return {head: {k: v if isinstance(v, list) else [v] for k, v in params.items()} for head, params in grid.items()}
 
 
@@ -105,14 +108,6 @@ def _table_key(features: np.ndarray, frame: pd.DataFrame) -> str:
     refits are then computed once, not three times. `features`: every row the run uses (the refit's
     holdout rows too), ~0.1 s of hashing per 10,000 x 1,280."""
     return digest(np.asarray(features, dtype=np.float32), frame[["hash", "label", "group"]])
-
-
-def _refit_key(table_key: str, best: dict, seed: int, tta: bool, frame: pd.DataFrame) -> str:
-    """Everything the refit head and its holdout scores depend on, including the holdout rows."""
-    holdout = frame[frame["split"] != "train"]
-    text = json.dumps([table_key, best["head"], revisions(), best["params"], best["augment"], seed, tta,
-                       holdout[["hash", "label", "split"]].values.tolist()], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def feature_set_name(spec: BackboneSpec) -> str:
@@ -175,77 +170,115 @@ def _widen(results: dict, heads, grids: dict, user_grids: dict) -> dict:
 
 def evaluate(
     dataset: Dataset,
-    spec: BackboneSpec = BackboneSpec(),
+    config: "SearchConfig",
     cache_dir: Optional[str | os.PathLike] = None,
-    heads: tuple[str, ...] = DEFAULT_HEADS,
-    grids: Optional[dict] = None,
-    folds: Optional[int] = None,
-    repeats: int = 1,
-    seed: int = 0,
-    augment: AugmentSpec | int = 0,
-    tta: bool = False,
+    *,
     run_dir: Optional[Path] = None,
     n_jobs: int = -1,
     progress: Optional[ProgressCallback] = None,
-    specs: Optional[Sequence[BackboneSpec]] = None,
-    nested: bool = True,
-    ensemble: int = ENSEMBLE_SIZE,
-    widen: bool = True,
-    dedup_groups: bool = True,
-    vote: bool = True,
 ) -> EvaluateReport:
-    """Extract what is missing for every spec in `specs` (default: just `spec`; `augment`: an
-    AugmentSpec or a bare view count), then evaluate_features on what the stores hold."""
+    """Extract what is missing for every feature set in `config.specs` (with config.augment's views),
+    then evaluate_features on what the stores hold. `config`: an evaluation.config.SearchConfig."""
     from featurepipe.extraction.extract import extract
 
     started = time.perf_counter()
-    _check_heads(heads)
     root = cache_root(cache_dir)
-    augment = AugmentSpec.of(augment)
-    specs = list(dict.fromkeys(s.resolved() for s in (specs or [spec])))
-    extracted = [extract(dataset, s, root, augment=augment, progress=progress) for s in specs]
-    result = evaluate_features(dataset, cached_features(dataset, specs, root, augment), root, heads=heads,
-                               grids=grids, folds=folds, repeats=repeats, seed=seed, tta=tta, run_dir=run_dir,
-                               n_jobs=n_jobs, progress=progress, nested=nested, ensemble=ensemble, widen=widen,
-                               dedup_groups=dedup_groups, vote=vote, extracts=extracted)
+    specs = list(dict.fromkeys(s.resolved() for s in config.specs))
+    extracted = [extract(dataset, s, root, augment=config.augment, progress=progress) for s in specs]
+    result = evaluate_features(dataset, cached_features(dataset, specs, root, config.augment), config, root,
+                               run_dir=run_dir, n_jobs=n_jobs, progress=progress, extracts=extracted)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _check_heads(heads: Sequence[str]) -> None:
-    unknown = [h for h in heads if h not in HEADS]
-    if unknown:
-        raise FeaturepipeError(f"unknown head(s) {', '.join(unknown)}; heads: {', '.join(HEADS)}")
 
 
 def evaluate_features(
     dataset: Dataset,
     features: Sequence[DatasetFeatures],
+    config: "SearchConfig",
     cache_dir: Optional[str | os.PathLike] = None,
-    heads: tuple[str, ...] = DEFAULT_HEADS,
-    grids: Optional[dict] = None,
-    folds: Optional[int] = None,
-    repeats: int = 1,
-    seed: int = 0,
-    tta: bool = False,
+    *,
     run_dir: Optional[Path] = None,
     n_jobs: int = -1,
     progress: Optional[ProgressCallback] = None,
-    nested: bool = True,
-    ensemble: int = ENSEMBLE_SIZE,
-    widen: bool = True,
-    dedup_groups: bool = True,
-    vote: bool = True,
     extracts: Sequence[ExtractReport] = (),
 ) -> EvaluateReport:
-    """Cross-validate heads on the cached features of each feature set (featurepipe.extraction.features.cached_features:
-    one DatasetFeatures per backbone spec, all with the same augmentation), choose the best configuration
-    (a soft-vote ensemble of the top ones included when `ensemble` >= 2), refit it on all training
-    images and save it; with `nested`, score that whole selection by nested CV. `extracts`: what
-    extraction reported for these feature sets (its failed images are recorded in config.json)."""
+    """Cross-validate config.heads on the cached features of each feature set
+    (featurepipe.extraction.features.cached_features: one DatasetFeatures per backbone spec, all with
+    the same augmentation; they, not config.specs and config.augment, say what is searched), choose the best configuration (a soft-vote ensemble of the
+    top ones included when config.ensemble >= 2), refit it on all training images and save it; with
+    config.nested, score that whole selection by nested CV. `extracts`: what extraction reported for
+    these feature sets (its failed images are recorded in config.json)."""
     started = time.perf_counter()
-    _check_heads(heads)
     root = cache_root(cache_dir)
+    specs, names, augment = _feature_sets(features)
+    extracted = list(extracts)
+    notes = []
+    loaded = [(f.stores, replace(f)) for f in features]   # copies: the dedup groups below are ours, not the caller's
+    # Every feature set scores the same images: those with features in all of them (a file that
+    # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
+    common = set.intersection(*(set(f.frame["hash"]) for _, f in loaded))
+    dedup = _group_duplicates(dataset, loaded, root, config, progress)
+    classes = list(dataset.classes)
+    label_index = {label: i for i, label in enumerate(classes)}
+    tables = {name: _feature_table(dataset, stores, features, common, label_index)
+              for name, (stores, features) in zip(names, loaded)}
+    first = tables[names[0]]
+    folds, nested = config.folds, config.nested
+    if folds is None:   # the default: 5, fewer when the smallest class (or its groups) is smaller
+        folds, fewer = auto_folds(first.y, first.groups, classes)
+        if fewer:
+            notes.append(fewer)
+    if nested and folds < 3:
+        # Said in the result, config.json and the CLI summary: there is no headline to report.
+        notes.append(f"nested CV skipped: it needs at least 3 folds (the inner search trains without two of "
+                     f"them) and there are {folds}; the leaderboard's best row is optimistic")
+        nested = False
+    # The search as it ran: what config.json records and what every later step reads.
+    config = replace(config, specs=tuple(specs), augment=augment, folds=folds, nested=nested)
+    results, search_grids = _search(tables, config, root, n_jobs, progress)
+
+    ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, config.ensemble, vote=config.vote)
+    leaderboard, fold_table, oof = _tables(results, ranked, ensemble_folds, folds, config.repeats)
+    best_candidate = ranked[0]
+    nested_result = None
+    if nested:
+        # The optimism gap compares with the best row a best-of-N headline would have shown.
+        nested_result = nested_cv(results, first.y, classes, first.paths,
+                                  float(leaderboard["accuracy_mean"].max()), config.ensemble, vote=config.vote)
+
+    # Run.new refuses a user's non-run folder (the CLI passes --overwrite)
+    run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
+    _write_cv_tables(run, leaderboard, fold_table, oof, nested_result)
+    best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
+            "augment": best_candidate.augment, "tta": bool(config.tta and best_candidate.augment == "views"),
+            "features": best_candidate.features}
+    searched = [SearchedSet(name, spec, stores, features, tables[name])
+                for name, spec, (stores, features) in zip(names, specs, loaded)]
+    holdout = refit_best(run, best_candidate, best, searched, results, common, classes, config, root)
+    fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
+    failed = {f.path: f.reason for e in extracted for f in e.failed}
+    voting = best_candidate.head == VOTE
+    run.write_json(layout.CONFIG, {
+        "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
+                    "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
+                    "failed": [{"path": p, "reason": r} for p, r in failed.items()]},
+        "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(),
+        **config.to_dict(search_grids),
+        "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
+        "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # leakage groups, --exclude/--relabel
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes,
+    })
+    fitted = sum(r.fitted for r in results.values())
+    return EvaluateReport(run_dir=run.path, leaderboard=leaderboard, best=best, holdout=holdout,
+                          fitted=fitted, reused=sum(r.reused for r in results.values()),
+                          extract=merge_extract_reports(extracted) if extracted else None, images_used=len(first.y),
+                          images_missing=sorted(set(p for _, f in loaded for p in f.missing)),
+                          seconds=time.perf_counter() - started, nested=nested_result, extracts=extracted,
+                          notes=notes, folds=folds)
+
+
+def _feature_sets(features: Sequence[DatasetFeatures]) -> tuple[list[BackboneSpec], list[str], AugmentSpec]:
+    """The specs, leaderboard names and (shared) augmentation of the feature sets given, checked."""
     if not features or any(f.stores is None for f in features):
         raise FeaturepipeError("evaluate needs each feature set's features as read from its stores "
                                "(featurepipe.extraction.features.cached_features)")
@@ -257,25 +290,24 @@ def evaluate_features(
     if any(f.stores.augment_spec != augment for f in features):
         raise FeaturepipeError("the feature sets were read with different augmentation; read them all with "
                                "one AugmentSpec")
-    extracted = list(extracts)
-    notes = []
-    loaded = [(f.stores, replace(f)) for f in features]   # copies: the dedup groups below are ours, not the caller's
-    # Every feature set scores the same images: those with features in all of them (a file that
-    # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
-    common = set.intersection(*(set(f.frame["hash"]) for _, f in loaded))
-    # ---- issue 11 hook: near-duplicates share a group, so StratifiedGroupKFold keeps them in one fold
-    # (merged with the user's groups; frames unchanged when none are found; recorded in config.json).
-    # Found once, on the first feature set, and applied to every feature set's rows by content hash.
+    return specs, names, augment
+
+
+def _group_duplicates(dataset: Dataset, loaded: list, root: Path, config: "SearchConfig", progress):
+    """Near-duplicates share a group, so StratifiedGroupKFold keeps them in one fold (merged with the
+    user's groups; frames unchanged when none are found; recorded in config.json). Found once, on the
+    first feature set, and applied to every feature set's rows (`loaded`: edited in place) by content
+    hash. Returns the DedupGrouping."""
     from featurepipe.data.dedup import DedupGrouping, apply_duplicate_groups, fold_shortfall
     from featurepipe.core.errors import DatasetError
 
     dedup = DedupGrouping(False, 0, 0, 0, 0, 0.0, 0)
-    if dedup_groups:
+    if config.dedup_groups:
         first_features = loaded[0][1]
         grouped, dedup = apply_duplicate_groups(first_features.frame, first_features.X, root, progress=progress)
         if dedup.clusters:
             # (Auto folds count the groups themselves: only a fold count the user chose can fall short.)
-            shortfall = fold_shortfall(first_features.frame, grouped, folds) if folds is not None else None
+            shortfall = fold_shortfall(first_features.frame, grouped, config.folds) if config.folds is not None else None
             if shortfall:   # say that the copies, not the user's data, leave a class too few groups
                 raise DatasetError(shortfall)
             group_of = dict(zip(grouped["hash"], grouped["group"]))
@@ -283,146 +315,65 @@ def evaluate_features(
                 features.frame = features.frame.assign(group=features.frame["hash"].map(group_of))
         if dedup.message and dedup.message not in dataset.warnings:
             dataset.warnings.append(dedup.message)   # printed by the CLI and kept in config.json
-    # ---- end of issue 11 hook
-    classes = list(dataset.classes)
-    label_index = {label: i for i, label in enumerate(classes)}
-    tables = {}
-    for name, (stores, features) in zip(names, loaded):
-        used = features.frame["hash"].isin(common).to_numpy()
-        keep = used & (features.frame["split"] == "train").to_numpy()
-        train_frame = features.frame[keep].reset_index(drop=True)
-        if train_frame.empty:
-            raise FeaturepipeError(f"{dataset.source} has no training images with features; nothing to evaluate")
-        groups = train_frame["group"].to_numpy() if train_frame["group"].notna().any() else None
-        tables[name] = FeatureTable(
-            X=features.X[keep], y=train_frame["label"].map(label_index).to_numpy(), classes=classes,
-            paths=train_frame["path"].tolist(), groups=groups,
-            views=features.views[keep] if features.views is not None else None,
-            key=_table_key(features.X[used], train_frame),
-            # The views store is shared by every K (rows hash@0..hash@K-1): K is part of what CV saw.
-            views_key=f"{stores.views.fingerprint}:K={stores.augment}" if stores.views is not None else "",
-        )
-    first = tables[names[0]]
-    if folds is None:   # the default: 5, fewer when the smallest class (or its groups) is smaller
-        folds, fewer = auto_folds(first.y, first.groups, classes)
-        if fewer:
-            notes.append(fewer)
-    if nested and folds < 3:
-        # Said in the result, config.json and the CLI summary: there is no headline to report.
-        notes.append(f"nested CV skipped: it needs at least 3 folds (the inner search trains without two of "
-                     f"them) and there are {folds}; the leaderboard's best row is optimistic")
-        nested = False
-    user_grids = dict(grids or {})
-    search_grids = _class_weight_grid(first.y, heads, user_grids)
+    return dedup
+
+
+def _feature_table(dataset: Dataset, stores, features: DatasetFeatures, common: set, label_index: dict) -> FeatureTable:
+    """What CV sees of one feature set: its training rows among the images every set has."""
+    used = features.frame["hash"].isin(common).to_numpy()
+    keep = used & (features.frame["split"] == "train").to_numpy()
+    train_frame = features.frame[keep].reset_index(drop=True)
+    if train_frame.empty:
+        raise FeaturepipeError(f"{dataset.source} has no training images with features; nothing to evaluate")
+    groups = train_frame["group"].to_numpy() if train_frame["group"].notna().any() else None
+    return FeatureTable(
+        X=features.X[keep], y=train_frame["label"].map(label_index).to_numpy(), classes=list(dataset.classes),
+        paths=train_frame["path"].tolist(), groups=groups,
+        views=features.views[keep] if features.views is not None else None,
+        key=_table_key(features.X[used], train_frame),
+        # The views store is shared by every K (rows hash@0..hash@K-1): K is part of what CV saw.
+        views_key=f"{stores.views.fingerprint}:K={stores.augment}" if stores.views is not None else "",
+    )
+
+
+def _search(tables: dict, config: "SearchConfig", root: Path, n_jobs: int, progress) -> tuple[dict, dict]:
+    """CV of every head x grid point on every feature set, the C sweep widened while it wins at an
+    edge; returns the per-set CV results and the grids searched last."""
+    first = next(iter(tables.values()))
+    user_grids = dict(config.grids or {})
+    search_grids = _class_weight_grid(first.y, config.heads, user_grids)
     modes = ("none", "views") if first.views is not None else ("none",)
 
     def cross_validate(current: dict) -> dict:
         out = {}
         for n, (name, table) in enumerate(tables.items()):
-            out[name] = run_cv(table, list(heads), grids=current, n_folds=folds, repeats=repeats, seed=seed,
-                               augment_modes=modes, tta=tta, n_jobs=n_jobs, cache_dir=root / "evaluations",
-                               progress=progress, nested=nested, stage=f"evaluate {name} ({n + 1}/{len(tables)})")
+            out[name] = run_cv(table, list(config.heads), grids=current, n_folds=config.folds,
+                               repeats=config.repeats, seed=config.seed, augment_modes=modes, tta=config.tta,
+                               n_jobs=n_jobs, cache_dir=evaluations_dir(root), progress=progress,
+                               nested=config.nested, stage=f"evaluate {name} ({n + 1}/{len(tables)})")
         return out
 
     results = cross_validate(search_grids)
-    for _ in range(WIDEN_STEPS if widen else 0):
-        wider = _widen(results, heads, search_grids, user_grids)
+    for _ in range(WIDEN_STEPS if config.widen else 0):
+        wider = _widen(results, config.heads, search_grids, user_grids)
         if wider == search_grids:
             break
         search_grids = wider
         results = cross_validate(search_grids)
+    return results, search_grids
 
-    ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, ensemble, vote=vote)
-    leaderboard, fold_table, oof = _tables(results, ranked, ensemble_folds, folds, repeats)
-    best_candidate = ranked[0]
-    nested_result = None
-    if nested:
-        # The optimism gap compares with the best row a best-of-N headline would have shown.
-        nested_result = nested_cv(results, first.y, classes, first.paths,
-                                  float(leaderboard["accuracy_mean"].max()), ensemble, vote=vote)
 
-    # issue 12: Run.new refuses a user's non-run folder (the CLI passes --overwrite)
-    run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
-    run_dir = run.path
-    run.write_csv(rundir.LEADERBOARD, leaderboard)   # issue 12: atomic (no 0-byte file after a kill)
-    run.write_csv(rundir.FOLDS, fold_table)
-    run.write_csv(rundir.OOF, oof)
-    run.remove(rundir.NESTED, rundir.NESTED_FOLDS, rundir.NESTED_OOF)
+def _write_cv_tables(run: Run, leaderboard, fold_table, oof, nested_result: Optional[NestedResult]) -> None:
+    """The leaderboard, per-fold scores, out-of-fold predictions and the nested headline (atomic
+    writes: no 0-byte file after a kill); a previous headline goes when nested CV did not run."""
+    run.write_csv(layout.LEADERBOARD, leaderboard)
+    run.write_csv(layout.FOLDS, fold_table)
+    run.write_csv(layout.OOF, oof)
+    run.remove(layout.NESTED, layout.NESTED_FOLDS, layout.NESTED_OOF)
     if nested_result is not None:
-        run.write_json(rundir.NESTED, nested_result.to_dict())
-        run.write_csv(rundir.NESTED_FOLDS, nested_result.folds)
-        run.write_csv(rundir.NESTED_OOF, nested_result.oof)
-
-    best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
-            "augment": best_candidate.augment, "tta": bool(tta and best_candidate.augment == "views"),
-            "features": best_candidate.features}
-    # A fine-tuned model in a reused run dir grew from the previous best head: it no longer belongs.
-    run.clear_model()
-    voting = best_candidate.head == VOTE
-    members = best_candidate.members if voting else (best_candidate,)
-    run.clear_members()   # an earlier vote's members (or none)
-    holdout_parts: dict[str, list] = {}
-    for index, member in enumerate(members):
-        chosen = names.index(member.features)
-        stores, features = loaded[chosen]
-        member_best = {"head": member.head, "params": json.loads(member.params), "augment": member.augment,
-                       "tta": bool(tta and member.augment == "views"), "features": member.features}
-        meta = {**member_best, "tta": tta, "classes": classes, "backbone": specs[chosen].to_dict(),
-                "feature_fingerprint": stores.originals.fingerprint}
-        target = run.member(index) if voting else run
-        rows = features.frame["hash"].isin(common).to_numpy()
-        frame = features.frame[rows].reset_index(drop=True)
-        holdout_features = DatasetFeatures(frame, features.X[rows],
-                                           features.views[rows] if features.views is not None else None, [])
-        table = tables[member.features]
-        refit_cache = root / "evaluations" / "refits" / _refit_key(table.key, member_best, seed, tta, frame)
-        estimator = None
-        cached = cached_head(refit_cache, target.path, meta)
-        if cached is None:
-            estimator = refit(table, member_best["head"], member_best["params"], member_best["augment"], seed)
-            target.save_head(estimator, meta)
-        elif voting and (frame["split"] != "train").any():
-            estimator, _ = target.load_head()    # just copied from this user's signed refit cache
-        parts = {} if estimator is None else _holdout_proba(estimator, holdout_features, frame, label_index,
-                                                            member_best, tta)
-        if cached is None:
-            remember_head(refit_cache, target.path, {"holdout": _holdout_metrics(parts, classes)})
-        if not voting:
-            holdout = cached["holdout"] if cached is not None else _holdout_metrics(parts, classes)
-        for split, part in parts.items():
-            holdout_parts.setdefault(split, []).append(part)
-    if voting:
-        run.save_vote({**best, "tta": tta, "classes": classes},
-                      [{"features": m.features, "head": m.head, "params": json.loads(m.params),
-                        "cv_accuracy": _row_accuracy(results[m.features].leaderboard, m)} for m in members])
-        holdout = _holdout_metrics({split: (parts[0][0], np.mean([p for _, p in parts], axis=0))
-                                    for split, parts in holdout_parts.items()}, classes)
-    run.remove(rundir.HOLDOUT)
-    if holdout:
-        run.write_csv(rundir.HOLDOUT, pd.DataFrame([{"split": k, **{m: v for m, v in d.items() if not isinstance(v, list)}}
-                                                         for k, d in holdout.items()]))
-    fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
-    failed = {f.path: f.reason for e in extracted for f in e.failed}
-    run.write_json(rundir.CONFIG, {
-        "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
-                    "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
-                    "failed": [{"path": p, "reason": r} for p, r in failed.items()]},
-        "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(), "search": {
-            "feature_sets": {n: s.to_dict() for n, s in zip(names, specs)}, "heads": list(heads),
-            "grids": search_grids, "ensemble": ensemble, "nested": nested, "widen": widen, "vote": vote},
-        **augment.to_config(),
-        "heads": list(heads), "grids": grids, "folds": folds, "repeats": repeats, "seed": seed, "tta": tta,
-        "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
-        "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # issue 11: leakage groups, --exclude/--relabel
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes,
-    })
-    fitted = sum(r.fitted for r in results.values())
-    return EvaluateReport(run_dir=run_dir, leaderboard=leaderboard, best=best, holdout=holdout,
-                          fitted=fitted, reused=sum(r.reused for r in results.values()),
-                          extract=merge_extract_reports(extracted) if extracted else None, images_used=len(first.y),
-                          images_missing=sorted(set(p for _, f in loaded for p in f.missing)),
-                          seconds=time.perf_counter() - started, nested=nested_result, extracts=extracted,
-                          notes=notes, folds=folds)
+        run.write_json(layout.NESTED, nested_result.to_dict())
+        run.write_csv(layout.NESTED_FOLDS, nested_result.folds)
+        run.write_csv(layout.NESTED_OOF, nested_result.oof)
 
 
 def merge_extract_reports(reports: list[ExtractReport]) -> ExtractReport:
@@ -477,29 +428,3 @@ def _tables(results: dict, ranked: list, ensemble_folds: pd.DataFrame, folds: in
     oof = pd.concat(oof_parts, ignore_index=True)
     oof.insert(0, "features", oof.pop("features"))
     return board, fold_table, oof
-
-
-def _row_accuracy(board: pd.DataFrame, c) -> float:
-    row = board[(board["head"] == c.head) & (board["params"] == c.params) & (board["augment"] == c.augment)]
-    return float(row.iloc[0]["accuracy_mean"])
-
-
-def _holdout_metrics(parts: dict, classes) -> dict[str, dict]:
-    return {split: {"images": len(y_true), **fold_metrics(y_true, proba, classes)}
-            for split, (y_true, proba) in parts.items()}
-
-
-def _holdout_proba(estimator, features, frame, label_index, best, tta) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """split -> (true class indices, probabilities) of the refit head on the validation / test images."""
-    out = {}
-    for split in ("validation", "test"):
-        rows = (frame["split"] == split).to_numpy()
-        if not rows.any():
-            continue
-        proba = estimator.predict_proba(features.X[rows])
-        if tta and best["augment"] == "views" and features.views is not None:
-            views = features.views[rows]
-            stacked = [proba] + [estimator.predict_proba(views[:, k]) for k in range(views.shape[1])]
-            proba = np.mean(stacked, axis=0)
-        out[split] = (frame.loc[rows, "label"].map(label_index).to_numpy(), proba)
-    return out

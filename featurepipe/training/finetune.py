@@ -65,6 +65,7 @@ from featurepipe.heads.combined import (
 )
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.training.compare import compare, scores
+from featurepipe.training.config import FinetuneConfig
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.training.split import ImageSplit, decode_frame, decode_split, make_split
 from featurepipe.data.images import AugmentSpec, augment_image, view_rng
@@ -636,41 +637,24 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
 @quiet_retracing()
 def finetune(
     run_dir,
-    unfreeze_blocks: Optional[int] = None,
-    epochs: int = DEFAULT_EPOCHS,
-    lr: Optional[float] = None,
-    momentum: float = 0.9,
-    batch_size: int = 16,
-    strategy: str = "top-blocks",
-    patience: int = DEFAULT_PATIENCE,
-    resume: bool = False,
-    seed: int = 0,
+    config: FinetuneConfig = FinetuneConfig(),
+    *,
     cache_dir=None,
     progress: Optional[ProgressCallback] = None,
     callbacks: Sequence = (),
-    optimizer: str = DEFAULT_OPTIMIZER,
-    weight_decay: float = DEFAULT_WEIGHT_DECAY,
-    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
-    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
-    schedule: str = DEFAULT_SCHEDULE,
-    reuse: bool = True,
 ) -> FinetuneReport:
-    """Fine-tune the run's base + best head on images; see the module docstring.
+    """Fine-tune the run's base + best head on images as `config` says; see the module docstring.
 
-    unfreeze_blocks=None trains the backbone's default top (default_unfreeze_blocks); lr=None the
-    optimizer's default rate. resume=True continues an interrupted call with the options it was
-    started with (finetune/state.json; the options passed now are ignored); with nothing to resume
-    (killed before state.json was written, or a damaged backup) it starts over with the options
-    passed and says so. reuse=True returns a finished fine-tuning with the same key (finetune_key)
-    without training. `callbacks` are extra Keras callbacks added to every fit (tests, logging).
-    Three steps: _prepare (the run, the split, the options; reuse), _train, _save.
+    config.unfreeze_blocks=None trains the backbone's default top (default_unfreeze_blocks);
+    config.lr=None the optimizer's default rate. config.resume continues an interrupted call with the
+    options it was started with (finetune/state.json; the options passed now are ignored); with
+    nothing to resume (killed before state.json was written, or a damaged backup) it starts over with
+    the options passed and says so. config.reuse returns a finished fine-tuning with the same key
+    (finetune_key) without training. `callbacks` are extra Keras callbacks added to every fit (tests,
+    logging). Three steps: _prepare (the run, the split, the options; reuse), _train, _save.
     """
     started = time.perf_counter()
-    requested = dict(strategy=strategy, unfreeze_blocks=unfreeze_blocks, epochs=epochs, lr=lr, optimizer=optimizer,
-                     momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                     warmup_epochs=warmup_epochs, schedule=schedule, batch_size=batch_size, patience=patience,
-                     seed=seed)
-    prepared = _prepare(Path(run_dir), requested, resume, reuse, cache_dir, progress)
+    prepared = _prepare(Path(run_dir), config.training_options(), config.resume, config.reuse, cache_dir, progress)
     if isinstance(prepared, FinetuneReport):
         return prepared
     return _save(prepared, _train(prepared, progress, callbacks), started)

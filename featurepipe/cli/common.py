@@ -1,0 +1,124 @@
+"""What every command shares: the one wrapper that turns a FeaturepipeError into a one-line message
+(anything else is a bug and keeps its traceback), shows progress unless --json, keeps stdout clean
+for JSON and opens the executor; plus the small parsers several commands use.
+
+Heavy imports stay inside the functions: `featurepipe --help` must not import TensorFlow or pandas.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from featurepipe.core.errors import FeaturepipeError
+
+
+def fail(error: BaseException) -> None:
+    from featurepipe.cli.render import console
+
+    # soft_wrap: one line, however narrow the terminal (rich wraps at 80 columns in a pipe)
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    # 2 for every error the user can act on, usage errors included: scripts and the tests rely on it.
+    raise typer.Exit(code=2)
+
+
+class Command:
+    """One command's run, as `with Command(as_json) as command:` around its work.
+
+    A FeaturepipeError (and the exception types in `also`) raised inside becomes `error: MESSAGE` on
+    stderr and exit code 2; with `interrupted` (the hint to print), Ctrl-C becomes that hint and exit
+    code 130. `command.stage()` is the part that reports progress: the progress bar (never under
+    --json), library prints sent to stderr under --json, and with `distributed` the executor chosen
+    by --scheduler / --workers / $FEATUREPIPE_SCHEDULER."""
+
+    def __init__(self, as_json: bool = False, *, distributed: bool = False, scheduler: Optional[str] = None,
+                 workers: Optional[int] = None, also: tuple[type[BaseException], ...] = (),
+                 interrupted: Optional[str] = None):
+        self.as_json = as_json
+        self.distributed = distributed
+        self.scheduler = scheduler
+        self.workers = workers
+        self.caught = (FeaturepipeError, *also)
+        self.interrupted = interrupted
+
+    def __enter__(self) -> "Command":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is KeyboardInterrupt and self.interrupted is not None:
+            from featurepipe.cli.render import console
+
+            console.print(f"[yellow]interrupted:[/] {self.interrupted}", highlight=False)
+            raise typer.Exit(code=130)
+        if error is not None and isinstance(error, self.caught):
+            fail(error)
+        return False
+
+    @contextmanager
+    def stage(self) -> Iterator:
+        """Yields the progress callback (None when no bar is shown: under --json, in a pipe, under CI)."""
+        from featurepipe.cli import render
+
+        with ExitStack() as stack:
+            callback = stack.enter_context(render.progress_view(False if self.as_json else None))
+            stack.enter_context(render.json_safe_stdout(self.as_json))
+            if self.distributed:
+                from featurepipe.extraction.executors.choose import executor_scope
+
+                stack.enter_context(executor_scope(self.scheduler, self.workers))
+            yield callback
+
+
+def check_run_dir(run_dir: Optional[Path], overwrite: bool) -> None:
+    """--run-dir: refuse a folder of the user's that is not a run before any work starts."""
+    if run_dir is not None:
+        from featurepipe.rundir.run import prepare_run_dir
+
+        prepare_run_dir(run_dir, overwrite)
+
+
+def head_names(heads: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in heads.split(",") if h.strip())
+
+
+def search_specs(backbone, resize, quick, image_size, layer, pooling, weights, seed=0):
+    from featurepipe.evaluation.search import parse_backbones, search_specs as specs_of
+
+    return specs_of(parse_backbones(backbone), resize, quick, image_size=image_size, layer=layer,
+                    pooling=pooling, weights=weights, seed=seed)
+
+
+def spec(backbone, image_size, layer, pooling, weights, resize, seed=0):
+    from featurepipe.backbones.spec import BackboneSpec
+
+    return BackboneSpec(name=backbone, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
+                        resize=resize, seed=seed).resolved()
+
+
+def best_text(best: dict) -> str:
+    from featurepipe.cli.render import params_text
+
+    where = f"{best['features']} " if best.get("features") else ""
+    return f"{where}{best['head']} {params_text(json.dumps(best['params']))} ({best['augment']})"
+
+
+def scan_dataset(data, root, groups, groups_from, exclude, relabel, progress):
+    """scan, then --groups-from, then --exclude / --relabel, in that order."""
+    from featurepipe.data.dataset import load_groups, scan
+    from featurepipe.data.edits import apply_fixes
+
+    dataset = scan(data, cache_dir=root, groups_pattern=groups, progress=progress)
+    if groups_from is not None:
+        dataset = load_groups(dataset, groups_from)
+    return apply_fixes(dataset, exclude, relabel)
+
+
+def dataset_summary(dataset) -> dict:
+    return {"source": str(dataset.source), "layout": dataset.layout, "images": len(dataset),
+            "classes": dataset.class_counts(), "splits": dataset.splits, "ignored_files": dataset.ignored,
+            "unreadable": [{"path": p, "reason": r} for p, r in dataset.unreadable],
+            "warnings": dataset.warnings}

@@ -1,0 +1,40 @@
+"""`featurepipe features export`: the cached features as a table for other tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featurepipe.cli.common import Command, spec as make_spec
+from featurepipe.cli.options import Backbone, CacheDir, ImageSize, Layer, Pooling, Resize, Weights
+
+
+def features_export(
+    data: Path = typer.Argument(...), out: Path = typer.Option(..., "--out", help="feats.parquet | .npz | .csv"),
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    cache_dir: Optional[Path] = CacheDir,
+) -> None:
+    """Export path, label, split and the cached features (extracting whatever is missing first)."""
+    from featurepipe.cli import render
+    from featurepipe.data.dataset import scan
+    from featurepipe.extraction.extract import extract as run_extract, open_stores
+    from featurepipe.extraction.features import export_dataset_features, export_format
+    from featurepipe.cli.memory import return_large_blocks
+    from featurepipe.core.cachedirs import cache_root
+
+    with Command() as command:
+        export_format(out)
+        spec = make_spec(backbone, image_size, layer, pooling, weights, resize)
+        root = cache_root(cache_dir)
+        with command.stage() as progress:
+            dataset = scan(data, cache_dir=root, progress=progress)
+            run_extract(dataset, spec, root, progress=progress)
+        # Streamed from the store to the file: memory stays flat however many images there are.
+        return_large_blocks()
+        written = export_dataset_features(dataset, open_stores(spec, root), out)
+    render.stdout.print(f"wrote {written.rows} rows x {written.feature_dim} features to {written.path}"
+                        + (f" ({len(written.missing)} images without features)" if written.missing else ""),
+                        highlight=False)

@@ -1,0 +1,108 @@
+"""`featurepipe finetune` (the run's base and best head trained on images) and `featurepipe baseline`
+(the seeds' small convnet from scratch, the yardstick)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featurepipe.cli.common import Command, check_run_dir
+from featurepipe.cli.options import AsJson, CacheDir, Overwrite
+from featurepipe.training.config import FinetuneConfig
+
+# The options' defaults are the config's (light: importing it does not import TensorFlow).
+DEFAULTS = FinetuneConfig()
+
+
+def finetune(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate`."),
+    unfreeze_blocks: Optional[int] = typer.Option(
+        DEFAULTS.unfreeze_blocks, "--unfreeze-blocks", help="Top blocks of the base to train (default: the backbone's top, e.g. the "
+                                        "last two MBConv stages + head for EfficientNet-Lite, block5 for VGG)."),
+    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="At most this many epochs (early stopping on validation)."),
+    lr: Optional[float] = typer.Option(DEFAULTS.lr, "--lr", help="Peak learning rate (default: 1e-3 adamw, 1e-2 sgd); "
+                                                          "fpt pre-trains the head at 10x."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="adamw | sgd (momentum, the seeds' recipe)."),
+    momentum: float = typer.Option(DEFAULTS.momentum, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW decoupled weight decay."),
+    label_smoothing: float = typer.Option(DEFAULTS.label_smoothing, "--label-smoothing", help="0 by default: measured better on the plain validation loss the decision uses."),
+    schedule: str = typer.Option(DEFAULTS.schedule, "--schedule", help="cosine (linear warm-up, cosine to 0) | constant."),
+    warmup_epochs: int = typer.Option(DEFAULTS.warmup_epochs, "--warmup-epochs"),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size"),
+    strategy: str = typer.Option(DEFAULTS.strategy, "--strategy", help="head | top-blocks | fpt | all"),
+    patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping patience on validation loss (epochs)."),
+    resume: bool = typer.Option(DEFAULTS.resume, "--resume", help="Continue an interrupted fine-tuning with its original options."),
+    reuse: bool = typer.Option(DEFAULTS.reuse, "--reuse/--no-reuse", help="Return a finished fine-tuning with the same inputs and options."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
+    as_json: bool = AsJson,
+) -> None:
+    """Fine-tune the run's base and best head on images; it becomes the run's model only if it measurably beats the frozen head."""
+    from featurepipe.cli import render
+    from featurepipe.training.finetune import finetune as run_finetune
+
+    with Command(as_json, interrupted=f"continue with `featurepipe finetune {run_dir} --resume`") as command:
+        config = FinetuneConfig(strategy=strategy, unfreeze_blocks=unfreeze_blocks, epochs=epochs, lr=lr,
+                                optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
+                                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, schedule=schedule,
+                                batch_size=batch_size, patience=patience, seed=seed, resume=resume, reuse=reuse)
+        with command.stage() as progress:
+            result = run_finetune(run_dir, config, cache_dir=cache_dir, progress=progress)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    before, after = result.before, result.after
+    where = "the validation split" if result.validation == "validation" else "20% of train held out"
+    reused = " (reused: nothing changed since the last fine-tuning)" if result.reused else ""
+    per_epoch = f", {result.seconds_per_epoch:.1f} s/epoch" if result.seconds_per_epoch else ""
+    render.stdout.print(
+        f"{result.strategy}: val accuracy {before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}, "
+        f"val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} ({result.val_images} images, {where}); "
+        f"{result.epochs_run} epochs (best {result.best_epoch}), {len(result.unfrozen_layers)} base layers / "
+        f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s{per_epoch}{reused}",
+        highlight=False)
+    for note in result.notes:
+        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if result.test:
+        render.stdout.print(f"test split ({result.test['images']} images, scored once): accuracy frozen "
+                            f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
+                            f"{result.test['finetuned']['val_accuracy']:.3f}", highlight=False)
+    if result.kept == "finetuned":
+        render.stdout.print(f"kept the fine-tuned model: {result.reason}\nmodel: {result.model_path}", highlight=False)
+    else:
+        render.console.print(f"[yellow]kept the frozen head:[/] {result.reason}", highlight=False)
+
+
+def baseline(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    epochs: int = typer.Option(30, "--epochs"),
+    image_size: int = typer.Option(150, "--image-size"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write RUN_DIR/baseline/ (e.g. into an evaluated run)."),
+    cache_dir: Optional[Path] = CacheDir,
+    as_json: bool = AsJson,
+    overwrite: bool = Overwrite,
+) -> None:
+    """Train the seeds' small convnet from scratch (the yardstick for transfer learning)."""
+    from featurepipe.cli import render
+    from featurepipe.training.baseline import baseline as run_baseline
+    from featurepipe.data.dataset import scan
+    from featurepipe.core.cachedirs import cache_root
+
+    with Command(as_json) as command:
+        root = cache_root(cache_dir)
+        check_run_dir(run_dir, overwrite)
+        with command.stage() as progress:
+            dataset = scan(data, cache_dir=root, progress=progress)
+            result = run_baseline(dataset, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
+                                  run_dir=run_dir, progress=progress, cache_dir=root)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    render.stdout.print(
+        f"baseline: val accuracy {result.after['val_accuracy']:.3f}, val loss {result.after['val_loss']:.4f} "
+        f"({result.val_images} images) after {result.epochs_run} epochs (best {result.best_epoch}), "
+        f"{result.seconds:.1f} s\nmodel: {result.model_path}", highlight=False)

@@ -1,0 +1,93 @@
+"""`featurepipe inspect`: know your data (near-duplicates, label issues, outliers, balance, learning
+curve, embedding map) from cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featurepipe.cli.common import Command, scan_dataset, spec as make_spec
+from featurepipe.cli.options import (
+    AsJson, Backbone, CacheDir, Exclude, Folds, Groups, GroupsFrom, ImageSize, Jobs, Layer, Pooling, Relabel,
+    Resize, Seed, Weights,
+)
+
+
+def inspect(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Take label-issue probabilities from this run's "
+                                           "oof_predictions.csv (its best head) instead of a fixed logreg head."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for inspect.json, the CSVs and inspect.html "
+                                       "(default: RUN_DIR/inspect with --run-dir, else CACHE/inspections/<time>-<name>)."),
+    top: int = typer.Option(15, "--top", help="Suspects to print."),
+    folds: int = Folds, seed: int = Seed,
+    dedup_cosine: float = typer.Option(None, "--dedup-cosine", help="Feature cosine at or above which two images are copies."),
+    dedup_hamming: int = typer.Option(None, "--dedup-hamming", help="Perceptual-hash bits at or below which two images are copies."),
+    groups_from: Optional[Path] = GroupsFrom,
+    groups: Optional[str] = Groups,
+    exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
+    backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize,
+    jobs: int = Jobs, cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,
+) -> None:
+    """Know your data: near-duplicates and fold leakage, label issues, outliers, class balance, learning curve
+    and an embedding map, all from cached features; writes inspect.html and suspects.csv."""
+    from featurepipe.cli import render
+    from featurepipe.data.dedup import DEFAULT_COSINE, DEFAULT_HAMMING
+    from featurepipe.inspection.inspect import inspect_dataset, oof_from_run
+    from featurepipe.core.cachedirs import cache_root
+    from featurepipe.report.inspect_sections import write_inspect_report
+    from featurepipe.rundir.layout import INSPECT_DIR
+
+    with Command(as_json) as command:
+        spec = make_spec(backbone, image_size, layer, pooling, weights, resize)
+        root = cache_root(cache_dir)
+        with command.stage() as progress:
+            dataset = scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
+            result = inspect_dataset(
+                dataset, spec, root, out_dir=out if out is not None else (run_dir / INSPECT_DIR if run_dir else None),
+                oof_source=oof_from_run(run_dir) if run_dir is not None else None, folds=folds, seed=seed,
+                cosine_threshold=DEFAULT_COSINE if dedup_cosine is None else dedup_cosine,
+                hamming_threshold=DEFAULT_HAMMING if dedup_hamming is None else dedup_hamming,
+                n_jobs=jobs, progress=progress)
+            html = write_inspect_report(result.out_dir, progress=progress)
+    if as_json:
+        render.print_json({**result.to_dict(), "html": str(html)})
+        return
+    _print_inspect(render, result, top, html)
+
+
+def _print_inspect(render, result, top: int, html: Path) -> None:
+    from featurepipe.rundir.layout import SUSPECTS
+
+    s = result.summary
+    for failure in result.failed:
+        render.stdout.print(f"  in no analysis: {failure['path']}: {failure['reason']}", highlight=False)
+    d = s.get("duplicates", {})
+    leak = (f"; without groups {d['leaked_folds']} of {d['folds']} folds would leak" if d.get("folds") else "")
+    render.stdout.print(f"near-duplicates: {d.get('pairs', 0)} pair(s) in {d.get('clusters', 0)} group(s), "
+                        f"{d.get('cross_class_pairs', 0)} across classes{leak}", highlight=False)
+    balance = s.get("balance", {})
+    render.stdout.print("classes: " + ", ".join(f"{c} {n}" for c, n in balance.get("counts", {}).items())
+                        + (f" [yellow](imbalanced, {balance['ratio']:.1f}x)[/]" if balance.get("imbalanced") else ""),
+                        highlight=False)
+    notes = s.get("notes", {})
+    if "margin" in result.suspects.columns:
+        rows = [[str(int(r["rank"])), r["path"], r["given"], r["suggested"], f"{r['self_confidence']:.3f}",
+                 f"{r['margin']:+.3f}", "yes" if str(r.get("flagged")) in ("True", "true") else ""]
+                for r in result.suspects.head(top).to_dict("records")]
+        render.table(f"top {len(rows)} label suspects ({s.get('label_source')})",
+                     ["#", "path", "given", "suggested", "p(given)", "margin", "confident"], rows)
+    else:
+        render.stdout.print(f"label issues: {notes.get('label_issues', 'not computed')}", highlight=False)
+    outliers = s.get("outliers")
+    if outliers:
+        render.stdout.print(f"outliers: {outliers['flagged']} above kNN distance {outliers['threshold']:.3f}",
+                            highlight=False)
+    curve = s.get("learning_curve")
+    render.stdout.print(f"learning curve: {curve['reading'] if curve else notes.get('learning_curve', 'not computed')}",
+                        highlight=False)
+    render.stdout.print(f"{'reused cached result' if s.get('reused') else f'{result.seconds:.1f} s'}; "
+                        f"suspects: {result.out_dir / SUSPECTS}\nreport: {html}", highlight=False)

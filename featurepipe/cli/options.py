@@ -1,0 +1,54 @@
+"""The typer options several commands share, declared once so that their names, defaults and help
+text stay the same everywhere they appear."""
+
+import typer
+
+CacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: $FEATUREPIPE_CACHE or ./cache).")
+Backbone = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name; see `featurepipe backbones`.")
+ImageSize = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's).")
+Layer = typer.Option(None, "--layer", help="Take features from this named layer (e.g. block4_pool, fc2).")
+Pooling = typer.Option("avg", "--pooling", help="avg | max | flatten, for spatial layers.")
+Weights = typer.Option("imagenet", "--weights", help="imagenet | random | PATH to a weights file.")
+Resize = typer.Option(None, "--resize", help="squash | center_crop | letterbox (default: the backbone's).")
+SearchBackbone = typer.Option(None, "--backbone", "-b",
+                              help="Backbone, or a comma-separated list to search (run default: efficientnet_lite0,"
+                                   "efficientnet_lite1,efficientnet_lite2; evaluate default: efficientnet_lite0).")
+SearchResize = typer.Option(None, "--resize", help="squash | center_crop | letterbox | auto (all three, compared by "
+                                                   "CV; the default of `run`).")
+Nested = typer.Option(True, "--nested/--no-nested", help="Score the whole selection by nested CV (the headline).")
+Ensemble = typer.Option(3, "--ensemble", help="With one feature set (or --no-vote): also try a soft vote of the best N "
+                        "heads on the best feature set (0: off).")
+Vote = typer.Option(True, "--vote/--no-vote", help="With several feature sets, the model is a vote: each set's best "
+                    "logreg, probabilities averaged (measured +1 to +5 points over picking one row). --no-vote picks "
+                    "one configuration instead.")
+Augment = typer.Option(0, "--augment", help="Also cache K augmented views per image.")
+AsJson = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
+Heads = typer.Option("logreg,knn,ncm", "--heads", help="Comma-separated head names (default: what `run` searches; "
+                                                         "linear_svm and dense on request: 3x and ~20x a logreg fit).")
+Folds = typer.Option(5, "--folds")
+AutoFolds = typer.Option(None, "--folds", help="Cross-validation folds (default: 5, or as many as the smallest "
+                                               "class has images when that is 2-4, said in the summary).")
+Repeats = typer.Option(1, "--repeats")
+Seed = typer.Option(0, "--seed")
+Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}.")
+Tta = typer.Option(False, "--tta", help="Average each validation image over its augmented views.")
+Jobs = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs).")
+RunDir = typer.Option(None, "--run-dir")
+# Scaling out (featurepipe.extraction.executors.choose); both need `pip install 'featurepipe[dask]'`.
+Scheduler = typer.Option(None, "--scheduler", help="Run on this Dask scheduler, e.g. tcp://host:8786 "
+                         "(default: $FEATUREPIPE_SCHEDULER; none: this process).")
+Workers = typer.Option(None, "--workers", help="Start a Dask LocalCluster of N worker processes for this run.")
+Overwrite = typer.Option(False, "--overwrite", help="Write into an existing folder that is not a featurepipe run.")
+Trust = typer.Option(False, "--trust", help="Load a run whose head this user's key did not sign (copied from "
+                     "elsewhere). Loading a head can run code it contains: only for runs you trust.")
+
+# Near-duplicate groups and inspect's fixes, fed back into evaluate and run.
+NoDedupGroups = typer.Option(False, "--no-dedup-groups",
+                             help="Do not put near-duplicate images in one CV group (see `featurepipe inspect`).")
+Exclude = typer.Option(None, "--exclude", help="CSV with a path column: leave these images out (e.g. inspect's suspects.csv).")
+Relabel = typer.Option(None, "--relabel", help="CSV with columns path,label (or inspect's 'suggested'): new labels.")
+GroupsFrom = typer.Option(None, "--groups-from", help="CSV with columns path,group.")
+Groups = typer.Option(None, "--groups", help="Regex on file names; its first group is the group id.")
+# Commands that read a run (predict, export).
+RunCacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: the one the run was made with).")
+ModelChoice = typer.Option("auto", "--model", help="auto (the fine-tuned model if the run has one) | finetuned | head.")

@@ -1,0 +1,81 @@
+"""`featurepipe predict` and `featurepipe export`: a run's model on new images, or as one network.
+
+Both also report an OSError as one line (an unreadable input, a full or read-only --out): what they
+read and write is the user's, not featurepipe's own files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featurepipe.cli.common import Command
+from featurepipe.cli.options import AsJson, ModelChoice, RunCacheDir, Trust
+
+
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked for images)."),
+    top_k: int = typer.Option(3, "--top-k", help="Top classes to list per image."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
+    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size"),
+    cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson, trust: bool = Trust,
+) -> None:
+    """Classify images with a run's model, preprocessed exactly as in training; bad files get an error row."""
+    from featurepipe.cli import render
+    from featurepipe.deploy.predict import predict as run_predict
+
+    with Command(as_json, also=(OSError,)) as command:
+        with command.stage() as progress:
+            result = run_predict(run_dir, inputs, top_k=top_k, cache_dir=cache_dir, batch_size=batch_size,
+                                 progress=progress, model=model, trust=trust)
+        written = result.save(out) if out is not None else None
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    for warning in result.warnings:
+        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    rows = []
+    for record in result.records():
+        if record["error"]:
+            rows.append([record["path"], "[red]error[/]", "", record["error"]])
+        else:
+            others = ", ".join(f"{record[f'label_{i}']} {record[f'prob_{i}']:.3f}" for i in range(2, result.top_k + 1))
+            rows.append([record["path"], record["label"], f"{record['probability']:.3f}", others])
+    render.table(f"predictions ({result.model_kind} model)", ["path", "label", "p", "next"], rows)
+    render.stdout.print(
+        f"{len(result.frame)} images: {result.reused} features from the cache, {result.computed} computed, "
+        f"{result.failed} failed, {result.seconds:.1f} s" + (f"\nwrote {written}" if written else ""), highlight=False)
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
+    fmt: str = typer.Option("keras", "--format", "-f", help="keras | savedmodel | tflite."),
+    out: Path = typer.Option(..., "--out", help="Folder for the model, labels.txt and export.json."),
+    model: str = ModelChoice, cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
+    trust: bool = Trust,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing folder that is not an export."),
+) -> None:
+    """Export the run's model as one network: raw uint8 RGB images in, class probabilities out.
+
+    keras and savedmodel take images of any size (resizing is inside); tflite takes
+    (1, size, size, 3) images already resized with the run's resize policy (see export.json).
+    """
+    from featurepipe.cli import render
+    from featurepipe.deploy.export import export as run_export
+
+    with Command(as_json, also=(OSError,)) as command, command.stage() as progress:
+        result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress, trust=trust,
+                            overwrite=overwrite)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    shape = "x".join("N" if d is None else str(d) for d in result.input_shape)
+    render.stdout.print(
+        f"wrote {result.path} ({result.format}, {result.model_kind} model, {len(result.classes)} classes, "
+        f"input uint8 {shape}) with {result.labels_path.name} and {result.meta_path.name} in {result.seconds:.1f} s",
+        highlight=False)
+    if result.format == "tflite":
+        render.stdout.print(f"TFLite takes one image already resized to {result.image_size}x{result.image_size} "
+                            f"({result.resize}); the keras and savedmodel formats resize inside", highlight=False)

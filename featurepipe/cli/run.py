@@ -1,0 +1,82 @@
+"""`featurepipe run`: scan, extract, search, (fine-tune,) report, as one job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, search_specs
+from featurepipe.cli.options import (
+    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, ImageSize, Jobs, Layer, Nested, NoDedupGroups,
+    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, Tta, Vote,
+    Weights, Workers,
+)
+
+
+def run_all(
+    data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
+    backbone: Optional[str] = SearchBackbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
+    pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = SearchResize,
+    quick: bool = typer.Option(False, "--quick", help="One backbone (efficientnet_lite0) and its default resize "
+                                                      "instead of the whole search."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated head names (default: logreg,knn,ncm)."),
+    nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote,
+    folds: Optional[int] = AutoFolds, repeats: int = Repeats,
+    seed: int = Seed, grid: Optional[str] = Grid,
+    augment: int = Augment, tta: bool = Tta,
+    finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (with --finetune; default 12)."),
+    jobs: int = Jobs,
+    run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
+    no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
+    no_inspect: bool = typer.Option(False, "--no-inspect", help="Leave the know-your-data sections out of the report."),
+    as_json: bool = AsJson,
+    scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
+    overwrite: bool = Overwrite,
+) -> None:
+    """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
+    from featurepipe.cli import render
+    from featurepipe.core.cachedirs import cache_root
+    from featurepipe.evaluation.config import SearchConfig
+    from featurepipe.evaluation.evaluate import SEARCH_HEADS, parse_grid
+    from featurepipe.pipeline import run as run_pipeline
+    from featurepipe.training.config import FinetuneConfig
+
+    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:
+        config = SearchConfig(
+            specs=search_specs(backbone, resize, quick, image_size, layer, pooling, weights),
+            heads=head_names(heads) if heads else SEARCH_HEADS, grids=parse_grid(grid), folds=folds,
+            repeats=repeats, seed=seed, augment=augment, tta=tta, nested=nested, ensemble=ensemble, vote=vote,
+            dedup_groups=not no_dedup_groups)
+        # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.
+        tuning = (FinetuneConfig() if epochs is None else FinetuneConfig(epochs=epochs)) if finetune else None
+        check_run_dir(run_dir, overwrite)
+        with command.stage() as progress:
+            result = run_pipeline(data, config, cache_root(cache_dir), finetune=tuning, run_dir=run_dir,
+                                  progress=progress, n_jobs=jobs, exclude=exclude, relabel=relabel,
+                                  inspect=not no_inspect)
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    for warning in result.warnings:
+        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    render.print_leaderboard(result.leaderboard)
+    for split, metrics in result.evaluate.holdout.items():
+        render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
+                            f"{metrics['accuracy']:.3f}, macro F1 {metrics['f1_macro']:.3f}", highlight=False)
+    if result.finetune is not None:
+        ft = result.finetune
+        render.stdout.print(f"fine-tuned ({ft.strategy}, {ft.epochs_run} epochs): validation accuracy "
+                            f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}; kept {ft.kept}: "
+                            f"{ft.reason}{' (reused)' if ft.reused else ''}", highlight=False)
+    if result.evaluate.nested is not None:
+        render.print_nested(result.evaluate.nested.to_dict())
+    for note in result.evaluate.notes:
+        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
+    render.stdout.print(
+        f"best: {best_text(result.best)}; "
+        f"{result.message}\n{stages}; total {result.seconds:.1f} s\n"
+        f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)

@@ -1,0 +1,88 @@
+"""What `evaluate` and `run` search, as one frozen value: the feature sets, the heads and their
+grids, the cross-validation scheme and how the model is chosen.
+
+The CLI builds it once from its options and hands it to evaluation.evaluate (or pipeline.run), so
+the stages take one argument instead of repeating seventeen. Ranges are checked when it is built,
+with the option to fix named. `to_dict` is the search's part of config.json, key for key and value
+for value as runs have always recorded it (old run directories are read back by these keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.core.errors import UsageError
+from featurepipe.data.images import AugmentSpec
+from featurepipe.evaluation.evaluate import DEFAULT_HEADS, feature_set_name
+from featurepipe.evaluation.nested import ENSEMBLE_SIZE
+from featurepipe.heads import HEADS
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    # The feature sets compared: one BackboneSpec each (`featurepipe run` passes search_specs()).
+    specs: tuple[BackboneSpec, ...] = (BackboneSpec(),)
+    # The heads cross-validated on every feature set (featurepipe.heads.HEADS names).
+    heads: tuple[str, ...] = DEFAULT_HEADS
+    # The user's --grid: head -> {param: [values]} overriding that head's default grid; None: defaults.
+    grids: Optional[dict] = None
+    # CV folds; None: 5, or as many as the smallest class (or its groups) has when that is fewer.
+    folds: Optional[int] = None
+    # Repetitions of the k-fold split with different shuffles.
+    repeats: int = 1
+    # Seed of the fold split and of every head's fit.
+    seed: int = 0
+    # The augmented views cached per image (an AugmentSpec, or a bare count: default policy, seed 0).
+    augment: AugmentSpec = AugmentSpec()
+    # Score each validation image by the mean over it and its views ("views" rows).
+    tta: bool = False
+    # Score the whole selection by nested CV: the headline the leaderboard's best row cannot be.
+    nested: bool = True
+    # Also try a soft vote of the best N heads on the best feature set (0 or 1: off).
+    ensemble: int = ENSEMBLE_SIZE
+    # With several feature sets, the model is a vote of each set's best logreg (else: one row wins).
+    vote: bool = True
+    # Widen the C sweep by a decade while its best value sits at an edge of the grid and wins there.
+    widen: bool = True
+    # Put near-duplicate images in one CV group so that no copy leaks across folds.
+    dedup_groups: bool = True
+
+    def __post_init__(self) -> None:
+        # Normalised in place (frozen): callers may pass a list of specs or heads and a bare view count.
+        object.__setattr__(self, "specs", tuple(self.specs))
+        object.__setattr__(self, "heads", tuple(self.heads))
+        object.__setattr__(self, "augment", AugmentSpec.of(self.augment))
+        if not self.specs:
+            raise UsageError("--backbone names no backbone; give at least one (see `featurepipe backbones`)")
+        if not self.heads:
+            raise UsageError("no heads to evaluate")
+        unknown = [h for h in self.heads if h not in HEADS]
+        if unknown:
+            raise UsageError(f"unknown head(s) {', '.join(unknown)}; heads: {', '.join(HEADS)}")
+        stray = sorted(set(self.grids or {}) - set(self.heads))
+        if stray:
+            raise UsageError(f"grids given for head(s) not being evaluated: {', '.join(stray)}")
+        if self.folds is not None and self.folds < 2:
+            raise UsageError(f"--folds must be at least 2, not {self.folds}")
+        if self.repeats < 1:
+            raise UsageError(f"--repeats must be at least 1, not {self.repeats}")
+        if self.ensemble < 0:
+            raise UsageError(f"--ensemble must be 0 (off) or more, not {self.ensemble}")
+        if self.augment.count < 0:
+            raise UsageError(f"--augment must be 0 or more, not {self.augment.count}")
+
+    def to_dict(self, searched_grids: dict) -> dict:
+        """config.json's keys for the search: the "search" block, the augmentation and the top-level
+        heads/grids/folds/repeats/seed/tta. Called on the config as the search resolved it (its folds,
+        whether nested CV ran, the stores' augmentation); `searched_grids`: the grids it ended with
+        (class_weight added, C widened)."""
+        return {
+            "search": {"feature_sets": {feature_set_name(s): s.to_dict() for s in self.specs},
+                       "heads": list(self.heads), "grids": searched_grids, "ensemble": self.ensemble,
+                       "nested": self.nested, "widen": self.widen, "vote": self.vote},
+            **self.augment.to_config(),
+            "heads": list(self.heads), "grids": self.grids, "folds": self.folds, "repeats": self.repeats,
+            "seed": self.seed, "tta": self.tta,
+        }
