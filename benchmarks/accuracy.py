@@ -68,7 +68,8 @@ def one(data: Path, cache: Path, seed: int = 0) -> dict:
     from featurepipe.evaluation.crossval import make_folds
     from featurepipe.data.dataset import scan
     from featurepipe.evaluation.config import SearchConfig
-    from featurepipe.evaluation.evaluate import SEARCH_HEADS, evaluate
+    from featurepipe.evaluation.config import SEARCH_HEADS
+    from featurepipe.evaluation.evaluate import evaluate
     from featurepipe.extraction.extract import extract, open_stores
     from featurepipe.extraction.features import dataset_features
     from featurepipe.evaluation.search import search_specs

@@ -27,7 +27,7 @@ def single(args) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()
     from featurepipe.evaluation.config import SearchConfig
-    from featurepipe.evaluation.evaluate import SEARCH_HEADS
+    from featurepipe.evaluation.config import SEARCH_HEADS
     from featurepipe.pipeline import run
     from featurepipe.evaluation.search import parse_backbones, search_specs
 

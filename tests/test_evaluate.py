@@ -214,7 +214,7 @@ def test_cli_evaluate_json(hard_tree, cache, tmp_path):
 
 
 def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tree, cache, tmp_path):
-    from featurepipe.evaluation.evaluate import SEARCH_HEADS
+    from featurepipe.evaluation.config import SEARCH_HEADS
     from featurepipe.deploy.predict import predict
     from featurepipe.report.write import write_report
 

@@ -43,7 +43,8 @@ def test_the_registry_keeps_todays_heads_order_and_flags():
 
 
 def test_the_search_and_inspect_read_their_heads_from_the_registry():
-    from featurepipe.evaluation.evaluate import SEARCH_HEADS, _class_weight_grid
+    from featurepipe.evaluation.config import SEARCH_HEADS
+    from featurepipe.evaluation.evaluate import _class_weight_grid
     from featurepipe.inspection.inspect import run_curve_head
 
     assert SEARCH_HEADS == default_heads()

@@ -40,7 +40,8 @@ def run_all(
     from featurepipe.cli import render
     from featurepipe.core.cachedirs import cache_root
     from featurepipe.evaluation.config import SearchConfig
-    from featurepipe.evaluation.evaluate import SEARCH_HEADS, parse_grid
+    from featurepipe.evaluation.config import SEARCH_HEADS
+    from featurepipe.evaluation.evaluate import parse_grid
     from featurepipe.pipeline import run as run_pipeline
     from featurepipe.training.config import FinetuneConfig
 

@@ -15,9 +15,22 @@ from typing import Optional
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import UsageError
 from featurepipe.data.images import AugmentSpec
-from featurepipe.evaluation.evaluate import DEFAULT_HEADS, feature_set_name
 from featurepipe.evaluation.nested import ENSEMBLE_SIZE
-from featurepipe.heads import HEADS
+from featurepipe.heads import HEADS, default_heads
+from featurepipe.backbones.registry import get_backbone
+
+DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
+# The searched pipeline (`run`): the registry's heads flagged default=True (logreg, knn, ncm), cheap
+# ones only, so nested CV over every feature set stays in seconds.
+SEARCH_HEADS = default_heads()
+
+
+def feature_set_name(spec: BackboneSpec) -> str:
+    """How a searched feature set is named in leaderboards: backbone/resize, plus what else differs."""
+    info = get_backbone(spec.name)
+    extra = "".join([f"@{spec.image_size}" if spec.image_size != info.default_size else "",
+                     f":{spec.layer}" if spec.layer else "", f":{spec.pooling}" if spec.pooling != "avg" else ""])
+    return f"{spec.name}{extra}/{spec.resize}"
 
 
 @dataclass(frozen=True)

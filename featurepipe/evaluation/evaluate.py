@@ -25,7 +25,7 @@ from featurepipe.rundir import layout
 from featurepipe.rundir.run import Run
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.backbones.registry import get_backbone
+from featurepipe.evaluation.config import SearchConfig, feature_set_name
 from featurepipe.evaluation.crossval import FeatureTable, _metric_range, _summary, auto_folds, run_cv
 from featurepipe.evaluation.refit_best import SearchedSet, refit_best
 from featurepipe.data.dataset import Dataset
@@ -33,16 +33,12 @@ from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.extraction.extract import ExtractReport
 from featurepipe.extraction.features import DatasetFeatures, cached_features
-from featurepipe.heads import HEADS, default_heads, revisions
+from featurepipe.heads import HEADS
 from featurepipe.data.images import AugmentSpec
 from featurepipe.evaluation.nested import VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.core.cachedirs import cache_root, evaluations_dir
 from featurepipe.core.progress import ProgressCallback
 
-DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
-# The searched pipeline (`run`): the registry's heads flagged default=True (logreg, knn, ncm), cheap
-# ones only, so nested CV over every feature set stays in seconds.
-SEARCH_HEADS = default_heads()
 
 
 @dataclass
@@ -110,14 +106,6 @@ def _table_key(features: np.ndarray, frame: pd.DataFrame) -> str:
     return digest(np.asarray(features, dtype=np.float32), frame[["hash", "label", "group"]])
 
 
-def feature_set_name(spec: BackboneSpec) -> str:
-    """How a searched feature set is named in leaderboards: backbone/resize, plus what else differs."""
-    info = get_backbone(spec.name)
-    extra = "".join([f"@{spec.image_size}" if spec.image_size != info.default_size else "",
-                     f":{spec.layer}" if spec.layer else "", f":{spec.pooling}" if spec.pooling != "avg" else ""])
-    return f"{spec.name}{extra}/{spec.resize}"
-
-
 def _class_weight_grid(y: np.ndarray, heads, grids: dict) -> dict:
     """Search class_weight="balanced" too when the classes are imbalanced (largest/smallest >= 1.5)."""
     counts = np.bincount(y)
@@ -170,7 +158,7 @@ def _widen(results: dict, heads, grids: dict, user_grids: dict) -> dict:
 
 def evaluate(
     dataset: Dataset,
-    config: "SearchConfig",
+    config: SearchConfig,
     cache_dir: Optional[str | os.PathLike] = None,
     *,
     run_dir: Optional[Path] = None,
@@ -194,7 +182,7 @@ def evaluate(
 def evaluate_features(
     dataset: Dataset,
     features: Sequence[DatasetFeatures],
-    config: "SearchConfig",
+    config: SearchConfig,
     cache_dir: Optional[str | os.PathLike] = None,
     *,
     run_dir: Optional[Path] = None,
@@ -293,7 +281,7 @@ def _feature_sets(features: Sequence[DatasetFeatures]) -> tuple[list[BackboneSpe
     return specs, names, augment
 
 
-def _group_duplicates(dataset: Dataset, loaded: list, root: Path, config: "SearchConfig", progress):
+def _group_duplicates(dataset: Dataset, loaded: list, root: Path, config: SearchConfig, progress):
     """Near-duplicates share a group, so StratifiedGroupKFold keeps them in one fold (merged with the
     user's groups; frames unchanged when none are found; recorded in config.json). Found once, on the
     first feature set, and applied to every feature set's rows (`loaded`: edited in place) by content
@@ -336,7 +324,7 @@ def _feature_table(dataset: Dataset, stores, features: DatasetFeatures, common: 
     )
 
 
-def _search(tables: dict, config: "SearchConfig", root: Path, n_jobs: int, progress) -> tuple[dict, dict]:
+def _search(tables: dict, config: SearchConfig, root: Path, n_jobs: int, progress) -> tuple[dict, dict]:
     """CV of every head x grid point on every feature set, the C sweep widened while it wins at an
     edge; returns the per-set CV results and the grids searched last."""
     first = next(iter(tables.values()))
