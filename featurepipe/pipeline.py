@@ -21,7 +21,7 @@ from featurepipe.data.dataset import Dataset, scan
 from featurepipe.evaluation.evaluate import DEFAULT_HEADS, EvaluateReport, evaluate_features, feature_set_name, merge_extract_reports
 from featurepipe.extraction.extract import ExtractReport, extract
 from featurepipe.extraction.features import cached_features
-from featurepipe.data.images import AugmentSpec
+from featurepipe.data.augment import AugmentSpec
 from featurepipe.evaluation.nested import ENSEMBLE_SIZE
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.progress import ProgressCallback

@@ -202,7 +202,7 @@ def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatc
     """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
     import featurepipe.evaluation.crossval as crossval
     from featurepipe.training.finetune import _refit_head
-    from featurepipe.data.images import AugmentPolicy, AugmentSpec
+    from featurepipe.data.augment import AugmentPolicy, AugmentSpec
 
     cache = workdir / "cache"
     dataset = scan(workdir / "data", cache_dir=cache)

@@ -16,7 +16,7 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.evaluation.evaluate import evaluate, evaluate_features
 from featurepipe.extraction.extract import extract
 from featurepipe.extraction.features import cached_features, open_stores
-from featurepipe.data.images import AugmentPolicy, AugmentSpec
+from featurepipe.data.augment import AugmentPolicy, AugmentSpec
 from featurepipe.rundir.run import HeadMeta, ModelMeta, Run, fingerprints_used_by_runs, read_json
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

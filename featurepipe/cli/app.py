@@ -151,7 +151,7 @@ def extract(
     from featurepipe.data.dataset import scan
     from featurepipe.extraction.executors.local import executor_scope
     from featurepipe.extraction.extract import extract as run_extract
-    from featurepipe.data.images import AugmentSpec
+    from featurepipe.data.augment import AugmentSpec
     from featurepipe.core.cachedirs import cache_root
 
     try:
@@ -232,7 +232,7 @@ def evaluate(
     from featurepipe.cli import render
     from featurepipe.extraction.executors.local import executor_scope
     from featurepipe.evaluation.evaluate import evaluate as run_evaluate, parse_grid
-    from featurepipe.data.images import AugmentSpec
+    from featurepipe.data.augment import AugmentSpec
     from featurepipe.core.cachedirs import cache_root
 
     try:

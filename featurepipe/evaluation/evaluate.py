@@ -31,7 +31,7 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.extraction.extract import ExtractReport
 from featurepipe.extraction.features import DatasetFeatures, cached_features
 from featurepipe.heads import HEADS, revisions
-from featurepipe.data.images import AugmentSpec
+from featurepipe.data.augment import AugmentSpec
 from featurepipe.evaluation.nested import ENSEMBLE_SIZE, VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.progress import ProgressCallback

@@ -27,7 +27,8 @@ import numpy as np
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import BackboneError, DatasetError, ImageDecodeError, StoreError
-from featurepipe.data.images import AugmentPolicy, augment_image, decode_image, view_rng
+from featurepipe.data.augment import AugmentPolicy, augment_image, view_rng
+from featurepipe.data.images import decode_image
 from featurepipe.store.shards import publish_shard
 
 

@@ -67,7 +67,7 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.training.compare import compare, scores
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.training.split import ImageSplit, decode_frame, decode_split, make_split
-from featurepipe.data.images import AugmentSpec, augment_image, view_rng
+from featurepipe.data.augment import AugmentSpec, augment_image, view_rng
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.training.keras_fit import (
