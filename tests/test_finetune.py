@@ -201,7 +201,7 @@ def test_freezing_by_blocks(logreg_run, workdir):
 def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatch):
     """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
     import featurepipe.evaluation.crossval as crossval
-    from featurepipe.training.finetune import _refit_head
+    from featurepipe.training.finetune_start import _refit_head
     from featurepipe.data.augment import AugmentPolicy, AugmentSpec
 
     cache = workdir / "cache"

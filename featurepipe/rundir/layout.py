@@ -47,6 +47,8 @@ BEST_WEIGHTS = "best.weights.npz"
 PRETRAINED_WEIGHTS = "pretrained.weights.npz"
 BACKUP_DIR = "backup"               # crash-safe epoch backups (training.checkpoints), one folder per phase
 BACKUP_RECORD = "latest.json"       # in a backup folder: which epoch file is the last whole one
+# finetune's weights as earlier versions named them: a fresh start clears them too.
+OLD_FINETUNE_WEIGHTS = ("best.weights.h5", "pretrained.weights.h5")
 
 # RUN/baseline/: the small convnet trained from scratch.
 BASELINE_DIR = "baseline"
