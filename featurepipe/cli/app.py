@@ -100,7 +100,7 @@ def _fail(error: Exception) -> None:
 def _check_run_dir(run_dir: Optional[Path], overwrite: bool) -> None:
     """--run-dir: refuse a folder of the user's that is not a run before any work starts (issue 12)."""
     if run_dir is not None:
-        from featurepipe.rundir.run import prepare_run_dir
+        from featurepipe.rundir.folder import prepare_run_dir
 
         prepare_run_dir(run_dir, overwrite)
 

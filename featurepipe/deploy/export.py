@@ -37,7 +37,8 @@ from featurepipe.backbones.registry import keras_name
 from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.hashcache import file_sha256
-from featurepipe.rundir.run import MODEL_META, RunModel, open_run
+from featurepipe.rundir.model import RunModel
+from featurepipe.rundir.run import MODEL_META, open_run
 from featurepipe.core.progress import ProgressCallback, report
 
 FORMATS = ("keras", "savedmodel", "tflite")

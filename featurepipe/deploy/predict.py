@@ -27,7 +27,8 @@ from featurepipe.core.hashcache import HashCache, path_key
 from featurepipe.data.images import IMAGE_EXTENSIONS, decode_batches
 from featurepipe.core.cachedirs import hash_db
 from featurepipe.core.progress import ProgressCallback, ProgressEvent, report
-from featurepipe.rundir.run import MODEL_META, RunModel, open_run
+from featurepipe.rundir.model import RunModel
+from featurepipe.rundir.run import MODEL_META, open_run
 from featurepipe.core.strictjson import json_ready
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from featurepipe.rundir import run as rundir
-from featurepipe.rundir.run import Run, cached_head, remember_head
+from featurepipe.rundir.heads_io import cached_head, remember_head
+from featurepipe.rundir.run import Run
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone

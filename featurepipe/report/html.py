@@ -28,8 +28,9 @@ import pandas as pd
 from featurepipe.core import atomic, trust
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback, report
+from featurepipe.rundir.folder import read_json
 from featurepipe.rundir.run import (
-    BASELINE_DIR, CONFIG, FINETUNE_DIR, FOLDS, HEAD_HISTORY, HEAD_META, HOLDOUT, LEADERBOARD, NESTED, OOF, read_json,
+    BASELINE_DIR, CONFIG, FINETUNE_DIR, FOLDS, HEAD_HISTORY, HEAD_META, HOLDOUT, LEADERBOARD, NESTED, OOF,
 )
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc")

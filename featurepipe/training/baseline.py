@@ -31,7 +31,7 @@ from featurepipe.training.keras_fit import (
 )
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.rundir.layout import BASELINE_DIR, BASELINE_MODEL, BASELINE_WEIGHTS, HISTORY, LOGS_DIR, SPLIT, SUMMARY
-from featurepipe.rundir.run import new_run_dir
+from featurepipe.rundir.folder import new_run_dir
 from featurepipe.core.progress import ProgressCallback
 
 LEARNING_RATE = 1e-3   # RMSprop's default, as in the blog post

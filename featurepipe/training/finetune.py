@@ -59,10 +59,11 @@ import pandas as pd
 from featurepipe.core import atomic
 from featurepipe.core.atomic import write_json
 from featurepipe.training.finetune_vote import open_vote, vote_proba
-from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, FINETUNE_DIR, FINETUNED_MODEL, HISTORY,
+from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, CONFIG, FINETUNE_DIR, FINETUNED_MODEL, HISTORY,
                                        OLD_FINETUNE_WEIGHTS, PRETRAINED_WEIGHTS, SPLIT, STATE, SUMMARY,
                                        VALIDATION_PREDICTIONS)
-from featurepipe.rundir.run import CONFIG, load_head, read_json
+from featurepipe.rundir.folder import read_json
+from featurepipe.rundir.heads_io import load_head
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.backbones.registry import CONCAT
 from featurepipe.backbones.spec import BackboneSpec

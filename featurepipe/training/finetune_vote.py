@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from featurepipe.rundir.run import load_head, load_head_meta, vote_member_dirs
+from featurepipe.rundir.heads_io import load_head, load_head_meta, vote_member_dirs
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import FeaturepipeError
 
