@@ -25,7 +25,9 @@ from featurepipe.rundir.run import Run
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.backbones.registry import get_backbone
-from featurepipe.evaluation.crossval import FeatureTable, _metric_range, _summary, auto_folds, fold_metrics, refit, run_cv
+from featurepipe.evaluation.crossval import FeatureTable, refit, run_cv
+from featurepipe.evaluation.folds import auto_folds
+from featurepipe.evaluation.metrics import _metric_range, _summary, fold_metrics
 from featurepipe.data.dataset import Dataset
 from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError

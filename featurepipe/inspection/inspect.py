@@ -25,7 +25,8 @@ from threadpoolctl import threadpool_limits
 
 from featurepipe.core import atomic
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.evaluation.crossval import FeatureTable, make_folds, run_cv
+from featurepipe.evaluation.crossval import FeatureTable, run_cv
+from featurepipe.evaluation.folds import make_folds
 from featurepipe.data.dataset import Dataset
 from featurepipe.data.dedup import DEFAULT_COSINE, DEFAULT_HAMMING, duplicate_groups, straddling_pairs
 from featurepipe.core.errors import DatasetError, FeaturepipeError
