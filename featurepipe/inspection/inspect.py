@@ -34,7 +34,7 @@ from featurepipe.heads import make_head
 from featurepipe.inspection.label_issues import knn_outliers, label_issues
 from featurepipe.core.cachedirs import cache_root, evaluations_dir, inspection_cache_dir, inspections_dir
 from featurepipe.rundir.layout import (DUPLICATES, EMBEDDING, HEAD_META, INSPECT_JSON, LABEL_SCORES, LEARNING_CURVE,
-                                       OOF, SUSPECTS)
+                                       OOF, SUSPECTS, VOTE)
 from featurepipe.rundir.folder import dated_name, read_json
 from featurepipe.core.progress import ProgressCallback, report
 
@@ -132,7 +132,7 @@ def run_curve_head(best: Optional[dict]) -> tuple[Optional[str], dict, str]:
     from featurepipe.heads import HEADS
 
     name, params = str(best["head"]), dict(best.get("params") or {})
-    if name == "vote" and params.get("members"):
+    if name == VOTE and params.get("members"):
         # A vote across feature sets: the curve runs on one feature set (the first, which `run` inspects),
         # so it fits that member's head.
         first = params["members"][0]

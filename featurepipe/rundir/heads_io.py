@@ -23,7 +23,7 @@ from featurepipe.core import atomic, trust
 from featurepipe.core.errors import FeaturepipeError, TrustError
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.rundir.folder import read_json
-from featurepipe.rundir.layout import HEAD_HISTORY, HEAD_META, MEMBERS_DIR, VOTE
+from featurepipe.rundir.layout import HEAD_HISTORY, HEAD_JOBLIB, HEAD_KERAS, HEAD_META, MEMBERS_DIR, VOTE
 
 
 def save_head(estimator, run_dir: Path, meta: dict) -> Path:
@@ -32,11 +32,11 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(estimator, DenseHeadClassifier):
-        path = run_dir / "best_head.keras"
+        path = run_dir / HEAD_KERAS
         with atomic.atomic_path(path) as tmp:      # keeps the .keras suffix Keras insists on
             estimator.save_keras(tmp)
     else:
-        path = run_dir / "best_head.joblib"
+        path = run_dir / HEAD_JOBLIB
         with atomic.atomic_path(path) as tmp:
             joblib.dump(estimator, tmp)
     digest = file_sha256(path)
