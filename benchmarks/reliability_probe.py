@@ -185,7 +185,7 @@ def _run_dir_whole(run_dir: Path) -> list[str]:
 def probe_evaluate_kills(work: Path, limit: int) -> dict:
     import pandas as pd
 
-    from featurepipe.rundir.run import load_head
+    from featurepipe.rundir.heads_io import load_head
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.data.dataset import scan
     from featurepipe.evaluation.config import SearchConfig

@@ -19,8 +19,7 @@ import pandas as pd
 from featurepipe.core.cachedirs import cache_root, report_charts_dir
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.data.dataset import Dataset, scan
-from featurepipe.evaluation.config import SearchConfig
-from featurepipe.evaluation.config import feature_set_name
+from featurepipe.evaluation.config import SearchConfig, feature_set_name
 from featurepipe.evaluation.evaluate import EvaluateReport, evaluate_features, merge_extract_reports
 from featurepipe.extraction.extract import ExtractReport, extract
 from featurepipe.extraction.features import cached_features

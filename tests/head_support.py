@@ -39,7 +39,7 @@ def head_round_trip(name: str, params: dict, tmp_path) -> None:
     """Head `name` through the machinery the product runs it in: built from the registry and matched
     back to its entry, its grid expanded, cross-validated on a tiny feature table, refit, saved into a
     run directory in its declared format and loaded back with the same probabilities."""
-    from featurepipe.rundir.run import load_head, save_head
+    from featurepipe.rundir.heads_io import load_head, save_head
 
     entry = head_entry(name)
     assert entry_for_estimator(make_head(name, params, seed=0)) is entry

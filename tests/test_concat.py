@@ -79,7 +79,7 @@ def test_searched_saved_predicted_exported_and_not_fine_tuned(image_tree, cache,
     assert meta["backbone"]["name"] == "tiny+tiny2"
     features = dataset_features(dataset, open_stores(specs[0], cache))
     assert features.X.shape == (24, 36)
-    from featurepipe.rundir.run import load_head
+    from featurepipe.rundir.heads_io import load_head
 
     head, _ = load_head(run)
     paths = features.frame["path"].tolist()[:4]

@@ -10,14 +10,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from featurepipe import heads
-from featurepipe.evaluation.crossval import (
-    FeatureTable,
-    fold_metrics,
-    fold_plan_id,
-    make_folds,
-    refit,
-    run_cv,
-)
+from featurepipe.evaluation.crossval import FeatureTable, refit, run_cv
+from featurepipe.evaluation.folds import fold_plan_id, make_folds
+from featurepipe.evaluation.metrics import fold_metrics
 from featurepipe.core.errors import DatasetError
 from featurepipe.heads import HeadEntry, make_head
 from featurepipe.core.progress import ProgressEvent
@@ -367,7 +362,7 @@ def test_pool_results_reach_disk_while_in_process_heads_still_fit(tmp_path, monk
 def test_interval_is_a_t_interval_clipped_to_the_metric_range():
     from scipy import stats
 
-    from featurepipe.evaluation.crossval import _metric_range, _summary
+    from featurepipe.evaluation.metrics import _metric_range, _summary
 
     folds = [1.0, 1.0, 0.9, 1.0, 0.95]
     mean, std, low, high = _summary(folds, _metric_range("accuracy"))
@@ -385,7 +380,7 @@ def test_make_folds_remembers_splits_by_their_inputs(monkeypatch):
     groups, counts or seeds get their own."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from featurepipe.evaluation import crossval
+    from featurepipe.evaluation import folds as folds_module
 
     calls = []
     real_split = StratifiedGroupKFold.split
@@ -395,12 +390,12 @@ def test_make_folds_remembers_splits_by_their_inputs(monkeypatch):
         return real_split(self, *args, **kwargs)
 
     monkeypatch.setattr(StratifiedGroupKFold, "split", split)
-    monkeypatch.setattr(crossval, "_FOLDS_MEMO", {})
+    monkeypatch.setattr(folds_module, "_FOLDS_MEMO", {})
     rng = np.random.default_rng(7)
     y = np.repeat([0, 1, 2], 20)
     groups = np.array([f"g{i // 2}" for i in range(60)], dtype=object)
-    first = crossval.make_folds(y, groups, 5, seed=3)
-    again = crossval.make_folds(y.copy(), groups.copy(), 5, seed=3)
+    first = folds_module.make_folds(y, groups, 5, seed=3)
+    again = folds_module.make_folds(y.copy(), groups.copy(), 5, seed=3)
     assert len(calls) == 1
     assert [(f.train_idx.tolist(), f.val_idx.tolist()) for f in first] == \
            [(f.train_idx.tolist(), f.val_idx.tolist()) for f in again]
@@ -409,8 +404,8 @@ def test_make_folds_remembers_splits_by_their_inputs(monkeypatch):
     fresh = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=3)
     expected = [va.tolist() for _, va in real_split(fresh, np.zeros((60, 1)), y, groups)]
     assert [f.val_idx.tolist() for f in first] == expected          # what sklearn itself gives
-    crossval.make_folds(y, groups, 5, seed=4)
-    crossval.make_folds(y, groups, 4, seed=3)
-    crossval.make_folds(y, np.array([f"g{i // 3}" for i in range(60)], dtype=object), 5, seed=3)
-    crossval.make_folds(rng.permutation(y), groups, 5, seed=3)
+    folds_module.make_folds(y, groups, 5, seed=4)
+    folds_module.make_folds(y, groups, 4, seed=3)
+    folds_module.make_folds(y, np.array([f"g{i // 3}" for i in range(60)], dtype=object), 5, seed=3)
+    folds_module.make_folds(rng.permutation(y), groups, 5, seed=3)
     assert len(calls) == 5

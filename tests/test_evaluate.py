@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer
 from typer.testing import CliRunner
 
-from featurepipe.rundir.run import load_head
+from featurepipe.rundir.heads_io import load_head
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli.app import app
 from featurepipe.data.dataset import scan
@@ -247,7 +247,7 @@ def test_search_over_feature_sets_saves_the_winner_and_a_nested_headline(hard_tr
     images = sorted(hard_tree.glob("a/*.png"))[:3]
     predicted = predict(run, images, cache_dir=cache)
     assert len(predicted.frame) == 3 and predicted.failed == 0
-    from featurepipe.rundir.run import load_head
+    from featurepipe.rundir.heads_io import load_head
     from featurepipe.extraction.extract import open_stores
     from featurepipe.extraction.features import dataset_features
 

@@ -15,7 +15,8 @@ from featurepipe.core.errors import BackboneError, DatasetError, FeaturepipeErro
 from featurepipe.extraction.executors.choose import current_executor, executor_scope, open_executor, use_executor
 from featurepipe.extraction.executors.local import LocalExecutor
 from featurepipe.extraction.extract import extract, open_stores
-from featurepipe.store.featurestore import FeatureStore, publish_shard
+from featurepipe.store.featurestore import FeatureStore
+from featurepipe.store.shards import publish_shard
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

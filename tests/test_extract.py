@@ -12,7 +12,8 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.data.dataset import scan
 from featurepipe.extraction.extract import extract, open_stores
 from featurepipe.extraction.features import dataset_features
-from featurepipe.data.images import AugmentSpec, decode_image
+from featurepipe.data.augment import AugmentSpec
+from featurepipe.data.images import decode_image
 from tests.conftest import make_image
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)

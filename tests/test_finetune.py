@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe.rundir.run import load_head
+from featurepipe.rundir.heads_io import load_head
 from featurepipe.backbones.build import build_feature_model
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.training.baseline import baseline
 from featurepipe.data.dataset import scan
-from featurepipe.rundir.run import load_run_model
+from featurepipe.rundir.model import load_run_model
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.extraction.extract import open_stores
@@ -77,7 +77,7 @@ def run_copy(logreg_run, tmp_path):
 def improving(logreg_run, workdir, tmp_path_factory):
     """A run whose best head leaves room (logreg with C=1e-5: nearly uniform probabilities), so a
     short fine-tuning measurably lowers the validation loss and becomes the run's model."""
-    from featurepipe.rundir.run import load_head_meta, save_head
+    from featurepipe.rundir.heads_io import load_head_meta, save_head
 
     run = shutil.copytree(logreg_run, tmp_path_factory.mktemp("improving") / "run")
     meta = {k: v for k, v in load_head_meta(run).items() if k not in ("file", "sha256")}
@@ -204,8 +204,8 @@ def test_freezing_by_blocks(logreg_run, workdir):
 def test_refit_without_holdout_uses_the_runs_augmented_views(workdir, monkeypatch):
     """A "views" head is refit on views drawn exactly as extract drew the cached ones."""
     import featurepipe.evaluation.crossval as crossval
-    from featurepipe.training.finetune import _refit_head
-    from featurepipe.data.images import AugmentPolicy, AugmentSpec
+    from featurepipe.training.finetune_start import _refit_head
+    from featurepipe.data.augment import AugmentPolicy, AugmentSpec
 
     cache = workdir / "cache"
     dataset = scan(workdir / "data", cache_dir=cache)

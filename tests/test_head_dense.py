@@ -134,7 +134,8 @@ def test_the_dense_heads_history_is_saved_beside_it_and_follows_it(tmp_path):
     head without one, and travels with the head through the refit cache."""
     import pandas as pd
 
-    from featurepipe.rundir.run import HEAD_HISTORY, cached_head, remember_head, save_head
+    from featurepipe.rundir.heads_io import cached_head, remember_head, save_head
+    from featurepipe.rundir.layout import HEAD_HISTORY
 
     X, y = blobs()
     dense = DenseHeadClassifier(**FAST_DENSE).fit(X, y)

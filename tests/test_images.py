@@ -1,4 +1,4 @@
-"""Tests for featurepipe.data.images: decoding any file into (size, size, 3) uint8 RGB, and augmentation."""
+"""Tests for featurepipe.data.images (decoding any file into (size, size, 3) uint8 RGB) and featurepipe.data.augment."""
 
 from __future__ import annotations
 
@@ -14,18 +14,9 @@ from PIL import Image
 
 from featurepipe.data import images
 from featurepipe.core.errors import ImageDecodeError
-from featurepipe.data.images import (
-    IMAGE_EXTENSIONS,
-    MAX_PIXELS,
-    AugmentParams,
-    AugmentPolicy,
-    apply_augment,
-    augment_image,
-    decode_image,
-    image_size,
-    sample_augment_params,
-    view_rng,
-)
+from featurepipe.data.augment import (AugmentParams, AugmentPolicy, apply_augment, augment_image, sample_augment_params,
+                                      view_rng)
+from featurepipe.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, image_size
 
 RED = (255, 0, 0)
 # view_rng("deadbeef", 3, 7).integers(0, 2**31) when the derivation was written (numpy 2.4, PCG64).

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from featurepipe import pipeline
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli.app import app
-from featurepipe.evaluation.crossval import FeatureTable, Fold
+from featurepipe.evaluation.crossval import FeatureTable
+from featurepipe.evaluation.folds import Fold
 from featurepipe.data.dataset import scan
 from featurepipe.data.dedup import (DEFAULT_HAMMING, complete_linkage, find_duplicates, merge_groups, normalized,
                               phash_distances, straddling_pairs, union_find)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurepipe.rundir.run import load_head
+from featurepipe.rundir.heads_io import load_head
 from featurepipe.backbones import build as build_module
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.data.dataset import scan

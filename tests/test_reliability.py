@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from featurepipe.core import hashcache
 
-from featurepipe.store import featurestore as store_module
+from featurepipe.store import featurestore as store_module, gc as store_gc, lock as store_lock
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.rundir.maintenance import gc_cache, verify_cache
 from featurepipe.cli.app import app
@@ -55,9 +55,9 @@ def test_gc_during_extract_never_drops_rows_written_after_its_decision(tmp_path,
 
     gc_waiting = threading.Event()
     writer_started = threading.Event()
-    real_sleep = store_module.time.sleep
+    real_sleep = store_lock.time.sleep
 
-    class Clock:  # the store module's view of `time`: a lock waiter's sleep tells us gc is blocked
+    class Clock:  # the store lock's view of `time`: a lock waiter's sleep tells us gc is blocked
         monotonic, time_ns = staticmethod(time.monotonic), staticmethod(time.time_ns)
 
         @staticmethod
@@ -66,7 +66,7 @@ def test_gc_during_extract_never_drops_rows_written_after_its_decision(tmp_path,
                 gc_waiting.set()
             real_sleep(seconds)
 
-    monkeypatch.setattr(store_module, "time", Clock)
+    monkeypatch.setattr(store_lock, "time", Clock)
 
     def slow_progress(event):
         if event.stage == "extract" and event.message.startswith("building"):
@@ -112,7 +112,7 @@ def test_a_writer_that_waited_while_gc_removed_the_store_starts_a_fresh_one(tmp_
     with holder.writer(timeout=5):
         entered.set()
         time.sleep(0.6)                                   # the waiter is blocked on the lock now
-        store_module._remove_locked(holder)
+        store_gc._remove_locked(holder)
     thread.join(60)
     assert results["keys"] == {"fresh"}
     assert FeatureStore(directory).verify() == []

@@ -3,6 +3,7 @@
 import ast
 import json
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.evaluation.evaluate import evaluate, evaluate_features
 from featurepipe.extraction.extract import extract
 from featurepipe.extraction.features import cached_features, open_stores
-from featurepipe.data.images import AugmentPolicy, AugmentSpec
-from featurepipe.rundir.run import HeadMeta, ModelMeta, Run, fingerprints_used_by_runs, read_json
+from featurepipe.data.augment import AugmentPolicy, AugmentSpec
+from featurepipe.rundir.folder import default_run_dir, fingerprints_used_by_runs, read_json
+from featurepipe.rundir.heads_io import HeadMeta
+from featurepipe.rundir.model import ModelMeta
+from featurepipe.rundir.run import Run
 from featurepipe.evaluation.config import SearchConfig
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
@@ -80,8 +84,8 @@ def test_read_json_names_the_file_and_the_fix(tmp_path):
 
 
 def test_run_dir_names_are_written_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir.time, "strftime", lambda fmt, *a: "20260101-120000")
-    assert rundir.default_run_dir(tmp_path, "/data/My Photos", "baseline") == \
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-120000")
+    assert default_run_dir(tmp_path, "/data/My Photos", "baseline") == \
         tmp_path / "runs" / "20260101-120000-My_Photos-baseline"
     made = Run.new(tmp_path, "/data/flowers.csv", "efficientnet_lite0")
     assert made.path == tmp_path / "runs" / "20260101-120000-flowers-efficientnet_lite0"

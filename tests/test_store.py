@@ -16,7 +16,8 @@ from featurepipe.rundir.maintenance import gc_cache, list_cache
 from featurepipe.data.dataset import scan
 from featurepipe.core.errors import StoreCorruptError, StoreError, StoreLockedError
 from featurepipe.extraction.extract import extract, open_stores
-from featurepipe.store.featurestore import FeatureStore, list_stores, prune_store
+from featurepipe.store.featurestore import FeatureStore, list_stores
+from featurepipe.store.gc import prune_store
 from tests.conftest import make_image
 
 FP = hash_payload({"name": "test"})   # a real fingerprint: verify checks it is the payload's hash

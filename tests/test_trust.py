@@ -16,7 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from featurepipe.core import trust
-from featurepipe.rundir.run import HEAD_META, load_head, load_run_model
+from featurepipe.rundir.heads_io import load_head
+from featurepipe.rundir.model import load_run_model
+from featurepipe.rundir.run import HEAD_META
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.cli.app import app
 from featurepipe.data.dataset import scan
@@ -25,7 +27,7 @@ from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.deploy.predict import PredictResult
 from featurepipe.cli.render import print_json
-from featurepipe.rundir.run import prepare_run_dir
+from featurepipe.rundir.folder import prepare_run_dir
 from featurepipe.evaluation.config import SearchConfig
 from tests.conftest import COLOURS, make_image
 

@@ -76,7 +76,7 @@ class Command:
 def check_run_dir(run_dir: Optional[Path], overwrite: bool) -> None:
     """--run-dir: refuse a folder of the user's that is not a run before any work starts."""
     if run_dir is not None:
-        from featurepipe.rundir.run import prepare_run_dir
+        from featurepipe.rundir.folder import prepare_run_dir
 
         prepare_run_dir(run_dir, overwrite)
 

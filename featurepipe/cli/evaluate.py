@@ -37,7 +37,7 @@ def evaluate(
     """Cross-validate heads on cached features; refit and save the best head in a run directory."""
     from featurepipe.cli import render
     from featurepipe.core.cachedirs import cache_root
-    from featurepipe.data.images import AugmentSpec
+    from featurepipe.data.augment import AugmentSpec
     from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import evaluate as run_evaluate, parse_grid
 

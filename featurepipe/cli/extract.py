@@ -32,7 +32,7 @@ def extract(
     from featurepipe.cli import render
     from featurepipe.core.cachedirs import cache_root
     from featurepipe.data.dataset import scan
-    from featurepipe.data.images import AugmentSpec
+    from featurepipe.data.augment import AugmentSpec
     from featurepipe.extraction.extract import extract as run_extract
 
     with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:

@@ -38,7 +38,8 @@ from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.rundir.layout import EXPORT_KERAS, EXPORT_META, MODEL_META
-from featurepipe.rundir.run import RunModel, open_run
+from featurepipe.rundir.model import RunModel
+from featurepipe.rundir.run import open_run
 from featurepipe.core.progress import ProgressCallback, report
 
 FORMATS = ("keras", "savedmodel", "tflite")

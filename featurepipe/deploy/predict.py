@@ -28,7 +28,8 @@ from featurepipe.data.images import IMAGE_EXTENSIONS, decode_batches
 from featurepipe.core.cachedirs import hash_db
 from featurepipe.core.progress import ProgressCallback, ProgressEvent, report
 from featurepipe.rundir.layout import MODEL_META
-from featurepipe.rundir.run import RunModel, open_run
+from featurepipe.rundir.model import RunModel
+from featurepipe.rundir.run import open_run
 from featurepipe.core.strictjson import json_ready
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import UsageError
-from featurepipe.data.images import AugmentSpec
+from featurepipe.data.augment import AugmentSpec
 from featurepipe.evaluation.nested import ENSEMBLE_SIZE
 from featurepipe.heads import HEADS, default_heads
 from featurepipe.backbones.registry import get_backbone

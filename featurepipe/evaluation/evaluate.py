@@ -26,7 +26,9 @@ from featurepipe.rundir.run import Run
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.evaluation.config import SearchConfig, feature_set_name
-from featurepipe.evaluation.crossval import FeatureTable, _metric_range, _summary, auto_folds, run_cv
+from featurepipe.evaluation.crossval import FeatureTable, run_cv
+from featurepipe.evaluation.folds import auto_folds
+from featurepipe.evaluation.metrics import _metric_range, _summary
 from featurepipe.evaluation.refit_best import SearchedSet, refit_best
 from featurepipe.data.dataset import Dataset
 from featurepipe.core.digest import digest
@@ -34,7 +36,7 @@ from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.extraction.extract import ExtractReport
 from featurepipe.extraction.features import DatasetFeatures, cached_features
 from featurepipe.heads import HEADS
-from featurepipe.data.images import AugmentSpec
+from featurepipe.data.augment import AugmentSpec
 from featurepipe.evaluation.nested import VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.core.cachedirs import cache_root, evaluations_dir
 from featurepipe.core.progress import ProgressCallback

@@ -20,7 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.evaluation.crossval import CVResult, _metric_range, _summary, fold_metrics
+from featurepipe.evaluation.crossval import CVResult
+from featurepipe.evaluation.metrics import _metric_range, _summary, fold_metrics
 
 ENSEMBLE_SIZE = 3
 # With several feature sets searched, the procedure is a soft vote across them: each feature set's best

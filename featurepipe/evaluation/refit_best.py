@@ -13,12 +13,14 @@ import pandas as pd
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.cachedirs import refits_dir
-from featurepipe.evaluation.crossval import FeatureTable, fold_metrics, refit
+from featurepipe.evaluation.crossval import FeatureTable, refit
+from featurepipe.evaluation.metrics import fold_metrics
 from featurepipe.evaluation.nested import VOTE
 from featurepipe.extraction.features import DatasetFeatures, FeatureStores
 from featurepipe.heads import revisions
 from featurepipe.rundir.layout import HOLDOUT
-from featurepipe.rundir.run import Run, cached_head, remember_head
+from featurepipe.rundir.heads_io import cached_head, remember_head
+from featurepipe.rundir.run import Run
 
 
 @dataclass

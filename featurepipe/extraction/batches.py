@@ -27,8 +27,9 @@ import numpy as np
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import BackboneError, DatasetError, ImageDecodeError, StoreError, UsageError
-from featurepipe.data.images import AugmentPolicy, augment_image, decode_image, view_rng
-from featurepipe.store.featurestore import publish_shard
+from featurepipe.data.augment import AugmentPolicy, augment_image, view_rng
+from featurepipe.data.images import decode_image
+from featurepipe.store.shards import publish_shard
 
 
 def view_key(content_hash: str, view_index: int) -> str:

@@ -29,7 +29,7 @@ from featurepipe.extraction.executors.choose import current_executor
 # here too because extract fills exactly those stores, and callers open them through either module.
 from featurepipe.extraction.features import FeatureStores, open_stores  # noqa: F401
 from featurepipe.core.hashcache import regular_file_sha256
-from featurepipe.data.images import AugmentSpec
+from featurepipe.data.augment import AugmentSpec
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.store.featurestore import FeatureStore

@@ -21,7 +21,7 @@ from featurepipe.backbones.spec import BackboneSpec, hash_payload
 from featurepipe.extraction.batches import view_key
 from featurepipe.data.dataset import Dataset
 from featurepipe.core.errors import FeaturepipeError
-from featurepipe.data.images import AugmentPolicy, AugmentSpec
+from featurepipe.data.augment import AugmentPolicy, AugmentSpec
 from featurepipe.core.cachedirs import features_dir
 from featurepipe.store.featurestore import FeatureStore
 

@@ -25,14 +25,17 @@ from threadpoolctl import threadpool_limits
 
 from featurepipe.core import atomic
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.evaluation.crossval import FeatureTable, make_folds, run_cv
+from featurepipe.evaluation.crossval import FeatureTable, run_cv
+from featurepipe.evaluation.folds import make_folds
 from featurepipe.data.dataset import Dataset
 from featurepipe.data.dedup import DEFAULT_COSINE, DEFAULT_HAMMING, duplicate_groups, straddling_pairs
 from featurepipe.core.errors import DatasetError, FeaturepipeError
 from featurepipe.heads import make_head
 from featurepipe.inspection.label_issues import knn_outliers, label_issues
-from featurepipe.core.cachedirs import cache_root
-from featurepipe.rundir.run import HEAD_META, OOF, dated_name, read_json
+from featurepipe.core.cachedirs import cache_root, evaluations_dir, inspection_cache_dir, inspections_dir
+from featurepipe.rundir.layout import (DUPLICATES, EMBEDDING, HEAD_META, INSPECT_JSON, LABEL_SCORES, LEARNING_CURVE,
+                                       OOF, SUSPECTS, VOTE)
+from featurepipe.rundir.folder import dated_name, read_json
 from featurepipe.core.progress import ProgressCallback, report
 
 # The label-issue and learning-curve head: logistic regression on standardized + L2-normalized
@@ -48,9 +51,8 @@ LABEL_C = 50.0
 LABEL_PARAMS = {"C": LABEL_C, "front": "standard"}
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
-CACHE_VERSION = 4         # bump when what inspect computes changes: cached results are then ignored (4: dedup rules, issue 11)
-OUTPUTS = ("inspect.json", "duplicates.csv", "suspects.csv", "label_scores.csv", "learning_curve.csv",
-           "embedding.csv")
+CACHE_VERSION = 4         # bump when what inspect computes changes: cached results are then ignored (4: dedup rules)
+OUTPUTS = (INSPECT_JSON, DUPLICATES, SUSPECTS, LABEL_SCORES, LEARNING_CURVE, EMBEDDING)
 
 OofSource = Callable[[FeatureTable], np.ndarray]   # table -> (n, classes) out-of-fold probabilities
 # A source may also carry `curve_head` = (head, params, why): the head the learning curve fits.
@@ -93,7 +95,7 @@ def oof_from_cv(root: Optional[Path], C: float = LABEL_C, folds: int = 5, seed: 
                                "images (or groups) for cross-validation")
         result = run_cv(table, [LABEL_HEAD], grids={LABEL_HEAD: {**LABEL_PARAMS, "C": [C]}}, n_folds=k, seed=seed,
                         augment_modes=("none",), n_jobs=n_jobs,
-                        cache_dir=(root / "evaluations") if root is not None else None)
+                        cache_dir=evaluations_dir(root) if root is not None else None)
         return _oof_matrix(result.oof, table.paths, table.classes, None)
     source.description = f"{LABEL_HEAD} (C={C:g}) cross-validated on cached features"   # type: ignore[attr-defined]
     source.identity = f"cv:{LABEL_HEAD}:{C!r}:{LABEL_PARAMS['front']}:{folds}:{seed}"                           # type: ignore[attr-defined]
@@ -130,7 +132,7 @@ def run_curve_head(best: Optional[dict]) -> tuple[Optional[str], dict, str]:
     from featurepipe.heads import HEADS, expensive_heads
 
     name, params = str(best["head"]), dict(best.get("params") or {})
-    if name == "vote" and params.get("members"):
+    if name == VOTE and params.get("members"):
         # A vote across feature sets: the curve runs on one feature set (the first, which `run` inspects),
         # so it fits that member's head.
         first = params["members"][0]
@@ -190,7 +192,20 @@ def summary_fingerprint(spec: BackboneSpec, root: Path) -> str:
 
 
 def default_out_dir(root: Path, dataset: Dataset, spec: BackboneSpec) -> Path:
-    return root / "inspections" / dated_name(dataset.source, spec.name)
+    return inspections_dir(root) / dated_name(dataset.source, spec.name)
+
+
+@dataclass
+class _TrainSplit:
+    """The training split's rows, which label issues, the learning curve and the map look at."""
+
+    mask: np.ndarray                 # over the whole frame
+    frame: pd.DataFrame
+    X: np.ndarray
+    y: np.ndarray                    # class indices
+    user_groups: Optional[np.ndarray]
+    groups: np.ndarray               # duplicate groups (user groups merged in)
+    cluster: np.ndarray              # duplicate cluster per row
 
 
 def inspect_dataset(
@@ -207,10 +222,12 @@ def inspect_dataset(
     n_jobs: int = -1,
     progress: Optional[ProgressCallback] = None,
 ) -> InspectReport:
-    from featurepipe.inspection.embedding import embed
+    """Inspect `dataset` on `spec`'s cached features (extracting what is missing) into `out_dir`
+    (default: a dated folder under the cache's inspections/); a re-run with nothing changed copies
+    the remembered result. One helper per section: near-duplicates (and fold leakage), class balance,
+    label issues and outliers, learning curve, embedding map."""
     from featurepipe.extraction.extract import extract
     from featurepipe.extraction.features import dataset_features, open_stores
-    from featurepipe.inspection.learning_curve import learning_curve
 
     started = time.perf_counter()
     root = cache_root(cache_dir)
@@ -229,17 +246,9 @@ def inspect_dataset(
          .values.tolist(), getattr(source, "identity", None), folds, seed, cosine_threshold, hamming_threshold,
          learning_curve_draws, sorted(dataset.unreadable), sorted((f.path, f.reason) for f in extracted.failed)],
         default=str).encode()).hexdigest()[:32]
-    cached = root / "inspections" / "cache" / key
-    if getattr(source, "identity", None) and (cached / "inspect.json").exists():
-        for name in OUTPUTS:
-            (out_dir / name).unlink(missing_ok=True)
-            if (cached / name).exists():
-                atomic.copy_file(cached / name, out_dir / name)
-        summary = json.loads((out_dir / "inspect.json").read_text())
-        summary["reused"] = True
-        return InspectReport(out_dir, str(dataset.source), classes, len(frame), summary.get("train_images", 0),
-                             summary.get("failed", []), summary, pd.read_csv(out_dir / "duplicates.csv"),
-                             pd.read_csv(out_dir / "label_scores.csv"), time.perf_counter() - started)
+    cached = inspection_cache_dir(root) / key
+    if getattr(source, "identity", None) and (cached / INSPECT_JSON).exists():
+        return _reuse(cached, out_dir, dataset, classes, len(frame), started)
 
     # Failed images: unreadable at scan time or undecodable at extraction, each listed once.
     failed = {p: r for p, r in dataset.unreadable}
@@ -251,8 +260,75 @@ def inspect_dataset(
                      "feature_fingerprint": open_stores(spec, root).originals.fingerprint,
                      "images": len(frame), "failed": failed_list, "notes": notes}
 
-    # ---- near-duplicates (every split: a copy across splits leaks too)
     report(progress, "inspect", 1, 6, "near-duplicates")
+    groups, dups, pairs = _near_duplicates(frame, X, root, cosine_threshold, hamming_threshold, out_dir, progress)
+    train = (frame["split"] == "train").to_numpy()
+    tframe = frame[train].reset_index(drop=True)
+    label_index = {c: i for i, c in enumerate(classes)}
+    split = _TrainSplit(train, tframe, X[train], tframe["label"].map(label_index).to_numpy(dtype=int),
+                        tframe["group"].to_numpy() if tframe["group"].notna().any() else None,
+                        np.asarray(groups, dtype=object)[train], dups.cluster[train])
+    leak = _fold_leakage(split, dups, len(frame), folds, seed, classes, notes)
+    summary["duplicates"] = {
+        "pairs": len(pairs), "clusters": len(dups.clusters), "images_in_clusters": dups.duplicated_rows,
+        "cross_class_pairs": int(pairs["cross_class"].sum()) if len(pairs) else 0,
+        "cross_split_pairs": int(pairs["cross_split"].sum()) if len(pairs) else 0,
+        "cosine_threshold": dups.cosine_threshold, "hamming_threshold": dups.hamming_threshold,
+        "phash_failed": dups.phash_failed, **leak,
+    }
+    summary["balance"] = _class_balance(tframe, classes)
+    report(progress, "inspect", 2, 6, "label issues")
+    suspects, table = _label_issues(source, split, dups, classes, summary, notes, out_dir)
+
+    # The learning curve and the embedding map, on one BLAS/OpenMP thread: these are many small fits and
+    # a small t-SNE, where thread pools only spin against each other. Measured on data/demo at load ~10
+    # on 2 cores: learning curve 0.5 s instead of 3-6 s, embedding 0.6 s instead of 9-30 s.
+    with threadpool_limits(1):
+        report(progress, "inspect", 3, 6, "learning curve")
+        _learning_curve(source, split, table, classes, folds, seed, learning_curve_draws, summary, notes, out_dir)
+        report(progress, "inspect", 4, 6, "embedding map")
+        _embedding_map(split, suspects, seed, summary, notes, out_dir)
+
+    summary["train_images"] = int(train.sum())
+    report(progress, "inspect", 6, 6, "done")
+    seconds = time.perf_counter() - started
+    summary["seconds"] = round(seconds, 3)
+    atomic.write_json(out_dir / INSPECT_JSON, summary, sort_keys=False)
+    if getattr(source, "identity", None):
+        _remember(out_dir, cached, key)
+    summary["reused"] = False
+    return InspectReport(out_dir, str(dataset.source), classes, len(frame), int(train.sum()), failed_list, summary,
+                         pairs, suspects, seconds)
+
+
+def _reuse(cached: Path, out_dir: Path, dataset: Dataset, classes: list[str], images: int,
+           started: float) -> InspectReport:
+    """The remembered result of an identical inspection, copied into `out_dir`."""
+    for name in OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+        if (cached / name).exists():
+            atomic.copy_file(cached / name, out_dir / name)
+    summary = json.loads((out_dir / INSPECT_JSON).read_text())
+    summary["reused"] = True
+    return InspectReport(out_dir, str(dataset.source), classes, images, summary.get("train_images", 0),
+                         summary.get("failed", []), summary, pd.read_csv(out_dir / DUPLICATES),
+                         pd.read_csv(out_dir / LABEL_SCORES), time.perf_counter() - started)
+
+
+def _remember(out_dir: Path, cached: Path, key: str) -> None:
+    """Copy the outputs to the inspection cache, swapped in whole."""
+    tmp = cached.with_name(f".tmp-{os.getpid()}-{key}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in OUTPUTS:
+        if (out_dir / name).exists():
+            shutil.copyfile(out_dir / name, tmp / name)
+    atomic.replace_dir(tmp, cached)
+
+
+def _near_duplicates(frame: pd.DataFrame, X: np.ndarray, root: Path, cosine_threshold: float,
+                     hamming_threshold: int, out_dir: Path, progress: Optional[ProgressCallback]):
+    """(groups, dups, pairs) over every split (a copy across splits leaks too); writes duplicates.csv."""
     groups, dups = duplicate_groups(frame, X, root, cosine_threshold, hamming_threshold, progress)
     pairs = dups.pairs.copy()
     for side, column in (("a", "i"), ("b", "j")):
@@ -266,29 +342,25 @@ def inspect_dataset(
     # grouped: False for a pair complete linkage kept apart (a~b, b~c, but not a~c; see dedup.py)
     pairs = pairs[["path_a", "path_b", "label_a", "label_b", "split_a", "split_b", "cosine", "hamming", "evidence",
                    "cross_class", "cross_split", "group", "grouped"]]
-    atomic.write_csv(out_dir / "duplicates.csv", pairs)
+    atomic.write_csv(out_dir / DUPLICATES, pairs)
+    return groups, dups, pairs
 
-    train = (frame["split"] == "train").to_numpy()
-    tframe = frame[train].reset_index(drop=True)
-    Xt = X[train]
-    label_index = {c: i for i, c in enumerate(classes)}
-    yt = tframe["label"].map(label_index).to_numpy(dtype=int)
-    user_groups = tframe["group"].to_numpy() if tframe["group"].notna().any() else None
-    tgroups = np.asarray(groups, dtype=object)[train]
-    tcluster = dups.cluster[train]
 
-    # How many folds of plain (user-grouped or ungrouped) k-fold CV would leak a copy into training.
+def _fold_leakage(split: _TrainSplit, dups, images: int, folds: int, seed: int, classes: list[str],
+                  notes: dict[str, str]) -> dict:
+    """How many folds of plain (user-grouped or ungrouped) k-fold CV would leak a copy into training."""
+    train = split.mask
     leak = {"folds": 0, "leaked_folds": 0, "pairs_straddling": [], "pairs_leaking": 0}
-    train_pos = -np.ones(len(frame), dtype=int)
+    train_pos = -np.ones(images, dtype=int)
     train_pos[np.flatnonzero(train)] = np.arange(int(train.sum()))
     tpairs = pd.DataFrame({"i": train_pos[dups.pairs["i"].to_numpy(dtype=int)],
                            "j": train_pos[dups.pairs["j"].to_numpy(dtype=int)]})
     tpairs = tpairs[(tpairs["i"] >= 0) & (tpairs["j"] >= 0)]
     try:
-        plain = make_folds(yt, user_groups, n_folds=folds, seed=seed, class_names=classes)
+        plain = make_folds(split.y, split.user_groups, n_folds=folds, seed=seed, class_names=classes)
         straddle = straddling_pairs(tpairs, plain) if len(tpairs) else [0] * len(plain)
         # pairs_straddling: per fold; pairs_leaking: distinct pairs whose images land in different folds
-        fold_of = np.zeros(len(yt), dtype=int)
+        fold_of = np.zeros(len(split.y), dtype=int)
         for number, fold in enumerate(plain):
             fold_of[fold.val_idx] = number
         leaking = int(np.sum(fold_of[tpairs["i"].to_numpy(dtype=int)] != fold_of[tpairs["j"].to_numpy(dtype=int)]))
@@ -296,29 +368,27 @@ def inspect_dataset(
                 "pairs_leaking": leaking}
     except (DatasetError, ValueError) as error:
         notes["leakage"] = f"fold leakage not computed: {error}"
-    summary["duplicates"] = {
-        "pairs": len(pairs), "clusters": len(dups.clusters), "images_in_clusters": dups.duplicated_rows,
-        "cross_class_pairs": int(pairs["cross_class"].sum()) if len(pairs) else 0,
-        "cross_split_pairs": int(pairs["cross_split"].sum()) if len(pairs) else 0,
-        "cosine_threshold": dups.cosine_threshold, "hamming_threshold": dups.hamming_threshold,
-        "phash_failed": dups.phash_failed, **leak,
-    }
+    return leak
 
-    # ---- class balance
+
+def _class_balance(tframe: pd.DataFrame, classes: list[str]) -> dict:
     counts = {c: int((tframe["label"] == c).sum()) for c in classes}
     nonzero = [v for v in counts.values() if v]
     ratio = (max(nonzero) / min(nonzero)) if nonzero else float("nan")
-    summary["balance"] = {"counts": counts, "ratio": round(ratio, 3), "imbalanced": bool(ratio > IMBALANCE_RATIO),
-                          "threshold": IMBALANCE_RATIO}
+    return {"counts": counts, "ratio": round(ratio, 3), "imbalanced": bool(ratio > IMBALANCE_RATIO),
+            "threshold": IMBALANCE_RATIO}
 
-    # ---- label issues (out-of-fold probabilities, grouped by duplicates) and outliers
-    report(progress, "inspect", 2, 6, "label issues")
-    suspects = pd.DataFrame()
+
+def _label_issues(source: OofSource, split: _TrainSplit, dups, classes: list[str], summary: dict,
+                  notes: dict[str, str], out_dir: Path) -> tuple[pd.DataFrame, Optional[FeatureTable]]:
+    """(suspects, table): label issues from out-of-fold probabilities (grouped by duplicates) and
+    outliers, one row per training image; writes label_scores.csv and suspects.csv."""
+    tframe, Xt, yt = split.frame, split.X, split.y
     table = None
     if len(set(yt)) >= 2:
         table = FeatureTable(X=Xt, y=yt, classes=classes, paths=tframe["path"].tolist(),
-                             groups=tgroups if dups.clusters or user_groups is not None else None)
-    outliers = knn_outliers(Xt, tcluster) if len(Xt) else None
+                             groups=split.groups if dups.clusters or split.user_groups is not None else None)
+    outliers = knn_outliers(Xt, split.cluster) if len(Xt) else None
     oof = None
     summary["label_source"] = getattr(source, "description", "custom out-of-fold probabilities")
     summary["label_source_identity"] = getattr(source, "identity", None)   # lets a report spot stale results
@@ -349,70 +419,60 @@ def inspect_dataset(
     suspects = suspects.drop(columns="row")
     # label_scores.csv: every training image. suspects.csv: the ones worth a look (top ranks, confident
     # label issues, outliers), short enough to edit and pass back with --exclude / --relabel.
-    atomic.write_csv(out_dir / "label_scores.csv", suspects)
+    atomic.write_csv(out_dir / LABEL_SCORES, suspects)
     worth = pd.Series(False, index=suspects.index)
     if "rank" in suspects.columns:
         worth |= (suspects["rank"] <= TOP_SUSPECTS) | suspects["flagged"].astype(bool)
     if "outlier" in suspects.columns:
         worth |= suspects["outlier"].astype(bool)
-    atomic.write_csv(out_dir / "suspects.csv", suspects[worth])
+    atomic.write_csv(out_dir / SUSPECTS, suspects[worth])
+    return suspects, table
 
-    # ---- learning curve and embedding map, on one BLAS/OpenMP thread: these are many small fits and
-    # a small t-SNE, where thread pools only spin against each other. Measured on data/demo at load ~10
-    # on 2 cores: learning curve 0.5 s instead of 3-6 s, embedding 0.6 s instead of 9-30 s.
-    with threadpool_limits(1):
-        report(progress, "inspect", 3, 6, "learning curve")
-        # The run's selected head when the source names a cheap one (oof_from_run), else logreg C=50.
-        curve_name, curve_params, curve_why = getattr(source, "curve_head", (None, {}, "no run was given"))
-        if curve_name is None:
-            curve_name, curve_params, curve_why = LABEL_HEAD, dict(LABEL_PARAMS), f"fixed head ({curve_why})"
-        try:
-            curve = learning_curve(Xt, yt, lambda: make_head(curve_name, curve_params, seed),
-                                   groups=table.groups if table is not None else None, draws=learning_curve_draws,
-                                   folds=folds, seed=seed, class_names=classes)
-            atomic.write_csv(out_dir / "learning_curve.csv", curve.points)
-            summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
-                                         "head": f"{curve_name} {json.dumps(curve_params, sort_keys=True)}",
-                                         "head_config": {"head": curve_name, "params": curve_params},
-                                         "head_source": curve_why, "draws": learning_curve_draws,
-                                         "points": json.loads(curve.points.to_json(orient="records"))}
-        except (DatasetError, ValueError) as error:
-            notes["learning_curve"] = str(error)
-            (out_dir / "learning_curve.csv").unlink(missing_ok=True)
 
-        # ---- embedding map
-        report(progress, "inspect", 4, 6, "embedding map")
-        try:
-            emap = embed(Xt, seed=seed)
-            rows = emap.rows
-            table_map = pd.DataFrame({"path": tframe["path"].to_numpy()[rows], "label": tframe["label"].to_numpy()[rows],
-                                      "pca_x": emap.pca[:, 0], "pca_y": emap.pca[:, 1]})
-            if emap.tsne is not None:
-                table_map["tsne_x"], table_map["tsne_y"] = emap.tsne[:, 0], emap.tsne[:, 1]
-            flagged = set(suspects.loc[suspects.get("flagged", pd.Series(False, index=suspects.index)).astype(bool), "path"])
-            wrong = set(suspects.loc[suspects["predicted"] != suspects["given"], "path"]) if "predicted" in suspects else set()
-            table_map["suspect"] = table_map["path"].isin(flagged)
-            table_map["misclassified"] = table_map["path"].isin(wrong)
-            atomic.write_csv(out_dir / "embedding.csv", table_map)
-            summary["embedding"] = {"points": len(table_map), "pca_variance": [round(v, 4) for v in emap.pca_variance],
-                                    "tsne": emap.tsne is not None, "note": emap.note}
-        except ValueError as error:
-            notes["embedding"] = str(error)
-            (out_dir / "embedding.csv").unlink(missing_ok=True)
+def _learning_curve(source: OofSource, split: _TrainSplit, table: Optional[FeatureTable], classes: list[str],
+                    folds: int, seed: int, draws: int, summary: dict, notes: dict[str, str], out_dir: Path) -> None:
+    """The learning curve of the run's selected head when the source names a cheap one (oof_from_run),
+    else of logreg C=50; writes learning_curve.csv."""
+    from featurepipe.inspection.learning_curve import learning_curve
 
-    summary["train_images"] = int(train.sum())
-    report(progress, "inspect", 6, 6, "done")
-    seconds = time.perf_counter() - started
-    summary["seconds"] = round(seconds, 3)
-    atomic.write_json(out_dir / "inspect.json", summary, sort_keys=False)
-    if getattr(source, "identity", None):
-        tmp = cached.with_name(f".tmp-{os.getpid()}-{key}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in OUTPUTS:
-            if (out_dir / name).exists():
-                shutil.copyfile(out_dir / name, tmp / name)
-        atomic.replace_dir(tmp, cached)
-    summary["reused"] = False
-    return InspectReport(out_dir, str(dataset.source), classes, len(frame), int(train.sum()), failed_list, summary,
-                         pairs, suspects, seconds)
+    curve_name, curve_params, curve_why = getattr(source, "curve_head", (None, {}, "no run was given"))
+    if curve_name is None:
+        curve_name, curve_params, curve_why = LABEL_HEAD, dict(LABEL_PARAMS), f"fixed head ({curve_why})"
+    try:
+        curve = learning_curve(split.X, split.y, lambda: make_head(curve_name, curve_params, seed),
+                               groups=table.groups if table is not None else None, draws=draws,
+                               folds=folds, seed=seed, class_names=classes)
+        atomic.write_csv(out_dir / LEARNING_CURVE, curve.points)
+        summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
+                                     "head": f"{curve_name} {json.dumps(curve_params, sort_keys=True)}",
+                                     "head_config": {"head": curve_name, "params": curve_params},
+                                     "head_source": curve_why, "draws": draws,
+                                     "points": json.loads(curve.points.to_json(orient="records"))}
+    except (DatasetError, ValueError) as error:
+        notes["learning_curve"] = str(error)
+        (out_dir / LEARNING_CURVE).unlink(missing_ok=True)
+
+
+def _embedding_map(split: _TrainSplit, suspects: pd.DataFrame, seed: int, summary: dict, notes: dict[str, str],
+                   out_dir: Path) -> None:
+    """A 2-d map of the training images (PCA, and t-SNE when it can run) marking suspects; writes embedding.csv."""
+    from featurepipe.inspection.embedding import embed
+
+    tframe = split.frame
+    try:
+        emap = embed(split.X, seed=seed)
+        rows = emap.rows
+        table_map = pd.DataFrame({"path": tframe["path"].to_numpy()[rows], "label": tframe["label"].to_numpy()[rows],
+                                  "pca_x": emap.pca[:, 0], "pca_y": emap.pca[:, 1]})
+        if emap.tsne is not None:
+            table_map["tsne_x"], table_map["tsne_y"] = emap.tsne[:, 0], emap.tsne[:, 1]
+        flagged = set(suspects.loc[suspects.get("flagged", pd.Series(False, index=suspects.index)).astype(bool), "path"])
+        wrong = set(suspects.loc[suspects["predicted"] != suspects["given"], "path"]) if "predicted" in suspects else set()
+        table_map["suspect"] = table_map["path"].isin(flagged)
+        table_map["misclassified"] = table_map["path"].isin(wrong)
+        atomic.write_csv(out_dir / EMBEDDING, table_map)
+        summary["embedding"] = {"points": len(table_map), "pca_variance": [round(v, 4) for v in emap.pca_variance],
+                                "tsne": emap.tsne is not None, "note": emap.note}
+    except ValueError as error:
+        notes["embedding"] = str(error)
+        (out_dir / EMBEDDING).unlink(missing_ok=True)

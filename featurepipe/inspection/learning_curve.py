@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.evaluation.crossval import make_folds
+from featurepipe.evaluation.folds import make_folds
 
 SIZES = (5, 10, 20, 40)
 

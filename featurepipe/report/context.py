@@ -18,7 +18,7 @@ from featurepipe.report.analysis import confusion_counts
 from featurepipe.report.charts import Charts
 from featurepipe.report.configs import config_key, config_label, with_key
 from featurepipe.rundir.layout import CONFIG, FOLDS, HEAD_META, LEADERBOARD, OOF, REPORT_DIR
-from featurepipe.rundir.run import read_json
+from featurepipe.rundir.folder import read_json
 
 # Columns that hold names, never numbers: read them as text so a class called "NA" or "1" survives.
 TEXT_COLUMNS = ("head", "params", "augment", "path", "true", "pred", "split", "phase", "stage")

@@ -18,7 +18,7 @@ from featurepipe.report.context import ReportContext, read_csv
 from featurepipe.report.html import BEST_COLOUR, OTHER_COLOUR, cell, data_uri, esc, html_table, kv_table, num
 from featurepipe.report.thumbnails import resolve_image, short_path, thumbnail
 from featurepipe.rundir.layout import FOLDS, HOLDOUT, NESTED
-from featurepipe.rundir.run import read_json
+from featurepipe.rundir.folder import read_json
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc")
 METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1_macro": "macro F1",

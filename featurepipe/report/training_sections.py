@@ -15,7 +15,7 @@ from featurepipe.report.thumbnails import short_path
 from featurepipe.rundir.layout import (
     BASELINE_DIR, FINETUNE_DIR, HEAD_HISTORY, HISTORY, SUMMARY, VALIDATION_PREDICTIONS,
 )
-from featurepipe.rundir.run import read_json
+from featurepipe.rundir.folder import read_json
 
 
 def _summary_block(summary: dict) -> str:

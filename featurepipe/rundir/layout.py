@@ -15,6 +15,8 @@ NESTED_FOLDS = "nested_folds.csv"
 NESTED_OOF = "nested_oof.csv"
 HOLDOUT = "holdout.csv"             # evaluate: the refit model on the validation/test split, when there is one
 HEAD_META = "best_head.json"
+HEAD_JOBLIB = "best_head.joblib"    # the best head, a scikit-learn one (best_head.json names it and its sha256)
+HEAD_KERAS = "best_head.keras"      # the best head, the Keras dense one
 VOTE = "vote"          # best_head.json's head when the run's model averages heads on several feature sets
 MEMBERS_DIR = "members"
 MODEL_META = "model.json"   # written by fine-tuning: the run's model, when there is one
@@ -47,6 +49,8 @@ BEST_WEIGHTS = "best.weights.npz"
 PRETRAINED_WEIGHTS = "pretrained.weights.npz"
 BACKUP_DIR = "backup"               # crash-safe epoch backups (training.checkpoints), one folder per phase
 BACKUP_RECORD = "latest.json"       # in a backup folder: which epoch file is the last whole one
+# finetune's weights as earlier versions named them: a fresh start clears them too.
+OLD_FINETUNE_WEIGHTS = ("best.weights.h5", "pretrained.weights.h5")
 
 # RUN/baseline/: the small convnet trained from scratch.
 BASELINE_DIR = "baseline"

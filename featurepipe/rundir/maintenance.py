@@ -8,8 +8,9 @@ from pathlib import Path
 from featurepipe.extraction.batches import parse_view_key
 from featurepipe.core.cachedirs import features_dir
 from featurepipe.store.refs import live_refs
-from featurepipe.rundir.run import fingerprints_used_by_runs
-from featurepipe.store.featurestore import FeatureStore, StoreInfo, gc_store, list_stores
+from featurepipe.rundir.folder import fingerprints_used_by_runs
+from featurepipe.store.featurestore import FeatureStore, StoreInfo, list_stores
+from featurepipe.store.gc import gc_store
 
 
 def list_cache(root: Path) -> list[StoreInfo]:

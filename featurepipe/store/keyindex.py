@@ -2,7 +2,7 @@
 
 The index was a dict of key -> (shard name, row): ~200 bytes of Python objects per key, ~13 MB at
 70,000 images, built by every command that reads a store (`features export` among them, whose
-memory must stay flat from 1,000 to 70,000 images: issue 14). Here the keys are one sorted array
+memory must stay flat from 1,000 to 70,000 images). Here the keys are one sorted array
 of fixed-width UTF-8 bytes beside two int32 arrays, and lookups are binary searches run on a chunk
 of keys at a time.
 """

@@ -14,10 +14,7 @@ import pandas as pd
 
 from featurepipe.core import columns
 from featurepipe.core.atomic import atomic_path, write_json
-
-
-def refs_dir(root: Path) -> Path:
-    return root / "refs"
+from featurepipe.core.cachedirs import refs_dir
 
 
 def record(root: Path, dataset, stores) -> None:

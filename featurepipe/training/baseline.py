@@ -30,10 +30,10 @@ from featurepipe.training.keras_fit import (
     quiet_retracing, save_model_atomic, tensorboard_callbacks, tidy_history,
 )
 from featurepipe.core.cachedirs import cache_root
-from featurepipe.rundir.run import BASELINE_DIR, new_run_dir
+from featurepipe.rundir.layout import BASELINE_DIR, BASELINE_MODEL, BASELINE_WEIGHTS, HISTORY, LOGS_DIR, SPLIT, SUMMARY
+from featurepipe.rundir.folder import new_run_dir
 from featurepipe.core.progress import ProgressCallback
 
-MODEL_FILE = "baseline.keras"
 LEARNING_RATE = 1e-3   # RMSprop's default, as in the blog post
 # Three valid 3x3 convs each followed by a 2x2 pool need at least this many pixels.
 MIN_IMAGE_SIZE = 22
@@ -102,12 +102,12 @@ def baseline(
         split, classes, image_size, "squash", progress)
     check_batch_size(len(x_train), batch_size)
 
-    run_dir = new_run_dir(cache_root(cache_dir), dataset.source, "baseline", run_dir)  # issue 12: refuses a user's folder
+    run_dir = new_run_dir(cache_root(cache_dir), dataset.source, "baseline", run_dir)  # refuses a user's folder
     out = run_dir / BASELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("history.csv", "best.weights.h5"):
+    for stale in (HISTORY, BASELINE_WEIGHTS):
         (out / stale).unlink(missing_ok=True)
-    write_json(out / "split.json", split.to_json())
+    write_json(out / SPLIT, split.to_json())
 
     mixed = gpu_available()
     keras.utils.set_random_seed(seed)
@@ -116,14 +116,14 @@ def baseline(
         model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=LEARNING_RATE),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=bool(mixed))
         sequence = AugmentedImages(x_train, y_train, train_rows["hash"], batch_size, seed)
-        best_path = out / "best.weights.h5"
+        best_path = out / BASELINE_WEIGHTS
         model.fit(sequence, validation_data=(x_val, y_val), validation_batch_size=batch_size, epochs=epochs,
                   verbose=0, callbacks=[
                       EpochHooks(sequence, progress, "baseline", epochs),
                       keras.callbacks.ModelCheckpoint(str(best_path), monitor="val_loss", save_best_only=True,
                                                       save_weights_only=True),
-                      HistoryLogger(str(out / "history.csv")),
-                      *tensorboard_callbacks(run_dir / "logs" / BASELINE_DIR),
+                      HistoryLogger(str(out / HISTORY)),
+                      *tensorboard_callbacks(run_dir / LOGS_DIR / BASELINE_DIR),
                       *callbacks,
                   ])
         if best_path.exists():
@@ -134,9 +134,9 @@ def baseline(
     with dtype_policy(False):
         twin = build_small_convnet(image_size, len(classes))
         twin.set_weights(weights)
-    model_path = out / MODEL_FILE
+    model_path = out / BASELINE_MODEL
     digest = save_model_atomic(twin, model_path)
-    history = tidy_history(out / "history.csv")
+    history = tidy_history(out / HISTORY)
     best = best_row(history)
     result = BaselineReport(
         run_dir=run_dir, after=after, epochs_run=int(len(history)),
@@ -144,13 +144,13 @@ def baseline(
         seconds=time.perf_counter() - started, image_size=image_size, train_images=int(len(x_train)),
         val_images=int(len(x_val)), validation=split.source, trainable_params=n_trainable, failed=failed,
     )
-    write_json(out / "summary.json", {
+    write_json(out / SUMMARY, {
         "after": after, "epochs": epochs, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "image_size": image_size, "resize": "squash", "batch_size": batch_size, "seed": seed,
         "optimizer": "rmsprop", "lr": LEARNING_RATE, "train_images": result.train_images,
         "val_images": result.val_images, "validation": split.source, "classes": classes,
         "dataset": str(Path(dataset.source)), "trainable_params": n_trainable, "mixed_precision": mixed,
-        "model": f"{BASELINE_DIR}/{MODEL_FILE}", "sha256": digest,
+        "model": f"{BASELINE_DIR}/{BASELINE_MODEL}", "sha256": digest,
         "failed": failed, "seconds": round(result.seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return result

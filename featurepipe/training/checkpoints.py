@@ -22,8 +22,7 @@ from featurepipe.core import atomic
 from featurepipe.core.atomic import write_json
 from featurepipe.core.atomic import TMP_PREFIX
 from featurepipe.core.hashcache import file_sha256
-
-LATEST = "latest.json"
+from featurepipe.rundir.layout import BACKUP_RECORD
 
 
 def save_weights_atomic(model, path: Path) -> str:
@@ -69,7 +68,7 @@ class EpochBackup(keras.callbacks.Callback):
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"epoch-{epoch:04d}.weights.h5"
         digest = save_weights_atomic(self.model, self.directory / name)
-        write_json(self.directory / LATEST, {"epoch": int(epoch), "file": name, "sha256": digest})
+        write_json(self.directory / BACKUP_RECORD, {"epoch": int(epoch), "file": name, "sha256": digest})
         for old in self.directory.glob("epoch-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -78,7 +77,7 @@ class EpochBackup(keras.callbacks.Callback):
 def read_backup(directory: Path) -> tuple[Optional[dict], Optional[str]]:
     """(record, None) for a usable backup; (None, None) when there is none (no epoch finished yet);
     (None, reason) when it is damaged."""
-    latest = Path(directory) / LATEST
+    latest = Path(directory) / BACKUP_RECORD
     if not latest.exists():
         return None, None
     try:

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from featurepipe.rundir.run import load_head, load_head_meta, vote_member_dirs
+from featurepipe.rundir.heads_io import load_head, load_head_meta, vote_member_dirs
+from featurepipe.rundir.layout import VOTE
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import FeaturepipeError
 
@@ -60,7 +61,7 @@ class Vote:
 def open_vote(run_dir: Path, trust_run: bool = False) -> Optional[Vote]:
     """The run's vote, or None when its model is a single head."""
     meta = load_head_meta(run_dir)
-    if meta.get("head") != "vote":
+    if meta.get("head") != VOTE:
         return None
     members = []
     for folder in vote_member_dirs(run_dir, meta, trust_run):

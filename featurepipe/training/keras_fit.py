@@ -23,7 +23,7 @@ from featurepipe.core import atomic
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.training.compare import scores
 from featurepipe.core.hashcache import file_sha256
-from featurepipe.data.images import AugmentPolicy, augment_image, view_rng
+from featurepipe.data.augment import AugmentPolicy, augment_image, view_rng
 from featurepipe.core.progress import report
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "ce", "val_ce"]

@@ -1,4 +1,7 @@
-"""Make tests/golden/: run directories written by featurepipe before the renovation."""
+"""Make tests/golden/: run directories written by featurepipe 0.1.0 (commit 60c9797, before the renovation).
+
+Runs against that version's flat modules, not today's: `git worktree add /tmp/old 60c9797`, then run this
+script from /tmp/old. Kept as the record of how the golden files were made."""
 import json, os, shutil, sys
 from pathlib import Path
 sys.path.insert(0, "/work/main")
@@ -18,22 +21,18 @@ for c, (name, colour) in enumerate(COLOURS.items()):
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 TINY2 = BackboneSpec(name="tiny2", weights="random", image_size=32)
 ds = scan(data, cache_dir=cache)
-evaluate(ds, SearchConfig(specs=(TINY,), heads=("logreg",), folds=2), cache, run_dir=out / "logreg", n_jobs=1)
-evaluate(ds, SearchConfig(specs=(TINY,), heads=("dense",), folds=2, grids={"dense": {"epochs": [3]}}),
-         cache, run_dir=out / "dense", n_jobs=1)
-evaluate(ds, SearchConfig(specs=(TINY,), heads=("knn", "ncm", "logreg"), folds=2, ensemble=3),
-         cache, run_dir=out / "ensemble", n_jobs=1)
-evaluate(ds, SearchConfig(heads=("logreg",), folds=2, specs=[TINY, TINY2]), cache, run_dir=out / "vote", n_jobs=1)
+evaluate(ds, TINY, cache, heads=("logreg",), folds=2, run_dir=out / "logreg", n_jobs=1)
+evaluate(ds, TINY, cache, heads=("dense",), folds=2, run_dir=out / "dense", n_jobs=1, grids={"dense": {"epochs": [3]}})
+evaluate(ds, TINY, cache, heads=("knn", "ncm", "logreg"), folds=2, run_dir=out / "ensemble", n_jobs=1, ensemble=3)
+evaluate(ds, TINY, cache, heads=("logreg",), folds=2, run_dir=out / "vote", n_jobs=1, specs=[TINY, TINY2])
 expected = {}
 for name in ("logreg", "dense", "ensemble", "vote"):
     r = predict(out / name, [data], top_k=1)
     expected[name] = {Path(p).name: list(map(float, row)) for p, row in zip(r.frame["path"], r.frame[[c for c in r.frame.columns if c.startswith("p[")]].to_numpy())}
 (out / "expected.json").write_text(json.dumps(expected, indent=0, sort_keys=True))
 from featurepipe.finetune import finetune
-from featurepipe.training.config import FinetuneConfig
-from featurepipe.evaluation.config import SearchConfig
 shutil.copytree(out / "logreg", out / "finetuned")
-res = finetune(out / "finetuned", FinetuneConfig(epochs=2, batch_size=4), cache_dir=cache)
+res = finetune(out / "finetuned", epochs=2, cache_dir=cache, batch_size=4)
 summary = json.load(open(out / "finetuned" / "finetune" / "summary.json"))
 (out / "finetuned" / "model.json").write_text(json.dumps(summary["model_json"], indent=2))
 shutil.rmtree(out / "finetuned" / "logs")
