@@ -75,9 +75,7 @@ from featurepipe.training.compare import compare, scores
 from featurepipe.training.config import FinetuneConfig
 from featurepipe.training.finetune_fit import _Fitting, _run_phases
 from featurepipe.training.finetune_options import (
-    DEFAULT_EPOCHS, DEFAULT_LABEL_SMOOTHING, DEFAULT_OPTIMIZER, DEFAULT_PATIENCE, DEFAULT_SCHEDULE,
-    DEFAULT_WARMUP_EPOCHS, DEFAULT_WEIGHT_DECAY, MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options,
-    pretrain_epochs,
+    MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options, pretrain_epochs,
 )
 from featurepipe.training.finetune_start import _start_from_head
 from featurepipe.training.finetune_state import (
@@ -127,7 +125,7 @@ class _Trained:
 
 
 
-def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_dir,
+def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
              progress: Optional[ProgressCallback]) -> Union["_Prepared", FinetuneReport]:
     """Read the run, choose or restore the split and options; a FinetuneReport when a finished
     fine-tuning with the same key is reused. Writes split.json and state.json for a fresh start."""
@@ -142,7 +140,7 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
     if vote is None:
         estimator, meta = load_head(run_dir)
     else:
-        if requested.get("strategy") == "head":
+        if requested.strategy == "head":
             raise FeaturepipeError(f"{run_dir}'s model is a vote over {len(vote.members)} feature sets; strategy "
                                    f"'head' would replace it with one frozen member. `featurepipe export` writes "
                                    f"the vote itself as one model")
@@ -158,8 +156,8 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
     state_path, split_path = out / STATE, out / SPLIT
     remove_temporaries(out)
 
-    state = _read_optional_json(state_path) if resume else None
-    if resume and state is not None and state.get("status") == "done":
+    state = _read_optional_json(state_path) if requested.resume else None
+    if requested.resume and state is not None and state.get("status") == "done":
         finished = _reusable(run_dir, state.get("key", ""))
         if finished is not None:
             return finished
@@ -178,14 +176,14 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
             state = None
         else:
             split = ImageSplit.from_json(split_data)
-    elif resume:
+    elif requested.resume:
         notes.append("no interrupted fine-tuning state found (it was stopped before writing state.json): started over")
     resuming = state is not None
 
     if resuming:
         options, key = state["options"], state["key"]
     else:
-        options = _options(**requested)
+        options = _options(requested)
         dataset = scan(config["dataset"]["source"], cache_dir=root, progress=progress)
         if list(dataset.classes) != classes:
             raise FeaturepipeError(
@@ -195,7 +193,7 @@ def _prepare(run_dir: Path, requested: dict, resume: bool, reuse: bool, cache_di
         # A vote's fine-tuning is judged against the vote: a different vote is a different fine-tuning.
         key_meta = meta if vote is None else {**meta, "sha256": f"{meta.get('sha256')}+vote:{vote.meta.get('hmac')}"}
         key = finetune_key(key_meta, config, split, options, spec, root)
-        if reuse:
+        if requested.reuse:
             finished = _reusable(run_dir, key)
             if finished is not None:
                 return finished
@@ -379,7 +377,7 @@ def finetune(
     logging). Three steps: _prepare (the run, the split, the options; reuse), _train, _save.
     """
     started = time.perf_counter()
-    prepared = _prepare(Path(run_dir), config.training_options(), config.resume, config.reuse, cache_dir, progress)
+    prepared = _prepare(Path(run_dir), config, cache_dir, progress)
     if isinstance(prepared, FinetuneReport):
         return prepared
     return _save(prepared, _train(prepared, progress, callbacks), started)

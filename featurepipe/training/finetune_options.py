@@ -1,8 +1,5 @@
-"""Fine-tuning's options and their defaults, checked in one place, and the report it returns.
-
-The defaults were chosen by measurement (benchmarks/finetune_gain.py; figures in the README);
-featurepipe.training.finetune describes the strategies.
-"""
+"""Fine-tuning's options as it records them (resolved from a FinetuneConfig, which owns the
+defaults and their checks), its fixed constants, and the report it returns."""
 
 from __future__ import annotations
 
@@ -10,24 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from featurepipe.core.errors import FeaturepipeError
+from featurepipe.training.config import FinetuneConfig
 
-STRATEGIES = ("head", "top-blocks", "fpt", "all")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
 # Early stopping and the best epoch follow the plain validation cross-entropy (val_loss includes
 # label smoothing, whose floor depends on the number of classes).
 MONITOR = "val_ce"
-# Defaults chosen by measurement (benchmarks/finetune_gain.py; figures in the README). The seeds'
-# VGG recipe (SGD 1e-4 momentum 0.9, constant rate, one block) stays available by options.
-DEFAULT_OPTIMIZER = "adamw"
+# The peak rate when --lr is not given (the other defaults are FinetuneConfig's).
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
-DEFAULT_WEIGHT_DECAY = 1e-4
-DEFAULT_LABEL_SMOOTHING = 0.0
-DEFAULT_SCHEDULE = "cosine"
-DEFAULT_WARMUP_EPOCHS = 1
-DEFAULT_EPOCHS = 12
-DEFAULT_PATIENCE = 4
 # fpt: the head-only phase runs this many times the fine-tuning rate, for at most this many epochs.
 PRETRAIN_LR_FACTOR = 10.0
 PRETRAIN_MAX_EPOCHS = 5
@@ -68,28 +54,16 @@ class FinetuneReport:
         return data
 
 
-def _options(strategy, unfreeze_blocks, epochs, lr, optimizer, momentum, weight_decay, label_smoothing,
-             warmup_epochs, schedule, batch_size, patience, seed) -> dict:
-    if strategy not in STRATEGIES:
-        raise FeaturepipeError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if optimizer not in OPTIMIZERS:
-        raise FeaturepipeError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if schedule not in SCHEDULES:
-        raise FeaturepipeError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if (epochs < 1 or lr <= 0 or (unfreeze_blocks is not None and unfreeze_blocks < 0) or patience < 0
-            or batch_size < 1 or warmup_epochs < 0 or weight_decay < 0):
-        raise FeaturepipeError("--epochs and --batch-size must be >= 1, --lr > 0, --unfreeze-blocks, --patience, "
-                               "--warmup-epochs and --weight-decay >= 0")
-    if not 0 <= label_smoothing < 1:
-        raise FeaturepipeError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
-    if strategy == "fpt" and epochs < 2:
-        raise FeaturepipeError("strategy fpt needs --epochs 2 or more (head pre-training, then fine-tuning)")
-    return {"strategy": strategy, "unfreeze_blocks": None if unfreeze_blocks is None else int(unfreeze_blocks),
-            "epochs": int(epochs), "lr": float(lr), "optimizer": optimizer, "momentum": float(momentum),
-            "weight_decay": float(weight_decay), "label_smoothing": float(label_smoothing),
-            "warmup_epochs": int(warmup_epochs), "schedule": schedule, "batch_size": int(batch_size),
-            "patience": int(patience), "seed": int(seed)}
+def _options(config: FinetuneConfig) -> dict:
+    """The training options as state.json and the reuse key record them: FinetuneConfig checked
+    them when it was built; here the optimizer's default rate fills in a missing --lr."""
+    options = config.training_options()
+    lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
+    return {**options, "unfreeze_blocks": None if config.unfreeze_blocks is None else int(config.unfreeze_blocks),
+            "epochs": int(config.epochs), "lr": float(lr), "momentum": float(config.momentum),
+            "weight_decay": float(config.weight_decay), "label_smoothing": float(config.label_smoothing),
+            "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
+            "patience": int(config.patience), "seed": int(config.seed)}
 
 
 def pretrain_epochs(epochs: int) -> int:
