@@ -10,12 +10,14 @@ never end, so such paths get an error (a reason) instead of a hash, like unreada
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import sqlite3
 import stat as stat_module
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from featurepipe.core.errors import is_disk_full
 
@@ -43,10 +45,11 @@ def not_regular_reason(mode: int) -> Optional[str]:
     return f"{kind}, not a regular file (reading it could block or never end); skipped"
 
 
-def regular_file_sha256(path: str | os.PathLike, expected: Optional[os.stat_result] = None) -> str:
-    """sha256 of a regular file, refusing anything else without blocking: O_NONBLOCK makes opening a
-    FIFO return at once, and the check runs on the opened descriptor, so a path swapped for a FIFO
-    or a device between stat and open is refused too."""
+@contextlib.contextmanager
+def _regular_file(path: str | os.PathLike, expected: Optional[os.stat_result] = None) -> Iterator[BinaryIO]:
+    """A regular file opened for reading, refusing anything else without blocking: O_NONBLOCK makes
+    opening a FIFO return at once, and the check runs on the opened descriptor, so a path swapped for
+    a FIFO or a device between stat and open is refused too."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
@@ -57,9 +60,25 @@ def regular_file_sha256(path: str | os.PathLike, expected: Optional[os.stat_resu
             raise OSError(0, "the file was replaced while it was being read; run again")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            yield handle
     finally:
         os.close(fd)
+
+
+def regular_file_sha256(path: str | os.PathLike, expected: Optional[os.stat_result] = None) -> str:
+    """sha256 of a regular file (anything else refused without blocking, see _regular_file)."""
+    with _regular_file(path, expected) as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
+    """The whole content of a regular file, in one read, so that what is hashed and what is decoded
+    are the same bytes. OSError for anything but a regular file, and for one over `limit` bytes."""
+    with _regular_file(path) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
+    return data
 
 
 def path_key(path: str) -> str:

@@ -8,7 +8,9 @@ multi-second framework import and its thread pools.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import hashlib
 import io
 import os
 import re
@@ -16,13 +18,14 @@ import stat
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from featurepipe.backbones.spec import LETTERBOX_FILL, RESIZE_POLICIES
 from featurepipe.core.errors import ImageDecodeError
+from featurepipe.core.hashcache import read_regular_file
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,6 +52,24 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # still hard-refuses above 2x its own limit inside Image.open, so raising this past
 # 2 * PIL.Image.MAX_IMAGE_PIXELS also needs PIL's limit raised.
 MAX_PIXELS: int = 89_478_485
+# A file whose pixels will be filed under its content hash is read whole before decoding (read_checked).
+# Camera photos are a few MB; a 256 MiB image file is beyond any photo this tool is for, and the cap
+# keeps a huge non-image file from being read into memory.
+MAX_FILE_BYTES: int = 256 * 1024 * 1024
+# Why a file was not decoded when its bytes are no longer the ones the scan hashed.
+CHANGED_REASON = ("changed since the dataset was scanned (its bytes no longer match the content hash it was "
+                  "listed under); nothing was stored for it: run again to use its new content")
+# Reasons that describe the file system's state rather than the file's bytes: the next run may find
+# the file back, readable, or as it was scanned, so extract and the perceptual hashes never remember
+# them as the content hash's failure.
+# A file over MAX_FILE_BYTES is not read whole, so its bytes were never checked against the hash either.
+TRANSIENT_REASONS = ("file not found", "permission denied", "cannot access file", "is a directory",
+                     "not a regular file", "file too large", CHANGED_REASON.split(" (")[0])
+
+
+def is_transient(reason: str) -> bool:
+    """A decode failure that says nothing about the bytes (see TRANSIENT_REASONS)."""
+    return str(reason).startswith(TRANSIENT_REASONS)
 
 # RESIZE_POLICIES (the resize modes) is defined beside the backbone spec, whose fingerprint must not
 # import PIL; it is implemented here.
@@ -115,12 +136,13 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
 )
 
 
-def _not_image_reason(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError:
-        return "not a recognised image format"
+def _not_image_reason(path: str, head: Optional[bytes] = None) -> str:
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(256)
+        except OSError:
+            return "not a recognised image format"
     if _looks_like_text(head):
         # The usual culprit in scraped datasets: an HTML error page saved under an image name.
         return (
@@ -138,8 +160,35 @@ def _not_image_reason(path: str) -> str:
     return "not a recognised image format; the file may be misnamed, corrupt, or in a format Pillow cannot read"
 
 
-def _open(path: str) -> Image.Image:
-    """Open lazily (header only), turning every failure into an ImageDecodeError."""
+def read_checked(path: str, expect_sha256: str) -> bytes:
+    """The file's bytes, read once, when their sha256 is `expect_sha256`. The stores file every
+    decoded image under the content hash the scan gave its path; a file rewritten since (same path,
+    other bytes) would file another photo's features under that hash, for every later dataset holding
+    the original to reuse. Hashing the very bytes that are decoded rules that out; such a file is
+    refused with CHANGED_REASON (a transient reason: the next scan hashes the new bytes)."""
+    try:
+        data = read_regular_file(path, MAX_FILE_BYTES)
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(path, "is a directory, not an image file") from None
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise ImageDecodeError(path, f"file too large (over {MAX_FILE_BYTES:,} bytes) for an image; "
+                                         f"downscale or re-encode it") from None
+        raise ImageDecodeError(path, f"cannot access file: {e.strerror or e}") from None
+    if hashlib.sha256(data).hexdigest() != expect_sha256:
+        raise ImageDecodeError(path, CHANGED_REASON)
+    return data
+
+
+def _open(path: str, data: Optional[bytes] = None) -> Image.Image:
+    """Open lazily (header only), turning every failure into an ImageDecodeError. `data`: the file's
+    bytes when the caller already read them (read_checked); the path then only names the file."""
+    if data is not None:
+        return _open_image(path, io.BytesIO(data), data[:256])
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -154,15 +203,22 @@ def _open(path: str) -> Image.Image:
         raise ImageDecodeError(path, "not a regular file")
     if st.st_size == 0:
         raise ImageDecodeError(path, "empty file (0 bytes)")
+    return _open_image(path, path)
 
+
+def _open_image(path: str, source, head: Optional[bytes] = None) -> Image.Image:
+    """Image.open(source) for the file `path`, every failure an ImageDecodeError naming it; `head`:
+    its first bytes, when they are at hand, for saying what the file is instead of an image."""
+    if head is not None and not head:
+        raise ImageDecodeError(path, "empty file (0 bytes)")
     try:
-        img = Image.open(path)
+        img = Image.open(source)
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
     except PermissionError:
         raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(path, _not_image_reason(path)) from None
+        raise ImageDecodeError(path, _not_image_reason(path, head)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL refused inside Image.open (above 2x its own limit, or at 1x when warnings are
         # errors), before we could read the dimensions; its message still has the pixel count.
@@ -285,11 +341,13 @@ def _resize(img: Image.Image, size: int, resize: str) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _loaded_rgb(p: str, draft_side: int) -> Iterator[Image.Image]:
+def _loaded_rgb(p: str, draft_side: int, expect_sha256: Optional[str] = None) -> Iterator[Image.Image]:
     """The file's frame 0 fully decoded, EXIF-oriented and converted to RGB (alpha on white); every
     decoding failure is an ImageDecodeError naming the file. `draft_side`: JPEGs may decode at a
-    lower DCT scale as long as both sides stay >= it."""
-    with _open(p) as img:
+    lower DCT scale as long as both sides stay >= it. `expect_sha256`: decode only bytes with this
+    content hash (read_checked)."""
+    data = None if expect_sha256 is None else read_checked(p, expect_sha256)
+    with _open(p, data) as img:
         if isinstance(img, JpegImagePlugin.JpegImageFile):
             # DCT-domain downscaling by 1/2, 1/4 or 1/8 makes big photos several times cheaper
             # to decode. PIL picks the largest factor that keeps *both* sides >= the request, so
@@ -313,7 +371,8 @@ def _loaded_rgb(p: str, draft_side: int) -> Iterator[Image.Image]:
         yield rgb
 
 
-def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.ndarray:
+def decode_image(path: str | os.PathLike[str], size: int, resize: str,
+                 expect_sha256: Optional[str] = None) -> np.ndarray:
     """Decode an image file into a (size, size, 3) uint8 RGB array.
 
     resize: "squash" (whole image to size x size, aspect ratio ignored, as Keras
@@ -321,6 +380,8 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.nda
     "letterbox" (longer side to size, padded to a square with LETTERBOX_FILL grey).
     EXIF orientation is applied; alpha is composited on white; multi-frame files give frame 0.
     Raises ImageDecodeError (never a raw PIL/OS error) for any file that cannot be decoded.
+    `expect_sha256`: the content hash the pixels will be filed under; the file's bytes are read once
+    and checked against it (read_checked), so nothing else is decoded in their place.
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
@@ -329,7 +390,7 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str) -> np.nda
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
     p = os.fspath(path)
 
-    with _loaded_rgb(p, size) as rgb:
+    with _loaded_rgb(p, size, expect_sha256) as rgb:
         try:
             arr = np.array(_resize(rgb, size, resize), dtype=np.uint8)
         except _DECODE_ERRORS as e:
@@ -436,7 +497,8 @@ def _phash_of(grey: Image.Image) -> int:
 
 
 def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHASH_CROPS,
-                    trims: tuple[tuple[float, float, float, float], ...] = PHASH_TRIMS) -> tuple[int, ...]:
+                    trims: tuple[tuple[float, float, float, float], ...] = PHASH_TRIMS,
+                    expect_sha256: Optional[str] = None) -> tuple[int, ...]:
     """64-bit DCT perceptual hashes (pHash) of an image file, its central crops and trims, as unsigned ints.
 
     One hash per fraction in `crops` (1.0 = the whole image), then one per (left, top, right,
@@ -446,9 +508,10 @@ def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHA
 
     A flat image (one colour, whatever the colour) has no structure to hash: every flat image would
     get the same hash and look like a copy of every other. It gets the empty tuple: no hash.
+    `expect_sha256`: as for decode_image (the hashes are remembered by content hash).
     """
     p = os.fspath(path)
-    with _loaded_rgb(p, _PHASH_SIDE * 4) as rgb:   # DCT-domain downscale: a cheap decode
+    with _loaded_rgb(p, _PHASH_SIDE * 4, expect_sha256) as rgb:   # DCT-domain downscale: a cheap decode
         try:
             grey = rgb.convert("L")
         except _DECODE_ERRORS as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from featurepipe.core.errors import ImageDecodeError
-from featurepipe.data.images import perceptual_hash
+from featurepipe.data.images import is_transient, perceptual_hash
 from featurepipe.core.cachedirs import hash_db
 from featurepipe.core.progress import ProgressCallback, report
 
@@ -33,9 +33,11 @@ class PerceptualHashes:
     computed: int = 0                                       # decoded in this call (the rest came from the cache)
 
 
-def _compute(path: str) -> tuple[Optional[tuple[int, ...]], Optional[str]]:
+def _compute(item: tuple[str, str]) -> tuple[Optional[tuple[int, ...]], Optional[str]]:
+    digest, path = item
     try:
-        return perceptual_hash(path), None
+        # Only the bytes the scan hashed: the result is remembered under their content hash.
+        return perceptual_hash(path, expect_sha256=digest), None
     except ImageDecodeError as error:
         return None, error.reason
 
@@ -58,6 +60,8 @@ def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Pat
                 rows = db.execute(f"SELECT sha256, phash, error FROM phashes WHERE version = ? AND sha256 IN "
                                   f"({','.join('?' * len(chunk))})", [PHASH_VERSION, *chunk]).fetchall()
                 for digest, phash, error in rows:
+                    if phash is None and is_transient(error or ""):
+                        continue     # an older version remembered a missing or rewritten file: ask again
                     if phash is not None:
                         result.hashes[digest] = tuple(int(h, 16) for h in phash.split(",") if h)   # "": flat
                     else:
@@ -70,15 +74,16 @@ def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Pat
             fresh = []
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phash") as pool:
                 for n, ((digest, _), (phash, error)) in enumerate(
-                        zip(items, pool.map(_compute, [p for _, p in items])), 1):
+                        zip(items, pool.map(_compute, items)), 1):
                     if phash is not None:
                         result.hashes[digest] = phash
                     else:
                         result.failed[digest] = error
-                    fresh.append((digest, PHASH_VERSION, None if phash is None else ",".join(f"{h:016x}" for h in phash), error))
+                    if phash is not None or not is_transient(error):   # a missing or rewritten file: ask again next time
+                        fresh.append((digest, PHASH_VERSION, None if phash is None else ",".join(f"{h:016x}" for h in phash), error))
                     if n % 64 == 0:
                         report(progress, "phash", n, len(items), "")
-            result.computed = len(fresh)
+            result.computed = len(items)
             if db is not None:
                 with db:
                     db.executemany("INSERT OR REPLACE INTO phashes VALUES (?, ?, ?, ?)", fresh)

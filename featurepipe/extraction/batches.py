@@ -118,7 +118,7 @@ class BatchOutcome:
 def decode_item(path: str, content_hash: str, keys: Sequence[str], spec: BackboneSpec,
                 policy: Optional[AugmentPolicy], augment_seed: int) -> list[tuple[str, np.ndarray]]:
     """The images of one content hash: the original and/or its augmented views, as (key, pixels)."""
-    image = decode_image(path, spec.image_size, spec.resize)
+    image = decode_image(path, spec.image_size, spec.resize, expect_sha256=content_hash)
     out = []
     for key in keys:
         if is_view_key(key):

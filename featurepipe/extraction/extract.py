@@ -28,8 +28,8 @@ from featurepipe.extraction.executors.choose import current_executor
 # FeatureStores/open_stores live in features.py (reading the stores needs no extraction); imported
 # here too because extract fills exactly those stores, and callers open them through either module.
 from featurepipe.extraction.features import FeatureStores, open_stores  # noqa: F401
-from featurepipe.core.hashcache import regular_file_sha256
 from featurepipe.data.augment import AugmentSpec
+from featurepipe.data.images import is_transient
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.store.featurestore import FeatureStore
@@ -193,25 +193,9 @@ def _first_paths(images: pd.DataFrame, hashes) -> dict[str, str]:
     return {h: p for h, p in zip(columns.each(images["hash"]), columns.each(images["path"])) if h in hashes}
 
 
-# Reasons decode_image gives for the file system's state rather than the file's bytes: the next run
-# may find the file back, readable, or replaced, so they are never remembered.
-_IO_REASONS = ("file not found", "permission denied", "cannot access file", "is a directory", "not a regular file")
-
-
 def remembered_failures(store: FeatureStore) -> dict[str, str]:
-    """The store's remembered decode failures, less any I/O failure an older version recorded."""
-    return {h: reason for h, reason in store.failures().items() if not str(reason).startswith(_IO_REASONS)}
-
-
-def failure_is_permanent(path: str, content_hash: str, reason: str) -> bool:
-    """Remember a decode failure only when it is a property of the bytes: not an I/O error, and the
-    file still holds exactly the bytes that were hashed (else the failure belongs to other bytes)."""
-    if reason.startswith(_IO_REASONS):
-        return False
-    try:
-        return regular_file_sha256(path) == content_hash
-    except OSError:
-        return False
+    """The store's remembered decode failures, less any transient one an older version recorded."""
+    return {h: reason for h, reason in store.failures().items() if not is_transient(reason)}
 
 
 def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original_writer,
@@ -256,7 +240,7 @@ def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original
                 writer.add(part.keys, part.features, name=batch.shard_name)
         if outcome.failures:
             permanent = {h: reason for h, reason in outcome.failures.items()
-                         if failure_is_permanent(first_path[h], h, reason)}
+                         if not is_transient(reason)}
             if permanent:
                 original_writer.add_failures(permanent)
             for content_hash, reason in outcome.failures.items():
