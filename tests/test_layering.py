@@ -23,7 +23,7 @@ LAYERS = [
     ("report",),
     ("pipeline",),
     ("cli",),
-    ("__init__", "__main__", "api"),
+    ("__init__", "__main__"),
     ("dense_head",),   # 0.1.0's import path of a pickled class, kept so old pickles load
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}

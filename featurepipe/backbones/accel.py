@@ -2,7 +2,7 @@
 
 Batch size and thread count only change float round-off (tests hold features equal to 1e-5 across
 them), so they are chosen per machine. A precision policy other than float32 changes features by
-~1e-3 relative, so extract gives it its own store fingerprint (see extract.open_stores) and rows
+~1e-3 relative, so extract gives it its own store fingerprint (see extraction.features.open_stores) and rows
 computed under different policies never mix.
 """
 

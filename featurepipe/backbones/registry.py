@@ -72,7 +72,7 @@ class BackboneInfo:
     block_key: Optional[str] = None
     block_end: Optional[str] = None
     # How many registry blocks (from the top) the default fine-tuning trains: a number, or
-    # () -> number when it depends on the architecture (see combined_model.default_unfreeze_blocks).
+    # () -> number when it depends on the architecture (see heads.combined.default_unfreeze_blocks).
     top_blocks: Union[int, Callable[[], int]] = 1
     description: str = ""
 

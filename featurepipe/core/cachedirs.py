@@ -49,7 +49,7 @@ INSPECTIONS = "inspections"      # `inspect` outside a run, and its remembered r
 DEDUP = "dedup"                  # near-duplicate groupings, keyed by what they depend on (data.dedup)
 REPORT_CHARTS = "report-charts"  # charts drawn from the same data, signed (report)
 ENTRIES = (FEATURES, WEIGHTS, HASH_DB, RUNS, REFS, EVALUATIONS, INSPECTIONS, DEDUP, REPORT_CHARTS)
-# Rebuilt on demand: deleting them costs recomputation, never results (`make clean` removes them).
+# Rebuilt on demand: deleting them costs recomputation, never results.
 DERIVED = (EVALUATIONS, INSPECTIONS, DEDUP, REPORT_CHARTS)
 
 

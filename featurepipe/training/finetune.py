@@ -23,7 +23,7 @@ re-estimate ImageNet batch statistics, and their drift would wreck the pre-train
 
 Honest before/after: the frozen head and the fine-tuned model score the SAME validation images
 (the dataset's validation split, or 20% of train held out, with the head refit without them) and
-finetune_compare decides, image by image, whether the change is beyond noise. Only then does the
+training.compare decides, image by image, whether the change is beyond noise. Only then does the
 fine-tuned model become the run's model (RUN_DIR/model.json); otherwise the frozen best head stays
 the run's model and the summary says why. A test split is scored once at the end, never for a choice.
 

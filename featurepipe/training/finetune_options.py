@@ -36,11 +36,11 @@ class FinetuneReport:
     validation: str = "validation"    # "validation": the dataset's split; "holdout": 20% of train
     head_source: str = "run"          # "run": the run's best head; "refit": refit without the holdout
     resumed_from_epoch: Optional[int] = None   # 1-based first epoch of this call when resuming
-    improved: bool = False            # beyond noise on the same validation images (finetune_compare)
+    improved: bool = False            # beyond noise on the same validation images (training.compare)
     failed: list[dict] = field(default_factory=list)
     kept: str = "frozen"              # the run's model now: "finetuned" (model.json) | "frozen" (best head)
     reason: str = ""                  # why it was (not) kept
-    decision: dict = field(default_factory=dict)   # finetune_compare.compare's evidence
+    decision: dict = field(default_factory=dict)   # training.compare.compare's evidence
     test: Optional[dict] = None       # the test split, scored once at the end (frozen and fine-tuned)
     unfreeze_blocks: Optional[int] = None           # registry blocks trained (None: all)
     seconds_per_epoch: Optional[float] = None       # median over this call's epochs
