@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from featurepipe.backbones.spec import LETTERBOX_FILL, RESIZE_POLICIES
-from featurepipe.core.errors import ImageDecodeError
+from featurepipe.core.errors import ImageDecodeError, UsageError
 from featurepipe.core.hashcache import read_regular_file
 
 T = TypeVar("T")
@@ -384,10 +384,10 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str,
     and checked against it (read_checked), so nothing else is decoded in their place.
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+        raise UsageError(f"size must be a positive int, got {size!r}")
     size = int(size)
     if resize not in RESIZE_POLICIES:
-        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+        raise UsageError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
     p = os.fspath(path)
 
     with _loaded_rgb(p, size, expect_sha256) as rgb:
@@ -523,7 +523,7 @@ def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHA
     out = []
     for fraction in crops:
         if not 0 < fraction <= 1:
-            raise ValueError(f"crop fractions must be in (0, 1], got {fraction}")
+            raise UsageError(f"crop fractions must be in (0, 1], got {fraction}")
         w, h = width * fraction, height * fraction
         left, top = (width - w) / 2.0, (height - h) / 2.0
         region = grey if fraction == 1 else grey.crop((int(left), int(top), int(round(left + w)), int(round(top + h))))
@@ -531,7 +531,7 @@ def perceptual_hash(path: str | os.PathLike[str], crops: tuple[float, ...] = PHA
     for cut in trims:
         left, top, right, bottom = cut
         if not (all(0 <= f < 1 for f in cut) and left + right < 1 and top + bottom < 1):
-            raise ValueError(f"trims cut fractions in [0, 1) off each side, leaving something; got {cut}")
+            raise UsageError(f"trims cut fractions in [0, 1) off each side, leaving something; got {cut}")
         box = (int(left * width), int(top * height), int(round(width * (1 - right))), int(round(height * (1 - bottom))))
         out.append(_phash_of(grey.crop(box)))
     return tuple(out)
