@@ -25,7 +25,7 @@ from featurepipe.data.dedup import (DEFAULT_HAMMING, complete_linkage, find_dupl
 from featurepipe.core.errors import DatasetError, ImageDecodeError
 from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.data.edits import apply_fixes
-from featurepipe.data.images import perceptual_hash
+from featurepipe.data.phash import perceptual_hash
 from featurepipe.inspection.inspect import LABEL_C, inspect_dataset, oof_from_cv, oof_from_run
 from featurepipe.inspection.label_issues import knn_outliers, label_issues
 from featurepipe.inspection.learning_curve import learning_curve

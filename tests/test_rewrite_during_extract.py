@@ -20,7 +20,8 @@ from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import ImageDecodeError
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.data.dataset import scan
-from featurepipe.data.images import decode_image, perceptual_hash
+from featurepipe.data.images import decode_image
+from featurepipe.data.phash import perceptual_hash
 from featurepipe.extraction.extract import extract, open_stores
 from tests.conftest import COLOURS, REPO, make_image
 

@@ -11,7 +11,7 @@ it was trained on. Three kinds of evidence mark a pair of images as copies:
 - Hamming distance of their 64-bit perceptual hashes <= `hamming_threshold`, which catches
   resized / re-encoded copies whatever backbone extracted the features; the distance is the
   smallest between one image's whole-image hash and the other's hashes of its central 100/90/80%
-  and of its 16 off-centre trims (images.PHASH_TRIMS), so cropped copies match too, centred or not;
+  and of its 16 off-centre trims (phash.PHASH_TRIMS), so cropped copies match too, centred or not;
 - both moderately close (Hamming <= JOINT_HAMMING and cosine >= JOINT_COSINE) and each other's
   nearest neighbour in feature space: heavily degraded copies (shrunk, cropped and re-encoded at
   once) that neither test alone is sure of; here too the feature distance must be below
@@ -142,7 +142,7 @@ def find_duplicates(
     """Every pair of rows that are copies by content hash, feature cosine or perceptual hash.
 
     `phashes[i]` is row i's hashes (whole image first, then central crops and trims; see
-    images.perceptual_hash) or None / () when it has none (the perceptual tests are skipped for it).
+    phash.perceptual_hash) or None / () when it has none (the perceptual tests are skipped for it).
     `joint` = (max Hamming, min cosine) for pairs close on both; None turns that rule off.
     """
     X = np.asarray(X)

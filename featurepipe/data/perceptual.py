@@ -1,6 +1,6 @@
 """Perceptual hashes of a dataset's images, computed once per content hash and kept in the cache.
 
-The hash itself is `images.perceptual_hash` (the one place that decodes pixels); this module only
+The hash itself is `phash.perceptual_hash` (decoding through data.images); this module only
 remembers it in a small table of the cache's hashes.sqlite, keyed by content hash, so a second
 `inspect` or `evaluate` decodes nothing. A file that fails to decode is remembered with its
 reason and gets no hash (it appears in no analysis).
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from featurepipe.core.errors import ImageDecodeError
-from featurepipe.data.images import is_transient, perceptual_hash
+from featurepipe.data.images import is_transient
+from featurepipe.data.phash import perceptual_hash
 from featurepipe.core.cachedirs import hash_db
 from featurepipe.core.progress import ProgressCallback, report
 
