@@ -2,7 +2,6 @@
 how evaluate/run use them."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -25,6 +24,7 @@ from featurepipe.data.dedup import (DEFAULT_HAMMING, complete_linkage, find_dupl
 from featurepipe.core.errors import DatasetError, ImageDecodeError
 from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.data.edits import apply_fixes
+from featurepipe.core.hashcache import file_sha256
 from featurepipe.data.phash import perceptual_hash
 from featurepipe.inspection.inspect import LABEL_C, inspect_dataset, oof_from_cv, oof_from_run
 from featurepipe.inspection.label_issues import knn_outliers, label_issues
@@ -98,10 +98,12 @@ def test_flat_images_get_no_perceptual_hash_and_are_not_copies_of_each_other(tmp
     # placeholder were reported as copies across classes.
     for name, colour in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("px", (9, 9, 9))):
         Image.new("RGB", (40, 30) if name != "px" else (1, 1), colour).save(tmp_path / f"{name}.png")
-    hashes = perceptual_hashes({n: str(tmp_path / f"{n}.png") for n in ("red", "green", "px")}, tmp_path / "cache")
-    assert hashes.hashes == {"red": (), "green": (), "px": ()} and not hashes.failed
-    again = perceptual_hashes({"red": str(tmp_path / "red.png")}, tmp_path / "cache")   # () survives the cache
-    assert again.hashes == {"red": ()} and again.computed == 0
+    # keyed by content hash, as scan gives them (the hashes are checked against the bytes decoded)
+    digest = {n: file_sha256(tmp_path / f"{n}.png") for n in ("red", "green", "px")}
+    hashes = perceptual_hashes({digest[n]: str(tmp_path / f"{n}.png") for n in digest}, tmp_path / "cache")
+    assert hashes.hashes == {digest[n]: () for n in digest} and not hashes.failed
+    again = perceptual_hashes({digest["red"]: str(tmp_path / "red.png")}, tmp_path / "cache")   # () survives the cache
+    assert again.hashes == {digest["red"]: ()} and again.computed == 0
     X = np.random.default_rng(0).normal(size=(3, 16))                                   # features: unrelated
     report = find_duplicates(X, ["a", "b", "c"], [(), (), ()])
     assert report.pairs.empty
@@ -119,12 +121,13 @@ def test_perceptual_hashes_are_cached_per_content_and_failures_remembered(tmp_pa
     good = _photo(tmp_path / "a.png", 1)
     bad = tmp_path / "b.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    first = perceptual_hashes({"h1": str(good), "h2": str(bad)}, tmp_path / "cache")
-    assert set(first.hashes) == {"h1"} and set(first.failed) == {"h2"} and first.computed == 2
+    h1, h2 = file_sha256(good), file_sha256(bad)
+    first = perceptual_hashes({h1: str(good), h2: str(bad)}, tmp_path / "cache")
+    assert set(first.hashes) == {h1} and set(first.failed) == {h2} and first.computed == 2
     import featurepipe.data.perceptual as perceptual
 
-    monkeypatch.setattr(perceptual, "perceptual_hash", lambda p: (_ for _ in ()).throw(AssertionError("decoded")))
-    second = perceptual_hashes({"h1": str(good), "h2": str(bad)}, tmp_path / "cache")
+    monkeypatch.setattr(perceptual, "perceptual_hash", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    second = perceptual_hashes({h1: str(good), h2: str(bad)}, tmp_path / "cache")
     assert second.hashes == first.hashes and second.failed == first.failed and second.computed == 0
 
 
