@@ -319,3 +319,38 @@ def test_a_heads_revision_is_part_of_every_cached_fit(monkeypatch, tmp_path):
     bumped = dataclasses.replace(heads.HEADS["logreg"], revision=heads.HEADS["logreg"].revision + 1)
     monkeypatch.setitem(heads.HEADS, "logreg", bumped)
     assert run_cv(table, ["logreg"], n_folds=3, cache_dir=tmp_path, n_jobs=1).fitted == first.fitted
+
+
+def test_two_heads_cannot_end_in_the_same_class():
+    """A fitted estimator finds its entry by its last step's class: a second head ending in the same
+    class would take the first one's converter and save format."""
+    entry = HeadEntry("logreg_twin", lambda params, seed: None, {}, "ends like logreg",
+                      final_step=HEADS["logreg"].final_step)
+    with pytest.raises(UsageError, match="ends in LogisticRegression, as head 'logreg' does"):
+        register_head(entry)
+    assert "logreg_twin" not in HEADS
+
+
+def test_a_module_dropped_into_the_heads_folder_is_a_head_with_no_other_edit(tmp_path):
+    """Adding a built-in head is one file with one decorator: featurepipe.heads imports every module of
+    its folder. Checked on a copy of the package with one more file, in a fresh process."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import featurepipe
+
+    package = Path(featurepipe.__file__).parent
+    shutil.copytree(package, tmp_path / "featurepipe", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "featurepipe" / "heads" / "extra.py").write_text(
+        "from sklearn.dummy import DummyClassifier\n"
+        "from featurepipe.heads.registry import register_head\n\n\n"
+        "@register_head('extra', default_grid={}, description='a head from a file dropped into the folder')\n"
+        "def _extra(params, seed):\n"
+        "    return DummyClassifier(strategy='prior')\n")
+    code = "import featurepipe.heads as h; print(h.__file__); print(h.head_names())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PATH": "", "PYTHONPATH": str(tmp_path)}).stdout.splitlines()
+    assert out[0].startswith(str(tmp_path))
+    assert out[1] == str((*head_names(), "extra"))

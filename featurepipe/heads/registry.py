@@ -101,6 +101,13 @@ def register_head(entry: HeadEntry | str, *, replace: bool = False, **fields) ->
     if current is not None and current is not entry and not replace:
         raise UsageError(f"a head named {entry.name!r} is already registered; pass replace=True to replace "
                          f"it, or choose another name")
+    # A fitted estimator finds its entry (its Keras converter, its save format) by the class of its last
+    # step, so two heads must not end in the same class.
+    twin = next((e for e in HEADS.values() if e.name != entry.name and entry.final_step
+                 and e.final_step == entry.final_step), None)
+    if twin is not None:
+        raise UsageError(f"head {entry.name!r} ends in {entry.final_step}, as head {twin.name!r} does; fitted "
+                         f"estimators are told apart by that class, so give {entry.name!r} its own final class")
     HEADS[entry.name] = entry
     return entry
 
