@@ -145,3 +145,150 @@ def test_damaged_keys_are_named_by_extract_and_run_with_the_fix(tmp_path):
     done = _cli("extract", data, *TINY_ARGS, "--cache-dir", cache, "--json")
     assert done.returncode == 0 and '"extracted": 8' in done.stdout, _said(done)
 
+
+
+# ---- item 7: a full disk at every sqlite write, a read-only cache root ---------------------------------------
+
+# The CLI with sqlite's writes failing as on a full disk: every connection is wrapped so that the
+# statements whose verbs are in $FULL_AT raise what sqlite raises then ("database or disk is full").
+FULL_SQLITE = """
+import os, sqlite3
+verbs = set(os.environ["FULL_AT"].split(","))
+real = sqlite3.connect
+
+def full(sql):
+    if sql.split()[0].upper() in verbs:
+        raise sqlite3.OperationalError("database or disk is full")
+
+class Full:
+    def __init__(self, db): self._db = db
+    def __getattr__(self, name): return getattr(self._db, name)
+    def __enter__(self): self._db.__enter__(); return self
+    def __exit__(self, *exc): return self._db.__exit__(*exc)
+    def execute(self, sql, *args): full(sql); return self._db.execute(sql, *args)
+    def executemany(self, sql, *args): full(sql); return self._db.executemany(sql, *args)
+
+sqlite3.connect = lambda *args, **kwargs: Full(real(*args, **kwargs))
+""" + CLI
+
+# The CLI with the cache root read-only, as a read-only mount makes it (root ignores chmod, so the
+# tests cannot rely on it): an audit hook refuses every write, rename, link and removal under it with
+# EROFS, and h5py (whose C library opens files itself) may only read there.
+READ_ONLY = """
+import errno, os, sys
+root = os.path.realpath(os.environ["READ_ONLY"])
+
+def inside(path):
+    try:
+        return os.path.realpath(os.fsdecode(path)).startswith(root)
+    except TypeError:
+        return False
+
+def refuse(path):
+    raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+
+WRITES = {"os.remove", "os.rename", "os.link", "os.mkdir", "os.rmdir", "os.utime", "os.chmod", "os.symlink", "os.truncate"}
+
+def hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)) and inside(args[0]):
+        mode, flags = args[1], args[2]
+        if (mode and any(c in mode for c in "wax+")) or (mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            refuse(args[0])
+    elif event in WRITES and args and isinstance(args[0], (str, bytes, os.PathLike)) and inside(args[0]):
+        if not (event == "os.mkdir" and os.path.isdir(os.fsdecode(args[0]))):
+            refuse(args[0])
+
+sys.addaudithook(hook)
+import h5py
+real = h5py.File
+def read_only_file(name, mode="r", *args, **kwargs):
+    if mode != "r" and inside(name):
+        refuse(name)
+    return real(name, mode, *args, **kwargs)
+h5py.File = read_only_file
+""" + CLI
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("full_at", ["CREATE,DROP", "INSERT"])
+def test_a_full_disk_at_every_sqlite_write_is_one_line_and_keeps_the_features(tmp_path, full_at):
+    """Creating the tables (a new cache) or adding rows: the old code's scan died with a sqlite traceback
+    when the hash cache's table could not be created, and dedup's perceptual hashes whenever theirs
+    could not be written. The content-hash cache only warns (hashes are still right, just not
+    remembered); the perceptual one stops with the one line, and the features committed stay."""
+    data, cache = _photos(tmp_path / "data"), tmp_path / "cache"
+    scanned = _cli("extract", data, *TINY_ARGS, "--cache-dir", cache, child=FULL_SQLITE, env={"FULL_AT": full_at})
+    _no_traceback(scanned)
+    assert scanned.returncode == 0, _said(scanned)[-3000:]
+    done = _cli("run", data, *TINY_ARGS, "--quick", "--run-dir", tmp_path / "run", "--cache-dir", cache,
+                child=FULL_SQLITE, env={"FULL_AT": full_at})
+    _no_traceback(done)
+    said = done.stderr.replace("\n", "")
+    assert done.returncode == 2, _said(done)[-3000:]
+    assert f"no space left on the disk holding {cache / 'hashes.sqlite'}" in said and "intact" in said, said
+    store = open_stores(TINY, cache).originals
+    assert len(store.keys()) == 8 and store.verify() == []
+
+
+def test_a_read_only_cache_root_is_one_line_for_gc_and_extract_and_changes_nothing(tmp_path):
+    """Extracting new images into, and `cache gc` of, a read-only cache root: tracebacks before."""
+    data, cache, _ = _one_shard_store(tmp_path)
+    scan(_photos(tmp_path / "more", seed=7), cache_dir=cache)    # hashes of the new photos, remembered
+    before = _snapshot(cache)
+    for args in (["extract", tmp_path / "more", *TINY_ARGS], ["cache", "gc"]):
+        done = _cli(*args, "--cache-dir", cache, child=READ_ONLY, env={"READ_ONLY": str(cache)})
+        _no_traceback(done)
+        said = done.stderr.replace("\n", "")
+        assert done.returncode == 2 and f"cannot write to {cache}" in said and "intact" in said, _said(done)[-3000:]
+    assert _snapshot(cache) == before
+
+
+# ---- low: gc --dry-run, --cache-dir FILE, --groups-from missing ----------------------------------------------
+
+
+def test_gc_dry_run_changes_nothing_on_disk(tmp_path):
+    """The old dry run took the writer: it settled incoming/, swept temporaries and compacted a store of
+    over 32 shards. Now not a byte nor an mtime of the cache changes, and the answer is the real gc's."""
+    from typer.testing import CliRunner
+
+    from featurepipe.cli.app import app
+
+    data, cache = _photos(tmp_path / "data", n=20), tmp_path / "cache"
+    extract(scan(data, cache_dir=cache), TINY, cache, batch_size=1)
+    for path in sorted((data / "red").iterdir())[:5]:
+        path.unlink()                                                       # 5 rows nothing uses now
+    extract(scan(data, cache_dir=cache), TINY, cache)                       # the ref now holds 35 images
+    store = open_stores(TINY, cache).originals
+    (store.directory / "shards" / ".tmp-killed-writer.h5").write_bytes(b"half a shard")   # a writer sweeps it
+    before = _snapshot(cache)
+    result = CliRunner().invoke(app, ["cache", "gc", "--dry-run", "--cache-dir", str(cache)])
+    assert result.exit_code == 0 and "would remove 0 store(s), 5 row(s)" in result.stdout, result.output
+    assert _snapshot(cache) == before
+    result = CliRunner().invoke(app, ["cache", "gc", "--cache-dir", str(cache)])
+    assert result.exit_code == 0 and "removed 0 store(s), 5 row(s)" in result.stdout, result.output
+
+
+def test_a_cache_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from featurepipe.cli.app import app
+
+    not_a_folder = tmp_path / "cache.txt"
+    not_a_folder.write_text("mine")
+    for args in (["cache", "ls"], ["cache", "gc"], ["cache", "verify"]):
+        result = CliRunner().invoke(app, [*args, "--cache-dir", str(not_a_folder)])
+        assert result.exit_code == 2 and "is not a folder" in result.stderr, (args, result.output, result.exception)
+    assert not_a_folder.read_text() == "mine"
+
+
+def test_a_missing_groups_from_file_is_named(tmp_path):
+    from featurepipe.core.errors import FeaturepipeError
+    from featurepipe.data.dataset import load_groups
+
+    dataset = scan(_photos(tmp_path / "data"), cache_dir=tmp_path / "cache")
+    with pytest.raises(FeaturepipeError, match=r"--groups-from .*nope\.csv: no such file"):
+        load_groups(dataset, tmp_path / "nope.csv")
