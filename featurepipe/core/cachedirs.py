@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from featurepipe.core.errors import UsageError
+
 CACHE_ENV = "FEATUREPIPE_CACHE"
 
 
@@ -16,7 +18,11 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     else:
         root = Path("cache")
     root = root.expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"the cache root {root} is not a folder; pass --cache-dir (or set ${CACHE_ENV} to) "
+                         f"a folder") from None
     return root
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 
 class FeaturepipeError(Exception):
     """Base class; the CLI prints these without a traceback and exits non-zero. Anything else that
@@ -54,11 +58,17 @@ class DiskFullError(FeaturepipeError):
     """No space left (or quota exceeded) while writing: says where, and that nothing committed was lost."""
 
 
+class NotWritableError(FeaturepipeError):
+    """A folder featurepipe must write to is read-only (or not this user's): says where, and that nothing
+    committed was lost."""
+
+
 class TrustError(FeaturepipeError):
     """A run's artefact is not one this user's featurepipe wrote (copied from elsewhere, or edited)."""
 
 
 _DISK_FULL_ERRNOS = {28, 122}   # ENOSPC, EDQUOT
+_READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -75,3 +85,45 @@ def disk_full(error: BaseException, where) -> DiskFullError:
         f"no space left on the disk holding {where} ({str(error).strip().splitlines()[0] if str(error).strip() else error!r}); "
         f"free some space (or point --cache-dir / --out at another disk) and run again: "
         f"everything written before this point is intact")
+
+
+def is_read_only(error: BaseException) -> bool:
+    """True for a write refused because the place is read-only or not ours: OSError with errno (h5py's
+    with the text only), or sqlite's 'attempt to write a readonly database'."""
+    if isinstance(error, OSError) and error.errno in _READ_ONLY_ERRNOS:
+        return True
+    text = str(error).lower()
+    return "readonly database" in text or "read-only file system" in text or "permission denied" in text
+
+
+def not_writable(error: BaseException, where) -> NotWritableError:
+    reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [repr(error)])[0]
+    return NotWritableError(
+        f"cannot write to {where} ({reason}): it is read-only or not yours; make it writable (or point "
+        f"--cache-dir / --out at a folder you can write) and run again: everything written before this point is intact")
+
+
+def write_failure(error: BaseException, where) -> Optional[FeaturepipeError]:
+    """The one-line error for a write that failed for lack of space or permission, else None (a bug,
+    or damage, which keeps its own handling)."""
+    if is_disk_full(error):
+        return disk_full(error, where)
+    if is_read_only(error):
+        return not_writable(error, where)
+    return None
+
+
+@contextmanager
+def writing_to(where) -> Iterator[None]:
+    """Around a stage that writes under WHERE (a cache root, a sqlite file): a full disk or a read-only
+    folder, from the OS, h5py or sqlite, becomes DiskFullError / NotWritableError naming the file the
+    OS named (else WHERE). Everything else passes unchanged."""
+    try:
+        yield
+    except FeaturepipeError:
+        raise
+    except Exception as error:
+        failure = write_failure(error, getattr(error, "filename", None) or where)
+        if failure is None:
+            raise
+        raise failure from None

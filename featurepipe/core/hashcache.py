@@ -19,7 +19,7 @@ import stat as stat_module
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Optional
 
-from featurepipe.core.errors import is_disk_full
+from featurepipe.core.errors import not_writable, write_failure
 
 _TABLE = "file_hashes"
 _SCHEMA = (f"CREATE TABLE IF NOT EXISTS {_TABLE} (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
@@ -95,7 +95,8 @@ class HashCache:
     """A sqlite table under the cache root; sqlite's own journaling keeps it intact through a kill.
 
     It is only a cache: a damaged file is deleted and rebuilt (said in `warnings`), and a write that
-    fails for lack of space is skipped (the hashes are still right, just not remembered)."""
+    fails for lack of space or permission (a full disk, a read-only cache root), creating the table
+    included, is skipped and said once in `warnings` (the hashes are still right, just not remembered)."""
 
     def __init__(self, db_path: Optional[Path], rehash: bool = False):
         self._db: Optional[sqlite3.Connection] = None
@@ -107,7 +108,8 @@ class HashCache:
             try:
                 self._connect()
             except sqlite3.DatabaseError as error:
-                self._recover(error)
+                if not self._unwritable(error):
+                    self._recover(error)
 
     def _connect(self) -> None:
         self._db = sqlite3.connect(str(self._path), timeout=60)
@@ -115,6 +117,20 @@ class HashCache:
             # The first schema keyed by (path, size, mtime) only; its rows cannot be trusted under the new rule.
             self._db.execute("DROP TABLE IF EXISTS hashes")
             self._db.execute(_SCHEMA)
+
+    def _unwritable(self, error: sqlite3.DatabaseError) -> bool:
+        """A full disk or a read-only cache root (creating the table, or remembering hashes): the hashes
+        are still right, only not remembered, so hashing goes on without the table and says so once."""
+        failure = write_failure(error, self._path)
+        if failure is None and "unable to open database file" in str(error) and not os.access(self._path.parent, os.W_OK):
+            failure = not_writable(error, self._path.parent)     # sqlite cannot create the file in a read-only folder
+        if failure is None:
+            return False
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self.warnings.append(f"file hashes are not remembered this time (computed again next time): {failure}")
+        return True
 
     def _recover(self, error: sqlite3.DatabaseError) -> None:
         if getattr(error, "sqlite_errorcode", None) not in _CORRUPT and type(error) is not sqlite3.DatabaseError:
@@ -179,9 +195,7 @@ class HashCache:
             with self._db:
                 self._db.executemany(f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.DatabaseError as error:
-            if is_disk_full(error):
-                self.warnings.append(f"no space left to remember file hashes in {self._path}; they are computed "
-                                     f"again next time")
+            if self._unwritable(error):
                 return
             self._recover(error)
             if self._db is not None:

@@ -424,6 +424,8 @@ def _groups_from_names(paths: list[str], regex: re.Pattern) -> list[Optional[str
 
 def load_groups(dataset: Dataset, manifest: str | os.PathLike) -> Dataset:
     """Take group ids from a manifest (columns path,group), matching rows by path or file name."""
+    if not Path(manifest).is_file():
+        raise DatasetError(f"--groups-from {manifest}: no such file; pass a CSV with columns path,group")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     if not {"path", "group"} <= set(table.columns):
         raise DatasetError(f"{manifest}: a groups manifest needs columns path,group; found {', '.join(table.columns)}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from featurepipe.core.errors import ImageDecodeError
+from featurepipe.core.errors import ImageDecodeError, not_writable, writing_to
 from featurepipe.data.images import is_transient
 from featurepipe.data.phash import perceptual_hash
 from featurepipe.core.cachedirs import hash_db
@@ -43,15 +43,33 @@ def _compute(item: tuple[str, str]) -> tuple[Optional[tuple[int, ...]], Optional
         return None, error.reason
 
 
+def _open(db_path: Path) -> sqlite3.Connection:
+    """The table, created if need be; a full disk or a read-only cache root is one line naming the file
+    (DiskFullError / NotWritableError from core.errors), not a sqlite traceback."""
+    try:
+        db = sqlite3.connect(str(db_path), timeout=60)
+    except sqlite3.OperationalError as error:
+        if not os.access(db_path.parent, os.W_OK):
+            raise not_writable(error, db_path.parent) from None   # sqlite cannot create it in a read-only folder
+        raise
+    try:
+        with writing_to(db_path):
+            db.execute(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Path] = None,
                       threads: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> PerceptualHashes:
     """pHash of one file per content hash; cached in CACHE/hashes.sqlite when `cache_root` is given."""
     result = PerceptualHashes({})
     db = None
     if cache_root is not None:
+        db_path = hash_db(cache_root)
         Path(cache_root).mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(hash_db(cache_root)), timeout=60)
-        db.execute(_SCHEMA)
+        db = _open(db_path)
     try:
         todo = dict(paths_by_hash)
         if db is not None and todo:
@@ -86,7 +104,7 @@ def perceptual_hashes(paths_by_hash: Mapping[str, str], cache_root: Optional[Pat
                         report(progress, "phash", n, len(items), "")
             result.computed = len(items)
             if db is not None:
-                with db:
+                with writing_to(db_path), db:
                     db.executemany("INSERT OR REPLACE INTO phashes VALUES (?, ?, ?, ?)", fresh)
             report(progress, "phash", len(items), len(items), "done")
     finally:

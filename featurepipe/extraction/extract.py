@@ -31,6 +31,7 @@ from featurepipe.extraction.features import FeatureStores, open_stores  # noqa: 
 from featurepipe.data.augment import AugmentSpec
 from featurepipe.data.images import is_transient
 from featurepipe.core.cachedirs import cache_root
+from featurepipe.core.errors import writing_to
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.store.featurestore import FeatureStore
 
@@ -92,10 +93,20 @@ def extract(
     """Extract what is missing; batches run on EXECUTOR (default: the current one, see
     featurepipe.extraction.executors.choose), and only this process commits them to the store.
     batch_size None: 32 on a CPU, the largest of 256/128/64/32 that fits on a GPU (see accel).
-    precision: a Keras dtype policy ("mixed_float16" is ~2x faster on recent GPUs), stored apart."""
+    precision: a Keras dtype policy ("mixed_float16" is ~2x faster on recent GPUs), stored apart.
+    A full disk or a read-only cache root is one line naming the file (core.errors.writing_to); the
+    batches committed before it stay."""
+    root = cache_root(cache_dir)
+    with writing_to(root):
+        return _extract(dataset, spec, root, augment, batch_size, decode_threads, lock_timeout, progress, executor,
+                        precision)
+
+
+def _extract(dataset: Dataset, spec: BackboneSpec, root: Path, augment: AugmentSpec | int,
+             batch_size: Optional[int], decode_threads: Optional[int], lock_timeout: float,
+             progress: Optional[ProgressCallback], executor: Optional[Executor], precision: str) -> ExtractReport:
     started = time.perf_counter()
     executor = executor or current_executor()
-    root = cache_root(cache_dir)
     augment = AugmentSpec.of(augment)   # count, policy and seed of the views (a bare int: the count)
     stores = open_stores(spec, root, augment, precision)
     spec = stores.spec

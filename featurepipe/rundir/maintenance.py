@@ -7,6 +7,7 @@ from pathlib import Path
 
 from featurepipe.extraction.batches import parse_view_key
 from featurepipe.core.cachedirs import features_dir
+from featurepipe.core.errors import writing_to
 from featurepipe.store.refs import live_refs
 from featurepipe.rundir.folder import fingerprints_used_by_runs
 from featurepipe.store.featurestore import FeatureStore, StoreInfo, list_stores
@@ -27,6 +28,12 @@ class VerifyResult:
 
 
 def verify_cache(root: Path, repair: bool = False) -> VerifyResult:
+    # --repair deletes and rewrites: a read-only or full cache is one line (core.errors.writing_to).
+    with writing_to(root):
+        return _verify_cache(root, repair)
+
+
+def _verify_cache(root: Path, repair: bool) -> VerifyResult:
     result = VerifyResult()
     unopenable: dict[str, str] = {}
     for store in list_stores(features_dir(root), problems=unopenable):
@@ -60,7 +67,13 @@ def gc_cache(root: Path, dry_run: bool = False) -> GcResult:
 
     Each store's fate is decided while holding its write lock, from the references as they are at
     that moment: `extract` records its dataset's reference before it takes the lock, so every row
-    written before the decision is referred to, and none can be written between decision and deletion."""
+    written before the decision is referred to, and none can be written between decision and deletion.
+    A read-only or full cache is one line naming where (core.errors.writing_to); `dry_run` writes nothing."""
+    with writing_to(root):
+        return _gc_cache(root, dry_run)
+
+
+def _gc_cache(root: Path, dry_run: bool) -> GcResult:
     result = GcResult(dry_run=dry_run)
     _, stale = live_refs(root)
     result.refs_removed = len(stale)

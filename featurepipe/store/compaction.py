@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import h5py
 import numpy as np
 
 from featurepipe.core.atomic import fsync_dir
-from featurepipe.store.shards import shard_len
+from featurepipe.store.shards import shard_keys as keys_of, shard_len
 
 
 def compact(store, keep: Optional[set[str]] = None) -> None:
@@ -33,8 +32,7 @@ def compact(store, keep: Optional[set[str]] = None) -> None:
         seen = set()
         for shard in shards:
             if shard not in old:
-                with h5py.File(shard, "r") as handle:
-                    seen.update(handle["keys"].asstr()[()].tolist())
+                seen.update(keys_of(shard).tolist())
     else:
         old, seen = shards, set()
     keys: list[str] = []

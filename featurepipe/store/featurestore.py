@@ -44,8 +44,8 @@ from featurepipe.store import compaction, integrity
 from featurepipe.store.integrity import parse_spec, rebuild_spec
 from featurepipe.store.keyindex import KeyIndex
 from featurepipe.store.lock import store_lock
-from featurepipe.store.shards import (SCHEMA_VERSION, check_shard, committed_shards, move_shard, publish_shard,
-                                      read_shard, unreadable_shard)
+from featurepipe.store.shards import (SCHEMA_VERSION, SHARD_READ_ERRORS, check_shard, committed_shards, move_shard,
+                                      publish_shard, read_shard, shard_keys, unreadable_shard)
 
 COMPACT_AT = 32          # shard count above which a writer merges shards when it finishes
 # Compaction writes shards of at most this many bytes of features (~3,300 rows of 1,280-d), so
@@ -134,11 +134,6 @@ class FeatureStore:
                 return KeyIndex.build(self._shard_keys())
             except FileNotFoundError:
                 time.sleep(0.05 * (attempt + 1))
-            except (OSError, KeyError) as error:
-                raise StoreCorruptError(
-                    f"a shard of {self.directory} cannot be read ({error}); run `featurepipe cache verify --repair` "
-                    f"to drop damaged shards (their images are re-extracted on the next run)"
-                ) from None
         raise StoreError(f"{self.directory} kept changing while being read; try again")
 
     def _key_index(self) -> KeyIndex:
@@ -148,8 +143,9 @@ class FeatureStore:
 
     def _shard_keys(self) -> Iterator[tuple[str, np.ndarray]]:
         for shard in self._shard_paths():
-            with h5py.File(shard, "r") as handle:
-                yield shard.name, handle["keys"][()]        # UTF-8 bytes, as stored
+            # A damaged shard is named here, by every command that reads the store (extract and `cache ls`
+            # included), rather than surfacing as a codec error wherever one of its keys is decoded.
+            yield shard.name, shard_keys(shard, raw=True)        # UTF-8 bytes, as stored
 
     def keys(self) -> set[str]:
         return set(self._key_index())
@@ -207,7 +203,7 @@ class FeatureStore:
                     return span if high - low == len(rows) and (np.diff(rows) == 1).all() else span[rows - low]
                 wanted, where = np.unique(rows, return_inverse=True)   # h5py takes increasing indices
                 return handle["features"][wanted][where]
-        except (OSError, KeyError) as error:
+        except SHARD_READ_ERRORS as error:
             raise unreadable_shard(path, error) from None
 
     def _read_shard(self, path: Path, check: bool = True) -> tuple[np.ndarray, np.ndarray]:

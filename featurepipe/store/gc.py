@@ -50,15 +50,21 @@ def gc_store(store: FeatureStore, decide: Callable[[FeatureStore], Optional[set[
     """(removed whole store?, rows dropped) with the decision taken under the store's lock.
 
     `decide(store)` runs while the lock is held, so no writer can add rows between it and the
-    deletion; it returns None to remove the store, else the set of keys to keep."""
+    deletion; it returns None to remove the store, else the set of keys to keep.
+
+    A dry run only reads: it takes no writer (whose start and end settle incoming/, sweep temporary
+    files and compact a store of many shards), so not a byte or an mtime of the cache changes. Its
+    answer is what a gc would do at that moment; rows written meanwhile only make the real gc keep more."""
+    if dry_run:
+        keep = decide(store)
+        return (True, 0) if keep is None else (False, len(store.keys() - keep))
     with store.writer(timeout=timeout):
         keep = decide(store)
         if keep is None:
-            if not dry_run:
-                _remove_locked(store)
+            _remove_locked(store)
             return True, 0
         before = store.keys()
         dropped = len(before - keep)
-        if dropped and not dry_run:
+        if dropped:
             store._compact(keep=keep)
         return False, dropped

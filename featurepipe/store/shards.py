@@ -33,8 +33,34 @@ def shard_digest(keys: np.ndarray, features: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+# What h5py (and decoding the keys) raises on a damaged file: OSError for most broken structures, KeyError
+# for a lost dataset, ValueError (UnicodeDecodeError among them) for keys that are not UTF-8 any more,
+# RuntimeError / TypeError / IndexError for metadata that no longer makes sense. Reading a shard is
+# only ever one of the small blocks below, so each becomes "this shard is damaged", naming it.
+SHARD_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError)
+
+
 def unreadable_shard(path: Path, error: Exception) -> StoreCorruptError:
-    return StoreCorruptError(f"{path} cannot be read ({error}); run `featurepipe cache verify --repair` to drop it")
+    if isinstance(error, UnicodeDecodeError):
+        why = "a key is not valid UTF-8 any more: damaged bytes"
+    else:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return StoreCorruptError(f"{path} is damaged and cannot be read ({why}); run `featurepipe cache verify --repair` "
+                             f"to drop it, and its images are re-extracted on the next run")
+
+
+def read_keys(handle: h5py.File, path: Path, raw: bool = False) -> np.ndarray:
+    """The shard's keys, checked to be UTF-8 (str objects, or with `raw` the stored UTF-8 bytes, which is
+    what the key index takes). A damaged byte inside a key is a damaged shard, named, not a codec error
+    from wherever the key happens to be decoded later."""
+    try:
+        if not raw:
+            return np.asarray(handle["keys"].asstr()[()], dtype=object)
+        keys = handle["keys"][()]
+        b"".join(keys.tolist()).decode("utf-8")    # one call checks every key
+        return keys
+    except SHARD_READ_ERRORS as error:
+        raise unreadable_shard(path, error) from None
 
 
 def damaged_shard(path: Path) -> StoreCorruptError:
@@ -56,8 +82,8 @@ def fingerprint_from_shards(directory: Path) -> Optional[tuple[str, dict]]:
                 payload = handle.attrs.get("payload")
             if isinstance(fingerprint, str) and isinstance(payload, str):
                 return fingerprint, json.loads(payload)
-        except (OSError, ValueError):
-            continue
+        except SHARD_READ_ERRORS:
+            continue      # a damaged shard records nothing; verify names it
     return None
 
 
@@ -67,28 +93,39 @@ def shard_dims(directory: Path) -> set[int]:
         try:
             with h5py.File(shard, "r") as handle:
                 dims.add(int(handle["features"].shape[1]))
-        except (OSError, KeyError, IndexError):
+        except SHARD_READ_ERRORS:
             continue
     return dims
+
+
+def shard_keys(path: Path, raw: bool = False) -> np.ndarray:
+    """The keys of the shard at PATH (see read_keys); a damaged shard is a StoreCorruptError naming it.
+    FileNotFoundError passes: a compaction may have removed the shard since it was listed."""
+    try:
+        with h5py.File(path, "r") as handle:
+            return read_keys(handle, path, raw)
+    except FileNotFoundError:
+        raise
+    except SHARD_READ_ERRORS as error:
+        raise unreadable_shard(path, error) from None
 
 
 def shard_len(path: Path) -> int:
     try:
         with h5py.File(path, "r") as handle:
             return int(handle["keys"].shape[0])
-    except (OSError, KeyError) as error:
+    except SHARD_READ_ERRORS as error:
         raise unreadable_shard(path, error) from None
 
 
 def read_shard(path: Path, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
     try:
         with h5py.File(path, "r") as handle:
-            keys = handle["keys"].asstr()[()]
+            keys = read_keys(handle, path)
             features = handle["features"][()]
             expected = handle.attrs.get("sha256")
-    except (OSError, KeyError) as error:
+    except SHARD_READ_ERRORS as error:
         raise unreadable_shard(path, error) from None
-    keys = np.asarray(keys, dtype=object)
     if check and expected != shard_digest(keys, features):
         raise damaged_shard(path)
     return keys, features
@@ -100,14 +137,14 @@ def check_shard(path: Path, block_rows: int = 256) -> None:
     with 256-row blocks, more than 1.3 MB of it at 1,280-d)."""
     try:
         with h5py.File(path, "r") as handle:
-            keys = handle["keys"].asstr()[()]
+            keys = read_keys(handle, path)
             expected = handle.attrs.get("sha256")
             digest = hashlib.sha256()
-            digest.update("\n".join(np.asarray(keys, dtype=object).tolist()).encode())
+            digest.update("\n".join(keys.tolist()).encode())
             dataset = handle["features"]
             for start in range(0, dataset.shape[0], block_rows):
                 digest.update(np.ascontiguousarray(dataset[start:start + block_rows], dtype=np.float32))
-    except (OSError, KeyError) as error:
+    except SHARD_READ_ERRORS as error:
         raise unreadable_shard(path, error) from None
     if expected != digest.hexdigest():
         raise damaged_shard(path)
