@@ -150,11 +150,15 @@ class _Scope:
         return Path(os.path.realpath(candidate) if os.path.islink(candidate) else candidate)
 
     def outside(self, path: Path, real: Optional[Path] = None) -> Optional[Path]:
-        """The real location of `path` when it lies outside the dataset (and that is not allowed), else None."""
+        """The real location of `path` when it is a file or folder outside the dataset (and that is not
+        allowed), else None. A link to something that holds no data to read (a device, a FIFO, nothing
+        at all) is left to the per-file checks, which skip it without reading it (hashcache)."""
         if self.allowed:
             return None
         real = self.real(path) if real is None else real
-        return None if real == self.root or self.root in real.parents else real
+        if real == self.root or self.root in real.parents:
+            return None
+        return real if real.is_file() or real.is_dir() else None
 
     def refuse(self, where: str, path, target: Path) -> None:
         self.refused.append(f"{where}{path} is a symbolic link (or lies in a linked folder) to {target}")
