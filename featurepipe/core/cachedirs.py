@@ -1,11 +1,17 @@
-"""Where featurepipe keeps its cache: `--cache-dir`, else $FEATUREPIPE_CACHE, else ./cache."""
+"""Where featurepipe keeps its cache: `--cache-dir`, else $FEATUREPIPE_CACHE, else ./cache.
+
+Every cache root holds a small marker file (MARKER), so that a scan recognises featurepipe's own
+cache wherever it lies inside a dataset (`cd DATA && featurepipe run .` puts ./cache there) and
+leaves it out instead of taking its charts for a class.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from featurepipe.core.errors import UsageError
+from featurepipe.core import atomic
+from featurepipe.core.errors import DiskFullError, NotWritableError, UsageError
 
 CACHE_ENV = "FEATUREPIPE_CACHE"
 
@@ -23,7 +29,32 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"the cache root {root} is not a folder; pass --cache-dir (or set ${CACHE_ENV} to) "
                          f"a folder") from None
+    mark_cache_root(root)
     return root
+
+
+# Not one of ENTRIES: it holds nothing to clean or collect; a hidden name, so no scan takes it for
+# an image or a class either.
+MARKER = ".featurepipe-cache"
+MARKER_TEXT = ("This folder is a featurepipe cache root (features, runs, charts...). featurepipe's scans\n"
+               "leave it out of any dataset it lies in.\n")
+
+
+def mark_cache_root(root: Path) -> None:
+    """Write the marker in `root` unless it is there. Best effort: a read-only cache root (or a full
+    disk) still works as a cache; only a scan of a dataset around it then lacks the hint."""
+    marker = Path(root) / MARKER
+    if marker.exists():
+        return
+    try:
+        atomic.write_text(marker, MARKER_TEXT)
+    except (OSError, DiskFullError, NotWritableError):
+        pass
+
+
+def is_cache_root(folder: Path) -> bool:
+    """Whether `folder` is a featurepipe cache root (it holds the marker)."""
+    return (Path(folder) / MARKER).is_file()
 
 
 def features_dir(root: Path) -> Path:

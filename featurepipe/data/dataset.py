@@ -2,6 +2,24 @@
 
 Labels, splits and paths live here and only here; features are keyed by content hash, so renaming
 a file or fixing a label never recomputes a feature.
+
+What a scan reads is confined to the dataset: the manifest's own folder, or DATA. Symbolic links
+are resolved and a file whose real location lies outside is refused (the scan fails naming the
+link, its target and `--allow-outside-root`) before anything opens it: a dataset someone hands you
+(an archive can hold links) must not be able to feed ~/private/photo.jpg into a report's thumbnails
+or make featurepipe read /etc/shadow. Links that stay inside are followed as before. Folder layouts
+obey the same rule as manifests because the threat is the same; a user who builds DATA from links
+into a photo library says so once with the option.
+
+featurepipe's own cache (a folder holding core.cachedirs.MARKER, or the cache root the scan is
+given) is left out wherever it lies inside DATA, with a warning: `cd DATA && featurepipe run .`
+puts ./cache there, and its charts must not become a class.
+
+Class names are the labels every CSV, labels.txt, JSON file and terminal line carries: a name with a
+control character (a line break splits labels.txt and CSV rows) is refused at the scan, and names
+that are the same text in another Unicode normalisation (café as NFC and NFD: the same on screen)
+are an error naming both; names that differ only by case are a warning (letters datasets have
+`A` and `a` on purpose).
 """
 
 from __future__ import annotations
@@ -10,6 +28,7 @@ import contextvars
 import csv
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import contextmanager
@@ -22,7 +41,7 @@ from featurepipe.core import columns
 from featurepipe.core.errors import DatasetError
 from featurepipe.core.hashcache import HashCache, path_key
 from featurepipe.data.images import IMAGE_EXTENSIONS
-from featurepipe.core.cachedirs import hash_db
+from featurepipe.core.cachedirs import CACHE_ENV, hash_db, is_cache_root
 from featurepipe.core.progress import ProgressCallback, report
 
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
@@ -65,12 +84,14 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(directory: Path) -> tuple[list[Path], int]:
-    """Image files under `directory` in a stable order, and how many other (hidden, non-image) files were skipped."""
+def walk_images(directory: Path, scope: Optional["_Scope"] = None) -> tuple[list[Path], int]:
+    """Image files under `directory` in a stable order, and how many other (hidden, non-image) files were skipped.
+    With a `scope` (a dataset scan), featurepipe's cache folders are left out and noted there."""
     images: list[Path] = []
     ignored = 0
     for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d)
+                             and not (scope is not None and scope.is_cache(Path(dirpath) / d)))
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if _is_hidden(name) or not _is_image(path):
@@ -80,8 +101,80 @@ def walk_images(directory: Path) -> tuple[list[Path], int]:
     return images, ignored
 
 
-def _subdirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_dir() and not _is_hidden(p.name))
+def _subdirs(directory: Path, scope: Optional["_Scope"] = None) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not _is_hidden(p.name)
+                  and not (scope is not None and scope.is_cache(p)))
+
+
+# Line and paragraph breaks and every other control character: labels.txt holds one class a line, and
+# the csv module (3.11) leaves a lone \r unquoted.
+_CONTROL = ("Cc", "Zl", "Zp")
+
+
+def _control_character(label: str) -> Optional[str]:
+    """The first control character of `label`, as an escape (e.g. '\\n'), or None."""
+    bad = next((ch for ch in label if unicodedata.category(ch) in _CONTROL), None)
+    return None if bad is None else ascii(bad)[1:-1]
+
+
+class _Scope:
+    """What one scan may read: files whose real location (links resolved) lies under the dataset's
+    real folder, unless outside reads are allowed; and which folders inside are featurepipe's cache.
+
+    Each folder is resolved once (os.path.realpath costs an lstat per path component); a file itself
+    costs one lstat, to see whether it is a link."""
+
+    def __init__(self, root: Path, allowed: bool, cache_dir: Optional[Path]) -> None:
+        self.root = Path(os.path.realpath(root))
+        self.allowed = allowed
+        self.cache = Path(os.path.realpath(cache_dir)) if cache_dir is not None else None
+        self.caches: list[Path] = []          # cache folders left out, in the order met
+        self.refused: list[str] = []          # one line per file or folder that leads outside
+        self.origin: dict[str, str] = {}      # label -> where it came from (class folder, manifest line)
+        self._real_dirs: dict[str, str] = {}
+
+    def is_cache(self, folder: Path) -> bool:
+        if not (is_cache_root(folder) or (self.cache is not None and Path(os.path.realpath(folder)) == self.cache)):
+            return False
+        if folder not in self.caches:
+            self.caches.append(folder)
+        return True
+
+    def real(self, path: Path) -> Path:
+        """Where `path` really is: its folder resolved once per folder, the file itself when it is a link."""
+        parent = str(path.parent)
+        real_parent = self._real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._real_dirs[parent] = os.path.realpath(parent)
+        candidate = os.path.join(real_parent, path.name)
+        return Path(os.path.realpath(candidate) if os.path.islink(candidate) else candidate)
+
+    def outside(self, path: Path, real: Optional[Path] = None) -> Optional[Path]:
+        """The real location of `path` when it is a file or folder outside the dataset (and that is not
+        allowed), else None. A link to something that holds no data to read (a device, a FIFO, nothing
+        at all) is left to the per-file checks, which skip it without reading it (hashcache)."""
+        if self.allowed:
+            return None
+        real = self.real(path) if real is None else real
+        if real == self.root or self.root in real.parents:
+            return None
+        return real if real.is_file() or real.is_dir() else None
+
+    def refuse(self, where: str, path, target: Path) -> None:
+        self.refused.append(f"{where}{path} is a symbolic link (or lies in a linked folder) to {target}")
+
+    def check(self, what: str) -> None:
+        """Fail naming the first refused link (and how many more), its target and the option."""
+        if self.refused:
+            more = f" (and {len(self.refused) - 1} more like it)" if len(self.refused) > 1 else ""
+            raise DatasetError(
+                f"{self.refused[0]}{more}, outside {what} {self.root}; featurepipe does not follow links out of "
+                f"a dataset, and opened nothing there. Copy the file(s) in, or allow it: "
+                f"`featurepipe --allow-outside-root COMMAND ...` (or scan(..., allow_outside_root=True))")
+
+    def warnings(self) -> list[str]:
+        return [f"{folder} is featurepipe's cache folder, not part of the dataset: left out of the scan (keep the "
+                f"cache outside the dataset with --cache-dir or ${CACHE_ENV})" for folder in self.caches]
 
 
 # Rows are gathered into small tables of ROWS_CHUNK rows (pandas' Arrow strings under pandas 3), and
@@ -142,15 +235,28 @@ class _Rows:
         return pd.DataFrame({n: _concat([t[n] for t in tables]) for n in self.names}, columns=list(self.names))
 
 
-def _scan_class_folders(root: Path, split: str, rows: _Rows, warnings: list[str]) -> int:
+def _scan_class_folders(root: Path, split: str, rows: _Rows, warnings: list[str], scope: _Scope) -> int:
     ignored = sum(1 for p in root.iterdir() if p.is_file())
-    for class_dir in _subdirs(root):
-        images, skipped = walk_images(class_dir)
+    for class_dir in _subdirs(root, scope):
+        label = class_dir.name
+        bad = _control_character(label)
+        if bad is not None:
+            raise DatasetError(f"class folder {class_dir!r} has a control character ({bad}) in its name, which would "
+                               f"break labels.txt and the CSVs; rename the folder")
+        target = scope.outside(class_dir, Path(os.path.realpath(class_dir)))
+        if target is not None:
+            scope.refuse("class folder ", class_dir, target)   # nothing under it is listed, let alone opened
+            continue
+        images, skipped = walk_images(class_dir, scope)
         ignored += skipped
         if not images:
             warnings.append(f"class folder {class_dir} has no images; it is left out")
-        label = class_dir.name
+        scope.origin.setdefault(label, f"class folder {class_dir}")
         for p in images:
+            target = scope.outside(p)
+            if target is not None:
+                scope.refuse("", p, target)
+                continue
             rows.add(str(p), label, split, None)
     return ignored
 
@@ -214,7 +320,8 @@ def _inside(path: Path, root: Path) -> bool:
     return normal == root or root in normal.parents
 
 
-def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool = False) -> pd.DataFrame:
+def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool = False,
+                   scope: Optional[_Scope] = None) -> pd.DataFrame:
     """The manifest's usable rows (path, label, split, group), warnings appended in line order."""
     header, lines = _read_manifest_rows(manifest)
     missing = {"path", "label"} - set(header)
@@ -224,6 +331,7 @@ def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool
             f"found {', '.join(header) or 'none'}"
         )
     base = Path(os.path.normpath(manifest.parent))
+    scope = scope if scope is not None else _Scope(base, allow_outside_root, None)
     outside: list[str] = []
     # Every listed row goes into compact columns with its line and whether its file exists; repeats
     # and missing files are settled on the whole path column afterwards, so no dict of every path
@@ -236,11 +344,22 @@ def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool
         if not record["path"].strip() or not label:
             notes.append((line, f"{manifest}:{line}: empty path or label; row left out"))
             continue
+        bad = _control_character(label)
+        if bad is not None:
+            raise DatasetError(f"{manifest}:{line}: label {label!r} has a control character ({bad}), which would "
+                               f"break labels.txt and the CSVs; fix the label")
         path = Path(record["path"].strip())
         path = Path(os.path.normpath(path if path.is_absolute() else base / path))
         if not allow_outside_root and not _inside(path, base):
             outside.append(f"{manifest}:{line}: {record['path'].strip()}")
             continue
+        # Inside by name, but a link (or a linked folder on the way) may lead out: resolved before
+        # anything opens the file (exists() below only stats it, and only when it stays inside).
+        target = scope.outside(path)
+        if target is not None:
+            scope.refuse(f"{manifest}:{line}: ", record["path"].strip(), target)
+            continue
+        scope.origin.setdefault(label, f"label {label!r} ({manifest}:{line})")
         split = SPLIT_NAMES.get((record.get("split") or "train").strip().lower())
         if split is None:
             raise DatasetError(f"{manifest}:{line}: unknown split {record['split']!r}; use train, validation or test")
@@ -251,6 +370,7 @@ def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool
             f"{outside[0]} lies outside the manifest's folder {base}{more}; featurepipe only "
             f"reads files under it unless you allow it: `featurepipe --allow-outside-root COMMAND ...` "
             f"(or scan(..., allow_outside_root=True))")
+    scope.check("the manifest's folder")
     table = listed.table()
     repeat = columns.duplicated(table["path"], keep="first")
     if repeat.any():
@@ -274,8 +394,8 @@ def _scan_manifest(manifest: Path, warnings: list[str], allow_outside_root: bool
     return table if keep.all() else table[keep].reset_index(drop=True)
 
 
-def _detect_layout(root: Path) -> str:
-    names = {p.name.lower() for p in _subdirs(root)}
+def _detect_layout(root: Path, scope: Optional[_Scope] = None) -> str:
+    names = {p.name.lower() for p in _subdirs(root, scope)}
     split_dirs = names & set(SPLIT_NAMES)
     if split_dirs and split_dirs == names:
         return "splits"
@@ -285,6 +405,28 @@ def _detect_layout(root: Path) -> str:
             f"({', '.join(sorted(names - split_dirs))}); use either DATA/<class>/ or DATA/<split>/<class>/"
         )
     return "folders"
+
+
+def _check_names(classes: list[str], origin: dict[str, str], warnings: list[str]) -> None:
+    """Names that are one text in two Unicode normalisations are an error (indistinguishable on screen,
+    merging them silently would change the results); names equal but for case are a warning."""
+    def where(label: str) -> str:
+        return f"{origin.get(label, repr(label))} ({ascii(label)})"
+
+    for key_of, same in ((lambda c: unicodedata.normalize("NFC", c), None),
+                         (lambda c: unicodedata.normalize("NFC", c).casefold(), "case")):
+        names: dict[str, list[str]] = {}
+        for label in classes:
+            names.setdefault(key_of(label), []).append(label)
+        for labels in (group for group in names.values() if len(group) > 1):
+            listed = " and ".join(where(label) for label in labels)
+            if same is None:
+                raise DatasetError(
+                    f"{listed} are the same class name written in different Unicode normalisations (NFC/NFD: they "
+                    f"look identical but would be separate classes); rename one so the names match, e.g. "
+                    f"`convmv -f utf8 -t utf8 --nfc -r --notest DATA` for folders")
+            warnings.append(f"{listed} differ only by case and are separate classes; rename one if they are "
+                            f"the same class")
 
 
 def _check_labels(frame: pd.DataFrame, warnings: list[str], source: Path) -> list[str]:
@@ -357,15 +499,19 @@ def scan(
         if source.suffix.lower() != ".csv":
             raise DatasetError(f"{source} is a file but not a .csv manifest; pass a folder or a CSV with columns path,label")
         layout = "manifest"
-        table = _scan_manifest(source, warnings, allow_outside_root)
+        scope = _Scope(Path(os.path.normpath(source.parent)), allow_outside_root, cache_dir)
+        table = _scan_manifest(source, warnings, allow_outside_root, scope)
     else:
-        layout = _detect_layout(source)
+        scope = _Scope(source, allow_outside_root, cache_dir)
+        layout = _detect_layout(source, scope)
         if layout == "splits":
             ignored += sum(1 for p in source.iterdir() if p.is_file())
-            for split_dir in _subdirs(source):
-                ignored += _scan_class_folders(split_dir, SPLIT_NAMES[split_dir.name.lower()], rows, warnings)
+            for split_dir in _subdirs(source, scope):
+                ignored += _scan_class_folders(split_dir, SPLIT_NAMES[split_dir.name.lower()], rows, warnings, scope)
         else:
-            ignored += _scan_class_folders(source, "train", rows, warnings)
+            ignored += _scan_class_folders(source, "train", rows, warnings, scope)
+        scope.check("the dataset folder")
+        warnings.extend(scope.warnings())
         table = rows.table()
     # A name that is not valid UTF-8 could be hashed and decoded, but no CSV, JSON or terminal
     # downstream can write it: _Rows reported it by a printable form of its name instead.
@@ -397,11 +543,32 @@ def scan(
         frame = frame[np.concatenate(hashed)].reset_index(drop=True)
     report(progress, "scan", len(frame), len(frame), "hashed")
     classes = _check_labels(frame, warnings, source)
+    _check_names(classes, scope.origin, warnings)
     for label, count in frame.loc[frame["split"] == "train", "label"].value_counts().items():
         if count == 1:
             warnings.append(f"class {label!r} has a single training image; cross-validation needs at least 2 per class")
     _warn_duplicates(frame, warnings)
     return Dataset(source, layout, frame, classes, warnings, ignored, unreadable)
+
+
+def require_usable_images(dataset: Dataset, usable: set, failed: dict[str, str]) -> None:
+    """Fail, naming the class and its first files with the reason each failed, when no training image
+    of a class can be used (`usable`: the content hashes that have features; `failed`: path -> why,
+    from extraction). Cross-validation would otherwise say only "class 'x' has only 0 images"."""
+    train = dataset.frame[dataset.frame["split"] == "train"]
+    gone = ~train["hash"].isin(usable)
+    if not gone.any():
+        return
+    for label in dataset.classes:
+        rows = train[train["label"] == label]
+        if rows.empty or rows["hash"].isin(usable).any():
+            continue
+        paths = rows["path"].tolist()
+        shown = "; ".join(f"{path}: {failed.get(path, 'no features in the cache (extract it again)')}"
+                          for path in paths[:3])
+        more = f"; and {len(paths) - 3} more" if len(paths) > 3 else ""
+        raise DatasetError(f"class '{label}' has {len(paths)} training image(s) and none of them could be used: "
+                           f"{shown}{more}. Fix or replace those files, or remove the class, and run again")
 
 
 def _group_regex(pattern: str) -> re.Pattern:

@@ -448,13 +448,16 @@ def _remember_grouping(cache_root: Optional[Path], key: str, groups, info: Dedup
         pass   # not kept: found again next time
 
 
-def fold_shortfall(frame: pd.DataFrame, grouped: pd.DataFrame, folds: int) -> Optional[str]:
+def fold_shortfall(frame: pd.DataFrame, grouped: pd.DataFrame, folds: Optional[int]) -> Optional[str]:
     """What to tell the user when duplicate grouping, and only it, leaves a class of the training split
-    with fewer groups than `folds` (None when it does not).
+    with fewer groups than `folds` (None: the automatic fold count, which goes down to 2 folds, so a
+    class falls short only below 2 groups); None when none does.
 
     Without this, k-fold CV fails on a dataset the user never grouped with "class 'x' has images from
-    only 4 distinct groups", which does not say where the groups came from or what to do.
+    only 1 distinct group ... add groups", which blames groups the user never set (1,000 classes of 2
+    photos, one pair of copies) and does not say where they came from or what to do.
     """
+    needed = 2 if folds is None else folds
     train = (frame["split"] == "train").to_numpy()
     before_frame, after_frame = frame[train], grouped[train]
     user = before_frame["group"] if "group" in before_frame.columns else pd.Series(np.nan, index=before_frame.index)
@@ -462,14 +465,16 @@ def fold_shortfall(frame: pd.DataFrame, grouped: pd.DataFrame, folds: int) -> Op
     for label in sorted(before_frame["label"].unique(), key=str):
         rows = (before_frame["label"] == label).to_numpy()
         had, has = before[rows].nunique(), after_frame["group"][rows].nunique()
-        if has < folds <= had:
+        if has < needed <= had:
             members = after_frame[rows].groupby("group")["path"].apply(list)
             copies = [" ~ ".join(Path(p).name for p in paths) for paths in members if len(paths) > 1]
             shown = "; ".join(copies[:3]) + (f"; and {len(copies) - 3} more" if len(copies) > 3 else "")
-            return (f"class '{label}' has {had} training images (or groups), but near-duplicates among them "
-                    f"({shown}) are kept in one fold each, which leaves {has}: too few for {folds}-fold "
-                    f"cross-validation. Use --folds {max(2, has)}, remove the copies, or pass --no-dedup-groups "
-                    f"(the copies may then straddle folds and inflate the scores)")
+            too_few = (f"too few for {folds}-fold cross-validation. Use --folds {max(2, has)}, remove the copies, "
+                       if folds is not None and has >= 2 else
+                       "too few for cross-validation, which needs 2 per class. Remove the copies, ")
+            return (f"class '{label}' has {had} training images (or groups), but the automatic near-duplicate "
+                    f"grouping keeps the copies among them ({shown}) in one fold each, which leaves {has}: "
+                    f"{too_few}or pass --no-dedup-groups (the copies may then straddle folds and inflate the scores)")
     return None
 
 

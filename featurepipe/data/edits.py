@@ -24,12 +24,15 @@ from typing import Optional
 import pandas as pd
 
 from featurepipe.data.dataset import Dataset
+from featurepipe.core import csvcells
 from featurepipe.core.errors import DatasetError
 
 
 def _read(csv: Path, needed: str) -> pd.DataFrame:
     try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        # suspects.csv and the other CSVs featurepipe writes carry formula-neutralised cells ('=...): read
+        # back as the values they stand for, so their paths and labels match.
+        table = csvcells.read(csv, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DatasetError(f"{csv}: cannot be read as CSV ({error}); {needed}") from None
     if "path" not in table.columns:

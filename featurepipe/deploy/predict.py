@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, csvcells
 from featurepipe.backbones.accel import default_decode_threads
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.data.dataset import walk_images
@@ -123,7 +123,7 @@ class PredictResult:
         if path.suffix.lower() == ".json":
             atomic.write_json(path, json_ready(self.to_dict()), sort_keys=False, allow_nan=False)
         else:
-            atomic.write_csv(path, self.frame)
+            csvcells.write(path, self.frame)
         return path
 
 

@@ -30,7 +30,7 @@ from featurepipe.evaluation.crossval import FeatureTable, run_cv
 from featurepipe.evaluation.folds import auto_folds
 from featurepipe.evaluation.metrics import _metric_range, _summary
 from featurepipe.evaluation.refit_best import SearchedSet, refit_best
-from featurepipe.data.dataset import Dataset
+from featurepipe.data.dataset import Dataset, require_usable_images
 from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.extraction.extract import ExtractReport
@@ -207,6 +207,7 @@ def evaluate_features(
     # Every feature set scores the same images: those with features in all of them (a file that
     # failed to decode fails for every backbone, so this only matters for a store damaged meanwhile).
     common = set.intersection(*(set(f.frame["hash"]) for _, f in loaded))
+    require_usable_images(dataset, common, {f.path: f.reason for e in extracted for f in e.failed})
     dedup = _group_duplicates(dataset, loaded, root, config, progress)
     classes = list(dataset.classes)
     label_index = {label: i for i, label in enumerate(classes)}
@@ -296,8 +297,7 @@ def _group_duplicates(dataset: Dataset, loaded: list, root: Path, config: Search
         first_features = loaded[0][1]
         grouped, dedup = apply_duplicate_groups(first_features.frame, first_features.X, root, progress=progress)
         if dedup.clusters:
-            # (Auto folds count the groups themselves: only a fold count the user chose can fall short.)
-            shortfall = fold_shortfall(first_features.frame, grouped, config.folds) if config.folds is not None else None
+            shortfall = fold_shortfall(first_features.frame, grouped, config.folds)   # None: auto folds (>= 2)
             if shortfall:   # say that the copies, not the user's data, leave a class too few groups
                 raise DatasetError(shortfall)
             group_of = dict(zip(grouped["hash"], grouped["group"]))

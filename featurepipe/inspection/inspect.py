@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, csvcells
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.evaluation.crossval import FeatureTable, run_cv
 from featurepipe.evaluation.folds import make_folds
@@ -112,7 +112,7 @@ def oof_from_run(run_dir: Path) -> OofSource:
     best = read_json(run_dir / HEAD_META) if (run_dir / HEAD_META).exists() else None
 
     def source(table: FeatureTable) -> np.ndarray:
-        oof = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"path": str, "head": str,
+        oof = csvcells.read(path, keep_default_na=False, na_values=[""], dtype={"path": str, "head": str,
                                                                               "params": str, "augment": str})
         return _oof_matrix(oof, table.paths, table.classes, best, path)
     source.description = f"the best configuration's out-of-fold predictions in {path}"   # type: ignore[attr-defined]
@@ -311,8 +311,8 @@ def _reuse(cached: Path, out_dir: Path, dataset: Dataset, classes: list[str], im
     summary = json.loads((out_dir / INSPECT_JSON).read_text())
     summary["reused"] = True
     return InspectReport(out_dir, str(dataset.source), classes, images, summary.get("train_images", 0),
-                         summary.get("failed", []), summary, pd.read_csv(out_dir / DUPLICATES),
-                         pd.read_csv(out_dir / LABEL_SCORES), time.perf_counter() - started)
+                         summary.get("failed", []), summary, csvcells.read(out_dir / DUPLICATES),
+                         csvcells.read(out_dir / LABEL_SCORES), time.perf_counter() - started)
 
 
 def _remember(out_dir: Path, cached: Path, key: str) -> None:
@@ -342,7 +342,7 @@ def _near_duplicates(frame: pd.DataFrame, X: np.ndarray, root: Path, cosine_thre
     # grouped: False for a pair complete linkage kept apart (a~b, b~c, but not a~c; see dedup.py)
     pairs = pairs[["path_a", "path_b", "label_a", "label_b", "split_a", "split_b", "cosine", "hamming", "evidence",
                    "cross_class", "cross_split", "group", "grouped"]]
-    atomic.write_csv(out_dir / DUPLICATES, pairs)
+    csvcells.write(out_dir / DUPLICATES, pairs)
     return groups, dups, pairs
 
 
@@ -419,13 +419,13 @@ def _label_issues(source: OofSource, split: _TrainSplit, dups, classes: list[str
     suspects = suspects.drop(columns="row")
     # label_scores.csv: every training image. suspects.csv: the ones worth a look (top ranks, confident
     # label issues, outliers), short enough to edit and pass back with --exclude / --relabel.
-    atomic.write_csv(out_dir / LABEL_SCORES, suspects)
+    csvcells.write(out_dir / LABEL_SCORES, suspects)
     worth = pd.Series(False, index=suspects.index)
     if "rank" in suspects.columns:
         worth |= (suspects["rank"] <= TOP_SUSPECTS) | suspects["flagged"].astype(bool)
     if "outlier" in suspects.columns:
         worth |= suspects["outlier"].astype(bool)
-    atomic.write_csv(out_dir / SUSPECTS, suspects[worth])
+    csvcells.write(out_dir / SUSPECTS, suspects[worth])
     return suspects, table
 
 
@@ -442,7 +442,7 @@ def _learning_curve(source: OofSource, split: _TrainSplit, table: Optional[Featu
         curve = learning_curve(split.X, split.y, lambda: make_head(curve_name, curve_params, seed),
                                groups=table.groups if table is not None else None, draws=draws,
                                folds=folds, seed=seed, class_names=classes)
-        atomic.write_csv(out_dir / LEARNING_CURVE, curve.points)
+        csvcells.write(out_dir / LEARNING_CURVE, curve.points)
         summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
                                      "head": f"{curve_name} {json.dumps(curve_params, sort_keys=True)}",
                                      "head_config": {"head": curve_name, "params": curve_params},
@@ -470,7 +470,7 @@ def _embedding_map(split: _TrainSplit, suspects: pd.DataFrame, seed: int, summar
         wrong = set(suspects.loc[suspects["predicted"] != suspects["given"], "path"]) if "predicted" in suspects else set()
         table_map["suspect"] = table_map["path"].isin(flagged)
         table_map["misclassified"] = table_map["path"].isin(wrong)
-        atomic.write_csv(out_dir / EMBEDDING, table_map)
+        csvcells.write(out_dir / EMBEDDING, table_map)
         summary["embedding"] = {"points": len(table_map), "pca_variance": [round(v, 4) for v in emap.pca_variance],
                                 "tsne": emap.tsne is not None, "note": emap.note}
     except ValueError as error:

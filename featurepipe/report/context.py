@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from featurepipe.core import csvcells
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.report.analysis import confusion_counts
@@ -27,7 +28,7 @@ TEXT_COLUMNS = ("head", "params", "augment", "path", "true", "pred", "split", "p
 def read_csv(path: Path) -> pd.DataFrame:
     try:
         # Only empty cells are missing values: "NA", "None" or "null" may well be class names.
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""],
+        frame = csvcells.read(path, keep_default_na=False, na_values=[""],
                             dtype={c: str for c in TEXT_COLUMNS})
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise FeaturepipeError(f"{path}: cannot be read as CSV ({error}); re-run `featurepipe evaluate`") from None

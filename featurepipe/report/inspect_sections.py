@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, csvcells
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.report.charts import Charts
@@ -48,7 +48,7 @@ def _read_frame(path: Path) -> Optional[pd.DataFrame]:
     if not path.exists():
         return None
     try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""],
+        return csvcells.read(path, keep_default_na=False, na_values=[""],
                            dtype={c: str for c in ("path", "path_a", "path_b", "label", "label_a", "label_b", "given",
                                                    "suggested", "predicted", "group")})
     except (OSError, ValueError, pd.errors.ParserError) as error:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, csvcells
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.rundir.folder import new_run_dir, prepare_run_dir, read_json
@@ -104,7 +104,7 @@ class Run:
         return self.path / name
 
     def write_csv(self, name: str, frame) -> Path:
-        atomic.write_csv(self.path / name, frame)
+        csvcells.write(self.path / name, frame)   # user text (paths, labels) safe in a spreadsheet
         return self.path / name
 
     def remove(self, *names: str) -> None:

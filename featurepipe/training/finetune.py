@@ -56,7 +56,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, csvcells
 from featurepipe.core.atomic import write_json
 from featurepipe.training.finetune_vote import open_vote, vote_proba
 from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, CONFIG, FINETUNE_DIR, FINETUNED_MODEL, HISTORY,
@@ -315,7 +315,7 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         notes=prep.notes, key=prep.key,
     )
     y_val, proba_before, proba_after = t.y_val, t.proba_before, t.proba_after
-    atomic.write_csv(out / VALIDATION_PREDICTIONS, pd.DataFrame({
+    csvcells.write(out / VALIDATION_PREDICTIONS, pd.DataFrame({
         "path": t.val_rows["path"], "label": t.val_rows["label"],
         "before_pred": [classes[i] for i in proba_before.argmax(axis=1)],
         "after_pred": [classes[i] for i in proba_after.argmax(axis=1)],
