@@ -56,7 +56,7 @@ def evaluate(
         render.print_json(result.to_dict())
         return
     for warning in dataset.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     render.print_leaderboard(result.leaderboard)
     for split, metrics in result.holdout.items():
         render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
@@ -64,7 +64,7 @@ def evaluate(
     if result.nested is not None:
         render.print_nested(result.nested.to_dict())
     for note in result.notes:
-        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+        render.flag("note", note)
     failed = result.extract.failed if result.extract else []
     render.stdout.print(
         f"best: {best_text(result.best)}; "

@@ -48,19 +48,18 @@ def extract(
         render.print_json(summary)
         return
     for warning in dataset.warnings + result.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     for path, reason in dataset.unreadable:
-        render.console.print(f"[yellow]skipped:[/] {path}: {reason}", highlight=False)
+        render.flag("skipped", f"{path}: {reason}")
     if result.waited_seconds >= 1:
         render.console.print(f"waited {result.waited_seconds:.0f} s for another featurepipe process writing "
                              f"{result.store_dir}; what it extracted is counted as reused", highlight=False)
-    render.stdout.print(
-        f"{result.backbone}: {result.images} images, [green]{result.extracted} extracted[/], "
-        f"{result.reused} reused"
+    render.say(
+        f"{result.backbone}: {result.images} images, ", (f"{result.extracted} extracted", "green"),
+        f", {result.reused} reused"
         + (f" ({result.copied} square images from another resize policy's features)" if result.copied else "")
-        + f", [red]{len(result.failed)} failed[/] in {result.seconds:.1f} s "
-        f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}",
-        highlight=False)
+        + ", ", (f"{len(result.failed)} failed", "red"), f" in {result.seconds:.1f} s "
+        f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}")
     if augment:
         render.stdout.print(f"views: {result.views_extracted} extracted, {result.views_reused} reused "
                             f"({augment} per image) in {result.views_store_dir}", highlight=False)

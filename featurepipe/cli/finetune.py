@@ -64,7 +64,7 @@ def finetune(
         f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s{per_epoch}{reused}",
         highlight=False)
     for note in result.notes:
-        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+        render.flag("note", note)
     if result.test:
         render.stdout.print(f"test split ({result.test['images']} images, scored once): accuracy frozen "
                             f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
@@ -72,7 +72,7 @@ def finetune(
     if result.kept == "finetuned":
         render.stdout.print(f"kept the fine-tuned model: {result.reason}\nmodel: {result.model_path}", highlight=False)
     else:
-        render.console.print(f"[yellow]kept the frozen head:[/] {result.reason}", highlight=False)
+        render.flag("kept the frozen head", result.reason)
 
 
 def baseline(

@@ -70,9 +70,8 @@ def _print_inspect(render, result, top: int, html: Path) -> None:
     render.stdout.print(f"near-duplicates: {d.get('pairs', 0)} pair(s) in {d.get('clusters', 0)} group(s), "
                         f"{d.get('cross_class_pairs', 0)} across classes{leak}", highlight=False)
     balance = s.get("balance", {})
-    render.stdout.print("classes: " + ", ".join(f"{c} {n}" for c, n in balance.get("counts", {}).items())
-                        + (f" [yellow](imbalanced, {balance['ratio']:.1f}x)[/]" if balance.get("imbalanced") else ""),
-                        highlight=False)
+    render.say("classes: " + ", ".join(f"{c} {n}" for c, n in balance.get("counts", {}).items()),
+               (f" (imbalanced, {balance['ratio']:.1f}x)", "yellow") if balance.get("imbalanced") else "")
     notes = s.get("notes", {})
     if "margin" in result.suspects.columns:
         rows = [[str(int(r["rank"])), r["path"], r["given"], r["suggested"], f"{r['self_confidence']:.3f}",

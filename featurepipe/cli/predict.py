@@ -35,11 +35,11 @@ def predict(
         render.print_json(result.to_dict())
         return
     for warning in result.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     rows = []
     for record in result.records():
         if record["error"]:
-            rows.append([record["path"], "[red]error[/]", "", record["error"]])
+            rows.append([record["path"], render.styled(("error", "red")), "", record["error"]])
         else:
             others = ", ".join(f"{record[f'label_{i}']} {record[f'prob_{i}']:.3f}" for i in range(2, result.top_k + 1))
             rows.append([record["path"], record["label"], f"{record['probability']:.3f}", others])
