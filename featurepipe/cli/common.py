@@ -67,9 +67,10 @@ class Command:
             callback = stack.enter_context(render.progress_view(False if self.as_json else None))
             stack.enter_context(render.json_safe_stdout(self.as_json))
             if self.distributed:
+                from featurepipe.cli.worker_start import worker_preload
                 from featurepipe.extraction.executors.choose import executor_scope
 
-                stack.enter_context(executor_scope(self.scheduler, self.workers))
+                stack.enter_context(executor_scope(self.scheduler, self.workers, preload=worker_preload()))
             yield callback
 
 

@@ -13,6 +13,11 @@ from featurepipe.cli.options import (
 )
 
 
+# Every shard is committed whole as its batch completes (the store's writer), so a stop loses only
+# the batches in flight.
+INTERRUPTED = ("stopped; the features committed so far stay in the cache: run the same command again to "
+               "extract only what is missing")
+
 def extract(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
     backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
@@ -35,7 +40,7 @@ def extract(
     from featurepipe.data.augment import AugmentSpec
     from featurepipe.extraction.extract import extract as run_extract
 
-    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:
+    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers, interrupted=INTERRUPTED) as command:
         spec = make_spec(backbone, image_size, layer, pooling, weights, resize, seed)
         root = cache_root(cache_dir)
         with command.stage() as progress:
