@@ -9,25 +9,27 @@ import typer
 
 from featurepipe.cli.common import Command, dataset_summary, spec as make_spec
 from featurepipe.cli.options import (
-    AsJson, Augment, Backbone, CacheDir, ImageSize, Layer, Pooling, Resize, Scheduler, Weights, Workers,
+    SEED_MAX, AsJson, Augment, AugmentSeed, Backbone, CacheDir, ImageSize, Layer, LockTimeout, Pooling, Resize,
+    Scheduler, Weights, Workers,
 )
-
 
 # Every shard is committed whole as its batch completes (the store's writer), so a stop loses only
 # the batches in flight.
 INTERRUPTED = ("stopped; the features committed so far stay in the cache: run the same command again to "
                "extract only what is missing")
 
+
 def extract(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
     backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize, augment: int = Augment,
-    augment_seed: int = typer.Option(0, "--augment-seed"), seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per model call (default: 32 on a "
+    augment_seed: int = AugmentSeed,
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed for --weights random."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model call (default: 32 on a "
                                              "CPU, the largest of 256/128/64/32 that fits on a GPU)."),
     precision: str = typer.Option("float32", "--precision", help="float32 | mixed_float16 | mixed_bfloat16 (GPU "
                                   "speed-up; features ~1e-3 apart, kept in their own store)."),
-    lock_timeout: float = typer.Option(600.0, "--lock-timeout"),
+    lock_timeout: float = LockTimeout,
     rehash: bool = typer.Option(False, "--rehash", help="Re-read every file instead of trusting the remembered "
                                 "hashes (keyed by path, size, mtime, ctime and inode)."),
     cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,

@@ -17,9 +17,9 @@ from featurepipe.cli.options import AsJson, ModelChoice, RunCacheDir, Trust
 def predict(
     run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked for images)."),
-    top_k: int = typer.Option(3, "--top-k", help="Top classes to list per image."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Top classes to list per image."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
-    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size"),
+    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size", min=1),
     cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson, trust: bool = Trust,
 ) -> None:
     """Classify images with a run's model, preprocessed exactly as in training; bad files get an error row."""

@@ -27,7 +27,7 @@ def run_all(
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (with --finetune; default 12)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs (with --finetune; default 12)."),
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
