@@ -17,6 +17,10 @@ RESIZE_POLICIES = ("squash", "center_crop", "letterbox")
 # triple) because Keras' Resizing(pad_to_aspect_ratio=True) in exported models takes one fill value.
 # Recorded in the fingerprint payload of letterbox specs.
 LETTERBOX_FILL = 128
+# The largest --image-size accepted: 3.4x the largest default input (299). Beyond it one batch of
+# activations outgrows any machine's memory (100000 px ended in an out-of-memory traceback after
+# 20 s), and ImageNet bases give no better features at sizes so far from the ones they learnt at.
+MAX_IMAGE_SIZE = 1024
 # Bump when decoding, resizing or the store layout changes in a way that changes the numbers.
 PIPELINE_VERSION = 1
 
@@ -41,9 +45,16 @@ class BackboneSpec:
                              f"--layer and --pooling apply to single backbones only")
         if self.pooling not in POOLINGS:
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
-        size = self.image_size or info.default_size
+        # `is None`, not `or`: an explicit 0 is a mistake to report, not a request for the default.
+        size = info.default_size if self.image_size is None else self.image_size
         if size < info.min_size:
-            raise UsageError(f"{self.name} needs images of at least {info.min_size} px, not {size}")
+            raise UsageError(f"--image-size: {self.name} needs images of at least {info.min_size} px, not {size} "
+                             f"(valid: {info.min_size} to {MAX_IMAGE_SIZE}; leave it out for the backbone's own "
+                             f"{info.default_size})")
+        if size > MAX_IMAGE_SIZE:
+            raise UsageError(f"--image-size must be at most {MAX_IMAGE_SIZE} px, not {size} (valid for {self.name}: "
+                             f"{info.min_size} to {MAX_IMAGE_SIZE}; leave it out for the backbone's own "
+                             f"{info.default_size})")
         resize = self.resize or info.default_resize
         if resize not in RESIZE_POLICIES:
             raise UsageError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")

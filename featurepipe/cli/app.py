@@ -69,10 +69,10 @@ def main() -> None:  # pragma: no cover - console-script entry point alias
         # Whatever write ran out of space without its own message: say so plainly, no traceback.
         if not is_disk_full(error):
             raise
-        from featurepipe.cli.render import console
+        from featurepipe.cli.render import flag
 
-        console.print(f"[bold red]error:[/] no space left on the device ({error}); free some space and run again: "
-                      f"everything committed before this point is intact", highlight=False, soft_wrap=True)
+        flag("error", f"no space left on the device ({error}); free some space and run again: everything "
+                      f"committed before this point is intact", style="bold red", soft_wrap=True)
         raise SystemExit(2) from None
 
 

@@ -46,10 +46,10 @@ def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete dam
     with Command():
         result = verify_cache(cache_root(cache_dir), repair=repair)
     for note in result.repaired:
-        render.console.print(f"[yellow]rebuilt:[/] {note}", highlight=False)
+        render.flag("rebuilt", note)
     for directory, problems in result.problems.items():
         for problem in problems:
-            render.console.print(f"[red]damaged:[/] {problem}", highlight=False)
+            render.flag("damaged", problem, style="red")
     if result.problems and not repair:
         render.console.print("run `featurepipe cache verify --repair` to delete the damaged shards (their images are "
                              "re-extracted on the next run) and rebuild wrong specs from their shards", highlight=False)

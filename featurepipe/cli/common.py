@@ -18,10 +18,10 @@ from featurepipe.core.errors import FeaturepipeError
 
 
 def fail(error: BaseException) -> None:
-    from featurepipe.cli.render import console
+    from featurepipe.cli.render import flag
 
     # soft_wrap: one line, however narrow the terminal (rich wraps at 80 columns in a pipe)
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    flag("error", str(error), style="bold red", soft_wrap=True)
     # 2 for every error the user can act on, usage errors included: scripts and the tests rely on it.
     raise typer.Exit(code=2)
 
@@ -50,9 +50,9 @@ class Command:
 
     def __exit__(self, kind, error, traceback) -> bool:
         if kind is KeyboardInterrupt and self.interrupted is not None:
-            from featurepipe.cli.render import console
+            from featurepipe.cli.render import flag
 
-            console.print(f"[yellow]interrupted:[/] {self.interrupted}", highlight=False)
+            flag("interrupted", self.interrupted)
             raise typer.Exit(code=130)
         if error is not None and isinstance(error, self.caught):
             fail(error)
@@ -67,9 +67,10 @@ class Command:
             callback = stack.enter_context(render.progress_view(False if self.as_json else None))
             stack.enter_context(render.json_safe_stdout(self.as_json))
             if self.distributed:
+                from featurepipe.cli.worker_start import worker_preload
                 from featurepipe.extraction.executors.choose import executor_scope
 
-                stack.enter_context(executor_scope(self.scheduler, self.workers))
+                stack.enter_context(executor_scope(self.scheduler, self.workers, preload=worker_preload()))
             yield callback
 
 

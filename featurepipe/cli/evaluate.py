@@ -9,7 +9,7 @@ import typer
 
 from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, scan_dataset, search_specs
 from featurepipe.cli.options import (
-    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
+    AsJson, Augment, AugmentSeed, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups, Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone,
     SearchResize, Seed, Tta, Vote, Weights, Workers,
 )
@@ -20,7 +20,7 @@ def evaluate(
     heads: str = Heads,
     folds: Optional[int] = AutoFolds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
-    augment: int = Augment, augment_seed: int = typer.Option(0, "--augment-seed"),
+    augment: int = Augment, augment_seed: int = AugmentSeed,
     tta: bool = Tta,
     groups_from: Optional[Path] = GroupsFrom,
     groups: Optional[str] = Groups,
@@ -56,7 +56,7 @@ def evaluate(
         render.print_json(result.to_dict())
         return
     for warning in dataset.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     render.print_leaderboard(result.leaderboard)
     for split, metrics in result.holdout.items():
         render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
@@ -64,7 +64,7 @@ def evaluate(
     if result.nested is not None:
         render.print_nested(result.nested.to_dict())
     for note in result.notes:
-        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+        render.flag("note", note)
     failed = result.extract.failed if result.extract else []
     render.stdout.print(
         f"best: {best_text(result.best)}; "

@@ -9,20 +9,27 @@ import typer
 
 from featurepipe.cli.common import Command, dataset_summary, spec as make_spec
 from featurepipe.cli.options import (
-    AsJson, Augment, Backbone, CacheDir, ImageSize, Layer, Pooling, Resize, Scheduler, Weights, Workers,
+    SEED_MAX, AsJson, Augment, AugmentSeed, Backbone, CacheDir, ImageSize, Layer, LockTimeout, Pooling, Resize,
+    Scheduler, Weights, Workers,
 )
+
+# Every shard is committed whole as its batch completes (the store's writer), so a stop loses only
+# the batches in flight.
+INTERRUPTED = ("stopped; the features committed so far stay in the cache: run the same command again to "
+               "extract only what is missing")
 
 
 def extract(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
     backbone: str = Backbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = Resize, augment: int = Augment,
-    augment_seed: int = typer.Option(0, "--augment-seed"), seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per model call (default: 32 on a "
+    augment_seed: int = AugmentSeed,
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed for --weights random."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model call (default: 32 on a "
                                              "CPU, the largest of 256/128/64/32 that fits on a GPU)."),
     precision: str = typer.Option("float32", "--precision", help="float32 | mixed_float16 | mixed_bfloat16 (GPU "
                                   "speed-up; features ~1e-3 apart, kept in their own store)."),
-    lock_timeout: float = typer.Option(600.0, "--lock-timeout"),
+    lock_timeout: float = LockTimeout,
     rehash: bool = typer.Option(False, "--rehash", help="Re-read every file instead of trusting the remembered "
                                 "hashes (keyed by path, size, mtime, ctime and inode)."),
     cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson,
@@ -35,7 +42,7 @@ def extract(
     from featurepipe.data.augment import AugmentSpec
     from featurepipe.extraction.extract import extract as run_extract
 
-    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:
+    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers, interrupted=INTERRUPTED) as command:
         spec = make_spec(backbone, image_size, layer, pooling, weights, resize, seed)
         root = cache_root(cache_dir)
         with command.stage() as progress:
@@ -48,19 +55,18 @@ def extract(
         render.print_json(summary)
         return
     for warning in dataset.warnings + result.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     for path, reason in dataset.unreadable:
-        render.console.print(f"[yellow]skipped:[/] {path}: {reason}", highlight=False)
+        render.flag("skipped", f"{path}: {reason}")
     if result.waited_seconds >= 1:
         render.console.print(f"waited {result.waited_seconds:.0f} s for another featurepipe process writing "
                              f"{result.store_dir}; what it extracted is counted as reused", highlight=False)
-    render.stdout.print(
-        f"{result.backbone}: {result.images} images, [green]{result.extracted} extracted[/], "
-        f"{result.reused} reused"
+    render.say(
+        f"{result.backbone}: {result.images} images, ", (f"{result.extracted} extracted", "green"),
+        f", {result.reused} reused"
         + (f" ({result.copied} square images from another resize policy's features)" if result.copied else "")
-        + f", [red]{len(result.failed)} failed[/] in {result.seconds:.1f} s "
-        f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}",
-        highlight=False)
+        + ", ", (f"{len(result.failed)} failed", "red"), f" in {result.seconds:.1f} s "
+        f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}")
     if augment:
         render.stdout.print(f"views: {result.views_extracted} extracted, {result.views_reused} reused "
                             f"({augment} per image) in {result.views_store_dir}", highlight=False)

@@ -9,33 +9,36 @@ from typing import Optional
 import typer
 
 from featurepipe.cli.common import Command, check_run_dir
-from featurepipe.cli.options import AsJson, CacheDir, Overwrite
+from featurepipe.backbones.spec import MAX_IMAGE_SIZE
+from featurepipe.cli.options import SEED_MAX, AsJson, CacheDir, Overwrite, number_in
 from featurepipe.training.config import FinetuneConfig
 
 # The options' defaults are the config's (light: importing it does not import TensorFlow).
 DEFAULTS = FinetuneConfig()
+# The baseline convnet's three 3x3 convolutions and 2x2 poolings leave nothing of a smaller image.
+BASELINE_MIN_SIZE = 22
 
 
 def finetune(
     run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate`."),
     unfreeze_blocks: Optional[int] = typer.Option(
-        DEFAULTS.unfreeze_blocks, "--unfreeze-blocks", help="Top blocks of the base to train (default: the backbone's top, e.g. the "
+        DEFAULTS.unfreeze_blocks, "--unfreeze-blocks", min=0, help="Top blocks of the base to train (default: the backbone's top, e.g. the "
                                         "last two MBConv stages + head for EfficientNet-Lite, block5 for VGG)."),
-    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="At most this many epochs (early stopping on validation)."),
-    lr: Optional[float] = typer.Option(DEFAULTS.lr, "--lr", help="Peak learning rate (default: 1e-3 adamw, 1e-2 sgd); "
+    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", min=1, help="At most this many epochs (early stopping on validation)."),
+    lr: Optional[float] = typer.Option(DEFAULTS.lr, "--lr", callback=number_in(0, low_open=True), help="Peak learning rate (default: 1e-3 adamw, 1e-2 sgd); "
                                                           "fpt pre-trains the head at 10x."),
     optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="adamw | sgd (momentum, the seeds' recipe)."),
-    momentum: float = typer.Option(DEFAULTS.momentum, "--momentum", help="SGD momentum."),
-    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW decoupled weight decay."),
-    label_smoothing: float = typer.Option(DEFAULTS.label_smoothing, "--label-smoothing", help="0 by default: measured better on the plain validation loss the decision uses."),
+    momentum: float = typer.Option(DEFAULTS.momentum, "--momentum", callback=number_in(0, 1, high_open=True), help="SGD momentum."),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", callback=number_in(0), help="AdamW decoupled weight decay."),
+    label_smoothing: float = typer.Option(DEFAULTS.label_smoothing, "--label-smoothing", callback=number_in(0, 1, high_open=True), help="0 by default: measured better on the plain validation loss the decision uses."),
     schedule: str = typer.Option(DEFAULTS.schedule, "--schedule", help="cosine (linear warm-up, cosine to 0) | constant."),
-    warmup_epochs: int = typer.Option(DEFAULTS.warmup_epochs, "--warmup-epochs"),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size"),
+    warmup_epochs: int = typer.Option(DEFAULTS.warmup_epochs, "--warmup-epochs", min=0),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1),
     strategy: str = typer.Option(DEFAULTS.strategy, "--strategy", help="head | top-blocks | fpt | all"),
-    patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping patience on validation loss (epochs)."),
+    patience: int = typer.Option(DEFAULTS.patience, "--patience", min=0, help="Early stopping patience on validation loss (epochs)."),
     resume: bool = typer.Option(DEFAULTS.resume, "--resume", help="Continue an interrupted fine-tuning with its original options."),
     reuse: bool = typer.Option(DEFAULTS.reuse, "--reuse/--no-reuse", help="Return a finished fine-tuning with the same inputs and options."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed"),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", min=0, max=SEED_MAX),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:
@@ -64,7 +67,7 @@ def finetune(
         f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s{per_epoch}{reused}",
         highlight=False)
     for note in result.notes:
-        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+        render.flag("note", note)
     if result.test:
         render.stdout.print(f"test split ({result.test['images']} images, scored once): accuracy frozen "
                             f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
@@ -72,15 +75,15 @@ def finetune(
     if result.kept == "finetuned":
         render.stdout.print(f"kept the fine-tuned model: {result.reason}\nmodel: {result.model_path}", highlight=False)
     else:
-        render.console.print(f"[yellow]kept the frozen head:[/] {result.reason}", highlight=False)
+        render.flag("kept the frozen head", result.reason)
 
 
 def baseline(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
-    epochs: int = typer.Option(30, "--epochs"),
-    image_size: int = typer.Option(150, "--image-size"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
+    epochs: int = typer.Option(30, "--epochs", min=1),
+    image_size: int = typer.Option(150, "--image-size", min=BASELINE_MIN_SIZE, max=MAX_IMAGE_SIZE),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write RUN_DIR/baseline/ (e.g. into an evaluated run)."),
     cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,

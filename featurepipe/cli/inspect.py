@@ -10,7 +10,7 @@ import typer
 
 from featurepipe.cli.common import Command, scan_dataset, spec as make_spec
 from featurepipe.cli.options import (
-    AsJson, Backbone, CacheDir, Exclude, Folds, Groups, GroupsFrom, ImageSize, Jobs, Layer, Pooling, Relabel,
+    number_in, AsJson, Backbone, CacheDir, Exclude, Folds, Groups, GroupsFrom, ImageSize, Jobs, Layer, Pooling, Relabel,
     Resize, Seed, Weights,
 )
 
@@ -21,10 +21,10 @@ def inspect(
                                            "oof_predictions.csv (its best head) instead of a fixed logreg head."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for inspect.json, the CSVs and inspect.html "
                                        "(default: RUN_DIR/inspect with --run-dir, else CACHE/inspections/<time>-<name>)."),
-    top: int = typer.Option(15, "--top", help="Suspects to print."),
+    top: int = typer.Option(15, "--top", min=0, help="Suspects to print."),
     folds: int = Folds, seed: int = Seed,
-    dedup_cosine: float = typer.Option(None, "--dedup-cosine", help="Feature cosine at or above which two images are copies."),
-    dedup_hamming: int = typer.Option(None, "--dedup-hamming", help="Perceptual-hash bits at or below which two images are copies."),
+    dedup_cosine: float = typer.Option(None, "--dedup-cosine", callback=number_in(-1, 1), help="Feature cosine at or above which two images are copies."),
+    dedup_hamming: int = typer.Option(None, "--dedup-hamming", min=0, max=64, help="Perceptual-hash bits at or below which two images are copies."),
     groups_from: Optional[Path] = GroupsFrom,
     groups: Optional[str] = Groups,
     exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
@@ -70,9 +70,8 @@ def _print_inspect(render, result, top: int, html: Path) -> None:
     render.stdout.print(f"near-duplicates: {d.get('pairs', 0)} pair(s) in {d.get('clusters', 0)} group(s), "
                         f"{d.get('cross_class_pairs', 0)} across classes{leak}", highlight=False)
     balance = s.get("balance", {})
-    render.stdout.print("classes: " + ", ".join(f"{c} {n}" for c, n in balance.get("counts", {}).items())
-                        + (f" [yellow](imbalanced, {balance['ratio']:.1f}x)[/]" if balance.get("imbalanced") else ""),
-                        highlight=False)
+    render.say("classes: " + ", ".join(f"{c} {n}" for c, n in balance.get("counts", {}).items()),
+               (f" (imbalanced, {balance['ratio']:.1f}x)", "yellow") if balance.get("imbalanced") else "")
     notes = s.get("notes", {})
     if "margin" in result.suspects.columns:
         rows = [[str(int(r["rank"])), r["path"], r["given"], r["suggested"], f"{r['self_confidence']:.3f}",

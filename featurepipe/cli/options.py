@@ -1,7 +1,52 @@
 """The typer options several commands share, declared once so that their names, defaults and help
-text stay the same everywhere they appear."""
+text stay the same everywhere they appear; and the range checks every numeric option has.
+
+Every numeric option of every command is checked when the command line is parsed, so a nonsense
+value is refused at once (exit 2, the option and its valid range named) instead of running for a
+while and crashing or silently meaning something else: integers by typer's min/max, floats by
+`number_in` (click's FloatRange lets NaN through, since every comparison with NaN is false).
+--image-size is checked by BackboneSpec (its minimum depends on the backbone), as early.
+"""
+
+import math
+from typing import Callable, Optional
 
 import typer
+
+# numpy's and scikit-learn's seeds are unsigned 32-bit numbers: anything else was a traceback.
+SEED_MAX = 2**32 - 1
+
+
+def number_in(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
+              high_open: bool = False) -> Callable:
+    """A typer callback: the value must be a finite number in the range (open ends where asked)."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    wanted = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def check(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return value
+        inside = (math.isfinite(value)
+                  and (low is None or (value > low if low_open else value >= low))
+                  and (high is None or (value < high if high_open else value <= high)))
+        if not inside:
+            raise typer.BadParameter(f"must be {wanted}, not {value}", param=param)
+        return value
+
+    return check
+
+
+def _jobs(param: typer.CallbackParam, value: int) -> int:
+    # joblib's n_jobs: N workers, or -1 all cores, -2 all but one...; 0 means nothing and is refused there.
+    if value == 0:
+        raise typer.BadParameter("must be a number of parallel fits (1 or more) or -1 for every core "
+                                 "(-2 all but one, ...), not 0", param=param)
+    return value
+
 
 CacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: $FEATUREPIPE_CACHE or ./cache).")
 Backbone = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name; see `featurepipe backbones`.")
@@ -16,28 +61,28 @@ SearchBackbone = typer.Option(None, "--backbone", "-b",
 SearchResize = typer.Option(None, "--resize", help="squash | center_crop | letterbox | auto (all three, compared by "
                                                    "CV; the default of `run`).")
 Nested = typer.Option(True, "--nested/--no-nested", help="Score the whole selection by nested CV (the headline).")
-Ensemble = typer.Option(3, "--ensemble", help="With one feature set (or --no-vote): also try a soft vote of the best N "
+Ensemble = typer.Option(3, "--ensemble", min=0, help="With one feature set (or --no-vote): also try a soft vote of the best N "
                         "heads on the best feature set (0: off).")
 Vote = typer.Option(True, "--vote/--no-vote", help="With several feature sets, the model is a vote: each set's best "
                     "logreg, probabilities averaged (measured +1 to +5 points over picking one row). --no-vote picks "
                     "one configuration instead.")
-Augment = typer.Option(0, "--augment", help="Also cache K augmented views per image.")
+Augment = typer.Option(0, "--augment", min=0, help="Also cache K augmented views per image.")
 AsJson = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
 Heads = typer.Option("logreg,knn,ncm", "--heads", help="Comma-separated head names (default: what `run` searches; "
                                                          "linear_svm and dense on request: 3x and ~20x a logreg fit).")
-Folds = typer.Option(5, "--folds")
-AutoFolds = typer.Option(None, "--folds", help="Cross-validation folds (default: 5, or as many as the smallest "
+Folds = typer.Option(5, "--folds", min=2, help="Cross-validation folds.")
+AutoFolds = typer.Option(None, "--folds", min=2, help="Cross-validation folds (default: 5, or as many as the smallest "
                                                "class has images when that is 2-4, said in the summary).")
-Repeats = typer.Option(1, "--repeats")
-Seed = typer.Option(0, "--seed")
+Repeats = typer.Option(1, "--repeats", min=1)
+Seed = typer.Option(0, "--seed", min=0, max=SEED_MAX)
 Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}.")
 Tta = typer.Option(False, "--tta", help="Average each validation image over its augmented views.")
-Jobs = typer.Option(-1, "--jobs", help="Parallel fits (joblib n_jobs).")
+Jobs = typer.Option(-1, "--jobs", callback=_jobs, help="Parallel fits (joblib n_jobs: -1 every core).")
 RunDir = typer.Option(None, "--run-dir")
 # Scaling out (featurepipe.extraction.executors.choose); both need `pip install 'featurepipe[dask]'`.
 Scheduler = typer.Option(None, "--scheduler", help="Run on this Dask scheduler, e.g. tcp://host:8786 "
                          "(default: $FEATUREPIPE_SCHEDULER; none: this process).")
-Workers = typer.Option(None, "--workers", help="Start a Dask LocalCluster of N worker processes for this run.")
+Workers = typer.Option(None, "--workers", min=1, help="Start a Dask LocalCluster of N worker processes for this run.")
 Overwrite = typer.Option(False, "--overwrite", help="Write into an existing folder that is not a featurepipe run.")
 Trust = typer.Option(False, "--trust", help="Load a run whose head this user's key did not sign (copied from "
                      "elsewhere). Loading a head can run code it contains: only for runs you trust.")
@@ -52,3 +97,6 @@ Groups = typer.Option(None, "--groups", help="Regex on file names; its first gro
 # Commands that read a run (predict, export).
 RunCacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: the one the run was made with).")
 ModelChoice = typer.Option("auto", "--model", help="auto (the fine-tuned model if the run has one) | finetuned | head.")
+AugmentSeed = typer.Option(0, "--augment-seed", min=0, max=SEED_MAX, help="Seed of the augmented views.")
+LockTimeout = typer.Option(600.0, "--lock-timeout", callback=number_in(0),
+                           help="Seconds to wait for another process writing the same store.")

@@ -17,9 +17,9 @@ from featurepipe.cli.options import AsJson, ModelChoice, RunCacheDir, Trust
 def predict(
     run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked for images)."),
-    top_k: int = typer.Option(3, "--top-k", help="Top classes to list per image."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Top classes to list per image."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
-    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size"),
+    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size", min=1),
     cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson, trust: bool = Trust,
 ) -> None:
     """Classify images with a run's model, preprocessed exactly as in training; bad files get an error row."""
@@ -35,11 +35,11 @@ def predict(
         render.print_json(result.to_dict())
         return
     for warning in result.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     rows = []
     for record in result.records():
         if record["error"]:
-            rows.append([record["path"], "[red]error[/]", "", record["error"]])
+            rows.append([record["path"], render.styled(("error", "red")), "", record["error"]])
         else:
             others = ", ".join(f"{record[f'label_{i}']} {record[f'prob_{i}']:.3f}" for i in range(2, result.top_k + 1))
             rows.append([record["path"], record["label"], f"{record['probability']:.3f}", others])

@@ -10,7 +10,8 @@ and is therefore left alone.
 with file descriptor 2 going through a filter that drops exactly those known lines and passes
 everything else through as it arrives, so a real error during the import is still seen. The CLI
 calls it unless `--verbose` is given; library code never does (importing featurepipe changes
-nothing in the caller's process).
+nothing in the caller's process). The Dask workers that `--workers N` starts run this module as a
+preload (`dask_setup`, see cli/worker_start.py) so that their TensorFlow starts as quietly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ STARTUP_NOISE = re.compile(
     r"|computation_placer\.cc.*already registered"
     r"|TF-TRT Warning: Could not find TensorRT"
 )
+
+
+# True once quiet_tensorflow_startup() was called in this process.
+_ACTIVE = False
 
 
 def is_startup_noise(line: str) -> bool:
@@ -108,7 +113,19 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
 
 def quiet_tensorflow_startup() -> None:
     """Hide TensorFlow's start-up lines for this process (a no-op once TensorFlow is imported)."""
+    global _ACTIVE
+    _ACTIVE = True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _QuietFinder())
+
+
+def quiet_active() -> bool:
+    """Whether this process hides TensorFlow's start-up lines (the CLI without --verbose)."""
+    return _ACTIVE
+
+
+def dask_setup(worker) -> None:
+    """As a Dask worker preload: the worker's TensorFlow starts quietly too."""
+    quiet_tensorflow_startup()

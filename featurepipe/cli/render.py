@@ -1,4 +1,12 @@
-"""Terminal rendering for the CLI: a rich progress bar on a TTY, nothing under CI or in a pipe."""
+"""Terminal rendering for the CLI: a rich progress bar on a TTY, nothing under CI or in a pipe.
+
+Everything printed here carries the user's text (paths, class names, reasons, messages), and rich
+would read `[...]` in it as console markup and `:name:` as an emoji code: a class folder `blue[`
+holding `x].png` made the "failed:" line raise MarkupError after the work was done. So neither
+console ever interprets a string: both are built with markup, emoji and highlighting off, and
+featurepipe's own colours are explicit style spans (`say`/`tell` take `(text, style)` pairs; a table
+cell may be a rich Text). Plain strings, whatever they hold, print exactly as they are.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,44 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from featurepipe.core.progress import ProgressCallback, ProgressEvent
 from featurepipe.core.strictjson import json_ready
 
 # In a pipe or under CI rich would wrap at 80 columns; tables and paths read better unwrapped.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-stdout = Console(width=None if sys.stdout.isatty() else 160)
+# Never markup, emoji codes or highlighting: user text must print verbatim (see the module docstring).
+_LITERAL = dict(markup=False, emoji=False, highlight=False)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, **_LITERAL)
+stdout = Console(width=None if sys.stdout.isatty() else 160, **_LITERAL)
+
+# A piece of a printed line: plain text (printed as is), a (text, style) pair, or a rich Text.
+Part = Union[str, tuple[str, str], Text]
+
+
+def styled(*parts: Part) -> Text:
+    """One line from parts; only the styles given as pairs colour it, nothing inside a text does."""
+    return Text.assemble(*parts)
+
+
+def say(*parts: Part, **options) -> None:
+    """A line of the command's result, on stdout."""
+    stdout.print(styled(*parts), **options)
+
+
+def tell(*parts: Part, **options) -> None:
+    """A line about the run (warnings, notes, errors), on stderr."""
+    console.print(styled(*parts), **options)
+
+
+def flag(label: str, message: str, style: str = "yellow", **options) -> None:
+    """`label: message` on stderr, the label coloured (warning:, note:, skipped:, damaged:...)."""
+    tell((f"{label}:", style), " ", str(message), **options)
 
 
 def interactive() -> bool:
@@ -29,8 +63,10 @@ def progress_view(enabled: Optional[bool] = None) -> Iterator[Optional[ProgressC
     if not (interactive() if enabled is None else enabled):
         yield None
         return
-    columns = [TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[note]}")]
+    # markup=False: a stage's note may name a user's file.
+    columns = [TextColumn("{task.description:<9}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}", markup=False), TimeRemainingColumn(),
+               TextColumn("{task.fields[note]}", markup=False)]
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, int] = {}
 
@@ -63,11 +99,12 @@ def print_json(data) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:
-    view = Table(title=title, title_justify="left")
+    """Cells print as they are (a rich Text keeps its style); no cell or title is read as markup."""
+    view = Table(title=Text(title), title_justify="left")
     for column in columns:
-        view.add_column(column)
+        view.add_column(Text(column))
     for row in rows:
-        view.add_row(*[str(cell) for cell in row])
+        view.add_row(*[cell if isinstance(cell, Text) else Text(str(cell)) for cell in row])
     stdout.print(view)
 
 
@@ -91,9 +128,9 @@ def print_nested(nested: dict) -> None:
     """The headline: nested-CV accuracy of the whole search, and how optimistic the best row is."""
     acc = nested["accuracy"]
     interval = "" if acc.get("ci_low") is None else f" (95% CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f})"
-    stdout.print(f"[bold]nested CV accuracy {acc['mean']:.3f}[/]{interval}: the whole search scored on folds it never "
-                 f"saw; best leaderboard row {nested['best_inner_accuracy']:.3f}, optimism gap "
-                 f"{nested['optimism_gap']:+.3f}", highlight=False)
+    say((f"nested CV accuracy {acc['mean']:.3f}", "bold"),
+        f"{interval}: the whole search scored on folds it never saw; best leaderboard row "
+        f"{nested['best_inner_accuracy']:.3f}, optimism gap {nested['optimism_gap']:+.3f}")
 
 
 def print_leaderboard(leaderboard, limit: int = 20) -> None:

@@ -11,7 +11,7 @@ from featurepipe.cli.options import AsJson
 
 
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate`."),
-           thumbnails: int = typer.Option(24, "--thumbnails", help="Misclassified images to show."),
+           thumbnails: int = typer.Option(24, "--thumbnails", min=0, help="Misclassified images to show."),
            as_json: bool = AsJson) -> None:
     """Write RUN_DIR/report.html (self-contained) and the charts as PNGs in RUN_DIR/report/."""
     from featurepipe.cli import render

@@ -27,7 +27,7 @@ def run_all(
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (with --finetune; default 12)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs (with --finetune; default 12)."),
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
@@ -62,7 +62,7 @@ def run_all(
         render.print_json(result.to_dict())
         return
     for warning in result.warnings:
-        render.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        render.flag("warning", warning)
     render.print_leaderboard(result.leaderboard)
     for split, metrics in result.evaluate.holdout.items():
         render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
@@ -75,7 +75,7 @@ def run_all(
     if result.evaluate.nested is not None:
         render.print_nested(result.evaluate.nested.to_dict())
     for note in result.evaluate.notes:
-        render.console.print(f"[yellow]note:[/] {note}", highlight=False)
+        render.flag("note", note)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
     render.stdout.print(
         f"best: {best_text(result.best)}; "

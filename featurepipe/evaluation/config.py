@@ -79,6 +79,8 @@ class SearchConfig:
             raise UsageError(f"grids given for head(s) not being evaluated: {', '.join(stray)}")
         if self.folds is not None and self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be 0 or more, not {self.seed}")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be at least 1, not {self.repeats}")
         if self.ensemble < 0:

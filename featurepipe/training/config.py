@@ -10,6 +10,7 @@ import TensorFlow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,13 +61,24 @@ class FinetuneConfig:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if (self.epochs < 1 or (self.lr is not None and self.lr <= 0)
-                or (self.unfreeze_blocks is not None and self.unfreeze_blocks < 0) or self.patience < 0
-                or self.batch_size < 1 or self.warmup_epochs < 0 or self.weight_decay < 0):
-            raise UsageError("--epochs and --batch-size must be >= 1, --lr > 0, --unfreeze-blocks, --patience, "
-                             "--warmup-epochs and --weight-decay >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        # Each range names its option; NaN fails every comparison, so each test is written as "inside".
+        checks = [
+            ("--epochs", self.epochs, self.epochs >= 1, "1 or more"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "1 or more"),
+            ("--lr", self.lr, self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "a finite number > 0"),
+            ("--unfreeze-blocks", self.unfreeze_blocks, self.unfreeze_blocks is None or self.unfreeze_blocks >= 0,
+             "0 or more"),
+            ("--patience", self.patience, self.patience >= 0, "0 or more"),
+            ("--warmup-epochs", self.warmup_epochs, self.warmup_epochs >= 0, "0 or more"),
+            ("--weight-decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "a finite number >= 0"),
+            ("--momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
+            ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("--seed", self.seed, self.seed >= 0, "0 or more"),
+        ]
+        for option, value, inside, wanted in checks:
+            if not inside:
+                raise UsageError(f"{option} must be {wanted}, not {value}")
         if self.strategy == "fpt" and self.epochs < 2:
             raise UsageError("strategy fpt needs --epochs 2 or more (head pre-training, then fine-tuning)")
 

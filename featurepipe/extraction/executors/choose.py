@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.extraction.executors.base import Executor
@@ -40,8 +40,9 @@ def use_executor(executor: Executor) -> Iterator[Executor]:
 
 
 def open_executor(scheduler: Optional[str] = None, workers: Optional[int] = None,
-                  connect_timeout: float = 10.0) -> Executor:
-    """--scheduler ADDRESS: an existing Dask cluster; --workers N: a LocalCluster for this run;
+                  connect_timeout: float = 10.0, preload: Sequence[str] = ()) -> Executor:
+    """--scheduler ADDRESS: an existing Dask cluster; --workers N: a LocalCluster for this run, whose
+    workers run the `preload` modules first (Dask worker preloads: a module with `dask_setup(worker)`);
     neither: $FEATUREPIPE_SCHEDULER if set, else this process. The caller closes it."""
     if scheduler and workers:
         raise FeaturepipeError("--scheduler and --workers exclude each other: --scheduler uses an existing "
@@ -58,15 +59,15 @@ def open_executor(scheduler: Optional[str] = None, workers: Optional[int] = None
         raise FeaturepipeError(f"running on Dask needs the dask extra ({error}); install it with "
                                f"pip install 'featurepipe[dask]'") from None
     if workers:
-        return DaskExecutor.local_cluster(workers)
+        return DaskExecutor.local_cluster(workers, preload=preload)
     return DaskExecutor.connect(scheduler, timeout=connect_timeout)
 
 
 @contextmanager
 def executor_scope(scheduler: Optional[str] = None, workers: Optional[int] = None,
-                   connect_timeout: float = 10.0) -> Iterator[Executor]:
+                   connect_timeout: float = 10.0, preload: Sequence[str] = ()) -> Iterator[Executor]:
     """Open an executor, make it current, and close it at the end, also on Ctrl-C or an error."""
-    executor = open_executor(scheduler, workers, connect_timeout)
+    executor = open_executor(scheduler, workers, connect_timeout, preload)
     try:
         with use_executor(executor):
             yield executor

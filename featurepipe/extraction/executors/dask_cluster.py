@@ -3,7 +3,9 @@
 `DaskExecutor.connect(address)` uses a cluster that already runs (`dask scheduler` + `dask worker`,
 Slurm/PBS through dask-jobqueue, Kubernetes, dask-gateway). `DaskExecutor.local_cluster(n)` starts
 n worker processes on this machine: bound to 127.0.0.1, spawned rather than forked (TensorFlow is
-not fork-safe), one thread and one GPU slot each; `close` shuts them down.
+not fork-safe), one thread and one GPU slot each, each running the caller's `preload` modules
+(Dask worker preloads: the CLI's quiet, Ctrl-C-deaf start, cli/worker_start.py) before any task;
+`close` shuts them down.
 
 What workers need: featurepipe with the same TensorFlow/Keras/Pillow versions as the driver (they
 check, since those are part of the features' fingerprint), and the dataset and the cache directory
@@ -20,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import dask
 import distributed
@@ -65,13 +67,18 @@ class DaskExecutor(Executor):
         return cls(client)
 
     @classmethod
-    def local_cluster(cls, n_workers: int, threads_per_worker: int = 1) -> "DaskExecutor":
+    def local_cluster(cls, n_workers: int, threads_per_worker: int = 1,
+                      preload: Sequence[str] = ()) -> "DaskExecutor":
         # Forking a process that may already hold TensorFlow's thread pools deadlocks; spawn instead
         # (dask's default, made certain here for as long as the cluster lives: restarts spawn too).
         config = dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
         try:
+            # No dashboard; the scheduler's small HTTP server (health, metrics) on any free local port:
+            # its default 8787 printed a "Port 8787 is already in use" warning whenever it was taken.
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                                   host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+                                   host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                                   preload=list(preload))
         except BaseException:
             config.__exit__(None, None, None)
             raise
