@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, scan_dataset, search_specs
+from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, scan_dataset
 from featurepipe.cli.options import (
     AsJson, Augment, AugmentSeed, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups, Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone,
@@ -42,8 +42,10 @@ def evaluate(
     from featurepipe.evaluation.evaluate import evaluate as run_evaluate, parse_grid
 
     with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:
-        config = SearchConfig(
-            specs=search_specs(backbone, resize, True, image_size, layer, pooling, weights), heads=head_names(heads),
+        # What `run --quick` searches, from the same function as featurepipe.run(..., quick=True).
+        config = SearchConfig.quick(
+            backbone=backbone, resize=resize, image_size=image_size, layer=layer, pooling=pooling, weights=weights,
+            heads=head_names(heads),
             grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed,
             augment=AugmentSpec(augment, seed=augment_seed), tta=tta, nested=nested, ensemble=ensemble, vote=vote,
             dedup_groups=not no_dedup_groups)

@@ -13,6 +13,10 @@ from typing import Callable, Optional
 
 import typer
 
+# The search's defaults, from the one module SearchConfig takes them from too (light: no scikit-learn).
+from featurepipe.backbones.spec import RESIZE_POLICIES
+from featurepipe.evaluation.search import AUTO, DEFAULT_BACKBONES, DEFAULT_HEADS, QUICK_BACKBONE
+
 # numpy's and scikit-learn's seeds are unsigned 32-bit numbers: anything else was a traceback.
 SEED_MAX = 2**32 - 1
 
@@ -49,17 +53,18 @@ def _jobs(param: typer.CallbackParam, value: int) -> int:
 
 
 CacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: $FEATUREPIPE_CACHE or ./cache).")
-Backbone = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name; see `featurepipe backbones`.")
+Backbone = typer.Option(QUICK_BACKBONE, "--backbone", "-b", help="Backbone name; see `featurepipe backbones`.")
 ImageSize = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's).")
 Layer = typer.Option(None, "--layer", help="Take features from this named layer (e.g. block4_pool, fc2).")
 Pooling = typer.Option("avg", "--pooling", help="avg | max | flatten, for spatial layers.")
 Weights = typer.Option("imagenet", "--weights", help="imagenet | random | PATH to a weights file.")
 Resize = typer.Option(None, "--resize", help="squash | center_crop | letterbox (default: the backbone's).")
 SearchBackbone = typer.Option(None, "--backbone", "-b",
-                              help="Backbone, or a comma-separated list to search (run default: efficientnet_lite0,"
-                                   "efficientnet_lite1,efficientnet_lite2; evaluate default: efficientnet_lite0).")
-SearchResize = typer.Option(None, "--resize", help="squash | center_crop | letterbox | auto (all three, compared by "
-                                                   "CV; the default of `run`).")
+                              help=f"Backbone, or a comma-separated list to search (run default: "
+                                   f"{','.join(DEFAULT_BACKBONES)}; run --quick and evaluate default: {QUICK_BACKBONE}).")
+SearchResize = typer.Option(None, "--resize", help=f"{' | '.join((*RESIZE_POLICIES, AUTO))} ({AUTO}: all three, "
+                                                   f"compared by CV, the default of `run`; run --quick and evaluate "
+                                                   f"default: the backbone's own).")
 Nested = typer.Option(True, "--nested/--no-nested", help="Score the whole selection by nested CV (the headline).")
 Ensemble = typer.Option(3, "--ensemble", min=0, help="With one feature set (or --no-vote): also try a soft vote of the best N "
                         "heads on the best feature set (0: off).")
@@ -68,7 +73,7 @@ Vote = typer.Option(True, "--vote/--no-vote", help="With several feature sets, t
                     "one configuration instead.")
 Augment = typer.Option(0, "--augment", min=0, help="Also cache K augmented views per image.")
 AsJson = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
-Heads = typer.Option("logreg,knn,ncm", "--heads", help="Comma-separated head names (default: what `run` searches; "
+Heads = typer.Option(",".join(DEFAULT_HEADS), "--heads", help="Comma-separated head names (default: what `run` searches; "
                                                          "linear_svm and dense on request: 3x and ~20x a logreg fit).")
 Folds = typer.Option(5, "--folds", min=2, help="Cross-validation folds.")
 AutoFolds = typer.Option(None, "--folds", min=2, help="Cross-validation folds (default: 5, or as many as the smallest "

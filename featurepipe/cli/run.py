@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, search_specs
+from featurepipe.cli.common import Command, best_text, check_run_dir, head_names
 from featurepipe.cli.options import (
-    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, ImageSize, Jobs, Layer, Nested, NoDedupGroups,
+    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Heads, ImageSize, Jobs, Layer, Nested, NoDedupGroups,
     Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, Tta, Vote,
     Weights, Workers,
 )
@@ -21,7 +21,7 @@ def run_all(
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = SearchResize,
     quick: bool = typer.Option(False, "--quick", help="One backbone (efficientnet_lite0) and its default resize "
                                                       "instead of the whole search."),
-    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated head names (default: logreg,knn,ncm)."),
+    heads: str = Heads,
     nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote,
     folds: Optional[int] = AutoFolds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
@@ -40,15 +40,15 @@ def run_all(
     from featurepipe.cli import render
     from featurepipe.core.cachedirs import cache_root
     from featurepipe.evaluation.config import SearchConfig
-    from featurepipe.evaluation.config import SEARCH_HEADS
     from featurepipe.evaluation.evaluate import parse_grid
     from featurepipe.pipeline import run as run_pipeline
     from featurepipe.training.config import FinetuneConfig
 
     with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:
-        config = SearchConfig(
-            specs=search_specs(backbone, resize, quick, image_size, layer, pooling, weights),
-            heads=head_names(heads) if heads else SEARCH_HEADS, grids=parse_grid(grid), folds=folds,
+        # The same function as featurepipe.run() in Python: one source of defaults for both.
+        config = SearchConfig.default(
+            quick=quick, backbone=backbone, resize=resize, image_size=image_size, layer=layer, pooling=pooling,
+            weights=weights, heads=head_names(heads), grids=parse_grid(grid), folds=folds,
             repeats=repeats, seed=seed, augment=augment, tta=tta, nested=nested, ensemble=ensemble, vote=vote,
             dedup_groups=not no_dedup_groups)
         # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.

