@@ -2,15 +2,20 @@
 one resumable pipeline (frozen ImageNet base -> cached features -> cross-validated heads -> optional
 fine-tuning -> predict, export, report).
 
-The public API is what `__all__` lists: the stages (each a plain function with typed inputs and
-outputs), their configs, the backbone and head registries, and the errors. Everything is imported on
-first use, so `import featurepipe` stays cheap (no TensorFlow, no pandas) and the package's layers
-(tests/test_layering.py) keep importing only downwards.
+The public API is what `__all__` lists: `run` / `load_run` (the whole job, with exactly the CLI's
+defaults), the stages (each a plain function with typed inputs and outputs), their configs, the
+backbone and head registries, and the errors. Everything is imported on first use, so `import
+featurepipe` stays cheap (no TensorFlow, no pandas) and the package's layers (tests/test_layering.py)
+keep importing only downwards.
 
     import featurepipe
-    dataset = featurepipe.scan("data/demo")
-    report = featurepipe.evaluate(dataset, featurepipe.SearchConfig(heads=("logreg",)))
-    featurepipe.predict(report.run_dir, ["photo.jpg"]).frame
+    result = featurepipe.run("data/demo", quick=True)     # = `featurepipe run data/demo --quick`
+    result.nested["accuracy"]                             # the nested-CV headline and its interval
+    result.predict(["photo.jpg"])                         # a DataFrame, the columns of `predict --json`
+    featurepipe.load_run(result.run_dir).report_path      # the same object for a run written earlier
+
+`SearchConfig()` is what `featurepipe run` searches and `SearchConfig.quick()` what `run --quick` and
+`evaluate` search: the CLI builds its config with the same two functions.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ _EXPORTS = {
     "export": "featurepipe.deploy.export",
     "write_report": "featurepipe.report.write",
     "run": "featurepipe.pipeline",
+    "load_run": "featurepipe.pipeline",
+    "RunResult": "featurepipe.pipeline",
     # what the stages take
     "SearchConfig": "featurepipe.evaluation.config",
     "FinetuneConfig": "featurepipe.training.config",

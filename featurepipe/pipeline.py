@@ -1,8 +1,15 @@
-"""`featurepipe run`: scan -> extract -> evaluate -> (fine-tune) -> report, as one job.
+"""`featurepipe run`: scan -> extract -> evaluate -> (fine-tune) -> report, as one job; and its
+Python face, `featurepipe.run` / `featurepipe.load_run`.
 
 Every stage is incremental on its own (content-hashed features, per-fold CV results on disk), so
 running the same command again with nothing changed only refits the best head and rewrites the
 report: seconds, and the result says so.
+
+`run("data/")` with no config searches exactly what `featurepipe run data/` does
+(SearchConfig.default(), the function the CLI builds its config with), and its keywords are the
+CLI's options (quick=True, finetune=True, heads=..., cache_dir=..., run_dir=...). What it returns, a
+RunResult, is what `load_run(RUN)` gives for a run written earlier, by Python or by the CLI: the
+run directory, the leaderboard, the nested-CV headline, the report's path and `predict(paths)`.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 
+from featurepipe.core import csvcells
 from featurepipe.core.cachedirs import cache_root, report_charts_dir
+from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.data.dataset import Dataset, scan
 from featurepipe.evaluation.config import SearchConfig, feature_set_name
@@ -24,26 +33,56 @@ from featurepipe.evaluation.evaluate import EvaluateReport, evaluate_features, m
 from featurepipe.extraction.extract import ExtractReport, extract
 from featurepipe.extraction.features import cached_features
 from featurepipe.rundir import layout
+from featurepipe.rundir.folder import read_json
+from featurepipe.rundir.run import Run
 from featurepipe.training.config import FinetuneConfig
+
+# The leaderboard's text columns: read as text ("NA" or "None" may be a head's params or a feature set).
+_TEXT_COLUMNS = ("features", "head", "params", "augment")
 
 
 @dataclass
 class RunResult:
+    """A run: what `run` returns, and what `load_run` gives for a run directory written earlier.
+
+    run_dir, leaderboard (one row per feature set x head x params x augment, ranked; leaderboard.csv),
+    best (the chosen configuration), report_path (report.html; None for a loaded run that has none),
+    nested (the headline: nested.json, the nested-CV estimate of the whole selection, with its 95%
+    interval under nested["accuracy"]; None when nested CV did not run) are there either way. The rest
+    says what this process did and is empty for a loaded run: stages (stage -> seconds),
+    reused_everything, dataset, extract, evaluate, finetune, seconds."""
     run_dir: Path
     leaderboard: pd.DataFrame
     best: dict
-    report_path: Path
-    stages: dict[str, float]             # stage -> seconds, in the order they ran
-    reused_everything: bool              # no image extracted and no CV fold fitted
-    dataset: Dataset
-    extract: ExtractReport
-    evaluate: EvaluateReport
+    report_path: Optional[Path]
+    stages: dict[str, float] = field(default_factory=dict)   # stage -> seconds, in the order they ran
+    reused_everything: bool = False      # no image extracted and no CV fold fitted
+    dataset: Optional[Dataset] = None
+    extract: Optional[ExtractReport] = None
+    evaluate: Optional[EvaluateReport] = None
     finetune: Any = None                 # what featurepipe.training.finetune.finetune returned, when it ran
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    nested: Optional[dict] = None        # nested.json: accuracy {mean, std, ...}, metrics, optimism_gap, folds
+    cache_dir: Optional[Path] = None     # the cache predict reads features from (None: the one the run records)
+
+    def predict(self, inputs: str | os.PathLike | Sequence[str | os.PathLike], **options) -> pd.DataFrame:
+        """Class probabilities for image files and/or folders, with the run's model: one row per image,
+        the columns of `featurepipe predict --json` (and of its CSV): path, label, probability,
+        label_i/prob_i for the top k, p[<class>] for every class, error (set for an image that could
+        not be read; it never stops the others). `options`: featurepipe.predict's (top_k, model,
+        batch_size, trust, progress, cache_dir)."""
+        from featurepipe.deploy.predict import predict
+
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        options.setdefault("cache_dir", self.cache_dir)
+        return predict(self.run_dir, list(inputs), **options).frame
 
     @property
     def message(self) -> str:
+        if self.evaluate is None or self.extract is None:
+            return f"run directory {self.run_dir}"
         if self.reused_everything:
             return "nothing changed: all features and CV folds reused"
         ex, ev = self.extract, self.evaluate
@@ -56,14 +95,16 @@ class RunResult:
         if finetune is not None and hasattr(finetune, "to_dict"):
             finetune = finetune.to_dict()
         return {
-            "run_dir": str(self.run_dir), "report": str(self.report_path), "best": self.best,
-            "nested": self.evaluate.nested.to_dict() if self.evaluate.nested is not None else None,
+            "run_dir": str(self.run_dir), "report": str(self.report_path) if self.report_path else None,
+            "best": self.best, "nested": self.nested,
             "reused_everything": self.reused_everything, "message": self.message,
             "stages": {k: round(v, 3) for k, v in self.stages.items()}, "seconds": round(self.seconds, 3),
             "dataset": {"source": str(self.dataset.source), "images": len(self.dataset),
-                        "classes": self.dataset.class_counts(), "splits": self.dataset.splits},
-            "extract": self.extract.to_dict(),
-            "evaluate": {k: v for k, v in self.evaluate.to_dict().items() if k != "extract"},
+                        "classes": self.dataset.class_counts(), "splits": self.dataset.splits}
+            if self.dataset is not None else None,
+            "extract": self.extract.to_dict() if self.extract is not None else None,
+            "evaluate": {k: v for k, v in self.evaluate.to_dict().items() if k != "extract"}
+            if self.evaluate is not None else None,
             "finetune": json.loads(json.dumps(finetune, default=str)) if finetune is not None else None,
             "warnings": self.warnings,
         }
@@ -71,10 +112,11 @@ class RunResult:
 
 def run(
     data: str | os.PathLike,
-    config: SearchConfig,
+    config: Optional[SearchConfig] = None,
     cache_dir: Optional[str | os.PathLike] = None,
     *,
-    finetune: Optional[FinetuneConfig] = None,
+    quick: bool = False,
+    finetune: bool | FinetuneConfig | None = None,
     run_dir: Optional[str | os.PathLike] = None,
     progress: Optional[ProgressCallback] = None,
     n_jobs: int = -1,
@@ -82,13 +124,29 @@ def run(
     exclude: Optional[str | os.PathLike] = None,
     relabel: Optional[str | os.PathLike] = None,
     inspect: bool = True,
+    **search,
 ) -> RunResult:
-    """The whole job on DATA; returns where the run was written and what each stage cost.
+    """The whole job on DATA (`featurepipe run DATA`); returns the run (RunResult): where it was
+    written, its leaderboard, the nested-CV headline, the report, `predict(paths)`, what each stage cost.
 
-    `config` says what is searched (evaluation.config.SearchConfig; `featurepipe run` passes
-    featurepipe.evaluation.search.search_specs() as its specs): each feature set is extracted once,
-    with config.augment's views, and compared on cached features. `finetune`: also fine-tune the
-    chosen model with these options (training.config.FinetuneConfig); None: no fine-tuning."""
+    What is searched: `config` (evaluation.config.SearchConfig), or when it is None exactly what
+    `featurepipe run DATA` searches, SearchConfig.default(quick=quick, **search): `quick=True` is
+    `--quick`, and `search` takes the CLI's search options by their Python names (heads=("logreg",),
+    backbone="efficientnet_lite1", resize="squash", folds=5, seed=1, augment=2, nested=False, ...).
+    Each feature set is extracted once, with config.augment's views, and compared on cached features.
+    `finetune`: True (`--finetune`: the default FinetuneConfig()) or a training.config.FinetuneConfig
+    to also fine-tune the chosen model; None or False: no fine-tuning. `cache_dir`: the cache root
+    (default $FEATUREPIPE_CACHE, else ./cache); `run_dir`: where the run is written (default a new
+    folder under CACHE/runs/)."""
+    if config is None:
+        config = SearchConfig.default(quick=quick, **search)
+    elif quick or search:
+        raise UsageError(f"give either config=SearchConfig(...) or the search options "
+                         f"({', '.join(sorted(search)) or 'quick'}), not both")
+    if finetune is True:
+        finetune = FinetuneConfig()
+    elif finetune is False:
+        finetune = None
     started = time.perf_counter()
     stages: dict[str, float] = {}
     root = cache_root(cache_dir)
@@ -141,5 +199,34 @@ def run(
         run_dir=evaluated.run_dir, leaderboard=evaluated.leaderboard, best=evaluated.best,
         report_path=written.html_path, stages=stages, reused_everything=reused_everything, dataset=dataset,
         extract=extracted, evaluate=evaluated, finetune=finetuned, seconds=time.perf_counter() - started,
-        warnings=list(dataset.warnings),
+        warnings=list(dataset.warnings), nested=evaluated.nested.to_dict() if evaluated.nested is not None else None,
+        cache_dir=root,
     )
+
+
+def load_run(run_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> RunResult:
+    """The run directory RUN, written by `run` or `evaluate` (Python or CLI), as the RunResult `run`
+    returned: run_dir, leaderboard, best, nested, report_path (None until `featurepipe report RUN`
+    writes one) and `predict(paths)`. `cache_dir`: where predict reads features (default: the cache
+    the run records). Nothing is recomputed; what this process did (stages, timings) is empty."""
+    run = Run.open(run_dir)
+    board_path = run.file(layout.LEADERBOARD)
+    if not board_path.exists() or not run.has_head():
+        missing = layout.LEADERBOARD if not board_path.exists() else layout.HEAD_META
+        raise FeaturepipeError(f"{run.path} has no {missing}: it is not a finished run; re-run `featurepipe run` "
+                               f"or `featurepipe evaluate` on its data")
+    try:
+        # Only empty cells are missing values, as the report reads it ("NA" may be a class or a param).
+        leaderboard = csvcells.read(board_path, keep_default_na=False, na_values=[""],
+                                    dtype={c: str for c in _TEXT_COLUMNS})
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise FeaturepipeError(f"{board_path} cannot be read as CSV ({error}); re-run `featurepipe evaluate`") from None
+    meta = run.head_meta
+    best = {k: meta[k] for k in ("head", "params", "augment", "tta", "features") if k in meta}
+    nested_path = run.file(layout.NESTED)
+    nested = read_json(nested_path, f"{nested_path} is missing") if nested_path.exists() else None
+    report = run.file(layout.REPORT)
+    warnings = list((run.config.get("dataset") or {}).get("warnings") or [])
+    return RunResult(run_dir=run.path, leaderboard=leaderboard, best=best,
+                     report_path=report if report.exists() else None, warnings=warnings, nested=nested,
+                     cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
