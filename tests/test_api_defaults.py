@@ -12,7 +12,6 @@ layout with the tiny test backbone put in place of the search's feature sets (th
 import json
 import re
 from dataclasses import fields
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -110,7 +109,7 @@ def test_python_run_with_no_config_searches_what_the_cli_does(image_tree, tmp_pa
 
     monkeypatch.setattr("featurepipe.pipeline.evaluate_features", evaluate_features)
     with pytest.raises(Captured):
-        featurepipe.run(image_tree, cache_dir=tmp_path / "cache")
+        featurepipe.run(image_tree, cache_dir=tmp_path / "cache", finetune=False)
     _same_fields(seen[0], cli)
     _same_fields(seen[0], SearchConfig())
     with pytest.raises(UsageError, match="not both"):
