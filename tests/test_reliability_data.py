@@ -226,7 +226,7 @@ def test_formulas_and_line_breaks_in_names_are_neutralised_and_read_back(tmp_pat
         lines = list(csv.reader(handle))
     exclude = tmp_path / "exclude.csv"
     with open(exclude, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([lines[0]] + [row for row in lines[1:] if "HYPERLINK" in row[0]
+        csv.writer(handle).writerows([lines[0][:1]] + [row[:1] for row in lines[1:] if "HYPERLINK" in row[0]
                                                    or "@green" in row[lines[0].index("given")]][:3])
     assert len(apply_fixes(dataset, exclude=exclude)) == len(dataset) - 3
 

@@ -51,7 +51,8 @@ LABEL_C = 50.0
 LABEL_PARAMS = {"C": LABEL_C, "front": "standard"}
 TOP_SUSPECTS = 15
 IMBALANCE_RATIO = 3.0     # largest / smallest class above this is called imbalanced
-CACHE_VERSION = 4         # bump when what inspect computes changes: cached results are then ignored (4: dedup rules)
+CACHE_VERSION = 5         # bump when what inspect computes changes: cached results are then ignored
+                          # (4: dedup rules; 5: suspects.csv suggests only for flagged rows, messages)
 OUTPUTS = (INSPECT_JSON, DUPLICATES, SUSPECTS, LABEL_SCORES, LEARNING_CURVE, EMBEDDING)
 
 OofSource = Callable[[FeatureTable], np.ndarray]   # table -> (n, classes) out-of-fold probabilities
@@ -404,36 +405,91 @@ def _label_issues(source: OofSource, split: _TrainSplit, dups, classes: list[str
         suspects = issues.table.copy()
         suspects.insert(0, "path", tframe["path"].to_numpy()[suspects["row"]])
         suspects["predicted"] = np.asarray(classes, dtype=object)[oof.argmax(axis=1)][suspects["row"]]
-        summary["label_issues"] = {"flagged": int(suspects["flagged"].sum()),
+        flagged = int(suspects["flagged"].sum())
+        summary["label_issues"] = {"flagged": flagged,
                                    "misclassified": int((suspects["predicted"] != suspects["given"]).sum()),
-                                   "thresholds": {c: round(float(t), 4) for c, t in zip(classes, issues.thresholds)}}
+                                   "thresholds": {c: round(float(t), 4) for c, t in zip(classes, issues.thresholds)},
+                                   "message": _label_message(flagged, len(suspects))}
     else:
         suspects = pd.DataFrame({"row": np.arange(len(tframe)), "path": tframe["path"], "given": tframe["label"]})
     if outliers is not None:
         suspects["outlier_score"] = outliers.score[suspects["row"].to_numpy(dtype=int)]
         suspects["outlier"] = outliers.flagged[suspects["row"].to_numpy(dtype=int)]
         summary["outliers"] = {"flagged": int(outliers.flagged.sum()), "threshold": round(outliers.threshold, 4),
-                               "neighbours": outliers.neighbours}
+                               "neighbours": outliers.neighbours,
+                               "message": _outlier_message(int(outliers.flagged.sum()), outliers)}
     if "rank" in suspects.columns:
         suspects = suspects.sort_values("rank")
     suspects = suspects.drop(columns="row")
     # label_scores.csv: every training image. suspects.csv: the ones worth a look (top ranks, confident
-    # label issues, outliers), short enough to edit and pass back with --exclude / --relabel.
+    # label issues, outliers), short enough to edit and pass back with --exclude / --relabel, which act
+    # only on its rows marked flagged (or outlier, for --exclude): see data/edits.py.
     csvcells.write(out_dir / LABEL_SCORES, suspects)
     worth = pd.Series(False, index=suspects.index)
     if "rank" in suspects.columns:
         worth |= (suspects["rank"] <= TOP_SUSPECTS) | suspects["flagged"].astype(bool)
     if "outlier" in suspects.columns:
         worth |= suspects["outlier"].astype(bool)
-    csvcells.write(out_dir / SUSPECTS, suspects[worth])
+    listed = suspects[worth].copy()
+    if "flagged" in listed.columns:
+        # A suggestion only where confident learning makes one: on the other rows the closest other class
+        # is a score, not a relabel, and must not read as one (nor be applied: see data/edits.py).
+        flagged = listed["flagged"].astype(bool)
+        listed.insert(listed.columns.get_loc("suggested") + 1, "closest_other", listed["suggested"])
+        listed["suggested"] = listed["suggested"].where(flagged, "")
+    csvcells.write(out_dir / SUSPECTS, listed)
+    summary["suspects"] = _suspects_summary(listed)
     return suspects, table
+
+
+def _label_message(flagged: int, images: int) -> str:
+    """What the label-issue section says, verbatim, for a report to show."""
+    if not flagged:
+        return (f"No label issues: for none of the {images} training images is another class predicted with "
+                f"confidence. The images listed are the lowest-margin ones, for a look only: their closest other "
+                f"class is no suggested relabel, and {SUSPECTS} passed back unedited changes nothing.")
+    return (f"{flagged} of {images} training image(s) flagged as likely label errors: another class is predicted "
+            f"with confidence, and its name is the suggested label. Any other images listed are the lowest-margin "
+            f"ones, for a look only.")
+
+
+def _outlier_message(flagged: int, outliers) -> str:
+    """What the outlier section says, verbatim: whether any image is an outlier, not only which are farthest."""
+    if outliers.neighbours == 0:
+        return "No outliers: fewer than 3 images with features, too few to compare."
+    line = f"the outlier line {outliers.threshold:.3f} (Q3 + 3 IQR of the mean cosine distance to the " \
+           f"{outliers.neighbours} nearest other images)"
+    if not flagged:
+        return (f"No outliers: no image is above {line}. The farthest images are not outliers; any shown are "
+                f"for a look only.")
+    return (f"{flagged} image(s) are outliers, above {line}: often off-topic, corrupt-looking or unusually "
+            f"framed photos.")
+
+
+def _suspects_summary(listed: pd.DataFrame) -> dict:
+    """What suspects.csv holds and what passing it back unedited would do (the rule in data/edits.py)."""
+    flagged = listed["flagged"].astype(bool) if "flagged" in listed.columns else pd.Series(False, index=listed.index)
+    outlier = listed["outlier"].astype(bool) if "outlier" in listed.columns else pd.Series(False, index=listed.index)
+    exclude, relabel = int((flagged | outlier).sum()), int(flagged.sum())
+    look = len(listed) - exclude
+    if not exclude:
+        message = (f"{SUSPECTS} lists {len(listed)} image(s) for a look; none is flagged, so passed back unedited "
+                   f"with --exclude or --relabel it changes nothing. To act on an image, set its flagged cell "
+                   f"to True (and, for --relabel, write its new label).")
+    else:
+        message = (f"{SUSPECTS} lists {len(listed)} image(s); passed back unedited, --exclude leaves out the "
+                   f"{exclude} flagged (label issues and outliers) and --relabel gives the {relabel} flagged label "
+                   f"issue(s) their suggested class; the other {look} are for a look only. Set flagged to True or "
+                   f"False to change that.")
+    return {"rows": len(listed), "flagged": relabel, "outliers": int(outlier.sum()),
+            "unedited_exclude": exclude, "unedited_relabel": relabel, "message": message}
 
 
 def _learning_curve(source: OofSource, split: _TrainSplit, table: Optional[FeatureTable], classes: list[str],
                     folds: int, seed: int, draws: int, summary: dict, notes: dict[str, str], out_dir: Path) -> None:
     """The learning curve of the run's selected head when the source names a cheap one (oof_from_run),
     else of logreg C=50; writes learning_curve.csv."""
-    from featurepipe.inspection.learning_curve import learning_curve
+    from featurepipe.inspection.learning_curve import TOO_FEW, learning_curve
 
     curve_name, curve_params, curve_why = getattr(source, "curve_head", (None, {}, "no run was given"))
     if curve_name is None:
@@ -443,13 +499,17 @@ def _learning_curve(source: OofSource, split: _TrainSplit, table: Optional[Featu
                                groups=table.groups if table is not None else None, draws=draws,
                                folds=folds, seed=seed, class_names=classes)
         csvcells.write(out_dir / LEARNING_CURVE, curve.points)
-        summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising,
+        summary["learning_curve"] = {"reading": curve.reading, "rising": curve.rising, "verdict": curve.verdict,
                                      "head": f"{curve_name} {json.dumps(curve_params, sort_keys=True)}",
                                      "head_config": {"head": curve_name, "params": curve_params},
                                      "head_source": curve_why, "draws": draws,
                                      "points": json.loads(curve.points.to_json(orient="records"))}
     except (DatasetError, ValueError) as error:
         notes["learning_curve"] = str(error)
+        # No curve at all is the far end of "too few images to tell": the same verdict and opening words
+        # as a curve too short to read, so every path gives one piece of advice.
+        summary["learning_curve"] = {"reading": f"{TOO_FEW}: {error}", "rising": None, "verdict": "too_few",
+                                     "points": []}
         (out_dir / LEARNING_CURVE).unlink(missing_ok=True)
 
 

@@ -2,9 +2,13 @@
 
 For every cross-validation fold and every size n (images per class), `draws` random subsets of n
 training images per class are fitted with the same head and scored on the fold's whole validation
-part, so every size is judged on the same images. "all" is the full training fold. The reading
-compares the last two sizes: a gain larger than its standard error means more photos will likely
-help.
+part, so every size is judged on the same images. "all" is the full training fold.
+
+The reading compares the full fold with the largest size at most half of it: a gain larger than
+its standard error means more photos will likely help. Without such a size the answer is "too few
+images to tell", whatever the head: on 24 photos of 3 classes the curve had two points, 5 and
+"all (~6)", and `inspect` (logreg) and `inspect --run-dir` (the run's head) read opposite advice
+from the noise between them (issue 23). One rule, in `read_curve`, for every caller.
 """
 
 from __future__ import annotations
@@ -19,13 +23,19 @@ import pandas as pd
 from featurepipe.evaluation.folds import make_folds
 
 SIZES = (5, 10, 20, 40)
+# A trend is read only across at least a doubling of the images per class: between 5 and ~6 the
+# difference is noise, not a slope.
+MIN_SPAN = 2.0
+TOO_FEW = "too few images to tell"
+VERDICTS = ("rising", "flat", "too_few")
 
 
 @dataclass
 class LearningCurve:
     points: pd.DataFrame       # per_class (int, -1 = all), label, images_per_class, accuracy_mean, accuracy_sem, fits
     reading: str               # plain words
-    rising: Optional[bool]     # None when too few sizes to say
+    rising: Optional[bool]     # None when too few images to say
+    verdict: str = "too_few"   # one of VERDICTS: rising / flat / too_few (what the reading says, for a report)
 
 
 def learning_curve(X: np.ndarray, y: np.ndarray, make_head: Callable[[], object], groups=None,
@@ -77,15 +87,26 @@ def learning_curve(X: np.ndarray, y: np.ndarray, make_head: Callable[[], object]
     return LearningCurve(points, *read_curve(points))
 
 
-def read_curve(points: pd.DataFrame) -> tuple[str, Optional[bool]]:
+def read_curve(points: pd.DataFrame) -> tuple[str, Optional[bool], str]:
+    """(reading, rising, verdict) of a curve whose last point is the full training fold."""
     if len(points) < 2:
-        return "only one size could be fitted: no trend to read", None
-    last, before = points.iloc[-1], points.iloc[-2]
+        return f"{TOO_FEW}: only one size could be fitted", None, "too_few"
+    last = points.iloc[-1]
+    before_all = points.iloc[:-1]
+    spans = before_all[before_all["images_per_class"] * MIN_SPAN <= last["images_per_class"]]
+    if spans.empty:
+        sizes = ", ".join(str(v) for v in points["label"])
+        smallest = int(points["images_per_class"].min())
+        return (f"{TOO_FEW}: the curve has only {sizes} training images per class, too close together for a "
+                f"trend (it needs a fold's training part to hold at least {int(MIN_SPAN * smallest)} images per "
+                f"class); read the cross-validated accuracy instead, and add photos to see whether more help"), \
+            None, "too_few"
+    before = spans.iloc[-1]
     gain = last["accuracy_mean"] - before["accuracy_mean"]
     noise = float(np.nan_to_num(np.hypot(last["accuracy_sem"], before["accuracy_sem"]), nan=0.0))
     step = (f"from {before['label']} to {last['label']} images per class accuracy goes "
             f"{before['accuracy_mean']:.3f} -> {last['accuracy_mean']:.3f} ({gain:+.3f}, noise ±{noise:.3f})")
     if gain > max(noise, 0.005):
-        return f"accuracy is still rising ({step}): more photos per class will likely help", True
+        return f"accuracy is still rising ({step}): more photos per class will likely help", True, "rising"
     return (f"flat ({step}): more photos of the same kind will likely not help much; better labels, "
-            f"a different backbone or harder examples will"), False
+            f"a different backbone or harder examples will"), False, "flat"
