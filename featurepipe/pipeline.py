@@ -82,6 +82,8 @@ def run(
     exclude: Optional[str | os.PathLike] = None,
     relabel: Optional[str | os.PathLike] = None,
     inspect: bool = True,
+    groups: Optional[str] = None,
+    groups_from: Optional[str | os.PathLike] = None,
 ) -> RunResult:
     """The whole job on DATA; returns where the run was written and what each stage cost.
 
@@ -100,7 +102,11 @@ def run(
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
         return value
 
-    dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
+    dataset = timed("scan", scan, data, cache_dir=root, progress=progress, groups_pattern=groups)
+    if groups_from is not None:   # --groups-from, before --exclude / --relabel (as evaluate and inspect)
+        from featurepipe.data.dataset import load_groups
+
+        dataset = load_groups(dataset, groups_from)
     if exclude is not None or relabel is not None:   # --exclude / --relabel (recorded in config.json)
         from featurepipe.data.edits import apply_fixes
 
