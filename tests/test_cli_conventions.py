@@ -248,11 +248,10 @@ def test_a_fine_tuning_that_is_all_warm_up_says_so():
 
 def test_run_counts_photos_and_feature_sets_apart_and_its_total_includes_start_up(image_tree, cache, tmp_path,
                                                                                   monkeypatch):
-    import featurepipe.cli as cli_package
-    from featurepipe.cli import render
+    from featurepipe.cli import clock, render
 
     # The process "started" 1000 s ago: the printed total is the wall time since then, not the stages' sum.
-    monkeypatch.setattr(render, "process_seconds", lambda: time.time() - (cli_package.STARTED - 1000.0))
+    monkeypatch.setattr(render, "process_seconds", lambda: time.time() - (clock.STARTED - 1000.0))
     args = ["run", image_tree, *TINY_ARGS, "--resize", "auto", "--heads", "logreg", "--folds", "2", "--no-nested",
             "--no-inspect", "--jobs", "1", "--cache-dir", cache, "--run-dir", tmp_path / "run"]
     out = _flat(_invoke(*args).stdout)
@@ -276,3 +275,10 @@ def test_run_uses_groups_and_groups_from(image_tree, cache, tmp_path):
     assert "1 distinct group" in _invoke(*args, "--groups-from", manifest, expect=1).stderr
     missing = _invoke(*args, "--groups-from", tmp_path / "nope.csv", expect=1)
     assert "--groups-from" in missing.stderr and "nope.csv" in missing.stderr
+
+
+def test_the_total_counts_from_the_process_start_not_from_the_first_stage():
+    from featurepipe.cli import clock, render
+
+    # psutil's process start precedes every import of featurepipe (the clock's fallback comes later still).
+    assert render.process_seconds() >= time.time() - clock.STARTED - 0.05

@@ -69,7 +69,7 @@ def process_seconds() -> float:
 
         return max(0.0, time.time() - psutil.Process().create_time())
     except Exception:   # no psutil, or no process table: from when featurepipe.cli was imported
-        from featurepipe.cli import STARTED
+        from featurepipe.cli.clock import STARTED
 
         return max(0.0, time.time() - STARTED)
 
