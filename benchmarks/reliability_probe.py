@@ -1302,7 +1302,7 @@ def disk_full_cases(shared: dict) -> tuple[dict, list]:
             # the work done without remembering: held only if a warning says the disk is full
             warned = [line for line in text.splitlines() if "full" in line.lower() or "no space" in line.lower()]
             return bool(warned), f"rc 0; warning: {warned[0][:240]}" if warned else "rc 0, no word of the full disk"
-        return r.returncode == 2 and not crashed(r) and len(errors) == 1 and says, _last(r, 300)
+        return r.returncode == 1 and not crashed(r) and len(errors) == 1 and says, _last(r, 300)
 
     def _prepared(f, seed: int) -> tuple[Path, Path]:
         data = make_tree(f / "d", 9, seed=seed)

@@ -124,6 +124,8 @@ def run(
     exclude: Optional[str | os.PathLike] = None,
     relabel: Optional[str | os.PathLike] = None,
     inspect: bool = True,
+    groups: Optional[str] = None,
+    groups_from: Optional[str | os.PathLike] = None,
     **search,
 ) -> RunResult:
     """The whole job on DATA (`featurepipe run DATA`); returns the run (RunResult): where it was
@@ -158,7 +160,11 @@ def run(
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
         return value
 
-    dataset = timed("scan", scan, data, cache_dir=root, progress=progress)
+    dataset = timed("scan", scan, data, cache_dir=root, progress=progress, groups_pattern=groups)
+    if groups_from is not None:   # --groups-from, before --exclude / --relabel (as evaluate and inspect)
+        from featurepipe.data.dataset import load_groups
+
+        dataset = load_groups(dataset, groups_from)
     if exclude is not None or relabel is not None:   # --exclude / --relabel (recorded in config.json)
         from featurepipe.data.edits import apply_fixes
 

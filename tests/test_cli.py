@@ -106,11 +106,13 @@ def test_cache_ls_json(cli, image_tree, cache):
     assert json.loads(cli("cache", "ls", "--cache-dir", cache, "--json").stdout) == []
     extract_json(cli, image_tree, cache, "--augment", "2")
     rows = json.loads(cli("cache", "ls", "--cache-dir", cache, "--json").stdout)
-    by_kind = {row["rows of"]: row for row in rows}
+    by_kind = {row["rows_of"]: row for row in rows}
     assert set(by_kind) == {"images", "views"}
-    assert (by_kind["images"]["backbone"], by_kind["images"]["rows"], by_kind["images"]["dim"]) == ("tiny", 24, 24)
-    assert (by_kind["views"]["backbone"], by_kind["views"]["rows"], by_kind["views"]["size"]) == ("tiny", 48, 32)
-    assert by_kind["images"]["fingerprint"] == open_stores(TINY, cache).originals.fingerprint[:16]
+    images, views = by_kind["images"], by_kind["views"]
+    assert (images["backbone"], images["rows"], images["feature_dim"]) == ("tiny", 24, 24)
+    assert (views["backbone"], views["rows"], views["image_size"]) == ("tiny", 48, 32)
+    assert images["fingerprint"] == open_stores(TINY, cache).originals.fingerprint
+    assert images["augment"] is None and views["augment"] is not None and images["resize"] == views["resize"]
 
 
 def test_cache_verify_detects_tampering_and_repairs(cli, image_tree, cache):

@@ -91,7 +91,7 @@ def test_a_manifest_row_that_links_outside_its_folder_is_refused_and_never_opene
 
     refused = _cli("extract", manifest, *TINY_ARGS, "--cache-dir", cache,
                    env={"WATCHED": str(secret), "OPENED": str(opened)})
-    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.returncode == 1, refused.stderr[-2000:]   # a refused dataset: a data failure
     message = refused.stderr
     assert "innocent.png" in message and str(secret) in message and "--allow-outside-root" in message
     assert not opened.exists(), opened.read_text()                # the target was never opened
@@ -110,7 +110,7 @@ def test_a_manifest_row_linking_to_a_system_file_is_refused(tmp_path):
                         + "red/shadow.png,red\n")
     refused = _cli("extract", manifest, *TINY_ARGS, "--cache-dir", tmp_path / "cache",
                    env={"WATCHED": "/etc/passwd", "OPENED": str(tmp_path / "opened.log")})
-    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.returncode == 1, refused.stderr[-2000:]   # a refused dataset: a data failure
     assert "m.csv:10" in refused.stderr and "/etc/passwd" in refused.stderr
     assert not (tmp_path / "opened.log").exists()
 
@@ -121,7 +121,7 @@ def test_a_folder_dataset_does_not_follow_links_out_of_data(tmp_path):
     opened = tmp_path / "opened.log"
     refused = _cli("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "cache",
                    env={"WATCHED": str(secret), "OPENED": str(opened)})
-    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.returncode == 1, refused.stderr[-2000:]   # a refused dataset: a data failure
     assert "innocent.png" in refused.stderr and str(secret) in refused.stderr
     assert "--allow-outside-root" in refused.stderr
     assert not opened.exists()

@@ -134,10 +134,10 @@ def test_predict_and_export_refuse_a_foreign_run_with_one_line_and_predict_accep
     runner = CliRunner()
     image = str(data / "red" / "red0.png")
     refused = runner.invoke(app, ["predict", str(run_copy), image])
-    assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit)
+    assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit)   # refused data, not usage
     assert "--trust" in refused.stderr and "Traceback" not in refused.stderr
     exported = runner.invoke(app, ["export", str(run_copy), "--out", str(tmp_path / "exp")])
-    assert exported.exit_code == 2 and "--trust" in exported.stderr
+    assert exported.exit_code == 1 and "--trust" in exported.stderr
     trusted = runner.invoke(app, ["predict", str(run_copy), image, "--trust", "--json"])
     assert trusted.exit_code == 0, trusted.stderr
     assert json.loads(trusted.stdout)["predictions"][0]["label"] == "red"

@@ -2,6 +2,11 @@
 (anything else is a bug and keeps its traceback), shows progress unless --json, keeps stdout clean
 for JSON and opens the executor; plus the small parsers several commands use.
 
+Exit codes, as most command-line tools use them: 0 done, 1 a runtime or data failure (a missing or
+damaged file, a refused dataset, a full disk, an untrusted run), 2 a usage error (a bad option or a
+bad combination of options: click's own, and every core.errors.UsageError), 130 interrupted. Scripts
+can tell "fix the command line" from "fix the data or the machine".
+
 Heavy imports stay inside the functions: `featurepipe --help` must not import TensorFlow or pandas.
 """
 
@@ -14,7 +19,16 @@ from typing import Iterator, Optional
 
 import typer
 
-from featurepipe.core.errors import FeaturepipeError
+from featurepipe.core.errors import FeaturepipeError, UsageError
+
+# The exit codes (see the module docstring).
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def exit_code(error: BaseException) -> int:
+    """2 for a usage error (the command line must change), 1 for everything else."""
+    return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
 
 
 def fail(error: BaseException) -> None:
@@ -22,15 +36,29 @@ def fail(error: BaseException) -> None:
 
     # soft_wrap: one line, however narrow the terminal (rich wraps at 80 columns in a pipe)
     flag("error", str(error), style="bold red", soft_wrap=True)
-    # 2 for every error the user can act on, usage errors included: scripts and the tests rely on it.
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=exit_code(error))
+
+
+@contextmanager
+def parsing_options() -> Iterator[None]:
+    """Around code that only turns option values into objects (a BackboneSpec, the feature sets to
+    search, the --run-dir check): whatever it refuses is a bad option, a usage error, whichever
+    FeaturepipeError subclass the library chose (an unknown backbone is a BackboneError)."""
+    from featurepipe.core.errors import DiskFullError, NotWritableError
+
+    try:
+        yield
+    except (UsageError, DiskFullError, NotWritableError):
+        raise   # a full disk or a read-only folder is the machine's state, not the command line's
+    except FeaturepipeError as error:
+        raise UsageError(str(error)) from error
 
 
 class Command:
     """One command's run, as `with Command(as_json) as command:` around its work.
 
     A FeaturepipeError (and the exception types in `also`) raised inside becomes `error: MESSAGE` on
-    stderr and exit code 2; with `interrupted` (the hint to print), Ctrl-C becomes that hint and exit
+    stderr and exit code 2 (a UsageError) or 1 (anything else); with `interrupted` (the hint to print), Ctrl-C becomes that hint and exit
     code 130. `command.stage()` is the part that reports progress: the progress bar (never under
     --json), library prints sent to stderr under --json, and with `distributed` the executor chosen
     by --scheduler / --workers / $FEATUREPIPE_SCHEDULER."""
@@ -46,6 +74,11 @@ class Command:
         self.interrupted = interrupted
 
     def __enter__(self) -> "Command":
+        if self.scheduler and self.workers:
+            # Checked here, before any work, so that it is the usage error it is (the executor says
+            # the same, later, as a runtime failure).
+            fail(UsageError("--scheduler and --workers exclude each other: --scheduler uses an existing "
+                            "cluster, --workers starts one on this machine"))
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
@@ -79,7 +112,8 @@ def check_run_dir(run_dir: Optional[Path], overwrite: bool) -> None:
     if run_dir is not None:
         from featurepipe.rundir.folder import prepare_run_dir
 
-        prepare_run_dir(run_dir, overwrite)
+        with parsing_options():
+            prepare_run_dir(run_dir, overwrite)
 
 
 def head_names(heads: str) -> tuple[str, ...]:
@@ -89,22 +123,39 @@ def head_names(heads: str) -> tuple[str, ...]:
 def search_specs(backbone, resize, quick, image_size, layer, pooling, weights, seed=0):
     from featurepipe.evaluation.search import parse_backbones, search_specs as specs_of
 
-    return specs_of(parse_backbones(backbone), resize, quick, image_size=image_size, layer=layer,
-                    pooling=pooling, weights=weights, seed=seed)
+    with parsing_options():
+        return specs_of(parse_backbones(backbone), resize, quick, image_size=image_size, layer=layer,
+                        pooling=pooling, weights=weights, seed=seed)
 
 
 def spec(backbone, image_size, layer, pooling, weights, resize, seed=0):
     from featurepipe.backbones.spec import BackboneSpec
 
-    return BackboneSpec(name=backbone, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
-                        resize=resize, seed=seed).resolved()
+    with parsing_options():
+        return BackboneSpec(name=backbone, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
+                            resize=resize, seed=seed).resolved()
 
 
 def best_text(best: dict) -> str:
+    """The chosen configuration in one line; "trained with the augmented views" only when it was (the
+    files' `augment: none` is no news to a reader, and "views" is the CLI's word for them)."""
     from featurepipe.cli.render import params_text
 
     where = f"{best['features']} " if best.get("features") else ""
-    return f"{where}{best['head']} {params_text(json.dumps(best['params']))} ({best['augment']})"
+    views = " (trained with the augmented views)" if best.get("augment") == "views" else ""
+    return f"{where}{best['head']} {params_text(json.dumps(best['params']))}{views}"
+
+
+def warmup_note(config) -> Optional[str]:
+    """A fine-tuning whose every epoch is warm-up never reaches its peak rate nor decays: say so."""
+    if config is None or config.schedule != "cosine" or config.strategy == "head" or config.warmup_epochs < config.epochs:
+        return None
+    from featurepipe.cli.render import plural
+
+    whole = "this 1-epoch fine-tuning is" if config.epochs == 1 else f"all {plural(config.epochs, 'epoch')} of this fine-tuning are"
+    return (f"{whole} warm-up (--warmup-epochs {config.warmup_epochs}): the learning rate climbs from a tenth of "
+            f"its peak for the whole fit and never decays; pass --epochs above --warmup-epochs (or --warmup-epochs 0) "
+            f"for the full schedule")
 
 
 def scan_dataset(data, root, groups, groups_from, exclude, relabel, progress):

@@ -61,7 +61,7 @@ def evaluate(
         render.flag("warning", warning)
     render.print_leaderboard(result.leaderboard)
     for split, metrics in result.holdout.items():
-        render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
+        render.stdout.print(f"best head on the {split} split ({render.plural(metrics['images'], 'image')}): accuracy "
                             f"{metrics['accuracy']:.3f}, macro F1 {metrics['f1_macro']:.3f}", highlight=False)
     if result.nested is not None:
         render.print_nested(result.nested.to_dict())
@@ -70,5 +70,6 @@ def evaluate(
     failed = result.extract.failed if result.extract else []
     render.stdout.print(
         f"best: {best_text(result.best)}; "
-        f"{result.fitted} fits, {result.reused} reused, {len(failed)} images failed, {result.seconds:.1f} s\n"
+        f"{render.plural(result.fitted, 'fit')}, {result.reused} reused, {render.plural(len(failed), 'image')} failed, "
+        f"{result.seconds:.1f} s\n"
         f"run: {result.run_dir}", highlight=False)

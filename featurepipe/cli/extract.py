@@ -62,9 +62,9 @@ def extract(
         render.console.print(f"waited {result.waited_seconds:.0f} s for another featurepipe process writing "
                              f"{result.store_dir}; what it extracted is counted as reused", highlight=False)
     render.say(
-        f"{result.backbone}: {result.images} images, ", (f"{result.extracted} extracted", "green"),
+        f"{result.backbone}: {render.plural(result.images, 'image')}, ", (f"{result.extracted} extracted", "green"),
         f", {result.reused} reused"
-        + (f" ({result.copied} square images from another resize policy's features)" if result.copied else "")
+        + (f" ({render.plural(result.copied, 'square image')} from another resize policy's features)" if result.copied else "")
         + ", ", (f"{len(result.failed)} failed", "red"), f" in {result.seconds:.1f} s "
         f"({result.images_per_second:.1f} images/s); {result.feature_dim}-d features in {result.store_dir}")
     if augment:

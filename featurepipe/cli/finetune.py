@@ -1,5 +1,5 @@
 """`featurepipe finetune` (the run's base and best head trained on images) and `featurepipe baseline`
-(the seeds' small convnet from scratch, the yardstick)."""
+(the small convnet of the Keras blog's "very little data" tutorial, trained from scratch: the yardstick)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command, check_run_dir
+from featurepipe.cli.common import Command, check_run_dir, warmup_note
 from featurepipe.backbones.spec import MAX_IMAGE_SIZE
 from featurepipe.cli.options import SEED_MAX, AsJson, CacheDir, Overwrite, number_in
 from featurepipe.training.config import FinetuneConfig
@@ -26,19 +26,28 @@ def finetune(
                                         "last two MBConv stages + head for EfficientNet-Lite, block5 for VGG)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", min=1, help="At most this many epochs (early stopping on validation)."),
     lr: Optional[float] = typer.Option(DEFAULTS.lr, "--lr", callback=number_in(0, low_open=True), help="Peak learning rate (default: 1e-3 adamw, 1e-2 sgd); "
-                                                          "fpt pre-trains the head at 10x."),
-    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="adamw | sgd (momentum, the seeds' recipe)."),
+                                                          "--strategy fpt pre-trains the head at 10x."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="adamw | sgd (SGD with momentum: the Keras blog's original fine-tuning recipe, "
+                                  "with --lr 1e-4 --schedule constant)."),
     momentum: float = typer.Option(DEFAULTS.momentum, "--momentum", callback=number_in(0, 1, high_open=True), help="SGD momentum."),
     weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", callback=number_in(0), help="AdamW decoupled weight decay."),
     label_smoothing: float = typer.Option(DEFAULTS.label_smoothing, "--label-smoothing", callback=number_in(0, 1, high_open=True), help="0 by default: measured better on the plain validation loss the decision uses."),
     schedule: str = typer.Option(DEFAULTS.schedule, "--schedule", help="cosine (linear warm-up, cosine to 0) | constant."),
-    warmup_epochs: int = typer.Option(DEFAULTS.warmup_epochs, "--warmup-epochs", min=0),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1),
-    strategy: str = typer.Option(DEFAULTS.strategy, "--strategy", help="head | top-blocks | fpt | all"),
+    warmup_epochs: int = typer.Option(DEFAULTS.warmup_epochs, "--warmup-epochs", min=0,
+                                      help="Epochs of linear warm-up (lr/10 up to --lr) before the cosine decay "
+                                           "(with --schedule cosine)."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1,
+                                   help="Images per training step (smaller if the GPU runs out of memory)."),
+    strategy: str = typer.Option(DEFAULTS.strategy, "--strategy",
+                                 help="What trains: head (nothing; the base + head saved as one model) | "
+                                      "top-blocks (the top blocks of the base and the head) | fpt (freeze, "
+                                      "pre-train, fine-tune: the head alone first at 10x the rate, then the top "
+                                      "blocks) | all (every layer of the base; keep --lr small)."),
     patience: int = typer.Option(DEFAULTS.patience, "--patience", min=0, help="Early stopping patience on validation loss (epochs)."),
     resume: bool = typer.Option(DEFAULTS.resume, "--resume", help="Continue an interrupted fine-tuning with its original options."),
     reuse: bool = typer.Option(DEFAULTS.reuse, "--reuse/--no-reuse", help="Return a finished fine-tuning with the same inputs and options."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", min=0, max=SEED_MAX),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", min=0, max=SEED_MAX,
+                             help="Seed of the held-out split, the augmentation and the weight updates."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:
@@ -62,14 +71,14 @@ def finetune(
     per_epoch = f", {result.seconds_per_epoch:.1f} s/epoch" if result.seconds_per_epoch else ""
     render.stdout.print(
         f"{result.strategy}: val accuracy {before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}, "
-        f"val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} ({result.val_images} images, {where}); "
-        f"{result.epochs_run} epochs (best {result.best_epoch}), {len(result.unfrozen_layers)} base layers / "
+        f"val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} ({render.plural(result.val_images, 'image')}, {where}); "
+        f"{render.plural(result.epochs_run, 'epoch')} (best {result.best_epoch}), {len(result.unfrozen_layers)} base layers / "
         f"{result.trainable_params:,} weights trained, {result.seconds:.1f} s{per_epoch}{reused}",
         highlight=False)
-    for note in result.notes:
+    for note in result.notes + [n for n in [warmup_note(config)] if n]:
         render.flag("note", note)
     if result.test:
-        render.stdout.print(f"test split ({result.test['images']} images, scored once): accuracy frozen "
+        render.stdout.print(f"test split ({render.plural(result.test['images'], 'image')}, scored once): accuracy frozen "
                             f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
                             f"{result.test['finetuned']['val_accuracy']:.3f}", highlight=False)
     if result.kept == "finetuned":
@@ -80,16 +89,18 @@ def finetune(
 
 def baseline(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
-    epochs: int = typer.Option(30, "--epochs", min=1),
-    image_size: int = typer.Option(150, "--image-size", min=BASELINE_MIN_SIZE, max=MAX_IMAGE_SIZE),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
+    epochs: int = typer.Option(30, "--epochs", min=1, help="At most this many epochs (early stopping on validation)."),
+    image_size: int = typer.Option(150, "--image-size", min=BASELINE_MIN_SIZE, max=MAX_IMAGE_SIZE,
+                                   help="Images are resized to this many pixels square."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per training step."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX,
+                             help="Seed of the held-out split, the augmentation and the initial weights."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write RUN_DIR/baseline/ (e.g. into an evaluated run)."),
     cache_dir: Optional[Path] = CacheDir,
     as_json: bool = AsJson,
     overwrite: bool = Overwrite,
 ) -> None:
-    """Train the seeds' small convnet from scratch (the yardstick for transfer learning)."""
+    """Train a small convnet from scratch (the Keras blog's "very little data" network): the yardstick for transfer learning."""
     from featurepipe.cli import render
     from featurepipe.training.baseline import baseline as run_baseline
     from featurepipe.data.dataset import scan
@@ -107,5 +118,5 @@ def baseline(
         return
     render.stdout.print(
         f"baseline: val accuracy {result.after['val_accuracy']:.3f}, val loss {result.after['val_loss']:.4f} "
-        f"({result.val_images} images) after {result.epochs_run} epochs (best {result.best_epoch}), "
+        f"({render.plural(result.val_images, 'image')}) after {render.plural(result.epochs_run, 'epoch')} (best {result.best_epoch}), "
         f"{result.seconds:.1f} s\nmodel: {result.model_path}", highlight=False)

@@ -10,8 +10,8 @@ import typer
 
 from featurepipe.cli.common import Command, scan_dataset, spec as make_spec
 from featurepipe.cli.options import (
-    number_in, AsJson, Backbone, CacheDir, Exclude, Folds, Groups, GroupsFrom, ImageSize, Jobs, Layer, Pooling, Relabel,
-    Resize, Seed, Weights,
+    number_in, top_alias, top_value, AsJson, Backbone, CacheDir, Exclude, Groups, GroupsFrom, ImageSize, Jobs, Layer,
+    Pooling, Relabel, Resize, Seed, Weights,
 )
 
 
@@ -21,8 +21,12 @@ def inspect(
                                            "oof_predictions.csv (its best head) instead of a fixed logreg head."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for inspect.json, the CSVs and inspect.html "
                                        "(default: RUN_DIR/inspect with --run-dir, else CACHE/inspections/<time>-<name>)."),
-    top: int = typer.Option(15, "--top", min=0, help="Suspects to print."),
-    folds: int = Folds, seed: int = Seed,
+    top: int = typer.Option(15, "--top", min=0, help="Suspects to print."), top_k: Optional[int] = top_alias(0),
+    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Cross-validation folds of the label-issue "
+                                        "probabilities and the learning curve (default: the run's with --run-dir, "
+                                        "else as `evaluate` chooses: 5, or as many as the smallest class has images "
+                                        "when that is 2-4)."),
+    seed: int = Seed,
     dedup_cosine: float = typer.Option(None, "--dedup-cosine", callback=number_in(-1, 1), help="Feature cosine at or above which two images are copies."),
     dedup_hamming: int = typer.Option(None, "--dedup-hamming", min=0, max=64, help="Perceptual-hash bits at or below which two images are copies."),
     groups_from: Optional[Path] = GroupsFrom,
@@ -46,6 +50,7 @@ def inspect(
         root = cache_root(cache_dir)
         with command.stage() as progress:
             dataset = scan_dataset(data, root, groups, groups_from, exclude, relabel, progress)
+            folds, fewer = inspect_folds(dataset, run_dir) if folds is None else (folds, None)
             result = inspect_dataset(
                 dataset, spec, root, out_dir=out if out is not None else (run_dir / INSPECT_DIR if run_dir else None),
                 oof_source=oof_from_run(run_dir) if run_dir is not None else None, folds=folds, seed=seed,
@@ -54,9 +59,37 @@ def inspect(
                 n_jobs=jobs, progress=progress)
             html = write_inspect_report(result.out_dir, progress=progress)
     if as_json:
-        render.print_json({**result.to_dict(), "html": str(html)})
+        render.print_json({**result.to_dict(), "folds": folds, "html": str(html)})
         return
-    _print_inspect(render, result, top, html)
+    if fewer:
+        render.flag("note", fewer)
+    _print_inspect(render, result, top_value(top, top_k), html)
+
+
+def inspect_folds(dataset, run_dir: Optional[Path]) -> tuple[int, Optional[str]]:
+    """--folds left out: the run's fold count with --run-dir (its out-of-fold predictions used it),
+    else evaluate's own default (evaluation.folds.auto_folds on the training images: 5, or fewer for
+    a small class), so that `inspect` and `evaluate` on the same images cut the same number of folds.
+    Returns (folds, the note saying why fewer than 5, or None)."""
+    import json
+
+    import numpy as np
+
+    from featurepipe.evaluation.folds import auto_folds
+    from featurepipe.rundir.layout import CONFIG
+
+    if run_dir is not None:
+        try:
+            recorded = json.loads((Path(run_dir) / CONFIG).read_text()).get("folds")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, int) and recorded >= 2:
+            return recorded, None
+    train = dataset.frame[dataset.frame["split"] == "train"]
+    classes = list(dataset.classes)
+    y = train["label"].map({label: i for i, label in enumerate(classes)}).to_numpy()
+    groups = train["group"] if "group" in train.columns and train["group"].notna().any() else None
+    return auto_folds(y, None if groups is None else np.asarray(groups.astype(str)), classes)
 
 
 def _print_inspect(render, result, top: int, html: Path) -> None:

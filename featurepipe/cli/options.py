@@ -52,7 +52,8 @@ def _jobs(param: typer.CallbackParam, value: int) -> int:
     return value
 
 
-CacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: $FEATUREPIPE_CACHE or ./cache).")
+CacheDir = typer.Option(None, "--cache-dir", help="Cache root: features, runs, remembered hashes (default: "
+                        "$FEATUREPIPE_CACHE or ./cache).")
 Backbone = typer.Option(QUICK_BACKBONE, "--backbone", "-b", help="Backbone name; see `featurepipe backbones`.")
 ImageSize = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's).")
 Layer = typer.Option(None, "--layer", help="Take features from this named layer (e.g. block4_pool, fc2).")
@@ -78,12 +79,15 @@ Heads = typer.Option(",".join(DEFAULT_HEADS), "--heads", help="Comma-separated h
 Folds = typer.Option(5, "--folds", min=2, help="Cross-validation folds.")
 AutoFolds = typer.Option(None, "--folds", min=2, help="Cross-validation folds (default: 5, or as many as the smallest "
                                                "class has images when that is 2-4, said in the summary).")
-Repeats = typer.Option(1, "--repeats", min=1)
-Seed = typer.Option(0, "--seed", min=0, max=SEED_MAX)
+Repeats = typer.Option(1, "--repeats", min=1, help="Repeat the k-fold CV with N different shuffles and average "
+                       "(steadier numbers, N times the fits).")
+Seed = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the fold shuffles and of every fit that draws "
+                    "random numbers: the same seed gives the same folds and the same leaderboard.")
 Grid = typer.Option(None, "--grid", help="JSON or a .toml/.json file: {head: {param: [values]}}.")
 Tta = typer.Option(False, "--tta", help="Average each validation image over its augmented views.")
 Jobs = typer.Option(-1, "--jobs", callback=_jobs, help="Parallel fits (joblib n_jobs: -1 every core).")
-RunDir = typer.Option(None, "--run-dir")
+RunDir = typer.Option(None, "--run-dir", help="Folder for the run (model, leaderboard, report); default: "
+                      "CACHE/runs/<time>-<data name>.")
 # Scaling out (featurepipe.extraction.executors.choose); both need `pip install 'featurepipe[dask]'`.
 Scheduler = typer.Option(None, "--scheduler", help="Run on this Dask scheduler, e.g. tcp://host:8786 "
                          "(default: $FEATUREPIPE_SCHEDULER; none: this process).")
@@ -102,6 +106,18 @@ Groups = typer.Option(None, "--groups", help="Regex on file names; its first gro
 # Commands that read a run (predict, export).
 RunCacheDir = typer.Option(None, "--cache-dir", help="Cache root (default: the one the run was made with).")
 ModelChoice = typer.Option("auto", "--model", help="auto (the fine-tuned model if the run has one) | finetuned | head.")
-AugmentSeed = typer.Option(0, "--augment-seed", min=0, max=SEED_MAX, help="Seed of the augmented views.")
-LockTimeout = typer.Option(600.0, "--lock-timeout", callback=number_in(0),
-                           help="Seconds to wait for another process writing the same store.")
+AugmentSeed = typer.Option(0, "--augment-seed", min=0, max=SEED_MAX, help="Seed of the augmented views (with "
+                           "--augment): another seed draws other views, cached separately.")
+LockTimeout = typer.Option(600.0, "--lock-timeout", callback=number_in(0), metavar="SECONDS",
+                           help="How long to wait, in seconds, for another featurepipe process writing the same "
+                                "feature store before giving up (0: give up at once).")
+
+# `predict` and `inspect` once named "how many to list" differently (--top-k, --top): both take --top
+# now, and --top-k stays as a hidden alias so that existing scripts keep working.
+def top_alias(minimum: int):
+    return typer.Option(None, "--top-k", min=minimum, hidden=True, help="Old name of --top (still accepted).")
+
+
+def top_value(top: int, alias: Optional[int]) -> int:
+    """--top, or the value given under its old name --top-k."""
+    return top if alias is None else alias

@@ -1,7 +1,9 @@
 """`featurepipe predict` and `featurepipe export`: a run's model on new images, or as one network.
 
 Both also report an OSError as one line (an unreadable input, a full or read-only --out): what they
-read and write is the user's, not featurepipe's own files."""
+read and write is the user's, not featurepipe's own files. predict exits 1 when no input could be
+classified (every file failed), so a script notices; some failures among successes keep exit 0 and
+their error rows."""
 
 from __future__ import annotations
 
@@ -10,16 +12,19 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command
-from featurepipe.cli.options import AsJson, ModelChoice, RunCacheDir, Trust
+from featurepipe.cli.common import EXIT_FAILURE, Command, parsing_options
+from featurepipe.cli.options import AsJson, ModelChoice, RunCacheDir, Trust, top_alias, top_value
+
+TopClasses = typer.Option(3, "--top", min=1, help="Top classes to list per image.")
 
 
 def predict(
     run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked for images)."),
-    top_k: int = typer.Option(3, "--top-k", min=1, help="Top classes to list per image."),
+    top: int = TopClasses, top_k: Optional[int] = top_alias(1),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
-    model: str = ModelChoice, batch_size: int = typer.Option(32, "--batch-size", min=1),
+    model: str = ModelChoice,
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per model call (smaller if memory runs out)."),
     cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson, trust: bool = Trust,
 ) -> None:
     """Classify images with a run's model, preprocessed exactly as in training; bad files get an error row."""
@@ -28,11 +33,14 @@ def predict(
 
     with Command(as_json, also=(OSError,)) as command:
         with command.stage() as progress:
-            result = run_predict(run_dir, inputs, top_k=top_k, cache_dir=cache_dir, batch_size=batch_size,
+            result = run_predict(run_dir, inputs, top_k=top_value(top, top_k), cache_dir=cache_dir, batch_size=batch_size,
                                  progress=progress, model=model, trust=trust)
         written = result.save(out) if out is not None else None
+    nothing = len(result.frame) > 0 and result.failed == len(result.frame)
     if as_json:
         render.print_json(result.to_dict())
+        if nothing:
+            raise typer.Exit(code=EXIT_FAILURE)
         return
     for warning in result.warnings:
         render.flag("warning", warning)
@@ -45,8 +53,12 @@ def predict(
             rows.append([record["path"], record["label"], f"{record['probability']:.3f}", others])
     render.table(f"predictions ({result.model_kind} model)", ["path", "label", "p", "next"], rows)
     render.stdout.print(
-        f"{len(result.frame)} images: {result.reused} features from the cache, {result.computed} computed, "
+        f"{render.plural(len(result.frame), 'image')}: {result.reused} features from the cache, {result.computed} computed, "
         f"{result.failed} failed, {result.seconds:.1f} s" + (f"\nwrote {written}" if written else ""), highlight=False)
+    if nothing:
+        render.flag("error", f"none of the {len(result.frame)} input(s) could be classified (see the error column)",
+                    style="bold red", soft_wrap=True)
+        raise typer.Exit(code=EXIT_FAILURE)
 
 
 def export(
@@ -63,8 +75,11 @@ def export(
     (1, size, size, 3) images already resized with the run's resize policy (see export.json).
     """
     from featurepipe.cli import render
-    from featurepipe.deploy.export import export as run_export
+    from featurepipe.deploy.export import check_export_folder, export as run_export
 
+    with Command(as_json, also=(OSError,)):
+        with parsing_options():   # --out: a folder of the user's is a bad option, refused before any work
+            check_export_folder(out, overwrite)
     with Command(as_json, also=(OSError,)) as command, command.stage() as progress:
         result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress, trust=trust,
                             overwrite=overwrite)

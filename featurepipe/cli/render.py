@@ -54,6 +54,26 @@ def flag(label: str, message: str, style: str = "yellow", **options) -> None:
     tell((f"{label}:", style), " ", str(message), **options)
 
 
+def plural(count: int, word: str, many: Optional[str] = None) -> str:
+    """`1 image`, `2 images`, `0 images` (`many` where adding an s is wrong)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def process_seconds() -> float:
+    """Wall time since this process started (interpreter and imports included), as the user timed it:
+    what a run's printed total means. The stages' own times leave out start-up."""
+    import time
+
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:   # no psutil, or no process table: from when featurepipe.cli was imported
+        from featurepipe.cli.clock import STARTED
+
+        return max(0.0, time.time() - STARTED)
+
+
 def interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
@@ -139,7 +159,8 @@ def print_leaderboard(leaderboard, limit: int = 20) -> None:
     for record in leaderboard.head(limit).to_dict("records"):
         params = params_text(record["params"])
         head = f"{record['features']} {record['head']}" if with_features else record["head"]
-        rows.append([record.get("rank", ""), head, params, record["augment"],
+        # "views" is the CLI's word (--augment K caches K augmented views); files keep the key `augment`.
+        rows.append([record.get("rank", ""), head, params, "yes" if record["augment"] == "views" else "no",
                      f"{record['accuracy_mean']:.3f} ± {record['accuracy_std']:.3f}",
                      f"[{record['accuracy_ci_low']:.3f}, {record['accuracy_ci_high']:.3f}]",
                      f"{record['f1_macro_mean']:.3f}", f"{record['log_loss_mean']:.3f}"])

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command, best_text, check_run_dir, head_names
+from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, warmup_note
 from featurepipe.cli.options import (
-    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Heads, ImageSize, Jobs, Layer, Nested, NoDedupGroups,
+    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs, Layer,
+    Nested, NoDedupGroups,
     Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, Tta, Vote,
     Weights, Workers,
 )
@@ -26,6 +27,8 @@ def run_all(
     folds: Optional[int] = AutoFolds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
+    groups_from: Optional[Path] = GroupsFrom,
+    groups: Optional[str] = Groups,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs (with --finetune; default 12)."),
     jobs: int = Jobs,
@@ -57,7 +60,7 @@ def run_all(
         with command.stage() as progress:
             result = run_pipeline(data, config, cache_root(cache_dir), finetune=tuning, run_dir=run_dir,
                                   progress=progress, n_jobs=jobs, exclude=exclude, relabel=relabel,
-                                  inspect=not no_inspect)
+                                  inspect=not no_inspect, groups=groups, groups_from=groups_from)
     if as_json:
         render.print_json(result.to_dict())
         return
@@ -65,11 +68,14 @@ def run_all(
         render.flag("warning", warning)
     render.print_leaderboard(result.leaderboard)
     for split, metrics in result.evaluate.holdout.items():
-        render.stdout.print(f"best head on the {split} split ({metrics['images']} images): accuracy "
+        render.stdout.print(f"best head on the {split} split ({render.plural(metrics['images'], 'image')}): accuracy "
                             f"{metrics['accuracy']:.3f}, macro F1 {metrics['f1_macro']:.3f}", highlight=False)
     if result.finetune is not None:
         ft = result.finetune
-        render.stdout.print(f"fine-tuned ({ft.strategy}, {ft.epochs_run} epochs): validation accuracy "
+        note = warmup_note(tuning)
+        if note:
+            render.flag("note", note)
+        render.stdout.print(f"fine-tuned ({ft.strategy}, {render.plural(ft.epochs_run, 'epoch')}): validation accuracy "
                             f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}; kept {ft.kept}: "
                             f"{ft.reason}{' (reused)' if ft.reused else ''}", highlight=False)
     if result.evaluate.nested is not None:
@@ -78,6 +84,20 @@ def run_all(
         render.flag("note", note)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
     render.stdout.print(
-        f"best: {best_text(result.best)}; "
-        f"{result.message}\n{stages}; total {result.seconds:.1f} s\n"
+        f"best: {best_text(result.best)}\n{work_text(result, len(set(config.specs)))}\n"
+        f"{stages}; total {render.process_seconds():.1f} s (start-up included)\n"
         f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)
+
+
+def work_text(result, feature_sets: int) -> str:
+    """What was computed and what was reused, counting photos and feature sets apart: 24 photos searched
+    over 8 feature sets are "24 images x 8 feature sets: 168 extracted, 24 reused", not "192 images"."""
+    from featurepipe.cli.render import plural
+
+    if result.reused_everything:
+        return "nothing changed: all features and CV folds reused"
+    ex, ev = result.extract, result.evaluate
+    sets = f" x {plural(feature_sets, 'feature set')}" if feature_sets > 1 else ""
+    views = f", {plural(ex.views_extracted, 'augmented view')} extracted" if ex.views_extracted else ""
+    return (f"features: {plural(ex.images, 'image')}{sets}: {ex.extracted} extracted, {ex.reused} reused{views}; "
+            f"CV: {plural(ev.fitted, 'fold')} fitted, {ev.reused} reused")
