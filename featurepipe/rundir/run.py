@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, trust
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.rundir.folder import new_run_dir, prepare_run_dir, read_json
 from featurepipe.rundir.heads_io import (
-    HeadMeta, load_head, load_head_meta, member_dir, save_head, save_vote, vote_member_dirs,
+    HeadMeta, check_meta_signature, is_signed_record, load_head, load_head_meta, member_dir, save_head, save_vote,
+    vote_member_dirs,
 )
 from featurepipe.rundir.model import MODEL_CHOICES, ModelMeta, RunModel, _head_model, load_run_model
 
@@ -68,15 +69,41 @@ class Run:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def folder(self, name: str) -> Path:
+        """A subfolder to write into (created), refused when it or a folder on the way is a link out of
+        the run (core.trust.writable): how every stage gets its folder inside a run."""
+        return trust.writable(self.path, name, folder=True)
+
     # ---- metadata
     @property
     def config(self) -> dict:
         if self.parent is not None:
             return self.parent.config
         if self._config is None:
-            self._config = read_json(self.path / CONFIG, f"{self.path} has no {CONFIG}; pass a run directory "
-                                                         f"written by `featurepipe evaluate`")
+            config = read_json(self.path / CONFIG, f"{self.path} has no {CONFIG}; pass a run directory "
+                                                   f"written by `featurepipe evaluate`")
+            if not isinstance(config, dict):
+                raise FeaturepipeError(f"{self.path / CONFIG} is not a JSON object (it holds a "
+                                       f"{type(config).__name__}); it was damaged or edited: re-run `featurepipe evaluate`")
+            self._config = config
         return self._config
+
+    def check_signatures(self, trust_run: bool = False, names: tuple[str, ...] = (CONFIG, MODEL_META)) -> None:
+        """Refuse a config.json (which cache, backbone, augmentation) or model.json (the fine-tuned
+        model's classes, size, resize) that this user's key did not sign as they read now. Runs written
+        before these files were signed have a best_head.json without a record signature too, and are
+        taken as they are; in a run whose best_head.json is signed, an unsigned one was stripped."""
+        if trust_run or self.parent is not None:
+            return
+        new_run = self.has_head() and is_signed_record(self.head_meta)
+        for name, what in ((CONFIG, "which cache, backbone and augmentation the run uses"),
+                           (MODEL_META, "the fine-tuned model's classes, size and resize")):
+            path = self.path / name
+            if name not in names or not path.exists():
+                continue
+            data = self.config if name == CONFIG else read_json(path, None, "fine-tuning")
+            if is_signed_record(data) or new_run:
+                check_meta_signature(path, data, trust_run, what)
 
     def has_head(self) -> bool:
         return (self.path / HEAD_META).exists()
@@ -91,8 +118,12 @@ class Run:
     @property
     def model_meta(self) -> ModelMeta:
         path = self.path / MODEL_META
-        return ModelMeta(read_json(path, f"{self.path} has no fine-tuned model ({MODEL_META} missing); run "
-                                         f"fine-tuning first or predict with the best head", "fine-tuning")).check(path)
+        data = read_json(path, f"{self.path} has no fine-tuned model ({MODEL_META} missing); run fine-tuning first "
+                               f"or predict with the best head", "fine-tuning")
+        if not isinstance(data, dict):
+            raise FeaturepipeError(f"{path} is not a JSON object (it holds a {type(data).__name__}); re-run fine-tuning "
+                                   f"or delete it to predict with the best head")
+        return ModelMeta(data).check(path)
 
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
         """The cache root the run's features live in: `override`, else the one config.json records."""
@@ -100,12 +131,18 @@ class Run:
 
     # ---- writing
     def write_json(self, name: str, data) -> Path:
-        atomic.write_json(self.path / name, data)
-        return self.path / name
+        """A JSON file of the run; config.json is signed (it names the cache and backbone)."""
+        path = trust.writable(self.path, name)
+        if name == CONFIG and isinstance(data, dict):
+            data = trust.with_record_signature(CONFIG, data)
+            self._config = None
+        atomic.write_json(path, data)
+        return path
 
     def write_csv(self, name: str, frame) -> Path:
-        atomic.write_csv(self.path / name, frame)
-        return self.path / name
+        path = trust.writable(self.path, name)
+        atomic.write_csv(path, frame)
+        return path
 
     def remove(self, *names: str) -> None:
         for name in names:
@@ -121,7 +158,8 @@ class Run:
 
     def member(self, index: int) -> "Run":
         """Member `index` of a vote: a folder with its own best_head.json (the parent's config)."""
-        return Run(member_dir(self.path, index), self)
+        relative = member_dir(self.path, index).relative_to(self.path)
+        return Run(trust.writable(self.path, str(relative), folder=True), self)
 
     def save_head(self, estimator, meta: dict) -> Path:
         return save_head(estimator, self.path, meta)
@@ -151,6 +189,7 @@ class Run:
         if model not in MODEL_CHOICES:
             raise FeaturepipeError(f"model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
         config = self.config
+        self.check_signatures(trust)
         if model == "finetuned" and not self.has_model():
             raise FeaturepipeError(f"{self.path} has no fine-tuned model ({MODEL_META} missing); run fine-tuning "
                                    f"first or predict with the best head")
