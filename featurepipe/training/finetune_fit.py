@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence
 import keras
 import numpy as np
 
+from featurepipe.core import trust
 from featurepipe.core.atomic import write_json
 from featurepipe.heads.combined import set_trainable
-from featurepipe.rundir.layout import BACKUP_DIR, BEST_WEIGHTS, HISTORY, LOGS_DIR, PRETRAINED_WEIGHTS
+from featurepipe.rundir.layout import BACKUP_DIR, BEST_WEIGHTS, FINETUNE_DIR, HISTORY, LOGS_DIR, PRETRAINED_WEIGHTS
 from featurepipe.training.checkpoints import (BestWeights, EpochBackup, load_arrays, read_backup, restore_backup,
                                               save_arrays_atomic)
 from featurepipe.training.finetune_options import MONITOR, PRETRAIN_LR_FACTOR, pretrain_epochs
@@ -61,7 +62,7 @@ class _Fitting:
         model, options = self.model, self.options
         self.unfrozen = set_trainable(model, self.backbone, phase_blocks, train_head)
         self.compile_model(lr_schedule(rate, len(self.sequence), last - first, options["warmup_epochs"], schedule_kind))
-        backup = self.out / BACKUP_DIR / phase
+        backup = trust.writable(self.run_dir, f"{FINETUNE_DIR}/{BACKUP_DIR}/{phase}", folder=True)
         record, _ = read_backup(backup)
         start = restore_backup(model, backup, record) if record else first
         history = read_history(self.history_path)
@@ -79,7 +80,7 @@ class _Fitting:
         cbs += [
             BestWeights(self.best_path, MONITOR, None if best_so_far is None else float(best_so_far[MONITOR])),
             HistoryLogger(self.history_path, append=True),
-            *tensorboard_callbacks(self.run_dir / LOGS_DIR),
+            *tensorboard_callbacks(trust.writable(self.run_dir, LOGS_DIR)),
             # Last, so an epoch counts as done only once its best weights and history row exist.
             EpochBackup(backup),
             *self.callbacks,
