@@ -331,3 +331,37 @@ def test_a_garbage_folds_csv_is_named(copy_run):
     folds.write_text(folds.read_text().replace(",1.0,", ",nonsense,", 1))
     with pytest.raises(FeaturepipeError, match="folds.csv.*nonsense"):
         write_report(run)
+
+
+@pytest.mark.slow
+def test_a_resumed_fine_tuning_says_so_and_matches_an_uninterrupted_one(copy_run, tmp_path):
+    """Interrupted at the start of epoch 2, then resumed: the same per-epoch losses as one call that
+    ran all three (Keras reshuffled the batch order from the global random state, which no backup
+    holds), and the result, summary.json and CLI notes say it was resumed and from which epoch."""
+    import keras
+    import pandas as pd
+
+    from featurepipe.training.config import FinetuneConfig
+    from featurepipe.training.finetune import finetune
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+
+    options = dict(epochs=3, batch_size=8, lr=1e-3, seed=0)
+    whole = copy_run("single")
+    parted = shutil.copytree(whole, tmp_path / "parted")
+    finetune(whole, FinetuneConfig(**options))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(parted, FinetuneConfig(**options), callbacks=[Interrupt()])
+    resumed = finetune(parted, FinetuneConfig(resume=True, **options))
+
+    assert resumed.resumed_from_epoch == 2
+    assert any("resumed from epoch 2" in note for note in resumed.notes)
+    summary = json.loads((parted / "finetune" / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 2 and any("resumed from epoch 2" in n for n in summary["notes"])
+    columns = ["epoch", "loss", "val_loss"]
+    a = pd.read_csv(whole / "finetune" / "history.csv")[columns]
+    b = pd.read_csv(parted / "finetune" / "history.csv")[columns]
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-7)

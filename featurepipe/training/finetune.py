@@ -312,8 +312,8 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
     if prep.resuming:
         # Said wherever the outcome is shown (CLI, summary.json, the report): the epochs before it were
         # trained by an interrupted call, restored from its epoch backup.
-        prep.notes.append(f"resumed from epoch {resumed_from}: epochs 1-{resumed_from - 1} were trained by the "
-                          f"interrupted call and restored from its epoch backup" if resumed_from is not None else
+        prep.notes.append(f"resumed from epoch {resumed_from}: the epochs before it were trained by the interrupted "
+                          f"call and restored from its epoch backup" if resumed_from is not None else
                           "resumed: the interrupted call had already trained every epoch")
     result = FinetuneReport(
         run_dir=prep.run_dir, strategy=strategy, before=t.before, after=t.after, epochs_run=int(len(t.history)),

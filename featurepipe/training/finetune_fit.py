@@ -86,9 +86,12 @@ class _Fitting:
             *self.callbacks,
         ]
         if start < last:
+            # shuffle=False: the sequence already orders each epoch by (seed, epoch). Keras's own shuffle
+            # of the batch order draws from the global random state, which no backup holds, so a resumed
+            # fit drew other batches than an uninterrupted one from its first resumed epoch on.
             model.fit(self.sequence, validation_data=(self.x_val, self.y_val),
                       validation_batch_size=options["batch_size"], epochs=last, initial_epoch=start, callbacks=cbs,
-                      verbose=0)
+                      verbose=0, shuffle=False)
 
 
 def _run_phases(fitting: _Fitting, prep, blocks: Optional[int]) -> None:
