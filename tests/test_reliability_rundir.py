@@ -135,6 +135,13 @@ def test_an_edited_model_json_is_refused(runs, copy_run):
     refused = cli("predict", run, runs["data"] / "red")
     assert refused.returncode == 2, said(refused)
     assert "model.json" in said(refused) and "not signed" in said(refused)
+    # Stripped to look like a run from before signing (model.json predicts without loading the head,
+    # so the head's marker is stripped too): still refused, the head carries no old-style signature.
+    for name in ("model.json", "best_head.json"):
+        _edit_json(run / name, lambda m: [m.pop("signature", None), m.pop("hmac", None) if name == "model.json" else 0])
+    stripped = cli("predict", run, runs["data"] / "red")
+    assert stripped.returncode == 2 and "model.json" in said(stripped) and "not signed" in said(stripped), \
+        said(stripped)
 
 
 # ---- medium 3: writes are confined to the run like reads ------------------------------------------

@@ -56,16 +56,28 @@ def is_signed_record(meta: dict) -> bool:
     return isinstance(meta, dict) and meta.get(trust.SIGNATURE) == trust.RECORD_V2
 
 
-def check_meta_signature(path: Path, meta: dict, trust_run: bool, what: str) -> None:
+def signed_before_records(meta: dict) -> bool:
+    """A best_head.json written before whole records were signed, with a valid signature of this
+    user's key (over the head file's name and hash, or a vote's member list)."""
+    if not isinstance(meta, dict) or is_signed_record(meta):
+        return False
+    if meta.get("head") == VOTE:
+        members = meta.get("members")
+        return isinstance(members, list) and trust.signed(VOTE, _members_digest(members), meta.get("hmac"))
+    return isinstance(meta.get("file"), str) and trust.signed(meta["file"], str(meta.get("sha256")), meta.get("hmac"))
+
+
+def check_meta_signature(path: Path, meta: dict, trust_run: bool, what: str,
+                         fix: str = "re-run `featurepipe evaluate`") -> None:
     """Refuse a JSON record whose signature does not cover what it says now (an edited class name,
-    backbone, cache, member list...), unless the user trusts the run. `what`: how to name it."""
+    backbone, cache, member list...), unless the user trusts the run. `what`: how to name it; `fix`:
+    the command that writes it again."""
     if trust_run or trust.signed_record(path.name, meta, meta.get("hmac")):
         return
     raise TrustError(
         f"{path} ({what}) was not signed by your featurepipe key ({trust.key_path()}) as it reads now: the run was "
         f"copied from another user or machine, or the file was edited (its classes, backbone, cache or members "
-        f"give the model its meaning). If you trust where this run came from, pass --trust (or re-run "
-        f"`featurepipe evaluate`).")
+        f"give the model its meaning). If you trust where this run came from, pass --trust (or {fix}).")
 
 
 def _members_digest(members: list) -> str:

@@ -22,7 +22,7 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.rundir.folder import new_run_dir, prepare_run_dir, read_json
 from featurepipe.rundir.heads_io import (
     HeadMeta, check_meta_signature, is_signed_record, load_head, load_head_meta, member_dir, save_head, save_vote,
-    vote_member_dirs,
+    signed_before_records, vote_member_dirs,
 )
 from featurepipe.rundir.model import MODEL_CHOICES, ModelMeta, RunModel, _head_model, load_run_model
 
@@ -90,20 +90,26 @@ class Run:
 
     def check_signatures(self, trust_run: bool = False, names: tuple[str, ...] = (CONFIG, MODEL_META)) -> None:
         """Refuse a config.json (which cache, backbone, augmentation) or model.json (the fine-tuned
-        model's classes, size, resize) that this user's key did not sign as they read now. Runs written
-        before these files were signed have a best_head.json without a record signature too, and are
-        taken as they are; in a run whose best_head.json is signed, an unsigned one was stripped."""
+        model's classes, size, resize) that this user's key did not sign as they read now.
+
+        Runs written before these files were signed are taken as they are when their best_head.json
+        carries this user's signature of that time (`signed_before_records`); otherwise an unsigned
+        file is refused like an unsigned head, since a signature could have been stripped (a model.json
+        predicts without its head being loaded, so the head's own check would never run)."""
         if trust_run or self.parent is not None:
             return
-        new_run = self.has_head() and is_signed_record(self.head_meta)
-        for name, what in ((CONFIG, "which cache, backbone and augmentation the run uses"),
-                           (MODEL_META, "the fine-tuned model's classes, size and resize")):
+        head = self.head_meta if self.has_head() else None
+        old_own_run = head is not None and signed_before_records(head)
+        for name, what, fix in (
+                (CONFIG, "which cache, backbone and augmentation the run uses", "re-run `featurepipe evaluate`"),
+                (MODEL_META, "the fine-tuned model's classes, size and resize",
+                 f"re-run `featurepipe finetune`, or delete {self.path / MODEL_META} to predict with the best head")):
             path = self.path / name
             if name not in names or not path.exists():
                 continue
-            data = self.config if name == CONFIG else read_json(path, None, "fine-tuning")
-            if is_signed_record(data) or new_run:
-                check_meta_signature(path, data, trust_run, what)
+            data = self.config if name == CONFIG else self.model_meta
+            if is_signed_record(data) or not old_own_run:
+                check_meta_signature(path, data, trust_run, what, fix)
 
     def has_head(self) -> bool:
         return (self.path / HEAD_META).exists()
