@@ -136,8 +136,11 @@ def _copy_history(source_dir: Path, target_dir: Path) -> None:
 
 def load_head_meta(run_dir: Path) -> "HeadMeta":
     path = Path(run_dir) / HEAD_META
-    return HeadMeta(read_json(path, f"{run_dir} has no trained head ({HEAD_META} missing); run `featurepipe evaluate` "
-                                    f"first")).check(path)
+    data = read_json(path, f"{run_dir} has no trained head ({HEAD_META} missing); run `featurepipe evaluate` first")
+    if not isinstance(data, dict):
+        raise FeaturepipeError(f"{path} is not a JSON object (it holds a {type(data).__name__}); it was edited or "
+                               f"damaged: re-run `featurepipe evaluate`")
+    return HeadMeta(data).check(path)
 
 
 def load_head(run_dir: Path, trust_run: bool = False):
@@ -213,12 +216,6 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
 
 class HeadMeta(dict):
     """best_head.json as read: the dict (same JSON fields as ever), with typed accessors."""
-
-    def __init__(self, data=()):
-        if not isinstance(data, dict):
-            raise FeaturepipeError(f"{HEAD_META} is not a JSON object (it holds a {type(data).__name__}); re-run "
-                                   f"`featurepipe evaluate`")
-        super().__init__(data)
 
     def check(self, path: Path) -> "HeadMeta":
         """Refuse fields whose type would turn into nonsense: classes as a string would be split into

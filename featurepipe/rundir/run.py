@@ -69,11 +69,6 @@ class Run:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def folder(self, name: str) -> Path:
-        """A subfolder to write into (created), refused when it or a folder on the way is a link out of
-        the run (core.trust.writable): how every stage gets its folder inside a run."""
-        return trust.writable(self.path, name, folder=True)
-
     # ---- metadata
     @property
     def config(self) -> dict:
@@ -98,6 +93,8 @@ class Run:
         predicts without its head being loaded, so the head's own check would never run)."""
         if trust_run or self.parent is not None:
             return
+        if not self.has_head() and not self.has_model():
+            return              # nothing to load; the caller says what is missing
         head = self.head_meta if self.has_head() else None
         old_own_run = head is not None and signed_before_records(head)
         for name, what, fix in (
