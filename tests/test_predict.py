@@ -182,7 +182,9 @@ def _write_finetuned(run_dir, classes):
     model.save(path)
     meta = {"kind": "finetuned", "file": "finetune/finetuned.keras", "sha256": file_sha256(path),
             "classes": classes, "image_size": 32, "resize": "squash"}
-    (run_dir / "model.json").write_text(json.dumps(meta))
+    from featurepipe.core.trust import with_record_signature   # signed, as fine-tuning publishes it
+
+    (run_dir / "model.json").write_text(json.dumps(with_record_signature("model.json", meta)))
     return model, path
 
 

@@ -152,7 +152,7 @@ def test_a_keras_head_that_safe_mode_refuses_gives_a_message_not_a_traceback(run
     model.save(path)
     digest = file_sha256(path)
     # Signed with the user's own key: even then, Keras's safe_mode refuses the lambda.
-    _write_meta(run_copy, {**_meta(run_copy), "file": path.name, "sha256": digest, "hmac": trust.sign(path.name, digest)})
+    _write_meta(run_copy, trust.with_record_signature(HEAD_META, {**_meta(run_copy), "file": path.name, "sha256": digest}))
     with pytest.raises(FeaturepipeError, match="cannot load the dense head .*safe_mode"):
         load_head(run_copy)
 

@@ -13,6 +13,7 @@ The key file is $FEATUREPIPE_KEY_FILE, else $XDG_CONFIG_HOME/featurepipe/trust.k
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import secrets
 import stat
@@ -96,3 +97,76 @@ def confined(folder: Path, name) -> Path:
     if resolved.exists() and not resolved.is_file():
         raise TrustError(f"{path} is not a regular file; refusing to load it")
     return path
+
+
+# ---- signed records: the JSON that gives an artefact its meaning
+#
+# A head's file hash proves nothing about the classes its outputs are named by, the backbone and
+# resize its features came from, or the cache they are read from: those live in JSON beside it.
+# A record signature covers a whole JSON object (all but the signature itself), so swapping two
+# class names or pointing a run at another cache is refused like an edited head. The domain differs
+# from `sign`'s, so a record's signature never verifies as a file's (nor the other way round).
+_RECORD_DOMAIN = b"featurepipe-record-v2\n"
+SIGNATURE = "signature"     # the field that says which scheme signed a JSON file (absent: before records)
+RECORD_V2 = 2
+
+
+def _canonical(record: dict) -> bytes:
+    """The bytes a record is signed as: its JSON as written and read back (write_json's default=str
+    turns numpy numbers and paths into what is read later), keys sorted, no whitespace."""
+    settled = json.loads(json.dumps(record, sort_keys=True, default=str))
+    return json.dumps(settled, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign_record(kind: str, record: dict, exclude: tuple[str, ...] = ("hmac",)) -> str:
+    """HMAC-SHA256 of a JSON object of `kind` (a file name such as best_head.json), without the
+    fields in `exclude` (its own signature)."""
+    body = {k: v for k, v in record.items() if k not in exclude}
+    return hmac.new(_key(), _RECORD_DOMAIN + kind.encode() + b"\n" + _canonical(body), sha256).hexdigest()
+
+
+def signed_record(kind: str, record: dict, mac, exclude: tuple[str, ...] = ("hmac",)) -> bool:
+    return isinstance(mac, str) and hmac.compare_digest(sign_record(kind, record, exclude), mac)
+
+
+def with_record_signature(kind: str, record: dict) -> dict:
+    """`record` with its signature fields added (SIGNATURE: RECORD_V2, hmac: over all the rest)."""
+    body = {k: v for k, v in record.items() if k != "hmac"}
+    body[SIGNATURE] = RECORD_V2
+    return {**body, "hmac": sign_record(kind, body)}
+
+
+def writable(root: str | os.PathLike, relative: str, folder: bool = False) -> Path:
+    """`root/relative` for writing, confined like `confined` is for reading: refused (TrustError,
+    nothing written) when it, or a folder on the way to it, resolves outside `root`, which is how a
+    symlinked `report/` or `finetune/` would make a run write over a user's files. `folder`: create it.
+
+    Files are then written by core.atomic, whose rename replaces a link at the final name instead
+    of writing through it; checking the final name too keeps writers that open paths themselves
+    (Keras, TensorBoard) inside."""
+    root = Path(root)
+    real_root = root.resolve()
+    current = root
+    for part in Path(relative).parts:
+        if part in ("..", "/") or Path(part).is_absolute():
+            raise TrustError(f"{root}: {relative!r} is not a path inside the run folder; refusing to write it")
+        current = current / part
+        try:
+            resolved = current.resolve()
+        except (OSError, RuntimeError):     # a symlink loop
+            raise TrustError(f"{current} is a symbolic link that loops; remove it (`rm {current}`) and run the "
+                             f"command again") from None
+        if resolved != real_root and real_root not in resolved.parents:
+            raise TrustError(
+                f"{current} is a symbolic link to {resolved}, outside the run folder {root}; featurepipe writes only "
+                f"inside a run, so nothing was written there. Remove the link (`rm {current}`) and run the "
+                f"command again, or use another --run-dir")
+    if folder:
+        current.mkdir(parents=True, exist_ok=True)
+        writable(root, relative)      # created just now: check the folder that exists, not the plan
+        # Some writers open their files themselves (Keras checkpoints, a history appended to): a link
+        # at a file name inside the folder would be written through.
+        for entry in current.iterdir():
+            if entry.is_symlink():
+                writable(root, str(Path(relative) / entry.name))
+    return current

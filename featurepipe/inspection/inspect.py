@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from featurepipe.core import atomic, csvcells
+from featurepipe.core import atomic, csvcells, trust
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.evaluation.crossval import FeatureTable, run_cv
 from featurepipe.evaluation.folds import make_folds
@@ -35,7 +35,7 @@ from featurepipe.inspection.label_issues import knn_outliers, label_issues
 from featurepipe.core.cachedirs import cache_root, evaluations_dir, inspection_cache_dir, inspections_dir
 from featurepipe.rundir.layout import (DUPLICATES, EMBEDDING, HEAD_META, INSPECT_JSON, LABEL_SCORES, LEARNING_CURVE,
                                        OOF, SUSPECTS, VOTE)
-from featurepipe.rundir.folder import dated_name, read_json
+from featurepipe.rundir.folder import dated_name, is_run_dir, read_json
 from featurepipe.core.progress import ProgressCallback, report
 
 # The label-issue and learning-curve head: logistic regression on standardized + L2-normalized
@@ -238,6 +238,9 @@ def inspect_dataset(
     frame, X = features.frame, features.X
     classes = list(dataset.classes)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(root, dataset, spec)
+    if is_run_dir(out_dir.parent):
+        # A run's inspect/ folder: refused when it is a link out of the run (nothing is written there).
+        out_dir = trust.writable(out_dir.parent, out_dir.name, folder=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     source = oof_source or oof_from_cv(root, folds=folds, seed=seed, n_jobs=n_jobs)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import csvcells
+from featurepipe.core import csvcells, trust
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.report.analysis import confusion_counts
@@ -121,13 +121,53 @@ def load_context(run_dir: Path, thumbnails: int, progress: Optional[ProgressCall
                                f"by `featurepipe evaluate` (re-run it)")
     if board.empty:
         raise FeaturepipeError(f"{leaderboard_path} has no rows; re-run `featurepipe evaluate`")
+    _numeric(board, leaderboard_path, [c for c in board.columns if c.endswith(METRIC_SUFFIXES)])
 
     def optional(name: str, read: Callable[[Path], object], absent=None):
         return read(run_dir / name) if (run_dir / name).exists() else absent
 
     return ReportContext(
-        run_dir=run_dir, board=with_key(board), config=optional(CONFIG, read_json, {}),
-        best_meta=optional(HEAD_META, read_json, {}),
-        folds=optional(FOLDS, lambda path: with_key(read_csv(path))),
+        run_dir=run_dir, board=with_key(board), config=optional(CONFIG, _json_object, {}),
+        best_meta=optional(HEAD_META, _json_object, {}),
+        folds=optional(FOLDS, lambda path: with_key(_folds(path))),
         oof=optional(OOF, lambda path: with_key(read_csv(path))),
-        charts=Charts(run_dir / REPORT_DIR, chart_cache), thumbnails=thumbnails, progress=progress)
+        charts=Charts(trust.writable(run_dir, REPORT_DIR, folder=True), chart_cache), thumbnails=thumbnails, progress=progress)
+
+
+# A leaderboard's summary columns (accuracy_mean, log_loss_ci_high...) and a fold table's scores are
+# numbers; an edited or damaged file would otherwise draw nonsense or fail deep inside a chart.
+METRIC_SUFFIXES = ("_mean", "_std", "_ci_low", "_ci_high")
+FOLD_COLUMNS = ("head", "params", "augment", "accuracy")
+FOLD_NUMBERS = ("accuracy", "repeat", "fold")
+
+
+def _numeric(frame: pd.DataFrame, path: Path, columns) -> None:
+    """Refuse a column that should hold numbers and holds text, naming the file, column and row."""
+    for column in columns:
+        values = frame[column]
+        numbers = pd.to_numeric(values, errors="coerce")
+        bad = numbers.isna() & values.notna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise FeaturepipeError(f"{path}: column {column} holds {str(values.iloc[row])!r} on data row {row + 1}, "
+                                   f"not a number; the file was edited or damaged: re-run `featurepipe evaluate`")
+        frame[column] = numbers
+
+
+def _json_object(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise FeaturepipeError(f"{path} is not a JSON object (it holds a {type(data).__name__}); it was edited or "
+                               f"damaged: re-run `featurepipe evaluate`")
+    return data
+
+
+def _folds(path: Path) -> pd.DataFrame:
+    """folds.csv, checked: the columns the fold chart groups by, and numbers where numbers belong."""
+    folds = read_csv(path)
+    missing = [c for c in FOLD_COLUMNS if c not in folds.columns]
+    if missing:
+        raise FeaturepipeError(f"{path} lacks column(s) {', '.join(missing)}; it was edited or damaged: re-run "
+                               f"`featurepipe evaluate`")
+    _numeric(folds, path, [c for c in FOLD_NUMBERS if c in folds.columns])
+    return folds

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import atomic, csvcells
+from featurepipe.core import atomic, csvcells, trust
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.report.charts import Charts
@@ -353,10 +353,10 @@ def write_inspect_report(inspect_dir: Path, thumbnails: int = 24, progress: Opti
     """INSPECT_DIR/inspect.html, self-contained, with the learning-curve PNG also in INSPECT_DIR/report/."""
     inspect_dir = Path(inspect_dir)
     summary = json.loads((inspect_dir / INSPECT_JSON).read_text())
-    charts = Charts(inspect_dir / REPORT_DIR)
+    charts = Charts(trust.writable(inspect_dir, REPORT_DIR, folder=True))
     sections = inspect_sections(inspect_dir, charts, summary.get("source"), thumbnails, progress)
     config = {"dataset": {"source": summary.get("source")}, "backbone": summary.get("backbone") or {}}
     page = render_page(config, inspect_dir, sections, []).replace("featurepipe report:", "featurepipe inspect:")
-    path = inspect_dir / INSPECT_HTML
+    path = trust.writable(inspect_dir, INSPECT_HTML)
     atomic.write_text(path, page)
     return path

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from featurepipe.core import atomic
+from featurepipe.core import atomic, trust
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.report.context import ReportContext, load_context
 from featurepipe.report.html import render_page
@@ -133,7 +133,7 @@ def write_report(run_dir: Path, thumbnails: int = 24, progress: Optional[Progres
             report(progress, "report", step, steps, entry.title)
         sections += entry.written(context)
 
-    html_path = run_dir / REPORT
+    html_path = trust.writable(run_dir, REPORT)
     page = render_page(context.config, run_dir, sections, missing)
     atomic.write_text(html_path, page)
     return ReportResult(html_path=html_path, png_paths=list(context.charts.paths), sections=[t for t, _ in sections],

@@ -8,6 +8,7 @@ run there would replace a config.json or leaderboard.csv of theirs and delete a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -61,22 +62,51 @@ def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+# File systems refuse names over 255 bytes; the date, a uniqueness suffix and the temporary names
+# beside a run (".tmp-<12 hex>-...") must fit too. Longer dataset names keep their start and gain a
+# digest of the whole, so two long names that share a start still name different folders.
+MAX_NAME_CHARS = 100
+
+
 def dated_name(source: str | os.PathLike, label: str) -> str:
-    """<date-time>-<dataset folder>-<label>, safe as a folder name: how runs (and inspections) are named."""
+    """<date-time>-<dataset folder>-<label>, safe as a folder name (ASCII, at most MAX_NAME_CHARS after
+    the date): how runs (and inspections) are named."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(source).stem}-{label}")
+    if len(name) > MAX_NAME_CHARS:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+        tail = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:30]
+        name = f"{name[:MAX_NAME_CHARS - len(tail) - 12]}-{digest}-{tail}"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
 def default_run_dir(root: Path, source: str | os.PathLike, label: str) -> Path:
-    """CACHE/runs/<date-time>-<dataset folder>-<label>: where a run goes without --run-dir."""
+    """CACHE/runs/<date-time>-<dataset folder>-<label>: where a run goes without --run-dir (the name
+    planned; `claim_new_dir` makes it this process's own)."""
     return runs_dir(root) / dated_name(source, label)
+
+
+def claim_new_dir(path: Path) -> Path:
+    """Create `path`, or `path-2`, `path-3`... when it is taken, exclusively (mkdir fails when the name
+    exists): two runs started in the same second each get a folder of their own, never one shared."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        candidate = path if attempt == 1 else path.with_name(f"{path.name}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FeaturepipeError(f"{path.parent} holds 10,000 runs named {path.name}-N; pass --run-dir")
 
 
 def new_run_dir(root: Path, source: str | os.PathLike, label: str,
                 explicit: Optional[str | os.PathLike] = None) -> Path:
-    """The run folder a stage writes: `explicit` (--run-dir) or a new default one, prepared (marked;
-    a user's non-run folder refused)."""
-    return prepare_run_dir(Path(explicit) if explicit is not None else default_run_dir(root, source, label))
+    """The run folder a stage writes: `explicit` (--run-dir) or a new default one of its own, prepared
+    (marked; a user's non-run folder refused)."""
+    if explicit is not None:
+        return prepare_run_dir(Path(explicit))
+    return prepare_run_dir(claim_new_dir(default_run_dir(root, source, label)))
 
 
 def run_configs(root: Path) -> Iterable[tuple[Path, dict]]:

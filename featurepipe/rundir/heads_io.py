@@ -41,8 +41,43 @@ def save_head(estimator, run_dir: Path, meta: dict) -> Path:
             joblib.dump(estimator, tmp)
     digest = file_sha256(path)
     _write_history(estimator, run_dir / HEAD_HISTORY)
-    atomic.write_json(run_dir / HEAD_META, {**meta, "file": path.name, "sha256": digest, "hmac": trust.sign(path.name, digest)})
+    _write_meta(run_dir, {**meta, "file": path.name, "sha256": digest})
     return path
+
+
+def _write_meta(run_dir: Path, meta: dict) -> None:
+    """best_head.json, signed as a whole: the head file's name and hash, and what gives its outputs
+    their meaning (classes, backbone and resize, features, params, a vote's members)."""
+    atomic.write_json(trust.writable(run_dir, HEAD_META), trust.with_record_signature(HEAD_META, meta))
+
+
+def is_signed_record(meta: dict) -> bool:
+    """Written by a featurepipe that signs the whole JSON (not only the head file's hash)."""
+    return isinstance(meta, dict) and meta.get(trust.SIGNATURE) == trust.RECORD_V2
+
+
+def signed_before_records(meta: dict) -> bool:
+    """A best_head.json written before whole records were signed, with a valid signature of this
+    user's key (over the head file's name and hash, or a vote's member list)."""
+    if not isinstance(meta, dict) or is_signed_record(meta):
+        return False
+    if meta.get("head") == VOTE:
+        members = meta.get("members")
+        return isinstance(members, list) and trust.signed(VOTE, _members_digest(members), meta.get("hmac"))
+    return isinstance(meta.get("file"), str) and trust.signed(meta["file"], str(meta.get("sha256")), meta.get("hmac"))
+
+
+def check_meta_signature(path: Path, meta: dict, trust_run: bool, what: str,
+                         fix: str = "re-run `featurepipe evaluate`") -> None:
+    """Refuse a JSON record whose signature does not cover what it says now (an edited class name,
+    backbone, cache, member list...), unless the user trusts the run. `what`: how to name it; `fix`:
+    the command that writes it again."""
+    if trust_run or trust.signed_record(path.name, meta, meta.get("hmac")):
+        return
+    raise TrustError(
+        f"{path} ({what}) was not signed by your featurepipe key ({trust.key_path()}) as it reads now: the run was "
+        f"copied from another user or machine, or the file was edited (its classes, backbone, cache or members "
+        f"give the model its meaning). If you trust where this run came from, pass --trust (or {fix}).")
 
 
 def _members_digest(members: list) -> str:
@@ -59,8 +94,7 @@ def save_vote(run_dir: Path, meta: dict, members: list[dict]) -> None:
     member_dir; this file lists them, and its signature covers the list, so editing which members vote
     (or pointing one elsewhere) is refused like an edited head."""
     members = [{"dir": f"{MEMBERS_DIR}/{i}", **m} for i, m in enumerate(members)]
-    atomic.write_json(Path(run_dir) / HEAD_META, {**meta, "head": VOTE, "members": members,
-                                           "hmac": trust.sign(VOTE, _members_digest(members))})
+    _write_meta(Path(run_dir), {**meta, "head": VOTE, "members": members})
 
 
 def vote_member_dirs(run_dir: Path, meta: dict, trust_run: bool = False) -> list[Path]:
@@ -69,7 +103,9 @@ def vote_member_dirs(run_dir: Path, meta: dict, trust_run: bool = False) -> list
     if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
         raise FeaturepipeError(f"{Path(run_dir) / HEAD_META} describes a vote without a list of members; "
                                f"re-run `featurepipe evaluate`")
-    if not trust_run and not trust.signed(VOTE, _members_digest(members), meta.get("hmac")):
+    if is_signed_record(meta):
+        check_meta_signature(Path(run_dir) / HEAD_META, meta, trust_run, f"a vote over {len(members)} feature sets")
+    elif not trust_run and not trust.signed(VOTE, _members_digest(members), meta.get("hmac")):
         raise TrustError(
             f"{Path(run_dir) / HEAD_META} (a vote over {len(members)} feature sets) was not signed by your featurepipe "
             f"key ({trust.key_path()}): copied from elsewhere or edited. If you trust where this run came from, "
@@ -100,7 +136,11 @@ def _copy_history(source_dir: Path, target_dir: Path) -> None:
 
 def load_head_meta(run_dir: Path) -> "HeadMeta":
     path = Path(run_dir) / HEAD_META
-    return HeadMeta(read_json(path, f"{run_dir} has no trained head ({HEAD_META} missing); run `featurepipe evaluate` first"))
+    data = read_json(path, f"{run_dir} has no trained head ({HEAD_META} missing); run `featurepipe evaluate` first")
+    if not isinstance(data, dict):
+        raise FeaturepipeError(f"{path} is not a JSON object (it holds a {type(data).__name__}); it was edited or "
+                               f"damaged: re-run `featurepipe evaluate`")
+    return HeadMeta(data).check(path)
 
 
 def load_head(run_dir: Path, trust_run: bool = False):
@@ -120,7 +160,9 @@ def load_head(run_dir: Path, trust_run: bool = False):
             f"{path} does not match the hash recorded in {HEAD_META} when it was written; refusing to load it "
             f"(it may have been edited). Re-run `featurepipe evaluate` to rebuild it."
         )
-    if not trust_run and not trust.signed(meta["file"], digest, meta.get("hmac")):
+    if is_signed_record(meta):
+        check_meta_signature(run_dir / HEAD_META, meta, trust_run, f"the description of {path.name}")
+    elif not trust_run and not trust.signed(meta["file"], digest, meta.get("hmac")):
         raise TrustError(
             f"{path} was not signed by your featurepipe key ({trust.key_path()}): the run was copied from another "
             f"user or machine, written by an older featurepipe, or edited. Loading a head can run code it "
@@ -156,10 +198,9 @@ def cached_head(cache_dir: Path, run_dir: Path, meta: dict) -> Optional[dict]:
     except (OSError, KeyError, TypeError, json.JSONDecodeError, FeaturepipeError):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.copy_file(source, run_dir / record["file"])
+    atomic.copy_file(source, trust.writable(run_dir, record["file"]))
     _copy_history(cache_dir, run_dir)
-    atomic.write_json(run_dir / HEAD_META, {**meta, "file": record["file"], "sha256": record["sha256"],
-                                     "hmac": trust.sign(record["file"], record["sha256"])})
+    _write_meta(run_dir, {**meta, "file": record["file"], "sha256": record["sha256"]})
     return record
 
 
@@ -175,6 +216,15 @@ def remember_head(cache_dir: Path, run_dir: Path, extra: dict) -> None:
 
 class HeadMeta(dict):
     """best_head.json as read: the dict (same JSON fields as ever), with typed accessors."""
+
+    def check(self, path: Path) -> "HeadMeta":
+        """Refuse fields whose type would turn into nonsense: classes as a string would be split into
+        letters (14 'classes'), a missing list into none."""
+        classes = self.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise FeaturepipeError(f"{path}: `classes` must be a list of class names, not {classes!r}; the file was "
+                                   f"edited or damaged: re-run `featurepipe evaluate`")
+        return self
 
     @property
     def head(self) -> str:

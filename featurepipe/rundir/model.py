@@ -54,6 +54,10 @@ class ModelMeta(dict):
         if self.get("kind") != "finetuned" or missing:
             raise FeaturepipeError(f"{path} does not describe a fine-tuned model (kind {self.get('kind')!r}, "
                                    f"missing {', '.join(sorted(missing)) or 'nothing'}); re-run fine-tuning")
+        classes = self["classes"]
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise FeaturepipeError(f"{path}: `classes` must be a list of class names, not {classes!r}; the file was "
+                                   f"edited or damaged: re-run fine-tuning")
         return self
 
     @property

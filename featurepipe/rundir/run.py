@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from featurepipe.core import atomic, csvcells
+from featurepipe.core import atomic, csvcells, trust
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.rundir.folder import new_run_dir, prepare_run_dir, read_json
 from featurepipe.rundir.heads_io import (
-    HeadMeta, load_head, load_head_meta, member_dir, save_head, save_vote, vote_member_dirs,
+    HeadMeta, check_meta_signature, is_signed_record, load_head, load_head_meta, member_dir, save_head, save_vote,
+    signed_before_records, vote_member_dirs,
 )
 from featurepipe.rundir.model import MODEL_CHOICES, ModelMeta, RunModel, _head_model, load_run_model
 
@@ -74,9 +75,38 @@ class Run:
         if self.parent is not None:
             return self.parent.config
         if self._config is None:
-            self._config = read_json(self.path / CONFIG, f"{self.path} has no {CONFIG}; pass a run directory "
-                                                         f"written by `featurepipe evaluate`")
+            config = read_json(self.path / CONFIG, f"{self.path} has no {CONFIG}; pass a run directory "
+                                                   f"written by `featurepipe evaluate`")
+            if not isinstance(config, dict):
+                raise FeaturepipeError(f"{self.path / CONFIG} is not a JSON object (it holds a "
+                                       f"{type(config).__name__}); it was damaged or edited: re-run `featurepipe evaluate`")
+            self._config = config
         return self._config
+
+    def check_signatures(self, trust_run: bool = False, names: tuple[str, ...] = (CONFIG, MODEL_META)) -> None:
+        """Refuse a config.json (which cache, backbone, augmentation) or model.json (the fine-tuned
+        model's classes, size, resize) that this user's key did not sign as they read now.
+
+        Runs written before these files were signed are taken as they are when their best_head.json
+        carries this user's signature of that time (`signed_before_records`); otherwise an unsigned
+        file is refused like an unsigned head, since a signature could have been stripped (a model.json
+        predicts without its head being loaded, so the head's own check would never run)."""
+        if trust_run or self.parent is not None:
+            return
+        if not self.has_head() and not self.has_model():
+            return              # nothing to load; the caller says what is missing
+        head = self.head_meta if self.has_head() else None
+        old_own_run = head is not None and signed_before_records(head)
+        for name, what, fix in (
+                (CONFIG, "which cache, backbone and augmentation the run uses", "re-run `featurepipe evaluate`"),
+                (MODEL_META, "the fine-tuned model's classes, size and resize",
+                 f"re-run `featurepipe finetune`, or delete {self.path / MODEL_META} to predict with the best head")):
+            path = self.path / name
+            if name not in names or not path.exists():
+                continue
+            data = self.config if name == CONFIG else self.model_meta
+            if is_signed_record(data) or not old_own_run:
+                check_meta_signature(path, data, trust_run, what, fix)
 
     def has_head(self) -> bool:
         return (self.path / HEAD_META).exists()
@@ -91,8 +121,12 @@ class Run:
     @property
     def model_meta(self) -> ModelMeta:
         path = self.path / MODEL_META
-        return ModelMeta(read_json(path, f"{self.path} has no fine-tuned model ({MODEL_META} missing); run "
-                                         f"fine-tuning first or predict with the best head", "fine-tuning")).check(path)
+        data = read_json(path, f"{self.path} has no fine-tuned model ({MODEL_META} missing); run fine-tuning first "
+                               f"or predict with the best head", "fine-tuning")
+        if not isinstance(data, dict):
+            raise FeaturepipeError(f"{path} is not a JSON object (it holds a {type(data).__name__}); re-run fine-tuning "
+                                   f"or delete it to predict with the best head")
+        return ModelMeta(data).check(path)
 
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
         """The cache root the run's features live in: `override`, else the one config.json records."""
@@ -100,12 +134,18 @@ class Run:
 
     # ---- writing
     def write_json(self, name: str, data) -> Path:
-        atomic.write_json(self.path / name, data)
-        return self.path / name
+        """A JSON file of the run; config.json is signed (it names the cache and backbone)."""
+        path = trust.writable(self.path, name)
+        if name == CONFIG and isinstance(data, dict):
+            data = trust.with_record_signature(CONFIG, data)
+            self._config = None
+        atomic.write_json(path, data)
+        return path
 
     def write_csv(self, name: str, frame) -> Path:
-        csvcells.write(self.path / name, frame)   # user text (paths, labels) safe in a spreadsheet
-        return self.path / name
+        path = trust.writable(self.path, name)
+        csvcells.write(path, frame)   # user text (paths, labels) safe in a spreadsheet
+        return path
 
     def remove(self, *names: str) -> None:
         for name in names:
@@ -121,7 +161,8 @@ class Run:
 
     def member(self, index: int) -> "Run":
         """Member `index` of a vote: a folder with its own best_head.json (the parent's config)."""
-        return Run(member_dir(self.path, index), self)
+        relative = member_dir(self.path, index).relative_to(self.path)
+        return Run(trust.writable(self.path, str(relative), folder=True), self)
 
     def save_head(self, estimator, meta: dict) -> Path:
         return save_head(estimator, self.path, meta)
@@ -151,6 +192,7 @@ class Run:
         if model not in MODEL_CHOICES:
             raise FeaturepipeError(f"model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
         config = self.config
+        self.check_signatures(trust)
         if model == "finetuned" and not self.has_model():
             raise FeaturepipeError(f"{self.path} has no fine-tuned model ({MODEL_META} missing); run fine-tuning "
                                    f"first or predict with the best head")

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import keras
 import numpy as np
 
+from featurepipe.core import trust
 from featurepipe.core.atomic import write_json
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.data.dataset import Dataset
@@ -103,8 +104,7 @@ def baseline(
     check_batch_size(len(x_train), batch_size)
 
     run_dir = new_run_dir(cache_root(cache_dir), dataset.source, "baseline", run_dir)  # refuses a user's folder
-    out = run_dir / BASELINE_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = trust.writable(run_dir, BASELINE_DIR, folder=True)   # refused when it links out of the run
     for stale in (HISTORY, BASELINE_WEIGHTS):
         (out / stale).unlink(missing_ok=True)
     write_json(out / SPLIT, split.to_json())
@@ -123,7 +123,7 @@ def baseline(
                       keras.callbacks.ModelCheckpoint(str(best_path), monitor="val_loss", save_best_only=True,
                                                       save_weights_only=True),
                       HistoryLogger(str(out / HISTORY)),
-                      *tensorboard_callbacks(run_dir / LOGS_DIR / BASELINE_DIR),
+                      *tensorboard_callbacks(trust.writable(run_dir, f"{LOGS_DIR}/{BASELINE_DIR}")),
                       *callbacks,
                   ])
         if best_path.exists():

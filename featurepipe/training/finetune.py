@@ -46,17 +46,19 @@ Importing this module imports TensorFlow/Keras.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import atomic, csvcells
+from featurepipe.core import csvcells, trust
 from featurepipe.core.atomic import write_json
 from featurepipe.training.finetune_vote import open_vote, vote_proba
 from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, CONFIG, FINETUNE_DIR, FINETUNED_MODEL, HISTORY,
@@ -64,6 +66,7 @@ from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, CONFIG, FINETUN
                                        VALIDATION_PREDICTIONS)
 from featurepipe.rundir.folder import read_json
 from featurepipe.rundir.heads_io import load_head
+from featurepipe.rundir.run import Run
 from featurepipe.backbones.accel import gpu_available
 from featurepipe.backbones.registry import CONCAT
 from featurepipe.backbones.spec import BackboneSpec
@@ -132,9 +135,11 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
     from featurepipe.training.checkpoints import read_backup, remove_temporaries
     from featurepipe.data.dataset import scan
 
-    out = run_dir / FINETUNE_DIR
+    # Refused before anything is cleared or written when finetune/ (or a file in it) links out of the run.
+    out = trust.writable(run_dir, FINETUNE_DIR, folder=True)
     config = read_json(run_dir / CONFIG,
                         f"{run_dir} has no config.json; pass a run directory written by `featurepipe evaluate`")
+    Run(run_dir).check_signatures(names=(CONFIG,))    # which cache and images: refused when edited
     notes: list[str] = []
     vote = open_vote(run_dir)
     if vote is None:
@@ -304,6 +309,12 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
     model_path = out / FINETUNED_MODEL
     digest = save_model_atomic(twin, model_path)
     resumed_from = (t.trained_epochs[0] + 1) if prep.resuming and t.trained_epochs else None
+    if prep.resuming:
+        # Said wherever the outcome is shown (CLI, summary.json, the report): the epochs before it were
+        # trained by an interrupted call, restored from its epoch backup.
+        prep.notes.append(f"resumed from epoch {resumed_from}: the epochs before it were trained by the interrupted "
+                          f"call and restored from its epoch backup" if resumed_from is not None else
+                          "resumed: the interrupted call had already trained every epoch")
     result = FinetuneReport(
         run_dir=prep.run_dir, strategy=strategy, before=t.before, after=t.after, epochs_run=int(len(t.history)),
         best_epoch=None if t.best is None else int(t.best["epoch"]) + 1, model_path=model_path,
@@ -344,7 +355,7 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         "reproduction_max_abs_diff": t.max_diff, "mixed_precision": t.mixed, "jit_compile": t.jit,
         "backbone": spec.to_dict(), "classes": classes, "failed": t.failed,
         "model": f"{FINETUNE_DIR}/{FINETUNED_MODEL}", "sha256": digest, "seconds": round(result.seconds, 3),
-        "seconds_per_epoch": result.seconds_per_epoch, "notes": prep.notes,
+        "seconds_per_epoch": result.seconds_per_epoch, "notes": prep.notes, "resumed_from_epoch": resumed_from,
         "tensorboard": tensorboard_available() and training, "key": prep.key, "model_json": model_json,
         "report": json.loads(json.dumps(result.to_dict(), default=str)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -377,7 +388,31 @@ def finetune(
     logging). Three steps: _prepare (the run, the split, the options; reuse), _train, _save.
     """
     started = time.perf_counter()
-    prepared = _prepare(Path(run_dir), config, cache_dir, progress)
-    if isinstance(prepared, FinetuneReport):
-        return prepared
-    return _save(prepared, _train(prepared, progress, callbacks), started)
+    run_dir = Path(run_dir)
+    with _finetune_lock(run_dir):
+        prepared = _prepare(run_dir, config, cache_dir, progress)
+        if isinstance(prepared, FinetuneReport):
+            return prepared
+        return _save(prepared, _train(prepared, progress, callbacks), started)
+
+
+@contextmanager
+def _finetune_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive flock on RUN/finetune/.lock while one fine-tuning prepares, trains and saves: a
+    second one at once would clear the first's state and backups and publish a summary that is not
+    what the first reports. Refused at once, not waited for (a fine-tuning takes minutes)."""
+    if not (run_dir / CONFIG).is_file():
+        yield                       # not a run: _prepare says so
+        return
+    lock_path = trust.writable(run_dir, FINETUNE_DIR, folder=True) / ".lock"
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FeaturepipeError(
+                f"another `featurepipe finetune` is fine-tuning {run_dir} now (it holds {lock_path}); wait for it "
+                f"to finish, or stop it and continue with `featurepipe finetune {run_dir} --resume`") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence
 import keras
 import numpy as np
 
+from featurepipe.core import trust
 from featurepipe.core.atomic import write_json
 from featurepipe.heads.combined import set_trainable
-from featurepipe.rundir.layout import BACKUP_DIR, BEST_WEIGHTS, HISTORY, LOGS_DIR, PRETRAINED_WEIGHTS
+from featurepipe.rundir.layout import BACKUP_DIR, BEST_WEIGHTS, FINETUNE_DIR, HISTORY, LOGS_DIR, PRETRAINED_WEIGHTS
 from featurepipe.training.checkpoints import (BestWeights, EpochBackup, load_arrays, read_backup, restore_backup,
                                               save_arrays_atomic)
 from featurepipe.training.finetune_options import MONITOR, PRETRAIN_LR_FACTOR, pretrain_epochs
@@ -61,7 +62,7 @@ class _Fitting:
         model, options = self.model, self.options
         self.unfrozen = set_trainable(model, self.backbone, phase_blocks, train_head)
         self.compile_model(lr_schedule(rate, len(self.sequence), last - first, options["warmup_epochs"], schedule_kind))
-        backup = self.out / BACKUP_DIR / phase
+        backup = trust.writable(self.run_dir, f"{FINETUNE_DIR}/{BACKUP_DIR}/{phase}", folder=True)
         record, _ = read_backup(backup)
         start = restore_backup(model, backup, record) if record else first
         history = read_history(self.history_path)
@@ -79,15 +80,18 @@ class _Fitting:
         cbs += [
             BestWeights(self.best_path, MONITOR, None if best_so_far is None else float(best_so_far[MONITOR])),
             HistoryLogger(self.history_path, append=True),
-            *tensorboard_callbacks(self.run_dir / LOGS_DIR),
+            *tensorboard_callbacks(trust.writable(self.run_dir, LOGS_DIR)),
             # Last, so an epoch counts as done only once its best weights and history row exist.
             EpochBackup(backup),
             *self.callbacks,
         ]
         if start < last:
+            # shuffle=False: the sequence already orders each epoch by (seed, epoch). Keras's own shuffle
+            # of the batch order draws from the global random state, which no backup holds, so a resumed
+            # fit drew other batches than an uninterrupted one from its first resumed epoch on.
             model.fit(self.sequence, validation_data=(self.x_val, self.y_val),
                       validation_batch_size=options["batch_size"], epochs=last, initial_epoch=start, callbacks=cbs,
-                      verbose=0)
+                      verbose=0, shuffle=False)
 
 
 def _run_phases(fitting: _Fitting, prep, blocks: Optional[int]) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.atomic import write_json
+from featurepipe.core.trust import with_record_signature
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.rundir.layout import FINETUNE_DIR, FINETUNED_MODEL, MODEL_META, STATE, SUMMARY
 from featurepipe.training.finetune_options import FinetuneReport
@@ -21,7 +22,7 @@ from featurepipe.training.finetune_vote import Vote
 from featurepipe.training.split import ImageSplit
 
 # Bump when a change here changes what a fine-tuning produces: finished runs are then not reused.
-FINETUNE_FORMAT = 2
+FINETUNE_FORMAT = 3       # 3: batches in the sequence's own (seed, epoch) order, not reshuffled by Keras
 
 
 def _read_optional_json(path: Path) -> Optional[dict]:
@@ -73,7 +74,8 @@ def _publish(run_dir: Path, summary: dict) -> None:
     """model.json names the fine-tuned model only when it is kept; else the frozen head is the model."""
     meta_path = run_dir / MODEL_META
     if summary.get("kept") == "finetuned":
-        write_json(meta_path, summary["model_json"])
+        # Signed as a whole: its classes, image size and resize give the model's outputs their meaning.
+        write_json(meta_path, with_record_signature(MODEL_META, summary["model_json"]))
     else:
         current = _read_optional_json(meta_path)
         if meta_path.exists() and (current is None or current.get("kind") == "finetuned"):
