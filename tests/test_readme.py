@@ -55,11 +55,15 @@ def _options(command: click.Command) -> set[str]:
 
 def _command_lines(text: str) -> list[str]:
     """Each `featurepipe ...` invocation: a code-block line or an inline code span."""
-    lines = []
+    lines, in_code = [], False
     for line in text.splitlines():
-        lines += re.findall(r"`((?:\.venv/bin/)?featurepipe [^`]*)`", line)
-        if line.lstrip().startswith(("featurepipe ", "FEATUREPIPE_")) and "featurepipe " in line:
-            lines.append(line[line.index("featurepipe "):].split("  #")[0])
+        if line.startswith("```"):
+            in_code = not in_code
+        elif in_code:
+            if line.lstrip().startswith(("featurepipe ", "FEATUREPIPE_")) and "featurepipe " in line:
+                lines.append(line[line.index("featurepipe "):].split("  #")[0])
+        else:
+            lines += re.findall(r"`((?:\.venv/bin/)?featurepipe [^`]*)`", line)
     return lines
 
 
