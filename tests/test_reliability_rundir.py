@@ -83,7 +83,7 @@ def test_swapped_class_names_in_best_head_json_are_refused_unless_trusted(runs, 
         classes[i], classes[j] = classes[j], classes[i]
     _edit_json(run / "best_head.json", swap)
     refused = cli("predict", run, red)
-    assert refused.returncode == 2, said(refused)
+    assert refused.returncode == 1, said(refused)
     text = said(refused)
     assert "best_head.json" in text and "--trust" in text and "Traceback" not in text
     trusted = cli("predict", run, red, "--trust")      # the user's word overrides, as for an edited head
@@ -96,7 +96,7 @@ def test_config_pointing_at_another_cache_is_refused(runs, copy_run, tmp_path):
     shutil.copytree(runs["cache"], forged)
     _edit_json(run / "config.json", lambda c: c.update(cache_dir=str(forged)))
     refused = cli("predict", run, runs["data"] / "red")
-    assert refused.returncode == 2, said(refused)
+    assert refused.returncode == 1, said(refused)
     assert "config.json" in said(refused) and "--trust" in said(refused)
 
 
@@ -109,14 +109,14 @@ def test_a_stripped_signature_is_refused_not_taken_for_an_old_run(runs, copy_run
         config["cache_dir"] = "/somewhere/else"
     _edit_json(run / "config.json", strip)
     refused = cli("predict", run, runs["data"] / "red")
-    assert refused.returncode == 2 and "config.json" in said(refused), said(refused)
+    assert refused.returncode == 1 and "config.json" in said(refused), said(refused)
 
 
 def test_an_edited_vote_member_list_is_refused(runs, copy_run):
     run = copy_run("vote")
     _edit_json(run / "best_head.json", lambda m: m["members"].reverse())
     refused = cli("predict", run, runs["data"] / "red")
-    assert refused.returncode == 2, said(refused)
+    assert refused.returncode == 1, said(refused)
     assert "best_head.json" in said(refused) and "--trust" in said(refused)
 
 
@@ -133,14 +133,14 @@ def test_an_edited_model_json_is_refused(runs, copy_run):
     assert "not signed" not in said(signed)           # signed as written: on to the (absent) model file
     _edit_json(run / "model.json", lambda m: m["classes"].reverse())
     refused = cli("predict", run, runs["data"] / "red")
-    assert refused.returncode == 2, said(refused)
+    assert refused.returncode == 1, said(refused)
     assert "model.json" in said(refused) and "not signed" in said(refused)
     # Stripped to look like a run from before signing (model.json predicts without loading the head,
     # so the head's marker is stripped too): still refused, the head carries no old-style signature.
     for name in ("model.json", "best_head.json"):
         _edit_json(run / name, lambda m: [m.pop("signature", None), m.pop("hmac", None) if name == "model.json" else 0])
     stripped = cli("predict", run, runs["data"] / "red")
-    assert stripped.returncode == 2 and "model.json" in said(stripped) and "not signed" in said(stripped), \
+    assert stripped.returncode == 1 and "model.json" in said(stripped) and "not signed" in said(stripped), \
         said(stripped)
 
 
@@ -171,7 +171,7 @@ def test_report_and_inspect_refuse_a_subfolder_linked_out_of_the_run(runs, copy_
         result = cli("inspect", runs["data"], *TINY_ARGS, "--resize", "squash", "--cache-dir", runs["cache"],
                      "--run-dir", run)
     text = said(result)
-    assert result.returncode == 2, text
+    assert result.returncode == 1, text
     assert f"{run / folder} is a symbolic link" in text and f"rm {run / folder}" in text and "Traceback" not in text
     assert {p.name: p.read_text() for p in users.iterdir()} == before     # nothing written there
 
@@ -182,7 +182,7 @@ def test_run_refuses_an_inspect_folder_linked_out_and_writes_nothing_there(runs,
     before = _users_folder(users)
     _link_out(run, "inspect", users)
     result = cli("run", runs["data"], *TINY_ARGS, "--heads", "logreg", "--cache-dir", runs["cache"], "--run-dir", run)
-    assert result.returncode == 2, said(result)
+    assert result.returncode == 1, said(result)
     assert str(run / "inspect") in said(result)
     assert {p.name: p.read_text() for p in users.iterdir()} == before
 
@@ -194,7 +194,7 @@ def test_finetune_refuses_a_finetune_folder_linked_out_and_clears_nothing_there(
     (users / "backup").mkdir()
     _link_out(run, "finetune", users)
     result = cli("finetune", run, "--epochs", "1")
-    assert result.returncode == 2, said(result)
+    assert result.returncode == 1, said(result)
     assert str(run / "finetune") in said(result) and "rm " in said(result)
     assert {p.name: p.read_text() for p in users.iterdir() if p.is_file()} == before
     assert (users / "backup").is_dir()
@@ -299,7 +299,7 @@ def test_config_json_that_is_not_an_object_is_named(copy_run):
     (run / "config.json").write_text("[1, 2, 3]")
     for args in (("report", run), ("predict", run, run)):
         result = cli(*args)
-        assert result.returncode == 2 and "config.json" in said(result) and "Traceback" not in said(result), \
+        assert result.returncode == 1 and "config.json" in said(result) and "Traceback" not in said(result), \
             said(result)
 
 
