@@ -195,8 +195,13 @@ def leaderboard_chart(charts: Charts, board: pd.DataFrame, best_key, limit: int 
                     ecolor="#333333", elinewidth=1.2, capsize=3)
     low, high = leaderboard_axis(shown)
     for yi, mean in zip(y, means):
-        if not math.isnan(mean):
-            ax.text(max(mean, low) + (high - low) * 0.01, yi - 0.38, f"{mean:.3f}", va="bottom", ha="left",
+        if math.isnan(mean):
+            continue
+        if mean - low > 0.15 * (high - low):     # inside the bar's end, white; a short bar: after it, dark
+            ax.text(mean - (high - low) * 0.01, yi, f"{mean:.3f}", va="center", ha="right", color="white",
+                    fontsize=8, fontweight="bold")
+        else:
+            ax.text(max(mean, low) + (high - low) * 0.01, yi, f"{mean:.3f}", va="center", ha="left",
                     color="#333333", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8.5)
     ax.invert_yaxis()
