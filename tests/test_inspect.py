@@ -482,7 +482,7 @@ def test_inspect_on_a_tiny_dataset_explains_every_section(tmp_path, cache):
     page = write_inspect_report(tmp_path / "insp").read_text()
     for title in SECTIONS:
         assert f">{title}</h2>" in page
-    assert "Not computed:" in page
+    assert "Not computed:" not in page and "too few images to tell" in page   # no curve: its reading (issue 23)
 
 
 def test_oof_from_run_reads_the_best_configuration_and_refuses_foreign_runs(tmp_path):

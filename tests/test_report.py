@@ -134,7 +134,7 @@ def test_report_core_sections(tmp_path):
     assert "leaderboard.csv" not in result.missing and "oof_predictions.csv" not in result.missing
 
     # best head: named and highlighted in the leaderboard table
-    assert re.search(r'<tr class="best"><td class="num">1</td><td>logreg</td>', page)
+    assert re.search(r'<tr class="best"><td class="num">1</td><td></td><td>logreg</td>', page)
     assert "linear_svm" in page
     # header: failed files with reasons, warnings escaped, class counts
     assert "truncated JPEG" in page and "broken.jpg" in page
@@ -248,7 +248,7 @@ def test_tolerates_a_partial_run(tmp_path):
     assert result.sections == ["Run", "Leaderboard", "Reproduce"]
     assert {"folds.csv", "oof_predictions.csv", "config.json", "best_head.json"} <= set(result.missing)
     assert "config.json is missing" in page
-    assert re.search(r'<tr class="best"><td class="num">1</td><td>logreg</td>', page)   # rank 1 taken as best
+    assert re.search(r'<tr class="best"><td class="num">1</td><td></td><td>logreg</td>', page)   # rank 1 taken as best
     assert events and events[-1].stage == "report" and events[-1].done == events[-1].total
 
 
@@ -284,16 +284,19 @@ def test_relative_image_paths_and_odd_class_names(tmp_path, monkeypatch):
 
 def test_chart_labels_are_cut_and_the_table_keeps_the_whole_label():
     """A vote lists all its members in its label (~600 characters for run's nine feature sets): the
-    charts' y labels are cut to CHART_LABEL_CHARS (the charts were ~3,700 px wide, the bars squeezed
-    into a corner), short labels are left alone."""
+    charts name it by its size ("a vote of 9 feature sets"; its members are listed once, in Run), other
+    long labels are cut to CHART_LABEL_CHARS (the charts were ~3,700 px wide, the bars squeezed into a
+    corner), short labels are left alone."""
     from featurepipe.report.charts import CHART_LABEL_CHARS, _chart_label
     from featurepipe.report.configs import config_label
 
     members = [{"features": f"efficientnet_lite{i % 3}/squash", "head": "logreg", "params": {"C": 1000.0}}
                for i in range(9)]
     key = ("vote", json.dumps({"members": members}), "none")
-    full, short = config_label(key), _chart_label(key)
-    assert len(full) > 3 * CHART_LABEL_CHARS
+    assert len(config_label(key)) > 3 * CHART_LABEL_CHARS
+    assert _chart_label(key) == "a vote of 9 feature sets"
+    long = ("logreg", json.dumps({f"option_{i}": "x" * 10 for i in range(8)}), "none")
+    full, short = config_label(long), _chart_label(long)
     assert len(short) == CHART_LABEL_CHARS and short.endswith("\u2026") and full.startswith(short[:-1].rstrip())
     plain = ("logreg", json.dumps({"C": 10.0}), "none")
     assert _chart_label(plain) == config_label(plain)

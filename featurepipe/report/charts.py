@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from featurepipe.core import atomic, trust
-from featurepipe.report.configs import config_label
+from featurepipe.report.configs import short_label
 from featurepipe.report.html import BEST_COLOUR, OTHER_COLOUR, data_uri, esc
 
 # Bump when a chart's drawing code changes: cached PNGs of the old drawing are then never reused.
-CHART_CACHE_VERSION = 1
+CHART_CACHE_VERSION = 2         # 2: votes by their size, the leaderboard's axis zoomed to the data
 CHART_CACHE_FILES = 256          # PNGs kept in a chart cache (the newest; the rest are removed)
 _CHART_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.png$")
 
@@ -145,17 +145,37 @@ def _style(ax) -> None:
     ax.set_axisbelow(True)
 
 
-CHART_LABEL_CHARS = 64
+CHART_LABEL_CHARS = 40
+# Inches of the bar charts' plot area (their labels come on top). Scaled to a phone's 366 px, a 9-inch
+# chart with 64-character labels (~1,500 px) showed 3-4 px text; 5.5 inches and 40 characters keep it
+# about twice that, and the desktop page shows them at their own size.
+CHART_WIDTH = 5.5
 
 
 def _chart_label(key) -> str:
     """A configuration's y-axis label, cut to CHART_LABEL_CHARS: a vote's label lists every member (~600
     characters for `run`'s nine), which made the charts ~3,700 px wide with the bars squeezed to the
     right and cost ~0.4 s of rendering; the table below each chart keeps the whole label."""
-    label = config_label(key)
+    label = short_label(key)
     if len(label) > CHART_LABEL_CHARS:
         label = label[:CHART_LABEL_CHARS - 1].rstrip() + "\u2026"
     return _plain(label)
+
+
+def leaderboard_axis(shown: pd.DataFrame) -> tuple[float, float]:
+    """The leaderboard chart's accuracy axis, zoomed to the data (means and intervals) with a margin and
+    kept inside [0, 1]: on a 0-1 axis 0.958 and 0.983 look equal, and telling them apart is the chart's job."""
+    columns = [c for c in ("accuracy_mean", "accuracy_ci_low", "accuracy_ci_high") if c in shown.columns]
+    values = shown[columns].to_numpy(dtype=float).ravel()
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return 0.0, 1.0
+    span = max(float(values.max() - values.min()), 0.02)
+    low = max(0.0, float(values.min()) - 0.1 * span)
+    high = min(1.0, float(values.max()) + 0.1 * span)
+    if high - low < 0.02:
+        low = max(0.0, high - 0.02)
+    return math.floor(low * 200) / 200, min(1.0, math.ceil(high * 200) / 200)
 
 
 @cached_chart("_leaderboard_chart")
@@ -164,7 +184,7 @@ def leaderboard_chart(charts: Charts, board: pd.DataFrame, best_key, limit: int 
     labels = [_chart_label(k) for k in shown["_key"]]
     means = shown["accuracy_mean"].to_numpy(dtype=float)
     n = len(shown)
-    fig, ax = charts.figure(9.0, 0.38 * n + 1.3)
+    fig, ax = charts.figure(CHART_WIDTH, 0.38 * n + 1.3)
     y = np.arange(n)
     colours = [BEST_COLOUR if k == best_key else OTHER_COLOUR for k in shown["_key"]]
     ax.barh(y, np.nan_to_num(means), color=colours, height=0.65)
@@ -173,13 +193,21 @@ def leaderboard_chart(charts: Charts, board: pd.DataFrame, best_key, limit: int 
         high = np.clip(shown["accuracy_ci_high"].to_numpy(dtype=float) - means, 0, None)
         ax.errorbar(np.nan_to_num(means), y, xerr=[np.nan_to_num(low), np.nan_to_num(high)], fmt="none",
                     ecolor="#333333", elinewidth=1.2, capsize=3)
+    low, high = leaderboard_axis(shown)
     for yi, mean in zip(y, means):
-        if not math.isnan(mean):
-            ax.text(0.005, yi, f"{mean:.3f}", va="center", ha="left", color="white", fontsize=8, fontweight="bold")
+        if math.isnan(mean):
+            continue
+        if mean - low > 0.15 * (high - low):     # inside the bar's end, white; a short bar: after it, dark
+            ax.text(mean - (high - low) * 0.01, yi, f"{mean:.3f}", va="center", ha="right", color="white",
+                    fontsize=8, fontweight="bold")
+        else:
+            ax.text(max(mean, low) + (high - low) * 0.01, yi, f"{mean:.3f}", va="center", ha="left",
+                    color="#333333", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8.5)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1.0)
-    ax.set_xlabel("cross-validated accuracy (bars: mean over folds, whiskers: 95% interval)")
+    ax.set_xlim(low, high)
+    ax.xaxis.set_major_locator(charts.plt.MaxNLocator(5))
+    ax.set_xlabel(f"CV accuracy (axis {low:.3f} to {high:.3f})\nbars: mean over folds, whiskers: 95% interval")
     _style(ax)
     return charts.save(fig, "leaderboard.png", "leaderboard: accuracy per head with 95% intervals")
 
@@ -189,7 +217,7 @@ def folds_chart(charts: Charts, folds: pd.DataFrame, order: list, best_key) -> s
     data = [folds.loc[folds["_key"] == key, "accuracy"].dropna().to_numpy(dtype=float) for key in order]
     labels = [_chart_label(k) for k in order]
     n = len(order)
-    fig, ax = charts.figure(9.0, 0.42 * n + 1.3)
+    fig, ax = charts.figure(CHART_WIDTH, 0.42 * n + 1.3)
     y = np.arange(n)
     box = ax.boxplot([d if len(d) else [np.nan] for d in data], positions=y, vert=False, widths=0.55,
                      patch_artist=True, showfliers=False, medianprops={"color": "#222222"})
@@ -236,7 +264,7 @@ def confusion_chart(charts: Charts, counts: np.ndarray, classes: list[str]) -> s
 @cached_chart("_per_class_chart")
 def per_class_chart(charts: Charts, stats: pd.DataFrame) -> str:
     k = len(stats)
-    fig, ax = charts.figure(9.0, 0.45 * k + 1.4)
+    fig, ax = charts.figure(CHART_WIDTH, 0.45 * k + 1.4)
     y = np.arange(k)
     ax.barh(y - 0.2, stats["precision"], height=0.38, color=OTHER_COLOUR, label="precision")
     ax.barh(y + 0.2, stats["recall"], height=0.38, color=BEST_COLOUR, label="recall")

@@ -72,3 +72,36 @@ def config_label(key: tuple[str, str, str]) -> str:
     if augment and augment != "none":
         text += f" +{augment}"
     return text
+
+
+def members(params: Any) -> list[dict]:
+    """An ensemble's or a vote's members ({features, head, params}), [] for a single head."""
+    try:
+        parsed = json.loads(canonical_params(params))
+    except ValueError:
+        return []
+    if isinstance(parsed, dict) and isinstance(parsed.get("members"), list):
+        return [m for m in parsed["members"] if isinstance(m, dict)]
+    return []
+
+
+def member_label(member: dict) -> str:
+    """One member as `feature set head (params)`."""
+    text = f"{member['features']} " if member.get("features") else ""
+    params = params_text(member.get("params") or {})
+    return text + str(member.get("head")) + (f" ({params})" if params else "")
+
+
+def short_label(key: tuple[str, str, str]) -> str:
+    """The name the report gives a configuration in running text, tables and charts: a vote or an
+    ensemble by its size ("a vote of 9 feature sets"), every other configuration as config_label. The
+    members are listed once, in the Run section: the whole label of `run`'s vote is ~600 characters,
+    and it was repeated 6+ times on the page."""
+    found = members(key[1])
+    if not found:
+        return config_label(key)
+    if any(m.get("features") for m in found):
+        text = f"a vote of {len(found)} feature sets"
+    else:
+        text = f"{key[0]} of {len(found)} heads"
+    return text + (f" +{key[2]}" if key[2] and key[2] != "none" else "")

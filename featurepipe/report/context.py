@@ -17,7 +17,7 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.report.analysis import confusion_counts
 from featurepipe.report.charts import Charts
-from featurepipe.report.configs import config_key, config_label, with_key
+from featurepipe.report.configs import config_key, short_label, with_key
 from featurepipe.rundir.layout import CONFIG, FOLDS, HEAD_META, LEADERBOARD, OOF, REPORT_DIR
 from featurepipe.rundir.folder import read_json
 
@@ -83,7 +83,8 @@ class ReportContext:
 
     @cached_property
     def best_name(self) -> str:
-        return config_label(self.best_key)
+        """The saved model's short name (a vote by its size: its members are listed once, in Run)."""
+        return short_label(self.best_key)
 
     @cached_property
     def best_oof(self) -> Optional[pd.DataFrame]:

@@ -49,19 +49,24 @@ def cell(value: Any) -> str:
 
 
 def html_table(columns: list[str], rows: list[list[str]], numeric: Optional[set[int]] = None, cls: str = "",
-               row_classes: Optional[list[str]] = None) -> str:
+               row_classes: Optional[list[str]] = None, wide: Optional[set[int]] = None) -> str:
     """A table in a horizontally scrolling box; rows hold ready-escaped HTML, `numeric` are column indexes
-    to right-align, `row_classes` a CSS class per row ("" for none)."""
-    numeric = numeric or set()
-    head = "".join(f'<th class="num">{esc(c)}</th>' if i in numeric else f"<th>{esc(c)}</th>"
-                   for i, c in enumerate(columns))
+    to right-align, `row_classes` a CSS class per row ("" for none), `wide` the columns hidden on a phone
+    (the less important ones, so the key numbers fit 390 px)."""
+    numeric, wide = numeric or set(), wide or set()
+
+    def klass(i: int) -> str:
+        names = " ".join(n for n, on in (("num", i in numeric), ("wide", i in wide)) if on)
+        return f' class="{names}"' if names else ""
+
+    head = "".join(f"<th{klass(i)}>{esc(c)}</th>" for i, c in enumerate(columns))
     body = []
     for r, row in enumerate(rows):
-        klass = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
-        cells = "".join(f'<td class="num">{v}</td>' if i in numeric else f"<td>{v}</td>" for i, v in enumerate(row))
-        body.append(f"<tr{klass}>{cells}</tr>")
-    klass = f' class="{cls}"' if cls else ""
-    return f'<div class="scroll"><table{klass}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+        klass_ = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
+        cells = "".join(f"<td{klass(i)}>{v}</td>" for i, v in enumerate(row))
+        body.append(f"<tr{klass_}>{cells}</tr>")
+    table_class = f' class="{cls}"' if cls else ""
+    return f'<div class="scroll"><table{table_class}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def kv_table(pairs: list[tuple[str, Any]]) -> str:
@@ -128,6 +133,29 @@ figure.miss .path { color: var(--muted); font-size: 10.5px; display: block; marg
 ul.warn li { color: #7d4e00; }
 .note { font-size: 12.5px; color: var(--muted); }
 footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
+details.config summary { cursor: pointer; color: #0969da; margin: 10px 0; }
+ul.members { margin: 4px 0 12px; padding-left: 22px; }
+p.message { border-left: 3px solid var(--line); padding-left: 10px; }
+.card .ci { font-size: 14px; font-weight: 500; margin-left: 6px; }
+/* A phone (390 px): the key numbers without horizontal scrolling. The headline cards compact, two a row
+   under the full-width headline; tables drop their less important columns ("wide") and scroll inside
+   their own box; charts scale to the viewport (they are drawn narrow enough to stay legible). */
+@media (max-width: 600px) {
+  main { padding: 12px 12px 40px; }
+  h1 { font-size: 20px; }
+  h2 { font-size: 17px; margin-top: 26px; }
+  nav { font-size: 12px; gap: 2px 10px; }
+  .cards { gap: 6px; margin: 10px 0; }
+  .card { min-width: 0; flex: 1 1 40%; padding: 6px 10px; }
+  .card.headline { flex-basis: 100%; }
+  .card .k { font-size: 11px; }
+  .card .v { font-size: 17px; }
+  .card .long { display: none; }
+  .grid2 { grid-template-columns: minmax(0, 1fr); }
+  .wide { display: none; }
+  th, td { padding: 4px 6px; }
+  pre.cmd { font-size: 11px; }
+}
 """
 
 
@@ -145,10 +173,9 @@ def render_page(config: dict, run_dir: Path, sections: list[tuple[str, str]], mi
     backbone = (config.get("backbone") or {}).get("name", "")
     title = f"featurepipe report: {Path(source).name}" + (f" / {backbone}" if backbone else "")
     nav = "".join(f'<a href="#{esc(t.lower().replace(" ", "-"))}">{esc(t)}</a>' for t, _ in sections)
+    # `missing` (the optional inputs absent) stays in ReportResult for scripts; the page does not list
+    # internal file names ("Not in this run directory: holdout.csv, ..."), which told a reader nothing.
     absent = ""
-    if missing:
-        absent = (f'<p class="note">Not in this run directory (sections left out): '
-                  f'{", ".join(f"<code>{esc(m)}</code>" for m in missing)}</p>')
     body = "".join(_section(t, b) for t, b in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -50,9 +50,14 @@ def _read_frame(path: Path) -> Optional[pd.DataFrame]:
     try:
         return csvcells.read(path, keep_default_na=False, na_values=[""],
                            dtype={c: str for c in ("path", "path_a", "path_b", "label", "label_a", "label_b", "given",
-                                                   "suggested", "predicted", "group")})
+                                                   "suggested", "closest_other", "predicted", "group")})
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise FeaturepipeError(f"{path}: cannot be read as CSV ({error}); re-run `featurepipe inspect`") from None
+
+
+def _text(value) -> str:
+    """A CSV cell as text: an empty cell (read as NaN) is ""."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _picture(path: str, source: Optional[str], cache: dict) -> str:
@@ -134,15 +139,26 @@ def _labels_section(summary: dict, suspects: Optional[pd.DataFrame], source, lim
     figures = []
     for n, r in enumerate(shown.to_dict("records"), 1):
         report(progress, "thumbnails", n, len(shown), Path(r["path"]).name)
-        flag = ' <span class="flag">confident</span>' if str(r.get("flagged")) in ("True", "true", "1") else ""
+        flagged = str(r.get("flagged")) in ("True", "true", "1")
+        flag = ' <span class="flag">confident</span>' if flagged else ""
+        # Red "suggested" only where the row is flagged: an unflagged row's closest other class is no
+        # suggestion (suspects.csv leaves its suggested cell empty), and a red label would read as one.
+        suggested = _text(r.get("suggested"))
+        other = _text(r.get("closest_other")) or suggested
+        verdict = (f'<span class="lab pred">suggested: {esc(suggested or other)}</span>' if flagged else
+                   f'<span class="muted other">closest other class: {esc(other)}</span>')
         caption = (f'<span class="lab">#{int(r["rank"])}</span>{flag}<br>'
                    f'<span class="lab true">given: {esc(r["given"])}</span><br>'
-                   f'<span class="lab pred">suggested: {esc(r["suggested"])}</span><br>'
+                   f'{verdict}<br>'
                    f'<span class="muted">p(given)={num(r["self_confidence"])} · margin={num(r["margin"])}</span>'
                    f'<span class="path" title="{esc(r["path"])}">{esc(short_path(r["path"], source))}</span>')
         figures.append(_figure(_picture(r["path"], source, thumbs), caption, "miss suspect",
                                f' data-margin="{float(r["margin"]):.6f}"'))
-    return (f'<p class="sub">Out-of-fold probabilities from {esc(summary.get("label_source", "?"))}. Ranked by '
+    message = f'<p class="message">{esc(info["message"])}</p>' if info.get("message") else ""
+    suspects_note = (summary.get("suspects") or {}).get("message")
+    if suspects_note:
+        message += f'<p class="message">{esc(suspects_note)}</p>'
+    return (message + f'<p class="sub">Out-of-fold probabilities from {esc(summary.get("label_source", "?"))}. Ranked by '
             f'normalized margin p(given) − max p(other), lowest first; "confident" marks images whose suggested '
             f'class reaches that class\'s own average confidence (confident learning): {info.get("flagged", 0)} '
             f'image(s), {info.get("misclassified", 0)} misclassified in all.</p>'
@@ -164,10 +180,15 @@ def _outliers_section(summary: dict, suspects: Optional[pd.DataFrame], source, t
                        + f'<br><span class="muted">kNN distance {num(r["outlier_score"])}</span>'
                        f'<span class="path" title="{esc(r["path"])}">{esc(short_path(r["path"], source))}</span>')
                for r in top.to_dict("records")]
-    return (f'<p class="sub">Mean cosine distance to the {info.get("neighbours")} nearest other images in feature '
-            f'space (copies excluded). {info.get("flagged", 0)} image(s) above the outlier line '
-            f'{num(info.get("threshold"))} (Q3 + 3 IQR); the {len(top)} farthest are shown. Outliers are often '
-            f'off-topic, corrupt-looking or unusually framed photos.</p><div class="gallery">{"".join(figures)}</div>')
+    flagged = int(info.get("flagged", 0) or 0)
+    message = f'<p class="message">{esc(info["message"])}</p>' if info.get("message") else ""
+    # With no outlier, the gallery is only the farthest images, and says so: "the 8 farthest" read as 8 outliers.
+    caption = (f'the {len(top)} farthest (none is an outlier)' if flagged == 0 else
+               f'the {len(top)} farthest ({flagged} above the line, marked "outlier")')
+    return (message + f'<p class="sub">Mean cosine distance to the {info.get("neighbours")} nearest other images in '
+            f'feature space (copies excluded). {flagged} image(s) above the outlier line '
+            f'{num(info.get("threshold"))} (Q3 + 3 IQR). Outliers are often off-topic, corrupt-looking or unusually '
+            f'framed photos.</p><h3 class="caption">{esc(caption)}</h3><div class="gallery">{"".join(figures)}</div>')
 
 
 def _balance_section(summary: dict, failed_listed_elsewhere: bool) -> str:
@@ -195,6 +216,9 @@ def _balance_section(summary: dict, failed_listed_elsewhere: bool) -> str:
 def _curve_section(summary: dict, charts: Charts, points: Optional[pd.DataFrame]) -> str:
     notes = summary.get("notes") or {}
     info = summary.get("learning_curve")
+    if info and info.get("reading") and (points is None or points.empty):
+        # No curve points is the far end of "too few images to tell": say that, not "Not computed".
+        return f'<p><b>Reading:</b> {esc(info["reading"])}.</p>'
     if not info or points is None or points.empty:
         return f'<p>Not computed: {esc(notes.get("learning_curve", f"{LEARNING_CURVE} is missing"))}.</p>'
     fig, ax = charts.figure(7.5, 3.6)
@@ -298,7 +322,8 @@ table.dups .pair img { max-width: 96px; max-height: 96px; }
 table.dups .pair .noimg { font-size: 11px; color: var(--muted); width: 96px; }
 .flag { background: #ffebe9; color: #cf222e; border-radius: 4px; padding: 0 5px; font-size: 11px; font-weight: 600; }
 .maps { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.map { margin: 0; } figure.map figcaption { font-size: 12px; color: var(--muted); }
+figure.map { margin: 0; max-width: 100%; } figure.map figcaption { font-size: 12px; color: var(--muted); }
+svg.emap { max-width: 100%; height: auto; }   /* scales by its viewBox: a phone shows the whole map */
 svg.emap .th { display: none; pointer-events: none; }
 svg.emap g.pt:hover .th { display: inline; }
 svg.emap g.pt:hover circle { stroke: #000; stroke-width: 2.5; }

@@ -4,6 +4,7 @@ images and holdout scores. Each is a function (context) -> HTML, None when the r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -12,8 +13,8 @@ import pandas as pd
 
 from featurepipe.core.progress import report
 from featurepipe.report.analysis import find_mistakes, per_class_stats
-from featurepipe.report.charts import confusion_chart, folds_chart, leaderboard_chart, per_class_chart
-from featurepipe.report.configs import config_label, params_text
+from featurepipe.report.charts import confusion_chart, folds_chart, leaderboard_axis, leaderboard_chart, per_class_chart
+from featurepipe.report.configs import member_label, members, params_text, short_label
 from featurepipe.report.context import ReportContext, read_csv
 from featurepipe.report.html import BEST_COLOUR, OTHER_COLOUR, cell, data_uri, esc, html_table, kv_table, num
 from featurepipe.report.thumbnails import resolve_image, short_path, thumbnail
@@ -31,14 +32,24 @@ def run_section(context: ReportContext) -> str:
                                                   context.best_row, context.board)
     parts = []
     cards = []
+    nested = _nested(context)
+    acc = (nested or {}).get("accuracy") or {}
+    if acc.get("mean") is not None:
+        # The honest number first: nested CV scored the whole search on folds it never saw.
+        interval = (f"95% interval {num(acc['ci_low'])} – {num(acc['ci_high'])}"
+                    if acc.get("ci_low") is not None else "")
+        cards.append(f'<div class="card best headline"><div class="k">expected accuracy on new photos '
+                     f'(nested CV)</div><div class="v">{num(acc["mean"])}</div><div>{esc(interval)}</div></div>')
     if best_row is not None:
         ci = ""
         if "accuracy_ci_low" in best_row.index:
             ci = f" [{num(best_row['accuracy_ci_low'])}, {num(best_row['accuracy_ci_high'])}]"
-        cards.append(f'<div class="card best"><div class="k">best head (CV accuracy, 95% interval; chosen on the same '
-                     f'folds, so optimistic: see nested cross-validation)</div>'
-                     f'<div class="v">{esc(config_label(best_key))}</div>'
-                     f'<div>{num(best_row["accuracy_mean"])}{esc(ci)}</div></div>')
+        klass = "card" if cards else "card best headline"
+        cards.append(f'<div class="{klass}"><div class="k">best leaderboard row<span class="long"> (CV accuracy, '
+                     f'95% interval)</span>: optimistic<span class="long">, chosen on the folds that score it</span>'
+                     f'</div>'
+                     f'<div class="v">{num(best_row["accuracy_mean"])}<span class="ci">{esc(ci)}</span></div>'
+                     f'<div class="name">{esc(short_label(best_key))}</div></div>')
     counts = dict(dataset.get("counts") or {})
     order = [c for c in (dataset.get("classes") or []) if c in counts]
     counts = {**{c: counts[c] for c in order}, **counts}       # the classes' own order, not the JSON's
@@ -51,6 +62,15 @@ def run_section(context: ReportContext) -> str:
     cards.append(f'<div class="card"><div class="k">configurations compared</div>'
                  f'<div class="v">{len(board)}</div></div>')
     parts.append(f'<div class="cards">{"".join(cards)}</div>')
+    found = members(best_key[1])
+    if found:
+        # The saved model's members, listed once on the page; everywhere else it is "a vote of N feature sets".
+        what = ("each feature set's best logistic regression, their probabilities averaged"
+                if any(m.get("features") for m in found) else "the best heads, their probabilities averaged")
+        parts.append(f'<p class="members">The saved model is <b>{esc(short_label(best_key))}</b>: {esc(what)}.</p>'
+                     f'<ul class="members">{"".join(f"<li>{esc(member_label(m))}</li>" for m in found)}</ul>')
+    else:
+        parts.append(f'<p class="members">The saved model: <b>{esc(short_label(best_key))}</b>.</p>')
 
     left = []
     info = [("source", f'<span class="path">{esc(dataset.get("source", "–"))}</span>'),
@@ -88,24 +108,42 @@ def run_section(context: ReportContext) -> str:
     return "".join(parts)
 
 
-def nested_section(context: ReportContext) -> Optional[str]:
-    """The headline: nested cross-validation of the whole search (nested.json)."""
+def _nested(context: ReportContext) -> Optional[dict]:
+    """nested.json, None when the run has none."""
     if not (context.run_dir / NESTED).exists():
         return None
     nested = read_json(context.run_dir / NESTED)
+    return nested if isinstance(nested, dict) else None
+
+
+def _chosen(fold: dict) -> str:
+    """What an outer fold's inner search chose, a vote by its size and its members' parameters."""
+    chosen = str(fold.get("chosen", ""))
+    if not chosen.startswith("vote of "):
+        return esc(chosen)
+    try:
+        found = members(json.loads(fold.get("chosen_config") or "{}").get("params") or {})
+    except (ValueError, AttributeError):
+        found = []
+    name = chosen.split(" (", 1)[0]
+    detail = "; ".join(params_text(m.get("params") or {}) for m in found)
+    return esc(name) + (f' <span class="muted">({esc(detail)})</span>' if detail else "")
+
+
+def nested_section(context: ReportContext) -> Optional[str]:
+    """Nested cross-validation of the whole search (nested.json): its headline is the Run section's first card."""
+    nested = _nested(context)
+    if nested is None:
+        return None
     acc = nested.get("accuracy") or {}
     if acc.get("mean") is None:
         return f'<p class="note">{NESTED} holds no accuracy; re-run `featurepipe evaluate`.</p>'
     interval = ""
     if acc.get("ci_low") is not None:
         interval = f" (95% interval {num(acc['ci_low'])} – {num(acc['ci_high'])})"
-    cards = (f'<div class="cards"><div class="card best"><div class="k">nested CV accuracy: the headline</div>'
-             f'<div class="v">{num(acc["mean"])}</div><div>{esc(interval)}</div></div>'
-             f'<div class="card"><div class="k">best leaderboard row</div>'
-             f'<div class="v">{num(nested.get("best_inner_accuracy"))}</div></div>'
-             f'<div class="card"><div class="k">optimism gap (best row − nested)</div>'
-             f'<div class="v">{num(nested.get("optimism_gap"))}</div></div></div>')
-    text = ('<p class="sub">For each outer fold, the whole search (feature set, head, parameters, ensemble) ran '
+    text = (f'<p>Nested CV accuracy <b>{num(acc["mean"])}</b>{esc(interval)}; the best leaderboard row scored '
+            f'{num(nested.get("best_inner_accuracy"))}, an optimism gap of {num(nested.get("optimism_gap"))}.</p>'
+            '<p class="sub">For each outer fold, the whole search (feature set, head, parameters, ensemble) ran '
             'on the other folds only; the configuration it chose, trained without the outer fold, was scored on '
             'it. That estimates what the saved model will score on new photos; the best leaderboard row was '
             'chosen on the folds that score it, and is optimistic by about the gap.</p>')
@@ -114,23 +152,28 @@ def nested_section(context: ReportContext) -> Optional[str]:
                  'logistic regression (its C chosen by the inner folds), their probabilities averaged. It is always '
                  'the vote, never one row picked among many near-equal ones, which is what made picking optimistic '
                  'on small folds.</p>')
-    rows = [[esc(f"{f.get('repeat', 0)}/{f.get('fold')}"), esc(f.get("chosen", "")), num(f.get("inner_accuracy")),
+    rows = [[esc(f"{f.get('repeat', 0)}/{f.get('fold')}"), _chosen(f), num(f.get("inner_accuracy")),
              num(f.get("accuracy"))] for f in nested.get("folds") or []]
-    table = html_table(["outer fold", "chosen by the inner search", "inner CV accuracy", "outer accuracy"], rows)
-    return cards + text + table
+    table = html_table(["outer fold", "chosen by the inner search", "inner CV accuracy", "outer accuracy"], rows,
+                       numeric={2, 3})
+    return text + table
 
 
 def leaderboard_section(context: ReportContext) -> str:
     """Every configuration compared: the chart of the best 40 and the table of all."""
     charts, board, best_key = context.charts, context.board, context.best_key
     limit = 40
-    intro = ('<p class="sub">Every head, parameter set and augmentation mode, scored by k-fold cross-validation on '
-             'the training split. Bars: mean accuracy over folds; whiskers: 95% interval over folds. '
+    low, high = leaderboard_axis(board.head(limit))
+    intro = ('<p class="sub">Every feature set, head, parameter set and augmentation mode, scored by k-fold '
+             'cross-validation on the training split. Bars: mean accuracy over folds; whiskers: 95% interval over '
+             f'folds; the accuracy axis runs from {low:.3f} to {high:.3f} (zoomed to the data, not 0 to 1). '
              f'The best (refit and saved) is <span style="color:{BEST_COLOUR};font-weight:600">highlighted</span>.</p>')
     image = leaderboard_chart(charts, board, best_key, limit)
     if len(board) > limit:
         image += f'<p class="note">Chart shows the best {limit} of {len(board)}; the table lists all.</p>'
-    columns = ["#", "head", "params", "views", "accuracy", "95% interval"]
+    # The accuracy comes right after the name (rank, feature set, head), so a narrow screen shows it before
+    # the table scrolls; the feature set is a column: a searched run compares the same head on several.
+    columns = ["#", "feature set", "head", "accuracy", "95% interval", "params", "views"]
     extra = [m for m in METRICS[1:] if f"{m}_mean" in board.columns]
     columns += [METRIC_LABELS[m] for m in extra] + ["folds"]
     rows, classes = [], []
@@ -145,12 +188,19 @@ def leaderboard_section(context: ReportContext) -> str:
         if record.get("repeats") not in (None, "") and str(record.get("repeats")) not in ("1", "1.0", "nan"):
             folds += f" × {num(record['repeats'], 0)}"
         rank = record.get("rank", position)
-        rows.append([num(rank, 0), esc(record["head"]), f"<code>{esc(params_text(record.get('params', '{}')))}</code>",
-                     esc(record.get("augment", "none")), accuracy, interval]
+        found = members(record.get("params", "{}"))
+        params = (f"{len(found)} members (listed in Run)" if found else
+                  f"<code>{esc(params_text(record.get('params', '{}')))}</code>")
+        features = record.get("features", "")
+        rows.append([num(rank, 0), esc("" if features is None or features != features else features),
+                     esc(record["head"]), f'<span class="acc">{accuracy}</span>', interval, params,
+                     esc(record.get("augment", "none"))]
                     + [num(record[f"{m}_mean"]) for m in extra] + [folds])
         classes.append("best" if record["_key"] == best_key else "")
-    numeric = {0, 4, 5, *range(6, 6 + len(extra) + 1)}
-    return intro + image + html_table(columns, rows, numeric=numeric, row_classes=classes)
+    numeric = {0, 3, 4, *range(7, 7 + len(extra) + 1)}
+    wide = {5, 6, *range(7, 7 + len(extra) + 1)}      # params, views, the other metrics, folds
+    return intro + image + html_table(columns, rows, numeric=numeric, row_classes=classes, cls="leaderboard",
+                                      wide=wide)
 
 
 def folds_section(context: ReportContext) -> Optional[str]:
@@ -177,7 +227,7 @@ def folds_section(context: ReportContext) -> Optional[str]:
     rows = []
     for key in order:
         values = folds.loc[folds["_key"] == key, "accuracy"].dropna().to_numpy(dtype=float)
-        rows.append([esc(config_label(key)), str(len(values)), num(values.min() if len(values) else np.nan),
+        rows.append([esc(short_label(key)), str(len(values)), num(values.min() if len(values) else np.nan),
                      num(np.median(values) if len(values) else np.nan), num(values.max() if len(values) else np.nan)])
     table = html_table(["configuration", "folds", "worst", "median", "best"], rows, numeric={1, 2, 3, 4},
                        row_classes=["best" if k == best_key else "" for k in order])
