@@ -148,3 +148,25 @@ def test_a_run_outside_any_cache_warns_when_its_recorded_cache_is_gone(tmp_path)
     used, warning = run_cache_root(tmp_path / "myrun", str(recorded))
     assert used == str(recorded) and str(recorded) in warning and "--cache-dir" in warning
     assert run_cache_root(tmp_path / "myrun", str(recorded), override=tmp_path / "c") == (tmp_path / "c", None)
+
+
+def test_a_run_outside_any_cache_warns_when_the_cache_here_is_another(tmp_path, monkeypatch):
+    recorded, here = tmp_path / "original" / "cache", tmp_path / "here" / "cache"
+    for root in (recorded, here):
+        root.mkdir(parents=True)
+        (root / ".featurepipe-cache").write_text("")
+    monkeypatch.setenv("FEATUREPIPE_CACHE", str(here))
+    used, warning = run_cache_root(tmp_path / "myrun", str(recorded))
+    assert used == str(recorded) and str(recorded) in warning and f"--cache-dir {here}" in warning
+    # a run in the runs/ of the cache it records: nothing to say
+    assert run_cache_root(recorded / "runs" / "r", str(recorded)) == (str(recorded), None)
+
+
+def test_the_cli_says_which_run_it_reused(image_tree, cache, cli):
+    args = ["run", image_tree, "--backbone", "tiny", "--weights", "random", "--image-size", "32", "--heads", "logreg",
+            "--no-inspect", "--cache-dir", cache]
+    first = cli(*args)
+    second = cli(*args)
+    assert len(_runs(cache)) == 1
+    assert f"reused run {cache.resolve() / 'runs' / _runs(cache)[0]}" in " ".join((second.stdout + second.stderr).split())
+    assert "reused run" not in first.stdout + first.stderr

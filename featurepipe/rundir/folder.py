@@ -259,9 +259,9 @@ def run_cache_root(run_path: str | os.PathLike, recorded: Optional[str],
     if run.parent.name == RUNS and home != recorded_path and is_cache_root(home):
         return home, (f"{run.name} was made with the cache {recorded_path}; it lives in the cache {home}, "
                       f"which is used (pass --cache-dir to choose)")
-    if not is_cache_root(recorded_path):
-        return recorded, (f"{run} records the cache {recorded_path}, which is not a featurepipe cache (moved or "
-                          f"deleted?): features are computed there again; pass --cache-dir to use another")
+    if not recorded_path.is_dir():   # (not the marker: caches older than it have none)
+        return recorded, (f"{run} records the cache {recorded_path}, which does not exist (moved or deleted?): "
+                          f"features are computed there again; pass --cache-dir to use another")
     here = Path(os.environ.get(CACHE_ENV) or "cache").expanduser().resolve()
     if here != recorded_path and is_cache_root(here) and run.parent.name != "runs":
         return recorded, (f"{run} records the cache {recorded_path}, not {here} (the cache here); using the "
