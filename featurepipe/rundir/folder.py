@@ -1,5 +1,6 @@
 """The run folder itself: what makes a folder a run (its marker), its name, where runs go by default,
-reading its JSON files, and the runs under a cache.
+reading its JSON files, the runs under a cache, each dataset's latest run (CACHE/runs/latest-*.json,
+which `predict DATA` and a no-change re-run follow) and the cache a run uses once moved with it.
 
 `--run-dir` may name a new folder, an empty one, or an earlier run (which is updated in place).
 A folder that already holds other files is refused unless the user passes --overwrite: writing a
