@@ -25,6 +25,7 @@ import pandas as pd
 
 from featurepipe.core import csvcells
 from featurepipe.core.cachedirs import cache_root, report_charts_dir
+from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.data.dataset import Dataset, scan
@@ -33,7 +34,7 @@ from featurepipe.evaluation.evaluate import EvaluateReport, evaluate_features, m
 from featurepipe.extraction.extract import ExtractReport, extract
 from featurepipe.extraction.features import cached_features
 from featurepipe.rundir import layout
-from featurepipe.rundir.folder import read_json
+from featurepipe.rundir.folder import read_json, reusable_run, write_latest
 from featurepipe.rundir.run import Run
 from featurepipe.training.config import FinetuneConfig
 
@@ -169,12 +170,22 @@ def run(
         from featurepipe.data.edits import apply_fixes
 
         dataset = apply_fixes(dataset, exclude, relabel)
+    # A re-run without --run-dir and with nothing changed (the same images by content, labels,
+    # splits and groups; the same search, fine-tuning and inspection) writes into DATA's latest run
+    # instead of a new folder: it is the same result, and every re-run used to leave one more.
+    reuse_key = reused_run = None
+    if run_dir is None:
+        frame = dataset.frame[["hash", "label", "split", "group"]].sort_values(["hash", "label"]).reset_index(drop=True)
+        reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails)
+        reused_run = reusable_run(root, dataset.source, reuse_key)
     extracts = [timed("extract", extract, dataset, s, root, augment=config.augment, progress=progress) for s in specs]
     # Evaluate works on what the stores now hold: read once, no model built.
     features = timed("evaluate", cached_features, dataset, specs, root, config.augment)
     evaluated = timed("evaluate", evaluate_features, dataset, features, config, root,
-                      run_dir=Path(run_dir) if run_dir is not None else None, n_jobs=n_jobs, progress=progress,
-                      extracts=extracts)
+                      run_dir=Path(run_dir) if run_dir is not None else reused_run, n_jobs=n_jobs,
+                      progress=progress, extracts=extracts)
+    if reused_run is not None:
+        evaluated.notes.append(f"reused run {reused_run}: same data and search as its last run")
     del features   # the arrays are evaluate's; inspect and report read what they need themselves
     extracted = merge_extract_reports(extracts)
     inspect_dir = evaluated.run_dir / layout.INSPECT_DIR
@@ -199,6 +210,8 @@ def run(
 
     written = timed("report", write_report, evaluated.run_dir, thumbnails=thumbnails, progress=progress,
                     chart_cache=report_charts_dir(root))
+    if reuse_key is not None:   # DATA's latest run, for `predict DATA` and the next re-run
+        write_latest(root, dataset.source, evaluated.run_dir, reuse_key)
     reused_everything = (extracted.extracted == 0 and extracted.views_extracted == 0 and evaluated.fitted == 0
                          and (finetune is None or bool(getattr(finetuned, "reused", False))))
     return RunResult(

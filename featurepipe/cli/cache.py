@@ -87,8 +87,12 @@ def cache_verify(repair: bool = typer.Option(False, "--repair", help="Delete dam
 
 
 def cache_gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed; change nothing."),
+             runs: Optional[int] = typer.Option(
+                 None, "--runs", min=0, metavar="KEEP",
+                 help="Also remove the runs in CACHE/runs beyond the KEEP newest of each dataset (never a "
+                      "dataset's latest run, never a --run-dir outside the cache). Without it no run is removed."),
              cache_dir: Optional[Path] = CacheDir, as_json: bool = AsJson) -> None:
-    """Remove stores and rows that no dataset or run refers to any more."""
+    """Remove stores and rows that no dataset or run refers to any more (and, with --runs KEEP, old runs)."""
     from dataclasses import asdict
 
     from featurepipe.cli import render
@@ -96,10 +100,15 @@ def cache_gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only say wha
     from featurepipe.core.cachedirs import cache_root
 
     with Command(as_json):
-        result = gc_cache(cache_root(cache_dir), dry_run=dry_run)
+        result = gc_cache(cache_root(cache_dir), dry_run=dry_run, keep_runs=runs)
     if as_json:
         render.print_json(asdict(result))
         return
     verb = "would remove" if dry_run else "removed"
+    for path in result.runs_removed:
+        render.stdout.print(f"{verb} run {path}", highlight=False)
+    if runs is not None:
+        render.stdout.print(f"{verb} {render.plural(len(result.runs_removed), 'run')}, kept {result.runs_kept}",
+                            highlight=False)
     render.stdout.print(f"{verb} {len(result.stores_removed)} store(s), {result.rows_removed} row(s), "
                         f"{result.refs_removed} stale dataset reference(s)", highlight=False)

@@ -174,3 +174,30 @@ def dataset_summary(dataset) -> dict:
             "classes": dataset.class_counts(), "splits": dataset.splits, "ignored_files": dataset.ignored,
             "unreadable": [{"path": p, "reason": r} for p, r in dataset.unreadable],
             "warnings": dataset.warnings}
+
+
+def resolve_run(run_dir: Path, cache_dir: Optional[Path] = None) -> Path:
+    """RUN of predict / export / report: a run directory, or DATA (a dataset folder or manifest) for
+    its latest run in the cache (--cache-dir, $FEATUREPIPE_CACHE or ./cache). Says on stderr which
+    run DATA meant, and which cache a moved run uses (rundir.folder.run_cache_root); refuses DATA
+    without a run, listing the runs there are (exit 1)."""
+    import json
+
+    from featurepipe.cli.render import flag
+    from featurepipe.core.cachedirs import cache_root
+    from featurepipe.rundir.folder import resolve_run_arg, run_cache_root
+    from featurepipe.rundir.layout import CONFIG
+
+    path = Path(run_dir).expanduser()
+    if path.exists() and not (path / CONFIG).exists():   # not a run: maybe DATA (cache_root creates ./cache)
+        path, note = resolve_run_arg(path, cache_root(cache_dir))
+        if note:
+            flag("note", note)
+    try:
+        recorded = json.loads((path / CONFIG).read_text()).get("cache_dir")
+    except (OSError, ValueError, AttributeError):
+        return path   # Run.open says what is wrong
+    used, note = run_cache_root(path, recorded, cache_dir)
+    if note:   # a note when the run's own cache is used, a warning when it may be the wrong one
+        flag("note" if used != recorded else "warning", note)
+    return path

@@ -12,14 +12,14 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import EXIT_FAILURE, Command, parsing_options
+from featurepipe.cli.common import EXIT_FAILURE, Command, parsing_options, resolve_run
 from featurepipe.cli.options import AsJson, ModelChoice, RunCacheDir, Trust, top_alias, top_value
 
 TopClasses = typer.Option(3, "--top", min=1, help="Top classes to list per image.")
 
 
 def predict(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`, or DATA (a dataset folder or manifest) for its latest run."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked for images)."),
     top: int = TopClasses, top_k: Optional[int] = top_alias(1),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions: .csv (one row per image) or .json."),
@@ -32,6 +32,7 @@ def predict(
     from featurepipe.deploy.predict import predict as run_predict
 
     with Command(as_json, also=(OSError,)) as command:
+        run_dir = resolve_run(run_dir, cache_dir)
         with command.stage() as progress:
             result = run_predict(run_dir, inputs, top_k=top_value(top, top_k), cache_dir=cache_dir, batch_size=batch_size,
                                  progress=progress, model=model, trust=trust)
@@ -62,7 +63,7 @@ def predict(
 
 
 def export(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`."),
+    run_dir: Path = typer.Argument(..., help="A run directory written by `featurepipe evaluate` or `featurepipe run`, or DATA (a dataset folder or manifest) for its latest run."),
     fmt: str = typer.Option("keras", "--format", "-f", help="keras | savedmodel | tflite."),
     out: Path = typer.Option(..., "--out", help="Folder for the model, labels.txt and export.json."),
     model: str = ModelChoice, cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
@@ -80,6 +81,8 @@ def export(
     with Command(as_json, also=(OSError,)):
         with parsing_options():   # --out: a folder of the user's is a bad option, refused before any work
             check_export_folder(out, overwrite)
+    with Command(as_json, also=(OSError,)):
+        run_dir = resolve_run(run_dir, cache_dir)
     with Command(as_json, also=(OSError,)) as command, command.stage() as progress:
         result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress, trust=trust,
                             overwrite=overwrite)

@@ -13,7 +13,7 @@ from featurepipe.core import trust
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.hashcache import file_sha256
-from featurepipe.rundir.folder import read_json
+from featurepipe.rundir.folder import read_json, run_cache_root
 from featurepipe.rundir.heads_io import HeadMeta, load_head
 from featurepipe.rundir.layout import HEAD_META, MODEL_META
 
@@ -93,8 +93,8 @@ class RunModel:
         return bool(self.members)
 
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
-        explicit = override if override is not None else self.config.get("cache_dir")
-        return cache_root(explicit)
+        # The recorded cache, or the one the run was moved into with it (rundir.folder.run_cache_root).
+        return cache_root(run_cache_root(self.run_dir, self.config.get("cache_dir"), override)[0])
 
     def load_head(self):
         """The best head (scikit-learn estimator or dense head), hash-checked before unpickling."""

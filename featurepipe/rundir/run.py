@@ -19,7 +19,7 @@ from typing import Optional
 from featurepipe.core import atomic, csvcells, trust
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.core.errors import FeaturepipeError
-from featurepipe.rundir.folder import new_run_dir, prepare_run_dir, read_json
+from featurepipe.rundir.folder import new_run_dir, prepare_run_dir, read_json, run_cache_root
 from featurepipe.rundir.heads_io import (
     HeadMeta, check_meta_signature, is_signed_record, load_head, load_head_meta, member_dir, save_head, save_vote,
     signed_before_records, vote_member_dirs,
@@ -129,8 +129,9 @@ class Run:
         return ModelMeta(data).check(path)
 
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
-        """The cache root the run's features live in: `override`, else the one config.json records."""
-        return cache_root(override if override is not None else self.config.get("cache_dir"))
+        """The cache root the run's features live in: `override`, else the one config.json records, or
+        the cache the run now lives in when it was moved with it (rundir.folder.run_cache_root)."""
+        return cache_root(run_cache_root(self.path, self.config.get("cache_dir"), override)[0])
 
     # ---- writing
     def write_json(self, name: str, data) -> Path:
