@@ -86,6 +86,7 @@ from featurepipe.training.finetune_state import (
 )
 from featurepipe.training.split import ImageSplit, decode_frame, decode_split, make_split
 from featurepipe.core.cachedirs import cache_root
+from featurepipe.rundir.folder import run_cache_root
 from featurepipe.core.progress import ProgressCallback
 from featurepipe.training.keras_fit import (
     HISTORY_COLUMNS, AugmentedImages, EpochHooks, EpochTimer, best_row, check_batch_size, dtype_policy,
@@ -157,7 +158,11 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
         raise FeaturepipeError(f"{run_dir}'s model stands on {spec.name}, a concatenation of backbones; fine-tuning "
                                f"trains one backbone's top blocks, so fine-tune a run of one of its parts (e.g. "
                                f"`featurepipe run DATA --backbone {spec.name.split(CONCAT)[0]}`)")
-    root = cache_root(cache_dir if cache_dir is not None else config.get("cache_dir"))
+    # The cache the run lives in when it was copied with its project (rundir.folder.run_cache_root).
+    chosen, cache_note = run_cache_root(run_dir, config.get("cache_dir"), cache_dir)
+    if cache_note:
+        notes.append(cache_note)
+    root = cache_root(chosen)
     state_path, split_path = out / STATE, out / SPLIT
     remove_temporaries(out)
 
