@@ -159,6 +159,17 @@ def _not_image_reason(path: str, head: Optional[bytes] = None) -> str:
     return "not a recognised image format; the file may be misnamed, corrupt, or in a format Pillow cannot read"
 
 
+def _access_error(path: str, error: OSError) -> ImageDecodeError:
+    """Why the file system would not let us read `path` (reasons TRANSIENT_REASONS knows)."""
+    if isinstance(error, FileNotFoundError):
+        return ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?")
+    if isinstance(error, PermissionError):
+        return ImageDecodeError(path, "permission denied; check the file's read permissions")
+    if isinstance(error, IsADirectoryError):
+        return ImageDecodeError(path, "is a directory, not an image file")
+    return ImageDecodeError(path, f"cannot access file: {error.strerror or error}")
+
+
 def read_checked(path: str, expect_sha256: str) -> bytes:
     """The file's bytes, read once, when their sha256 is `expect_sha256`. The stores file every
     decoded image under the content hash the scan gave its path; a file rewritten since (same path,
@@ -167,17 +178,11 @@ def read_checked(path: str, expect_sha256: str) -> bytes:
     refused with CHANGED_REASON (a transient reason: the next scan hashes the new bytes)."""
     try:
         data = read_regular_file(path, MAX_FILE_BYTES)
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
-    except PermissionError:
-        raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(path, "is a directory, not an image file") from None
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise ImageDecodeError(path, f"file too large (over {MAX_FILE_BYTES:,} bytes) for an image; "
                                          f"downscale or re-encode it") from None
-        raise ImageDecodeError(path, f"cannot access file: {e.strerror or e}") from None
+        raise _access_error(path, e) from None
     if hashlib.sha256(data).hexdigest() != expect_sha256:
         raise ImageDecodeError(path, CHANGED_REASON)
     return data
@@ -190,12 +195,8 @@ def _open(path: str, data: Optional[bytes] = None) -> Image.Image:
         return _open_image(path, io.BytesIO(data), data[:256])
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
-    except PermissionError:
-        raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
     except OSError as e:
-        raise ImageDecodeError(path, f"cannot access file: {e.strerror or e}") from None
+        raise _access_error(path, e) from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageDecodeError(path, "is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -212,10 +213,8 @@ def _open_image(path: str, source, head: Optional[bytes] = None) -> Image.Image:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     try:
         img = Image.open(source)
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found; was it moved or deleted after the dataset was scanned?") from None
-    except PermissionError:
-        raise ImageDecodeError(path, "permission denied; check the file's read permissions") from None
+    except (FileNotFoundError, PermissionError) as e:
+        raise _access_error(path, e) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, _not_image_reason(path, head)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

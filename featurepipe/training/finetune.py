@@ -160,8 +160,6 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
                                f"`featurepipe run DATA --backbone {spec.name.split(CONCAT)[0]}`)")
     # The cache the run lives in when it was copied with its project (rundir.folder.run_cache_root).
     chosen, cache_note = run_cache_root(run_dir, config.get("cache_dir"), cache_dir)
-    if cache_note:
-        notes.append(cache_note)
     root = cache_root(chosen)
     state_path, split_path = out / STATE, out / SPLIT
     remove_temporaries(out)
@@ -213,6 +211,8 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
                      SUMMARY, VALIDATION_PREDICTIONS])
         write_json(split_path, split.to_json())
         write_json(state_path, state)   # from here on --resume continues this call
+    if cache_note:   # after what happened to the fine-tuning itself: that is what a reader looks for first
+        notes.append(cache_note)
     return _Prepared(run_dir, config, estimator, meta, classes, spec, root, split, options, key, state, resuming,
                      notes, vote)
 
