@@ -120,14 +120,6 @@ def head_names(heads: str) -> tuple[str, ...]:
     return tuple(h.strip() for h in heads.split(",") if h.strip())
 
 
-def search_specs(backbone, resize, quick, image_size, layer, pooling, weights, seed=0):
-    from featurepipe.evaluation.search import parse_backbones, search_specs as specs_of
-
-    with parsing_options():
-        return specs_of(parse_backbones(backbone), resize, quick, image_size=image_size, layer=layer,
-                        pooling=pooling, weights=weights, seed=seed)
-
-
 def spec(backbone, image_size, layer, pooling, weights, resize, seed=0):
     from featurepipe.backbones.spec import BackboneSpec
 
