@@ -1388,7 +1388,8 @@ def markup_cases(shared: dict) -> dict:
         return _check(cli("cache", "ls", "--cache-dir", f / "c"), 0)
 
     def extract_missing_path_with_markup(f):
-        return _check(cli("extract", "nope[/x]", *TINY, "--cache-dir", f / "c"), 2, "nope[/x]")
+        # a DATA that does not exist is a data failure (exit 1) since the CLI's exit-code convention
+        return _check(cli("extract", "nope[/x]", *TINY, "--cache-dir", f / "c"), 1, "nope[/x]")
 
     return _cases(locals())
 
@@ -1532,6 +1533,8 @@ def low_item_cases(shared: dict) -> dict:
         (data / "blue").rename(data / "blu\ne")
         r1 = cli("evaluate", data, *TINY, "--heads", "logreg", "--folds", "2", "--jobs", "1", "--no-nested",
                  "--cache-dir", f / "c", "--run-dir", f / "r")
+        if not crashed(r1) and r1.exit_code == 1 and "control character" in _text(r1):
+            return True, _last(r1)   # refused at scan, naming the character: nothing can be corrupted
         if crashed(r1) or r1.exit_code != 0:
             return False, _last(r1)
         r2 = cli("export", f / "r", "--out", f / "x")
@@ -1564,7 +1567,8 @@ def low_item_cases(shared: dict) -> dict:
         in_store = secret in _store_rows(_tiny_spec(), f / "c")
         html = (f / "r" / "report.html").read_text(errors="replace") if (f / "r" / "report.html").exists() else ""
         text = _text(r)
-        named = "innocent.png" in text and "shadow.png" in text and "outside" in text.lower()
+        # the scan stops at the first link out, naming it (either may be met first)
+        named = ("innocent.png" in text or "shadow.png" in text) and "outside" in text.lower()
         return (not in_store and named and "innocent.png" not in html,
                 f"rc {r.exit_code}; the private photo's features in the store: {in_store}; links named as outside: "
                 f"{named}; innocent.png in report.html: {'innocent.png' in html}")

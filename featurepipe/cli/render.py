@@ -119,10 +119,11 @@ def print_json(data) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:
-    """Cells print as they are (a rich Text keeps its style); no cell or title is read as markup."""
+    """Cells print as they are (a rich Text keeps its style); no cell or title is read as markup, and
+    none is cut short: a path longer than its column folds onto the next line instead of ending in "…"."""
     view = Table(title=Text(title), title_justify="left")
     for column in columns:
-        view.add_column(Text(column))
+        view.add_column(Text(column), overflow="fold")
     for row in rows:
         view.add_row(*[cell if isinstance(cell, Text) else Text(str(cell)) for cell in row])
     stdout.print(view)
