@@ -627,6 +627,10 @@ def hostile_cases(shared: dict) -> dict:
     def _point_head(run: Path, name: str, digest: str, sign: bool) -> None:
         meta = json.loads((run / "best_head.json").read_text())
         meta.update(file=name, sha256=digest, hmac=trust.sign(name, digest) if sign else meta["hmac"])
+        if sign and "signature" in meta:
+            # A signed head record covers the whole best_head.json: sign it as featurepipe would, so that
+            # the check behind the signature (safe_mode, the confinement) is what answers.
+            meta = trust.with_record_signature("best_head.json", meta)
         (run / "best_head.json").write_text(json.dumps(meta))
 
     def _payload(path: Path, marker: Path) -> str:
@@ -655,7 +659,8 @@ def hostile_cases(shared: dict) -> dict:
     def fifo_given_to_predict(f):
         os.mkfifo(f / "pipe.png")
         r = cli("predict", shared["run"], f / "pipe.png", "--json")
-        return r.exit_code == 0 and "FIFO" in r.stdout, "error row for the FIFO"
+        # its only input failed: exit 1 (every input failed), the FIFO named, nothing read or hung
+        return r.exit_code == 1 and "FIFO" in r.stdout + r.stderr, "error row for the FIFO, exit 1"
 
     def head_absolute_path(f):
         run, marker = _copy_run(f), f / "ran"
@@ -720,9 +725,10 @@ def hostile_cases(shared: dict) -> dict:
     def model_json_escape(f):
         run = _copy_run(f)
         (f / "m.keras").write_bytes(b"x")
-        (run / "model.json").write_text(json.dumps({"kind": "finetuned", "file": "../m.keras",
-                                                    "sha256": file_sha256(f / "m.keras"), "classes": ["a", "b", "c"],
-                                                    "image_size": 32, "resize": "squash"}))
+        meta = {"kind": "finetuned", "file": "../m.keras", "sha256": file_sha256(f / "m.keras"),
+                "classes": ["a", "b", "c"], "image_size": 32, "resize": "squash"}
+        # signed with the user's own key, so that the confinement check is what answers
+        (run / "model.json").write_text(json.dumps(trust.with_record_signature("model.json", meta)))
         return clean_message(cli("predict", run, shared["image"]), "outside the run folder")
 
     def manifest_reads_etc_passwd(f):
