@@ -6,16 +6,14 @@ import os
 import shutil
 import time
 
-import pytest
-from typer.testing import CliRunner
 
 from featurepipe import pipeline
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.cli.app import app
 from featurepipe.deploy.predict import predict
 from featurepipe.evaluation.config import SearchConfig
 from featurepipe.rundir.folder import latest_pointer, latest_pointers, run_cache_root
 from tests.conftest import COLOURS, make_image
+from tests.test_cli import cli  # noqa: F401  (the fixture: the CLI in-process, its exit code checked)
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 
@@ -27,19 +25,6 @@ def _run(data, cache, run_dir=None):
 
 def _runs(cache):
     return sorted(p.name for p in (cache / "runs").iterdir() if p.is_dir())
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args, expect=0):
-        result = runner.invoke(app, [str(a) for a in args])
-        if expect is not None:
-            assert result.exit_code == expect, (result.exit_code, result.stdout, result.stderr, result.exception)
-        return result
-
-    return invoke
 
 
 def test_a_rerun_with_nothing_changed_reuses_the_latest_run_and_a_change_makes_a_new_one(image_tree, cache):
