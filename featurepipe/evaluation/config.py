@@ -10,7 +10,7 @@ One source of defaults: `SearchConfig()` (= `SearchConfig.default()`) is exactly
 run DATA` searches, and `SearchConfig.quick()` what `featurepipe run DATA --quick` and `featurepipe
 evaluate DATA` search. The CLI builds its config through these two functions, and the defaults they
 fill in come from evaluation.search, which the CLI's option defaults and help text read too, so a
-notebook and the command line cannot drift apart (tests/test_api_defaults.py compares them field by
+notebook and the command line cannot drift apart (tests/evaluation/test_api_defaults.py compares them field by
 field).
 """
 

@@ -21,7 +21,7 @@ from featurepipe.core.errors import UsageError
 # The heads every feature set is cross-validated with, unless --heads / heads= says otherwise: the
 # cheap ones, so nested CV over every feature set stays in seconds. A literal here (not read from the
 # head registry, which imports scikit-learn) so that `--help` can show it without that import;
-# tests/test_api_defaults.py holds it equal to the registry's heads flagged default=True.
+# tests/evaluation/test_api_defaults.py holds it equal to the registry's heads flagged default=True.
 DEFAULT_HEADS = ("logreg", "knn", "ncm")
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 QUICK_BACKBONE = "efficientnet_lite0"

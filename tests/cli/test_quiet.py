@@ -11,7 +11,7 @@ import pytest
 from featurepipe.cli.quiet import is_startup_noise
 from tests.conftest import make_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ONEDNN = ("I0000 00:00:1795829233.967499    6916 port.cc:153] oneDNN custom operations are on. You may see "
           "slightly different numerical results due to floating-point round-off errors from different computation "
           "orders. To turn them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.")

@@ -13,7 +13,7 @@ from featurepipe.deploy.predict import predict
 from featurepipe.evaluation.config import SearchConfig
 from featurepipe.rundir.folder import latest_pointer, latest_pointers, run_cache_root
 from tests.conftest import COLOURS, make_image
-from tests.test_cli import cli  # noqa: F401  (the fixture: the CLI in-process, its exit code checked)
+from tests.cli.test_cli import cli  # noqa: F401  (the fixture: the CLI in-process, its exit code checked)
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
 

@@ -1,7 +1,7 @@
 """DenseHeadClassifier's own contract: parameters, early stopping, determinism, pickling and its
 .keras file, and the training history a run keeps beside it. What every head shares (fitting,
-the estimator checks, saving through the registry's format) is in tests/test_heads.py and
-tests/test_head_checks.py."""
+the estimator checks, saving through the registry's format) is in tests/heads/test_heads.py and
+tests/heads/test_head_checks.py."""
 
 import pickle
 

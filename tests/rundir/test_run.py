@@ -25,7 +25,7 @@ from featurepipe.rundir.run import Run
 from featurepipe.evaluation.config import SearchConfig
 
 TINY = BackboneSpec(name="tiny", weights="random", image_size=32)
-PACKAGE = Path(__file__).resolve().parent.parent / "featurepipe"
+PACKAGE = Path(__file__).resolve().parents[2] / "featurepipe"
 
 
 def _imported_modules(module: str) -> set[str]:

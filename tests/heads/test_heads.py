@@ -1,7 +1,7 @@
 """The head registry and every registered head: parametrised over `head_names()`, so a head added
 to the registry is fitted, converted to Keras and saved through its format here without editing
-this file. DenseHeadClassifier's own contract is in tests/test_head_dense.py, the scikit-learn
-estimator checks in tests/test_head_checks.py, a test-local head in tests/test_head_plugin.py."""
+this file. DenseHeadClassifier's own contract is in tests/heads/test_head_dense.py, the scikit-learn
+estimator checks in tests/heads/test_head_checks.py, a test-local head in tests/heads/test_head_plugin.py."""
 
 import subprocess
 import sys

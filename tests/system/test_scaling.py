@@ -270,7 +270,7 @@ def test_cli_gives_arrow_the_system_allocator_unless_the_user_chose_one(chosen, 
     code = ("import pandas as pd\nfrom featurepipe.cli.memory import lean_arrow_allocator\nlean_arrow_allocator()\n"
             "import pyarrow as pa\npd.Series(['a', 'b'], dtype='str')\nprint(pa.default_memory_pool().backend_name)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=str(Path(__file__).resolve().parents[1]))
+                         cwd=str(Path(__file__).resolve().parents[2]))
     assert out.stdout.strip() == expected
 
 
@@ -308,7 +308,7 @@ def test_return_large_blocks_gives_freed_chunks_back_to_the_system():
 
     def returned(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", _BLOCKS_CHILD, mode], capture_output=True, text=True,
-                             check=True, cwd=str(Path(__file__).resolve().parents[1]))
+                             check=True, cwd=str(Path(__file__).resolve().parents[2]))
         return int(out.stdout.strip())
 
     # Without it (a plain process) glibc kept them: 0 MB returned here. (Under the full suite a child

@@ -157,7 +157,7 @@ def test_the_consoles_print_any_string_as_it_is(capsys):
 
 
 def _ctrl_c_reaches_python() -> None:
-    # As tests/test_distributed.py: a child inherits an ignored SIGINT from a non-interactive shell;
+    # As tests/system/test_distributed.py: a child inherits an ignored SIGINT from a non-interactive shell;
     # a user's terminal delivers Ctrl-C with the default disposition.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -20,7 +20,7 @@ from featurepipe.backbones import efficientnet_lite as lite
 from featurepipe.backbones.torch_pth import read_state_dict
 from featurepipe.core.errors import BackboneError, WeightsUnavailableError
 
-DEMO_FISH = Path(__file__).resolve().parent.parent / "data" / "demo" / "fish"
+DEMO_FISH = Path(__file__).resolve().parents[2] / "data" / "demo" / "fish"
 # Checked by hand: a rock beauty (Pomacanthus), a salmon, a clownfish, a goldfish, a puffer.
 FISH_PHOTOS = ["fish1.jpg", "fish8.jpg", "fish9.jpg", "fish25.jpg", "fish28.jpg"]
 # tench, goldfish, sharks, rays; barracouta, eel, coho, rock beauty, anemone fish, sturgeon, gar,
@@ -183,7 +183,7 @@ def test_weights_id_is_cheap_and_needs_no_tensorflow():
         "assert not {'tensorflow', 'keras', 'h5py'} & set(sys.modules), sorted(sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
     assert out == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 

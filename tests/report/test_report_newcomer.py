@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,9 +20,8 @@ from typer.testing import CliRunner
 
 from featurepipe.cli.app import app
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import COLOURS, make_image  # noqa: E402
-from test_report_browser import BROWSER  # noqa: E402
+from tests.conftest import COLOURS, make_image
+from tests.system.test_report_browser import BROWSER
 
 TINY_ARGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "32"]
 

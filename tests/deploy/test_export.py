@@ -149,7 +149,7 @@ def test_a_finetuned_run_exports_its_finetuned_model(exported, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(base / "run", run_dir)
     # strategy "head": the frozen head and base as one Keras model, always the run's model afterwards
-    # (a trained one is kept only when it beats the frozen head; see tests/test_finetune.py).
+    # (a trained one is kept only when it beats the frozen head; see tests/training/test_finetune.py).
     assert finetune(run_dir, FinetuneConfig(strategy="head"), cache_dir=base / "cache").kept == "finetuned"
     result = export(run_dir, "keras", tmp_path / "out")
     assert result.model_kind == "finetuned"
