@@ -39,6 +39,7 @@ def serve(
         except ImportError:
             raise FeaturepipeError(SERVE_EXTRA) from None
         run_dir = resolve_run(run_dir, cache_dir)
+        check_address(host, port)      # before the model loads: a port in use is known in a millisecond
         warning = exposure_warning(host)
         if warning:
             render.flag("warning", warning)
@@ -53,8 +54,30 @@ def serve(
     # Access lines would drown the terminal; uvicorn's own warnings and errors (a port in use) still show.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            lifespan="off"))
-    server.run()
+    try:
+        # uvicorn stops on Ctrl-C, then raises the signal again: the command's usual "interrupted", exit 130.
+        with Command(interrupted="the server stopped"):
+            server.run()
+    except SystemExit:            # uvicorn's way of saying it could not bind, after logging why
+        if server.started:
+            raise
     if not server.started:
         with Command():
-            raise FeaturepipeError(f"could not listen on {host}:{port} (see the line above: the port may be in "
-                                   f"use); pick another with --port")
+            raise FeaturepipeError(f"could not listen on {host}:{port} (see the line above); pick another --port")
+
+
+def check_address(host: str, port: int) -> None:
+    """A FeaturepipeError (the machine's state, exit 1) when it cannot listen on host:port (in use, or
+    not one of its addresses)."""
+    import socket
+
+    from featurepipe.core.errors import FeaturepipeError
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(info[0], info[1]) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+            probe.bind(info[4])
+    except OSError as error:
+        raise FeaturepipeError(f"cannot listen on {host}:{port}: {error.strerror or error}; pick another --port "
+                         f"(or --host)") from None
