@@ -288,3 +288,19 @@ def test_a_moved_dataset_leaves_predictions_working(trained, tmp_path):
     (moved / "config.json").write_text(json.dumps(trust.with_record_signature("config.json", config)))
     app, notes = build_app(moved)
     assert any("dataset" in n and "gone" in n for n in notes), notes
+
+
+def test_the_page_embeds_names_as_data_never_as_markup_and_reads_any_accuracy_shape():
+    from featurepipe.deploy.serve import accuracy_info
+    from featurepipe.deploy.serve_page import page
+
+    hostile = "</script><script>alert(1)</script>&amp;"
+    html = page({"run": hostile, "classes": [hostile], "nested_accuracy": None, "model_kind": "head",
+                 "similar": {"available": False, "reason": hostile}})
+    assert hostile not in html and html.count("</script>") == 2       # the page's own two script elements
+    info = json.loads(re.search(r'<script id="info" type="application/json">(.*?)</script>', html, re.S).group(1))
+    assert info["run"] == hostile and info["classes"] == [hostile]
+    assert accuracy_info({"mean": 0.9, "std": 0.01, "ci_low": 0.85, "ci_high": 0.95}) == \
+        {"mean": 0.9, "low": 0.85, "high": 0.95}
+    assert accuracy_info(0.8) == {"mean": 0.8, "low": None, "high": None}
+    assert accuracy_info(None) is None and accuracy_info({"std": 1}) is None
