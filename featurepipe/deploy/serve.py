@@ -63,9 +63,11 @@ def exposure_warning(host: str) -> Optional[str]:
 @dataclass
 class ServeState:
     """What every request shares: the predictor (behind its lock), the similar-photo index, the limits."""
-    predictor: Any
+    predictor: Any                                 # only Predictor's agreed API: predict, classes, nested_accuracy
     similar: Any                                   # deploy.similar.SimilarIndex
     max_upload_bytes: int
+    run_dir: Path
+    model_kind: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,8 +80,7 @@ class ServeState:
         """The run as the page and /health show it."""
         predictor = self.predictor
         return json_ready({
-            "run": Path(predictor.run_dir).name, "classes": list(predictor.classes),
-            "model_kind": getattr(predictor, "model_kind", None),
+            "run": self.run_dir.name, "classes": list(predictor.classes), "model_kind": self.model_kind,
             "nested_accuracy": accuracy_info(predictor.nested_accuracy),
             "similar": {"available": self.similar.available, "feature_set": self.similar.feature_set,
                         "photos": len(self.similar.paths), "reason": self.similar.unavailable},
@@ -141,22 +142,23 @@ def build_app(run_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike]
     if not max_upload_mb > 0:
         raise UsageError(f"--max-upload-mb must be above 0, not {max_upload_mb}")
     predictor = Predictor(run_dir, cache_dir=cache_dir, model=model, trust=trust, progress=progress)
-    feature_sets = _warm_up(predictor)
+    warm = _warm_up(predictor)
+    feature_sets = list(getattr(warm, "features", None) or {})
     from featurepipe.deploy.similar import SimilarIndex, load_similar
 
     try:
-        similar = load_similar(predictor.run_dir, feature_sets[0] if feature_sets else None, cache_dir)
+        similar = load_similar(run_dir, feature_sets[0] if feature_sets else None, cache_dir)
     except (FeaturepipeError, OSError) as error:   # the page still predicts without them
         similar = SimilarIndex(unavailable=f"cannot read the run's training features: {error}")
-    state = ServeState(predictor, similar, int(max_upload_mb * 2 ** 20))
+    state = ServeState(predictor, similar, int(max_upload_mb * 2 ** 20), Path(run_dir), warm.model_kind)
     if not similar.available:
         state.notes.append(f"similar photos are unavailable: {similar.unavailable}")
     return create_app(state), state.notes
 
 
-def _warm_up(predictor) -> list[str]:
-    """One grey image through the model, so the first request does not pay for tracing; returns the
-    feature sets the model computes (the keys of its features), [] when it keeps none."""
+def _warm_up(predictor):
+    """One grey image through the model, so the first request does not pay for tracing; its result
+    says which model answers (model_kind) and which feature sets it computes (its features' keys)."""
     import numpy as np
     from PIL import Image
 
@@ -164,10 +166,9 @@ def _warm_up(predictor) -> list[str]:
     try:
         path = folder / "warm-up.png"
         Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
-        result = predictor.predict([str(path)], top_k=1, keep_features=True)
+        return predictor.predict([str(path)], top_k=1, keep_features=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return list(getattr(result, "features", None) or {})
 
 
 def create_app(state: ServeState):

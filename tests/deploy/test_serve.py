@@ -304,3 +304,25 @@ def test_the_page_embeds_names_as_data_never_as_markup_and_reads_any_accuracy_sh
         {"mean": 0.9, "low": 0.85, "high": 0.95}
     assert accuracy_info(0.8) == {"mean": 0.8, "low": None, "high": None}
     assert accuracy_info(None) is None and accuracy_info({"std": 1}) is None
+
+
+class _OnlyTheAgreedApi:
+    """A Predictor seen through the API serve may rely on (the lead keeps another engineer's Predictor)."""
+    __slots__ = ("predict", "classes", "nested_accuracy")
+
+    def __init__(self, real):
+        self.predict, self.classes, self.nested_accuracy = real.predict, real.classes, real.nested_accuracy
+
+
+def test_serve_needs_nothing_of_the_predictor_beyond_its_agreed_api(trained, monkeypatch):
+    from featurepipe.deploy import predictor as predictor_module
+
+    real = predictor_module.Predictor
+    monkeypatch.setattr(predictor_module, "Predictor", lambda *a, **k: _OnlyTheAgreedApi(real(*a, **k)))
+    app, notes = build_app(trained[2], model=None)
+    assert notes == []
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        health = client.get("/health").json()
+        assert (health["run"], health["model_kind"], health["similar"]["available"]) == ("run", "head", True)
+        answer = client.post("/predict", files=_upload(("r.png", _png(trained[0] / "red" / "red7.png"))))
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["similar"][0]["path"] == "red/red7.png"
