@@ -39,10 +39,10 @@ def serve(
         except ImportError:
             raise FeaturepipeError(SERVE_EXTRA) from None
         run_dir = resolve_run(run_dir, cache_dir)
-        check_address(host, port)      # before the model loads: a port in use is known in a millisecond
         warning = exposure_warning(host)
         if warning:
             render.flag("warning", warning)
+        check_address(host, port)      # before the model loads: a port in use is known in a millisecond
         with command.stage() as progress:
             app, notes = build_app(run_dir, cache_dir=cache_dir, model=model, trust=trust,
                                    max_upload_mb=max_upload_mb, progress=progress)

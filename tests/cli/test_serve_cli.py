@@ -79,6 +79,15 @@ def test_a_port_in_use_is_refused_before_the_model_loads(trained, monkeypatch):
     assert f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
 
 
+def test_a_non_loopback_host_is_warned_about(trained):
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): no machine has it, so nothing is ever exposed; the warning comes
+    # first, then the address is refused before the model loads.
+    result = CliRunner().invoke(app, ["serve", str(trained[2]), "--host", "192.0.2.1", "--port", str(free_port())])
+    err = " ".join(result.stderr.split())
+    assert "warning: serving on 192.0.2.1, which other machines can reach" in err and "--host 127.0.0.1" in err
+    assert result.exit_code == 1 and "cannot listen on 192.0.2.1" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-upload-mb", "0"], "--max-upload-mb"),
     (["--port", "70000"], "--port"),
