@@ -11,7 +11,8 @@ ASGI stack instead of a hand-rolled HTTP parser. The routes:
 
 The model is loaded once, by `build_app`; predictions take a lock (the TensorFlow graphs and the
 decode threads are shared, and one request at a time is what a local tool needs). Uploads are
-copied into a private temporary folder that is deleted when the request ends; a request body over
+copied into a private temporary folder that is deleted when the request ends (while parsing, Starlette
+spools a part over 1 MB to an anonymous temporary file, gone when the form is closed); a request body over
 the limit is refused with 413 before it is read whole, and a file that is not a usable image gets
 an error naming the upload and the reason (predict's own decode errors), never a crash. Nothing here
 prints: the CLI shows the notes `build_app` returns.
