@@ -1,22 +1,24 @@
 """Stage `export`: a run's model as ONE deployable network, raw RGB images in, class probabilities out.
 
-The network carries everything predict applies: resizing to the run's image size with its resize
-policy, the backbone's pixel preprocessing, the frozen base and pooling, and the head (rebuilt
-as Keras layers by featurepipe.heads.to_keras), or the fine-tuned model when the run has one.
+The network carries everything predict applies: the backbone's pixel preprocessing, the frozen base
+and pooling, and the head (rebuilt as Keras layers by featurepipe.heads.to_keras), or the fine-tuned
+model when the run has one; a vote averages its members inside (weighted when the vote lists
+weights). featurepipe.deploy.plain then rewrites it with Keras' built-in layers and ops only, so
+no format needs featurepipe to load.
 
-    keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W; load with
-                                     keras.saving.load_model(path, safe_mode=True) after
-                                     `import featurepipe.heads.to_keras` (registers featurepipe's
-                                     layers: Preprocess, PlattOneVsRest, InferenceMode)
-    savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images); no
-                                     featurepipe or Keras code needed to load it
-    tflite      OUT/model.tflite     input uint8 (1, size, size, 3): images ALREADY resized to the
-                                     run's size with its resize policy (fixed shapes keep the
-                                     interpreter on builtin ops and preallocated tensors); run with
+    keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W, resized inside
+                                     (TensorFlow's antialiased bilinear); keras.saving.load_model(path)
+    savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images)
+    tflite      OUT/model.tflite     input(s) uint8 (1, size, size, 3): images ALREADY resized by
+                                     OUT/preprocess.py exactly as predict does (fixed shapes keep the
+                                     interpreter on builtin ops; LiteRT has no antialiased resize, see
+                                     benchmarks/README.md). A vote has one input per distinct member
+                                     size and resize policy, named images_<size>_<policy>. Run with
                                      LiteRT (ai-edge-litert), checked right after writing
 
-Every format also writes OUT/labels.txt (one class per line, output index order) and
-OUT/export.json describing inputs, outputs, labels and size.
+Every format also writes OUT/labels.txt (one class per line, output index order), OUT/preprocess.py
+(featurepipe.deploy.recipe: predict's decoding in plain Pillow) and OUT/export.json describing
+inputs, outputs, labels, size and the measured agreement with predict (deploy.agreement).
 """
 
 from __future__ import annotations
