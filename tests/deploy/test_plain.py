@@ -1,41 +1,13 @@
 """deploy.plain: featurepipe's custom layers re-expressed with Keras built-ins, loadable by plain Keras."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.heads import head_names, make_head
 from featurepipe.heads.registry import HEADS
+from tests.deploy.plain_support import run_plain
 from tests.head_support import fast_params
-
-# A process that never imports featurepipe: loads every file with safe_mode on and runs it.
-PLAIN_LOADER = textwrap.dedent("""
-    import json, os, sys
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import numpy as np
-    import keras
-
-    files, inputs, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-    data = np.load(inputs)
-    results = {name: np.asarray(keras.saving.load_model(path)(data[name])) for name, path in files.items()}
-    assert not any(m.startswith("featurepipe") for m in sys.modules), "loading needed featurepipe"
-    np.savez(out, **results)
-""")
-
-
-def run_plain(files: dict, inputs: dict, tmp_path) -> dict:
-    np.savez(tmp_path / "inputs.npz", **inputs)
-    done = subprocess.run([sys.executable, "-c", PLAIN_LOADER, json.dumps(files), str(tmp_path / "inputs.npz"),
-                           str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return dict(np.load(tmp_path / "out.npz"))
 
 
 def test_every_head_and_preprocessing_loads_without_featurepipe_with_the_same_numbers(tmp_path):
