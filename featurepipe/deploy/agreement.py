@@ -62,9 +62,13 @@ def artefact_runner(fmt: str, artefact: Path, run: RunModel) -> Callable[[str], 
     """path -> probabilities (n_classes,) computed by the artefact on disk, as a user would run it."""
     if fmt == "keras":
         import keras
+        import tensorflow as tf
 
         model = keras.saving.load_model(str(artefact))    # safe_mode: the file holds built-ins only
-        return lambda path: np.asarray(model(recipe.full_image(path)[None]))[0]
+        # traced once for any image size: eager calls of a vote's backbones cost twice as much
+        call = tf.function(lambda x: model(x, training=False),
+                           input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8)])
+        return lambda path: call(tf.constant(recipe.full_image(path)[None])).numpy()[0]
     if fmt == "savedmodel":
         import tensorflow as tf
 
