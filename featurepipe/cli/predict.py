@@ -93,7 +93,8 @@ def export(
     if as_json:
         render.print_json(result.to_dict())
         return
-    shape = "x".join("N" if d is None else str(d) for d in result.input_shape)
+    shape = ", ".join("x".join("N" if d is None else str(d) for d in given["shape"])
+                      for given in result.meta.get("inputs") or [{"shape": result.input_shape}])
     render.stdout.print(
         f"wrote {result.path} ({result.format}, {result.model_kind} model, {len(result.classes)} classes, "
         f"input uint8 {shape}) with {result.labels_path.name} and {result.meta_path.name} in {result.seconds:.1f} s",
