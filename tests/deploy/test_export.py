@@ -275,6 +275,7 @@ def test_a_vote_exports_as_one_tflite_file_with_an_input_per_member_size_and_pol
     assert result.meta["agreement"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_a_weighted_vote_weighs_its_members(vote_run, tmp_path):
     """Votes that list member weights (best_head.json params.weights) export the weighted average."""
     import shutil

@@ -10,6 +10,7 @@ from tests.deploy.plain_support import run_plain
 from tests.head_support import fast_params
 
 
+@pytest.mark.slow
 def test_every_head_and_preprocessing_loads_without_featurepipe_with_the_same_numbers(tmp_path):
     import keras
 
