@@ -10,9 +10,10 @@ InferenceMode, saved runs name them); export rewrites the graph instead:
   graph's tensors, so the file records built-in ops (keras.src.ops.*) that any Keras 3 loads with
   safe_mode=True;
 - InferenceMode is dropped and its wrapped model rebuilt in place;
-- Dropout layers become nothing (the identity they are at inference) and the whole network is
-  frozen (trainable=False, so BatchNormalization normalises with its moving statistics), which
-  makes the output independent of any `training` flag a caller or a preprocessing layer passes;
+- Dropout-like layers (noise, stochastic depth) become nothing (the identity they are at
+  inference) and the whole network is frozen (trainable=False, so BatchNormalization normalises
+  with its moving statistics), which makes the output independent of any `training` flag a caller
+  or a preprocessing layer passes;
 - nested functional models are rebuilt the same way, each once: a backbone shared by several vote
   members stays one shared sub-model (its weights saved once).
 
@@ -26,6 +27,12 @@ from typing import Optional
 import keras
 
 from featurepipe.core.errors import FeaturepipeError
+
+
+# Layers that only act when training (random noise or dropping): the identity at inference. Named,
+# not imported: keras.applications' StochasticDepth (ConvNeXt) is not public API.
+_TRAINING_ONLY = frozenset({"Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
+                            "GaussianDropout", "GaussianNoise", "StochasticDepth"})
 
 
 def _builtin(operation) -> bool:
@@ -58,7 +65,7 @@ class _Rewriter:
             # the wrapper goes; a model it wrapped keeps the wrapper's name (unique in its graph)
             inner = op.layer
             return self.model(inner, name=op.name) if isinstance(inner, keras.Model) else self.operation(inner)
-        if isinstance(op, keras.layers.Dropout):
+        if isinstance(op, keras.layers.Dropout) or type(op).__name__ in _TRAINING_ONLY:
             return _identity
         if isinstance(op, keras.Model):
             return self.model(op)
