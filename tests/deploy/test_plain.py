@@ -53,7 +53,7 @@ def test_the_rewrite_drops_dropout_and_inference_wrappers_and_shares_a_reused_mo
     from featurepipe.deploy.plain import check_builtin, plain_model
 
     features = keras.Input((4,))
-    noisy = keras.layers.GaussianNoise(5.0)(keras.layers.Dropout(0.9)(features))
+    noisy = keras.layers.GaussianNoise(0.9)(keras.layers.Dropout(0.9)(features))
     inner = keras.Model(features, keras.layers.Dense(3, activation="softmax")(noisy), name="inner")
     images = keras.Input((4,))
     shared = InferenceMode(inner, name="wrapped")
