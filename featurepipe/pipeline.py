@@ -204,6 +204,26 @@ def run(
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
         return value
 
+    searched = SearchProgress(budget, [feature_set_name(s) for s in specs])
+    try:
+        dataset, reuse_key, reused_run = _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, budget,
+                                                  groups, groups_from, exclude, relabel, timed, progress)
+        evaluated, extracts, fitted = _search(dataset, specs, config, root, searched, started, timed, progress,
+                                              n_jobs, Path(run_dir) if run_dir is not None else reused_run,
+                                              reuse_key)
+        result = _finish(dataset, specs, config, root, evaluated, extracts, fitted, searched, reused_run,
+                         reuse_key, inspect, finetune, thumbnails, n_jobs, timed, progress)
+    except KeyboardInterrupt as stop:
+        done = [name for stage in searched.stages for name in stage.added]
+        raise RunInterrupted(Path(searched.run_dir) if searched.run_dir else None, done, len(specs)) from stop
+    result.stages, result.seconds = stages, time.perf_counter() - started
+    return result
+
+
+def _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, budget, groups, groups_from, exclude,
+             relabel, timed, progress):
+    """The scanned dataset (--groups-from, then --exclude / --relabel applied), the reuse key of this
+    run and DATA's latest run when it has that key (else None)."""
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress, groups_pattern=groups)
     if groups_from is not None:   # --groups-from, before --exclude / --relabel (as evaluate and inspect)
         from featurepipe.data.dataset import load_groups
@@ -214,27 +234,17 @@ def run(
 
         dataset = apply_fixes(dataset, exclude, relabel)
     # A re-run without --run-dir and with nothing changed (the same images by content, labels,
-    # splits and groups; the same search, fine-tuning and inspection) writes into DATA's latest run
-    # instead of a new folder: it is the same result, and every re-run used to leave one more.
+    # splits and groups; the same search, budget, fine-tuning and inspection) writes into DATA's latest
+    # run instead of a new folder: it is the same result, and every re-run used to leave one more. A
+    # run stopped after a stage is DATA's latest too, so that running it again continues it.
     reuse_key = reused_run = None
     if run_dir is None:
         frame = dataset.frame[["hash", "label", "split", "group"]].sort_values(["hash", "label"]).reset_index(drop=True)
-        reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails, budget)
+        searched_budget = budget if len(config.specs) > 1 else None   # one feature set: the budget changes nothing
+        reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails,
+                           searched_budget)
         reused_run = reusable_run(root, dataset.source, reuse_key)
-    searched = SearchProgress(budget, [feature_set_name(s) for s in specs])
-    evaluated: Optional[EvaluateReport] = None
-    try:
-        evaluated, extracts, fitted = _search(dataset, specs, config, root, searched, started, timed, progress,
-                                              n_jobs, Path(run_dir) if run_dir is not None else reused_run,
-                                              reuse_key)
-        result = _finish(dataset, specs, config, root, evaluated, extracts, fitted, searched, reused_run,
-                         reuse_key, inspect, finetune, thumbnails, n_jobs, timed, progress)
-    except KeyboardInterrupt as stop:
-        done = [stage.added for stage in searched.stages]
-        raise RunInterrupted(Path(searched.run_dir) if searched.run_dir else None,
-                             [name for added in done for name in added], len(specs)) from stop
-    result.stages, result.seconds = stages, time.perf_counter() - started
-    return result
+    return dataset, reuse_key, reused_run
 
 
 def _extract_group(dataset: Dataset, specs: Sequence, root: Path, augment, progress) -> list[ExtractReport]:
