@@ -142,6 +142,8 @@ def test_run_searches_in_stages_each_a_whole_run_and_says_each_result(close_colo
     assert recorded["search_progress"] == json.loads(json.dumps(result.search_progress))
     assert pipeline.load_run(result.run_dir).search_progress == recorded["search_progress"]
     assert json.loads(json.dumps(result.to_dict()))["search_progress"]["stages"][0]["added"] == NAMES[:1]
+    page = result.report_path.read_text()
+    assert "Search progress" in page and "tiny/center_crop, tiny2/squash" in page and "Not searched" not in page
     # Stage 1 is the first feature set alone: its nested result is that set's, evaluated by itself.
     alone = evaluate(result.dataset, SearchConfig(specs=SETS[:1], heads=("logreg",), folds=3), cache,
                      run_dir=tmp_path / "alone", n_jobs=1)
@@ -187,6 +189,8 @@ def test_a_budget_leaves_out_what_would_not_fit_and_a_warm_rerun_keeps_its_choic
     recorded = json.loads((tight.run_dir / "config.json").read_text())
     assert any("2 of 3 feature sets not searched" in n for n in recorded["notes"])
     assert recorded["search_progress"]["budget"] == 1e-3
+    page = tight.report_path.read_text()
+    assert "Search progress" in page and "Not searched: 2 feature set(s)" in page and "<li>tiny2/squash: " in page
     # With no limit every set is searched; after that, the same tight budget keeps them all: cached sets cost ~0.
     full = staged(0, "full")
     assert full.search_progress["skipped"] == [] and full.search_progress["budget"] is None
