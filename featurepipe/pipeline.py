@@ -132,8 +132,8 @@ class RunInterrupted(KeyboardInterrupt):
     run (None when no stage had finished), `feature_sets` the sets it searched."""
 
     def __init__(self, run_dir: Optional[Path], feature_sets: Sequence[str], total: int):
-        super().__init__(run_dir)
         self.run_dir, self.feature_sets, self.total = run_dir, list(feature_sets), total
+        super().__init__(self.message)
 
     @property
     def message(self) -> str:
@@ -206,8 +206,8 @@ def run(
 
     searched = SearchProgress(budget, [feature_set_name(s) for s in specs])
     try:
-        dataset, reuse_key, reused_run = _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, budget,
-                                                  groups, groups_from, exclude, relabel, timed, progress)
+        dataset, reuse_key, reused_run = _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, groups,
+                                                  groups_from, exclude, relabel, timed, progress)
         evaluated, extracts, fitted = _search(dataset, specs, config, root, searched, started, timed, progress,
                                               n_jobs, Path(run_dir) if run_dir is not None else reused_run,
                                               reuse_key)
@@ -220,8 +220,8 @@ def run(
     return result
 
 
-def _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, budget, groups, groups_from, exclude,
-             relabel, timed, progress):
+def _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, groups, groups_from, exclude, relabel,
+             timed, progress):
     """The scanned dataset (--groups-from, then --exclude / --relabel applied), the reuse key of this
     run and DATA's latest run when it has that key (else None)."""
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress, groups_pattern=groups)
@@ -234,15 +234,14 @@ def _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, budget,
 
         dataset = apply_fixes(dataset, exclude, relabel)
     # A re-run without --run-dir and with nothing changed (the same images by content, labels,
-    # splits and groups; the same search, budget, fine-tuning and inspection) writes into DATA's latest
-    # run instead of a new folder: it is the same result, and every re-run used to leave one more. A
-    # run stopped after a stage is DATA's latest too, so that running it again continues it.
+    # splits and groups; the same search, fine-tuning and inspection) writes into DATA's latest run
+    # instead of a new folder: it is the same result, and every re-run used to leave one more. A run
+    # stopped after a stage is DATA's latest too, so that running it again continues it; the budget is
+    # not part of the key, so that a re-run with a larger one adds to the same run.
     reuse_key = reused_run = None
     if run_dir is None:
         frame = dataset.frame[["hash", "label", "split", "group"]].sort_values(["hash", "label"]).reset_index(drop=True)
-        searched_budget = budget if len(config.specs) > 1 else None   # one feature set: the budget changes nothing
-        reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails,
-                           searched_budget)
+        reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails)
         reused_run = reusable_run(root, dataset.source, reuse_key)
     return dataset, reuse_key, reused_run
 
