@@ -96,7 +96,7 @@ def run_all(
         render.flag("note", note)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
     render.stdout.print(
-        f"best: {best_text(result.best)}\n{work_text(result, len(set(config.specs)))}\n"
+        f"best: {best_text(result.best)}\n{work_text(result, searched_sets(result, config))}\n"
         f"{stages}; total {render.process_seconds():.1f} s (start-up included)\n"
         f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)
 
@@ -113,6 +113,12 @@ def stage_lines(bar):
             bar(event)
 
     return on_event
+
+
+def searched_sets(result, config) -> int:
+    """How many feature sets the search took: those asked for, less any --budget left out."""
+    stages = (result.search_progress or {}).get("stages") or []
+    return stages[-1]["feature_sets"] if stages else len(set(config.specs))
 
 
 def work_text(result, feature_sets: int) -> str:
