@@ -301,3 +301,4 @@ def test_run_budget_is_checked_and_what_it_leaves_out_is_said(cli, image_tree, c
                  tmp_path / "run")
     assert "search done, 1 left out by --budget 0.001 s" in result.stderr
     assert "note: --budget 0.001 s: 1 of 2 feature sets not searched (tiny2/squash)" in result.stderr
+    assert "features: 24 images: 24 extracted, 0 reused;" in result.stdout   # one feature set searched, not two
