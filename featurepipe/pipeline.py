@@ -266,7 +266,8 @@ def _search(dataset, specs, config, root, searched: SearchProgress, started, tim
     while group:
         reports = timed("extract", _extract_group, dataset, group, root, config.augment, progress)
         for spec, extracted in zip(group, reports):
-            pace.extracted(spec, extracted.extracted + extracted.views_extracted, extracted.seconds)
+            pace.extracted(spec, extracted.extracted + extracted.views_extracted, extracted.seconds,
+                           extracted.build_seconds)
         extracts += reports
         done = [s for s in specs if s in done or s in group]   # the config's order: the first set stays first
         remaining = [s for s in remaining if s not in group]

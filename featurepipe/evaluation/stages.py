@@ -70,17 +70,22 @@ def pending_passes(dataset: Dataset, spec: BackboneSpec, root: Path, augment: Au
 
 @dataclass
 class Pace:
-    """What this process measured: extraction seconds per image per Lite0 pass, and evaluate seconds
-    per feature set added by a stage."""
-    extract_seconds: float = 0.0
+    """What this process measured: extraction seconds per image per Lite0 pass, seconds to build a
+    backbone (its weights converted on first use: a cost per feature set, not per image), and
+    evaluate seconds per feature set added by a stage."""
+    extract_seconds: float = 0.0       # extraction less the model builds
     passes: float = 0.0                # images + views run, each weighted by its set's pass_cost
+    build_seconds: float = 0.0
+    builds: int = 0
     evaluate_seconds: float = 0.0
     evaluated_sets: int = 0            # the sets added by the passes measured
 
-    def extracted(self, spec: BackboneSpec, passes: int, seconds: float) -> None:
+    def extracted(self, spec: BackboneSpec, passes: int, seconds: float, build_seconds: float = 0.0) -> None:
         if passes > 0:   # an all-cached set measures nothing about the machine
-            self.extract_seconds += seconds
+            self.extract_seconds += max(0.0, seconds - build_seconds)
             self.passes += passes * pass_cost(spec)
+            self.build_seconds += build_seconds
+            self.builds += 1
 
     def evaluated(self, added: int, seconds: float) -> None:
         self.evaluate_seconds += seconds
@@ -91,9 +96,13 @@ class Pace:
         return self.extract_seconds / self.passes if self.passes > 0 else PRIOR_SECONDS_PER_PASS
 
     def estimate(self, spec: BackboneSpec, pending: int) -> float:
-        """Seconds to add `spec` to the search: extract its `pending` passes, then evaluate it."""
+        """Seconds to add `spec` to the search: build its model and extract its `pending` passes (when
+        there are any), then evaluate it."""
         per_set = self.evaluate_seconds / self.evaluated_sets if self.evaluated_sets else 0.0
-        return pending * pass_cost(spec) * self.seconds_per_pass + per_set
+        if pending == 0:
+            return per_set
+        build = self.build_seconds / self.builds if self.builds else 0.0
+        return build + pending * pass_cost(spec) * self.seconds_per_pass + per_set
 
 
 def first_stage(specs: Sequence[BackboneSpec], pending: dict) -> list[BackboneSpec]:

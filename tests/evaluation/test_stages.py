@@ -67,13 +67,15 @@ def test_the_pace_is_what_was_measured_in_lite0_passes():
     assert pace.seconds_per_pass == PRIOR_SECONDS_PER_PASS   # nothing measured yet
     pace.extracted(TINY, 0, 5.0)                               # a cached set measures nothing
     assert pace.seconds_per_pass == PRIOR_SECONDS_PER_PASS
-    pace.extracted(TINY, 100, 2.0)
+    pace.extracted(TINY, 100, 2.5, build_seconds=0.5)         # 2 s of extraction, 0.5 s building the model
     per_pass = 2.0 / (100 * pass_cost(TINY))
     assert pace.seconds_per_pass == pytest.approx(per_pass)
-    assert pace.estimate(TINY2, 50) == pytest.approx(50 * pass_cost(TINY2) * per_pass)
+    assert pace.estimate(TINY2, 50) == pytest.approx(0.5 + 50 * pass_cost(TINY2) * per_pass)
+    pace.extracted(TINY2, 10, 1.5, build_seconds=1.5)          # the builds average 1 s
+    per_pass = 2.0 / (100 * pass_cost(TINY) + 10 * pass_cost(TINY2))
     pace.evaluated(2, 3.0)                                     # 1.5 s of evaluation per added set
-    assert pace.estimate(TINY2, 50) == pytest.approx(50 * pass_cost(TINY2) * per_pass + 1.5)
-    assert pace.estimate(TINY2, 0) == pytest.approx(1.5)
+    assert pace.estimate(TINY2, 50) == pytest.approx(1.0 + 50 * pass_cost(TINY2) * per_pass + 1.5)
+    assert pace.estimate(TINY2, 0) == pytest.approx(1.5)       # cached: no build, no extraction
 
 
 def test_the_budget_keeps_what_fits_in_order_and_always_what_is_cached():
