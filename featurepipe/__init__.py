@@ -44,6 +44,7 @@ _EXPORTS = {
     "run": "featurepipe.pipeline",
     "load_run": "featurepipe.pipeline",
     "RunResult": "featurepipe.pipeline",
+    "RunInterrupted": "featurepipe.pipeline",   # Ctrl-C during run: .run_dir keeps the last finished stage
     # what the stages take
     "SearchConfig": "featurepipe.evaluation.config",
     "FinetuneConfig": "featurepipe.training.config",

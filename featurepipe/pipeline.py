@@ -5,6 +5,12 @@ Every stage is incremental on its own (content-hashed features, per-fold CV resu
 running the same command again with nothing changed only refits the best head and rewrites the
 report: seconds, and the result says so.
 
+The search is anytime (evaluation.stages): the feature sets are taken in evaluation.search's order,
+the first one alone, then the rest in one or two groups, and after each group one evaluate pass over
+every set done so far rewrites the whole run directory and reports its nested result through the
+progress callback. A Ctrl-C keeps the last finished stage's run (RunInterrupted says where), and
+`budget` leaves out the feature sets whose estimated time would not fit.
+
 `run("data/")` with no config searches exactly what `featurepipe run data/` does
 (SearchConfig.default(), the function the CLI builds its config with), and its keywords are the
 CLI's options (quick=True, finetune=True, heads=..., cache_dir=..., run_dir=...). What it returns, a
@@ -27,10 +33,16 @@ from featurepipe.core import csvcells
 from featurepipe.core.cachedirs import cache_root, report_charts_dir
 from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError, UsageError
-from featurepipe.core.progress import ProgressCallback
+from featurepipe.core.interrupts import held_interrupt
+from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.data.dataset import Dataset, scan
 from featurepipe.evaluation.config import SearchConfig, feature_set_name
 from featurepipe.evaluation.evaluate import EvaluateReport, evaluate_features, merge_extract_reports
+from featurepipe.evaluation.search import DEFAULT_BUDGET
+from featurepipe.evaluation.stages import (
+    Pace, SearchProgress, StageRecord, check_budget, first_stage, fit_budget, next_group, pending_passes,
+    stage_message,
+)
 from featurepipe.extraction.extract import ExtractReport, extract
 from featurepipe.extraction.features import cached_features
 from featurepipe.rundir import layout
@@ -49,7 +61,8 @@ class RunResult:
     run_dir, leaderboard (one row per feature set x head x params x augment, ranked; leaderboard.csv),
     best (the chosen configuration), report_path (report.html; None for a loaded run that has none),
     nested (the headline: nested.json, the nested-CV estimate of the whole selection, with its 95%
-    interval under nested["accuracy"]; None when nested CV did not run) are there either way. The rest
+    interval under nested["accuracy"]; None when nested CV did not run) and search_progress (the
+    search's stages and what --budget left out) are there either way. The rest
     says what this process did and is empty for a loaded run: stages (stage -> seconds),
     reused_everything, dataset, extract, evaluate, finetune, seconds."""
     run_dir: Path
@@ -66,6 +79,9 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     nested: Optional[dict] = None        # nested.json: accuracy {mean, std, ...}, metrics, optimism_gap, folds
     cache_dir: Optional[Path] = None     # the cache predict reads features from (None: the one the run records)
+    # The anytime search's stages (feature sets added, nested accuracy and seconds after each), the
+    # budget and what it left out: config.json's "search_progress" (None for a run `evaluate` wrote).
+    search_progress: Optional[dict] = None
 
     def predict(self, inputs: str | os.PathLike | Sequence[str | os.PathLike], **options) -> pd.DataFrame:
         """Class probabilities for image files and/or folders, with the run's model: one row per image,
@@ -107,8 +123,26 @@ class RunResult:
             "evaluate": {k: v for k, v in self.evaluate.to_dict().items() if k != "extract"}
             if self.evaluate is not None else None,
             "finetune": json.loads(json.dumps(finetune, default=str)) if finetune is not None else None,
-            "warnings": self.warnings,
+            "warnings": self.warnings, "search_progress": self.search_progress,
         }
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run` (a KeyboardInterrupt still): `run_dir` holds the last finished stage's whole
+    run (None when no stage had finished), `feature_sets` the sets it searched."""
+
+    def __init__(self, run_dir: Optional[Path], feature_sets: Sequence[str], total: int):
+        self.run_dir, self.feature_sets, self.total = run_dir, list(feature_sets), total
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        if self.run_dir is None:
+            return ("stopped before the first feature set was evaluated; the features extracted so far are "
+                    "cached, and running the same command again continues from them")
+        return (f"stopped; the {len(self.feature_sets)} finished feature set(s) of {self.total} and their result "
+                f"are kept in {self.run_dir} (load_run / predict / report work on it); running the same "
+                f"command again continues, reusing the finished features and CV folds")
 
 
 def run(
@@ -127,6 +161,7 @@ def run(
     inspect: bool = True,
     groups: Optional[str] = None,
     groups_from: Optional[str | os.PathLike] = None,
+    budget: Optional[float] = DEFAULT_BUDGET,
     **search,
 ) -> RunResult:
     """The whole job on DATA (`featurepipe run DATA`); returns the run (RunResult): where it was
@@ -140,7 +175,15 @@ def run(
     `finetune`: True (`--finetune`: the default FinetuneConfig()) or a training.config.FinetuneConfig
     to also fine-tune the chosen model; None or False: no fine-tuning. `cache_dir`: the cache root
     (default $FEATUREPIPE_CACHE, else ./cache); `run_dir`: where the run is written (default a new
-    folder under CACHE/runs/)."""
+    folder under CACHE/runs/).
+
+    The feature sets are searched in stages, in config.specs' order (evaluation.stages): each stage's
+    nested result is reported through `progress` (a "search" event) as soon as it is written, and a
+    KeyboardInterrupt becomes RunInterrupted, naming the run the last finished stage left.
+    `budget`: seconds for the search (default evaluation.search.DEFAULT_BUDGET; None or 0: no limit):
+    a feature set whose extraction and evaluation, estimated from what this run measured, would not
+    fit is left out and the result says so (feature sets already cached always fit)."""
+    budget = check_budget(budget)
     if config is None:
         config = SearchConfig.default(quick=quick, **search)
     elif quick or search:
@@ -161,6 +204,26 @@ def run(
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
         return value
 
+    searched = SearchProgress(budget, [feature_set_name(s) for s in specs])
+    try:
+        dataset, reuse_key, reused_run = _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, groups,
+                                                  groups_from, exclude, relabel, timed, progress)
+        evaluated, extracts, fitted = _search(dataset, specs, config, root, searched, started, timed, progress,
+                                              n_jobs, Path(run_dir) if run_dir is not None else reused_run,
+                                              reuse_key)
+        result = _finish(dataset, specs, config, root, evaluated, extracts, fitted, searched, reused_run,
+                         reuse_key, inspect, finetune, thumbnails, n_jobs, timed, progress)
+    except KeyboardInterrupt as stop:
+        done = [name for stage in searched.stages for name in stage.added]
+        raise RunInterrupted(Path(searched.run_dir) if searched.run_dir else None, done, len(specs)) from stop
+    result.stages, result.seconds = stages, time.perf_counter() - started
+    return result
+
+
+def _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, groups, groups_from, exclude, relabel,
+             timed, progress):
+    """The scanned dataset (--groups-from, then --exclude / --relabel applied), the reuse key of this
+    run and DATA's latest run when it has that key (else None)."""
     dataset = timed("scan", scan, data, cache_dir=root, progress=progress, groups_pattern=groups)
     if groups_from is not None:   # --groups-from, before --exclude / --relabel (as evaluate and inspect)
         from featurepipe.data.dataset import load_groups
@@ -172,21 +235,100 @@ def run(
         dataset = apply_fixes(dataset, exclude, relabel)
     # A re-run without --run-dir and with nothing changed (the same images by content, labels,
     # splits and groups; the same search, fine-tuning and inspection) writes into DATA's latest run
-    # instead of a new folder: it is the same result, and every re-run used to leave one more.
+    # instead of a new folder: it is the same result, and every re-run used to leave one more. A run
+    # stopped after a stage is DATA's latest too, so that running it again continues it; the budget is
+    # not part of the key, so that a re-run with a larger one adds to the same run.
     reuse_key = reused_run = None
     if run_dir is None:
         frame = dataset.frame[["hash", "label", "split", "group"]].sort_values(["hash", "label"]).reset_index(drop=True)
         reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails)
         reused_run = reusable_run(root, dataset.source, reuse_key)
-    extracts = [timed("extract", extract, dataset, s, root, augment=config.augment, progress=progress) for s in specs]
-    # Evaluate works on what the stores now hold: read once, no model built.
-    features = timed("evaluate", cached_features, dataset, specs, root, config.augment)
-    evaluated = timed("evaluate", evaluate_features, dataset, features, config, root,
-                      run_dir=Path(run_dir) if run_dir is not None else reused_run, n_jobs=n_jobs,
-                      progress=progress, extracts=extracts)
+    return dataset, reuse_key, reused_run
+
+
+def _extract_group(dataset: Dataset, specs: Sequence, root: Path, augment, progress) -> list[ExtractReport]:
+    """One stage's extraction, in one place: extraction.extract_many (each image decoded once for
+    several specs) replaces this loop with one line when it lands."""
+    return [extract(dataset, s, root, augment=augment, progress=progress) for s in specs]
+
+
+def _search(dataset, specs, config, root, searched: SearchProgress, started, timed, progress, n_jobs,
+            run_dir: Optional[Path], reuse_key) -> tuple[EvaluateReport, list[ExtractReport], int]:
+    """The stages of the search (evaluation.stages): extract a group, evaluate every set done so far
+    into the run directory, report, price the next group against the budget. Returns the last
+    evaluation, every extraction report and the CV folds fitted over all passes."""
+    pace = Pace()
+    pending = {s: pending_passes(dataset, s, root, config.augment) for s in specs}
+    group, remaining = first_stage(specs, pending), list(specs)
+    extracts: list[ExtractReport] = []
+    done: list = []
+    fitted, groups = 0, 1
+    while group:
+        reports = timed("extract", _extract_group, dataset, group, root, config.augment, progress)
+        for spec, extracted in zip(group, reports):
+            pace.extracted(spec, extracted.extracted + extracted.views_extracted, extracted.seconds,
+                           extracted.build_seconds)
+        extracts += reports
+        done = [s for s in specs if s in done or s in group]   # the config's order: the first set stays first
+        remaining = [s for s in remaining if s not in group]
+        evaluating = time.perf_counter()
+        # Evaluate works on what the stores now hold: read once, no model built.
+        features = timed("evaluate", cached_features, dataset, done, root, config.augment)
+        evaluated = timed("evaluate", evaluate_features, dataset, features, config, root, run_dir=run_dir,
+                          n_jobs=n_jobs, progress=progress, extracts=extracts, hold_interrupts=True)
+        del features   # the arrays are evaluate's; inspect and report read what they need themselves
+        pace.evaluated(len(group), time.perf_counter() - evaluating)
+        fitted += evaluated.fitted
+        run_dir = evaluated.run_dir   # every later stage rewrites this run
+        nested = evaluated.nested.to_dict()["accuracy"] if evaluated.nested is not None else None
+        record = StageRecord(
+            stage=len(searched.stages) + 1, added=[feature_set_name(s) for s in group], feature_sets=len(done),
+            nested={k: nested.get(k) for k in ("mean", "ci_low", "ci_high")} if nested else None,
+            best_row=float(evaluated.leaderboard["accuracy_mean"].max()), best=str(evaluated.best.get("features")),
+            seconds=time.perf_counter() - started, extracted=sum(r.extracted + r.views_extracted for r in reports))
+        searched.stages.append(record)
+        searched.run_dir = str(run_dir)
+        # The next group, less what the budget leaves out (a group left out entirely: the one after).
+        group, coming_s = [], 0.0
+        while remaining and not group:
+            groups += 1
+            candidates = next_group(remaining, groups)
+            pending.update({s: pending_passes(dataset, s, root, config.augment) for s in candidates})
+            left = None if searched.budget is None else searched.budget - (time.perf_counter() - started)
+            group, skipped, coming_s = fit_budget(candidates, pending, pace, left)
+            searched.skipped += skipped
+            remaining = remaining[len(candidates):]
+        with held_interrupt():   # config.json and DATA's latest pointer name this stage's run together
+            _record_search(run_dir, searched)
+            if reuse_key is not None:   # a Ctrl-C from here on leaves DATA's latest run whole: re-runs continue it
+                write_latest(root, dataset.source, run_dir, reuse_key)
+        report(progress, "search", record.stage, record.stage + (1 if group else 0),
+               stage_message(record, [feature_set_name(s) for s in group], coming_s, searched))
+    return evaluated, extracts, fitted
+
+
+def _record_search(run_dir: Path, searched: SearchProgress) -> None:
+    """config.json's "search_progress" (the stages so far, the budget, what it left out) and its note."""
+    run = Run.open(run_dir)
+    config = dict(run.config)
+    config["search_progress"] = searched.to_dict()
+    note = searched.skipped_note()
+    if note and note not in config.get("notes", []):
+        config["notes"] = [*config.get("notes", []), note]
+    run.write_json(layout.CONFIG, config)
+
+
+def _finish(dataset, specs, config, root, evaluated: EvaluateReport, extracts, fitted: int, searched: SearchProgress,
+            reused_run, reuse_key, inspect, finetune, thumbnails, n_jobs, timed, progress) -> RunResult:
+    """After the search: inspect, fine-tune, report, DATA's latest pointer; the RunResult."""
     if reused_run is not None:
         evaluated.notes.append(f"reused run {reused_run}: same data and search as its last run")
-    del features   # the arrays are evaluate's; inspect and report read what they need themselves
+    note = searched.skipped_note()
+    if note:
+        evaluated.notes.append(note)
+    # The last pass refitted only the new sets' folds: count every pass's fits as this run's.
+    evaluated.reused = max(0, evaluated.fitted + evaluated.reused - fitted)
+    evaluated.fitted = fitted
     extracted = merge_extract_reports(extracts)
     inspect_dir = evaluated.run_dir / layout.INSPECT_DIR
     if inspect:   # know-your-data sections of the report, from cached features and the run's OOF
@@ -216,10 +358,10 @@ def run(
                          and (finetune is None or bool(getattr(finetuned, "reused", False))))
     return RunResult(
         run_dir=evaluated.run_dir, leaderboard=evaluated.leaderboard, best=evaluated.best,
-        report_path=written.html_path, stages=stages, reused_everything=reused_everything, dataset=dataset,
-        extract=extracted, evaluate=evaluated, finetune=finetuned, seconds=time.perf_counter() - started,
+        report_path=written.html_path, reused_everything=reused_everything, dataset=dataset,
+        extract=extracted, evaluate=evaluated, finetune=finetuned,
         warnings=list(dataset.warnings), nested=evaluated.nested.to_dict() if evaluated.nested is not None else None,
-        cache_dir=root,
+        cache_dir=root, search_progress=searched.to_dict(),
     )
 
 
@@ -248,4 +390,5 @@ def load_run(run_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike] 
     warnings = list((run.config.get("dataset") or {}).get("warnings") or [])
     return RunResult(run_dir=run.path, leaderboard=leaderboard, best=best,
                      report_path=report if report.exists() else None, warnings=warnings, nested=nested,
-                     cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+                     cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+                     search_progress=run.config.get("search_progress"))

@@ -15,7 +15,7 @@ import typer
 
 # The search's defaults, from the one module SearchConfig takes them from too (light: no scikit-learn).
 from featurepipe.backbones.spec import RESIZE_POLICIES
-from featurepipe.evaluation.search import AUTO, DEFAULT_BACKBONES, DEFAULT_HEADS, QUICK_BACKBONE
+from featurepipe.evaluation.search import AUTO, DEFAULT_BACKBONES, DEFAULT_BUDGET, DEFAULT_HEADS, QUICK_BACKBONE
 
 # numpy's and scikit-learn's seeds are unsigned 32-bit numbers: anything else was a traceback.
 SEED_MAX = 2**32 - 1
@@ -121,3 +121,9 @@ def top_alias(minimum: int):
 def top_value(top: int, alias: Optional[int]) -> int:
     """--top, or the value given under its old name --top-k."""
     return top if alias is None else alias
+
+# run's time budget (evaluation.stages): checked here like every number, and again by pipeline.run.
+Budget = typer.Option(DEFAULT_BUDGET, "--budget", callback=number_in(0),
+                      help="Seconds for the search (extraction + evaluation): feature sets whose estimated time "
+                           "would not fit are left out, and the result says which. Cached feature sets always fit. "
+                           "0: no limit.")

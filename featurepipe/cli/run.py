@@ -1,4 +1,9 @@
-"""`featurepipe run`: scan, extract, search, (fine-tune,) report, as one job."""
+"""`featurepipe run`: scan, extract, search, (fine-tune,) report, as one job.
+
+The search goes in stages (evaluation.stages): each finished stage is one line on stderr ("search:
+efficientnet_lite0/squash: nested 0.930 (...) after 14 s; next: 2 more feature sets, ~30 s"), in a
+pipe too, since it is a result and not a progress bar. Ctrl-C exits 130 with where the finished stages'
+run is kept, and no traceback."""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ import typer
 
 from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, warmup_note
 from featurepipe.cli.options import (
-    AsJson, Augment, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs, Layer,
-    Nested, NoDedupGroups,
+    AsJson, Augment, AutoFolds, Budget, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
+    Layer, Nested, NoDedupGroups,
     Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, Tta, Vote,
     Weights, Workers,
 )
@@ -38,16 +43,18 @@ def run_all(
     as_json: bool = AsJson,
     scheduler: Optional[str] = Scheduler, workers: Optional[int] = Workers,
     overwrite: bool = Overwrite,
+    budget: float = Budget,
 ) -> None:
     """The whole job: scan, extract, cross-validate heads, (fine-tune,) report. Re-runs reuse everything unchanged."""
     from featurepipe.cli import render
     from featurepipe.core.cachedirs import cache_root
     from featurepipe.evaluation.config import SearchConfig
     from featurepipe.evaluation.evaluate import parse_grid
-    from featurepipe.pipeline import run as run_pipeline
+    from featurepipe.pipeline import RunInterrupted, run as run_pipeline
     from featurepipe.training.config import FinetuneConfig
 
-    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers) as command:
+    with Command(as_json, distributed=True, scheduler=scheduler, workers=workers,
+                 interrupted="stopped before any feature set was searched; nothing was written") as command:
         # The same function as featurepipe.run() in Python: one source of defaults for both.
         config = SearchConfig.default(
             quick=quick, backbone=backbone, resize=resize, image_size=image_size, layer=layer, pooling=pooling,
@@ -57,10 +64,15 @@ def run_all(
         # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.
         tuning = (FinetuneConfig() if epochs is None else FinetuneConfig(epochs=epochs)) if finetune else None
         check_run_dir(run_dir, overwrite)
-        with command.stage() as progress:
-            result = run_pipeline(data, config, cache_root(cache_dir), finetune=tuning, run_dir=run_dir,
-                                  progress=progress, n_jobs=jobs, exclude=exclude, relabel=relabel,
-                                  inspect=not no_inspect, groups=groups, groups_from=groups_from)
+        with command.stage() as bar:
+            try:
+                result = run_pipeline(data, config, cache_root(cache_dir), finetune=tuning, run_dir=run_dir,
+                                      progress=bar if as_json else stage_lines(bar), n_jobs=jobs, exclude=exclude,
+                                      relabel=relabel, inspect=not no_inspect, groups=groups, groups_from=groups_from,
+                                      budget=budget)
+            except RunInterrupted as stop:
+                render.flag("interrupted", stop.message, soft_wrap=True)
+                raise typer.Exit(code=130) from None
     if as_json:
         render.print_json(result.to_dict())
         return
@@ -84,9 +96,29 @@ def run_all(
         render.flag("note", note)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages.items())
     render.stdout.print(
-        f"best: {best_text(result.best)}\n{work_text(result, len(set(config.specs)))}\n"
+        f"best: {best_text(result.best)}\n{work_text(result, searched_sets(result, config))}\n"
         f"{stages}; total {render.process_seconds():.1f} s (start-up included)\n"
         f"run: {result.run_dir}\nreport: {result.report_path}", highlight=False)
+
+
+def stage_lines(bar):
+    """The progress callback `run` gets: a finished stage of the search is a line on stderr (bar or no
+    bar), everything else goes to the bar when there is one."""
+    from featurepipe.cli import render
+
+    def on_event(event) -> None:
+        if event.stage == "search":
+            render.flag("search", event.message, style="cyan", soft_wrap=True)
+        elif bar is not None:
+            bar(event)
+
+    return on_event
+
+
+def searched_sets(result, config) -> int:
+    """How many feature sets the search took: those asked for, less any --budget left out."""
+    stages = (result.search_progress or {}).get("stages") or []
+    return stages[-1]["feature_sets"] if stages else len(set(config.specs))
 
 
 def work_text(result, feature_sets: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,6 +40,7 @@ from featurepipe.heads import HEADS
 from featurepipe.data.augment import AugmentSpec
 from featurepipe.evaluation.nested import VOTE, NestedResult, leaderboard_ensemble, nested_cv
 from featurepipe.core.cachedirs import cache_root, evaluations_dir
+from featurepipe.core.interrupts import held_interrupt
 from featurepipe.core.progress import ProgressCallback
 
 
@@ -194,13 +196,16 @@ def evaluate_features(
     n_jobs: int = -1,
     progress: Optional[ProgressCallback] = None,
     extracts: Sequence[ExtractReport] = (),
+    hold_interrupts: bool = False,
 ) -> EvaluateReport:
     """Cross-validate config.heads on the cached features of each feature set
     (featurepipe.extraction.features.cached_features: one DatasetFeatures per backbone spec, all with
     the same augmentation; they, not config.specs and config.augment, say what is searched), choose the best configuration (a soft-vote ensemble of the
     top ones included when config.ensemble >= 2), refit it on all training images and save it; with
     config.nested, score that whole selection by nested CV. `extracts`: what extraction reported for
-    these feature sets (its failed images are recorded in config.json)."""
+    these feature sets (its failed images are recorded in config.json). `hold_interrupts`: hold a
+    Ctrl-C while the run directory is written (core.interrupts), so that it stays one search's whole
+    result (run's later stages rewrite a run that is already complete)."""
     started = time.perf_counter()
     root = cache_root(cache_dir)
     specs, names, augment = _feature_sets(features)
@@ -240,28 +245,29 @@ def evaluate_features(
         nested_result = nested_cv(results, first.y, classes, first.paths,
                                   float(leaderboard["accuracy_mean"].max()), config.ensemble, vote=config.vote)
 
-    # Run.new refuses a user's non-run folder (the CLI passes --overwrite)
-    run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
-    _write_cv_tables(run, leaderboard, fold_table, oof, nested_result)
-    best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
-            "augment": best_candidate.augment, "tta": bool(config.tta and best_candidate.augment == "views"),
-            "features": best_candidate.features}
-    searched = [SearchedSet(name, spec, stores, features, tables[name])
-                for name, spec, (stores, features) in zip(names, specs, loaded)]
-    holdout = refit_best(run, best_candidate, best, searched, results, common, classes, config, root)
-    fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
-    failed = {f.path: f.reason for e in extracted for f in e.failed}
-    voting = best_candidate.head == VOTE
-    run.write_json(layout.CONFIG, {
-        "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
-                    "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
-                    "failed": [{"path": p, "reason": r} for p, r in failed.items()]},
-        "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(),
-        **config.to_dict(search_grids),
-        "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
-        "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # leakage groups, --exclude/--relabel
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes,
-    })
+    with held_interrupt() if hold_interrupts else nullcontext():
+        # Run.new refuses a user's non-run folder (the CLI passes --overwrite)
+        run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
+        _write_cv_tables(run, leaderboard, fold_table, oof, nested_result)
+        best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
+                "augment": best_candidate.augment, "tta": bool(config.tta and best_candidate.augment == "views"),
+                "features": best_candidate.features}
+        searched = [SearchedSet(name, spec, stores, features, tables[name])
+                    for name, spec, (stores, features) in zip(names, specs, loaded)]
+        holdout = refit_best(run, best_candidate, best, searched, results, common, classes, config, root)
+        fingerprints = [s.fingerprint for stores, _ in loaded for s in (stores.originals, stores.views) if s is not None]
+        failed = {f.path: f.reason for e in extracted for f in e.failed}
+        voting = best_candidate.head == VOTE
+        run.write_json(layout.CONFIG, {
+            "dataset": {"source": str(Path(dataset.source).resolve()), "layout": dataset.layout, "classes": classes,
+                        "counts": dataset.class_counts(), "splits": dataset.splits, "warnings": dataset.warnings,
+                        "failed": [{"path": p, "reason": r} for p, r in failed.items()]},
+            "backbone": None if voting else specs[names.index(best_candidate.features)].to_dict(),
+            **config.to_dict(search_grids),
+            "cache_dir": str(root), "feature_fingerprints": fingerprints, "versions": library_versions(),
+            "dedup_groups": dedup.to_dict(), "edits": dataset.edits,   # leakage groups, --exclude/--relabel
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes,
+        })
     fitted = sum(r.fitted for r in results.values())
     return EvaluateReport(run_dir=run.path, leaderboard=leaderboard, best=best, holdout=holdout,
                           fitted=fitted, reused=sum(r.reused for r in results.values()),

@@ -27,6 +27,29 @@ DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_l
 QUICK_BACKBONE = "efficientnet_lite0"
 AUTO = "auto"
 
+# The order `run` takes the default feature sets in, as (backbone, resize) pairs: expected gain per
+# second first, so that its first stage (one feature set, reported at once) is the best single set for
+# its price and a --budget leaves out the least promising ones. Lite0/squash and Lite1/center_crop had
+# the best averages of the single sets (benchmarks/quick_choice.py), Lite2/letterbox adds the third
+# size and policy; the rest follow cheapest first. Provisional: to be replaced by the measured order.
+# The code does not care what is listed: a searched set that is not listed keeps its place after the
+# listed ones, and a listed pair that is not searched is ignored.
+SEARCH_ORDER = (
+    ("efficientnet_lite0", "squash"), ("efficientnet_lite1", "center_crop"), ("efficientnet_lite2", "letterbox"),
+    ("efficientnet_lite0", "center_crop"), ("efficientnet_lite0", "letterbox"),
+    ("efficientnet_lite1", "squash"), ("efficientnet_lite1", "letterbox"),
+    ("efficientnet_lite2", "squash"), ("efficientnet_lite2", "center_crop"),
+)
+# How many feature sets each stage of `run` adds before the last, which takes the rest: every stage
+# is one evaluate pass that rewrites the run directory, so they are few. The first stage's one set
+# gives the first result quickly and measures this machine's extraction speed for --budget.
+STAGE_SIZES = (1, 2)
+# `run --budget`'s default, in seconds: the search (extraction and evaluation) stops adding feature sets
+# whose estimated time would not fit. Meant to leave small data sets (the demo's 121 photos, a few
+# hundred images) their whole search and to cap big ones at a useful answer; provisional, to be set
+# from measurements. None or 0: no limit.
+DEFAULT_BUDGET = 600.0
+
 
 def parse_backbones(text: Optional[str]) -> Optional[tuple[str, ...]]:
     """--backbone: one name or a comma-separated list of backbones to search; "a+b" is one feature set
@@ -47,10 +70,17 @@ def parse_backbones(text: Optional[str]) -> Optional[tuple[str, ...]]:
     return names
 
 
+def search_order(specs: Sequence[BackboneSpec]) -> list[BackboneSpec]:
+    """`specs` in SEARCH_ORDER (stable: the unlisted keep their order, after the listed)."""
+    rank = {pair: i for i, pair in enumerate(SEARCH_ORDER)}
+    return sorted(specs, key=lambda s: rank.get((s.name, s.resize), len(rank)))
+
+
 def search_specs(backbones: Optional[Sequence[str]] = None, resize: Optional[str] = None, quick: bool = False,
                  **spec_options) -> list[BackboneSpec]:
-    """The specs to extract and compare. backbones None: Lite0/1/2 (quick: Lite0 alone). resize None:
-    every policy (quick: the backbone's default); "auto": every policy; else that one policy."""
+    """The specs to extract and compare, in the order `run` takes them. backbones None: Lite0/1/2 in
+    SEARCH_ORDER (quick: Lite0 alone); given: in the order given. resize None: every policy (quick: the
+    backbone's default); "auto": every policy; else that one policy."""
     names = tuple(backbones) if backbones else ((QUICK_BACKBONE,) if quick else DEFAULT_BACKBONES)
     if resize is None:
         policies: Sequence[Optional[str]] = (None,) if quick else RESIZE_POLICIES
@@ -61,4 +91,5 @@ def search_specs(backbones: Optional[Sequence[str]] = None, resize: Optional[str
     else:
         raise UsageError(f"--resize must be one of {', '.join((AUTO, *RESIZE_POLICIES))}, not {resize!r}")
     specs = [BackboneSpec(name=name, resize=policy, **spec_options).resolved() for name in names for policy in policies]
-    return list(dict.fromkeys(specs))
+    specs = list(dict.fromkeys(specs))
+    return specs if backbones else search_order(specs)

@@ -255,3 +255,50 @@ def test_finetune_says_which_model_it_kept_and_reuses_on_rerun(cli, image_tree, 
     again = json.loads(cli(*args, "--json").stdout)
     assert again["reused"] and again["kept"] == "frozen" and again["epochs_run"] == 1
     assert_one_line_error(cli(*args, "--optimizer", "rmsprop", expect=None), "unknown optimizer 'rmsprop'")
+
+
+# ---- run: the anytime search ------------------------------------------------------------------
+
+RUN_TWO_SETS = ["--backbone", "tiny,tiny2", "--weights", "random", "--resize", "squash", "--heads", "logreg",
+                "--folds", "3", "--no-inspect", "--jobs", "1"]
+
+
+def test_run_prints_each_stage_and_ctrl_c_in_a_later_stage_exits_130_keeping_the_run(cli, image_tree, cache, tmp_path,
+                                                                                     monkeypatch):
+    from featurepipe import pipeline
+
+    calls = []
+    real = pipeline._extract_group
+
+    def extract_then_stop(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:   # Ctrl-C while stage 2 extracts
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_extract_group", extract_then_stop)
+    run = tmp_path / "run"
+    result = cli("run", image_tree, *RUN_TWO_SETS, "--budget", "0", "--cache-dir", cache, "--run-dir", run, expect=130)
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("search: tiny/squash: nested ") and "next: 1 more feature set, ~" in lines[0]
+    assert lines[-1].startswith("interrupted: stopped; the 1 finished feature set(s) of 2 and their result are kept "
+                                f"in {run}") and "again continues" in lines[-1]
+    board = cli("predict", run, image_tree / "red", "--json")
+    assert [row["label"] for row in json.loads(board.stdout)["predictions"]] == ["red"] * 8
+    # Running it again continues: stage 1 is cached (no extraction), stage 2 extracts tiny2 only.
+    monkeypatch.setattr(pipeline, "_extract_group", real)
+    again = json.loads(cli("run", image_tree, *RUN_TWO_SETS, "--budget", "0", "--cache-dir", cache, "--run-dir", run,
+                           "--json").stdout)
+    stages = again["search_progress"]["stages"]
+    assert [s["added"] for s in stages] == [["tiny/squash"], ["tiny2/squash"]]
+    assert [s["extracted"] for s in stages] == [0, 24] and again["search_progress"]["budget"] is None
+
+
+def test_run_budget_is_checked_and_what_it_leaves_out_is_said(cli, image_tree, cache, tmp_path):
+    assert "--budget" in cli("run", image_tree, "--budget", "-1", expect=2).stderr
+    result = cli("run", image_tree, *RUN_TWO_SETS, "--budget", "0.001", "--cache-dir", cache, "--run-dir",
+                 tmp_path / "run")
+    assert "search done, 1 left out by --budget 0.001 s" in result.stderr
+    assert "note: --budget 0.001 s: 1 of 2 feature sets not searched (tiny2/squash)" in result.stderr
+    assert "features: 24 images: 24 extracted, 0 reused;" in result.stdout   # one feature set searched, not two

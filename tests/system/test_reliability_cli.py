@@ -236,6 +236,8 @@ BAD_OPTIONS = [
     (["run", "{data}", "--folds", "0"], "--folds"),
     (["run", "{data}", "--epochs", "0", "--finetune"], "--epochs"),
     (["run", "{data}", "--augment", "-2"], "--augment"),
+    (["run", "{data}", "--budget", "-5"], "--budget"),
+    (["run", "{data}", "--budget", NAN], "--budget"),
     (["inspect", "{data}", "--folds", "0"], "--folds"),
     (["inspect", "{data}", "--dedup-cosine", NAN], "--dedup-cosine"),
     (["inspect", "{data}", "--dedup-cosine", "1.5"], "--dedup-cosine"),
