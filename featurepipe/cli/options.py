@@ -15,7 +15,8 @@ import typer
 
 # The search's defaults, from the one module SearchConfig takes them from too (light: no scikit-learn).
 from featurepipe.backbones.spec import RESIZE_POLICIES
-from featurepipe.evaluation.search import AUTO, DEFAULT_BACKBONES, DEFAULT_BUDGET, DEFAULT_HEADS, QUICK_BACKBONE
+from featurepipe.evaluation.search import (AUTO, DEFAULT_BACKBONES, DEFAULT_BUDGET, DEFAULT_HEADS, DEFAULT_POOL,
+                                           QUICK_BACKBONE)
 
 # numpy's and scikit-learn's seeds are unsigned 32-bit numbers: anything else was a traceback.
 SEED_MAX = 2**32 - 1
@@ -62,10 +63,13 @@ Weights = typer.Option("imagenet", "--weights", help="imagenet | random | PATH t
 Resize = typer.Option(None, "--resize", help="squash | center_crop | letterbox (default: the backbone's).")
 SearchBackbone = typer.Option(None, "--backbone", "-b",
                               help=f"Backbone, or a comma-separated list to search (run default: "
-                                   f"{','.join(DEFAULT_BACKBONES)}; run --quick and evaluate default: {QUICK_BACKBONE}).")
+                                   f"{', '.join(f'{b}/{r}' for b, r in DEFAULT_POOL)}; with --resize or a list: "
+                                   f"each backbone x the policies; --resize auto alone: "
+                                   f"{','.join(DEFAULT_BACKBONES)} x all three; run --quick and evaluate default: "
+                                   f"{QUICK_BACKBONE}).")
 SearchResize = typer.Option(None, "--resize", help=f"{' | '.join((*RESIZE_POLICIES, AUTO))} ({AUTO}: all three, "
-                                                   f"compared by CV, the default of `run`; run --quick and evaluate "
-                                                   f"default: the backbone's own).")
+                                                   f"compared by CV; run default: the pool's own, see --backbone; "
+                                                   f"run --quick and evaluate default: the backbone's own).")
 Nested = typer.Option(True, "--nested/--no-nested", help="Score the whole selection by nested CV (the headline).")
 Ensemble = typer.Option(3, "--ensemble", min=0, help="With one feature set (or --no-vote): also try a soft vote of the best N "
                         "heads on the best feature set (0: off).")

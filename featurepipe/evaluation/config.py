@@ -53,7 +53,7 @@ def feature_set_name(spec: BackboneSpec) -> str:
 @dataclass(frozen=True)
 class SearchConfig:
     # The feature sets compared: one BackboneSpec each; by default what `featurepipe run` searches
-    # (evaluation.search.search_specs(): EfficientNet-Lite0/1/2 x every resize policy).
+    # (evaluation.search.search_specs(): DEFAULT_POOL, one feature set per EfficientNet-Lite size).
     specs: tuple[BackboneSpec, ...] = field(default_factory=_default_specs)
     # The heads cross-validated on every feature set (featurepipe.heads.HEADS names).
     heads: tuple[str, ...] = DEFAULT_HEADS

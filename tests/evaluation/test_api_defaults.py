@@ -59,8 +59,12 @@ def test_search_config_defaults_are_what_run_searches():
     from featurepipe.heads import default_heads
 
     assert default.heads == search.DEFAULT_HEADS == default_heads() == ("logreg", "knn", "ncm")
-    assert {(s.name, s.resize) for s in default.specs} == {(b, p) for b in search.DEFAULT_BACKBONES
-                                                           for p in RESIZE_POLICIES}
+    assert [(s.name, s.resize) for s in default.specs] == list(search.DEFAULT_POOL)
+    # One set per Lite size: the vote's measured gain comes from different backbones.
+    assert sorted(s.name for s in default.specs) == sorted(search.DEFAULT_BACKBONES)
+    wide = SearchConfig.default(resize="auto")
+    assert {(s.name, s.resize) for s in wide.specs} == {(b, p) for b in search.DEFAULT_BACKBONES
+                                                        for p in RESIZE_POLICIES}
     quick = SearchConfig.quick()
     assert [s.name for s in quick.specs] == [search.QUICK_BACKBONE] and quick.heads == default.heads
     assert SearchConfig.quick(heads=("logreg",), folds=3) == SearchConfig(specs=quick.specs, heads=("logreg",), folds=3)

@@ -22,7 +22,9 @@ TINY2 = BackboneSpec(name="tiny2", weights="random", resize="squash").resolved()
 
 
 def test_the_default_search_is_in_search_order_and_a_users_backbones_keep_theirs(monkeypatch):
-    pairs = [(s.name, s.resize) for s in search.search_specs()]
+    assert [(s.name, s.resize) for s in search.search_specs()] == list(search.DEFAULT_POOL)
+    assert search.SEARCH_ORDER[:len(search.DEFAULT_POOL)] == search.DEFAULT_POOL
+    pairs = [(s.name, s.resize) for s in search.search_specs(resize="auto")]
     assert pairs[:3] == list(search.SEARCH_ORDER[:3]) and sorted(pairs) == sorted(search.SEARCH_ORDER)
     assert len(set(pairs)) == 9
     given = search.search_specs(["efficientnet_lite2", "efficientnet_lite0"], "squash")
@@ -31,7 +33,7 @@ def test_the_default_search_is_in_search_order_and_a_users_backbones_keep_theirs
     # The order is data: another one (pairs not searched ignored, sets not listed last) is followed as given.
     monkeypatch.setattr(search, "SEARCH_ORDER", (("efficientnet_lite2", "squash"), ("nope", "squash"),
                                                  ("efficientnet_lite0", "letterbox")))
-    pairs = [(s.name, s.resize) for s in search.search_specs()]
+    pairs = [(s.name, s.resize) for s in search.search_specs(resize="auto")]
     assert pairs[:2] == [("efficientnet_lite2", "squash"), ("efficientnet_lite0", "letterbox")]
     assert pairs[2:] == [(b, p) for b in search.DEFAULT_BACKBONES for p in ("squash", "center_crop", "letterbox")
                          if (b, p) not in pairs[:2]]
