@@ -31,7 +31,8 @@ from featurepipe.core.progress import ProgressCallback
 from featurepipe.data.dataset import Dataset, scan
 from featurepipe.evaluation.config import SearchConfig, feature_set_name
 from featurepipe.evaluation.evaluate import EvaluateReport, evaluate_features, merge_extract_reports
-from featurepipe.extraction.extract import ExtractReport, extract
+from featurepipe.extraction.extract import ExtractReport
+from featurepipe.extraction.shared import extract_many
 from featurepipe.extraction.features import cached_features
 from featurepipe.rundir import layout
 from featurepipe.rundir.folder import read_json, reusable_run, write_latest
@@ -178,7 +179,7 @@ def run(
         frame = dataset.frame[["hash", "label", "split", "group"]].sort_values(["hash", "label"]).reset_index(drop=True)
         reuse_key = digest("run-reuse/1", frame, repr(config), repr(finetune), bool(inspect), thumbnails)
         reused_run = reusable_run(root, dataset.source, reuse_key)
-    extracts = [timed("extract", extract, dataset, s, root, augment=config.augment, progress=progress) for s in specs]
+    extracts = timed("extract", extract_many, dataset, specs, root, augment=config.augment, progress=progress)
     # Evaluate works on what the stores now hold: read once, no model built.
     features = timed("evaluate", cached_features, dataset, specs, root, config.augment)
     evaluated = timed("evaluate", evaluate_features, dataset, features, config, root,
