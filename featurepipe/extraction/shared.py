@@ -194,7 +194,10 @@ class _Pass:
             feed.pending = sum(1 for h, keys in feed.todo.items() if keys != [h] or h not in feed.sources)
 
         threads = decode_threads or default_decode_threads()
-        ahead = decode_ahead(hashes, lambda h: _decode(h, first_path[h], feeds), max(2 * self.cut, 8), threads)
+        # Each image decoded ahead holds every feed's pixels: about the pixels extract keeps ahead for
+        # one spec (two batches), yet enough to keep every decode thread busy.
+        lookahead = max(2 * self.cut // len(feeds), 2 * threads, 8)
+        ahead = decode_ahead(hashes, lambda h: _decode(h, first_path[h], feeds), lookahead, threads)
         try:
             for content_hash, future in ahead:
                 decoded = future.result()
