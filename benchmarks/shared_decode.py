@@ -7,7 +7,8 @@ folder is scanned before the clock starts, and the files are read once beforehan
 in the OS page cache): `extract` of each of the 9 default feature sets (EfficientNet-Lite0/1/2 x
 squash/center_crop/letterbox) one after the other, then `extract_many` of the same 9. Prints one JSON
 line per data set: wall seconds and seconds per image of each, and whether the two caches hold the
-same stores bit for bit (fingerprints, keys, every feature value, failures).
+same stores bit for bit (fingerprints, keys, every feature value, failures); and, apart, the
+milliseconds per image of decoding alone (one thread) both ways. TensorFlow is warmed up first.
 
 Data names: a folder, or benchmarks.datasets' names (`photos-SET[N][:seed]`); `:camera` at the end
 makes a photo set camera-sized (3000-4000 px JPEGs, benchmarks/datasets.py --camera).
@@ -60,6 +61,41 @@ def stores_state(specs, cache: Path) -> list:
     return state
 
 
+def warm_up() -> None:
+    """TensorFlow's one-off start (thread pools, first trace) outside both timings."""
+    from featurepipe.backbones.build import build_feature_model, inference_function
+
+    spec = search_specs()[0]
+    inference_function(build_feature_model(spec), spec.image_size)(np.zeros((1, spec.image_size,
+                                                                              spec.image_size, 3), np.uint8))
+
+
+def decoding_alone(dataset, specs) -> dict:
+    """Milliseconds per image of decoding alone, one thread: decode_image per spec (what per-spec
+    extract does) vs one decode_variants for all specs (what extract_many does)."""
+    from featurepipe.core.errors import ImageDecodeError
+    from featurepipe.data.images import decode_image, decode_variants
+
+    items = list(zip(dataset.frame["path"], dataset.frame["hash"]))
+    started = time.perf_counter()
+    for path, content_hash in items:
+        for spec in specs:
+            try:
+                decode_image(path, spec.image_size, spec.resize, expect_sha256=content_hash)
+            except ImageDecodeError:
+                pass
+    per_spec = time.perf_counter() - started
+    started = time.perf_counter()
+    for path, content_hash in items:
+        try:
+            decode_variants(path, [(spec.image_size, spec.resize) for spec in specs], expect_sha256=content_hash)
+        except ImageDecodeError:
+            pass
+    shared = time.perf_counter() - started
+    return {"per_spec_ms_per_image": round(1000 * per_spec / len(items), 1),
+            "shared_ms_per_image": round(1000 * shared / len(items), 1)}
+
+
 def measure(data: Path, scratch: Path) -> dict:
     specs = search_specs()
     files = [p for p in data.rglob("*") if p.is_file()]
@@ -89,6 +125,7 @@ def measure(data: Path, scratch: Path) -> dict:
         "extracted": [sum(r.extracted for r in per_spec), sum(r.extracted for r in shared)],
         "copied": [sum(r.copied for r in per_spec), sum(r.copied for r in shared)],
         "identical": stores_state(specs, one) == stores_state(specs, many),
+        "decoding_alone_1_thread": decoding_alone(dataset, specs),
         "load": os.getloadavg()[0],
     }
 
@@ -99,6 +136,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=None, help="where data sets and caches go (default: temp)")
     args = parser.parse_args()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="shared-decode-"))
+    warm_up()
     for name in args.data or ["photos-scenes12:camera", "data/demo"]:
         print(json.dumps(measure(data_set(name, scratch), scratch)), flush=True)
 
