@@ -43,7 +43,8 @@ from featurepipe.evaluation.stages import (
     Pace, SearchProgress, StageRecord, check_budget, first_stage, fit_budget, next_group, pending_passes,
     stage_message,
 )
-from featurepipe.extraction.extract import ExtractReport, extract
+from featurepipe.extraction.extract import ExtractReport
+from featurepipe.extraction.shared import extract_many
 from featurepipe.extraction.features import cached_features
 from featurepipe.rundir import layout
 from featurepipe.rundir.folder import read_json, reusable_run, write_latest
@@ -247,9 +248,9 @@ def _dataset(data, config, root, run_dir, finetune, inspect, thumbnails, groups,
 
 
 def _extract_group(dataset: Dataset, specs: Sequence, root: Path, augment, progress) -> list[ExtractReport]:
-    """One stage's extraction, in one place: extraction.extract_many (each image decoded once for
-    several specs) replaces this loop with one line when it lands."""
-    return [extract(dataset, s, root, augment=augment, progress=progress) for s in specs]
+    """One stage's extraction: extraction.shared.extract_many, each image decoded once for all of the
+    group's feature sets (and each backbone built once for its resize policies)."""
+    return extract_many(dataset, list(specs), root, augment=augment, progress=progress)
 
 
 def _search(dataset, specs, config, root, searched: SearchProgress, started, timed, progress, n_jobs,

@@ -38,6 +38,7 @@ __all__ = [
     "decode_ahead",
     "decode_batches",
     "decode_image",
+    "decode_variants",
     "image_size",
     "thumbnail_png",
 ]
@@ -345,6 +346,13 @@ def loaded_rgb(p: str, draft_side: int, expect_sha256: Optional[str] = None) -> 
     lower DCT scale as long as both sides stay >= it. `expect_sha256`: decode only bytes with this
     content hash (read_checked)."""
     data = None if expect_sha256 is None else read_checked(p, expect_sha256)
+    with _loaded_rgb(p, data, draft_side) as rgb:
+        yield rgb
+
+
+@contextlib.contextmanager
+def _loaded_rgb(p: str, data: Optional[bytes], draft_side: int) -> Iterator[Image.Image]:
+    """loaded_rgb of the bytes DATA (None: read the file at P)."""
     with _open(p, data) as img:
         if isinstance(img, JpegImagePlugin.JpegImageFile):
             # DCT-domain downscaling by 1/2, 1/4 or 1/8 makes big photos several times cheaper
@@ -381,18 +389,70 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str,
     `expect_sha256`: the content hash the pixels will be filed under; the file's bytes are read once
     and checked against it (read_checked), so nothing else is decoded in their place.
     """
+    size = _checked_request(size, resize)
+    p = os.fspath(path)
+    with loaded_rgb(p, size, expect_sha256) as rgb:
+        return _resized_array(p, rgb, size, resize)
+
+
+def decode_variants(path: str | os.PathLike[str], wants: Sequence[tuple[int, str]],
+                    expect_sha256: Optional[str] = None) -> list[np.ndarray | ImageDecodeError]:
+    """decode_image(path, size, resize, expect_sha256) for each (size, resize) of WANTS, the same
+    arrays bit for bit, but the file is read once and decoded once per JPEG draft scale (requests
+    whose sizes give the same scale, as 224 and 240 usually do, share one decode), so that several
+    feature sets can be fed from one decode (featurepipe.extraction.shared).
+
+    A failure of the whole file (unreadable, changed since the scan, not an image) is raised as
+    decode_image raises it; one that concerns one decode or one resize only takes that request's
+    place in the list."""
+    wants = [(_checked_request(size, resize), resize) for size, resize in wants]
+    p = os.fspath(path)
+    data = None if expect_sha256 is None else read_checked(p, expect_sha256)
+    # Grouped by what PIL's draft makes of each size (its reduced size and mode), found from the
+    # header alone: the decode is then exactly the one decode_image would run for any of them.
+    groups: dict[tuple, list[int]] = {}
+    scales: dict[int, tuple] = {}
+    for index, (size, _) in enumerate(wants):
+        if size not in scales:
+            scales[size] = _draft_result(p, data, size)
+        groups.setdefault(scales[size], []).append(index)
+    out: list = [None] * len(wants)
+    for members in groups.values():
+        try:
+            with _loaded_rgb(p, data, wants[members[0]][0]) as rgb:
+                for index in members:
+                    try:
+                        out[index] = _resized_array(p, rgb, *wants[index])
+                    except ImageDecodeError as error:
+                        out[index] = error
+        except ImageDecodeError as error:
+            for index in members:
+                out[index] = error
+    return out
+
+
+def _draft_result(p: str, data: Optional[bytes], side: int) -> tuple:
+    """(size, mode, DCT scale) a JPEG decodes to under draft_side SIDE (what _loaded_rgb asks PIL
+    for); one value for every side of other formats, which are decoded whole."""
+    with _open(p, data) as img:
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            img.draft("RGB", (side, side))
+        return img.size, img.mode, getattr(img, "decoderconfig", None)
+
+
+def _checked_request(size, resize: str) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise UsageError(f"size must be a positive int, got {size!r}")
-    size = int(size)
     if resize not in RESIZE_POLICIES:
         raise UsageError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
-    p = os.fspath(path)
+    return int(size)
 
-    with loaded_rgb(p, size, expect_sha256) as rgb:
-        try:
-            arr = np.array(_resize(rgb, size, resize), dtype=np.uint8)
-        except DECODE_ERRORS as e:
-            raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+
+def _resized_array(p: str, rgb: Image.Image, size: int, resize: str) -> np.ndarray:
+    try:
+        arr = np.array(_resize(rgb, size, resize), dtype=np.uint8)
+    except DECODE_ERRORS as e:
+        raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
     if arr.shape != (size, size, 3):  # pragma: no cover - guards against PIL behaviour changes
         raise ImageDecodeError(p, f"decoded to unexpected shape {arr.shape}")
     return arr

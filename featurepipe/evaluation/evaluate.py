@@ -172,14 +172,14 @@ def evaluate(
     """Extract what is missing for every feature set in `config.specs` (with config.augment's views),
     then evaluate_features on what the stores hold. `config`: an evaluation.config.SearchConfig;
     None: SearchConfig.quick(), what `featurepipe evaluate DATA` searches."""
-    from featurepipe.extraction.extract import extract
+    from featurepipe.extraction.shared import extract_many
 
     if config is None:
         config = SearchConfig.quick()
     started = time.perf_counter()
     root = cache_root(cache_dir)
     specs = list(dict.fromkeys(s.resolved() for s in config.specs))
-    extracted = [extract(dataset, s, root, augment=config.augment, progress=progress) for s in specs]
+    extracted = extract_many(dataset, specs, root, augment=config.augment, progress=progress)
     result = evaluate_features(dataset, cached_features(dataset, specs, root, config.augment), config, root,
                                run_dir=run_dir, n_jobs=n_jobs, progress=progress, extracts=extracted)
     result.seconds = time.perf_counter() - started

@@ -119,6 +119,12 @@ def decode_item(path: str, content_hash: str, keys: Sequence[str], spec: Backbon
                 policy: Optional[AugmentPolicy], augment_seed: int) -> list[tuple[str, np.ndarray]]:
     """The images of one content hash: the original and/or its augmented views, as (key, pixels)."""
     image = decode_image(path, spec.image_size, spec.resize, expect_sha256=content_hash)
+    return item_images(image, content_hash, keys, policy, augment_seed)
+
+
+def item_images(image: np.ndarray, content_hash: str, keys: Sequence[str], policy: Optional[AugmentPolicy],
+                augment_seed: int) -> list[tuple[str, np.ndarray]]:
+    """(key, pixels) of each of KEYS from the decoded original IMAGE: itself, or an augmented view."""
     out = []
     for key in keys:
         if is_view_key(key):

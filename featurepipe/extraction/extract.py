@@ -21,7 +21,7 @@ from featurepipe.core import columns
 
 from featurepipe.store import refs
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.extraction.batches import BatchJob, is_view_key, plan_batches
+from featurepipe.extraction.batches import Batch, BatchJob, BatchOutcome, is_view_key, plan_batches
 from featurepipe.data.dataset import Dataset
 from featurepipe.extraction.executors.base import Executor
 from featurepipe.extraction.executors.choose import current_executor
@@ -107,29 +107,7 @@ def _extract(dataset: Dataset, spec: BackboneSpec, root: Path, augment: AugmentS
              progress: Optional[ProgressCallback], executor: Optional[Executor], precision: str) -> ExtractReport:
     started = time.perf_counter()
     executor = executor or current_executor()
-    augment = AugmentSpec.of(augment)   # count, policy and seed of the views (a bare int: the count)
-    stores = open_stores(spec, root, augment, precision)
-    spec = stores.spec
-    images = unique_images(dataset.frame)
-    refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
-
-    known_failures = remembered_failures(stores.originals)
-    todo = _pending(stores, images["hash"])
-    originals_present = len(images) - sum(h in keys for h, keys in todo.items())
-    views_present = len(images) * stores.augment - sum(sum(is_view_key(k) for k in keys) for keys in todo.values())
-    result = ExtractReport(
-        backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
-        feature_dim=stores.originals.feature_dim or 0, images=len(images), extracted=0, reused=0,
-        views_per_image=augment.count, executor=executor.name,
-        views_fingerprint=stores.views.fingerprint if stores.views else None,
-        views_store_dir=str(stores.views.directory) if stores.views else None, precision=precision,
-    )
-    for content_hash in [h for h in todo if h in known_failures]:
-        del todo[content_hash]
-        result.failed += [FailedImage(p, known_failures[content_hash]) for p in _paths_of(dataset, content_hash)]
-    for store in (stores.originals, stores.views):
-        if store is not None:
-            result.warnings.extend(store.repaired)
+    stores, images, todo, result = prepare(dataset, spec, root, augment, precision, executor.name)
     if todo:
         wait_started = time.perf_counter()
 
@@ -146,19 +124,54 @@ def _extract(dataset: Dataset, spec: BackboneSpec, root: Path, augment: AugmentS
                 result.waited_seconds = time.perf_counter() - wait_started
                 _run(dataset, stores, images, original_writer, None, batch_size,
                      decode_threads, result, progress, root, executor)
-        # While we waited for the lock, another process may have written some of these rows (and
-        # set the store's dimension): count what is there now, not what was there before.
-        stores.originals.refresh()
-        originals_present = int(stores.originals.has(columns.each(images["hash"])).sum()) - result.extracted
-        if stores.views is not None:
-            stores.views.refresh()
-            views_present = int(stores.views.has(_view_keys(stores, images["hash"])).sum()) - result.views_extracted
-    result.reused = originals_present
-    result.views_reused = views_present
-    result.feature_dim = stores.originals.feature_dim or 0
+        recount(stores, images, result)
     result.seconds = time.perf_counter() - started
     report(progress, "extract", len(images), len(images), "done")
     return result
+
+
+def prepare(dataset: Dataset, spec: BackboneSpec, root: Path, augment: AugmentSpec | int, precision: str,
+            executor_name: str) -> tuple[FeatureStores, pd.DataFrame, dict[str, list[str]], ExtractReport]:
+    """Open SPEC's stores (recording DATASET's use of them) and say what is missing: (the stores, the
+    unique images, content hash -> its missing keys less remembered failures, the report so far with
+    those failures and the rows already there). Read without the store lock: `_run` looks again
+    under it."""
+    augment = AugmentSpec.of(augment)   # count, policy and seed of the views (a bare int: the count)
+    stores = open_stores(spec, root, augment, precision)
+    spec = stores.spec
+    images = unique_images(dataset.frame)
+    refs.record(root, dataset, [s for s in (stores.originals, stores.views) if s is not None])
+
+    known_failures = remembered_failures(stores.originals)
+    todo = _pending(stores, images["hash"])
+    result = ExtractReport(
+        backbone=spec.name, fingerprint=stores.originals.fingerprint, store_dir=str(stores.originals.directory),
+        feature_dim=stores.originals.feature_dim or 0, images=len(images), extracted=0,
+        reused=len(images) - sum(h in keys for h, keys in todo.items()),
+        views_per_image=augment.count, executor=executor_name,
+        views_fingerprint=stores.views.fingerprint if stores.views else None,
+        views_store_dir=str(stores.views.directory) if stores.views else None, precision=precision,
+        views_reused=len(images) * stores.augment - sum(sum(is_view_key(k) for k in keys) for keys in todo.values()),
+    )
+    for content_hash in [h for h in todo if h in known_failures]:
+        del todo[content_hash]
+        result.failed += [FailedImage(p, known_failures[content_hash]) for p in _paths_of(dataset, content_hash)]
+    for store in (stores.originals, stores.views):
+        if store is not None:
+            result.warnings.extend(store.repaired)
+    return stores, images, todo, result
+
+
+def recount(stores: FeatureStores, images: pd.DataFrame, result: ExtractReport) -> None:
+    """The rows RESULT reused, counted after the writing: while we waited for the lock, another process
+    may have written some of them (and set the store's dimension), so count what is there now."""
+    stores.originals.refresh()
+    result.reused = int(stores.originals.has(columns.each(images["hash"])).sum()) - result.extracted
+    if stores.views is not None:
+        stores.views.refresh()
+        result.views_reused = (int(stores.views.has(_view_keys(stores, images["hash"])).sum())
+                               - result.views_extracted)
+    result.feature_dim = stores.originals.feature_dim or 0
 
 
 def _paths_of(dataset: Dataset, content_hash: str) -> list[str]:
@@ -209,12 +222,17 @@ def remembered_failures(store: FeatureStore) -> dict[str, str]:
     return {h: reason for h, reason in store.failures().items() if not is_transient(reason)}
 
 
+def missing_now(stores: FeatureStores, images: pd.DataFrame) -> dict[str, list[str]]:
+    """content hash -> missing keys, less remembered failures, looked up again under the store lock:
+    another process may have finished some of the work while we waited for it."""
+    known_failures = remembered_failures(stores.originals)
+    return {h: keys for h, keys in _pending(stores, images["hash"]).items() if h not in known_failures}
+
+
 def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original_writer,
          views_writer, batch_size: int, decode_threads: Optional[int],
          result: ExtractReport, progress: Optional[ProgressCallback], root: Path, executor: Executor) -> None:
-    # Another process may have finished some of this work while we waited for the lock.
-    known_failures = remembered_failures(stores.originals)
-    todo = {h: keys for h, keys in _pending(stores, images["hash"]).items() if h not in known_failures}
+    todo = missing_now(stores, images)
     if not todo:
         return
     first_path = _first_paths(images, todo)
@@ -242,27 +260,33 @@ def _run(dataset: Dataset, stores: FeatureStores, images: pd.DataFrame, original
     done = 0
     for outcome in executor.map_batches(job, list(batches.values()), {h: first_path[h] for h in todo}):
         batch = batches[outcome.batch_id]
-        for part, writer in ((outcome.originals, original_writer), (outcome.views, views_writer)):
-            if part is None:
-                continue
-            if part.published is not None:
-                writer.commit_published(Path(part.published), part.keys)
-            else:
-                writer.add(part.keys, part.features, name=batch.shard_name)
-        if outcome.failures:
-            permanent = {h: reason for h, reason in outcome.failures.items()
-                         if not is_transient(reason)}
-            if permanent:
-                original_writer.add_failures(permanent)
-            for content_hash, reason in outcome.failures.items():
-                result.failed += [FailedImage(path, reason) for path in paths_by_hash[content_hash]]
-        result.extracted += len(outcome.originals.keys) if outcome.originals else 0
-        result.views_extracted += len(outcome.views.keys) if outcome.views else 0
-        # Workers build in parallel: the longest build is what the run waited for.
-        result.build_seconds = max(result.build_seconds, outcome.build_seconds)
-        result.batch_size = outcome.chunk or result.batch_size
+        commit_outcome(outcome, batch, original_writer, views_writer, result, paths_by_hash)
         done += len(batch.items)
         report(progress, "extract", done, len(todo), "")
+
+
+def commit_outcome(outcome: BatchOutcome, batch: Batch, original_writer, views_writer, result: ExtractReport,
+                   paths_by_hash: dict[str, list[str]]) -> None:
+    """Commit one batch's rows (as the batch's shard) and permanent failures; count them in RESULT."""
+    for part, writer in ((outcome.originals, original_writer), (outcome.views, views_writer)):
+        if part is None:
+            continue
+        if part.published is not None:
+            writer.commit_published(Path(part.published), part.keys)
+        else:
+            writer.add(part.keys, part.features, name=batch.shard_name)
+    if outcome.failures:
+        permanent = {h: reason for h, reason in outcome.failures.items()
+                     if not is_transient(reason)}
+        if permanent:
+            original_writer.add_failures(permanent)
+        for content_hash, reason in outcome.failures.items():
+            result.failed += [FailedImage(path, reason) for path in paths_by_hash[content_hash]]
+    result.extracted += len(outcome.originals.keys) if outcome.originals else 0
+    result.views_extracted += len(outcome.views.keys) if outcome.views else 0
+    # Workers build in parallel: the longest build is what the run waited for.
+    result.build_seconds = max(result.build_seconds, outcome.build_seconds)
+    result.batch_size = outcome.chunk or result.batch_size
 
 
 COPY_ROWS = 1024   # rows copied from another policy's store per shard
@@ -277,8 +301,6 @@ def _copy_square_images(stores: FeatureStores, todo: dict[str, list[str]], first
     policy and are always computed). A header that cannot be read leaves the image to extraction,
     which reports it."""
     from featurepipe.extraction.features import other_policy_stores
-    from featurepipe.core.errors import ImageDecodeError
-    from featurepipe.data.images import image_size
 
     wanted = [h for h, keys in todo.items() if h in keys]
     if not wanted:
@@ -286,30 +308,42 @@ def _copy_square_images(stores: FeatureStores, todo: dict[str, list[str]], first
     others = other_policy_stores(stores.spec, root, result.precision)
     if not others:
         return
-    square = []
-    for content_hash in wanted:
-        try:
-            width, height = image_size(first_path[content_hash])
-        except (ImageDecodeError, OSError):
-            continue
-        if width == height:
-            square.append(content_hash)
+    square = [h for h in wanted if is_square(first_path[h])]
     for other in others:
         if not square:
             break
         found = other.has(square)
         there = [h for h, present in zip(square, found) if present]
-        for start in range(0, len(there), COPY_ROWS):
-            keys = there[start:start + COPY_ROWS]
-            original_writer.add(keys, other.read(keys))
-            for content_hash in keys:
-                todo[content_hash].remove(content_hash)
-                if not todo[content_hash]:
-                    del todo[content_hash]
-            result.copied += len(keys)
-            report(progress, "extract", result.copied, len(wanted),
-                   f"square images copied from the {other.payload.get('resize', 'other')} features")
+        copy_originals(original_writer, other, there, result, progress, len(wanted))
+        for content_hash in there:
+            todo[content_hash].remove(content_hash)
+            if not todo[content_hash]:
+                del todo[content_hash]
         square = [h for h, present in zip(square, found) if not present]
+
+
+def is_square(path: str) -> bool:
+    """Whether the file's header says width == height (False when it cannot be read: extraction then
+    reports the file)."""
+    from featurepipe.core.errors import ImageDecodeError
+    from featurepipe.data.images import image_size
+
+    try:
+        width, height = image_size(path)
+    except (ImageDecodeError, OSError):
+        return False
+    return width == height
+
+
+def copy_originals(original_writer, other: FeatureStore, hashes: list[str], result: ExtractReport,
+                   progress: Optional[ProgressCallback], total: int) -> None:
+    """Copy the original-image rows HASHES from OTHER (another resize policy's store), COPY_ROWS per shard."""
+    for start in range(0, len(hashes), COPY_ROWS):
+        keys = hashes[start:start + COPY_ROWS]
+        original_writer.add(keys, other.read(keys))
+        result.copied += len(keys)
+        report(progress, "extract", result.copied, total,
+               f"square images copied from the {other.payload.get('resize', 'other')} features")
 
 
 PLAN_BATCH = 32   # images per batch (shard) when --batch-size is not given

@@ -75,19 +75,25 @@ def other_policy_stores(spec: BackboneSpec, root: Path, precision: str = "float3
     A square image is the same square of pixels under squash, center_crop and letterbox
     (featurepipe.data.images), so its features under one policy are its features under the others:
     extract copies them from here instead of running the base again."""
+    return [FeatureStore.open(features_dir(root), fingerprint, payload)
+            for fingerprint, payload in other_policy_fingerprints(spec, root, precision)
+            if store_exists(root, fingerprint)]
+
+
+def other_policy_fingerprints(spec: BackboneSpec, root: Path, precision: str = "float32") -> list[tuple[str, dict]]:
+    """(fingerprint, payload) of `spec`'s originals under each other resize policy, in RESIZE_POLICIES order."""
     from dataclasses import replace
 
     from featurepipe.backbones.spec import RESIZE_POLICIES
 
     spec = spec.resolved()
-    found = []
-    for policy in RESIZE_POLICIES:
-        if policy == spec.resize:
-            continue
-        fingerprint, payload = _originals_fingerprint(replace(spec, resize=policy), root, precision)
-        if (features_dir(root) / fingerprint[:16] / "spec.json").is_file():
-            found.append(FeatureStore.open(features_dir(root), fingerprint, payload))
-    return found
+    return [_originals_fingerprint(replace(spec, resize=policy), root, precision)
+            for policy in RESIZE_POLICIES if policy != spec.resize]
+
+
+def store_exists(root: Path, fingerprint: str) -> bool:
+    """Whether the store of FINGERPRINT has been created under the cache ROOT (opening creates it)."""
+    return (features_dir(root) / fingerprint[:16] / "spec.json").is_file()
 
 
 @dataclass

@@ -825,3 +825,74 @@ def test_decode_batches_keeps_order_reports_failures_and_bounds_batches(tmp_path
     assert flat == [p for p in paths if not p.endswith("bad.png")]
     assert [int(x[0, 0, 0]) for _, arr in batches for x in arr] == [20 * i for i in range(7)]
     assert list(errors) == [str(tmp_path / "bad.png")]
+
+
+# --------------------------------------------------------------------------------------------
+# decode_variants: one read, one decode per JPEG draft scale, decode_image's arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _noise_file(path, size, mode="RGB", seed=0, **save):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path, **save)
+    return path
+
+
+# Against the files below: 1/8, 1/4 and 1/2 draft scales, a full decode, and sizes sharing a scale.
+VARIANTS = [(size, resize) for size in (16, 60, 224, 240, 260, 700) for resize in images.RESIZE_POLICIES]
+
+
+@pytest.mark.parametrize("name, size, mode, save", [
+    ("wide.jpg", (1300, 990), "RGB", {"quality": 90}),
+    ("tall.jpg", (605, 1167), "RGB", {"quality": 85}),
+    ("square.jpg", (999, 999), "RGB", {}),
+    ("gray.jpg", (1000, 600), "L", {}),
+    ("cmyk.jpg", (900, 500), "CMYK", {}),
+    ("progressive.jpg", (1100, 700), "RGB", {"progressive": True}),
+    ("wide.png", (500, 300), "RGB", {}),
+    ("palette.png", (300, 300), "P", {}),
+])
+def test_decode_variants_are_decode_image_bit_for_bit(tmp_path, name, size, mode, save):
+    import hashlib
+
+    path = _noise_file(tmp_path / name, size, mode, **save)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    arrays = images.decode_variants(path, VARIANTS, expect_sha256=digest)
+    for (side, resize), array in zip(VARIANTS, arrays):
+        np.testing.assert_array_equal(array, decode_image(path, side, resize, expect_sha256=digest))
+
+
+def test_decode_variants_decodes_once_per_draft_scale(tmp_path, monkeypatch):
+    path = _noise_file(tmp_path / "big.jpg", (3000, 2000))
+    sides = []
+    real = images._loaded_rgb
+    monkeypatch.setattr(images, "_loaded_rgb", lambda p, data, side: sides.append(side) or real(p, data, side))
+    images.decode_variants(path, [(224, "squash"), (240, "letterbox"), (260, "center_crop"), (224, "letterbox")])
+    # 2000 // 224 = 8 and 2000 // 240 = 8: both 1/8; 2000 // 260 = 7: 1/4.
+    assert sides == [224, 260]
+    sides.clear()
+    png = _noise_file(tmp_path / "big.png", (900, 600))
+    images.decode_variants(png, [(224, "squash"), (260, "center_crop"), (500, "letterbox")])
+    assert sides == [224]          # not a JPEG: decoded whole, once
+
+
+def test_decode_variants_fails_as_decode_image_does(tmp_path):
+    text = tmp_path / "page.jpg"
+    text.write_text("<html>gone</html>")
+    with pytest.raises(ImageDecodeError) as whole:
+        images.decode_variants(text, [(32, "squash"), (64, "letterbox")])
+    with pytest.raises(ImageDecodeError) as single:
+        decode_image(text, 32, "squash")
+    assert whole.value.reason == single.value.reason
+    good = _noise_file(tmp_path / "good.jpg", (600, 400)).read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good[: len(good) // 2])
+    # A decode that fails takes its requests' places; the reason is decode_image's.
+    out = images.decode_variants(cut, [(32, "squash"), (300, "squash")])
+    for result, side in zip(out, (32, 300)):
+        with pytest.raises(ImageDecodeError) as single:
+            decode_image(cut, side, "squash")
+        assert isinstance(result, ImageDecodeError) and result.reason == single.value.reason
+    with pytest.raises(images.UsageError):
+        images.decode_variants(cut, [(0, "squash")])

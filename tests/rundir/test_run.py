@@ -150,6 +150,7 @@ def test_evaluate_features_takes_cached_features_and_never_extracts(image_tree, 
     def no_extraction(*args, **kwargs):
         raise AssertionError("evaluate_features extracted")
     monkeypatch.setattr("featurepipe.extraction.extract.extract", no_extraction)
+    monkeypatch.setattr("featurepipe.extraction.shared.extract_many", no_extraction)
     staged = evaluate_features(dataset, features, config, cache, run_dir=tmp_path / "staged", n_jobs=1)
     assert staged.extract is None and staged.extracts == []
     for name in (rundir.LEADERBOARD, rundir.OOF, rundir.FOLDS):
