@@ -135,6 +135,12 @@ def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
         head = head_to_keras(member.load_head(), int(features.shape[-1]), name=f"head_{index}")
         # InferenceMode as in any_size_model: a dense head's Dropout stays off however the model is called.
         outputs.append(InferenceMode(head, name=f"classifier_{index}")(features))
+    weights = run.weights
+    if len(set(weights)) > 1:
+        # A weighted vote (its selection added a member more than once): built-in layers only, so the
+        # exported file still loads with safe_mode=True (a Lambda would not).
+        outputs = [keras.layers.Rescaling(w, name=f"weight_{i}")(o) for i, (w, o) in enumerate(zip(weights, outputs))]
+        return keras.Model(images, keras.layers.Add(name="vote")(outputs), name="featurepipe_vote")
     return keras.Model(images, keras.layers.Average(name="vote")(outputs), name="featurepipe_vote")
 
 
