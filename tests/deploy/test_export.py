@@ -231,3 +231,46 @@ def test_a_vote_exports_as_one_keras_model_that_matches_predict(exported, tmp_pa
     with pytest.raises(FeaturepipeError, match="TFLite takes one fixed input size.*--quick"):
         export(run, "tflite", tmp_path / "lite")
     assert not (tmp_path / "lite").exists()     # refused before anything was written
+
+
+def test_a_weighted_vote_predicts_exports_and_fine_tunes_with_its_weights(exported, tmp_path):
+    """A vote whose selection added a member twice (with replacement) records per-member weights:
+    predict, export and fine-tuning's before-score average with them; bad weights are refused."""
+    import keras
+    from PIL import Image
+
+    import featurepipe.heads.to_keras  # noqa: F401
+    from featurepipe.deploy.export import any_size_model, fixed_size_model
+    from featurepipe.rundir.heads_io import load_head_meta, save_vote
+    from featurepipe.rundir.run import open_run
+    from featurepipe.training.finetune_vote import open_vote
+
+    base, _ = exported
+    data, cache = base / "data", base / "cache"
+    # squash and center_crop: predict and the exported graph agree to ~2e-4 (letterbox differs more).
+    specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="center_crop")]
+    run = tmp_path / "vote"
+    evaluate(scan(data, cache_dir=cache), SearchConfig(heads=("logreg",), specs=specs, folds=2),
+             cache, run_dir=run, n_jobs=1)
+    raw = [make_image(tmp_path / "raw" / f"{name}.png", colour, seed=700 + i, size=(50 + 5 * i, 41))
+           for i, (name, colour) in enumerate(COLOURS.items())]
+    pixels = [np.asarray(Image.open(p).convert("RGB"))[None] for p in raw]
+    singles = [any_size_model(m, fixed_size_model(m, cache)) for m in open_run(run).members]
+    each = [np.stack([np.asarray(m.predict_on_batch(x))[0] for x in pixels]) for m in singles]
+    expected = 0.75 * each[0] + 0.25 * each[1]
+    assert np.abs(each[0] - each[1]).max() > 1e-3      # the weights make a difference to check
+
+    meta = dict(load_head_meta(run))
+    listed = [{k: v for k, v in m.items() if k != "dir"} for m in meta.pop("members")]
+    # Written as evaluate writes a weighted vote (save_vote signs it): the first member counts 3 times.
+    save_vote(run, meta, [{**m, "weight": w} for m, w in zip(listed, (0.75, 0.25))])
+    assert open_run(run).weights == [0.75, 0.25] and open_vote(run).weights == [0.75, 0.25]
+    got = predict(run, raw, cache_dir=cache).frame[["p[blue]", "p[green]", "p[red]"]].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    model = keras.saving.load_model(export(run, "keras", tmp_path / "out").path, safe_mode=True)
+    out = np.stack([np.asarray(model.predict_on_batch(x))[0] for x in pixels])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+    save_vote(run, meta, [{**m, "weight": w} for m, w in zip(listed, (1.5, -0.5))])
+    with pytest.raises(FeaturepipeError, match="weights must be positive numbers summing to 1"):
+        predict(run, raw, cache_dir=cache)
