@@ -233,7 +233,8 @@ def evaluate_features(
     config = replace(config, specs=tuple(specs), augment=augment, folds=folds, nested=nested)
     results, search_grids = _search(tables, config, root, n_jobs, progress)
 
-    # Each feature set's predict price (Lite0 passes per image): the vote keeps only members worth theirs.
+    # Each feature set's predict price (Lite0 passes per image): what member selection (on request)
+    # weighs each member's gain against, and what the frontier in nested.json reports.
     costs = {name: pass_cost(spec) for name, spec in zip(names, specs)}
     rule = Rule() if config.select_members else None
     ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, config.ensemble, vote=config.vote,

@@ -30,8 +30,9 @@ ENSEMBLE_SIZE = 3
 # subsets of 8-30 images per class): +1 to +5 points over choosing one configuration on 10 of 12 sets,
 # because picking among ~50 near-equal rows on small folds costs what the search gains, while
 # averaging backbones and resize policies cancels much of each one's error. It is always chosen (not
-# compared with single rows), so the inner search has nothing to overfit but C. Which sets vote is
-# then chosen by forward selection (evaluation.selection), on the same folds, priced by predict cost.
+# compared with single rows), so the inner search has nothing to overfit but C. With a selection Rule
+# (SearchConfig.select_members) which sets vote is chosen too, by forward selection on the same folds
+# priced by predict cost (evaluation.selection); measured to lose accuracy, so not by default.
 VOTE = "vote"
 VOTE_HEAD = "logreg"
 
@@ -72,8 +73,8 @@ class NestedResult:
     summary: dict                    # accuracy etc.: mean, std, 95% interval over outer folds
     best_inner_accuracy: float       # the best leaderboard row's mean (what a best-of-N headline would say)
     choices: dict = field(default_factory=dict)   # candidate label -> outer folds that chose it
-    # With a selected vote: for k = 1..N members in greedy order, the nested accuracy of the procedure
-    # capped at k members and the predict cost (Lite0 passes per image) of the full-data order's first k.
+    # With a vote: for k = 1..N members in forward selection's greedy order, the nested accuracy of the
+    # vote capped at k members and the predict cost (Lite0 passes per image) of the full-data order's first k.
     frontier: list = field(default_factory=list)
 
     @property
