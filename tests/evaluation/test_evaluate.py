@@ -410,5 +410,6 @@ def test_select_members_saves_only_the_feature_sets_forward_selection_keeps(hard
     assert all(0 <= f["nested_accuracy"] <= 1 for f in nested["frontier"])
     assert nested["frontier"][0]["feature_sets"] == bag[:1]
     assert all(f["cost"] == pytest.approx(price * (f["chosen"].count("tiny/") or 1)) for f in nested["folds"])
+    assert json.loads(out.stdout)["nested"]["frontier"] == nested["frontier"]     # evaluate --json shows it too
     html = write_report(run).html_path.read_text()
     assert "Vote members" in html and "greedy order" in html
