@@ -161,18 +161,20 @@ def nested_section(context: ReportContext) -> Optional[str]:
 
 def frontier_section(context: ReportContext) -> Optional[str]:
     """The vote's members in the order forward selection adds them, each prefix's nested accuracy and
-    predict cost (nested.json's frontier; absent before member selection and without a vote)."""
-    frontier = (_nested(context) or {}).get("frontier")
+    predict cost (nested.json's frontier; absent without a vote and in runs made before it was recorded)."""
+    nested = _nested(context) or {}
+    frontier = nested.get("frontier")
     if not isinstance(frontier, list) or not frontier:
         return None
-    chosen = [f.get("cost") for f in (_nested(context) or {}).get("folds") or [] if f.get("cost") is not None]
-    text = ('<p class="sub">Each member of the vote costs one more backbone pass per image at predict time. The '
-            'selection adds feature sets one by one, the one that most improves the CV log loss net of its cost '
-            'first, and stops when none pays for itself. Row k: the first k feature sets of that order on all '
-            'training images, their predict cost in EfficientNet-Lite0 passes per image, and the nested CV '
-            'accuracy of the vote capped at k members (chosen on each outer fold\'s inner folds).'
-            + (f' The selection as run cost {num(float(np.mean(chosen)))} passes per image on average over the outer '
-               f'folds.' if chosen else '') + '</p>')
+    chosen = [f.get("cost") for f in nested.get("folds") or [] if f.get("cost") is not None]
+    text = ('<p class="sub">Each member of the vote costs one more backbone pass per image at predict time. '
+            'Forward selection orders the feature sets: each step adds the one that most improves the CV log '
+            'loss net of its cost (with --select-members the saved vote stops where none pays for itself). Row '
+            'k: the first k feature sets of that order on all training images, their predict cost in '
+            'EfficientNet-Lite0 passes per image, and the nested CV accuracy of the vote of the first k '
+            '(ordered on each outer fold\'s inner folds).'
+            + (f' The model as searched cost {num(float(np.mean(chosen)))} passes per image on average over the '
+               f'outer folds.' if chosen else '') + '</p>')
     rows = [[esc(str(f.get("members"))), esc(", ".join(f.get("feature_sets") or [])), num(f.get("cost")),
              num(f.get("nested_accuracy"))] for f in frontier if isinstance(f, dict)]
     return text + html_table(["members", "feature sets (greedy order)", "predict cost (Lite0 passes)",
