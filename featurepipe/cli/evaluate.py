@@ -11,7 +11,7 @@ from featurepipe.cli.common import Command, best_text, check_run_dir, head_names
 from featurepipe.cli.options import (
     AsJson, Augment, AugmentSeed, AutoFolds, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups, Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone,
-    SearchResize, Seed, Tta, Vote, Weights, Workers,
+    SearchResize, Seed, SelectMembers, Tta, Vote, Weights, Workers,
 )
 
 
@@ -26,7 +26,7 @@ def evaluate(
     groups: Optional[str] = Groups,
     backbone: Optional[str] = SearchBackbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = SearchResize,
-    nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote,
+    nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote, select_members: bool = SelectMembers,
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
@@ -48,6 +48,7 @@ def evaluate(
             heads=head_names(heads),
             grids=parse_grid(grid), folds=folds, repeats=repeats, seed=seed,
             augment=AugmentSpec(augment, seed=augment_seed), tta=tta, nested=nested, ensemble=ensemble, vote=vote,
+            select_members=select_members,
             dedup_groups=not no_dedup_groups)
         root = cache_root(cache_dir)
         check_run_dir(run_dir, overwrite)

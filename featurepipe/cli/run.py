@@ -16,7 +16,8 @@ from featurepipe.cli.common import Command, best_text, check_run_dir, head_names
 from featurepipe.cli.options import (
     AsJson, Augment, AutoFolds, Budget, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups,
-    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, Tta, Vote,
+    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, SelectMembers, Tta,
+    Vote,
     Weights, Workers,
 )
 
@@ -28,7 +29,7 @@ def run_all(
     quick: bool = typer.Option(False, "--quick", help="One backbone (efficientnet_lite0) and its default resize "
                                                       "instead of the whole search."),
     heads: str = Heads,
-    nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote,
+    nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote, select_members: bool = SelectMembers,
     folds: Optional[int] = AutoFolds, repeats: int = Repeats,
     seed: int = Seed, grid: Optional[str] = Grid,
     augment: int = Augment, tta: bool = Tta,
@@ -60,6 +61,7 @@ def run_all(
             quick=quick, backbone=backbone, resize=resize, image_size=image_size, layer=layer, pooling=pooling,
             weights=weights, heads=head_names(heads), grids=parse_grid(grid), folds=folds,
             repeats=repeats, seed=seed, augment=augment, tta=tta, nested=nested, ensemble=ensemble, vote=vote,
+            select_members=select_members,
             dedup_groups=not no_dedup_groups)
         # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.
         tuning = (FinetuneConfig() if epochs is None else FinetuneConfig(epochs=epochs)) if finetune else None

@@ -124,24 +124,9 @@ def sized_input_name(member: RunModel) -> str:
 
 
 def vote_weights(run: RunModel) -> Optional[list[float]]:
-    """The members' weights in the vote, summing to 1; None when they count equally (the default).
-
-    Read from best_head.json: `params.weights` (one number per member) or a `weight` in each member."""
-    meta = run.head_meta or {}
-    params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
-    weights = params.get("weights")
-    if weights is None:
-        listed = [m.get("weight") for m in meta.get("members") or [] if isinstance(m, dict)]
-        weights = listed if listed and all(w is not None for w in listed) else None
-    if weights is None:
-        return None
-    try:
-        weights = [float(w) for w in weights]
-    except (TypeError, ValueError):
-        weights = []
-    if len(weights) != len(run.members) or min(weights) < 0 or sum(weights) <= 0:
-        raise FeaturepipeError(f"{run.run_dir}'s vote lists weights {meta.get('params', {}).get('weights')!r} for "
-                               f"{len(run.members)} members; expected one non-negative number per member")
+    """The members' weights in the vote, summing to 1 (RunModel.weights: best_head.json's members'
+    `weight`, validated there); None when they count equally (the default)."""
+    weights = [float(w) for w in run.weights]
     total = sum(weights)
     weights = [w / total for w in weights]
     return None if max(weights) - min(weights) < 1e-12 else weights

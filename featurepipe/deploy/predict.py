@@ -235,9 +235,10 @@ def _predict_vote(run: RunModel, paths: list[str], cache_dir, batch_size: int, p
         result.warnings.extend(w for w in counts.warnings if w not in result.warnings)
     # An image counts as reused when every feature set had it, as computed when any had to run a model.
     result.reused, result.computed = min(reused), max(computed)
+    weights = run.weights
     for path in paths:
         if path not in errors and all(path in own for own in parts):
-            proba[path] = np.mean([own[path] for own in parts], axis=0)
+            proba[path] = np.average([own[path] for own in parts], axis=0, weights=weights)
 
 
 def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,

@@ -27,10 +27,12 @@ from featurepipe.rundir.run import Run
 from featurepipe.backbones.fingerprint import library_versions
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.evaluation.config import SearchConfig, feature_set_name
+from featurepipe.evaluation.cost import pass_cost
 from featurepipe.evaluation.crossval import FeatureTable, run_cv
 from featurepipe.evaluation.folds import auto_folds
 from featurepipe.evaluation.metrics import _metric_range, _summary
 from featurepipe.evaluation.refit_best import SearchedSet, refit_best
+from featurepipe.evaluation.selection import Rule
 from featurepipe.data.dataset import Dataset, require_usable_images
 from featurepipe.core.digest import digest
 from featurepipe.core.errors import FeaturepipeError, UsageError
@@ -236,14 +238,20 @@ def evaluate_features(
     config = replace(config, specs=tuple(specs), augment=augment, folds=folds, nested=nested)
     results, search_grids = _search(tables, config, root, n_jobs, progress)
 
-    ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, config.ensemble, vote=config.vote)
+    # Each feature set's predict price (Lite0 passes per image): what member selection (on request)
+    # weighs each member's gain against, and what the frontier in nested.json reports.
+    costs = {name: pass_cost(spec) for name, spec in zip(names, specs)}
+    rule = Rule() if config.select_members else None
+    ranked, ensemble_folds = leaderboard_ensemble(results, first.y, classes, config.ensemble, vote=config.vote,
+                                                  costs=costs, rule=rule)
     leaderboard, fold_table, oof = _tables(results, ranked, ensemble_folds, folds, config.repeats)
     best_candidate = ranked[0]
     nested_result = None
     if nested:
         # The optimism gap compares with the best row a best-of-N headline would have shown.
         nested_result = nested_cv(results, first.y, classes, first.paths,
-                                  float(leaderboard["accuracy_mean"].max()), config.ensemble, vote=config.vote)
+                                  float(leaderboard["accuracy_mean"].max()), config.ensemble, vote=config.vote,
+                                  costs=costs, rule=rule)
 
     with held_interrupt() if hold_interrupts else nullcontext():
         # Run.new refuses a user's non-run folder (the CLI passes --overwrite)

@@ -86,10 +86,14 @@ def refit_best(run: Run, candidate, best: dict, searched: list[SearchedSet], res
         for split, part in parts.items():
             holdout_parts.setdefault(split, []).append(part)
     if voting:
+        # Weights only where the selection made them unequal: an equal vote's file reads as before.
+        weights = list(candidate.weights) or [None] * len(members)
         run.save_vote({**best, "tta": tta, "classes": classes},
                       [{"features": m.features, "head": m.head, "params": json.loads(m.params),
-                        "cv_accuracy": _row_accuracy(results[m.features].leaderboard, m)} for m in members])
-        holdout = _holdout_metrics({split: (parts[0][0], np.mean([p for _, p in parts], axis=0))
+                        "cv_accuracy": _row_accuracy(results[m.features].leaderboard, m),
+                        **({"weight": w} if w is not None else {})} for m, w in zip(members, weights)])
+        shares = candidate.weights or None
+        holdout = _holdout_metrics({split: (parts[0][0], np.average([p for _, p in parts], axis=0, weights=shares))
                                     for split, parts in holdout_parts.items()}, classes)
     run.remove(HOLDOUT)
     if holdout:

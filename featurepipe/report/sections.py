@@ -149,14 +149,36 @@ def nested_section(context: ReportContext) -> Optional[str]:
             'chosen on the folds that score it, and is optimistic by about the gap.</p>')
     if any(str(f.get("chosen", "")).startswith("vote of ") for f in nested.get("folds") or []):
         text += ('<p class="sub">With several feature sets the procedure is a vote: each feature set\'s best '
-                 'logistic regression (its C chosen by the inner folds), their probabilities averaged. It is always '
-                 'the vote, never one row picked among many near-equal ones, which is what made picking optimistic '
-                 'on small folds.</p>')
+                 'logistic regression (its C chosen by the inner folds), their probabilities averaged, never one row '
+                 'picked among many near-equal ones, which is what made picking optimistic on small folds. Which '
+                 'feature sets vote is chosen on the inner folds too (see Vote members).</p>')
     rows = [[esc(f"{f.get('repeat', 0)}/{f.get('fold')}"), _chosen(f), num(f.get("inner_accuracy")),
              num(f.get("accuracy"))] for f in nested.get("folds") or []]
     table = html_table(["outer fold", "chosen by the inner search", "inner CV accuracy", "outer accuracy"], rows,
                        numeric={2, 3})
     return text + table
+
+
+def frontier_section(context: ReportContext) -> Optional[str]:
+    """The vote's members in the order forward selection adds them, each prefix's nested accuracy and
+    predict cost (nested.json's frontier; absent without a vote and in runs made before it was recorded)."""
+    nested = _nested(context) or {}
+    frontier = nested.get("frontier")
+    if not isinstance(frontier, list) or not frontier:
+        return None
+    chosen = [f.get("cost") for f in nested.get("folds") or [] if f.get("cost") is not None]
+    text = ('<p class="sub">Each member of the vote costs one more backbone pass per image at predict time. '
+            'Forward selection orders the feature sets: each step adds the one that most improves the CV log '
+            'loss net of its cost (with --select-members the saved vote stops where none pays for itself). Row '
+            'k: the first k feature sets of that order on all training images, their predict cost in '
+            'EfficientNet-Lite0 passes per image, and the nested CV accuracy of the vote of the first k '
+            '(ordered on each outer fold\'s inner folds).'
+            + (f' The model as searched cost {num(float(np.mean(chosen)))} passes per image on average over the '
+               f'outer folds.' if chosen else '') + '</p>')
+    rows = [[esc(str(f.get("members"))), esc(", ".join(f.get("feature_sets") or [])), num(f.get("cost")),
+             num(f.get("nested_accuracy"))] for f in frontier if isinstance(f, dict)]
+    return text + html_table(["members", "feature sets (greedy order)", "predict cost (Lite0 passes)",
+                              "nested accuracy"], rows, numeric={2, 3})
 
 
 def leaderboard_section(context: ReportContext) -> str:

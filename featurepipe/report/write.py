@@ -24,8 +24,8 @@ from featurepipe.report.inspect_sections import inspect_sections
 from featurepipe.report.reproduce import reproduce_section
 from featurepipe.report.search_sections import search_progress_section
 from featurepipe.report.sections import (
-    confusion_section, folds_section, holdout_section, leaderboard_section, mistakes_section, nested_section,
-    per_class_section, run_section,
+    confusion_section, folds_section, frontier_section, holdout_section, leaderboard_section, mistakes_section,
+    nested_section, per_class_section, run_section,
 )
 from featurepipe.report.training_sections import baseline_section, dense_section, finetune_section
 from featurepipe.rundir.layout import (
@@ -36,6 +36,7 @@ from featurepipe.rundir.layout import (
 S_RUN = "Run"
 S_NESTED = "Nested cross-validation"
 S_SEARCH = "Search progress"
+S_VOTE = "Vote members"
 S_LEADERBOARD = "Leaderboard"
 S_FOLDS = "Fold scores"
 S_CONFUSION = "Confusion matrix"
@@ -105,6 +106,7 @@ SECTIONS: tuple[Union[Section, SectionGroup], ...] = (
     Section(S_RUN, run_section),
     Section(S_NESTED, nested_section, step=False),
     Section(S_SEARCH, search_progress_section, step=False),
+    Section(S_VOTE, frontier_section, step=False),
     Section(S_LEADERBOARD, leaderboard_section),
     Section(S_FOLDS, folds_section),
     Section(S_CONFUSION, confusion_section),

@@ -254,6 +254,21 @@ class HeadMeta(dict):
     def members(self) -> list[dict]:
         return list(self.get("members") or [])
 
+    def weights(self, path: Path) -> list[float]:
+        """A vote's member weights, in member order: each member's recorded "weight" (written when the
+        vote's selection added a member more than once), equal when none is recorded (every vote
+        saved before member selection, and every selection without replacement). Refuses anything
+        but positive numbers summing to 1 (`path`: the file, for the message)."""
+        members = self.members
+        given = [m.get("weight") for m in members]
+        if all(w is None for w in given):
+            return [1.0 / len(members)] * len(members) if members else []
+        if (any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 for w in given)
+                or abs(sum(given) - 1.0) > 1e-6):
+            raise FeaturepipeError(f"{path}: a vote's member weights must be positive numbers summing to 1, not "
+                                   f"{given}; the file was edited or damaged: re-run `featurepipe evaluate`")
+        return [float(w) for w in given]
+
     def backbone(self, config: Optional[dict] = None) -> Optional[BackboneSpec]:
         """The backbone the head was trained on (older runs record it in config.json only)."""
         data = self.get("backbone") or (config or {}).get("backbone")

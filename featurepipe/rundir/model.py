@@ -92,6 +92,11 @@ class RunModel:
     def is_vote(self) -> bool:
         return bool(self.members)
 
+    @property
+    def weights(self) -> list[float]:
+        """A vote's member weights (equal unless its selection recorded others); [] for one head."""
+        return self.head_meta.weights(self.run_dir / HEAD_META) if self.is_vote else []
+
     def cache_dir(self, override: Optional[str | os.PathLike] = None) -> Path:
         # The recorded cache, or the one the run was moved into with it (rundir.folder.run_cache_root).
         return cache_root(run_cache_root(self.run_dir, self.config.get("cache_dir"), override)[0])

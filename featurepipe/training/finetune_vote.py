@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from featurepipe.rundir.heads_io import load_head, load_head_meta, vote_member_dirs
-from featurepipe.rundir.layout import VOTE
+from featurepipe.rundir.layout import HEAD_META, VOTE
 from featurepipe.backbones.spec import BackboneSpec
 from featurepipe.core.errors import FeaturepipeError
 
@@ -44,6 +44,7 @@ class Vote:
     meta: dict                      # the run's best_head.json (head "vote")
     members: list[VoteMember]
     start: int                      # index of the member fine-tuning trains
+    weights: list[float]            # each member's share of the average (equal unless recorded)
 
     @property
     def started_from(self) -> VoteMember:
@@ -73,7 +74,7 @@ def open_vote(run_dir: Path, trust_run: bool = False) -> Optional[Vote]:
     accuracies = [m.get("cv_accuracy") for m in meta["members"]]
     # The member that scored best alone (ties: the first); a run without the figures starts from the first.
     start = max(range(len(members)), key=lambda i: (accuracies[i] if isinstance(accuracies[i], (int, float)) else -1.0, -i))
-    return Vote(meta, members, start)
+    return Vote(meta, members, start, meta.weights(Path(run_dir) / HEAD_META))
 
 
 def _features(member: VoteMember, root: Path, hashes: Sequence[str]) -> np.ndarray:
@@ -103,4 +104,4 @@ def vote_proba(vote: Vote, root: Path, hashes: Sequence[str], n_classes: int,
             estimator = make_head(member.meta["head"], member.meta.get("params") or {}, seed).fit(
                 _features(member, root, train_hashes), np.asarray(labels, dtype=np.int64))
         parts.append(head_probabilities(estimator, _features(member, root, hashes), classes))
-    return np.mean(parts, axis=0)
+    return np.average(parts, axis=0, weights=vote.weights)

@@ -275,34 +275,44 @@ def test_a_vote_exports_as_one_tflite_file_with_an_input_per_member_size_and_pol
     assert result.meta["agreement"]["max_abs_diff"] < 1e-4
 
 
-@pytest.mark.slow
-def test_a_weighted_vote_weighs_its_members(vote_run, tmp_path):
-    """Votes that list member weights (best_head.json params.weights) export the weighted average."""
-    import shutil
-
+def test_a_weighted_vote_predicts_exports_and_fine_tunes_with_its_weights(exported, tmp_path):
+    """A vote whose selection added a member twice (with replacement) records per-member weights:
+    predict, export and fine-tuning's before-score average with them; bad weights are refused."""
+    import keras
     from PIL import Image
 
-    from featurepipe.deploy.export import vote_weights
+    import featurepipe.heads.to_keras  # noqa: F401
+    from featurepipe.deploy.export import any_size_model, fixed_size_model
+    from featurepipe.rundir.heads_io import load_head_meta, save_vote
     from featurepipe.rundir.run import open_run
+    from featurepipe.training.finetune_vote import open_vote
 
-    source, cache = vote_run
-    run = tmp_path / "weighted"
-    shutil.copytree(source, run)
-    meta = json.loads((run / "best_head.json").read_text())
-    meta["params"] = {**(meta.get("params") or {}), "weights": [3, 1, 0]}
-    (run / "best_head.json").write_text(json.dumps(meta))
-    assert vote_weights(open_run(run, trust=True)) == [0.75, 0.25, 0.0]
-    result = export(run, "keras", tmp_path / "out", trust=True, check_images=0)
-    assert [m["weight"] for m in result.meta["members"]] == [0.75, 0.25, 0.0]
-    assert result.meta["agreement"]["max_abs_diff"] is None and "not measured" in result.meta["agreement"]["note"]
-    raw = raw_images(tmp_path / "raw", 680)
-    pixels = {f"raw{i}": np.asarray(Image.open(path).convert("RGB"))[None] for i, path in enumerate(raw)}
-    got = run_plain({name: str(result.path) for name in pixels}, pixels, tmp_path)
-    members = member_models(run, cache)
-    for name, x in pixels.items():
-        each = [m.predict_on_batch(x)[0] for m in members]
-        np.testing.assert_allclose(got[name][0], 0.75 * each[0] + 0.25 * each[1], atol=1e-5)
-    meta["params"]["weights"] = [1, 2]
-    (run / "best_head.json").write_text(json.dumps(meta))
-    with pytest.raises(FeaturepipeError, match="one non-negative number per member"):
-        export(run, "keras", tmp_path / "bad", trust=True)
+    base, _ = exported
+    data, cache = base / "data", base / "cache"
+    # squash and center_crop: predict and the exported graph agree to ~2e-4 (letterbox differs more).
+    specs = [TINY, BackboneSpec(name="tiny", weights="random", image_size=32, resize="center_crop")]
+    run = tmp_path / "vote"
+    evaluate(scan(data, cache_dir=cache), SearchConfig(heads=("logreg",), specs=specs, folds=2),
+             cache, run_dir=run, n_jobs=1)
+    raw = [make_image(tmp_path / "raw" / f"{name}.png", colour, seed=700 + i, size=(50 + 5 * i, 41))
+           for i, (name, colour) in enumerate(COLOURS.items())]
+    pixels = [np.asarray(Image.open(p).convert("RGB"))[None] for p in raw]
+    singles = [any_size_model(m, fixed_size_model(m, cache)) for m in open_run(run).members]
+    each = [np.stack([np.asarray(m.predict_on_batch(x))[0] for x in pixels]) for m in singles]
+    expected = 0.75 * each[0] + 0.25 * each[1]
+    assert np.abs(each[0] - each[1]).max() > 1e-3      # the weights make a difference to check
+
+    meta = dict(load_head_meta(run))
+    listed = [{k: v for k, v in m.items() if k != "dir"} for m in meta.pop("members")]
+    # Written as evaluate writes a weighted vote (save_vote signs it): the first member counts 3 times.
+    save_vote(run, meta, [{**m, "weight": w} for m, w in zip(listed, (0.75, 0.25))])
+    assert open_run(run).weights == [0.75, 0.25] and open_vote(run).weights == [0.75, 0.25]
+    got = predict(run, raw, cache_dir=cache).frame[["p[blue]", "p[green]", "p[red]"]].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    model = keras.saving.load_model(export(run, "keras", tmp_path / "out").path, safe_mode=True)
+    out = np.stack([np.asarray(model.predict_on_batch(x))[0] for x in pixels])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+    save_vote(run, meta, [{**m, "weight": w} for m, w in zip(listed, (1.5, -0.5))])
+    with pytest.raises(FeaturepipeError, match="weights must be positive numbers summing to 1"):
+        predict(run, raw, cache_dir=cache)

@@ -358,3 +358,58 @@ def test_square_photos_are_cross_validated_once_for_all_three_resize_policies(tm
     meta = json.loads((tmp_path / "run-three" / "best_head.json").read_text())
     members = [json.loads((tmp_path / "run-three" / m["dir"] / "best_head.json").read_text()) for m in meta["members"]]
     assert [m["backbone"]["resize"] for m in members] == ["squash", "center_crop", "letterbox"]
+
+
+def test_select_members_saves_only_the_feature_sets_forward_selection_keeps(hard_tree, cache, tmp_path):
+    """--select-members: the saved model keeps the sets that forward selection on the standard CV folds
+    keeps (recomputed here from the out-of-fold file and the leaderboard with plain numpy / scikit-learn), nested.json
+    records the frontier and the per-fold predict cost, the report shows the frontier."""
+    from featurepipe.evaluation.cost import pass_cost
+    from featurepipe.evaluation.selection import LAMBDA
+    from featurepipe.report.write import write_report
+
+    run = tmp_path / "selected"
+    out = CliRunner().invoke(app, ["evaluate", str(hard_tree), "--backbone", "tiny", "--weights", "random",
+                                   "--image-size", "32", "--resize", "auto", "--heads", "logreg", "--folds", "3",
+                                   "--cache-dir", str(cache), "--json", "--select-members", "--run-dir", str(run)])
+    assert out.exit_code == 0, out.output
+    assert json.loads((run / "config.json").read_text())["search"]["select_members"] is True
+    price = pass_cost(TINY)
+    board = pd.read_csv(run / "leaderboard.csv")
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    sets = ["tiny/squash", "tiny/center_crop", "tiny/letterbox"]
+    pool = {}
+    for name in sets:
+        rows = board[(board["features"] == name) & (board["head"] == "logreg")]
+        best = rows.sort_values(["accuracy_mean", "log_loss_mean"], ascending=[False, True], kind="stable").iloc[0]
+        pool[name] = oof[(oof["features"] == name) & (oof["head"] == "logreg") & (oof["params"] == best["params"])]
+    columns = [c for c in oof.columns if c.startswith("p[")]
+    classes = [c[2:-1] for c in columns]
+
+    def value(bag):
+        losses = []
+        for fold in sorted(pool[sets[0]]["fold"].unique()):
+            parts = [pool[n][pool[n]["fold"] == fold].sort_values("row") for n in bag]
+            y = parts[0]["true"].map(classes.index).to_numpy()
+            losses.append(log_loss(y, np.mean([p[columns].to_numpy() for p in parts], axis=0), labels=range(3)))
+        return -np.mean(losses) - LAMBDA * price * len(bag)
+    bag, current = [], -np.inf
+    while len(bag) < len(sets):
+        best = max((n for n in sets if n not in bag), key=lambda n: (value(bag + [n]), -sets.index(n)))
+        if bag and value(bag + [best]) <= current + 1e-12:
+            break
+        bag.append(best)
+        current = value(bag)
+    meta = json.loads((run / "best_head.json").read_text())
+    saved = [m["features"] for m in meta["members"]] if meta["head"] == "vote" else [meta["features"]]
+    assert saved == bag
+    assert (run / "members").exists() == (len(bag) > 1)
+    nested = json.loads((run / "nested.json").read_text())
+    assert [f["members"] for f in nested["frontier"]] == [1, 2, 3]
+    assert [f["cost"] for f in nested["frontier"]] == pytest.approx([price, 2 * price, 3 * price])
+    assert all(0 <= f["nested_accuracy"] <= 1 for f in nested["frontier"])
+    assert nested["frontier"][0]["feature_sets"] == bag[:1]
+    assert all(f["cost"] == pytest.approx(price * (f["chosen"].count("tiny/") or 1)) for f in nested["folds"])
+    assert json.loads(out.stdout)["nested"]["frontier"] == nested["frontier"]     # evaluate --json shows it too
+    html = write_report(run).html_path.read_text()
+    assert "Vote members" in html and "greedy order" in html

@@ -185,3 +185,88 @@ def test_vote_leads_the_leaderboard_with_one_member_per_feature_set(tmp_path):
     only_knn = vote_of([c for c in ranked if c.head == "knn"], ["good", "noisy"])
     assert [m.head for m in only_knn.members] == ["knn", "knn"]
     assert vote_of(ranked[1:], ["good"]) is None       # one feature set: no vote
+
+
+def _forward(inner: dict, ys: list, costs: dict, lam: float) -> list[str]:
+    """Forward selection written out independently: inner[name][j] = that set's probabilities on inner
+    fold j; start with the best set, add the one that most improves mean(-log loss) - lam * cost."""
+    def value(bag):
+        losses = [log_loss(ys[j], np.mean([inner[n][j] for n in bag], axis=0), labels=[0, 1, 2]) for j in range(len(ys))]
+        return -np.mean(losses) - lam * sum(costs[n] for n in bag)
+    bag, current = [], -np.inf
+    while len(bag) < len(inner):
+        options = [n for n in inner if n not in bag]
+        best = max(options, key=lambda n: (value(bag + [n]), -costs[n], -list(inner).index(n)))
+        if bag and value(bag + [best]) <= current + 1e-12:
+            break
+        bag.append(best)
+        current = value(bag)
+    return bag
+
+
+def _split_views(n=75, seed=3):
+    """Three "backbones" over the same images: left and right each see half the informative features
+    (their vote helps on some folds), twin is a copy of left (it can add nothing to it)."""
+    X, y = make_classification(n_samples=n, n_features=8, n_informative=4, n_redundant=0, n_classes=3,
+                               n_clusters_per_class=1, class_sep=0.9, flip_y=0.08, random_state=seed)
+    rng = np.random.default_rng(seed)
+    left = np.hstack([X[:, :2], rng.standard_normal((n, 4))])
+    right = np.hstack([X[:, 2:4], rng.standard_normal((n, 4))])
+    paths = [f"img/{i:03d}.png" for i in range(n)]
+    return {name: FeatureTable(X=x.astype(np.float32), y=y, classes=CLASSES, paths=paths, key=f"split-{name}")
+            for name, x in (("left", left), ("right", right), ("twin", left.copy()))}, y
+
+
+def test_nested_selected_vote_matches_plain_scikit_learn(tmp_path):
+    """With member selection, each outer fold's vote keeps the sets forward selection adds on the inner
+    folds (each set's C chosen there too), recomputed here with plain scikit-learn; a copy of a set
+    adds nothing and is never kept with it; the frontier's last row is the vote of every set."""
+    from featurepipe.evaluation.selection import Rule
+
+    seed, lam = 0, 0.005
+    tables, y = _split_views()
+    costs = {"left": 1.0, "right": 1.5, "twin": 1.0}
+    results = {name: run_cv(t, ["logreg"], grids={"logreg": {"C": GRID}}, n_folds=5, seed=seed, n_jobs=1,
+                            cache_dir=tmp_path / "cv", nested=True) for name, t in tables.items()}
+    paths = tables["left"].paths
+    nested = nested_cv(results, y, CLASSES, paths, 1.0, costs=costs, rule=Rule(lam=lam))
+
+    outer = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    expected, kept = [], []
+    for k, (train_k, test_k) in enumerate(outer):
+        inner, chosen_c = {}, {}
+        for name in ("left", "right"):
+            X = tables[name].X.astype(np.float64)
+            chosen_c[name] = C = _inner_choice(X, y, train_k, outer, k, seed)
+            inner[name] = [_plain_logreg(C, seed).fit(X[np.setdiff1d(train_k, val_j)], y[np.setdiff1d(train_k, val_j)])
+                           .predict_proba(X[val_j]) for j, (_, val_j) in enumerate(outer) if j != k]
+        inner["twin"], chosen_c["twin"] = inner["left"], chosen_c["left"]    # the same features: the same fits
+        ys = [y[val_j] for j, (_, val_j) in enumerate(outer) if j != k]
+        bag = _forward(inner, ys, costs, lam)
+        kept.append(bag)
+        probas = [_plain_logreg(chosen_c[n], seed).fit(tables[n].X.astype(np.float64)[train_k], y[train_k])
+                  .predict_proba(tables[n].X.astype(np.float64)[test_k]) for n in bag]
+        expected.append(accuracy_score(y[test_k], np.mean(probas, axis=0).argmax(axis=1)))
+    assert nested.folds["accuracy"].tolist() == pytest.approx(expected)
+    assert nested.accuracy == pytest.approx(np.mean(expected))
+    assert {len(bag) for bag in kept} == {1, 2}       # one set on some folds, a vote of two on others
+    for bag, config, cost in zip(kept, nested.folds["chosen_config"], nested.folds["cost"]):
+        config = json.loads(config)
+        assert [m["features"] for m in config.get("members", [config])] == bag
+        assert cost == pytest.approx(sum(costs[n] for n in bag))
+        assert not {"left", "twin"} <= set(bag)          # the copy adds nothing
+    # The frontier ends with every set voting: the nested accuracy of the equal vote, at full cost.
+    plain = nested_cv(results, y, CLASSES, paths, 1.0)
+    assert [f["members"] for f in nested.frontier] == [1, 2, 3]
+    assert nested.frontier[-1]["nested_accuracy"] == pytest.approx(plain.accuracy)
+    assert nested.frontier[-1]["cost"] == pytest.approx(3.5)
+    assert sorted(nested.frontier[-1]["feature_sets"]) == ["left", "right", "twin"]
+    assert nested.to_dict()["frontier"] == nested.frontier
+
+    # The saved model keeps the selection made on the standard folds, nothing more.
+    ranked, _ = leaderboard_ensemble(results, y, CLASSES, 3, costs=costs, rule=Rule(lam=lam))
+    top = ranked[0]
+    assert not {"left", "twin"} <= {m.features for m in top.members} | {top.features}
+    assert len(ranked) == len(set(ranked))
+    everyone, _ = leaderboard_ensemble(results, y, CLASSES, 3)
+    assert [m.features for m in everyone[0].members] == ["left", "right", "twin"]
