@@ -38,6 +38,7 @@ __all__ = [
     "decode_ahead",
     "decode_batches",
     "decode_image",
+    "decode_views",
     "image_size",
     "thumbnail_png",
 ]
@@ -396,6 +397,48 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str,
     if arr.shape != (size, size, 3):  # pragma: no cover - guards against PIL behaviour changes
         raise ImageDecodeError(p, f"decoded to unexpected shape {arr.shape}")
     return arr
+
+
+def _draft_factor(width: int, height: int, side: int) -> int:
+    """The DCT scale PIL's JpegImageFile.draft picks for a request of side x side (8, 4, 2 or 1)."""
+    scale = min(width // side, height // side)
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def decode_views(path: str | os.PathLike[str], views: Sequence[tuple[int, str]],
+                 expect_sha256: Optional[str] = None) -> list[np.ndarray]:
+    """One (size, size, 3) uint8 array per (size, resize) view, each the very pixels decode_image
+    gives, with the file decoded once for all views that share a JPEG draft scale (usually all of
+    them: one decode for a vote over several backbones and resize policies, not one per member).
+
+    A JPEG decodes at a DCT scale chosen from the size asked for (loaded_rgb), so sizes far apart
+    may need two decodes to stay identical to decode_image; other formats always decode once."""
+    p = os.fspath(path)
+    for size, resize in views:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise UsageError(f"size must be a positive int, got {size!r}")
+        if resize not in RESIZE_POLICIES:
+            raise UsageError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+    sides = sorted({int(size) for size, _ in views})
+    groups: dict[int, list[int]] = {}
+    if len(sides) > 1:
+        with _open(p) as header:
+            jpeg = isinstance(header, JpegImagePlugin.JpegImageFile)
+            width, height = header.size
+        for side in sides:
+            groups.setdefault(_draft_factor(width, height, side) if jpeg else 1, []).append(side)
+    else:
+        groups[1] = sides
+    out: dict[tuple[int, str], np.ndarray] = {}
+    for same_draft in groups.values():
+        with loaded_rgb(p, same_draft[-1], expect_sha256) as rgb:
+            for size, resize in views:
+                if int(size) in same_draft and (int(size), resize) not in out:
+                    try:
+                        out[int(size), resize] = np.array(_resize(rgb, int(size), resize), dtype=np.uint8)
+                    except DECODE_ERRORS as e:
+                        raise ImageDecodeError(p, f"truncated or corrupt image data: {e}") from None
+    return [out[int(size), resize] for size, resize in views]
 
 
 def thumbnail_png(path: str | os.PathLike[str], max_side: int) -> bytes:
