@@ -402,7 +402,7 @@ def decode_image(path: str | os.PathLike[str], size: int, resize: str,
 def _draft_factor(width: int, height: int, side: int) -> int:
     """The DCT scale PIL's JpegImageFile.draft picks for a request of side x side (8, 4, 2 or 1)."""
     scale = min(width // side, height // side)
-    return next(s for s in (8, 4, 2, 1) if scale >= s)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
 
 
 def decode_views(path: str | os.PathLike[str], views: Sequence[tuple[int, str]],

@@ -43,9 +43,6 @@ from featurepipe.rundir.layout import MODEL_META, NESTED
 from featurepipe.rundir.model import RunModel
 from featurepipe.rundir.run import open_run
 
-# Distinct images per pass: features read or computed, classified, and new ones written to the
-# stores as one shard per member; bounds memory whatever the number of images.
-CHUNK_IMAGES = 256
 
 
 @dataclass
@@ -97,6 +94,8 @@ class Predictor:
             value = json.loads((Path(self.run_dir) / NESTED).read_text()).get("accuracy")
         except (OSError, ValueError, AttributeError):
             return None
+        if isinstance(value, dict):          # {"mean": ..., "ci": ...} as evaluate writes it
+            value = value.get("mean")
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     # ---------------------------------------------------------------------------------- predict
@@ -180,8 +179,10 @@ class Predictor:
                                     if m.missing and not self._networks.has(m.spec)))
         kept: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in members}
         weights = self._weights()
-        for start in range(0, len(digests), CHUNK_IMAGES):
-            chunk = digests[start:start + CHUNK_IMAGES]
+        # A batch of distinct images per pass: features read or computed, classified, and new ones
+        # written to the stores as one shard per member; bounds memory whatever the number of images.
+        for start in range(0, len(digests), self.batch_size):
+            chunk = digests[start:start + self.batch_size]
 
             def say(message: str, done: int = done) -> None:
                 report(self.progress, "predict", done, len(files), message)
@@ -198,7 +199,7 @@ class Predictor:
                         kept[m.name].update((h, r[h]) for h in good)
             result.computed += sum(len(by_hash[h]) for h in good if h in todo)
             done += sum(len(by_hash[h]) for h in chunk if h in todo)
-            report(self.progress, "predict", done, len(files), f"{len(files) - done} left" if done < len(files) else "")
+            report(self.progress, "predict", done, len(files), f"{len(files) - done} images left" if done < len(files) else "")
         if keep_features:
             digest_of = {path: h for h, same in by_hash.items() for path in same}
             succeeded = [digest_of[p] for p in files if p in proba]
