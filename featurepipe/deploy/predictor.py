@@ -65,7 +65,8 @@ class Predictor:
 
     `cache_dir` overrides the cache root recorded in the run (where features and hashes live);
     `model`: "auto" (the fine-tuned model when the run has one), "finetuned" or "head"; `trust`:
-    accept a run this user's key did not sign; `progress`: the core.progress callback."""
+    accept a run this user's key did not sign; `progress`: the core.progress callback. One call at a
+    time: a server serialises calls to one Predictor (or keeps one per worker)."""
 
     def __init__(self, run_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None,
                  model: Optional[str] = None, trust: bool = False, progress: Optional[ProgressCallback] = None,

@@ -185,3 +185,25 @@ def test_nested_accuracy_is_read_from_the_run(vote_run, tmp_path):
     assert Predictor(copy, cache_dir=cache).nested_accuracy == 0.8
     (copy / "nested.json").write_text("{not json")
     assert Predictor(copy, cache_dir=cache).nested_accuracy is None
+
+
+def test_cli_predict_of_a_vote_prints_nothing_on_stderr(vote_run, tmp_path):
+    """Whole process, as a user runs it: networks built and run (eagerly and traced), a bad file among
+    good ones, and not one line of TensorFlow on stderr (start-up lines, retracing warnings)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    _, cache, run_dir = vote_run
+    _new_images(tmp_path / "cli", 3, seed=400, corrupt=True)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    cli = "import tests.tiny_backbone; from featurepipe.cli.app import main; main()"
+    done = subprocess.run([sys.executable, "-c", cli, "predict", str(run_dir), str(tmp_path / "cli"), "--cache-dir",
+                           str(cache), "--json"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**env, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    summary = json.loads(done.stdout)
+    assert (summary["computed"], summary["failed"]) == (3, 1)
