@@ -8,12 +8,13 @@ EfficientNet-Lite0/1/2 x squash/center_crop/letterbox today) in CACHE (a tempora
 --cache-dir is given). Then, each in a fresh Python process so that importing TensorFlow counts:
 
 1. one new photo (a demo photo re-saved with one pixel changed, so its bytes and features are new),
-   `featurepipe predict RUN photo.jpg`, --repeats times with a new photo each time, median;
+   `featurepipe predict RUN photo.jpg`;
 2. the same photo again (its features were kept by the first predict: no network is built);
 3. the seeds' deployed model: frozen Lite0 + Dense(256) + Dense(classes), the dense layers trained
    briefly on the demo's cached Lite0/squash features, saved as one .keras; a fresh process runs
-   `keras.saving.load_model` + `model.predict` on the same kind of new photo, --repeats times, median;
+   `keras.saving.load_model` + `model.predict` on another new photo;
 4. with --baseline-repo, step 1 with that checkout's featurepipe (e.g. main before this change);
+   steps 1-4 are one round, repeated --repeats times (interleaved: each sees the same load), medians;
 5. throughput: --photos new photos (demo photos re-saved with distinct bytes) in one predict, against
    what the members' networks cost alone: the model-only seconds per image of each member's network
    (traced, batch 32, on decoded images) summed over the members, which is the least any predict
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,14 +76,25 @@ def new_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
     return out
 
 
-def timed(command: list[str], cwd: Path = REPO) -> tuple[float, subprocess.CompletedProcess]:
+def timed(command: list[str], cwd: Path = REPO) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds, the finished process). On a shared machine under load the wall time
+    says mostly how many other jobs ran; the CPU time (user + system) what the command itself cost."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds, done
+    return seconds, cpu, done
+
+
+def summary(timings: list[tuple]) -> dict:
+    walls, cpus = [t[0] for t in timings], [t[1] for t in timings]
+    return {"wall": [round(w, 2) for w in walls], "cpu": [round(c, 2) for c in cpus],
+            "median_wall": round(statistics.median(walls), 2), "median_cpu": round(statistics.median(cpus), 2)}
 
 
 def predict_command(run: Path, cache: Path, photos: list[Path]) -> list[str]:
@@ -117,8 +130,8 @@ def seeds_model(cache: Path, scratch: Path) -> Path:
     return path
 
 
-def model_only_seconds(run: Path, cache: Path, photos: list[Path]) -> dict[str, float]:
-    """Seconds per image of each member's network alone (decoded beforehand, traced, batch 32)."""
+def model_only_seconds(run: Path, cache: Path, photos: list[Path]) -> dict[str, dict[str, float]]:
+    """Wall and CPU seconds per image of each member's network alone (decoded beforehand, traced, batch 32)."""
     import numpy as np
 
     from featurepipe.backbones.build import build_feature_model, inference_function
@@ -137,11 +150,12 @@ def model_only_seconds(run: Path, cache: Path, photos: list[Path]) -> dict[str, 
             infer = inference_function(build_feature_model(spec, cache), spec.image_size)
             images = np.stack([decode_image(p, spec.image_size, spec.resize) for p in sample])
             infer(images[:32])                      # the graph optimiser's first run, not counted
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for i in range(0, len(images), 32):
                 infer(images[i:i + 32])
-            per_network[key] = (time.perf_counter() - started) / len(images)
-        out[f"{spec.name}/{spec.resize}"] = round(per_network[key], 4)
+            per_network[key] = {"wall": round((time.perf_counter() - started) / len(images), 4),
+                                "cpu": round((time.process_time() - cpu) / len(images), 4)}
+        out[f"{spec.name}/{spec.resize}"] = per_network[key]
     return out
 
 
@@ -162,41 +176,47 @@ def main() -> None:
         run = args.run
         if run is None:
             run = scratch / "run"
-            seconds, _ = timed([sys.executable, "-m", "featurepipe.cli", "run", str(DEMO), "--cache-dir", str(cache),
-                                "--run-dir", str(run)])
+            seconds, _, _ = timed([sys.executable, "-m", "featurepipe.cli", "run", str(DEMO), "--cache-dir", str(cache),
+                                   "--run-dir", str(run)])
             figures["run_seconds"] = round(seconds, 1)
         members = json.loads((run / "best_head.json").read_text()).get("members") or [None]
         figures["members"] = len(members)
 
-        photos = new_photos(scratch / "one", args.repeats + 1)
-        ours = [timed(predict_command(run, cache, [p]))[0] for p in photos[:args.repeats]]
-        figures["one_new_photo_seconds"] = [round(s, 2) for s in ours]
-        again = [timed(predict_command(run, cache, [photos[0]]))[0] for _ in range(args.repeats)]
-        figures["same_photo_again_seconds"] = [round(s, 2) for s in again]
-
+        # Interleaved, one repeat of each per round, so that each figure sees the same load.
         seeds = seeds_model(cache, scratch)
-        seeds_times = [timed([sys.executable, "-c", SEEDS_PREDICT, str(seeds), str(p)])[0]
-                       for p in new_photos(scratch / "seeds", args.repeats, start=1000)]
-        figures["seeds_one_photo_seconds"] = [round(s, 2) for s in seeds_times]
-        figures["one_photo_median_ratio_to_seeds"] = round(statistics.median(ours) / statistics.median(seeds_times), 2)
-        if args.baseline_repo is not None:
-            base = [timed(predict_command(run, cache, [p]), cwd=args.baseline_repo)[0]
-                    for p in new_photos(scratch / "base", args.repeats, start=2000)]
-            figures["baseline_one_new_photo_seconds"] = [round(s, 2) for s in base]
+        ours, again, seeds_times, base = [], [], [], []
+        for i in range(args.repeats):
+            photo = new_photos(scratch / "one", 1, start=i)[0]
+            ours.append(timed(predict_command(run, cache, [photo])))
+            again.append(timed(predict_command(run, cache, [photo])))
+            seeds_times.append(timed([sys.executable, "-c", SEEDS_PREDICT, str(seeds),
+                                      str(new_photos(scratch / "seeds", 1, start=1000 + i)[0])]))
+            if args.baseline_repo is not None:
+                other = new_photos(scratch / "base", 1, start=2000 + i)
+                base.append(timed(predict_command(run, cache, other), cwd=args.baseline_repo))
+        figures["one_new_photo"] = summary(ours)
+        figures["same_photo_again"] = summary(again)
+        figures["seeds_one_photo"] = summary(seeds_times)
+        for kind in ("wall", "cpu"):
+            figures[f"one_photo_ratio_to_seeds_{kind}"] = round(
+                figures["one_new_photo"][f"median_{kind}"] / figures["seeds_one_photo"][f"median_{kind}"], 2)
+        if base:
+            figures["baseline_one_new_photo"] = summary(base)
         figures["load_after_one_photo"] = load()
 
         if args.photos:
             many = new_photos(scratch / "many", args.photos, start=5000)
-            seconds, done = timed(predict_command(run, cache, [scratch / "many"]))
+            seconds, cpu, done = timed(predict_command(run, cache, [scratch / "many"]))
             result = json.loads(done.stdout)
             alone = model_only_seconds(run, cache, many)
-            floor = sum(alone.values()) * args.photos
+            floor = {kind: sum(m[kind] for m in alone.values()) * args.photos for kind in ("wall", "cpu")}
             figures["throughput"] = {
-                "photos": args.photos, "seconds": round(seconds, 1), "computed": result["computed"],
-                "images_per_second": round(args.photos / seconds, 2),
+                "photos": args.photos, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                "computed": result["computed"], "images_per_second": round(args.photos / seconds, 2),
                 "model_only_seconds_per_image": alone,
-                "members_model_only_seconds": round(floor, 1),
-                "ratio_to_members_model_only": round(seconds / floor, 2),
+                "members_model_only_seconds": {k: round(v, 1) for k, v in floor.items()},
+                "ratio_to_members_model_only": {"wall": round(seconds / floor["wall"], 2),
+                                                "cpu": round(cpu / floor["cpu"], 2)},
             }
             figures["load_at_end"] = load()
         print(json.dumps(figures, indent=1))
