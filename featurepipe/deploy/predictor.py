@@ -45,6 +45,11 @@ from featurepipe.rundir.run import open_run
 
 
 
+# Stored images' features read and classified per pass: bounds memory (a pass's features plus the
+# heads' float64 copies, ~15 MB at 1,280-d per member) while keeping reads few.
+READ_CHUNK = 1024
+
+
 @dataclass
 class _Member:
     """One feature set of the run's model (the only one for a single head) and its head."""
@@ -180,10 +185,13 @@ class Predictor:
                                     if m.missing and not self._networks.has(m.spec)))
         kept: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in members}
         weights = self._weights()
-        # A batch of distinct images per pass: features read or computed, classified, and new ones
-        # written to the stores as one shard per member; bounds memory whatever the number of images.
-        for start in range(0, len(digests), self.batch_size):
-            chunk = digests[start:start + self.batch_size]
+        # Distinct images in passes, so memory stays flat whatever their number: stored ones
+        # READ_CHUNK at a time, then new ones a batch at a time (decoded, run through the networks,
+        # written to the stores as one shard per member), each pass classified at once.
+        stored, new = [h for h in digests if h not in todo], [h for h in digests if h in todo]
+        chunks = ([stored[i:i + READ_CHUNK] for i in range(0, len(stored), READ_CHUNK)]
+                  + [new[i:i + self.batch_size] for i in range(0, len(new), self.batch_size)])
+        for chunk in chunks:
 
             def say(message: str, done: int = done) -> None:
                 report(self.progress, "predict", done, len(files), message)
