@@ -59,8 +59,12 @@ def load() -> str:
         return "?"
 
 
+# Changes every photo this invocation writes, so none is in a cache an earlier invocation filled.
+SALT = (time.time_ns() // 1000) % (1 << 24)
+
+
 def new_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
-    """`count` demo photos re-saved with one pixel changed: distinct bytes, so nothing is cached for them."""
+    """`count` demo photos re-saved with two pixels changed: distinct bytes, so nothing is cached for them."""
     from PIL import Image
 
     sources = sorted(p for p in DEMO.rglob("*.jpg"))
@@ -70,6 +74,7 @@ def new_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
         with Image.open(sources[i % len(sources)]) as image:
             image = image.convert("RGB")
             image.putpixel((i % image.width, (i // image.width) % image.height), (i % 256, 7, 11))
+            image.putpixel((image.width - 1, image.height - 1), (SALT & 255, (SALT >> 8) & 255, SALT >> 16))
             path = folder / f"photo{i:05d}.jpg"
             image.save(path, quality=92)
             out.append(path)

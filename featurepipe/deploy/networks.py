@@ -7,11 +7,13 @@ built and traced 9 networks for one photo. Here a network is keyed by what chang
 outputs (`network_key`: everything in the spec but the resize policy), built once per Networks
 object, and run on the stacked views of all its feature sets.
 
-How a batch runs depends on its size, measured on a 2-core CPU: Keras' eager call costs nothing to
-set up but ~0.4 s per image, a traced graph ~1.5-2 s once (trace plus the graph optimiser's first
-call) then ~0.1 s per image. A few rows (one photo's views) therefore run eagerly, more through one
-graph traced per network for any batch size (backbones.build.inference_function), so nothing is
-ever traced twice. A .keras copy of the built network in the run directory was measured too and
+How a batch runs depends on its size, measured in CPU seconds on the shared 2-core machine
+(EfficientNet-Lite0/1/2, benchmarks/README.md): Keras' eager call needs no set-up but costs ~0.07 s
+per row (0.5 s for 3 rows, 1.1 s for 12, 1.9 s for 24), a traced graph ~0.8-1.2 s once (trace
+plus the graph optimiser's first call) then ~0.04 s per row (0.9-1.4 s for 3 rows, 1.0-1.3 s for
+12). Up to EAGER_ROWS rows (a photo or two, all their views) therefore run eagerly, more through
+one graph traced per network for any batch size (backbones.build.inference_function), so nothing
+is ever traced twice. A .keras copy of the built network in the run directory was measured too and
 not kept: loading Lite1 with safe_mode took 3.2 s against 2.7-3.2 s for building it.
 """
 
@@ -25,8 +27,9 @@ import numpy as np
 
 from featurepipe.backbones.spec import BackboneSpec
 
-# Up to this many rows (images x views) a batch runs eagerly; more pay for a traced graph once.
-EAGER_ROWS = 4
+# Up to this many rows (images x views) a batch runs eagerly; more pay for a traced graph once
+# (the two cost the same CPU time at ~12 rows).
+EAGER_ROWS = 8
 
 
 def network_key(spec: BackboneSpec) -> BackboneSpec:
