@@ -20,11 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q
 
-# The report checked in headless Chromium (tests/system/test_report_browser.py); `make test` skips it when
-# Chromium is missing. Installing it needs root and apt (Debian/Ubuntu).
+# The report and serve's page checked in headless Chromium (tests/system/test_report_browser.py,
+# test_serve_browser.py); `make test` skips them when Chromium is missing. Installing it needs root and
+# apt (Debian/Ubuntu).
 browser-test: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y chromium)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests/system/test_report_browser.py
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests/system/test_report_browser.py tests/system/test_serve_browser.py
 
 # The virtual environment and every entry of ./cache (featurepipe/core/cachedirs.py ENTRIES), run
 # directories included. tests/test_makefile.py fails when an entry is added to cachedirs and not here.

@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import math
+import shutil
 import struct
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -273,12 +275,29 @@ def make_photos(out: Path, set_name: str, per_class: int = 0, seed: int = 0, cam
     return out
 
 
+def make_camera250(out: Path, seed: int = 0) -> Path:
+    """250 camera-sized photos (long side 3000-4000 px) in 11 classes: every animals and scenes photo
+    (93 + 146) and objects' 11 instruments, classes named set_class (both sets have a "tool")."""
+    with tempfile.TemporaryDirectory() as scratch:
+        for set_name in ("animals", "scenes", "objects"):
+            made = make_photos(Path(scratch) / set_name, set_name, seed=seed, camera=True)
+            for folder in sorted(p for p in made.iterdir() if p.is_dir()):
+                if set_name == "objects" and folder.name != "instrument":
+                    continue
+                shutil.copytree(folder, Path(out) / f"{set_name}_{folder.name}")
+    return Path(out)
+
+
 def named(name: str, scratch: Path, demo: Path) -> Path:
     """A benchmark data set by name, made under `scratch` on first use: `fmnistN[:seed]` (N per class),
     `demoN:seed` (N photos per class drawn from `demo`), `photos-SET[N][:seed]` (a photo set, all its
-    photos or N per class), anything else a folder as given."""
+    photos or N per class), `camera250[:seed]` (make_camera250), anything else a folder as given."""
     stem, _, seed = name.partition(":")
     out = Path(scratch) / name.replace(":", "s")
+    if stem == "camera250":
+        if not out.exists():
+            make_camera250(out, seed=int(seed or 0))
+        return out
     if stem.startswith("photos-"):
         set_name = stem.removeprefix("photos-").rstrip("0123456789")
         if not out.exists():

@@ -15,7 +15,7 @@ import typer
 
 from typing import Optional
 
-from featurepipe.cli import backbones, cache, evaluate, extract, features, finetune, inspect, predict, report, run
+from featurepipe.cli import backbones, cache, evaluate, extract, features, finetune, inspect, predict, report, run, serve
 from featurepipe.cli.help import CONTEXT, HelpCommand, version_callback
 
 # rich_markup_mode=None: click's plain help, whose text is never read as markup (see the docstring).
@@ -64,6 +64,7 @@ app.command(cls=HelpCommand)(finetune.finetune)
 app.command(cls=HelpCommand)(finetune.baseline)
 app.command(cls=HelpCommand)(predict.predict)
 app.command(cls=HelpCommand)(predict.export)
+app.command(cls=HelpCommand)(serve.serve)
 app.command("run", cls=HelpCommand)(run.run_all)
 app.command(cls=HelpCommand)(inspect.inspect)
 app.command(cls=HelpCommand)(backbones.backbones)

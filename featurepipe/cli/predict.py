@@ -69,11 +69,15 @@ def export(
     model: str = ModelChoice, cache_dir: Optional[Path] = RunCacheDir, as_json: bool = AsJson,
     trust: bool = Trust,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing folder that is not an export."),
+    check_images: int = typer.Option(64, "--check-images", min=0,
+                                     help="Compare the written model with predict on this many of the run's "
+                                          "training images (export.json's agreement); 0: skip."),
 ) -> None:
     """Export the run's model as one network: raw uint8 RGB images in, class probabilities out.
 
-    keras and savedmodel take images of any size (resizing is inside); tflite takes
-    (1, size, size, 3) images already resized with the run's resize policy (see export.json).
+    Every format loads without featurepipe (built-in Keras layers only). keras and savedmodel take
+    images of any size (resizing is inside); tflite takes (1, size, size, 3) images already resized
+    by the preprocess.py written beside it (a vote: one such input per member size and policy).
     """
     from featurepipe.cli import render
     from featurepipe.deploy.export import check_export_folder, export as run_export
@@ -85,15 +89,26 @@ def export(
         run_dir = resolve_run(run_dir, cache_dir)
     with Command(as_json, also=(OSError,)) as command, command.stage() as progress:
         result = run_export(run_dir, fmt, out, cache_dir=cache_dir, model=model, progress=progress, trust=trust,
-                            overwrite=overwrite)
+                            overwrite=overwrite, check_images=check_images)
     if as_json:
         render.print_json(result.to_dict())
         return
-    shape = "x".join("N" if d is None else str(d) for d in result.input_shape)
+    shape = ", ".join("x".join("N" if d is None else str(d) for d in given["shape"])
+                      for given in result.meta.get("inputs") or [{"shape": result.input_shape}])
     render.stdout.print(
         f"wrote {result.path} ({result.format}, {result.model_kind} model, {len(result.classes)} classes, "
         f"input uint8 {shape}) with {result.labels_path.name} and {result.meta_path.name} in {result.seconds:.1f} s",
         highlight=False)
     if result.format == "tflite":
-        render.stdout.print(f"TFLite takes one image already resized to {result.image_size}x{result.image_size} "
-                            f"({result.resize}); the keras and savedmodel formats resize inside", highlight=False)
+        inputs = result.meta["inputs"]
+        render.stdout.print(f"TFLite takes {len(inputs)} input(s), each one image already resized by preprocess.py "
+                            f"({', '.join(i['name'] for i in inputs)}); keras and savedmodel resize inside",
+                            highlight=False)
+    measured = result.meta.get("agreement") or {}
+    if measured.get("max_abs_diff") is not None:
+        verdict = "within" if measured["within_tolerance"] else "OUTSIDE"
+        render.stdout.print(f"vs predict on {measured['images']} training images: max |difference in probability| "
+                            f"{measured['max_abs_diff']:.2g}, {verdict} the tolerance {measured['tolerance']:g}",
+                            highlight=False)
+    elif measured:
+        render.stdout.print(f"agreement with predict {measured.get('note', 'not measured')}", highlight=False)

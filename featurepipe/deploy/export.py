@@ -1,22 +1,24 @@
 """Stage `export`: a run's model as ONE deployable network, raw RGB images in, class probabilities out.
 
-The network carries everything predict applies: resizing to the run's image size with its resize
-policy, the backbone's pixel preprocessing, the frozen base and pooling, and the head (rebuilt
-as Keras layers by featurepipe.heads.to_keras), or the fine-tuned model when the run has one.
+The network carries everything predict applies: the backbone's pixel preprocessing, the frozen base
+and pooling, and the head (rebuilt as Keras layers by featurepipe.heads.to_keras), or the fine-tuned
+model when the run has one; a vote averages its members inside (weighted when the vote lists
+weights). featurepipe.deploy.plain then rewrites it with Keras' built-in layers and ops only, so
+no format needs featurepipe to load.
 
-    keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W; load with
-                                     keras.saving.load_model(path, safe_mode=True) after
-                                     `import featurepipe.heads.to_keras` (registers featurepipe's
-                                     layers: Preprocess, PlattOneVsRest, InferenceMode)
-    savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images); no
-                                     featurepipe or Keras code needed to load it
-    tflite      OUT/model.tflite     input uint8 (1, size, size, 3): images ALREADY resized to the
-                                     run's size with its resize policy (fixed shapes keep the
-                                     interpreter on builtin ops and preallocated tensors); run with
+    keras       OUT/model.keras      input uint8 (batch, H, W, 3), any H and W, resized inside
+                                     (TensorFlow's antialiased bilinear); keras.saving.load_model(path)
+    savedmodel  OUT/saved_model/     same input; tf.saved_model.load(path).serve(images)
+    tflite      OUT/model.tflite     input(s) uint8 (1, size, size, 3): images ALREADY resized by
+                                     OUT/preprocess.py exactly as predict does (fixed shapes keep the
+                                     interpreter on builtin ops; LiteRT has no antialiased resize, see
+                                     benchmarks/README.md). A vote has one input per distinct member
+                                     size and resize policy, named images_<size>_<policy>. Run with
                                      LiteRT (ai-edge-litert), checked right after writing
 
-Every format also writes OUT/labels.txt (one class per line, output index order) and
-OUT/export.json describing inputs, outputs, labels and size.
+Every format also writes OUT/labels.txt (one class per line, output index order), OUT/preprocess.py
+(featurepipe.deploy.recipe: predict's decoding in plain Pillow) and OUT/export.json describing
+inputs, outputs, labels, size and the measured agreement with predict (deploy.agreement).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from featurepipe.rundir.layout import EXPORT_KERAS, EXPORT_META, MODEL_META
 from featurepipe.rundir.model import RunModel
 from featurepipe.rundir.run import open_run
 from featurepipe.core.progress import ProgressCallback, report
+from featurepipe.deploy.agreement import DEFAULT_IMAGES
 
 FORMATS = ("keras", "savedmodel", "tflite")
 ARTEFACTS = {"keras": EXPORT_KERAS, "savedmodel": "saved_model", "tflite": "model.tflite"}
@@ -65,7 +68,7 @@ class ExportResult:
         return {"path": str(self.path), "labels": str(self.labels_path), "meta": str(self.meta_path),
                 "format": self.format, "model_kind": self.model_kind, "classes": self.classes,
                 "image_size": self.image_size, "resize": self.resize, "input_shape": self.input_shape,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "agreement": self.meta.get("agreement")}
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -86,6 +89,9 @@ def _resized(run: RunModel, images, prefix: str = ""):
     """The run's resize policy applied to any-size uint8 images inside the graph, rounded like PIL."""
     import keras
 
+    # float pixels in: resizing computes in float anyway, and Keras' letterbox padding of uint8
+    # images fails when called eagerly (it builds its float fill in the input's dtype).
+    images = keras.ops.cast(images, "float32")
     # antialias: PIL's bilinear (what training decoded with) widens its kernel when shrinking;
     # without it TF's bilinear aliases and drifts by a few grey levels on downscaled photos.
     x = keras.layers.Resizing(run.image_size, run.image_size, interpolation="bilinear",
@@ -107,14 +113,47 @@ def any_size_model(run: RunModel, inner):
     x = _resized(run, images)
     # Keras' image preprocessing layers default to training=True, and the first layer to resolve
     # the flag sets it for the whole call: model(x) and the SavedModel's serve() would then run
-    # the head's Dropout. The wrapper pins everything after resizing to inference.
+    # the head's Dropout. The wrapper pins everything after resizing to inference (and export's
+    # plain rewrite, which drops it, removes the Dropout layers and freezes the rest instead).
     return keras.Model(images, InferenceMode(inner, name="classifier")(x), name="featurepipe_classifier")
 
 
-def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
-    """A vote run as one network: uint8 (n, H, W, 3) -> the average of every member's probabilities,
-    each member resizing the image its own way and running its own backbone (one copy of each
-    backbone's weights, shared by the members that use it)."""
+def sized_input_name(member: RunModel) -> str:
+    """The name of the fixed-size input that a member of a TFLite vote reads."""
+    return f"images_{member.image_size}_{member.resize}"
+
+
+def vote_weights(run: RunModel) -> Optional[list[float]]:
+    """The members' weights in the vote, summing to 1; None when they count equally (the default).
+
+    Read from best_head.json: `params.weights` (one number per member) or a `weight` in each member."""
+    meta = run.head_meta or {}
+    params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+    weights = params.get("weights")
+    if weights is None:
+        listed = [m.get("weight") for m in meta.get("members") or [] if isinstance(m, dict)]
+        weights = listed if listed and all(w is not None for w in listed) else None
+    if weights is None:
+        return None
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        weights = []
+    if len(weights) != len(run.members) or min(weights) < 0 or sum(weights) <= 0:
+        raise FeaturepipeError(f"{run.run_dir}'s vote lists weights {meta.get('params', {}).get('weights')!r} for "
+                               f"{len(run.members)} members; expected one non-negative number per member")
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    return None if max(weights) - min(weights) < 1e-12 else weights
+
+
+def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None, sized: bool = False):
+    """A vote run as one network: the (weighted) average of every member's probabilities, one copy
+    of each backbone's weights, shared by the members that use it.
+
+    sized=False: one input uint8 (n, H, W, 3), each member resizing the image its own way inside.
+    sized=True (TFLite): one input (1, size, size, 3) per distinct size and resize policy of the
+    members, named by sized_input_name, each fed an image already resized that way (recipe.py)."""
     import keras
 
     from featurepipe.backbones.build import build_feature_model
@@ -122,20 +161,57 @@ def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None):
     from featurepipe.heads.to_keras import head_to_keras
 
     root = run.cache_dir(cache_dir)
-    images = keras.Input((None, None, 3), dtype="uint8", name="images")
+    images = None if sized else keras.Input((None, None, 3), dtype="uint8", name="images")
+    inputs: dict[str, object] = {}
     bases: dict[str, object] = {}
     outputs = []
     for index, member in enumerate(run.members):
+        if sized:
+            name = sized_input_name(member)
+            if name not in inputs:
+                inputs[name] = keras.Input((member.image_size, member.image_size, 3), batch_size=1,
+                                           dtype="uint8", name=name)
+            x = inputs[name]
+        else:
+            x = _resized(member, images, prefix=f"member_{index}_")
         # The same backbone at the same size is the same network whatever the resize policy: one layer,
         # called once per member that uses it (a shared layer saves once; a shared nested Model does not).
         shared = json.dumps({**member.spec.to_dict(), "resize": None}, sort_keys=True, default=str)
         if shared not in bases:
             bases[shared] = InferenceMode(build_feature_model(member.spec, root), name=f"backbone_{len(bases)}")
-        features = bases[shared](_resized(member, images, prefix=f"member_{index}_"))
+        features = bases[shared](x)
         head = head_to_keras(member.load_head(), int(features.shape[-1]), name=f"head_{index}")
         # InferenceMode as in any_size_model: a dense head's Dropout stays off however the model is called.
         outputs.append(InferenceMode(head, name=f"classifier_{index}")(features))
-    return keras.Model(images, keras.layers.Average(name="vote")(outputs), name="featurepipe_vote")
+    weights = vote_weights(run)
+    if weights is None:
+        voted = keras.layers.Average(name="vote")(outputs)
+    else:
+        voted = keras.layers.Add(name="vote")([keras.layers.Rescaling(w, name=f"weight_{i}")(p)
+                                               for i, (w, p) in enumerate(zip(weights, outputs))])
+    return keras.Model(list(inputs.values()) if sized else images, voted, name="featurepipe_vote")
+
+
+def sized_model(run: RunModel, inner):
+    """TFLite's network for a one-feature-set run: uint8 (1, size, size, 3), already resized."""
+    import keras
+
+    from featurepipe.backbones.layers import InferenceMode
+
+    images = keras.Input((run.image_size, run.image_size, 3), batch_size=1, dtype="uint8", name="images")
+    return keras.Model(images, InferenceMode(inner, name="classifier")(images), name="featurepipe_classifier")
+
+
+def export_network(run: RunModel, fmt: str, cache_dir: Optional[str | os.PathLike] = None):
+    """The network `fmt` writes, with Keras' built-in layers and ops only (featurepipe.deploy.plain)."""
+    from featurepipe.deploy.plain import plain_model
+
+    if fmt == "tflite":
+        network = vote_model(run, cache_dir, sized=True) if run.is_vote else sized_model(
+            run, fixed_size_model(run, cache_dir))
+    else:
+        network = vote_model(run, cache_dir) if run.is_vote else any_size_model(run, fixed_size_model(run, cache_dir))
+    return plain_model(network)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -193,57 +269,68 @@ def tflite_interpreter(path: str | os.PathLike):
             return tf.lite.Interpreter(model_path=str(path)), f"tf.lite.Interpreter (tensorflow {tf.__version__})"
 
 
-def _check_tflite(path: Path, image_size: int, n_classes: int) -> str:
-    """Run the written file once on a grey image; returns the runtime that ran it."""
+def _check_tflite(path: Path, inputs: list[tuple[str, int, str]], n_classes: int) -> str:
+    """Run the written file once on grey images; returns the runtime that ran it."""
     import numpy as np
 
     interpreter, runtime = tflite_interpreter(path)
-    interpreter.allocate_tensors()
-    given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    interpreter.set_tensor(given["index"], np.full((1, image_size, image_size, 3), 128, np.uint8))
-    interpreter.invoke()
-    out = interpreter.get_tensor(taken["index"])
+    runner = interpreter.get_signature_runner("serving_default")
+    out = np.asarray(runner(**{name: np.full((1, size, size, 3), 128, np.uint8) for name, size, _ in inputs})["output_0"])
     if out.shape != (1, n_classes) or not np.isfinite(out).all() or abs(float(out.sum()) - 1.0) > 1e-3:
         raise FeaturepipeError(f"the TFLite file {path} does not run correctly under {runtime} (output "
                                f"{out.shape}, sum {float(out.sum()):.4f}); export to keras or savedmodel instead")
     return runtime
 
 
-# How to run model.tflite, written into export.json: LiteRT is the maintained runtime.
-TFLITE_RUN = (
-    "pip install ai-edge-litert; then in Python: from ai_edge_litert.interpreter import Interpreter; "
-    "it = Interpreter(model_path='model.tflite'); it.allocate_tensors(); "
-    "it.set_tensor(it.get_input_details()[0]['index'], image[None]); it.invoke(); "
-    "p = it.get_tensor(it.get_output_details()[0]['index'])[0]  "
-    "(image: uint8 (size, size, 3) RGB resized as 'input.resizing' says; p[i] is the probability of line i+1 "
-    "of labels.txt). tf.lite.Interpreter takes the same calls but is deprecated."
-)
+RECIPE = "preprocess.py"     # featurepipe.deploy.recipe, copied beside every export
 
 
-def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dict:
+def _tflite_run(inputs: list[tuple[str, int, str]]) -> str:
+    """How to run model.tflite, written into export.json: LiteRT is the maintained runtime."""
+    feeds = ", ".join(f"{name}=sized_image(path, {size}, '{policy}')[None]" for name, size, policy in inputs)
+    return (
+        "pip install ai-edge-litert pillow numpy; then in Python, beside preprocess.py: "
+        "from ai_edge_litert.interpreter import Interpreter; from preprocess import sized_image; "
+        "runner = Interpreter(model_path='model.tflite').get_signature_runner('serving_default'); "
+        f"p = runner({feeds})['output_0'][0]  "
+        "(p[i] is the probability of line i+1 of labels.txt; one image per call). "
+        "tf.lite.Interpreter takes the same calls but is deprecated."
+    )
+
+
+def _describe(run: RunModel, fmt: str, artefact: Path, inputs: list[dict]) -> dict:
     n = len(run.classes)
     resize_text = {"squash": "the whole image squashed to size x size (aspect ratio not kept)",
                    "center_crop": "the central square (side = the shorter side) resized to size x size",
                    "letterbox": f"the longer side resized to size, centred on a size x size square of grey "
-                                f"{LETTERBOX_FILL}"}[run.resize]
-    if fmt == "tflite":
-        resizing = (f"NOT inside the model: resize every image to {run.image_size} x {run.image_size} first "
-                    f"({resize_text}, bilinear), then feed one image at a time")
-    else:
-        resizing = f"inside the model (bilinear, antialiased): {resize_text}"
+                                f"{LETTERBOX_FILL}"}
+    layout = "RGB, channels last, 0..255 (no scaling: the backbone's preprocessing is inside)"
+    for given in inputs:
+        given.update({"dtype": "uint8", "layout": layout})
+        if fmt == "tflite":
+            given["resizing"] = (f"NOT inside the model: {RECIPE}'s sized_image(path, {given['image_size']}, "
+                                 f"'{given['resize']}') ({resize_text[given['resize']]}, Pillow bilinear, exactly as "
+                                 f"featurepipe predict decodes)")
+        elif run.is_vote:
+            given["resizing"] = ("inside the model (TensorFlow bilinear, antialiased), once per member as listed in "
+                                 f"`members`; feed {RECIPE}'s full_image(path)")
+        else:
+            given["resizing"] = (f"inside the model (TensorFlow bilinear, antialiased): {resize_text[run.resize]}; "
+                                 f"feed {RECIPE}'s full_image(path)")
     meta = {
         "format": fmt,
         "artefact": artefact.name,
         "model_kind": run.kind,
         "labels": LABELS,
+        "preprocess": RECIPE,
         "classes": run.classes,
-        "image_size": run.image_size,
-        "resize": run.resize,
-        "input": {"name": "images", "dtype": "uint8", "shape": input_shape,
-                  "layout": "RGB, channels last, 0..255 (no scaling: the backbone's preprocessing is inside)",
-                  "resizing": resizing},
-        "output": {"dtype": "float32", "shape": [input_shape[0], n],
+        "image_size": None if run.is_vote else run.image_size,
+        "resize": None if run.is_vote else run.resize,
+        "inputs": inputs,
+        "input": inputs[0],        # the first (the only one, but for a TFLite vote): what older readers read
+        "output": {"dtype": "float32", "shape": [inputs[0]["shape"][0], n],
                    "meaning": f"class probabilities (softmax, rows sum to 1), index i = line i+1 of {LABELS}"},
+        "layers": "Keras built-in layers and keras.ops only: no featurepipe code is needed to load or run it",
         "source_run": str(run.run_dir.resolve()),
         "featurepipe_version": package_version("featurepipe"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -252,17 +339,21 @@ def _describe(run: RunModel, fmt: str, artefact: Path, input_shape: list) -> dic
         meta["endpoint"] = "serve"
         meta["load"] = "tf.saved_model.load(path).serve(images)"
     elif fmt == "keras":
-        meta["load"] = "import featurepipe.heads.to_keras; keras.saving.load_model(path, safe_mode=True)"
+        meta["load"] = "keras.saving.load_model(path) (safe_mode stays on; no featurepipe import needed)"
     else:
         meta["load"] = "ai_edge_litert.interpreter.Interpreter(model_path=path) (pip install ai-edge-litert)"
-        meta["run"] = TFLITE_RUN
+        meta["run"] = _tflite_run([(i["name"], i["image_size"], i["resize"]) for i in inputs])
     if run.is_vote:
-        meta["image_size"] = meta["resize"] = None
-        meta["input"]["resizing"] = "inside the model (bilinear, antialiased), once per member as listed in `members`"
-        meta["head"] = {"head": "vote", "meaning": "the average of the members' class probabilities"}
+        weights = vote_weights(run)
+        meta["head"] = {"head": "vote", "meaning": "the average of the members' class probabilities" if weights is None
+                        else "the members' class probabilities averaged with `weight`"}
         meta["members"] = [{"backbone": m.spec.to_dict(), "image_size": m.image_size, "resize": m.resize,
+                            "weight": 1.0 / len(run.members) if weights is None else weights[i],
                             "head": {k: (m.head_meta or {}).get(k) for k in ("head", "params", "augment", "file", "sha256")}}
-                           for m in run.members]
+                           for i, m in enumerate(run.members)]
+        if fmt == "tflite":
+            for m, member in zip(meta["members"], run.members):
+                m["input"] = sized_input_name(member)
     elif run.kind == "head":
         head = run.head_meta or {}
         meta["backbone"] = run.spec.to_dict()
@@ -296,57 +387,59 @@ def export(
     progress: Optional[ProgressCallback] = None,
     trust: bool = False,
     overwrite: bool = False,
+    check_images: int = DEFAULT_IMAGES,
 ) -> ExportResult:
     """Write the run's model to the folder `out` as `fmt` ("keras" | "savedmodel" | "tflite").
 
     `out` may be new, empty, or an earlier export (whose artefact is replaced); any other folder
-    with files in it is refused unless `overwrite`."""
+    with files in it is refused unless `overwrite`. `check_images`: how many of the run's training
+    images the written artefact is compared with predict on (export.json's `agreement`; 0: none)."""
+    from featurepipe.deploy import agreement, recipe
+
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise FeaturepipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if int(check_images) < 0:
+        raise FeaturepipeError(f"check_images must be 0 or more, not {check_images}")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FeaturepipeError(f"--out {out} is a file; export writes a folder (model, {LABELS}, {EXPORT_META})")
     check_export_folder(out, overwrite)
     run = open_run(run_dir, model, trust)
-    if run.is_vote and fmt == "tflite":
-        raise FeaturepipeError(
-            f"{run.run_dir}'s model averages {len(run.members)} feature sets, each resizing the image its own way "
-            f"({', '.join(sorted({f'{m.image_size} px {m.resize}' for m in run.members}))}); TFLite takes one fixed "
-            f"input size, so the vote cannot be one .tflite file. Export --format keras or savedmodel (any image "
-            f"size, resizing inside), or make a one-feature-set run for TFLite: `featurepipe run DATA --quick` "
-            f"or `--backbone NAME --resize POLICY`")
-    report(progress, "export", 0, 3, f"building the {run.kind} model")
-    inner = None if run.is_vote else fixed_size_model(run, cache_dir)
+    steps = 4
+    what = f"a vote over {len(run.members)} feature sets" if run.is_vote else f"the {run.kind} model"
+    report(progress, "export", 0, steps, f"building {what} with built-in Keras layers")
+    network = export_network(run, fmt, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     artefact = out / ARTEFACTS[fmt]
-    report(progress, "export", 1, 3, f"writing {artefact.name}")
+    report(progress, "export", 1, steps, {"keras": f"writing {artefact.name}",
+                                          "savedmodel": f"writing {artefact.name}/ (tracing the graph: the slow step)",
+                                          "tflite": f"converting to {artefact.name} (via a SavedModel: the slow step)"}[fmt])
     if fmt == "tflite":
-        import keras
-
-        from featurepipe.backbones.layers import InferenceMode
-
-        images = keras.Input((run.image_size, run.image_size, 3), batch_size=1, dtype="uint8", name="images")
-        network = keras.Model(images, InferenceMode(inner, name="classifier")(images), name="featurepipe_classifier")
         _save_tflite(network, artefact)
-        checked_with = _check_tflite(artefact, run.image_size, len(run.classes))
-        input_shape = [1, run.image_size, run.image_size, 3]
+        sized = agreement.tflite_inputs(run)
+        checked_with = _check_tflite(artefact, sized, len(run.classes))
+        inputs = [{"name": name, "shape": [1, size, size, 3], "image_size": size, "resize": policy}
+                  for name, size, policy in sized]
     else:
-        network = vote_model(run, cache_dir) if run.is_vote else any_size_model(run, inner)
         if fmt == "keras":
             _save_keras(network, artefact)
         else:
             _save_savedmodel(network, artefact)
-        input_shape = [None, None, None, 3]
-    report(progress, "export", 2, 3, "writing labels and metadata")
+        inputs = [{"name": "images", "shape": [None, None, None, 3]}]
+    report(progress, "export", 2, steps, f"comparing {artefact.name} with predict")
     labels = out / LABELS
     atomic.write_text(labels, "".join(f"{c}\n" for c in run.classes))
-    meta = _describe(run, fmt, artefact, input_shape)
+    atomic.write_text(out / RECIPE, Path(recipe.__file__).read_text())
+    measured = agreement.measure(run, fmt, artefact, int(check_images), cache_dir, model, trust, progress)
+    report(progress, "export", 3, steps, "writing labels and metadata")
+    meta = _describe(run, fmt, artefact, inputs)
+    meta["agreement"] = measured
     if fmt == "tflite":
         meta["checked_with"] = checked_with
     if artefact.is_file():
         meta["sha256"] = file_sha256(artefact)
     write_json(out / EXPORT_META, meta)
-    report(progress, "export", 3, 3, "done")
+    report(progress, "export", steps, steps, "done")
     return ExportResult(artefact, labels, out / EXPORT_META, fmt, run.kind, run.classes, run.image_size,
-                        run.resize, input_shape, time.perf_counter() - started, meta)
+                        run.resize, inputs[0]["shape"], time.perf_counter() - started, meta)

@@ -38,6 +38,7 @@ from featurepipe.core.hashcache import HashCache
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.data.images import decode_ahead, decode_batches, decode_views
 from featurepipe.deploy.networks import Network, Networks, network_key
+from featurepipe.deploy.export import vote_weights
 from featurepipe.deploy.predict import PredictResult, _frame, collect_inputs, head_probabilities
 from featurepipe.rundir.layout import MODEL_META, NESTED
 from featurepipe.rundir.model import RunModel
@@ -48,6 +49,8 @@ from featurepipe.rundir.run import open_run
 # Stored images' features read and classified per pass: bounds memory (a pass's features plus the
 # heads' float64 copies, ~15 MB at 1,280-d per member) while keeping reads few.
 READ_CHUNK = 1024
+# From this many files a call looks hashes up in (and adds them to) the cache's hash database.
+HASH_DB_FROM = 16
 
 
 @dataclass
@@ -94,15 +97,20 @@ class Predictor:
         return self.run.kind
 
     @property
-    def nested_accuracy(self) -> Optional[float]:
-        """The run's nested-CV accuracy (nested.json), or None without one."""
+    def feature_sets(self) -> list[str]:
+        """The feature sets the model reads ([] for a fine-tuned model)."""
+        if self.run.kind == "finetuned":
+            return []
+        return [str((run.head_meta or {}).get("features") or run.spec.name) for run in self.run.members or [self.run]]
+
+    @property
+    def nested_accuracy(self) -> Optional[dict]:
+        """nested.json's accuracy ({mean, std, ci_low, ci_high}), or None (a run without nested CV)."""
         try:
-            value = json.loads((Path(self.run_dir) / NESTED).read_text()).get("accuracy")
+            accuracy = json.loads((Path(self.run_dir) / NESTED).read_text()).get("accuracy")
         except (OSError, ValueError, AttributeError):
             return None
-        if isinstance(value, dict):          # {"mean": ..., "ci": ...} as evaluate writes it
-            value = value.get("mean")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return accuracy if isinstance(accuracy, dict) and "mean" in accuracy else None
 
     # ---------------------------------------------------------------------------------- predict
 
@@ -184,7 +192,8 @@ class Predictor:
         builds = list(dict.fromkeys(network_key(m.spec) for m in members
                                     if m.missing and not self._networks.has(m.spec)))
         kept: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in members}
-        weights = self._weights()
+        # The vote's member weights as export reads them (None: the plain mean the vote was scored with).
+        weights = vote_weights(self.run) if self.run.is_vote else None
         # Distinct images in passes, so memory stays flat whatever their number: stored ones
         # READ_CHUNK at a time, then new ones a batch at a time (decoded, run through the networks,
         # written to the stores as one shard per member), each pass classified at once.
@@ -226,17 +235,6 @@ class Predictor:
                 result.warnings.append(warning)
         member.store.refresh()       # another process (or `cache gc`) may have changed it since the last call
         member.missing = set(member.store.missing(digests))
-
-    def _weights(self) -> Optional[list[float]]:
-        """The vote's member weights when best_head.json gives every member a numeric `weight`, else
-        None (the plain mean, as the vote was scored)."""
-        entries = (self.run.head_meta or {}).get("members") if self.run.is_vote else None
-        if not isinstance(entries, list) or len(entries) != len(self.run.members):
-            return None
-        weights = [e.get("weight") if isinstance(e, dict) else None for e in entries]
-        if all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) and sum(weights) > 0:
-            return [float(w) for w in weights]
-        return None
 
     def _chunk_features(self, members: list[_Member], chunk: list[str], by_hash: dict[str, list[str]],
                         errors: dict, builds: list, say, result: PredictResult) -> list[dict[str, np.ndarray]]:
@@ -298,8 +296,12 @@ class Predictor:
                 result.warnings.append(warning)
 
     def _hash(self, files: list[str], errors: dict) -> dict[str, list[str]]:
-        """content hash -> the input files with that content (unreadable files go to `errors`)."""
-        cache = HashCache(hash_db(self._root()))
+        """content hash -> the input files with that content (unreadable files go to `errors`).
+
+        The cache's hash database (path, size, mtime -> hash) saves reading files again, which pays for
+        folders; a few files are hashed directly, so that a server's uploads (a new temporary path
+        each request) do not leave a row each in it."""
+        cache = HashCache(hash_db(self._root()) if len(files) > HASH_DB_FROM else None)
         try:
             # Keyed by absolute path (as scan keys it), so the run's own images hit it.
             hashed = cache.hash_files([os.path.abspath(p) for p in files])
@@ -313,3 +315,9 @@ class Predictor:
             else:
                 by_hash.setdefault(digest, []).append(path)
         return by_hash
+
+
+# The name serve's first Predictor gave its result: predict's result carries `features` itself now.
+PredictorResult = PredictResult
+
+__all__ = ["Predictor", "PredictorResult"]

@@ -12,7 +12,9 @@ LogisticRegression, ...), or a DenseHeadClassifier (also bare, outside a pipelin
 Importing this module registers the custom layers that featurepipe's Keras files need
 (`PlattOneVsRest`, `NeighbourVote`, `SignedSqrt`, and from featurepipe.backbones.layers `Preprocess` and
 `InferenceMode`), so
-`keras.saving.load_model(path, safe_mode=True)` works after `import featurepipe.heads.to_keras`.
+`keras.saving.load_model(path, safe_mode=True)` works after `import featurepipe.heads.to_keras`
+(featurepipe's own files: fine-tuned models, dense heads). Exports need no import: deploy.plain
+re-expresses these layers with Keras' built-ins before writing.
 """
 
 from __future__ import annotations

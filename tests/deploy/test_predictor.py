@@ -21,7 +21,10 @@ from featurepipe.extraction.features import open_stores
 from featurepipe.rundir.heads_io import load_head
 from featurepipe.rundir.maintenance import gc_cache
 from featurepipe.store.featurestore import FeatureStore
+from featurepipe.deploy.serve import accuracy_info
+from featurepipe.extraction.features import dataset_features
 from tests.conftest import COLOURS, make_image
+from tests.serve_support import TINY as SERVE_TINY, TINY2 as SERVE_TINY2, make_run
 
 # 4 feature sets on 3 networks: tiny at 32 px under two policies, tiny at 40 px, tiny2 at 40 px.
 SPECS = (BackboneSpec(name="tiny", weights="random", image_size=32, resize="squash"),
@@ -181,8 +184,9 @@ def test_nested_accuracy_is_read_from_the_run(vote_run, tmp_path):
     _, cache, run_dir = vote_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    (copy / "nested.json").write_text(json.dumps({"accuracy": {"mean": 0.8, "ci": [0.7, 0.9]}}))
-    assert Predictor(copy, cache_dir=cache).nested_accuracy == 0.8
+    accuracy = {"mean": 0.8, "std": 0.05, "ci_low": 0.7, "ci_high": 0.9}
+    (copy / "nested.json").write_text(json.dumps({"accuracy": accuracy}))
+    assert Predictor(copy, cache_dir=cache).nested_accuracy == accuracy
     (copy / "nested.json").write_text("{not json")
     assert Predictor(copy, cache_dir=cache).nested_accuracy is None
 
@@ -207,3 +211,51 @@ def test_cli_predict_of_a_vote_prints_nothing_on_stderr(vote_run, tmp_path):
     assert done.stderr == ""
     summary = json.loads(done.stdout)
     assert (summary["computed"], summary["failed"]) == (3, 1)
+
+
+# ---- the API serve relies on (predict, classes, nested_accuracy, keep_features), as serve wrote it
+
+
+@pytest.fixture(scope="module")
+def serve_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("predictor_api"), specs=(SERVE_TINY, SERVE_TINY2))
+
+
+def test_a_vote_predicts_like_predict_without_building_again_and_keeps_each_sets_features(serve_run, tmp_path,
+                                                                                           monkeypatch):
+    data, cache, run = serve_run
+    predictor = Predictor(run)
+    # Only the agreed API (predict, classes, nested_accuracy): any Predictor with it passes this test.
+    assert predictor.classes == ["blue", "green", "red"]
+    assert json.loads((run / "best_head.json").read_text())["head"] == "vote"
+    nested = json.loads((run / "nested.json").read_text())["accuracy"]
+    assert accuracy_info(predictor.nested_accuracy)["mean"] == pytest.approx(nested["mean"])
+
+    new = [make_image(tmp_path / "a.png", COLOURS["green"], seed=7, size=(70, 50)),
+           data / "blue" / "blue3.png", data / "red" / "red6.png"]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    inputs = [*map(str, new), str(tmp_path / "bad.png")]
+    expected = predict(run, inputs, top_k=2)
+    monkeypatch.setattr(build_module, "build_feature_model", _no_build)
+    for _ in range(2):
+        got = predictor.predict(inputs, top_k=2, keep_features=True)
+        assert list(got.frame.columns) == list(expected.frame.columns)
+        assert got.frame["path"].tolist() == expected.frame["path"].tolist()
+        assert got.frame["label"].tolist()[:3] == expected.frame["label"].tolist()[:3] == ["green", "blue", "red"]
+        columns = [f"p[{c}]" for c in got.classes]
+        np.testing.assert_allclose(got.frame[columns].to_numpy(float), expected.frame[columns].to_numpy(float),
+                                   rtol=0, atol=1e-6)
+        assert got.failed == 1 and "not a recognised image format" in got.frame["error"].iloc[3]
+
+    assert set(got.features) == {"tiny/squash", "tiny2@32/squash"}
+    dataset = scan(data, cache_dir=cache)
+    for name, spec in (("tiny/squash", SERVE_TINY), ("tiny2@32/squash", SERVE_TINY2)):
+        stored = dataset_features(dataset, open_stores(spec, cache))
+        rows = {p: x for p, x in zip(stored.frame["path"], stored.X)}
+        assert got.features[name].shape == (3, spec_dim(spec))          # the 3 images that succeeded, in order
+        np.testing.assert_allclose(got.features[name][1:], [rows[str(p)] for p in new[1:]], rtol=0, atol=1e-5)
+    assert predictor.predict(inputs).features is None                    # only when asked
+
+
+def spec_dim(spec) -> int:
+    return {"tiny": 24, "tiny2": 12}[spec.name]
