@@ -32,7 +32,7 @@ import pandas as pd
 
 from featurepipe.backbones.accel import default_decode_threads
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.core.cachedirs import hash_db
+from featurepipe.core.cachedirs import features_dir, hash_db
 from featurepipe.core.errors import FeaturepipeError, ImageDecodeError
 from featurepipe.core.hashcache import HashCache
 from featurepipe.core.progress import ProgressCallback, report
@@ -60,7 +60,8 @@ class _Member:
     run: RunModel
     spec: BackboneSpec              # resolved
     estimator: object
-    store: object                   # its originals FeatureStore
+    fingerprint: str                # of its features (backbones.fingerprint)
+    store: object                   # its originals FeatureStore; None when the cache has none (see _load_members)
     missing: set = field(default_factory=set)   # content hashes of this call not in the store
 
     @property
@@ -166,6 +167,7 @@ class Predictor:
 
     def _load_members(self) -> list[_Member]:
         if self._members is None:
+            from featurepipe.backbones.fingerprint import backbone_fingerprint
             from featurepipe.extraction.features import open_stores
 
             root = self._root()
@@ -173,7 +175,12 @@ class Predictor:
             for run in self.run.members or [self.run]:
                 spec = run.spec.resolved()
                 name = str((run.head_meta or {}).get("features") or spec.name)
-                members.append(_Member(name, run, spec, run.load_head(), open_stores(spec, root).originals))
+                fingerprint, _ = backbone_fingerprint(spec, root)
+                # Only a store the cache holds (the run's, normally) is read and added to: a cache without
+                # it (moved, cleaned, or another one given) gets no store created in it by a prediction.
+                exists = (features_dir(root) / fingerprint[:16] / "spec.json").is_file()
+                store = open_stores(spec, root).originals if exists else None
+                members.append(_Member(name, run, spec, run.load_head(), fingerprint, store))
             self._members = members
             self._networks = Networks(root)
         return self._members
@@ -222,17 +229,23 @@ class Predictor:
             digest_of = {path: h for h, same in by_hash.items() for path in same}
             succeeded = [digest_of[p] for p in files if p in proba]
             result.features = {m.name: (np.stack([kept[m.name][h] for h in succeeded]) if succeeded else
-                                        np.empty((0, m.store.feature_dim or 0), dtype=np.float32)) for m in members}
+                                        np.empty((0, 0), dtype=np.float32)) for m in members}
 
     def _check_store(self, member: _Member, digests: list[str], result: PredictResult) -> None:
         """Which of this call's images the member's store lacks; a warning when its backbone changed."""
         expected = (member.run.head_meta or {}).get("feature_fingerprint")
-        if expected and member.store.fingerprint != expected:
+        if expected and member.fingerprint != expected:
             warning = (f"the backbone's fingerprint changed since the head was trained (library versions or weights "
-                       f"differ: {expected[:16]} then, {member.store.fingerprint[:16]} now); features are computed "
+                       f"differ: {expected[:16]} then, {member.fingerprint[:16]} now); features are computed "
                        f"afresh and may not match what the head was trained on")
             if warning not in result.warnings:
                 result.warnings.append(warning)
+        if member.store is None:
+            member.missing = set(digests)
+            if digests:
+                result.warnings.append(f"the cache {self._root()} holds no {member.name} features (moved, cleaned, or "
+                                       f"another cache): every image is computed, and none kept for next time")
+            return
         member.store.refresh()       # another process (or `cache gc`) may have changed it since the last call
         member.missing = set(member.store.missing(digests))
 
@@ -278,7 +291,7 @@ class Predictor:
                 rows[i][h] = features
         for member, member_rows in zip(members, rows):
             fresh = [h for h in need if h in member.missing and h in member_rows]
-            if fresh:
+            if fresh and member.store is not None:
                 self._keep(member, fresh, np.stack([member_rows[h] for h in fresh]), result)
         return rows
 
