@@ -13,7 +13,10 @@ What a prediction costs is what its networks cost (issue 21):
   predicting a photo again builds no network at all. `cache gc` treats these rows like any row no
   scanned dataset refers to: it drops them (they are a cache; a later predict computes them again),
   and keeps the store itself as long as a run uses it. A store that cannot be written (read-only
-  cache, another process writing it) only costs that reuse, said in the result's warnings.
+  cache, another process writing it) only costs that reuse, said in the result's warnings; a cache
+  that holds no store for a feature set (moved, cleaned, another one given) gets none created.
+- the cache's hash database is used from HASH_DB_FROM files on: a server's uploads (a new temporary
+  path each) are hashed directly and leave nothing in it.
 
 A file that cannot be read or decoded gets an error row; it never fails the batch.
 """
