@@ -140,12 +140,16 @@ def inference_function(model, size: int):
     """A model taking uint8 (n, size, size, 3) images as one graph for any batch size, traced here, once.
 
     predict_on_batch traces again for every new batch shape (the last, partial batch), which costs
-    as much as running dozens of images on a CPU."""
+    as much as running dozens of images on a CPU. The concrete function is called, not the
+    tf.function: TensorFlow counts traces per Python code object, so one trace per model of this
+    closure (a vote's several networks, extract's feature sets) printed "triggered tf.function
+    retracing" warnings although nothing was traced twice."""
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
     def infer(images):
         return model(images, training=False)
 
-    infer(tf.zeros([1, size, size, 3], tf.uint8))
-    return lambda batch: infer(tf.convert_to_tensor(batch)).numpy()
+    graph = infer.get_concrete_function()
+    graph(tf.zeros([1, size, size, 3], tf.uint8))
+    return lambda batch: graph(tf.convert_to_tensor(batch, dtype=tf.uint8)).numpy()

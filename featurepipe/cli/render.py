@@ -96,7 +96,8 @@ def progress_view(enabled: Optional[bool] = None) -> Iterator[Optional[ProgressC
             task_id = tasks[event.stage]
             elapsed = bar.tasks[task_id].elapsed or 0.0
             rate = f"{event.done / elapsed:6.1f}/s" if elapsed > 0 and event.done else ""
-            bar.update(task_id, completed=event.done, total=event.total or None, rate=rate, note=event.message[:40])
+            # 48: room for predict's "building efficientnet_lite1 (2 of 3 networks)".
+            bar.update(task_id, completed=event.done, total=event.total or None, rate=rate, note=event.message[:48])
 
         yield on_event
 

@@ -39,6 +39,7 @@ __all__ = [
     "decode_batches",
     "decode_image",
     "decode_variants",
+    "decode_views",
     "image_size",
     "thumbnail_png",
 ]
@@ -456,6 +457,20 @@ def _resized_array(p: str, rgb: Image.Image, size: int, resize: str) -> np.ndarr
     if arr.shape != (size, size, 3):  # pragma: no cover - guards against PIL behaviour changes
         raise ImageDecodeError(p, f"decoded to unexpected shape {arr.shape}")
     return arr
+
+
+def decode_views(path: str | os.PathLike[str], views: Sequence[tuple[int, str]],
+                 expect_sha256: Optional[str] = None) -> list[np.ndarray]:
+    """One (size, size, 3) uint8 array per (size, resize) view, each the very pixels decode_image
+    gives, the file decoded once per JPEG draft scale for all views (decode_variants): predict's one
+    decode for a vote over several backbones and resize policies. Unlike decode_variants, any
+    failure fails the whole image (ImageDecodeError naming the file): predict has no use for some
+    of an image's views."""
+    out = decode_variants(path, views, expect_sha256)
+    for item in out:
+        if isinstance(item, ImageDecodeError):
+            raise item
+    return out
 
 
 def thumbnail_png(path: str | os.PathLike[str], max_side: int) -> bytes:

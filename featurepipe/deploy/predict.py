@@ -1,17 +1,17 @@
 """Stage `predict`: a run's model applied to image files and folders, one row of probabilities per file.
 
 The model is the run's fine-tuned network when RUN_DIR/model.json names one, else the frozen
-backbone plus the best head. Either way the preprocessing (image size, resize policy, the
-backbone's pixel scaling) is read from the run, never re-specified, so predictions use exactly
-what training used. With the head, images whose content is already in the run's feature store
-are not decoded at all, and the backbone is only built when some image is missing from it.
+backbone plus the best head (or the vote of one head per feature set). Either way the preprocessing
+(image size, resize policy, the backbone's pixel scaling) is read from the run, never re-specified,
+so predictions use exactly what training used. This module holds the inputs, the result and its
+layout; deploy.predictor does the work (images whose content is already in a feature store are not
+decoded at all; a network is built only when some image is missing from its stores, and once).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,16 +20,11 @@ import numpy as np
 import pandas as pd
 
 from featurepipe.core import atomic, csvcells
-from featurepipe.backbones.accel import default_decode_threads
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.data.dataset import walk_images
-from featurepipe.core.hashcache import HashCache, path_key
-from featurepipe.data.images import IMAGE_EXTENSIONS, decode_batches
-from featurepipe.core.cachedirs import hash_db
-from featurepipe.core.progress import ProgressCallback, ProgressEvent, report
-from featurepipe.rundir.layout import MODEL_META
-from featurepipe.rundir.model import RunModel
-from featurepipe.rundir.run import open_run
+from featurepipe.core.hashcache import path_key
+from featurepipe.data.images import IMAGE_EXTENSIONS
+from featurepipe.core.progress import ProgressCallback
 from featurepipe.core.strictjson import json_ready
 
 
@@ -100,6 +95,9 @@ class PredictResult:
     failed: int = 0                  # rows with an error
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # With Predictor.predict(keep_features=True): feature set -> (images that succeeded, d) features
+    # in the frame's row order (head and vote models; None for a fine-tuned one, and otherwise).
+    features: Optional[dict[str, np.ndarray]] = None
 
     def records(self) -> list[dict[str, Any]]:
         """One plain dict per row, NaN as None (JSON-ready)."""
@@ -169,137 +167,16 @@ def predict(
     model: str = "auto",
     trust: bool = False,
 ) -> PredictResult:
-    """Class probabilities for every image file in `inputs` (files and/or folders).
+    """Class probabilities for every image file in `inputs` (files and/or folders): one call of a
+    fresh deploy.predictor.Predictor (which a server keeps instead, to load and build things once).
 
     `cache_dir` overrides the cache root recorded in the run (where features and hashes live).
     A file that cannot be read or decoded gets a row whose `error` says why; it never stops the run.
     """
-    started = time.perf_counter()
+    from featurepipe.deploy.predictor import Predictor
+
     if int(top_k) < 1:
         raise FeaturepipeError(f"top_k must be at least 1, not {top_k}")
-    run = open_run(run_dir, model, trust)
-    paths = collect_inputs(inputs)
-    top_k = min(int(top_k), len(run.classes))
-    result = PredictResult(pd.DataFrame(), run.kind, run.classes, run.run_dir, top_k)
-    errors: dict[str, str] = {}
-    proba: dict[str, np.ndarray] = {}
-    report(progress, "predict", 0, len(paths), f"{run.kind} model")
-    if run.kind == "finetuned":
-        _predict_finetuned(run, paths, batch_size, proba, errors, result, progress)
-    elif run.is_vote:
-        _predict_vote(run, paths, cache_dir, batch_size, proba, errors, result, progress)
-    else:
-        _predict_head(run, paths, cache_dir, batch_size, proba, errors, result, progress)
-    result.frame = _frame(paths, proba, errors, run.classes, top_k)
-    result.failed = int(result.frame["error"].notna().sum())
-    result.seconds = time.perf_counter() - started
-    report(progress, "predict", len(paths), len(paths), "done")
-    return result
-
-
-def _predict_finetuned(run: RunModel, paths: list[str], batch_size: int, proba: dict, errors: dict,
-                       result: PredictResult, progress) -> None:
-    from featurepipe.backbones.build import inference_function
-
-    network = inference_function(run.load_finetuned(), run.image_size)
-    done = 0
-    for batch_paths, images in decode_batches(paths, run.image_size, run.resize, batch_size, errors,
-                                                     default_decode_threads()):
-        out = np.asarray(network(images), dtype=np.float64)
-        if out.shape[1] != len(run.classes):
-            raise FeaturepipeError(f"the fine-tuned model outputs {out.shape[1]} values but {MODEL_META} lists "
-                                   f"{len(run.classes)} classes; re-run fine-tuning")
-        # float32 softmax rows sum to 1 only to ~1e-7
-        out /= out.sum(axis=1, keepdims=True)
-        proba.update(zip(batch_paths, out))
-        result.computed += len(batch_paths)
-        done += len(batch_paths)
-        report(progress, "predict", done, len(paths), "")
-
-
-def _predict_vote(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,
-                  result: PredictResult, progress) -> None:
-    """The average of every member's probabilities (each on its own feature set, from the store when cached)."""
-    parts, reused, computed = [], [], []
-    for index, member in enumerate(run.members):
-        own: dict[str, np.ndarray] = {}
-        counts = PredictResult(pd.DataFrame(), "head", run.classes, member.run_dir, 1)
-
-        def relay(event: ProgressEvent, index: int = index) -> None:
-            report(progress, event.stage, event.done, event.total,
-                   f"feature set {index + 1}/{len(run.members)} {event.message}".strip())
-        _predict_head(member, paths, cache_dir, batch_size, own, errors, counts, relay)
-        parts.append(own)
-        reused.append(counts.reused)
-        computed.append(counts.computed)
-        result.warnings.extend(w for w in counts.warnings if w not in result.warnings)
-    # An image counts as reused when every feature set had it, as computed when any had to run a model.
-    result.reused, result.computed = min(reused), max(computed)
-    weights = run.weights
-    for path in paths:
-        if path not in errors and all(path in own for own in parts):
-            proba[path] = np.average([own[path] for own in parts], axis=0, weights=weights)
-
-
-def _predict_head(run: RunModel, paths: list[str], cache_dir, batch_size: int, proba: dict, errors: dict,
-                  result: PredictResult, progress) -> None:
-    from featurepipe.extraction.features import open_stores
-
-    estimator = run.load_head()
-    root = run.cache_dir(cache_dir)
-    cache = HashCache(hash_db(root))
-    try:
-        # The hash cache is keyed by absolute path (as scan keys it), so the run's own images hit it.
-        hashed = cache.hash_files([os.path.abspath(p) for p in paths])
-    finally:
-        cache.close()
-    by_hash: dict[str, list[str]] = {}
-    for path in paths:
-        digest, _ = hashed[os.path.abspath(path)]
-        if digest.startswith("error:"):
-            errors[path] = f"cannot be read: {digest[len('error:'):]}"
-        else:
-            by_hash.setdefault(digest, []).append(path)
-
-    stores = open_stores(run.spec, root)
-    store = stores.originals
-    expected = (run.head_meta or {}).get("feature_fingerprint")
-    if expected and store.fingerprint != expected:
-        result.warnings.append(
-            f"the backbone's fingerprint changed since the head was trained (library versions or weights differ: "
-            f"{expected[:16]} then, {store.fingerprint[:16]} now); features are computed afresh and may not match "
-            f"what the head was trained on")
-    have = store.keys()
-    cached = [h for h in by_hash if h in have]
-    missing = [h for h in by_hash if h not in have]
-
-    def classify(digests: list[str], features: np.ndarray) -> None:
-        for digest, row in zip(digests, head_probabilities(estimator, features, run.classes)):
-            for path in by_hash[digest]:
-                proba[path] = row
-
-    # In chunks, so memory stays flat for any number of images: the store checksums each shard once
-    # per process and then reads only the rows a chunk needs.
-    chunk_rows = 1024     # bounds memory: a chunk's features plus the head's float64 copies (~15 MB at 1,280-d)
-    for start, features in zip(range(0, len(cached), chunk_rows), store.iter_read(cached, chunk_rows)):
-        classify(cached[start:start + chunk_rows], features)
-    result.reused = sum(len(by_hash[h]) for h in cached)
-    report(progress, "predict", result.reused, len(paths), f"{result.reused} from the feature store")
-    if missing:
-        from featurepipe.backbones.build import build_feature_model, inference_function
-
-        report(progress, "predict", result.reused, len(paths), f"building {run.spec.name}")
-        network = inference_function(build_feature_model(run.spec, root), run.image_size)
-        first = {by_hash[h][0]: h for h in missing}
-        decode_errors: dict[str, str] = {}
-        done = result.reused
-        for batch_paths, images in decode_batches(list(first), run.image_size, run.resize, batch_size,
-                                                  decode_errors, default_decode_threads()):
-            classify([first[p] for p in batch_paths],
-                     np.asarray(network(images), dtype=np.float32))
-            result.computed += sum(len(by_hash[first[p]]) for p in batch_paths)
-            done += len(batch_paths)
-            report(progress, "predict", done, len(paths), "")
-        for path, reason in decode_errors.items():
-            for same in by_hash[first[path]]:
-                errors[same] = reason
+    predictor = Predictor(run_dir, cache_dir=cache_dir, model=model, trust=trust, progress=progress,
+                          batch_size=batch_size)
+    return predictor.predict(inputs, top_k=top_k)

@@ -158,15 +158,17 @@ def build_app(run_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike]
 
 
 def _warm_up(predictor):
-    """One grey image through the model, so the first request does not pay for tracing; its result
-    says which model answers (model_kind) and which feature sets it computes (its features' keys)."""
+    """One image of noise through the model, so the first request does not pay for building the
+    networks; its result says which model answers (model_kind) and which feature sets it computes
+    (its features' keys). Noise drawn afresh: the Predictor keeps an image's features in the cache,
+    so a fixed image would be found there from the second start on and build nothing."""
     import numpy as np
     from PIL import Image
 
     folder = Path(tempfile.mkdtemp(prefix="featurepipe-serve-"))
     try:
         path = folder / "warm-up.png"
-        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
+        Image.fromarray(np.random.default_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
         return predictor.predict([str(path)], top_k=1, keep_features=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

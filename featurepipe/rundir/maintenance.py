@@ -69,6 +69,9 @@ class GcResult:
 
 def gc_cache(root: Path, dry_run: bool = False, keep_runs: Optional[int] = None) -> GcResult:
     """Remove stores no live dataset or run refers to, and rows of images no dataset holds any more.
+    The rows `predict` adds for images outside every dataset (deploy.predictor) are such rows: they
+    are a cache of predictions' features, dropped here and computed again by a later predict; the
+    store itself stays while a run uses its fingerprint.
     With `keep_runs` (--runs KEEP), first the runs beyond the KEEP newest of each dataset in
     CACHE/runs (never one a latest pointer names; see `old_runs`), so their stores go in the same pass.
 

@@ -896,3 +896,31 @@ def test_decode_variants_fails_as_decode_image_does(tmp_path):
         assert isinstance(result, ImageDecodeError) and result.reason == single.value.reason
     with pytest.raises(images.UsageError):
         images.decode_variants(cut, [(0, "squash")])
+def test_decode_views_gives_decode_images_pixels_with_one_decode_per_jpeg_draft_scale(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    jpeg, png = tmp_path / "photo.jpg", tmp_path / "photo.png"
+    Image.fromarray(pixels).save(jpeg, quality=90)
+    Image.fromarray(pixels).save(png)
+    views = [(32, "squash"), (32, "letterbox"), (40, "center_crop"), (60, "squash"), (60, "letterbox")]
+    opened = []
+    real = images._loaded_rgb
+
+    def counting(path, data, draft_side):
+        opened.append(draft_side)
+        return real(path, data, draft_side)
+    monkeypatch.setattr(images, "_loaded_rgb", counting)
+    for path, decodes in ((jpeg, 2), (png, 1)):
+        opened.clear()
+        got = images.decode_views(path, views)
+        # 130x100 JPEG: 32 and 40 px decode at 1/2 scale, 60 px at full scale; a PNG decodes once.
+        assert len(opened) == decodes
+        for (size, resize), array in zip(views, got):
+            opened_before = len(opened)
+            np.testing.assert_array_equal(array, decode_image(path, size, resize))
+            opened[:] = opened[:opened_before]
+    (tmp_path / "cut.jpg").write_bytes(jpeg.read_bytes()[:200])
+    with pytest.raises(ImageDecodeError, match="cut.jpg"):
+        images.decode_views(tmp_path / "cut.jpg", views)
+    with pytest.raises(ImageDecodeError, match="changed"):
+        images.decode_views(png, views, expect_sha256="0" * 64)

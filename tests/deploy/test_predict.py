@@ -68,7 +68,7 @@ def test_training_images_reuse_stored_features_and_match_the_refit_head(trained,
     assert (result.frame["label"] == truth).mean() >= 0.9
 
 
-def test_new_image_gives_the_same_probabilities_as_extracting_it_first(trained, tmp_path, monkeypatch):
+def test_new_images_features_are_kept_as_extract_computes_them_and_reused(trained, tmp_path, monkeypatch):
     _, cache, run_dir = trained
     new = tmp_path / "new"
     make_image(new / "red" / "fresh_red.png", COLOURS["red"], seed=4242, size=(57, 31))
@@ -76,8 +76,15 @@ def test_new_image_gives_the_same_probabilities_as_extracting_it_first(trained, 
     before = predict(run_dir, [new])
     assert (before.reused, before.computed, before.failed) == (0, 2, 0)
 
-    report = extract(scan(new, cache_dir=cache), TINY, cache)
-    assert report.extracted == 2
+    # What predict kept is what extract computes for the same files (in a cache of its own).
+    dataset = scan(new, cache_dir=tmp_path / "other")
+    assert extract(dataset, TINY, tmp_path / "other").extracted == 2
+    hashes = list(dataset.frame["hash"])
+    kept = open_stores(TINY, cache).originals
+    np.testing.assert_allclose(kept.read(hashes), open_stores(TINY, tmp_path / "other").originals.read(hashes),
+                               rtol=0, atol=1e-5)
+    # ... so extract finds them in the run's cache, and predicting again builds nothing.
+    assert extract(scan(new, cache_dir=cache), TINY, cache).extracted == 0
     monkeypatch.setattr(build_module, "build_feature_model", _no_model)
     after = predict(run_dir, [new])
     assert (after.reused, after.computed) == (2, 0)

@@ -136,7 +136,7 @@ def test_similar_photos_are_the_cosine_nearest_training_photos(server, trained):
 # ------------------------------------------------------------------------------------------ bad uploads
 
 
-def test_bad_uploads_get_4xx_json_naming_the_upload_and_the_reason(server, trained, monkeypatch):
+def test_bad_uploads_get_4xx_json_naming_the_upload_and_the_reason(server, trained, monkeypatch, tmp_path):
     data = trained[0]
     png = _png(data / "red" / "red1.png")
     cases = {
@@ -149,8 +149,10 @@ def test_bad_uploads_get_4xx_json_naming_the_upload_and_the_reason(server, train
         assert answer.status_code == 422, (name, answer.text)
         error = answer.json()["error"]
         assert name in error and reason in error, error
+    # A new image (a training one's features are read from the store, never decoded again).
+    bomb = _png(make_image(tmp_path / "bomb.png", COLOURS["red"], seed=991))
     monkeypatch.setattr(images_module, "MAX_PIXELS", 1000)       # 48 x 40 = 1,920 pixels: a "bomb" now
-    answer = server.post("/predict", files=_upload(("bomb.png", png)))
+    answer = server.post("/predict", files=_upload(("bomb.png", bomb)))
     assert answer.status_code == 422 and "bomb.png" in answer.json()["error"]
     assert "image too large" in answer.json()["error"]
 
