@@ -1,0 +1,44 @@
+"""What a fine-tuning will cost, said before it starts: one batch's forward + backward pass timed on
+this machine (training.keras_fit.step_cost), scaled to the planned epochs, and whether a GPU runs it.
+
+A fine-tuning takes minutes to hours on a CPU; a user deciding whether to wait, or to move to a
+machine with a GPU, needs the figure first, not after. It is an estimate: early stopping may end
+sooner, and augmentation, validation and the epoch backups add to the pure training steps.
+
+Importing this module imports Keras.
+"""
+
+from __future__ import annotations
+
+from featurepipe.heads.combined import set_trainable
+from featurepipe.training.keras_fit import step_cost
+
+# A validation image costs a forward pass only: about a third of a training step's forward + backward.
+VALIDATION_SHARE = 1 / 3
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate(model, backbone: str, blocks, sequence, n_val: int, options: dict, gpu: bool) -> dict:
+    """{"seconds_per_image_epoch", "expected_seconds", "epochs", "gpu", "text"} for training the top
+    `blocks` of `model` on `sequence` (keras_fit.AugmentedImages) for options["epochs"] epochs, with
+    `n_val` validation images scored after each epoch. Sets the layers' trainable flags as the
+    fine-tuning phase does (it sets them again itself)."""
+    set_trainable(model, backbone, blocks, True)
+    images, targets = sequence[0]
+    per_image = step_cost(model, images, targets)
+    epochs = int(options["epochs"])
+    n_train = len(sequence.images)
+    seconds = per_image * epochs * (n_train + VALIDATION_SHARE * n_val)
+    device = "on the GPU" if gpu else "on the CPU (no GPU found)"
+    text = (f"fine-tuning {n_train} images for up to {epochs} epochs: expected about {duration_text(seconds)} "
+            f"{device}, from one batch timed at {per_image * 1000:.0f} ms per image per epoch "
+            f"(early stopping may end it sooner)")
+    return {"seconds_per_image_epoch": per_image, "expected_seconds": seconds, "epochs": epochs,
+            "train_images": n_train, "val_images": int(n_val), "gpu": bool(gpu), "text": text}
