@@ -119,17 +119,22 @@ def main() -> None:
             print(f"{name}: evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
         if not args.evaluate_only:
             methods = {"hard": {"distill_alpha": 0.0}, "student": {}}
+            done = {(r["set"], r["draw"], r["method"]) for r in _rows(log)}
             # Draws outside, sets inside: a benchmark stopped early has every set at the same draws.
             for seed in range(args.first_draw, args.first_draw + args.draws):
                 for name in names:
-                    for label in [m for m in args.methods.split(",") if m]:
+                    for label in [m for m in args.methods.split(",") if m and (name, seed, m) not in done]:
                         row = finetuned(name, runs[name], label, seed, cache, methods[label])
                         with open(log, "a") as handle:
                             handle.write(json.dumps(row, default=str) + "\n")
                         print(f"{name} draw {seed} {label}: vote {row['vote']:.3f} model {row['model']:.3f} "
                               f"kept {row['kept']} {row['seconds']:.0f} s", flush=True)
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    print(summary([r for r in rows if r["set"] in names]))
+    print(summary([r for r in _rows(log) if r["set"] in names]))
+
+
+def _rows(log: Path) -> list[dict]:
+    """What was measured so far (a row per finished fine-tuning; a rerun skips those)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""What a fine-tuning will cost, said before it starts: one batch's forward + backward pass timed on
-this machine (training.keras_fit.step_cost), scaled to the planned epochs, and whether a GPU runs it.
+"""What a fine-tuning will cost, said before it starts: one batch's augmentation and forward + backward pass
+timed on this machine (training.keras_fit.step_cost), scaled to the planned epochs, and whether a GPU runs it.
 
 A fine-tuning takes minutes to hours on a CPU; a user deciding whether to wait, or to move to a
 machine with a GPU, needs the figure first, not after. It is an estimate: early stopping may end
-sooner, and augmentation, validation and the epoch backups add to the pure training steps.
+sooner; the optimizer's update, the epoch backups and a machine whose load changes add to it (on a
+CPU shared with other jobs the demo's fine-tuning took 3.9x the estimate: benchmarks/README.md).
 
 Importing this module imports Keras.
 """
 
 from __future__ import annotations
+
+import time
 
 from featurepipe.heads.combined import set_trainable
 from featurepipe.training.keras_fit import step_cost
@@ -26,13 +29,15 @@ def duration_text(seconds: float) -> str:
 
 
 def estimate(model, backbone: str, blocks, sequence, n_val: int, options: dict, gpu: bool) -> dict:
-    """{"seconds_per_image_epoch", "expected_seconds", "epochs", "gpu", "text"} for training the top
+    """{"seconds_per_image_epoch", "expected_seconds", "epochs", "gpu", "text", ...} for training the top
     `blocks` of `model` on `sequence` (keras_fit.AugmentedImages) for options["epochs"] epochs, with
     `n_val` validation images scored after each epoch. Sets the layers' trainable flags as the
     fine-tuning phase does (it sets them again itself)."""
     set_trainable(model, backbone, blocks, True)
-    images, targets = sequence[0]
-    per_image = step_cost(model, images, targets)
+    started = time.perf_counter()
+    images, targets = sequence[0]             # augmenting a batch is part of every step's price
+    augment = (time.perf_counter() - started) / max(1, len(images))
+    per_image = step_cost(model, images, targets) + augment
     epochs = int(options["epochs"])
     n_train = len(sequence.images)
     seconds = per_image * epochs * (n_train + VALIDATION_SHARE * n_val)
