@@ -252,6 +252,10 @@ def test_finetune_says_which_model_it_kept_and_reuses_on_rerun(cli, image_tree, 
     args = ["finetune", tmp_path / "run", "--epochs", "1", "--batch-size", "8"]
     first = cli(*args)
     assert "kept the frozen head" in first.stdout + first.stderr and "s/epoch" in first.stdout
+    # The cost is said before training (on stderr, no bar in a pipe), the winner after it.
+    assert "note: fine-tuning" in first.stderr and "expected about" in first.stderr and "on the CPU" in first.stderr
+    assert "student (tiny, distilled with alpha 0.5)" in first.stdout and "95% paired interval" in first.stdout
+    assert "the run's model is the frozen head" in first.stdout
     again = json.loads(cli(*args, "--json").stdout)
     assert again["reused"] and again["kept"] == "frozen" and again["epochs_run"] == 1
     assert_one_line_error(cli(*args, "--optimizer", "rmsprop", expect=None), "unknown optimizer 'rmsprop'")
