@@ -141,10 +141,10 @@ class EpochHooks(keras.callbacks.Callback):
                f"val_loss {logs.get('val_loss', float('nan')):.4f}")
 
 
-def step_cost(model, images: np.ndarray, targets: np.ndarray, repeats: int = 2) -> float:
-    """Seconds per image of one training step's forward + backward pass (no update: the weights are
-    untouched), timed on `images` as one batch after a first untimed call (which traces the graph);
-    the fastest of `repeats` timed calls."""
+def step_cost(model, images: np.ndarray, targets: np.ndarray, repeats: int = 2) -> tuple[float, float]:
+    """(seconds per image of one training step's forward + backward pass, seconds the first call
+    spent building the graph): no update, the weights are untouched. Timed on `images` as one batch:
+    the first call traces, the fastest of `repeats` later calls is the step."""
     import tensorflow as tf
 
     loss_fn = keras.losses.CategoricalCrossentropy()
@@ -156,13 +156,15 @@ def step_cost(model, images: np.ndarray, targets: np.ndarray, repeats: int = 2) 
             loss = loss_fn(y, model(x, training=True))
         return tape.gradient(loss, model.trainable_variables)
 
+    t0 = time.perf_counter()
     step()
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return min(times) / max(1, len(images))
+    return min(times) / max(1, len(images)), max(0.0, first - min(times))
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
