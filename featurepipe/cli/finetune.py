@@ -34,7 +34,7 @@ def finetune(
     label_smoothing: float = typer.Option(DEFAULTS.label_smoothing, "--label-smoothing", callback=number_in(0, 1, high_open=True), help="0 by default: measured better on the plain validation loss the decision uses."),
     distill_alpha: float = typer.Option(DEFAULTS.distill_alpha, "--distill-alpha", callback=number_in(0, 1),
                                         help="Weight of the vote's out-of-fold probabilities in the training targets "
-                                             "(knowledge distillation); 0: hard labels."),
+                                             "(knowledge distillation); 0: hard labels (measured better so far)."),
     distill_temperature: float = typer.Option(DEFAULTS.distill_temperature, "--distill-temperature",
                                               callback=number_in(0, low_open=True),
                                               help="Temperature the teacher's probabilities are softened at (1: as "
