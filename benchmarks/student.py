@@ -78,11 +78,13 @@ def finetuned(name: str, run: Path, label: str, seed: int, cache: Path, options:
 
 
 def summary(rows: list[dict]) -> str:
-    """Markdown: per set, mean accuracy (over draws) of the vote, hard fine-tuning and the student."""
+    """Markdown: per set, mean held-out accuracy (over draws) of the vote, hard fine-tuning and the
+    student, the images each gained / lost against the vote (summed over draws), how often the
+    winner rule kept it, and the mean wall time."""
     import numpy as np
 
-    lines = ["| set | draws | val images | vote | hard FT | student | student - vote | student kept | s (hard / student) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | draws | held-out images | vote | hard FT (gained/lost, kept) | student (gained/lost, kept) "
+             "| student - vote | student - hard | s hard / student |", "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["set"] for r in rows):
         by = {m: [r for r in rows if r["set"] == name and r["method"] == m] for m in ("hard", "student")}
         draws = sorted(set(r["draw"] for r in by["student"]) & set(r["draw"] for r in by["hard"]))
@@ -90,11 +92,17 @@ def summary(rows: list[dict]) -> str:
             continue
         pick = {m: [next(r for r in by[m] if r["draw"] == d) for d in draws] for m in by}
         vote = np.mean([r["vote"] for r in pick["student"]])
-        hard, student = (np.mean([r["model"] for r in pick[m]]) for m in ("hard", "student"))
-        kept = sum(r["kept"] == "finetuned" for r in pick["student"])
-        seconds = "/".join(f"{np.mean([r['seconds'] for r in pick[m]]):.0f}" for m in ("hard", "student"))
-        lines.append(f"| {name} | {len(draws)} | {pick['student'][0]['val_images']} | {vote:.3f} | {hard:.3f} | "
-                     f"{student:.3f} | {100 * (student - vote):+.1f} pt | {kept}/{len(draws)} | {seconds} |")
+        acc = {m: np.mean([r["model"] for r in pick[m]]) for m in pick}
+
+        def cell(m):
+            gained, lost = (sum(r[k] for r in pick[m]) for k in ("gained", "lost"))
+            kept = sum(r["kept"] == "finetuned" for r in pick[m])
+            return f"{acc[m]:.3f} ({gained}/{lost}, {kept}/{len(draws)})"
+
+        seconds = " / ".join(f"{np.mean([r['seconds'] for r in pick[m]]):.0f}" for m in ("hard", "student"))
+        lines.append(f"| {name} | {len(draws)} | {pick['student'][0]['val_images']} | {vote:.3f} | {cell('hard')} | "
+                     f"{cell('student')} | {100 * (acc['student'] - vote):+.1f} pt | "
+                     f"{100 * (acc['student'] - acc['hard']):+.1f} pt | {seconds} |")
     return "\n".join(lines)
 
 
