@@ -93,7 +93,8 @@ class Command:
 
     @contextmanager
     def stage(self) -> Iterator:
-        """Yields the progress callback (None when no bar is shown: under --json, in a pipe, under CI)."""
+        """Yields the progress callback; with no bar (under --json, in a pipe, under CI) it only prints
+        notices (core.progress.NOTICE) on stderr."""
         from featurepipe.cli import render
 
         with ExitStack() as stack:
@@ -193,3 +194,20 @@ def resolve_run(run_dir: Path, cache_dir: Optional[Path] = None) -> Path:
     if note:   # a note when the run's own cache is used, a warning when it may be the wrong one
         flag("note" if used != recorded else "warning", note)
     return path
+
+
+def winner_text(result) -> str:
+    """Which model won on the held-out images, by how much, with the paired interval (compare's)."""
+    from featurepipe.cli.render import plural
+
+    decision, student = result.decision or {}, result.student or {}
+    rival = "the vote" if len(student.get("teacher") or []) > 1 else "the frozen head"
+    low, high = decision.get("accuracy_change_interval") or [float("nan"), float("nan")]
+    what = (f"student ({student.get('backbone')}, distilled with alpha {student.get('distill_alpha'):g})"
+            if student.get("distill_alpha") else "fine-tuned model")
+    winner = what.split(" (")[0] if result.kept == "finetuned" else rival
+    return (f"{what} {result.after['val_accuracy']:.3f} vs {rival} {result.before['val_accuracy']:.3f} on the same "
+            f"{plural(result.val_images, 'held-out image')}: {100 * decision.get('accuracy_change', 0.0):+.1f} "
+            f"points (95% paired interval {100 * low:+.1f} to {100 * high:+.1f}; {decision.get('gained', 0)} gained, "
+            f"{decision.get('lost', 0)} lost); the run's model is {winner}")
+

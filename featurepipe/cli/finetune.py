@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command, check_run_dir, warmup_note
+from featurepipe.cli.common import Command, check_run_dir, warmup_note, winner_text
 from featurepipe.backbones.spec import MAX_IMAGE_SIZE
 from featurepipe.cli.options import SEED_MAX, AsJson, CacheDir, Overwrite, number_in
 from featurepipe.training.config import FinetuneConfig
@@ -32,6 +32,13 @@ def finetune(
     momentum: float = typer.Option(DEFAULTS.momentum, "--momentum", callback=number_in(0, 1, high_open=True), help="SGD momentum."),
     weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", callback=number_in(0), help="AdamW decoupled weight decay."),
     label_smoothing: float = typer.Option(DEFAULTS.label_smoothing, "--label-smoothing", callback=number_in(0, 1, high_open=True), help="0 by default: measured better on the plain validation loss the decision uses."),
+    distill_alpha: float = typer.Option(DEFAULTS.distill_alpha, "--distill-alpha", callback=number_in(0, 1),
+                                        help="Weight of the vote's out-of-fold probabilities in the training targets "
+                                             "(knowledge distillation); 0: hard labels (measured better so far)."),
+    distill_temperature: float = typer.Option(DEFAULTS.distill_temperature, "--distill-temperature",
+                                              callback=number_in(0, low_open=True),
+                                              help="Temperature the teacher's probabilities are softened at (1: as "
+                                                   "they are)."),
     schedule: str = typer.Option(DEFAULTS.schedule, "--schedule", help="cosine (linear warm-up, cosine to 0) | constant."),
     warmup_epochs: int = typer.Option(DEFAULTS.warmup_epochs, "--warmup-epochs", min=0,
                                       help="Epochs of linear warm-up (lr/10 up to --lr) before the cosine decay "
@@ -58,7 +65,8 @@ def finetune(
     with Command(as_json, interrupted=f"continue with `featurepipe finetune {run_dir} --resume`") as command:
         config = FinetuneConfig(strategy=strategy, unfreeze_blocks=unfreeze_blocks, epochs=epochs, lr=lr,
                                 optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
-                                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, schedule=schedule,
+                                label_smoothing=label_smoothing, distill_alpha=distill_alpha,
+                                distill_temperature=distill_temperature, warmup_epochs=warmup_epochs, schedule=schedule,
                                 batch_size=batch_size, patience=patience, seed=seed, resume=resume, reuse=reuse)
         with command.stage() as progress:
             result = run_finetune(run_dir, config, cache_dir=cache_dir, progress=progress)
@@ -81,6 +89,7 @@ def finetune(
         render.stdout.print(f"test split ({render.plural(result.test['images'], 'image')}, scored once): accuracy frozen "
                             f"{result.test['frozen']['val_accuracy']:.3f}, fine-tuned "
                             f"{result.test['finetuned']['val_accuracy']:.3f}", highlight=False)
+    render.stdout.print(winner_text(result), highlight=False)
     if result.kept == "finetuned":
         render.stdout.print(f"kept the fine-tuned model: {result.reason}\nmodel: {result.model_path}", highlight=False)
     else:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from featurepipe.core.progress import ProgressCallback, ProgressEvent
+from featurepipe.core.progress import NOTICE, ProgressCallback, ProgressEvent
 from featurepipe.core.strictjson import json_ready
 
 # In a pipe or under CI rich would wrap at 80 columns; tables and paths read better unwrapped.
@@ -81,7 +81,13 @@ def interactive() -> bool:
 @contextmanager
 def progress_view(enabled: Optional[bool] = None) -> Iterator[Optional[ProgressCallback]]:
     if not (interactive() if enabled is None else enabled):
-        yield None
+        # No bar, but a notice (core.progress.NOTICE: e.g. the expected time of a fine-tuning) is
+        # still said on stderr, before the work it announces.
+        def notices_only(event: ProgressEvent) -> None:
+            if event.stage == NOTICE:
+                flag("note", event.message)
+
+        yield notices_only
         return
     # markup=False: a stage's note may name a user's file.
     columns = [TextColumn("{task.description:<9}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
@@ -91,6 +97,9 @@ def progress_view(enabled: Optional[bool] = None) -> Iterator[Optional[ProgressC
         tasks: dict[str, int] = {}
 
         def on_event(event: ProgressEvent) -> None:
+            if event.stage == NOTICE:   # printed above the bars, in full
+                bar.console.print(Text.assemble(("note:", "yellow"), " ", event.message))
+                return
             if event.stage not in tasks:
                 tasks[event.stage] = bar.add_task(event.stage, total=event.total or None, rate="", note="")
             task_id = tasks[event.stage]

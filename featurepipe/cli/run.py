@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, warmup_note
+from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, warmup_note, winner_text
 from featurepipe.cli.options import (
     AsJson, Augment, AutoFolds, Budget, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups,
@@ -92,6 +92,7 @@ def run_all(
         render.stdout.print(f"fine-tuned ({ft.strategy}, {render.plural(ft.epochs_run, 'epoch')}): validation accuracy "
                             f"{ft.before['val_accuracy']:.3f} -> {ft.after['val_accuracy']:.3f}; kept {ft.kept}: "
                             f"{ft.reason}{' (reused)' if ft.reused else ''}", highlight=False)
+        render.stdout.print(winner_text(ft), highlight=False)
     if result.evaluate.nested is not None:
         render.print_nested(result.evaluate.nested.to_dict())
     for note in result.evaluate.notes:

@@ -14,6 +14,10 @@ class ProgressEvent:
     message: str = ""   # short human-readable note, e.g. the file just skipped
 
 
+# The stage of an event that is a message to show once, in full (e.g. a fine-tuning's expected time
+# before it starts), not a bar's progress: the CLI prints it.
+NOTICE = "notice"
+
 ProgressCallback = Callable[[ProgressEvent], None]
 
 

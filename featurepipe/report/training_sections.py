@@ -109,6 +109,9 @@ def _finetune(charts: Charts, directory: Path, source: Optional[str]) -> str:
         low, high = (decision.get("loss_change_interval") or [None, None])[:2]
         parts.append(kv_table([
             ("images gained / lost", f"{esc(decision.get('gained'))} / {esc(decision.get('lost'))}"),
+            *([("accuracy change, 95% paired interval",
+                f"{num(decision.get('accuracy_change'), 3)} ({num(acc[0], 3)} to {num(acc[1], 3)})")]
+              if (acc := decision.get("accuracy_change_interval")) else []),
             ("loss change, 95% bootstrap interval", f"{num(decision.get('loss_change'), 4)} "
                                                     f"({num(low, 4)} to {num(high, 4)})"),
             ("McNemar p (gained vs lost)", num(decision.get("mcnemar_p"), 3)),
@@ -121,6 +124,12 @@ def _finetune(charts: Charts, directory: Path, source: Optional[str]) -> str:
     for key, label in (("seconds", "time (s)"), ("seconds_per_epoch", "time per epoch (s)")):
         if summary.get(key) is not None:
             settings.append((label, num(summary[key], 1)))
+    student = summary.get("student")
+    if isinstance(student, dict):   # the training targets (training.distill)
+        teacher = ", ".join(map(str, student.get("teacher") or []))
+        settings.append(("targets", esc(f"{student.get('distill_alpha')} x out-of-fold teacher ({teacher}; "
+                                        f"{student.get('folds')} folds, temperature {student.get('distill_temperature')})"
+                                        f" + the rest the true label") if student.get("folds") else "the true labels"))
     for note in summary.get("notes") or []:
         settings.append(("note", esc(note)))
     if settings:

@@ -45,6 +45,7 @@ HISTORY = "history.csv"             # finetune and baseline: per-epoch curves
 SUMMARY = "summary.json"            # finetune and baseline: the outcome the report shows
 FINETUNED_MODEL = "finetuned.keras"
 VALIDATION_PREDICTIONS = "validation_predictions.csv"
+TEACHER_TARGETS = "teacher_targets.csv"   # the student's targets per training image (training.distill)
 BEST_WEIGHTS = "best.weights.npz"
 PRETRAINED_WEIGHTS = "pretrained.weights.npz"
 BACKUP_DIR = "backup"               # crash-safe epoch backups (training.checkpoints), one folder per phase

@@ -13,7 +13,10 @@ The decision is paired, image by image:
 `improved` is true when
   (a) the fine-tuned model gets at least one image more right (net) and its loss did not rise, or
   (b) its loss fell beyond noise and it gets no image fewer right (net).
-Otherwise the run keeps the frozen head. The exact McNemar p-value on (gained, lost) is reported as
+Otherwise the run keeps the frozen head (or the vote): a tie goes to the model already in place.
+This is the winner rule: the better of the two on the same images, more images right first, the
+loss guarding against a gain of an image bought with confidence lost everywhere. The accuracy change
+comes with a paired bootstrap interval (the same resampled images for both models). The exact McNemar p-value on (gained, lost) is reported as
 well (for information: with ~25 validation images no single-image gain can be significant).
 """
 
@@ -70,14 +73,17 @@ def compare_per_image(correct_b: np.ndarray, loss_b: np.ndarray, correct_a: np.n
     n = len(correct_b)
     gained, lost = int((~correct_b & correct_a).sum()), int((correct_b & ~correct_a).sum())
     change = loss_a - loss_b                  # per image; negative = the fine-tuned model is better
+    # Per image: +1 gained, -1 lost, 0 unchanged; its mean is the accuracy change.
+    flips = correct_a.astype(np.float64) - correct_b.astype(np.float64)
     if n:
         rng = np.random.default_rng(seed)
-        means = change[rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))].mean(axis=1)
+        draws = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))   # the same resampled images for both
         tail = (1 - CONFIDENCE) / 2 * 100
-        low, high = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
+        low, high = (float(v) for v in np.percentile(change[draws].mean(axis=1), [tail, 100 - tail]))
+        acc_low, acc_high = (float(v) for v in np.percentile(flips[draws].mean(axis=1), [tail, 100 - tail]))
         mean = float(change.mean())
     else:
-        low = high = mean = 0.0
+        low = high = mean = acc_low = acc_high = 0.0
     loss_fell, loss_rose = high < 0 and mean <= -LOSS_MARGIN, low > 0 and mean >= LOSS_MARGIN
     net = gained - lost
     loss_text = f"validation loss change {mean:+.4f} (95% interval {low:+.4f} to {high:+.4f})"
@@ -95,7 +101,8 @@ def compare_per_image(correct_b: np.ndarray, loss_b: np.ndarray, correct_a: np.n
                                    f"or is smaller than {LOSS_MARGIN}; keeping the frozen head")
     return {
         "improved": improved, "reason": reason, "images": int(n), "gained": gained, "lost": lost,
-        "accuracy_change": float(net / n) if n else 0.0, "loss_change": mean, "loss_change_interval": [low, high],
+        "accuracy_change": float(net / n) if n else 0.0, "accuracy_change_interval": [acc_low, acc_high],
+        "loss_change": mean, "loss_change_interval": [low, high],
         "loss_margin": LOSS_MARGIN, "confidence": CONFIDENCE, "bootstrap_samples": BOOTSTRAP_SAMPLES,
         "mcnemar_p": mcnemar_p(gained, lost),
     }

@@ -39,6 +39,13 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     # 0 by default: measured better on the plain validation loss the decision uses.
     label_smoothing: float = 0.0
+    # Knowledge distillation (training.distill): the training targets are alpha * the vote's out-of-fold
+    # probabilities (at the temperature) + (1 - alpha) * the true label; 0: hard labels. 0 by default:
+    # measured (benchmarks/README.md, "The student"): distilled into the member's linear head, every
+    # alpha > 0 scored below hard labels (4 sets x 3 splits); fully fine-tuned, alpha 0.5 tied hard
+    # labels on average (0.906 both, 4 sets x 3 splits); temperatures above 1 raised the held-out loss.
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
     # Linear warm-up epochs before the schedule.
     warmup_epochs: int = 1
     # cosine (to 0 after the warm-up) | constant.
@@ -74,6 +81,9 @@ class FinetuneConfig:
              "a finite number >= 0"),
             ("--momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
             ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("--distill-alpha", self.distill_alpha, 0 <= self.distill_alpha <= 1, "in [0, 1]"),
+            ("--distill-temperature", self.distill_temperature,
+             math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "a finite number > 0"),
             ("--seed", self.seed, self.seed >= 0, "0 or more"),
         ]
         for option, value, inside, wanted in checks:
@@ -87,5 +97,6 @@ class FinetuneConfig:
         and its reuse key record them once resolved."""
         return dict(strategy=self.strategy, unfreeze_blocks=self.unfreeze_blocks, epochs=self.epochs, lr=self.lr,
                     optimizer=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,
-                    label_smoothing=self.label_smoothing, warmup_epochs=self.warmup_epochs,
+                    label_smoothing=self.label_smoothing, distill_alpha=self.distill_alpha,
+                    distill_temperature=self.distill_temperature, warmup_epochs=self.warmup_epochs,
                     schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed)

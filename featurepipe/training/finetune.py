@@ -63,7 +63,7 @@ from featurepipe.core.atomic import write_json
 from featurepipe.training.finetune_vote import open_vote, vote_proba
 from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, CONFIG, FINETUNE_DIR, FINETUNED_MODEL, HISTORY,
                                        OLD_FINETUNE_WEIGHTS, PRETRAINED_WEIGHTS, SPLIT, STATE, SUMMARY,
-                                       VALIDATION_PREDICTIONS)
+                                       TEACHER_TARGETS, VALIDATION_PREDICTIONS)
 from featurepipe.rundir.folder import read_json
 from featurepipe.rundir.heads_io import load_head
 from featurepipe.rundir.run import Run
@@ -87,10 +87,12 @@ from featurepipe.training.finetune_state import (
 from featurepipe.training.split import ImageSplit, decode_frame, decode_split, make_split
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.rundir.folder import run_cache_root
-from featurepipe.core.progress import ProgressCallback
+from featurepipe.core.progress import NOTICE, ProgressCallback, report
+from featurepipe.training import finetune_cost
+from featurepipe.training.distill import one_hot, soft_targets
 from featurepipe.training.keras_fit import (
     HISTORY_COLUMNS, AugmentedImages, EpochHooks, EpochTimer, best_row, check_batch_size, dtype_policy,
-    predict_proba, quiet_retracing, save_model_atomic, smoothed_crossentropy, tensorboard_available, tidy_history,
+    predict_proba, quiet_retracing, save_model_atomic, tensorboard_available, tidy_history,
 )
 
 
@@ -126,6 +128,10 @@ class _Trained:
     jit: bool
     epoch_seconds: list[float]
     trained_epochs: list[int]        # 0-based epochs this call ran
+    targets: Any = None              # training.distill.Targets the training images were trained on
+    train_rows: Any = None           # the training images (path, label, hash), in the targets' order
+    train_labels: Any = None
+    estimate: Optional[dict] = None  # training.finetune_cost.estimate, said before training
 
 
 
@@ -208,7 +214,7 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
         state = {"options": options, "key": key, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         out.mkdir(parents=True, exist_ok=True)
         _clear(out, [BACKUP_DIR, HISTORY, BEST_WEIGHTS, *OLD_FINETUNE_WEIGHTS, PRETRAINED_WEIGHTS, STATE, SPLIT,
-                     SUMMARY, VALIDATION_PREDICTIONS])
+                     SUMMARY, VALIDATION_PREDICTIONS, TEACHER_TARGETS])
         write_json(split_path, split.to_json())
         write_json(state_path, state)   # from here on --resume continues this call
     if cache_note:   # after what happened to the fine-tuning itself: that is what a reader looks for first
@@ -249,13 +255,22 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         if strategy == "all":
             blocks = None
 
-        # Training, phase by phase.
-        sequence = AugmentedImages(x_train, y_train, train_rows["hash"], batch_size, seed) if training else None
-        hooks = EpochHooks(sequence, progress, "finetune", options["epochs"])
-        fitting = _Fitting(model, spec.name, options, sequence, x_val, y_val, out, prep.run_dir, hooks,
-                           EpochTimer(epoch_seconds), callbacks,
-                           smoothed_crossentropy(len(classes), options["label_smoothing"]), jit)
+        # The targets: the vote's out-of-fold probabilities mixed with the labels (training.distill);
+        # validation is always scored against the plain labels (one-hot).
+        targets = soft_targets(prep, train_rows["hash"].tolist(), y_train, options.get("distill_alpha", 0.0),
+                               options.get("distill_temperature", 1.0), options["label_smoothing"],
+                               seed) if training else None
+        n_classes = len(classes)
+        sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed)
+                    if training else None)
+        hooks = EpochHooks(sequence, progress, "finetune", options["epochs"], per_batch=True)
+        fitting = _Fitting(model, spec.name, options, sequence, x_val, one_hot(y_val, n_classes).astype(np.float32),
+                           out, prep.run_dir, hooks, EpochTimer(epoch_seconds), callbacks,
+                           keras.losses.CategoricalCrossentropy(), jit)
+        estimate = None
         if training:
+            estimate = finetune_cost.estimate(model, spec.name, blocks, sequence, len(x_val), options, mixed)
+            report(progress, NOTICE, 0, 0, estimate["text"])
             _run_phases(fitting, prep, blocks)
 
         # The best epoch, scored on the same validation images, and the decision.
@@ -276,7 +291,8 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
             failed = failed + test_failed
     return _Trained(model, estimator, head_source, int(len(x_train)), y_val, val_rows, proba_before, proba_after,
                     before, after, history, best, blocks, fitting.unfrozen, n_trainable, decision, kept, test, failed,
-                    max_diff, mixed, jit, epoch_seconds, hooks.epochs)
+                    max_diff, mixed, jit, epoch_seconds, hooks.epochs, targets=targets, estimate=estimate,
+                    train_rows=train_rows, train_labels=y_train)
 
 
 def _score_test(prep: _Prepared, feature_model, model, kept: str,
@@ -328,8 +344,12 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         head_source=t.head_source, resumed_from_epoch=resumed_from, improved=bool(t.decision["improved"]),
         failed=t.failed, kept=t.kept, reason=t.decision["reason"], decision=t.decision, test=t.test,
         unfreeze_blocks=t.blocks, seconds_per_epoch=float(np.median(t.epoch_seconds)) if t.epoch_seconds else None,
-        notes=prep.notes, key=prep.key,
+        notes=prep.notes, key=prep.key, estimate=t.estimate, student=_student_info(prep, t),
     )
+    if t.targets is not None:
+        if t.targets.note:
+            prep.notes.append(t.targets.note)
+        _write_targets(out / TEACHER_TARGETS, t, classes)
     y_val, proba_before, proba_after = t.y_val, t.proba_before, t.proba_after
     csvcells.write(out / VALIDATION_PREDICTIONS, pd.DataFrame({
         "path": t.val_rows["path"], "label": t.val_rows["label"],
@@ -354,6 +374,7 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         "train_images": result.train_images, "val_images": result.val_images, "validation": split.source,
         "head": {"name": prep.meta["head"], "params": prep.meta.get("params"), "augment": prep.meta.get("augment"),
                  "source": result.head_source},
+        "student": result.student, "estimate": t.estimate,
         "vote": None if prep.vote is None else {
             "members": [m.features for m in prep.vote.members], "started_from": prep.vote.started_from.features,
             "before_is": "the vote's probabilities (the run's model), not the started-from member's"},
@@ -371,6 +392,31 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
     write_json(prep.state_path, prep.state)
     _clear(out, [BACKUP_DIR])
     return result
+
+
+def _student_info(prep: _Prepared, t: _Trained) -> Optional[dict]:
+    """The student's recipe and teacher for the report: alpha, temperature, the teacher's members,
+    folds and out-of-fold accuracy on the training images, and which backbone the student is."""
+    if t.targets is None:
+        return None
+    options = prep.options
+    members = [m.features for m in prep.vote.members] if prep.vote is not None else [prep.meta.get("features")]
+    return {"distill_alpha": options.get("distill_alpha", 0.0), "distill_temperature": options.get(
+                "distill_temperature", 1.0), "teacher": members, "backbone": prep.spec.name,
+            **t.targets.info(np.asarray(t.train_labels))}
+
+
+def _write_targets(path: Path, t: _Trained, classes: list[str]) -> None:
+    """teacher_targets.csv: per training image its fold, the teacher's out-of-fold probabilities and
+    the target it trained on (the evidence that no held-out image taught the student)."""
+    rows = t.train_rows
+    frame = pd.DataFrame({"path": rows["path"], "hash": rows["hash"], "label": rows["label"],
+                          "fold": t.targets.folds if t.targets.folds is not None else -1})
+    for i, name in enumerate(classes):
+        frame[f"teacher_{name}"] = t.targets.teacher[:, i] if t.targets.teacher is not None else np.nan
+    for i, name in enumerate(classes):
+        frame[f"target_{name}"] = t.targets.targets[:, i]
+    csvcells.write(path, frame)
 
 
 @quiet_retracing()

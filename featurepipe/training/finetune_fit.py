@@ -34,7 +34,7 @@ class _Fitting:
     options: dict
     sequence: Any                    # the augmented training images (keras_fit.AugmentedImages)
     x_val: np.ndarray
-    y_val: np.ndarray
+    y_val: np.ndarray                # one-hot (n, classes), as the training targets are laid out
     out: Path                        # RUN_DIR/finetune
     run_dir: Path
     hooks: EpochHooks
@@ -54,7 +54,9 @@ class _Fitting:
 
     def compile_model(self, rate) -> None:
         self.model.compile(optimizer=make_optimizer(self.options, rate), loss=self.loss, jit_compile=self.jit,
-                           metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="ce")])
+                           # Targets are distributions (training.distill); on the one-hot validation labels
+                           # "ce" is the plain cross-entropy early stopping follows.
+                           metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name="ce")])
 
     def fit(self, phase: str, phase_blocks: Optional[int], train_head: bool, rate: float, first: int, last: int,
             early_stop: bool, schedule_kind: str) -> None:

@@ -47,6 +47,10 @@ class FinetuneReport:
     reused: bool = False              # a finished fine-tuning with the same key was returned
     notes: list[str] = field(default_factory=list)
     key: str = ""
+    # The cost measured before training (training.keras_fit.step_cost): per image per epoch, expected seconds, GPU.
+    estimate: Optional[dict] = None
+    # The student's targets (training.distill): alpha, temperature, the teacher's folds and out-of-fold accuracy.
+    student: Optional[dict] = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -62,6 +66,7 @@ def _options(config: FinetuneConfig) -> dict:
     return {**options, "unfreeze_blocks": None if config.unfreeze_blocks is None else int(config.unfreeze_blocks),
             "epochs": int(config.epochs), "lr": float(lr), "momentum": float(config.momentum),
             "weight_decay": float(config.weight_decay), "label_smoothing": float(config.label_smoothing),
+            "distill_alpha": float(config.distill_alpha), "distill_temperature": float(config.distill_temperature),
             "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
             "patience": int(config.patience), "seed": int(config.seed)}
 

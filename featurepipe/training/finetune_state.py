@@ -22,7 +22,7 @@ from featurepipe.training.finetune_vote import Vote
 from featurepipe.training.split import ImageSplit
 
 # Bump when a change here changes what a fine-tuning produces: finished runs are then not reused.
-FINETUNE_FORMAT = 3       # 3: batches in the sequence's own (seed, epoch) order, not reshuffled by Keras
+FINETUNE_FORMAT = 4       # 4: soft targets (the vote's out-of-fold probabilities, training.distill), categorical loss
 
 
 def _read_optional_json(path: Path) -> Optional[dict]:

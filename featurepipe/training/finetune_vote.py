@@ -77,7 +77,8 @@ def open_vote(run_dir: Path, trust_run: bool = False) -> Optional[Vote]:
     return Vote(meta, members, start, meta.weights(Path(run_dir) / HEAD_META))
 
 
-def _features(member: VoteMember, root: Path, hashes: Sequence[str]) -> np.ndarray:
+def member_features(member: VoteMember, root: Path, hashes: Sequence[str]) -> np.ndarray:
+    """The member's cached features of the images `hashes` (content hashes), in that order."""
     from featurepipe.extraction.features import open_stores
 
     store = open_stores(member.spec, root).originals
@@ -86,6 +87,14 @@ def _features(member: VoteMember, root: Path, hashes: Sequence[str]) -> np.ndarr
         raise FeaturepipeError(f"{len(missing)} image(s) have no {member.features} features in the cache {root} "
                                f"(e.g. content {missing[0][:12]}); re-run `featurepipe evaluate` on the dataset first")
     return store.read(list(hashes))
+
+
+def teacher_members(prep) -> list[VoteMember]:
+    """Whose probabilities teach the student (training.distill): the vote's members, or for a run
+    whose model is one head, that head. `prep` is finetune's _Prepared."""
+    if prep.vote is not None:
+        return list(prep.vote.members)
+    return [VoteMember(prep.run_dir, prep.meta, prep.estimator, prep.spec)]
 
 
 def vote_proba(vote: Vote, root: Path, hashes: Sequence[str], n_classes: int,
@@ -102,6 +111,6 @@ def vote_proba(vote: Vote, root: Path, hashes: Sequence[str], n_classes: int,
         if refit_on is not None:
             train_hashes, labels = refit_on
             estimator = make_head(member.meta["head"], member.meta.get("params") or {}, seed).fit(
-                _features(member, root, train_hashes), np.asarray(labels, dtype=np.int64))
-        parts.append(head_probabilities(estimator, _features(member, root, hashes), classes))
+                member_features(member, root, train_hashes), np.asarray(labels, dtype=np.int64))
+        parts.append(head_probabilities(estimator, member_features(member, root, hashes), classes))
     return np.average(parts, axis=0, weights=vote.weights)

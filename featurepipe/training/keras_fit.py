@@ -39,7 +39,10 @@ class AugmentedImages(keras.utils.PyDataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, hashes: Sequence[str], batch_size: int,
                  seed: int, policy: Optional[AugmentPolicy] = None):
         super().__init__()
-        self.images, self.labels, self.hashes = images, labels.astype(np.int32), list(hashes)
+        # Class indices (n,), or target distributions (n, classes) for soft-target training (training.distill).
+        labels = np.asarray(labels)
+        self.labels = labels.astype(np.int32) if labels.ndim == 1 else labels.astype(np.float32)
+        self.images, self.hashes = images, list(hashes)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.policy = policy or AugmentPolicy()
         self.epoch = 0
@@ -105,21 +108,63 @@ def quiet_retracing():
 
 
 class EpochHooks(keras.callbacks.Callback):
-    def __init__(self, sequence: Optional[AugmentedImages], progress, stage: str, total: int):
+    """Sets the sequence's epoch, and reports progress: per batch with `per_batch` (done/total in
+    batches over every planned epoch: a fine-tuning epoch takes minutes on a CPU), else per epoch."""
+
+    def __init__(self, sequence: Optional[AugmentedImages], progress, stage: str, total: int,
+                 per_batch: bool = False):
         super().__init__()
         self.sequence, self.progress, self.stage, self.total = sequence, progress, stage, total
+        self.per_batch = per_batch and sequence is not None
         self.epochs: list[int] = []
+        self._epoch = 0
+
+    @property
+    def _steps(self) -> int:
+        return len(self.sequence) if self.per_batch else 1
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.sequence is not None:
             self.sequence.epoch = epoch
         self.epochs.append(epoch)
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.per_batch:
+            report(self.progress, self.stage, self._epoch * self._steps + batch + 1, self.total * self._steps,
+                   f"epoch {self._epoch + 1}/{self.total} batch {batch + 1}/{self._steps}")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        report(self.progress, self.stage, epoch + 1, self.total,
+        report(self.progress, self.stage, (epoch + 1) * self._steps, self.total * self._steps,
                f"val_accuracy {logs.get('val_accuracy', float('nan')):.3f} "
                f"val_loss {logs.get('val_loss', float('nan')):.4f}")
+
+
+def step_cost(model, images: np.ndarray, targets: np.ndarray, repeats: int = 2) -> tuple[float, float]:
+    """(seconds per image of one training step's forward + backward pass, seconds the first call
+    spent building the graph): no update, the weights are untouched. Timed on `images` as one batch:
+    the first call traces, the fastest of `repeats` later calls is the step."""
+    import tensorflow as tf
+
+    loss_fn = keras.losses.CategoricalCrossentropy()
+    x, y = tf.convert_to_tensor(images), tf.convert_to_tensor(targets, dtype=tf.float32)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return min(times) / max(1, len(images)), max(0.0, first - min(times))
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -235,19 +280,6 @@ def make_optimizer(options: dict, rate):
     if options["optimizer"] == "sgd":
         return keras.optimizers.SGD(learning_rate=rate, momentum=options["momentum"])
     return keras.optimizers.AdamW(learning_rate=rate, weight_decay=options["weight_decay"])
-
-
-def smoothed_crossentropy(n_classes: int, smoothing: float):
-    """Sparse cross-entropy against labels smoothed by `smoothing` (Keras's sparse loss has no option)."""
-    if smoothing <= 0:
-        return "sparse_categorical_crossentropy"
-
-    def loss(y_true, y_pred):
-        onehot = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), n_classes)
-        target = onehot * (1.0 - smoothing) + smoothing / n_classes
-        return keras.losses.categorical_crossentropy(target, y_pred)
-
-    return loss
 
 
 class EpochTimer(keras.callbacks.Callback):

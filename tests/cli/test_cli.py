@@ -252,8 +252,15 @@ def test_finetune_says_which_model_it_kept_and_reuses_on_rerun(cli, image_tree, 
     args = ["finetune", tmp_path / "run", "--epochs", "1", "--batch-size", "8"]
     first = cli(*args)
     assert "kept the frozen head" in first.stdout + first.stderr and "s/epoch" in first.stdout
+    # The cost is said before training (on stderr, no bar in a pipe), the winner after it.
+    assert "note: fine-tuning" in first.stderr and "expected about" in first.stderr and "on the CPU" in first.stderr
+    said = " ".join(first.stdout.split())           # the console folds long lines
+    assert "fine-tuned model" in said and "95% paired interval" in said and "the run's model is the frozen head" in said
     again = json.loads(cli(*args, "--json").stdout)
     assert again["reused"] and again["kept"] == "frozen" and again["epochs_run"] == 1
+    distilled = json.loads(cli(*args, "--distill-alpha", "0.5", "--json").stdout)
+    assert not distilled["reused"] and distilled["student"]["distill_alpha"] == 0.5
+    assert distilled["student"]["folds"] >= 2 and distilled["estimate"]["gpu"] is False
     assert_one_line_error(cli(*args, "--optimizer", "rmsprop", expect=None), "unknown optimizer 'rmsprop'")
 
 

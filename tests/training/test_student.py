@@ -1,0 +1,172 @@
+"""The student (issue 22): soft targets from the vote's out-of-fold probabilities, never from a
+held-out image; alpha 0 is hard-label training; the winner rule; the cost said before training."""
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer
+
+from featurepipe.backbones.spec import BackboneSpec
+from featurepipe.core.progress import NOTICE
+from featurepipe.data.dataset import scan
+from featurepipe.evaluation.config import SearchConfig
+from featurepipe.evaluation.evaluate import evaluate
+from featurepipe.extraction.extract import open_stores
+from featurepipe.extraction.features import dataset_features
+from featurepipe.training import distill
+from featurepipe.training.config import FinetuneConfig
+from featurepipe.training.finetune import finetune
+from tests.conftest import COLOURS, make_image
+
+SPECS = [BackboneSpec(name="tiny", weights="random", image_size=32),
+         BackboneSpec(name="tiny", weights="random", image_size=24, resize="letterbox")]
+FAST = dict(batch_size=8, lr=1e-3, seed=0, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def vote_run(tmp_path_factory):
+    """A vote over two tiny feature sets on 3 colours x 10 noisy photos (no validation split: the
+    fine-tuning holds out 20% of train)."""
+    root = tmp_path_factory.mktemp("student")
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(10):
+            make_image(root / "data" / name / f"{name}{i}.png", colour, seed=300 * c + i)
+    cache = root / "cache"
+    evaluate(scan(root / "data", cache_dir=cache), SearchConfig(heads=("logreg",), specs=tuple(SPECS), folds=2),
+             cache, run_dir=root / "vote", n_jobs=1)
+    return root, root / "vote"
+
+
+@pytest.fixture(scope="module")
+def student(vote_run, tmp_path_factory):
+    """One 1-epoch student (alpha 0.5, temperature 2) of the vote, with every progress event recorded."""
+    root, run = vote_run
+    run = shutil.copytree(run, tmp_path_factory.mktemp("student_run") / "run")
+    events = []
+    result = finetune(run, FinetuneConfig(distill_alpha=0.5, distill_temperature=2.0, **FAST),
+                      cache_dir=root / "cache", progress=events.append)
+    return root, run, result, events
+
+
+def _plain_logreg(C: float):
+    """The run's logreg head (signed sqrt, L2, multinomial lbfgs), written with scikit-learn alone."""
+    return make_pipeline(FunctionTransformer(lambda X: np.sign(X) * np.sqrt(np.abs(X))), Normalizer(),
+                         LogisticRegression(C=C, max_iter=1000, random_state=0))
+
+
+def test_soft_targets_never_used_a_held_out_image(student):
+    """teacher_targets.csv holds the training images only, and each one's teacher probabilities are
+    recomputed here from the cached features with plain scikit-learn: for its fold, every member's
+    logreg fitted on the OTHER folds of the training images (no held-out image anywhere), averaged."""
+    root, run, result, _ = student
+    table = pd.read_csv(run / "finetune" / "teacher_targets.csv")
+    split = json.loads((run / "finetune" / "split.json").read_text())
+    held_out = {row[2] for row in split["validation"]}
+    assert set(table["hash"]) == {row[2] for row in split["train"]} and not set(table["hash"]) & held_out
+    assert len(table) == result.train_images and sorted(table["fold"].unique()) == list(range(5))
+    meta = json.loads((run / "best_head.json").read_text())
+    classes = meta["classes"]
+    y = np.array([classes.index(c) for c in table["label"]])
+    dataset = scan(root / "data", cache_dir=root / "cache")
+    teacher = np.zeros((len(table), len(classes)))
+    for member, spec in zip(meta["members"], SPECS):
+        features = dataset_features(dataset, open_stores(spec, root / "cache"))
+        index = {h: i for i, h in enumerate(features.frame["hash"])}
+        X = features.X[[index[h] for h in table["hash"]]]
+        for k in range(5):
+            fit_on, predict = table["fold"].to_numpy() != k, table["fold"].to_numpy() == k
+            head = _plain_logreg(member["params"]["C"]).fit(X[fit_on], y[fit_on])
+            teacher[predict] += head.predict_proba(X[predict]) / len(meta["members"])
+    np.testing.assert_allclose(table[[f"teacher_{c}" for c in classes]].to_numpy(), teacher, atol=1e-5)
+    # target = 0.5 * teacher at temperature 2 + 0.5 * one-hot, recomputed with numpy.
+    softened = np.sqrt(teacher) / np.sqrt(teacher).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(table[[f"target_{c}" for c in classes]].to_numpy(),
+                               0.5 * softened + 0.5 * np.eye(len(classes))[y], atol=1e-5)
+    assert result.student["teacher"] == [m["features"] for m in meta["members"]]
+    assert result.student["oof_accuracy"] == pytest.approx(np.mean(teacher.argmax(axis=1) == y))
+
+
+def test_alpha_zero_is_hard_label_training():
+    """alpha 0: the targets are the one-hot labels exactly (label-smoothed as Keras smooths them),
+    and the categorical loss on them is the sparse loss hard-label training used."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=30)
+    teacher = rng.dirichlet(np.ones(4), size=30)
+    assert np.array_equal(distill.mix(teacher, y, 4, 0.0, 3.0), np.eye(4, dtype=np.float32)[y])
+    assert np.array_equal(distill.mix(None, y, 4, 0.7, 1.0), np.eye(4, dtype=np.float32)[y])
+    np.testing.assert_allclose(distill.mix(teacher, y, 4, 0.0, 1.0, smoothing=0.1), np.eye(4)[y] * 0.9 + 0.025)
+    np.testing.assert_allclose(distill.mix(teacher, y, 4, 1.0, 1.0), teacher, atol=1e-6)
+    predicted = rng.dirichlet(np.ones(4), size=30).astype(np.float32)
+    categorical = keras.losses.CategoricalCrossentropy()(distill.one_hot(y, 4), predicted)
+    sparse = keras.losses.SparseCategoricalCrossentropy()(y, predicted)
+    assert float(categorical) == pytest.approx(float(sparse), rel=1e-6)
+    # Temperature: softmax(log p / T); T = 1 leaves the probabilities as they are.
+    np.testing.assert_allclose(distill.soften(teacher, 1.0), teacher, atol=1e-9)
+    np.testing.assert_allclose(distill.soften(teacher, 0.5), teacher ** 2 / (teacher ** 2).sum(axis=1, keepdims=True))
+    warm = distill.soften(teacher, 4.0)
+    assert np.array_equal(warm.argmax(axis=1), teacher.argmax(axis=1)) and (warm.max(axis=1) < teacher.max(axis=1)).all()
+
+
+def test_alpha_zero_run_trains_on_the_labels(vote_run, tmp_path):
+    root, run = vote_run
+    run = shutil.copytree(run, tmp_path / "run")
+    result = finetune(run, FinetuneConfig(distill_alpha=0.0, **FAST), cache_dir=root / "cache")
+    table = pd.read_csv(run / "finetune" / "teacher_targets.csv")
+    classes = json.loads((run / "best_head.json").read_text())["classes"]
+    y = np.array([classes.index(c) for c in table["label"]])
+    assert np.array_equal(table[[f"target_{c}" for c in classes]].to_numpy(), np.eye(len(classes))[y])
+    assert table[[f"teacher_{c}" for c in classes]].isna().all().all() and result.student["folds"] == 0
+
+
+def test_teacher_folds_are_stratified_and_need_two_images_a_class():
+    y = np.array([0] * 7 + [1] * 3 + [2] * 12)
+    folds = distill.teacher_folds(y, seed=1)
+    assert folds.max() + 1 == 3                       # the smallest class has 3 images: 3 folds
+    assert all(set(y[folds == k]) == {0, 1, 2} for k in range(3))
+    assert np.array_equal(folds, distill.teacher_folds(y, seed=1))
+    assert distill.teacher_folds(np.array([0, 0, 1, 2, 2]), seed=0) is None
+    assert distill.teacher_folds(y, seed=1, folds=5).max() + 1 == 3
+
+
+def test_the_winner_is_the_better_of_the_two_on_the_same_images():
+    """compare() on the same images both ways: the better one wins, with a paired interval of the
+    accuracy change that holds the change and excludes 0 only when every flip goes one way."""
+    from featurepipe.training.compare import compare
+
+    y = np.array([0, 1, 2] * 10)
+    right = np.eye(3)[y] * 0.7 + 0.1
+    worse = right.copy()
+    worse[:6] = np.roll(worse[:6], 1, axis=1)          # 6 images wrong
+    better = compare(y, worse, right)                   # vote wrong on 6, student right
+    assert better["improved"] and better["gained"] == 6 and better["accuracy_change"] == pytest.approx(0.2)
+    low, high = better["accuracy_change_interval"]
+    assert 0 < low <= 0.2 <= high <= 1
+    assert not compare(y, right, worse)["improved"]
+    assert compare(y, right, worse)["accuracy_change_interval"][1] < 0
+    mixed = right.copy()
+    mixed[6:9] = np.roll(mixed[6:9], 1, axis=1)         # 3 others wrong: 6 gained, 3 lost on worse
+    both = compare(y, worse, mixed)
+    assert both["improved"] and (both["gained"], both["lost"]) == (6, 3)
+    low, high = both["accuracy_change_interval"]
+    assert low < 0.1 < high and low < 0                  # a net gain of 3 images of 30 is within noise
+
+
+def test_the_cost_is_said_before_training_and_progress_comes_per_batch(student):
+    _, _, result, events = student
+    notices = [i for i, e in enumerate(events) if e.stage == NOTICE]
+    batches = [i for i, e in enumerate(events) if e.stage == "finetune" and "batch" in e.message]
+    assert len(notices) == 1 and batches and notices[0] < batches[0]
+    text = events[notices[0]].message
+    assert "expected about" in text and "on the CPU" in text and f"{result.train_images} images" in text
+    assert result.estimate["gpu"] is False and result.estimate["seconds_per_image_epoch"] > 0
+    assert result.estimate["graph_seconds"] >= 0 and result.estimate["expected_seconds"] == pytest.approx(
+        result.estimate["graph_seconds"]
+        + result.estimate["seconds_per_image_epoch"] * (result.train_images + result.val_images / 3))
+    steps = -(-result.train_images // FAST["batch_size"])
+    assert len(batches) == steps and events[batches[-1]].done == steps and events[batches[-1]].total == steps
