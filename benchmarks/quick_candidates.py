@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from benchmarks.accuracy import _data, seeds_dense  # noqa: E402
+from benchmarks.quick_choice import print_against_seeds  # noqa: E402
 
 L0, L1 = "efficientnet_lite0", "efficientnet_lite1"
 CANDIDATES = {
@@ -99,14 +100,7 @@ def main() -> None:
                    "procedures": {k: float(np.mean([d["procedures"][k] for d in draws])) for k in CANDIDATES}}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| procedure | " + " | ".join(r["data"] for r in rows) + " | mean | worst vs seeds |")
-    print("|" + " --- |" * (len(rows) + 3))
-    print("| seeds' recipe (Lite0 squash, Dense 256) | " + " | ".join(f"{r['seeds_dense']:.3f}" for r in rows)
-          + f" | {np.mean([r['seeds_dense'] for r in rows]):.3f} | |")
-    for name in CANDIDATES:
-        accs = [r["procedures"][name] for r in rows]
-        worst = min(a - r["seeds_dense"] for a, r in zip(accs, rows))
-        print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {np.mean(accs):.3f} | {worst:+.3f} |")
+    print_against_seeds(rows, "procedure", "procedures")
 
 
 if __name__ == "__main__":

@@ -76,13 +76,18 @@ def main() -> None:
             row["data"] = name
             print(json.dumps(row), flush=True)
             rows.append(row)
-    sets = list(rows[0]["feature_sets"])
-    print("\n| feature set | " + " | ".join(r["data"] for r in rows) + " | mean | worst vs seeds |")
+    print_against_seeds(rows, "feature set", "feature_sets")
+
+
+def print_against_seeds(rows: list[dict], title: str, key: str) -> None:
+    """The markdown table: one line per procedure (rows[i][key]), one column per data set, the seeds'
+    recipe first, the mean and the worst shortfall against the seeds' recipe last."""
+    print(f"\n| {title} | " + " | ".join(r["data"] for r in rows) + " | mean | worst vs seeds |")
     print("|" + " --- |" * (len(rows) + 3))
     print("| seeds' recipe (Lite0 squash, Dense 256) | " + " | ".join(f"{r['seeds_dense']:.3f}" for r in rows)
           + f" | {np.mean([r['seeds_dense'] for r in rows]):.3f} | |")
-    for name in sets:
-        accs = [r["feature_sets"][name] for r in rows]
+    for name in rows[0][key]:
+        accs = [r[key][name] for r in rows]
         worst = min(a - r["seeds_dense"] for a, r in zip(accs, rows))
         print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {np.mean(accs):.3f} | {worst:+.3f} |")
 
