@@ -276,7 +276,8 @@ def _search(dataset, specs, config, root, searched: SearchProgress, started, tim
         # Evaluate works on what the stores now hold: read once, no model built.
         features = timed("evaluate", cached_features, dataset, done, root, config.augment)
         evaluated = timed("evaluate", evaluate_features, dataset, features, config, root, run_dir=run_dir,
-                          n_jobs=n_jobs, progress=progress, extracts=extracts, hold_interrupts=True)
+                          n_jobs=n_jobs, progress=progress, extracts=extracts, hold_interrupts=True,
+                          run_label=specs[0].name if len(specs) == 1 else "search")
         del features   # the arrays are evaluate's; inspect and report read what they need themselves
         pace.evaluated(len(group), time.perf_counter() - evaluating)
         fitted += evaluated.fitted

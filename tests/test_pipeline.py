@@ -160,6 +160,8 @@ def test_ctrl_c_after_stage_one_keeps_a_loadable_run_and_a_rerun_continues_it(im
         _staged(image_tree, cache, Lines(stop=1), budget=None)
     run_dir = stopped.value.run_dir
     assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.feature_sets == NAMES[:1]
+    # The folder is the whole search's from its first stage on, not named after the one set done.
+    assert run_dir.name.endswith("-search"), run_dir.name
     assert str(run_dir) in stopped.value.message and "again continues" in stopped.value.message
     loaded = pipeline.load_run(run_dir)
     assert set(loaded.leaderboard["features"]) == {"tiny/squash"} and loaded.nested is not None

@@ -199,6 +199,7 @@ def evaluate_features(
     progress: Optional[ProgressCallback] = None,
     extracts: Sequence[ExtractReport] = (),
     hold_interrupts: bool = False,
+    run_label: Optional[str] = None,
 ) -> EvaluateReport:
     """Cross-validate config.heads on the cached features of each feature set
     (featurepipe.extraction.features.cached_features: one DatasetFeatures per backbone spec, all with
@@ -207,7 +208,9 @@ def evaluate_features(
     config.nested, score that whole selection by nested CV. `extracts`: what extraction reported for
     these feature sets (its failed images are recorded in config.json). `hold_interrupts`: hold a
     Ctrl-C while the run directory is written (core.interrupts), so that it stays one search's whole
-    result (run's later stages rewrite a run that is already complete)."""
+    result (run's later stages rewrite a run that is already complete). `run_label`: what a new run
+    folder is named after (default: the one backbone searched, or "search"); run's first stage
+    evaluates one feature set of a wider search, and its folder is the whole search's.)"""
     started = time.perf_counter()
     root = cache_root(cache_dir)
     specs, names, augment = _feature_sets(features)
@@ -255,7 +258,8 @@ def evaluate_features(
 
     with held_interrupt() if hold_interrupts else nullcontext():
         # Run.new refuses a user's non-run folder (the CLI passes --overwrite)
-        run = Run.new(root, dataset.source, specs[0].name if len(specs) == 1 else "search", run_dir)
+        label = run_label or (specs[0].name if len(specs) == 1 else "search")
+        run = Run.new(root, dataset.source, label, run_dir)
         _write_cv_tables(run, leaderboard, fold_table, oof, nested_result)
         best = {"head": best_candidate.head, "params": json.loads(best_candidate.params),
                 "augment": best_candidate.augment, "tta": bool(config.tta and best_candidate.augment == "views"),
