@@ -48,7 +48,7 @@ def sample_images(run: RunModel, limit: int) -> tuple[list[str], str]:
 
 def tflite_inputs(run: RunModel) -> list[tuple[str, int, str]]:
     """(input name, size, resize policy) of each input of the run's .tflite, in first-use order."""
-    from featurepipe.deploy.export import sized_input_name
+    from featurepipe.deploy.tflite import sized_input_name
 
     if not run.is_vote:
         return [("images", run.image_size, run.resize)]
@@ -74,7 +74,7 @@ def artefact_runner(fmt: str, artefact: Path, run: RunModel) -> Callable[[str], 
 
         loaded = tf.saved_model.load(str(artefact))
         return lambda path: loaded.serve(tf.constant(recipe.full_image(path)[None])).numpy()[0]
-    from featurepipe.deploy.export import tflite_interpreter
+    from featurepipe.deploy.tflite import tflite_interpreter
 
     interpreter, _ = tflite_interpreter(artefact)
     runner = interpreter.get_signature_runner("serving_default")

@@ -40,10 +40,11 @@ from featurepipe.backbones.spec import LETTERBOX_FILL
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.core.hashcache import file_sha256
 from featurepipe.rundir.layout import EXPORT_KERAS, EXPORT_META, MODEL_META
-from featurepipe.rundir.model import RunModel
+from featurepipe.rundir.model import RunModel, vote_weights
 from featurepipe.rundir.run import open_run
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.deploy.agreement import DEFAULT_IMAGES
+from featurepipe.deploy.tflite import sized_input_name, tflite_interpreter
 
 FORMATS = ("keras", "savedmodel", "tflite")
 ARTEFACTS = {"keras": EXPORT_KERAS, "savedmodel": "saved_model", "tflite": "model.tflite"}
@@ -116,20 +117,6 @@ def any_size_model(run: RunModel, inner):
     # the head's Dropout. The wrapper pins everything after resizing to inference (and export's
     # plain rewrite, which drops it, removes the Dropout layers and freezes the rest instead).
     return keras.Model(images, InferenceMode(inner, name="classifier")(x), name="featurepipe_classifier")
-
-
-def sized_input_name(member: RunModel) -> str:
-    """The name of the fixed-size input that a member of a TFLite vote reads."""
-    return f"images_{member.image_size}_{member.resize}"
-
-
-def vote_weights(run: RunModel) -> Optional[list[float]]:
-    """The members' weights in the vote, summing to 1 (RunModel.weights: best_head.json's members'
-    `weight`, validated there); None when they count equally (the default)."""
-    weights = [float(w) for w in run.weights]
-    total = sum(weights)
-    weights = [w / total for w in weights]
-    return None if max(weights) - min(weights) < 1e-12 else weights
 
 
 def vote_model(run: RunModel, cache_dir: Optional[str | os.PathLike] = None, sized: bool = False):
@@ -235,23 +222,6 @@ def _save_tflite(model, path: Path) -> None:
         except Exception as error:  # the converter raises ConverterError and friends with long logs
             raise FeaturepipeError(f"TFLite conversion failed: {str(error).strip().splitlines()[0]}") from None
     atomic.write_bytes(path, flatbuffer)
-
-
-def tflite_interpreter(path: str | os.PathLike):
-    """(interpreter, runtime name) for a .tflite file: LiteRT (`ai-edge-litert`, TensorFlow's successor
-    to tf.lite.Interpreter) where installed, else TensorFlow's own copy of the same runtime."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter(model_path=str(path)), f"ai-edge-litert {package_version('ai-edge-litert')}"
-    except ImportError:
-        import warnings
-
-        import tensorflow as tf
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # its deprecation notice points at LiteRT, which is absent
-            return tf.lite.Interpreter(model_path=str(path)), f"tf.lite.Interpreter (tensorflow {tf.__version__})"
 
 
 def _check_tflite(path: Path, inputs: list[tuple[str, int, str]], n_classes: int) -> str:

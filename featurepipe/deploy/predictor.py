@@ -41,10 +41,9 @@ from featurepipe.core.hashcache import HashCache
 from featurepipe.core.progress import ProgressCallback, report
 from featurepipe.data.images import decode_ahead, decode_batches, decode_views
 from featurepipe.deploy.networks import Network, Networks, network_key
-from featurepipe.deploy.export import vote_weights
-from featurepipe.deploy.predict import PredictResult, _frame, collect_inputs, head_probabilities
+from featurepipe.deploy.results import PredictResult, _frame, collect_inputs, head_probabilities
 from featurepipe.rundir.layout import MODEL_META, NESTED
-from featurepipe.rundir.model import RunModel
+from featurepipe.rundir.model import RunModel, vote_weights
 from featurepipe.rundir.run import open_run
 
 

@@ -118,3 +118,12 @@ def _head_model(folder: Path, config: dict, meta: HeadMeta, trust: bool) -> RunM
                                f"re-run `featurepipe evaluate`")
     return RunModel(folder, "head", meta.classes, int(spec.image_size), str(spec.resize),
                     config, spec=spec, head_meta=meta, trust=trust)
+
+
+def vote_weights(run: RunModel) -> Optional[list[float]]:
+    """The members' weights in the vote, summing to 1 (RunModel.weights: best_head.json's members'
+    `weight`, validated there); None when they count equally (the default)."""
+    weights = [float(w) for w in run.weights]
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    return None if max(weights) - min(weights) < 1e-12 else weights

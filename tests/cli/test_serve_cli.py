@@ -35,8 +35,11 @@ def test_serve_answers_on_loopback_quietly_and_stops_on_ctrl_c(trained):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    # SIGINT as a terminal gives it, also when pytest itself was started in the background (which
+    # leaves SIGINT ignored for its children, and the Ctrl-C below would then do nothing).
     child = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(run), "--port", str(port)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + START_SECONDS
