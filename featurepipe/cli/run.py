@@ -1,7 +1,7 @@
 """`featurepipe run`: scan, extract, search, (fine-tune,) report, as one job.
 
 The search goes in stages (evaluation.stages): each finished stage is one line on stderr ("search:
-efficientnet_lite0/squash: nested 0.930 (...) after 14 s; next: 2 more feature sets, ~30 s"), in a
+efficientnet_lite1/center_crop: nested 0.976 (...) after 14 s; next: 2 more feature sets, ~30 s"), in a
 pipe too, since it is a result and not a progress bar. Ctrl-C exits 130 with where the finished stages'
 run is kept, and no traceback."""
 
@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from featurepipe.evaluation.search import QUICK_BACKBONE
 from featurepipe.cli.common import Command, best_text, check_run_dir, head_names, warmup_note, winner_text
 from featurepipe.cli.options import (
     AsJson, Augment, AutoFolds, Budget, CacheDir, Ensemble, Exclude, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
@@ -26,8 +27,8 @@ def run_all(
     data: Path = typer.Argument(..., help="DATA/<class>/*, DATA/<split>/<class>/* or a CSV manifest."),
     backbone: Optional[str] = SearchBackbone, image_size: Optional[int] = ImageSize, layer: Optional[str] = Layer,
     pooling: str = Pooling, weights: str = Weights, resize: Optional[str] = SearchResize,
-    quick: bool = typer.Option(False, "--quick", help="One backbone (efficientnet_lite0) and its default resize "
-                                                      "instead of the whole search."),
+    quick: bool = typer.Option(False, "--quick", help=f"One feature set ({QUICK_BACKBONE} at its default resize, the "
+                                                      f"search's first stage) instead of the whole search."),
     heads: str = Heads,
     nested: bool = Nested, ensemble: int = Ensemble, vote: bool = Vote, select_members: bool = SelectMembers,
     folds: Optional[int] = AutoFolds, repeats: int = Repeats,

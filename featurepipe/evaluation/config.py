@@ -116,9 +116,10 @@ class SearchConfig:
         """What `featurepipe run DATA` searches (quick=True: `run DATA --quick`, which `evaluate DATA`
         searches too), with the options given changed; the CLI builds its config here.
 
-        `backbone`: a name, a comma-separated list or a sequence of names (the CLI's --backbone; None:
-        EfficientNet-Lite0/1/2, quick: Lite0); `resize`: a policy or "auto" (None: every policy,
-        quick: the backbone's own); `image_size`, `layer`, `pooling`, `weights`: as the CLI's options,
+        `backbone`: a name, a comma-separated list or a sequence of names (the CLI's --backbone; None
+        with resize None: evaluation.search.DEFAULT_POOL, one feature set per EfficientNet-Lite size;
+        None with a resize: Lite0/1/2; quick: Lite1); `resize`: a policy or "auto" (None: every policy
+        of the backbones given, quick: the backbone's own); `image_size`, `layer`, `pooling`, `weights`: as the CLI's options,
         for every searched feature set. Any other keyword is a field of SearchConfig (heads, grids,
         folds, repeats, seed, augment, tta, nested, ensemble, vote, select_members, widen, dedup_groups, or specs to
         give the feature sets outright); None for a field keeps its default."""
@@ -143,7 +144,7 @@ class SearchConfig:
     @classmethod
     def quick(cls, **options) -> "SearchConfig":
         """What `featurepipe run DATA --quick` (and `featurepipe evaluate DATA`) searches: one backbone
-        (EfficientNet-Lite0) at its default resize, the default heads. Options as in `default`."""
+        (EfficientNet-Lite1) at its default resize (center_crop), the default heads. Options as in `default`."""
         return cls.default(quick=True, **options)
 
     def to_dict(self, searched_grids: dict) -> dict:
