@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.core import columns
 from featurepipe.core.errors import UsageError
 from featurepipe.data.augment import AugmentSpec
 from featurepipe.data.dataset import Dataset
@@ -51,21 +50,15 @@ def pending_passes(dataset: Dataset, spec: BackboneSpec, root: Path, augment: Au
     """Images and augmented views of `dataset` that `spec` still has to run through its backbone (not in
     its stores, not remembered as undecodable). No model is built and no new store is made."""
     from featurepipe.backbones.fingerprint import backbone_fingerprint
-    from featurepipe.core.cachedirs import features_dir
-    from featurepipe.extraction.extract import remembered_failures, unique_images
-    from featurepipe.extraction.features import open_stores
+    from featurepipe.extraction.extract import missing_now, unique_images
+    from featurepipe.extraction.features import open_stores, store_exists
 
-    hashes = unique_images(dataset.frame)["hash"]
+    images = unique_images(dataset.frame)
     fingerprint, _ = backbone_fingerprint(spec, root)
-    if not (features_dir(root) / fingerprint[:16] / "spec.json").is_file():
-        return len(hashes) * (1 + augment.count)   # never extracted: everything
-    stores = open_stores(spec, root, augment)
-    failed = remembered_failures(stores.originals)
-    wanted = [h for h in columns.each(hashes) if h not in failed]
-    missing = int((~stores.originals.has(wanted)).sum()) if wanted else 0
-    if stores.views is not None and wanted:
-        missing += int((~stores.views.has([k for h in wanted for k in stores.view_keys(h)])).sum())
-    return missing
+    if not store_exists(root, fingerprint):
+        return len(images) * (1 + augment.count)   # never extracted: everything
+    # What extract itself would find missing (originals and views, less remembered failures).
+    return sum(len(keys) for keys in missing_now(open_stores(spec, root, augment), images).values())
 
 
 @dataclass
