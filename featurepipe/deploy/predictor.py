@@ -332,7 +332,4 @@ class Predictor:
         return by_hash
 
 
-# The name serve's first Predictor gave its result: predict's result carries `features` itself now.
-PredictorResult = PredictResult
-
-__all__ = ["Predictor", "PredictorResult"]
+__all__ = ["Predictor"]

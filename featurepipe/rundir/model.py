@@ -121,9 +121,7 @@ def _head_model(folder: Path, config: dict, meta: HeadMeta, trust: bool) -> RunM
 
 
 def vote_weights(run: RunModel) -> Optional[list[float]]:
-    """The members' weights in the vote, summing to 1 (RunModel.weights: best_head.json's members'
-    `weight`, validated there); None when they count equally (the default)."""
-    weights = [float(w) for w in run.weights]
-    total = sum(weights)
-    weights = [w / total for w in weights]
+    """The members' weights in the vote (RunModel.weights: best_head.json's members' `weight`, checked
+    there to be positive and sum to 1); None when they count equally (the default)."""
+    weights = list(run.weights)
     return None if max(weights) - min(weights) < 1e-12 else weights
