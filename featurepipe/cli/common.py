@@ -197,7 +197,8 @@ def resolve_run(run_dir: Path, cache_dir: Optional[Path] = None) -> Path:
 
 
 def winner_text(result) -> str:
-    """Which model won on the held-out images, by how much, with the paired interval (compare's)."""
+    """Which model won on the held-out images (or, with --finetune-folds, on every training image over
+    the folds), by how much, with the paired interval (compare's)."""
     from featurepipe.cli.render import plural
 
     decision, student = result.decision or {}, result.student or {}
@@ -206,8 +207,13 @@ def winner_text(result) -> str:
     what = (f"student ({student.get('backbone')}, distilled with alpha {student.get('distill_alpha'):g})"
             if student.get("distill_alpha") else "fine-tuned model")
     winner = what.split(" (")[0] if result.kept == "finetuned" else rival
-    return (f"{what} {result.after['val_accuracy']:.3f} vs {rival} {result.before['val_accuracy']:.3f} on the same "
-            f"{plural(result.val_images, 'held-out image')}: {100 * decision.get('accuracy_change', 0.0):+.1f} "
+    # --finetune-folds: the decision is the pooled one, over every training image scored once.
+    folds = getattr(result, "folds", None)
+    after, before = ((folds["student"], folds["frozen"]) if folds else (result.after, result.before))
+    where = (f"{plural(folds['images'], 'training image')} over {folds['folds']} folds" if folds else
+             plural(result.val_images, 'held-out image'))
+    return (f"{what} {after['val_accuracy']:.3f} vs {rival} {before['val_accuracy']:.3f} on the same "
+            f"{where}: {100 * decision.get('accuracy_change', 0.0):+.1f} "
             f"points (95% paired interval {100 * low:+.1f} to {100 * high:+.1f}; {decision.get('gained', 0)} gained, "
             f"{decision.get('lost', 0)} lost); the run's model is {winner}")
 

@@ -10,7 +10,7 @@ import typer
 
 from featurepipe.cli.common import Command, check_run_dir, warmup_note, winner_text
 from featurepipe.backbones.spec import MAX_IMAGE_SIZE
-from featurepipe.cli.options import SEED_MAX, AsJson, CacheDir, Overwrite, number_in
+from featurepipe.cli.options import SEED_MAX, AsJson, CacheDir, FinetuneFolds, Overwrite, number_in
 from featurepipe.training.config import FinetuneConfig
 
 # The options' defaults are the config's (light: importing it does not import TensorFlow).
@@ -55,6 +55,7 @@ def finetune(
     reuse: bool = typer.Option(DEFAULTS.reuse, "--reuse/--no-reuse", help="Return a finished fine-tuning with the same inputs and options."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", min=0, max=SEED_MAX,
                              help="Seed of the held-out split, the augmentation and the weight updates."),
+    finetune_folds: int = FinetuneFolds,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:
@@ -67,7 +68,8 @@ def finetune(
                                 optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                                 label_smoothing=label_smoothing, distill_alpha=distill_alpha,
                                 distill_temperature=distill_temperature, warmup_epochs=warmup_epochs, schedule=schedule,
-                                batch_size=batch_size, patience=patience, seed=seed, resume=resume, reuse=reuse)
+                                batch_size=batch_size, patience=patience, seed=seed, resume=resume, reuse=reuse,
+                                folds=finetune_folds)
         with command.stage() as progress:
             result = run_finetune(run_dir, config, cache_dir=cache_dir, progress=progress)
     if as_json:

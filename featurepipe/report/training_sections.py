@@ -87,6 +87,24 @@ _FINETUNE_SETTINGS = ("strategy", "unfreeze_blocks", "trainable_params", "optimi
                       "mixed_precision", "jit_compile")
 
 
+def _folds(folds: dict) -> str:
+    """--finetune-folds: the student and the frozen model on every training image (each scored once,
+    by models that never saw it), what the held-out rule alone would have scored, and a row per fold.
+    The decision table below is then the pooled one."""
+    rows = [[esc(label), num(folds[key].get("val_accuracy")), num(folds[key].get("val_loss"), 4)]
+            for key, label in (("frozen", "frozen (the run's vote or head, refit without the fold)"),
+                               ("student", "fine-tuned student"),
+                               ("holdout_rule", "the model the held-out 20% would have kept, per fold"))
+            if isinstance(folds.get(key), dict)]
+    per_fold = [[esc(f.get("fold")), esc(f.get("images")), esc(f.get("train_images")), esc(f.get("val_images")),
+                 num(f.get("frozen")), num(f.get("student")), esc(f.get("holdout_kept")), esc(f.get("best_epoch")),
+                 num(f.get("seconds"), 0)] for f in folds.get("per_fold") or []]
+    return (f"<h3>Scored over {esc(folds.get('folds'))} folds: {esc(folds.get('images'))} training images, each once, "
+            f"by models that never saw it</h3>" + html_table(["model", "accuracy", "loss"], rows, numeric={1, 2})
+            + html_table(["fold", "scored", "trained on", "early stopping on", "frozen", "student",
+                          "held-out rule kept", "best epoch", "s"], per_fold, numeric={1, 2, 3, 4, 5, 8}))
+
+
 def _finetune(charts: Charts, directory: Path, source: Optional[str]) -> str:
     """Fine-tuning: before/after on the same validation images and what was kept, what was unfrozen,
     the time it took, the curves, and the validation images whose answer changed."""
@@ -101,6 +119,9 @@ def _finetune(charts: Charts, directory: Path, source: Optional[str]) -> str:
         verdict = ("the fine-tuned model is the run's model" if kept == "finetuned"
                    else "the run keeps the frozen best head as its model")
         parts.append(f'<p class="sub"><b>{esc(verdict)}</b>: {esc(summary.get("reason", ""))}</p>')
+    folds = summary.get("folds")
+    if isinstance(folds, dict) and isinstance(folds.get("student"), dict):
+        parts.append(_folds(folds))
     if summary.get("before") or summary.get("after"):
         images = summary.get("val_images")
         parts.append(f'<h3>Before and after, on the same {esc(images) if images else ""} validation images</h3>'

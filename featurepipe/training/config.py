@@ -56,6 +56,11 @@ class FinetuneConfig:
     patience: int = 4
     # Seed of the split, the augmentation and the weights' initialisation.
     seed: int = 0
+    # --finetune-folds K: before the final fine-tuning, train K students, each without one outer fold of
+    # the training images, and score each against the vote (refit without that fold) on its fold: every
+    # image scored once by models that never saw it. The pooled comparison then decides which model the
+    # run keeps. 0: the held-out split alone decides (the default: K times the training time).
+    folds: int = 0
     # Continue an interrupted fine-tuning with the options it was started with (these are then ignored).
     resume: bool = False
     # Return a finished fine-tuning with the same inputs and options instead of training again.
@@ -85,10 +90,13 @@ class FinetuneConfig:
             ("--distill-temperature", self.distill_temperature,
              math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "a finite number > 0"),
             ("--seed", self.seed, self.seed >= 0, "0 or more"),
+            ("--finetune-folds", self.folds, self.folds == 0 or self.folds >= 2, "0 (off) or 2 or more"),
         ]
         for option, value, inside, wanted in checks:
             if not inside:
                 raise UsageError(f"{option} must be {wanted}, not {value}")
+        if self.folds and self.strategy == "head":
+            raise UsageError("--finetune-folds needs a strategy that trains (strategy head trains nothing to score)")
         if self.strategy == "fpt" and self.epochs < 2:
             raise UsageError("strategy fpt needs --epochs 2 or more (head pre-training, then fine-tuning)")
 
@@ -99,4 +107,5 @@ class FinetuneConfig:
                     optimizer=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,
                     label_smoothing=self.label_smoothing, distill_alpha=self.distill_alpha,
                     distill_temperature=self.distill_temperature, warmup_epochs=self.warmup_epochs,
-                    schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed)
+                    schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
+                    folds=self.folds)

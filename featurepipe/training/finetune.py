@@ -52,7 +52,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -84,7 +84,8 @@ from featurepipe.training.finetune_start import _start_from_head
 from featurepipe.training.finetune_state import (
     _Prepared, _clear, _publish, _read_optional_json, _reusable, finetune_key,
 )
-from featurepipe.training.split import ImageSplit, decode_frame, decode_split, make_split
+from featurepipe.training import finetune_folds
+from featurepipe.training.split import FOLDS_SOURCE, ImageSplit, decode_frame, decode_split, fold_splits, make_split
 from featurepipe.core.cachedirs import cache_root
 from featurepipe.rundir.folder import run_cache_root
 from featurepipe.core.progress import NOTICE, ProgressCallback, report
@@ -132,18 +133,27 @@ class _Trained:
     train_rows: Any = None           # the training images (path, label, hash), in the targets' order
     train_labels: Any = None
     estimate: Optional[dict] = None  # training.finetune_cost.estimate, said before training
+    # Per test image: hash, label index and both models' probabilities (what --finetune-folds pools).
+    test_detail: Optional[dict] = None
 
 
 
 def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
-             progress: Optional[ProgressCallback]) -> Union["_Prepared", FinetuneReport]:
+             progress: Optional[ProgressCallback], split_for: Optional[Callable] = None,
+             fold_dir: Optional[str] = None) -> Union["_Prepared", FinetuneReport]:
     """Read the run, choose or restore the split and options; a FinetuneReport when a finished
-    fine-tuning with the same key is reused. Writes split.json and state.json for a fresh start."""
+    fine-tuning with the same key is reused. Writes split.json and state.json for a fresh start.
+
+    One outer fold of --finetune-folds (training.finetune_folds) passes `split_for` (dataset -> its
+    ImageSplit) and `fold_dir` (its folder inside the run, e.g. finetune/folds/fold-1): it trains and
+    writes there, and is never resumed or reused here (the fold runner keeps finished folds)."""
     from featurepipe.training.checkpoints import read_backup, remove_temporaries
     from featurepipe.data.dataset import scan
 
     # Refused before anything is cleared or written when finetune/ (or a file in it) links out of the run.
     out = trust.writable(run_dir, FINETUNE_DIR, folder=True)
+    if fold_dir is not None:
+        out = trust.writable(run_dir, fold_dir, folder=True)
     config = read_json(run_dir / CONFIG,
                         f"{run_dir} has no config.json; pass a run directory written by `featurepipe evaluate`")
     Run(run_dir).check_signatures(names=(CONFIG,))    # which cache and images: refused when edited
@@ -203,11 +213,11 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
             raise FeaturepipeError(
                 f"the classes in {dataset.source} ({', '.join(dataset.classes)}) are not the run's "
                 f"({', '.join(classes)}); re-run `featurepipe evaluate` first")
-        split = make_split(dataset, options["seed"])
+        split = make_split(dataset, options["seed"]) if split_for is None else split_for(dataset)
         # A vote's fine-tuning is judged against the vote: a different vote is a different fine-tuning.
         key_meta = meta if vote is None else {**meta, "sha256": f"{meta.get('sha256')}+vote:{vote.meta.get('hmac')}"}
         key = finetune_key(key_meta, config, split, options, spec, root)
-        if requested.reuse:
+        if requested.reuse and fold_dir is None:
             finished = _reusable(run_dir, key)
             if finished is not None:
                 return finished
@@ -220,7 +230,7 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
     if cache_note:   # after what happened to the fine-tuning itself: that is what a reader looks for first
         notes.append(cache_note)
     return _Prepared(run_dir, config, estimator, meta, classes, spec, root, split, options, key, state, resuming,
-                     notes, vote)
+                     notes, vote, out_dir=None if fold_dir is None else out)
 
 
 
@@ -284,36 +294,55 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         decision = compare(y_val, proba_before, proba_after, seed)
         if not training:
             decision.update(improved=False, reason="strategy head: no training, the frozen head exported as one model")
+        elif prep.evidence is not None:
+            # --finetune-folds: every training image scored once beats a fifth of them; the held-out
+            # split's own comparison is kept beside it for the record.
+            decision = {**prep.evidence, "holdout": decision}
         kept = "finetuned" if decision["improved"] or not training else "frozen"
-        test = None
+        test, test_detail = None, None
         if len(split.test):
-            test, test_failed = _score_test(prep, feature_model, model, kept, progress)
+            test, test_failed, test_detail = _score_test(prep, feature_model, model, estimator, kept,
+                                                         (train_rows, y_train), progress)
             failed = failed + test_failed
     return _Trained(model, estimator, head_source, int(len(x_train)), y_val, val_rows, proba_before, proba_after,
                     before, after, history, best, blocks, fitting.unfrozen, n_trainable, decision, kept, test, failed,
                     max_diff, mixed, jit, epoch_seconds, hooks.epochs, targets=targets, estimate=estimate,
-                    train_rows=train_rows, train_labels=y_train)
+                    train_rows=train_rows, train_labels=y_train, test_detail=test_detail)
 
 
-def _score_test(prep: _Prepared, feature_model, model, kept: str,
-                progress: Optional[ProgressCallback]) -> tuple[dict, list[dict]]:
-    """(scores, decode failures) of the frozen model and the fine-tuned one on the test split: scored
-    once, after every choice was made on the validation images."""
+def _score_test(prep: _Prepared, feature_model, model, estimator, kept: str, train: tuple,
+                progress: Optional[ProgressCallback]) -> tuple[dict, list[dict], dict]:
+    """(scores, decode failures, per-image detail) of the frozen model and the fine-tuned one on the
+    test split: scored once, after every choice was made on the validation images.
+
+    The frozen side never saw a test image: a dataset's own test split was never in the run's fits,
+    and a fold of the training images (--finetune-folds) is scored by the head -- or every vote
+    member -- refit on this fine-tuning's training images only (`estimator`, `train`), as the
+    validation images are."""
     split, spec, classes, batch_size = prep.split, prep.spec, prep.classes, prep.options["batch_size"]
     x_test, kept_test, test_failed = decode_frame(split.test, spec.image_size, spec.resize, progress,
                                                   "decode test")
     y_test = split.test["label"][kept_test].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
+    hashes = split.test["hash"][kept_test].tolist()
+    carved = split.source == FOLDS_SOURCE
     if prep.vote is not None:
-        frozen = vote_proba(prep.vote, prep.root, split.test["hash"][kept_test].tolist(), len(classes))
+        train_rows, y_train = train
+        frozen = vote_proba(prep.vote, prep.root, hashes, len(classes),
+                            (train_rows["hash"].tolist(), y_train) if carved else None,
+                            int(prep.config.get("seed", 0)))
     else:
-        frozen = predict_proba(combine(feature_model, prep.estimator, name="frozen"), x_test, batch_size)
+        frozen = predict_proba(combine(feature_model, estimator if carved else prep.estimator, name="frozen"),
+                               x_test, batch_size)
+    finetuned = predict_proba(model, x_test, batch_size)
     test = {"images": int(len(y_test)),
             "frozen": scores(y_test, frozen),
-            "finetuned": scores(y_test, predict_proba(model, x_test, batch_size)), "kept": kept}
-    return test, test_failed
+            "finetuned": scores(y_test, finetuned), "kept": kept}
+    detail = {"path": split.test["path"][kept_test].astype(str).tolist(), "hash": hashes, "y": y_test,
+              "frozen": frozen, "finetuned": finetuned}
+    return test, test_failed, detail
 
 
-def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
+def _save(prep: _Prepared, trained: _Trained, started: float, folds: Optional[dict] = None) -> FinetuneReport:
     """finetuned.keras (float32), validation_predictions.csv and summary.json; model.json when the
     fine-tuned model is kept; then state.json says done and the epoch backups go."""
     options, classes, spec, out, split = prep.options, prep.classes, prep.spec, prep.out, prep.split
@@ -345,6 +374,7 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         failed=t.failed, kept=t.kept, reason=t.decision["reason"], decision=t.decision, test=t.test,
         unfreeze_blocks=t.blocks, seconds_per_epoch=float(np.median(t.epoch_seconds)) if t.epoch_seconds else None,
         notes=prep.notes, key=prep.key, estimate=t.estimate, student=_student_info(prep, t),
+        folds=None if folds is None else {k: v for k, v in folds.items() if k != "decision"},
     )
     if t.targets is not None:
         if t.targets.note:
@@ -374,7 +404,7 @@ def _save(prep: _Prepared, trained: _Trained, started: float) -> FinetuneReport:
         "train_images": result.train_images, "val_images": result.val_images, "validation": split.source,
         "head": {"name": prep.meta["head"], "params": prep.meta.get("params"), "augment": prep.meta.get("augment"),
                  "source": result.head_source},
-        "student": result.student, "estimate": t.estimate,
+        "student": result.student, "estimate": t.estimate, "folds": result.folds,
         "vote": None if prep.vote is None else {
             "members": [m.features for m in prep.vote.members], "started_from": prep.vote.started_from.features,
             "before_is": "the vote's probabilities (the run's model), not the started-from member's"},
@@ -444,7 +474,44 @@ def finetune(
         prepared = _prepare(run_dir, config, cache_dir, progress)
         if isinstance(prepared, FinetuneReport):
             return prepared
-        return _save(prepared, _train(prepared, progress, callbacks), started)
+        folds = None
+        if prepared.options.get("folds"):
+            # Scored first: the pooled comparison decides which model the final fine-tuning leaves.
+            folds = _score_folds(run_dir, config, prepared, cache_dir, progress, callbacks)
+            prepared.evidence = folds["decision"]
+        result = _save(prepared, _train(prepared, progress, callbacks), started, folds)
+        return result
+
+
+def _score_folds(run_dir: Path, config: FinetuneConfig, final: _Prepared, cache_dir,
+                 progress: Optional[ProgressCallback], callbacks: Sequence) -> dict:
+    """--finetune-folds K (training.finetune_folds): fold k's student trains without fold k of the
+    training images and is scored on it beside the frozen model refit without it. Finished folds are
+    reused while their key is unchanged; the pooled result is written to finetune/folds.json."""
+    k_folds, seed = int(final.options["folds"]), int(final.options["seed"])
+    # The folds train with the final's options (resumed ones included), one fold at a time.
+    fold_config = FinetuneConfig(**{**final.options, "folds": 0, "resume": False, "reuse": False})
+    records = []
+    for k in range(k_folds):
+        began = time.perf_counter()
+        prep = _prepare(run_dir, fold_config, cache_dir, progress,
+                        split_for=lambda dataset, k=k: fold_splits(dataset, k_folds, seed)[k],
+                        fold_dir=finetune_folds.fold_dir(FINETUNE_DIR, k))
+        record = finetune_folds.read_record(prep.out, prep.key)
+        if record is None:
+            report(progress, NOTICE, 0, 0, f"fold {k + 1} of {k_folds}: training without {len(prep.split.test)} "
+                                           f"images, then scoring them (the final fine-tuning follows the folds)")
+            trained = _train(prep, progress, callbacks)
+            record = finetune_folds.write_record(prep.out, prep.key, k, trained, time.perf_counter() - began)
+            _clear(prep.out, [BACKUP_DIR])
+        else:
+            report(progress, NOTICE, 0, 0, f"fold {k + 1} of {k_folds}: finished earlier, reused")
+        records.append(record)
+    frozen_name = "the vote" if final.vote is not None else "the frozen head"
+    result = finetune_folds.pooled(records, final.classes, seed, frozen_name)
+    finetune_folds.write_pooled(final.out, result, records, final.classes)
+    report(progress, NOTICE, 0, 0, result["headline"])
+    return result
 
 
 @contextmanager

@@ -51,6 +51,8 @@ class FinetuneReport:
     estimate: Optional[dict] = None
     # The student's targets (training.distill): alpha, temperature, the teacher's folds and out-of-fold accuracy.
     student: Optional[dict] = None
+    # --finetune-folds K: the student and the vote scored on K outer folds (training.finetune_folds.pooled).
+    folds: Optional[dict] = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -68,7 +70,7 @@ def _options(config: FinetuneConfig) -> dict:
             "weight_decay": float(config.weight_decay), "label_smoothing": float(config.label_smoothing),
             "distill_alpha": float(config.distill_alpha), "distill_temperature": float(config.distill_temperature),
             "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
-            "patience": int(config.patience), "seed": int(config.seed)}
+            "patience": int(config.patience), "seed": int(config.seed), "folds": int(config.folds)}
 
 
 def pretrain_epochs(epochs: int) -> int:

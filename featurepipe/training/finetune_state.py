@@ -119,10 +119,14 @@ class _Prepared:
     resuming: bool
     notes: list[str]
     vote: Optional[Vote] = None      # the run's model is a vote: fine-tuning starts from one member
+    # One outer fold of --finetune-folds trains in its own folder (training.finetune_folds) and publishes nothing.
+    out_dir: Optional[Path] = None
+    # --finetune-folds' pooled comparison (training.finetune_folds.pooled): it, not the held-out split, decides.
+    evidence: Optional[dict] = None
 
     @property
     def out(self) -> Path:
-        return self.run_dir / FINETUNE_DIR
+        return self.out_dir if self.out_dir is not None else self.run_dir / FINETUNE_DIR
 
     @property
     def state_path(self) -> Path:

@@ -18,11 +18,13 @@ from featurepipe.data.images import decode_image
 from featurepipe.core.progress import ProgressCallback, report
 
 VALIDATION_FRACTION = 0.2
+# ImageSplit.source of one outer fold of --finetune-folds: its test images are a fold of the training images.
+FOLDS_SOURCE = "folds"
 
 
 @dataclass
 class ImageSplit:
-    source: str                 # "validation" (the dataset's own split) | "holdout"
+    source: str                 # "validation" (the dataset's own split) | "holdout" | FOLDS_SOURCE
     seed: int
     fraction: float
     train: pd.DataFrame         # path, label, hash
@@ -92,6 +94,32 @@ def make_split(dataset: Dataset, seed: int = 0, fraction: float = VALIDATION_FRA
     held = _holdout(train, classes, seed, fraction)
     return ImageSplit("holdout", seed, fraction, train[~held].reset_index(drop=True),
                       train[held].reset_index(drop=True), test)
+
+
+def fold_splits(dataset: Dataset, folds: int, seed: int = 0, fraction: float = VALIDATION_FRACTION) -> list[ImageSplit]:
+    """--finetune-folds: K splits whose test images are the K stratified (group) folds of the
+    training images, so every training image is scored once by a model that never saw it. Each
+    fold's validation images (early stopping, the best epoch) are the dataset's validation split if
+    it has one, else `fraction` of the other folds held out as make_split holds them out. The
+    dataset's own test split is left out: it is scored by the final fine-tuning, once."""
+    from featurepipe.evaluation.folds import make_folds
+
+    frame, classes = dataset.frame, list(dataset.classes)
+    train = frame[frame["split"] == "train"].reset_index(drop=True)
+    validation = frame[frame["split"] == "validation"].reset_index(drop=True)
+    groups = train["group"].where(train["group"].notna(), train["path"]).astype(str).to_numpy()
+    grouped = bool(train["group"].notna().any())
+    splits = []
+    y = train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    for fold in make_folds(y, groups if grouped else None, folds, 1, seed, class_names=classes):
+        rest, test = train.iloc[fold.train_idx].reset_index(drop=True), train.iloc[fold.val_idx].reset_index(drop=True)
+        if len(validation):
+            splits.append(ImageSplit(FOLDS_SOURCE, seed, 0.0, rest, validation, test))
+            continue
+        held = _holdout(rest, classes, seed + fold.fold, fraction)
+        splits.append(ImageSplit(FOLDS_SOURCE, seed, fraction, rest[~held].reset_index(drop=True),
+                                 rest[held].reset_index(drop=True), test))
+    return splits
 
 
 def decode_frame(frame: pd.DataFrame, size: int, resize: str, progress: Optional[ProgressCallback] = None,

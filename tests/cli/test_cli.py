@@ -262,6 +262,10 @@ def test_finetune_says_which_model_it_kept_and_reuses_on_rerun(cli, image_tree, 
     assert not distilled["reused"] and distilled["student"]["distill_alpha"] == 0.5
     assert distilled["student"]["folds"] >= 2 and distilled["estimate"]["gpu"] is False
     assert_one_line_error(cli(*args, "--optimizer", "rmsprop", expect=None), "unknown optimizer 'rmsprop'")
+    assert_one_line_error(cli(*args, "--finetune-folds", "1", expect=None), "--finetune-folds must be 0 (off) or 2")
+    folded = cli(*args, "--finetune-folds", "2")
+    said = " ".join(folded.stdout.split())
+    assert "over 2 folds" in said and "fold 1 of 2" in folded.stderr and "fold 2 of 2" in folded.stderr
 
 
 # ---- run: the anytime search ------------------------------------------------------------------

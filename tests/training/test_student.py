@@ -170,3 +170,106 @@ def test_the_cost_is_said_before_training_and_progress_comes_per_batch(student):
         + result.estimate["seconds_per_image_epoch"] * (result.train_images + result.val_images / 3))
     steps = -(-result.train_images // FAST["batch_size"])
     assert len(batches) == steps and events[batches[-1]].done == steps and events[batches[-1]].total == steps
+
+
+# ------------------------------------------------------------------------------------------------
+# --finetune-folds: the student and the vote scored on images that chose nothing
+
+
+@pytest.fixture(scope="module")
+def folded(vote_run, tmp_path_factory):
+    """The vote fine-tuned with --finetune-folds 3 (one epoch a fold), every progress event recorded."""
+    root, run = vote_run
+    run = shutil.copytree(run, tmp_path_factory.mktemp("folded_run") / "run")
+    events = []
+    result = finetune(run, FinetuneConfig(folds=3, **FAST), cache_dir=root / "cache", progress=events.append)
+    return root, run, result, events
+
+
+def test_folds_score_every_training_image_once_by_models_that_never_saw_it(folded):
+    """Each training image is in exactly one fold's test images, which neither trained nor picked the
+    epoch of that fold's student; the vote's probabilities on them are recomputed here with plain
+    scikit-learn from the cached features, every member refit on that fold's training images only;
+    the pooled accuracies are recomputed from the per-image predictions."""
+    root, run, result, _ = folded
+    dataset = scan(root / "data", cache_dir=root / "cache")
+    table = pd.read_csv(run / "finetune" / "folds_predictions.csv")
+    assert sorted(table["path"]) == sorted(map(str, dataset.frame["path"])) and sorted(table["fold"].unique()) == [1, 2, 3]
+    meta = json.loads((run / "best_head.json").read_text())
+    classes = meta["classes"]
+    members = [dataset_features(dataset, open_stores(spec, root / "cache")) for spec in SPECS]
+    y_all, frozen_all, student_all = [], [], []
+    for k in (1, 2, 3):
+        folder = run / "finetune" / "folds" / f"fold-{k}"
+        split = json.loads((folder / "split.json").read_text())
+        record = json.loads((folder / "fold.json").read_text())
+        test = {row[2] for row in split["test"]}
+        assert test == set(record["hash"]) and not test & {row[2] for row in split["train"] + split["validation"]}
+        train_hashes = [row[2] for row in split["train"]]
+        y_train = np.array([classes.index(row[1]) for row in split["train"]])
+        frozen = np.zeros((len(record["hash"]), len(classes)))
+        for member, features in zip(meta["members"], members):
+            index = {h: i for i, h in enumerate(features.frame["hash"])}
+            head = _plain_logreg(member["params"]["C"]).fit(features.X[[index[h] for h in train_hashes]], y_train)
+            frozen += head.predict_proba(features.X[[index[h] for h in record["hash"]]]) / len(meta["members"])
+        np.testing.assert_allclose(np.asarray(record["frozen"]), frozen, atol=1e-5)
+        y_all += record["y"]
+        frozen_all.append(frozen)
+        student_all.append(np.asarray(record["student"]))
+    y_all = np.asarray(y_all)
+    frozen_all, student_all = np.concatenate(frozen_all), np.concatenate(student_all)
+    assert result.folds["images"] == len(dataset.frame) == len(y_all)
+    assert result.folds["frozen"]["val_accuracy"] == pytest.approx(np.mean(frozen_all.argmax(axis=1) == y_all))
+    assert result.folds["student"]["val_accuracy"] == pytest.approx(np.mean(student_all.argmax(axis=1) == y_all))
+    gained = int(((frozen_all.argmax(axis=1) != y_all) & (student_all.argmax(axis=1) == y_all)).sum())
+    assert result.decision["basis"] == "folds" and result.decision["gained"] == gained
+    assert result.decision["images"] == len(y_all) and "holdout" in result.decision
+
+
+def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
+    """The run keeps the student exactly when it won over the folds (not on the held-out fifth), and
+    summary.json, the report object and model.json say the same."""
+    _, run, result, _ = folded
+    assert result.kept == ("finetuned" if result.decision["improved"] else "frozen")
+    summary = json.loads((run / "finetune" / "summary.json").read_text())
+    assert summary["kept"] == result.kept and summary["folds"]["folds"] == 3
+    assert summary["decision"]["holdout"]["images"] == result.val_images
+    assert (run / "model.json").exists() == (result.kept == "finetuned")
+    pooled = json.loads((run / "finetune" / "folds.json").read_text())
+    assert pooled["decision"]["improved"] == result.decision["improved"]
+    assert [f["fold"] for f in pooled["per_fold"]] == [1, 2, 3]
+    from featurepipe.cli.common import winner_text
+    from featurepipe.report.write import write_report
+
+    said = winner_text(result)
+    assert f"on the same {result.folds['images']} training images over 3 folds" in said
+    assert f"{result.folds['student']['val_accuracy']:.3f}" in said
+    page = write_report(run, thumbnails=0).html_path.read_text()
+    assert f"Scored over 3 folds: {result.folds['images']} training images, each once" in page
+    assert f"{result.folds['frozen']['val_accuracy']:.3f}" in page
+
+
+def test_finished_folds_are_reused_and_a_changed_option_trains_them_again(folded, tmp_path):
+    """A rerun (the final fine-tuning not reused) reuses every finished fold; another seed trains each
+    fold again. A damaged fold record is trained again, never trusted."""
+    root, run, first, _ = folded
+    run = shutil.copytree(run, tmp_path / "run")
+    (run / "finetune" / "folds" / "fold-2" / "fold.json").write_text("{not json")
+    events = []
+    again = finetune(run, FinetuneConfig(folds=3, reuse=False, **FAST), cache_dir=root / "cache",
+                     progress=events.append)
+    notices = [e.message for e in events if e.stage == NOTICE and e.message.startswith("fold ")]
+    assert [n.split(":")[0] for n in notices if "reused" in n] == ["fold 1 of 3", "fold 3 of 3"]
+    assert [n.split(":")[0] for n in notices if "training without" in n] == ["fold 2 of 3"]
+    assert again.folds["images"] == first.folds["images"]
+    events.clear()
+    finetune(run, FinetuneConfig(folds=3, reuse=False, **{**FAST, "seed": 1}), cache_dir=root / "cache",
+             progress=events.append)
+    assert sum("training without" in e.message for e in events if e.stage == NOTICE) == 3
+
+
+def test_folds_option_is_checked():
+    with pytest.raises(Exception, match="--finetune-folds must be 0"):
+        FinetuneConfig(folds=1)
+    with pytest.raises(Exception, match="strategy that trains"):
+        FinetuneConfig(folds=3, strategy="head")
