@@ -35,6 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SETS = "demo,photos-animals,photos-produce,photos-scenes"
+# The recipes compared (FinetuneConfig options). hard: the default before issue 22's recipe search;
+# student: the vote's soft targets as the issue proposed; the "-lo" pair: the same at a tenth of the
+# rate (the default's best epoch was often the first, a sign the rate moves the features too far).
+METHODS = {"hard": {"distill_alpha": 0.0},
+           "student": {"distill_alpha": 0.5, "distill_temperature": 1.0},
+           "hard-lo": {"distill_alpha": 0.0, "lr": 1e-4},
+           "student-lo": {"distill_alpha": 0.5, "distill_temperature": 1.0, "lr": 1e-4}}
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -78,31 +85,25 @@ def finetuned(name: str, run: Path, label: str, seed: int, cache: Path, options:
 
 
 def summary(rows: list[dict]) -> str:
-    """Markdown: per set, mean held-out accuracy (over draws) of the vote, hard fine-tuning and the
-    student, the images each gained / lost against the vote (summed over draws), how often the
-    winner rule kept it, and the mean wall time."""
+    """Markdown: per set and method, mean held-out accuracy (over the draws every method finished) of
+    the vote and the fine-tuned model, the images it gained / lost against the vote (summed over
+    draws), how often the winner rule kept it, the change against the vote and the mean wall time."""
     import numpy as np
 
-    lines = ["| set | draws | held-out images | vote | hard FT (gained/lost, kept) | student (gained/lost, kept) "
-             "| student - vote | student - hard | s hard / student |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | method | draws | held-out images | vote | model (gained/lost, kept) | model - vote | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["set"] for r in rows):
-        by = {m: [r for r in rows if r["set"] == name and r["method"] == m] for m in ("hard", "student")}
-        draws = sorted(set(r["draw"] for r in by["student"]) & set(r["draw"] for r in by["hard"]))
-        if not draws:
-            continue
-        pick = {m: [next(r for r in by[m] if r["draw"] == d) for d in draws] for m in by}
-        vote = np.mean([r["vote"] for r in pick["student"]])
-        acc = {m: np.mean([r["model"] for r in pick[m]]) for m in pick}
-
-        def cell(m):
-            gained, lost = (sum(r[k] for r in pick[m]) for k in ("gained", "lost"))
-            kept = sum(r["kept"] == "finetuned" for r in pick[m])
-            return f"{acc[m]:.3f} ({gained}/{lost}, {kept}/{len(draws)})"
-
-        seconds = " / ".join(f"{np.mean([r['seconds'] for r in pick[m]]):.0f}" for m in ("hard", "student"))
-        lines.append(f"| {name} | {len(draws)} | {pick['student'][0]['val_images']} | {vote:.3f} | {cell('hard')} | "
-                     f"{cell('student')} | {100 * (acc['student'] - vote):+.1f} pt | "
-                     f"{100 * (acc['student'] - acc['hard']):+.1f} pt | {seconds} |")
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["set"] == name))
+        by = {m: {r["draw"]: r for r in rows if r["set"] == name and r["method"] == m} for m in methods}
+        draws = sorted(set.intersection(*(set(by[m]) for m in methods)))
+        for m in methods if draws else []:
+            pick = [by[m][d] for d in draws]
+            vote, acc = np.mean([r["vote"] for r in pick]), np.mean([r["model"] for r in pick])
+            gained, lost = (sum(r[k] for r in pick) for k in ("gained", "lost"))
+            kept = sum(r["kept"] == "finetuned" for r in pick)
+            lines.append(f"| {name} | {m} | {len(draws)} | {pick[0]['val_images']} | {vote:.3f} | {acc:.3f} "
+                         f"({gained}/{lost}, {kept}/{len(draws)}) | {100 * (acc - vote):+.1f} pt | "
+                         f"{np.mean([r['seconds'] for r in pick]):.0f} |")
     return "\n".join(lines)
 
 
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--sets", default=SETS, help=f"comma-separated benchmark sets (default {SETS})")
     parser.add_argument("--draws", type=int, default=3, help="fine-tuning seeds 0..N-1")
     parser.add_argument("--first-draw", type=int, default=0)
-    parser.add_argument("--methods", default="hard,student")
+    parser.add_argument("--methods", default="hard,student", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/featurepipe-student-bench"))
     parser.add_argument("--evaluate-only", action="store_true")
     parser.add_argument("--summary", action="store_true", help="print the table of what was measured, run nothing")
@@ -127,13 +128,12 @@ def main() -> None:
             runs[name] = evaluated_run(name, cache)
             print(f"{name}: evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
         if not args.evaluate_only:
-            methods = {"hard": {"distill_alpha": 0.0}, "student": {"distill_alpha": 0.5, "distill_temperature": 1.0}}
             done = {(r["set"], r["draw"], r["method"]) for r in _rows(log)}
             # Draws outside, sets inside: a benchmark stopped early has every set at the same draws.
             for seed in range(args.first_draw, args.first_draw + args.draws):
                 for name in names:
                     for label in [m for m in args.methods.split(",") if m and (name, seed, m) not in done]:
-                        row = finetuned(name, runs[name], label, seed, cache, methods[label])
+                        row = finetuned(name, runs[name], label, seed, cache, METHODS[label])
                         with open(log, "a") as handle:
                             handle.write(json.dumps(row, default=str) + "\n")
                         print(f"{name} draw {seed} {label}: vote {row['vote']:.3f} model {row['model']:.3f} "
