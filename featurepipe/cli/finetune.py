@@ -55,7 +55,7 @@ def finetune(
     reuse: bool = typer.Option(DEFAULTS.reuse, "--reuse/--no-reuse", help="Return a finished fine-tuning with the same inputs and options."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", min=0, max=SEED_MAX,
                              help="Seed of the held-out split, the augmentation and the weight updates."),
-    finetune_folds: int = FinetuneFolds,
+    finetune_folds: Optional[int] = FinetuneFolds,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:

@@ -38,7 +38,7 @@ def run_all(
     groups: Optional[str] = Groups,
     finetune: bool = typer.Option(False, "--finetune", help="Fine-tune the base + best head on the images after evaluating."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs (with --finetune; default 12)."),
-    finetune_folds: int = FinetuneFolds,
+    finetune_folds: Optional[int] = FinetuneFolds,
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
@@ -66,7 +66,7 @@ def run_all(
             select_members=select_members,
             dedup_groups=not no_dedup_groups)
         # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.
-        given = {k: v for k, v in {"epochs": epochs, "folds": finetune_folds or None}.items() if v is not None}
+        given = {k: v for k, v in {"epochs": epochs, "folds": finetune_folds}.items() if v is not None}
         if given and not finetune:
             render.flag("note", f"{', '.join('--finetune-folds' if k == 'folds' else '--' + k for k in given)} "
                                 f"has no effect without --finetune")

@@ -19,6 +19,8 @@ from featurepipe.core.errors import UsageError
 STRATEGIES = ("head", "top-blocks", "fpt", "all")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+# --finetune-folds when it is not given and a GPU is in use (training.finetune resolves it).
+AUTO_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ class FinetuneConfig:
     # --finetune-folds K: before the final fine-tuning, train K students, each without one outer fold of
     # the training images, and score each against the vote (refit without that fold) on its fold: every
     # image scored once by models that never saw it. The pooled comparison then decides which model the
-    # run keeps. 0: the held-out split alone decides (the default: K times the training time).
-    folds: int = 0
+    # run keeps. 0: the held-out split alone decides. None (the default): AUTO_FOLDS on a GPU, where a
+    # fine-tuning of a few hundred images takes seconds, 0 on a CPU, where K more of them take minutes.
+    folds: Optional[int] = None
     # Continue an interrupted fine-tuning with the options it was started with (these are then ignored).
     resume: bool = False
     # Return a finished fine-tuning with the same inputs and options instead of training again.
@@ -90,7 +93,8 @@ class FinetuneConfig:
             ("--distill-temperature", self.distill_temperature,
              math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "a finite number > 0"),
             ("--seed", self.seed, self.seed >= 0, "0 or more"),
-            ("--finetune-folds", self.folds, self.folds == 0 or self.folds >= 2, "0 (off) or 2 or more"),
+            ("--finetune-folds", self.folds, self.folds is None or self.folds == 0 or self.folds >= 2,
+             "0 (off) or 2 or more"),
         ]
         for option, value, inside, wanted in checks:
             if not inside:
@@ -99,6 +103,13 @@ class FinetuneConfig:
             raise UsageError("--finetune-folds needs a strategy that trains (strategy head trains nothing to score)")
         if self.strategy == "fpt" and self.epochs < 2:
             raise UsageError("strategy fpt needs --epochs 2 or more (head pre-training, then fine-tuning)")
+
+    def folds_for(self, gpu: bool) -> int:
+        """The outer folds to score the student on: --finetune-folds when given, else AUTO_FOLDS on a
+        GPU and none (the validation images decide) on a CPU."""
+        if self.folds is not None:
+            return int(self.folds)
+        return AUTO_FOLDS if gpu else 0
 
     def training_options(self) -> dict:
         """The options that shape the training (everything but resume/reuse), as finetune's state.json

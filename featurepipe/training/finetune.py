@@ -75,7 +75,7 @@ from featurepipe.heads.combined import (
 )
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.training.compare import compare, scores
-from featurepipe.training.config import FinetuneConfig
+from featurepipe.training.config import AUTO_FOLDS, FinetuneConfig
 from featurepipe.training.finetune_fit import _Fitting, _run_phases
 from featurepipe.training.finetune_options import (
     MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options, pretrain_epochs,
@@ -208,6 +208,12 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
         options, key = state["options"], state["key"]
     else:
         options = _options(requested)
+        if options["folds"] is None:
+            options["folds"] = requested.folds_for(gpu_available())
+            notes.append(f"--finetune-folds {AUTO_FOLDS} by default on a GPU: the student and the vote scored on every "
+                         f"training image" if options["folds"] else
+                         "the validation images decided (the default on a CPU); `--finetune-folds 5` scores the "
+                         "student and the frozen model on every training image instead, at 5 more fine-tunings' time")
         dataset = scan(config["dataset"]["source"], cache_dir=root, progress=progress)
         if list(dataset.classes) != classes:
             raise FeaturepipeError(

@@ -70,7 +70,8 @@ def _options(config: FinetuneConfig) -> dict:
             "weight_decay": float(config.weight_decay), "label_smoothing": float(config.label_smoothing),
             "distill_alpha": float(config.distill_alpha), "distill_temperature": float(config.distill_temperature),
             "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
-            "patience": int(config.patience), "seed": int(config.seed), "folds": int(config.folds)}
+            "patience": int(config.patience), "seed": int(config.seed),
+            "folds": None if config.folds is None else int(config.folds)}
 
 
 def pretrain_epochs(epochs: int) -> int:

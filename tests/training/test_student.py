@@ -268,7 +268,9 @@ def test_finished_folds_are_reused_and_a_changed_option_trains_them_again(folded
     assert sum("training without" in e.message for e in events if e.stage == NOTICE) == 3
 
 
-def test_folds_option_is_checked():
+def test_folds_option_is_checked_and_defaults_to_folds_on_a_gpu_only():
+    assert FinetuneConfig().folds_for(gpu=True) == 5 and FinetuneConfig().folds_for(gpu=False) == 0
+    assert FinetuneConfig(folds=3).folds_for(gpu=False) == 3 and FinetuneConfig(folds=0).folds_for(gpu=True) == 0
     with pytest.raises(Exception, match="--finetune-folds must be 0"):
         FinetuneConfig(folds=1)
     with pytest.raises(Exception, match="strategy that trains"):
