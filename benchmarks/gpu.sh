@@ -15,7 +15,9 @@
 # Environment: OUT (results folder; default /tmp/featurepipe-gpu), PYTHON (default python3),
 # FP_WHEELHOUSE (a folder of wheels for machines without a package index), FP_GPU_COPIES (copies of
 # each demo photo, default 25 = 3,025 images).
-# Results: $OUT/gpu-results.jsonl (one JSON object per backbone x precision) and $OUT/gpu-summary.txt.
+# Results: $OUT/gpu-results.jsonl (one JSON object per backbone x precision), $OUT/student-results.json
+# (`featurepipe run --finetune` on the demo photos: wall time, seconds per epoch, the fold scores) and
+# $OUT/gpu-summary.txt.
 set -euo pipefail
 
 DRY_RUN=0
@@ -66,5 +68,44 @@ for r in rows:
           f"{w['decode_ms_per_image_1thread']:>11}{w['resize_ms_per_image_1thread']:>11}"
           f"{str(w['host_to_device_ms_per_batch']):>10}{str(w['compute_on_device_ms_per_batch']):>10}")
 EOF
+# The student (issue 22): the whole `featurepipe run --finetune` on the demo photos, timed, with the
+# fine-tuning's seconds per epoch. On a GPU --finetune-folds defaults to 5: the student and the vote
+# are scored on every photo, then the final student trains. The dry run: 12 photos a class at 32 px,
+# one epoch, 2 folds (the same steps, small).
+STUDENT_DATA="$REPO/data/demo"
+STUDENT_ARGS=()
+if [[ $DRY_RUN == 1 ]]; then
+    STUDENT_DATA="$OUT/student-data"
+    rm -rf "$STUDENT_DATA"
+    for class_dir in "$REPO"/data/demo/*/; do
+        name="$(basename "$class_dir")"
+        mkdir -p "$STUDENT_DATA/$name"
+        find "$class_dir" -maxdepth 1 -type f | sort | head -n 12 | xargs -I{} cp {} "$STUDENT_DATA/$name/"
+    done
+    STUDENT_ARGS=(--backbone efficientnet_lite0 --image-size 32 --folds 2 --epochs 1 --finetune-folds 2)
+fi
+log "student: featurepipe run --finetune on $STUDENT_DATA ${STUDENT_ARGS[*]:-}"
+rm -rf "$OUT/student-run"
+STARTED=$(date +%s.%N)
+"$PY" -m featurepipe run "$STUDENT_DATA" --finetune "${STUDENT_ARGS[@]}" --run-dir "$OUT/student-run" \
+    --cache-dir "$OUT/student-cache" --no-inspect --json > "$OUT/student-run.json" 2> "$OUT/student-run.log"
+FINISHED=$(date +%s.%N)
+"$PY" - "$OUT/student-run.json" "$STARTED" "$FINISHED" "$OUT/student-results.json" >> "$OUT/gpu-summary.txt" <<'PY'
+import json, sys
+run = json.load(open(sys.argv[1]))
+ft = run["finetune"]
+folds = ft.get("folds") or {}
+row = {"wall_s": round(float(sys.argv[3]) - float(sys.argv[2]), 1), "finetune_s": ft["seconds"],
+       "seconds_per_epoch": ft["seconds_per_epoch"], "epochs_run": ft["epochs_run"], "train_images": ft["train_images"],
+       "gpu": (ft.get("estimate") or {}).get("gpu"), "folds": folds.get("folds"), "folds_s": folds.get("seconds"),
+       "vote_over_folds": (folds.get("frozen") or {}).get("val_accuracy"),
+       "student_over_folds": (folds.get("student") or {}).get("val_accuracy"), "kept": ft["kept"],
+       "backbone": (ft.get("student") or {}).get("backbone")}
+json.dump(row, open(sys.argv[4], "w"))
+print(f"student: run --finetune {row['wall_s']} s in all; fine-tuning {row['finetune_s']:.1f} s "
+      f"({row['seconds_per_epoch']} s/epoch on {row['train_images']} images, GPU {row['gpu']}); "
+      f"{row['folds']} folds {row['folds_s']} s: vote {row['vote_over_folds']}, student {row['student_over_folds']}; "
+      f"kept {row['kept']}")
+PY
 cat "$OUT/gpu-summary.txt"
 log "done: $RESULTS"

@@ -32,3 +32,9 @@ def test_gpu_benchmark_dry_run_measures_both_backbones_and_precisions(tmp_path):
         assert where["host_to_device_ms_per_batch"] is None          # no GPU in a dry run
     summary = (tmp_path / "gpu-summary.txt").read_text()
     assert "efficientnet_lite0" in summary and "mixed_float16" in summary and "share" in summary
+    # The student step: `featurepipe run --finetune` timed, with its fold scores.
+    student = json.loads((tmp_path / "student-results.json").read_text())
+    assert student["folds"] == 2 and student["gpu"] is False and student["epochs_run"] == 1
+    assert student["wall_s"] > student["finetune_s"] > 0 and student["seconds_per_epoch"] > 0
+    assert 0 <= student["vote_over_folds"] <= 1 and 0 <= student["student_over_folds"] <= 1
+    assert student["kept"] in ("finetuned", "frozen") and "student: run --finetune" in summary

@@ -15,7 +15,7 @@ import numpy as np
 from featurepipe.core import trust
 from featurepipe.core.atomic import write_json
 from featurepipe.heads.combined import set_trainable
-from featurepipe.rundir.layout import BACKUP_DIR, BEST_WEIGHTS, FINETUNE_DIR, HISTORY, LOGS_DIR, PRETRAINED_WEIGHTS
+from featurepipe.rundir.layout import BACKUP_DIR, BEST_WEIGHTS, HISTORY, LOGS_DIR, PRETRAINED_WEIGHTS
 from featurepipe.training.checkpoints import (BestWeights, EpochBackup, load_arrays, read_backup, restore_backup,
                                               save_arrays_atomic)
 from featurepipe.training.finetune_options import MONITOR, PRETRAIN_LR_FACTOR, pretrain_epochs
@@ -64,7 +64,10 @@ class _Fitting:
         model, options = self.model, self.options
         self.unfrozen = set_trainable(model, self.backbone, phase_blocks, train_head)
         self.compile_model(lr_schedule(rate, len(self.sequence), last - first, options["warmup_epochs"], schedule_kind))
-        backup = trust.writable(self.run_dir, f"{FINETUNE_DIR}/{BACKUP_DIR}/{phase}", folder=True)
+        # Beside this fine-tuning's other files (RUN/finetune, or one fold's folder of --finetune-folds):
+        # a fold's backup left where the final fine-tuning looks would be "resumed" as the final's.
+        backup = trust.writable(self.run_dir, (self.out / BACKUP_DIR / phase).relative_to(self.run_dir).as_posix(),
+                                folder=True)
         record, _ = read_backup(backup)
         start = restore_backup(model, backup, record) if record else first
         history = read_history(self.history_path)

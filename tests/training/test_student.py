@@ -229,8 +229,15 @@ def test_folds_score_every_training_image_once_by_models_that_never_saw_it(folde
 def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
     """The run keeps the student exactly when it won over the folds (not on the held-out fifth), and
     summary.json, the report object and model.json say the same."""
-    _, run, result, _ = folded
+    root, run, result, _ = folded
     assert result.kept == ("finetuned" if result.decision["improved"] else "frozen")
+    # Every fold and the final fine-tuning trained their own epoch from the run's head: none of them
+    # "resumed" another's epoch backup (each keeps its own, removed once it finished).
+    for k in (1, 2, 3):
+        assert json.loads((run / "finetune" / "folds" / f"fold-{k}" / "fold.json").read_text())["epochs_run"] == 1
+    assert result.epochs_run == 1 and result.resumed_from_epoch is None
+    assert result.train_images + result.val_images == 30 and not (run / "finetune" / "backup").exists()
+    assert not list((run / "finetune" / "folds").glob("*/backup"))
     summary = json.loads((run / "finetune" / "summary.json").read_text())
     assert summary["kept"] == result.kept and summary["folds"]["folds"] == 3
     assert summary["decision"]["holdout"]["images"] == result.val_images
