@@ -282,3 +282,30 @@ def test_folds_option_is_checked_and_defaults_to_folds_on_a_gpu_only():
         FinetuneConfig(folds=1)
     with pytest.raises(Exception, match="strategy that trains"):
         FinetuneConfig(folds=3, strategy="head")
+
+
+def test_ctrl_c_in_a_fold_keeps_the_finished_folds_and_resume_finishes(vote_run, tmp_path):
+    """A KeyboardInterrupt while fold 2 trains leaves fold 1's record; --resume reuses fold 1, trains
+    folds 2 and 3 from the run's head (no leftover backup resumed) and then the final fine-tuning."""
+    root, run = vote_run
+    run = shutil.copytree(run, tmp_path / "run")
+    fits = []
+
+    class StopInSecondFit(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            fits.append(1)
+            if len(fits) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(run, FinetuneConfig(folds=3, **FAST), cache_dir=root / "cache", callbacks=[StopInSecondFit()])
+    assert (run / "finetune" / "folds" / "fold-1" / "fold.json").exists()
+    assert not (run / "finetune" / "folds" / "fold-2" / "fold.json").exists()
+    events = []
+    result = finetune(run, FinetuneConfig(resume=True), cache_dir=root / "cache", progress=events.append)
+    notices = [e.message.split(":")[0] for e in events if e.stage == NOTICE and e.message.startswith("fold ")]
+    assert notices == ["fold 1 of 3", "fold 2 of 3", "fold 3 of 3"]
+    assert "reused" in next(e.message for e in events if e.stage == NOTICE and e.message.startswith("fold 1"))
+    for k in (1, 2, 3):
+        assert json.loads((run / "finetune" / "folds" / f"fold-{k}" / "fold.json").read_text())["epochs_run"] == 1
+    assert result.epochs_run == 1 and result.folds["images"] == 30 and result.decision["basis"] == "folds"
