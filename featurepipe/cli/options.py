@@ -140,3 +140,7 @@ FinetuneFolds = typer.Option(None, "--finetune-folds", min=0, metavar="K",
                                   "of the training images, every image once by models that never saw it, and keep "
                                   "whichever wins over all of them; costs K more fine-tunings. 0: the 20% held out "
                                   "decides. Default: 5 on a GPU, 0 on a CPU.")
+StudentMember = typer.Option(None, "--student", metavar="MEMBER",
+                             help="Which member of the vote fine-tuning trains: a backbone only one member has (e.g. "
+                                  "efficientnet_lite0, the cheapest to predict with) or a member's feature-set name. "
+                                  "Default: the member that scored best alone.")

@@ -56,6 +56,9 @@ class FinetuneConfig:
     batch_size: int = 16
     # Early stopping patience on the validation loss, in epochs.
     patience: int = 4
+    # --student: which member of a vote fine-tuning trains (a feature-set name, or a backbone only one
+    # member has); None: the member that scored best alone.
+    member: Optional[str] = None
     # Seed of the split, the augmentation and the weights' initialisation.
     seed: int = 0
     # --finetune-folds K: before the final fine-tuning, train K students, each without one outer fold of
@@ -119,4 +122,4 @@ class FinetuneConfig:
                     label_smoothing=self.label_smoothing, distill_alpha=self.distill_alpha,
                     distill_temperature=self.distill_temperature, warmup_epochs=self.warmup_epochs,
                     schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
-                    folds=self.folds)
+                    folds=self.folds, member=self.member)

@@ -60,7 +60,7 @@ import pandas as pd
 
 from featurepipe.core import csvcells, trust
 from featurepipe.core.atomic import write_json
-from featurepipe.training.finetune_vote import open_vote, vote_proba
+from featurepipe.training.finetune_vote import choose_student, open_vote, vote_proba
 from featurepipe.rundir.layout import (BACKUP_DIR, BEST_WEIGHTS, CONFIG, FINETUNE_DIR, FINETUNED_MODEL, HISTORY,
                                        OLD_FINETUNE_WEIGHTS, PRETRAINED_WEIGHTS, SPLIT, STATE, SUMMARY,
                                        TEACHER_TARGETS, VALIDATION_PREDICTIONS)
@@ -159,6 +159,17 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
     Run(run_dir).check_signatures(names=(CONFIG,))    # which cache and images: refused when edited
     notes: list[str] = []
     vote = open_vote(run_dir)
+    # --student: the member to train (a resumed call keeps the one it started with).
+    member = requested.member
+    if requested.resume:
+        interrupted = _read_optional_json(out / STATE)
+        if interrupted is not None and isinstance(interrupted.get("options"), dict):
+            member = interrupted["options"].get("member")
+    if member and vote is None:
+        raise FeaturepipeError(f"--student {member}: {run_dir}'s model is one head, not a vote; there is no member "
+                               f"to choose")
+    if member:
+        vote = choose_student(vote, member)
     if vote is None:
         estimator, meta = load_head(run_dir)
     else:

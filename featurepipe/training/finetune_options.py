@@ -71,7 +71,8 @@ def _options(config: FinetuneConfig) -> dict:
             "distill_alpha": float(config.distill_alpha), "distill_temperature": float(config.distill_temperature),
             "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
             "patience": int(config.patience), "seed": int(config.seed),
-            "folds": None if config.folds is None else int(config.folds)}
+            "folds": None if config.folds is None else int(config.folds),
+            "member": None if config.member is None else str(config.member)}
 
 
 def pretrain_epochs(epochs: int) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 from featurepipe.rundir.heads_io import load_head, load_head_meta, vote_member_dirs
 from featurepipe.rundir.layout import HEAD_META, VOTE
 from featurepipe.backbones.spec import BackboneSpec
-from featurepipe.core.errors import FeaturepipeError
+from featurepipe.core.errors import FeaturepipeError, UsageError
 
 
 @dataclass
@@ -54,9 +54,18 @@ class Vote:
         m = self.started_from
         accuracy = self.meta["members"][self.start].get("cv_accuracy")
         scored = f", CV accuracy {accuracy:.3f} on its own" if isinstance(accuracy, (int, float)) else ""
+        best = self.start == best_member(self.meta)
+        which = "the best single one" if best else "the member chosen with --student"
         return (f"the run's model is a vote over {len(self.members)} feature sets; fine-tuning trains one backbone, "
-                f"so it starts from the best single one ({m.features}{scored}) and is kept only if it beats the "
+                f"so it starts from {which} ({m.features}{scored}) and is kept only if it beats the "
                 f"vote on the validation images")
+
+
+def best_member(meta: dict) -> int:
+    """The member that scored best alone (ties: the first); a run without the figures: the first."""
+    accuracies = [m.get("cv_accuracy") for m in meta["members"]]
+    return max(range(len(accuracies)),
+               key=lambda i: (accuracies[i] if isinstance(accuracies[i], (int, float)) else -1.0, -i))
 
 
 def open_vote(run_dir: Path, trust_run: bool = False) -> Optional[Vote]:
@@ -71,10 +80,26 @@ def open_vote(run_dir: Path, trust_run: bool = False) -> Optional[Vote]:
             raise FeaturepipeError(f"{folder} was trained on augmented views; fine-tuning a vote needs members trained "
                                    f"on original images (re-run evaluate without --augment)")
         members.append(VoteMember(folder, member_meta, estimator, BackboneSpec.from_dict(member_meta["backbone"]).resolved()))
-    accuracies = [m.get("cv_accuracy") for m in meta["members"]]
-    # The member that scored best alone (ties: the first); a run without the figures starts from the first.
-    start = max(range(len(members)), key=lambda i: (accuracies[i] if isinstance(accuracies[i], (int, float)) else -1.0, -i))
-    return Vote(meta, members, start, meta.weights(Path(run_dir) / HEAD_META))
+    return Vote(meta, members, best_member(meta), meta.weights(Path(run_dir) / HEAD_META))
+
+
+def choose_student(vote: Vote, name: str) -> Vote:
+    """The vote with fine-tuning starting from the member `name` (--student): a member's feature-set
+    name (as the report lists them, e.g. efficientnet_lite0@224/squash) or a backbone name that only
+    one member has (e.g. efficientnet_lite0)."""
+    from dataclasses import replace
+
+    exact = [i for i, m in enumerate(vote.members) if m.features == name]
+    by_backbone = [i for i, m in enumerate(vote.members) if m.spec.name == name]
+    found = exact or by_backbone
+    listed = ", ".join(m.features for m in vote.members)
+    if not found:
+        raise UsageError(f"--student {name}: the vote has no such member; choose one of {listed} (or a backbone only "
+                         f"one of them has)")
+    if len(found) > 1:
+        raise UsageError(f"--student {name}: {len(found)} members use that backbone; name one of them: "
+                         f"{', '.join(vote.members[i].features for i in found)}")
+    return replace(vote, start=found[0])
 
 
 def member_features(member: VoteMember, root: Path, hashes: Sequence[str]) -> np.ndarray:

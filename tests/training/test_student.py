@@ -309,3 +309,25 @@ def test_ctrl_c_in_a_fold_keeps_the_finished_folds_and_resume_finishes(vote_run,
     for k in (1, 2, 3):
         assert json.loads((run / "finetune" / "folds" / f"fold-{k}" / "fold.json").read_text())["epochs_run"] == 1
     assert result.epochs_run == 1 and result.folds["images"] == 30 and result.decision["basis"] == "folds"
+
+
+def test_the_student_member_is_chosen_by_name(vote_run, tmp_path):
+    """--student names the vote member to train (a backbone only one member has, or a feature-set
+    name); an unknown or ambiguous name is refused before anything is written, naming the members."""
+    from featurepipe.core.errors import UsageError
+    from featurepipe.training.finetune_vote import best_member
+
+    root, run = vote_run
+    run = shutil.copytree(run, tmp_path / "run")
+    meta = json.loads((run / "best_head.json").read_text())
+    names = [m["features"] for m in meta["members"]]
+    with pytest.raises(UsageError, match="2 members use that backbone"):
+        finetune(run, FinetuneConfig(member="tiny", **FAST), cache_dir=root / "cache")
+    with pytest.raises(UsageError, match=f"no such member; choose one of {names[0]}"):
+        finetune(run, FinetuneConfig(member="resnet50", **FAST), cache_dir=root / "cache")
+    assert not (run / "finetune" / "state.json").exists()
+    other = 1 - best_member(meta)
+    result = finetune(run, FinetuneConfig(member=names[other], **FAST), cache_dir=root / "cache")
+    summary = json.loads((run / "finetune" / "summary.json").read_text())
+    assert summary["backbone"]["image_size"] == SPECS[other].image_size
+    assert summary["member"] == names[other] and "chosen with --student" in " ".join(result.notes)
