@@ -25,7 +25,7 @@ def finetune(
         DEFAULTS.unfreeze_blocks, "--unfreeze-blocks", min=0, help="Top blocks of the base to train (default: the backbone's top, e.g. the "
                                         "last two MBConv stages + head for EfficientNet-Lite, block5 for VGG)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", min=1, help="At most this many epochs (early stopping on validation)."),
-    lr: Optional[float] = typer.Option(DEFAULTS.lr, "--lr", callback=number_in(0, low_open=True), help="Peak learning rate (default: 1e-3 adamw, 1e-2 sgd); "
+    lr: Optional[float] = typer.Option(DEFAULTS.lr, "--lr", callback=number_in(0, low_open=True), help="Peak learning rate (default: 1e-4 adamw, 1e-2 sgd); "
                                                           "--strategy fpt pre-trains the head at 10x."),
     optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="adamw | sgd (SGD with momentum: the Keras blog's original fine-tuning recipe, "
                                   "with --lr 1e-4 --schedule constant)."),

@@ -31,7 +31,7 @@ class FinetuneConfig:
     unfreeze_blocks: Optional[int] = None
     # At most this many epochs (early stopping on the validation cross-entropy).
     epochs: int = 12
-    # Peak learning rate; None: the optimizer's default (1e-3 adamw, 1e-2 sgd).
+    # Peak learning rate; None: the optimizer's default (1e-4 adamw, 1e-2 sgd; finetune_options.DEFAULT_LR).
     lr: Optional[float] = None
     # adamw | sgd.
     optimizer: str = "adamw"

@@ -11,7 +11,7 @@ training step), so fine-tuning never starts from a random head on an unfrozen ba
   10x the rate for a few epochs, then the top blocks are unfrozen as in ``top-blocks``.
 - ``all``: every base layer trains (keep the rate small).
 
-Defaults (chosen by measurement, benchmarks/finetune_gain.py): AdamW (lr 1e-3, weight decay 1e-4),
+Defaults (chosen by measurement, benchmarks/finetune_gain.py and student_folds.py): AdamW (lr 1e-4, weight decay 1e-4),
 one warm-up epoch then a cosine decay to 0, no label smoothing (--label-smoothing; 0.1 measured worse), at most 12 epochs with early
 stopping (patience 4) on the plain validation cross-entropy, the best epoch restored. The seeds'
 recipe (SGD 1e-4, momentum 0.9, constant rate, one block) stays available by options. Mixed
@@ -308,7 +308,9 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         proba_after = predict_proba(model, x_val, batch_size) if training else proba_before
         after = scores(y_val, proba_after)
         n_trainable = trainable_params(model) if training else 0
-        decision = compare(y_val, proba_before, proba_after, seed)
+        # Early stopping restored the epoch with the lowest loss on these very images: a gain on them
+        # must be beyond noise to count (compare's picked_here).
+        decision = compare(y_val, proba_before, proba_after, seed, picked_here=training)
         if not training:
             decision.update(improved=False, reason="strategy head: no training, the frozen head exported as one model")
         elif prep.evidence is not None:

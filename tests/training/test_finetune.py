@@ -533,6 +533,15 @@ def test_the_decision_rule():
     vague = np.eye(2)[y] * 0.1 + 0.45
     assert not compare(y, one_more, vague)["improved"] and "higher beyond noise" in compare(y, one_more, vague)["reason"]
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(6, 0) == pytest.approx(2 / 64) and mcnemar_p(3, 3) == 1.0
+    # When the same images picked the best epoch, 3 of 20 more right is within noise (a resample without
+    # any of them: 0.85^20 = 3.9% > 2.5%), 5 of 20 is not (0.75^20 = 0.3%); the loss rule still counts.
+    picked = compare(y, flip, sure, picked_here=True)
+    assert not picked["improved"] and "within noise" in picked["reason"] and picked["accuracy_change_interval"][0] == 0
+    five = sure.copy()
+    five[:5] = five[:5, ::-1]
+    assert compare(y, five, sure, picked_here=True)["improved"] and compare(y, five, sure, picked_here=True)[
+        "accuracy_change_interval"][0] > 0
+    assert compare(y, sure, surer, picked_here=True)["improved"]
 
 
 def test_rerun_with_nothing_changed_reuses_the_fine_tuned_model(improving):

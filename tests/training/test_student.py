@@ -241,6 +241,9 @@ def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
     summary = json.loads((run / "finetune" / "summary.json").read_text())
     assert summary["kept"] == result.kept and summary["folds"]["folds"] == 3
     assert summary["decision"]["holdout"]["images"] == result.val_images
+    # The held-out images picked the best epoch, so a gain there must be beyond noise; the fold images
+    # picked nothing, so the plain winner rule decides on them.
+    assert summary["decision"]["holdout"]["picked_here"] is True and result.decision["picked_here"] is False
     assert (run / "model.json").exists() == (result.kept == "finetuned")
     pooled = json.loads((run / "finetune" / "folds.json").read_text())
     assert pooled["decision"]["improved"] == result.decision["improved"]
