@@ -57,8 +57,7 @@ def write_record(folder: Path, key: str, fold: int, trained, seconds: float) -> 
         "path": detail["path"], "hash": detail["hash"], "y": np.asarray(detail["y"]).tolist(),
         "frozen": np.asarray(detail["frozen"], dtype=float).tolist(),
         "student": np.asarray(detail["finetuned"], dtype=float).tolist(),
-        "holdout_kept": trained.kept, "holdout_decision": {k: trained.decision.get(k) for k in (
-            "improved", "gained", "lost", "images", "reason")},
+        "holdout_kept": trained.kept, "holdout_decision": trained.decision,
         "train_images": int(trained.x_train_count), "val_images": int(len(trained.y_val)),
         "epochs_run": int(len(trained.history)),
         "best_epoch": None if trained.best is None else int(trained.best["epoch"]) + 1,
