@@ -44,7 +44,7 @@ def scored(name: str, run: Path, recipe: str, folds: int, cache: Path) -> dict:
     shutil.copytree(run, copy)
     config = FinetuneConfig(folds=folds, seed=0, reuse=False, **METHODS[recipe])
     started = time.perf_counter()
-    result = _score_folds(copy, config, _prepare(copy, config, cache, None), cache, None, ())
+    result = _score_folds(copy, _prepare(copy, config, cache, None), cache, None, ())
     d = result["decision"]
     return {"set": name, "recipe": recipe, "options": METHODS[recipe], "folds": folds, "images": result["images"],
             "vote": result["frozen"]["val_accuracy"], "student": result["student"]["val_accuracy"],

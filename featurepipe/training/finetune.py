@@ -496,13 +496,12 @@ def finetune(
         folds = None
         if prepared.options.get("folds"):
             # Scored first: the pooled comparison decides which model the final fine-tuning leaves.
-            folds = _score_folds(run_dir, config, prepared, cache_dir, progress, callbacks)
+            folds = _score_folds(run_dir, prepared, cache_dir, progress, callbacks)
             prepared.evidence = folds["decision"]
-        result = _save(prepared, _train(prepared, progress, callbacks), started, folds)
-        return result
+        return _save(prepared, _train(prepared, progress, callbacks), started, folds)
 
 
-def _score_folds(run_dir: Path, config: FinetuneConfig, final: _Prepared, cache_dir,
+def _score_folds(run_dir: Path, final: _Prepared, cache_dir,
                  progress: Optional[ProgressCallback], callbacks: Sequence) -> dict:
     """--finetune-folds K (training.finetune_folds): fold k's student trains without fold k of the
     training images and is scored on it beside the frozen model refit without it. Finished folds are
