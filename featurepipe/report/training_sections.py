@@ -117,6 +117,7 @@ def _finetune(charts: Charts, directory: Path, source: Optional[str]) -> str:
     kept, decision = summary.get("kept"), summary.get("decision") or {}
     if kept:
         verdict = ("the fine-tuned model is the run's model" if kept == "finetuned"
+                   else "the run keeps the vote as its model" if summary.get("vote")
                    else "the run keeps the frozen best head as its model")
         parts.append(f'<p class="sub"><b>{esc(verdict)}</b>: {esc(summary.get("reason", ""))}</p>')
     folds = summary.get("folds")

@@ -65,13 +65,16 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return float(min(1.0, 2 * tail))
 
 
-def compare(y: np.ndarray, before: np.ndarray, after: np.ndarray, seed: int = 0, picked_here: bool = False) -> dict:
-    """The decision and its evidence; see the module docstring."""
-    return compare_per_image(*per_image(y, before), *per_image(y, after), seed=seed, picked_here=picked_here)
+def compare(y: np.ndarray, before: np.ndarray, after: np.ndarray, seed: int = 0, picked_here: bool = False,
+            frozen_name: str = "the frozen head") -> dict:
+    """The decision and its evidence; see the module docstring. `frozen_name` names the model kept
+    when fine-tuning does not pay (the run's vote, or its frozen head) in the reason."""
+    return compare_per_image(*per_image(y, before), *per_image(y, after), seed=seed, picked_here=picked_here,
+                             frozen_name=frozen_name)
 
 
 def compare_per_image(correct_b: np.ndarray, loss_b: np.ndarray, correct_a: np.ndarray, loss_a: np.ndarray,
-                      seed: int = 0, picked_here: bool = False) -> dict:
+                      seed: int = 0, picked_here: bool = False, frozen_name: str = "the frozen head") -> dict:
     """compare() from per-image correctness and cross-entropy (e.g. validation_predictions.csv)."""
     correct_b, correct_a = np.asarray(correct_b, bool), np.asarray(correct_a, bool)
     loss_b, loss_a = np.asarray(loss_b, np.float64), np.asarray(loss_a, np.float64)
@@ -102,14 +105,14 @@ def compare_per_image(correct_b: np.ndarray, loss_b: np.ndarray, correct_a: np.n
     elif net >= 1 and not loss_rose:
         improved, reason = False, (f"{net} more validation image(s) right ({counts}), but within noise: {accuracy_text} "
                                    f"includes 0, and these images also picked the fine-tuned model's best epoch, so "
-                                   f"its score on them is optimistic; keeping the frozen head")
+                                   f"its score on them is optimistic; keeping {frozen_name}")
     elif net < 0:
-        improved, reason = False, f"{-net} fewer validation image(s) right ({counts}); keeping the frozen head"
+        improved, reason = False, f"{-net} fewer validation image(s) right ({counts}); keeping {frozen_name}"
     elif loss_rose:
-        improved, reason = False, f"{loss_text}: higher beyond noise ({counts}); keeping the frozen head"
+        improved, reason = False, f"{loss_text}: higher beyond noise ({counts}); keeping {frozen_name}"
     else:
         improved, reason = False, (f"no change beyond noise: accuracy unchanged ({counts}), {loss_text} includes 0 "
-                                   f"or is smaller than {LOSS_MARGIN}; keeping the frozen head")
+                                   f"or is smaller than {LOSS_MARGIN}; keeping {frozen_name}")
     return {
         "improved": improved, "reason": reason, "images": int(n), "gained": gained, "lost": lost,
         "accuracy_change": float(net / n) if n else 0.0, "accuracy_change_interval": [acc_low, acc_high],

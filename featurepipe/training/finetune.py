@@ -310,7 +310,8 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         n_trainable = trainable_params(model) if training else 0
         # Early stopping restored the epoch with the lowest loss on these very images: a gain on them
         # must be beyond noise to count (compare's picked_here).
-        decision = compare(y_val, proba_before, proba_after, seed, picked_here=training)
+        decision = compare(y_val, proba_before, proba_after, seed, picked_here=training,
+                           frozen_name="the vote" if prep.vote is not None else "the frozen head")
         if not training:
             decision.update(improved=False, reason="strategy head: no training, the frozen head exported as one model")
         elif prep.evidence is not None:

@@ -78,7 +78,7 @@ def pooled(records: Sequence[dict], classes: Sequence[str], seed: int = 0, froze
     student = np.concatenate([np.asarray(r["student"], dtype=np.float64).reshape(-1, len(classes)) for r in records])
     by_holdout = np.concatenate([np.asarray(r["student" if r["holdout_kept"] == "finetuned" else "frozen"],
                                             dtype=np.float64).reshape(-1, len(classes)) for r in records])
-    decision = compare(y, vote, student, seed)
+    decision = compare(y, vote, student, seed, frozen_name=frozen_name)
     k, n = len(records), len(y)
     change = decision["accuracy_change"]
     low, high = decision["accuracy_change_interval"]

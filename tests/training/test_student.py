@@ -244,6 +244,8 @@ def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
     # The held-out images picked the best epoch, so a gain there must be beyond noise; the fold images
     # picked nothing, so the plain winner rule decides on them.
     assert summary["decision"]["holdout"]["picked_here"] is True and result.decision["picked_here"] is False
+    # The run's model is a vote: the reasons name it, not "the frozen head".
+    assert "frozen head" not in result.reason + summary["decision"]["holdout"]["reason"]
     assert (run / "model.json").exists() == (result.kept == "finetuned")
     pooled = json.loads((run / "finetune" / "folds.json").read_text())
     assert pooled["decision"]["improved"] == result.decision["improved"]
@@ -257,6 +259,7 @@ def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
     page = write_report(run, thumbnails=0).html_path.read_text()
     assert f"Scored over 3 folds: {result.folds['images']} training images, each once" in page
     assert f"{result.folds['frozen']['val_accuracy']:.3f}" in page
+    assert ("the run keeps the vote as its model" in page) == (result.kept == "frozen")
 
 
 def test_finished_folds_are_reused_and_a_changed_option_trains_them_again(folded, tmp_path):
