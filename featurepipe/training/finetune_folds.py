@@ -6,8 +6,8 @@ a validation part of them, training.split.fold_splits) and is scored on fold k b
 without fold k: every training image is scored once, by two models that never saw it, and the paired
 comparison over all of them (training.compare) decides which model the run keeps.
 
-This module owns the fold records (RUN/finetune/folds/fold-K/fold.json: one finished fold, reused
-while its fine-tuning key is unchanged, so an interrupted run keeps its finished folds), the pooled
+This module owns the fold records (RUN/finetune/folds/fold-K/fold.json: one finished fold, signed,
+reused while its fine-tuning key is unchanged, so an interrupted run keeps its finished folds), the pooled
 comparison and RUN/finetune/folds.json / folds_predictions.csv. The training itself is finetune's.
 """
 
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from featurepipe.core import csvcells
+from featurepipe.core import csvcells, trust
 from featurepipe.core.atomic import write_json
 from featurepipe.training.compare import compare, scores
 
@@ -45,6 +45,10 @@ def read_record(folder: Path, key: str) -> Optional[dict]:
         return None
     if not isinstance(record, dict) or record.get("key") != key or record.get("format") != RECORD_FORMAT:
         return None
+    # Signed as a whole with this user's key: its probabilities decide which model the run keeps (and
+    # model.json is signed on that decision), so a record edited by hand -- key kept -- is trained again.
+    if not trust.signed_record(FOLD_RECORD, record, record.get("hmac")):
+        return None
     return record
 
 
@@ -63,6 +67,7 @@ def write_record(folder: Path, key: str, fold: int, trained, seconds: float) -> 
         "best_epoch": None if trained.best is None else int(trained.best["epoch"]) + 1,
         "seconds": round(float(seconds), 3), "failed": trained.failed,
     }
+    record = trust.with_record_signature(FOLD_RECORD, record)
     write_json(Path(folder) / FOLD_RECORD, record)
     return record
 

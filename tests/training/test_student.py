@@ -264,16 +264,23 @@ def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
 
 def test_finished_folds_are_reused_and_a_changed_option_trains_them_again(folded, tmp_path):
     """A rerun (the final fine-tuning not reused) reuses every finished fold; another seed trains each
-    fold again. A damaged fold record is trained again, never trusted."""
+    fold again. A damaged or hand-edited fold record is trained again, never trusted."""
     root, run, first, _ = folded
     run = shutil.copytree(run, tmp_path / "run")
     (run / "finetune" / "folds" / "fold-2" / "fold.json").write_text("{not json")
+    # Hand-edited, key kept: the student now "right" on every image of fold 3. The signature no longer
+    # matches, so the fold is trained again rather than trusted.
+    third = run / "finetune" / "folds" / "fold-3" / "fold.json"
+    edited = json.loads(third.read_text())
+    edited["student"] = np.eye(3)[edited["y"]].tolist()
+    third.write_text(json.dumps(edited))
     events = []
     again = finetune(run, FinetuneConfig(folds=3, reuse=False, **FAST), cache_dir=root / "cache",
                      progress=events.append)
     notices = [e.message for e in events if e.stage == NOTICE and e.message.startswith("fold ")]
-    assert [n.split(":")[0] for n in notices if "reused" in n] == ["fold 1 of 3", "fold 3 of 3"]
-    assert [n.split(":")[0] for n in notices if "training without" in n] == ["fold 2 of 3"]
+    assert [n.split(":")[0] for n in notices if "reused" in n] == ["fold 1 of 3"]
+    assert [n.split(":")[0] for n in notices if "training without" in n] == ["fold 2 of 3", "fold 3 of 3"]
+    assert json.loads(third.read_text())["student"] != edited["student"]
     assert again.folds["images"] == first.folds["images"]
     events.clear()
     finetune(run, FinetuneConfig(folds=3, reuse=False, **{**FAST, "seed": 1}), cache_dir=root / "cache",
