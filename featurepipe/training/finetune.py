@@ -231,6 +231,13 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
                 f"the classes in {dataset.source} ({', '.join(dataset.classes)}) are not the run's "
                 f"({', '.join(classes)}); re-run `featurepipe evaluate` first")
         split = make_split(dataset, options["seed"]) if split_for is None else split_for(dataset)
+        if split_for is None and options["folds"]:
+            # Cut now, before the last fine-tuning's files are cleared: a class too small for K folds
+            # is refused with that fine-tuning still in place.
+            try:
+                fold_splits(dataset, options["folds"], options["seed"])
+            except FeaturepipeError as error:
+                raise type(error)(f"--finetune-folds {options['folds']}: {error}") from None
         # A vote's fine-tuning is judged against the vote: a different vote is a different fine-tuning.
         key_meta = meta if vote is None else {**meta, "sha256": f"{meta.get('sha256')}+vote:{vote.meta.get('hmac')}"}
         key = finetune_key(key_meta, config, split, options, spec, root)

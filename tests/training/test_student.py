@@ -344,3 +344,16 @@ def test_the_student_member_is_chosen_by_name(vote_run, tmp_path):
     summary = json.loads((run / "finetune" / "summary.json").read_text())
     assert summary["backbone"]["image_size"] == SPECS[other].image_size
     assert summary["member"] == names[other] and "chosen with --student" in " ".join(result.notes)
+
+
+def test_too_many_folds_is_refused_before_the_last_fine_tuning_is_touched(vote_run, tmp_path):
+    """10 images a class cannot make 11 folds: refused naming the option and the class, with the
+    finished fine-tuning's files as they were."""
+    root, run = vote_run
+    run = shutil.copytree(run, tmp_path / "run")
+    finetune(run, FinetuneConfig(**FAST), cache_dir=root / "cache")
+    before = {p.name: p.read_bytes() for p in (run / "finetune").iterdir() if p.is_file()}
+    with pytest.raises(Exception, match=r"--finetune-folds 11: class '\w+' has only 10 images, too few for 11-fold"):
+        finetune(run, FinetuneConfig(folds=11, **FAST), cache_dir=root / "cache")
+    assert {p.name: p.read_bytes() for p in (run / "finetune").iterdir() if p.is_file()} == before
+    assert not (run / "finetune" / "folds").exists()
