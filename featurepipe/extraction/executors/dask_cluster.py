@@ -33,6 +33,27 @@ from featurepipe.core.errors import FeaturepipeError
 from featurepipe.extraction.executors.base import Executor
 
 
+class _DropSyncCancelBug(logging.Filter):
+    """Drops one record: distributed's `sync()` schedules a `cancel` callback when a Ctrl-C lands
+    while it waits, and that callback can read its `future` before it is assigned (a NameError in
+    distributed/utils.py, seen with distributed 2026.x). Tornado logs it as an ERROR with a traceback
+    after featurepipe has already stopped cleanly and said how to resume; nothing else is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, NameError) or error.__traceback__ is None:
+            return True
+        frame = error.__traceback__
+        while frame.tb_next is not None:
+            frame = frame.tb_next
+        code = frame.tb_frame.f_code
+        return not (code.co_name == "cancel" and code.co_filename.replace(os.sep, "/").endswith("distributed/utils.py"))
+
+
+_SYNC_CANCEL_FILTER = _DropSyncCancelBug()
+logging.getLogger("tornado.application").addFilter(_SYNC_CANCEL_FILTER)
+
+
 def _task(job, batch, paths, tf_threads: int, pin_gpus: bool) -> BatchOutcome:
     """One batch on a worker; the worker's name (0..n-1 in a LocalCluster) picks its GPU."""
     worker = distributed.get_worker()
