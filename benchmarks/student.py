@@ -47,7 +47,10 @@ METHODS = {"hard": {"distill_alpha": 0.0, "lr": 1e-3},
            "lite0-student-lo": {"distill_alpha": 0.5, "lr": 1e-4, "member": "efficientnet_lite0"},
            # LP-FT in full: every layer of the base at a small rate from the linear probe.
            "all-lo": {"distill_alpha": 0.0, "lr": 3e-5, "strategy": "all"},
-           "hard-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "epochs": 20, "patience": 6}}
+           "hard-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "epochs": 20, "patience": 6},
+           # The training augmentation (data.augment.TRAINING_POLICIES): the seeds' is the default above.
+           "light-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "light"},
+           "flip-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip"}}
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 

@@ -140,6 +140,10 @@ FinetuneFolds = typer.Option(None, "--finetune-folds", min=0, metavar="K",
                                   "of the training images, every image once by models that never saw it, and keep "
                                   "whichever wins over all of them; costs K more fine-tunings. 0: the 20% held out "
                                   "decides. Default: 5 on a GPU, 0 on a CPU.")
+TrainAugment = typer.Option(None, "--train-augment", metavar="POLICY",
+                            help="How fine-tuning augments its training images each epoch: seeds (the seeds' "
+                                 "ImageDataGenerator: rotation 40, shifts and zoom 0.2, flips) | light (flips, shifts "
+                                 "and zoom 0.1, no rotation) | flip | none. Default: seeds.")
 StudentMember = typer.Option(None, "--student", metavar="MEMBER",
                              help="Which member of the vote fine-tuning trains: a backbone only one member has (e.g. "
                                   "efficientnet_lite0, the cheapest to predict with) or a member's feature-set name. "

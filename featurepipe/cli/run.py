@@ -17,7 +17,7 @@ from featurepipe.cli.common import Command, best_text, check_run_dir, head_names
 from featurepipe.cli.options import (
     AsJson, Augment, AutoFolds, Budget, CacheDir, Ensemble, Exclude, FinetuneFolds, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups,
-    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, SelectMembers, StudentMember, Tta,
+    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, SelectMembers, StudentMember, TrainAugment, Tta,
     Vote,
     Weights, Workers,
 )
@@ -40,6 +40,7 @@ def run_all(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs (with --finetune; default 12)."),
     finetune_folds: Optional[int] = FinetuneFolds,
     student: Optional[str] = StudentMember,
+    train_augment: Optional[str] = TrainAugment,
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
@@ -67,9 +68,11 @@ def run_all(
             select_members=select_members,
             dedup_groups=not no_dedup_groups)
         # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.
-        given = {k: v for k, v in {"epochs": epochs, "folds": finetune_folds, "member": student}.items() if v is not None}
+        given = {k: v for k, v in {"epochs": epochs, "folds": finetune_folds, "member": student,
+                                    "augment": train_augment}.items() if v is not None}
         if given and not finetune:
-            flags = {"epochs": "--epochs", "folds": "--finetune-folds", "member": "--student"}
+            flags = {"epochs": "--epochs", "folds": "--finetune-folds", "member": "--student",
+                     "augment": "--train-augment"}
             render.flag("note", f"{', '.join(flags[k] for k in given)} has no effect without --finetune")
         tuning = FinetuneConfig(**given) if finetune else None
         check_run_dir(run_dir, overwrite)

@@ -19,6 +19,8 @@ from featurepipe.core.errors import UsageError
 STRATEGIES = ("head", "top-blocks", "fpt", "all")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+# The training images' augmentation by name (data.augment.TRAINING_POLICIES, which holds the policies).
+TRAIN_AUGMENTS = ("seeds", "light", "flip", "none")
 # --finetune-folds when it is not given and a GPU is in use (training.finetune resolves it).
 AUTO_FOLDS = 5
 
@@ -52,6 +54,8 @@ class FinetuneConfig:
     warmup_epochs: int = 1
     # cosine (to 0 after the warm-up) | constant.
     schedule: str = "cosine"
+    # --train-augment: how the training images are augmented each epoch (data.augment.TRAINING_POLICIES).
+    augment: str = "seeds"
     # Images per training step.
     batch_size: int = 16
     # Early stopping patience on the validation loss, in epochs.
@@ -77,6 +81,8 @@ class FinetuneConfig:
             raise UsageError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.augment not in TRAIN_AUGMENTS:
+            raise UsageError(f"unknown --train-augment {self.augment!r}; choose one of {', '.join(TRAIN_AUGMENTS)}")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         # Each range names its option; NaN fails every comparison, so each test is written as "inside".
@@ -122,4 +128,4 @@ class FinetuneConfig:
                     label_smoothing=self.label_smoothing, distill_alpha=self.distill_alpha,
                     distill_temperature=self.distill_temperature, warmup_epochs=self.warmup_epochs,
                     schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
-                    folds=self.folds, member=self.member)
+                    folds=self.folds, member=self.member, augment=self.augment)

@@ -90,6 +90,7 @@ from featurepipe.core.cachedirs import cache_root
 from featurepipe.rundir.folder import run_cache_root
 from featurepipe.core.progress import NOTICE, ProgressCallback, report
 from featurepipe.training import finetune_cost
+from featurepipe.data.augment import TRAINING_POLICIES
 from featurepipe.training.distill import one_hot, soft_targets
 from featurepipe.training.keras_fit import (
     HISTORY_COLUMNS, AugmentedImages, EpochHooks, EpochTimer, best_row, check_batch_size, dtype_policy,
@@ -295,7 +296,9 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
                                options.get("distill_temperature", 1.0), options["label_smoothing"],
                                seed) if training else None
         n_classes = len(classes)
-        sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed)
+        # A fine-tuning started before --train-augment existed trained with the seeds' policy.
+        policy = TRAINING_POLICIES[options.get("augment", "seeds")]
+        sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed, policy)
                     if training else None)
         hooks = EpochHooks(sequence, progress, "finetune", options["epochs"], per_batch=True)
         fitting = _Fitting(model, spec.name, options, sequence, x_val, one_hot(y_val, n_classes).astype(np.float32),

@@ -74,7 +74,7 @@ def _options(config: FinetuneConfig) -> dict:
             "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
             "patience": int(config.patience), "seed": int(config.seed),
             "folds": None if config.folds is None else int(config.folds),
-            "member": None if config.member is None else str(config.member)}
+            "member": None if config.member is None else str(config.member), "augment": str(config.augment)}
 
 
 def pretrain_epochs(epochs: int) -> int:

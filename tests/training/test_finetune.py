@@ -655,3 +655,40 @@ def test_a_vote_run_fine_tunes_its_best_member_against_the_vote(workdir, tmp_pat
     assert result.before["val_accuracy"] == pytest.approx(np.mean(expected.argmax(axis=1) == y_val))
     # Kept only when it beats the vote; otherwise predict keeps using the vote.
     assert (run / "model.json").exists() == (result.kept == "finetuned")
+
+
+def test_train_augment_names_the_policy_the_training_images_are_drawn_with(trained, run_copy, monkeypatch):
+    """--train-augment: every training batch is drawn with the named policy (data.augment.TRAINING_POLICIES),
+    summary.json records it, and it is part of the reuse key (another policy is another fine-tuning)."""
+    from featurepipe.data.augment import TRAINING_POLICIES, augment_image
+    from featurepipe.training import keras_fit
+
+    seen = []
+
+    def spy(image, policy, rng):
+        seen.append(policy)
+        out = augment_image(image, policy, rng)
+        if policy == TRAINING_POLICIES["none"]:
+            assert np.array_equal(out, image)     # "none" trains on the pixels as decoded
+        return out
+
+    monkeypatch.setattr(keras_fit, "augment_image", spy)
+    _, seeds = trained
+    result = finetune(run_copy, FinetuneConfig(epochs=1, unfreeze_blocks=1, augment="none", **FAST))
+    assert seen and all(policy == TRAINING_POLICIES["none"] for policy in seen)
+    assert json.loads((run_copy / "finetune" / "summary.json").read_text())["augment"] == "none"
+    assert result.key != seeds.key and not result.reused
+    with pytest.raises(FeaturepipeError, match="unknown --train-augment 'heavy'; choose one of seeds, light"):
+        FinetuneConfig(augment="heavy")
+
+
+def test_training_policies_are_what_their_names_say():
+    from featurepipe.data.augment import TRAINING_POLICIES, augment_image, view_rng
+
+    image = np.random.default_rng(0).integers(0, 256, (24, 32, 3)).astype(np.uint8)
+    flips = [augment_image(image, TRAINING_POLICIES["flip"], view_rng(f"h{k}", 0, 0)) for k in range(20)]
+    assert all(np.array_equal(f, image) or np.array_equal(f, image[:, ::-1]) for f in flips)
+    assert any(np.array_equal(f, image[:, ::-1]) for f in flips) and any(np.array_equal(f, image) for f in flips)
+    light, seeds = TRAINING_POLICIES["light"], TRAINING_POLICIES["seeds"]
+    assert light.rotation_range == 0 and light.zoom_range == 0.1 and light.horizontal_flip
+    assert seeds.rotation_range == 40 and seeds.zoom_range == 0.2     # the seeds' ImageDataGenerator
