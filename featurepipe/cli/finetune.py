@@ -11,7 +11,7 @@ import typer
 from featurepipe.cli.common import Command, check_run_dir, warmup_note, winner_text
 from featurepipe.backbones.spec import MAX_IMAGE_SIZE
 from featurepipe.cli.options import (SEED_MAX, AsJson, CacheDir, FinetuneFolds, Overwrite, StudentMember,
-                                     TrainAugment, number_in)
+                                     TrainAugment, Wise, number_in)
 from featurepipe.training.config import FinetuneConfig
 
 # The options' defaults are the config's (light: importing it does not import TensorFlow).
@@ -59,6 +59,7 @@ def finetune(
     finetune_folds: Optional[int] = FinetuneFolds,
     student: Optional[str] = StudentMember,
     train_augment: Optional[str] = TrainAugment,
+    wise: Optional[float] = Wise,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:
@@ -72,7 +73,8 @@ def finetune(
                                 label_smoothing=label_smoothing, distill_alpha=distill_alpha,
                                 distill_temperature=distill_temperature, warmup_epochs=warmup_epochs, schedule=schedule,
                                 batch_size=batch_size, patience=patience, seed=seed, resume=resume, reuse=reuse,
-                                folds=finetune_folds, member=student, augment=train_augment or DEFAULTS.augment)
+                                folds=finetune_folds, member=student, augment=train_augment or DEFAULTS.augment,
+                                wise=DEFAULTS.wise if wise is None else wise)
         with command.stage() as progress:
             result = run_finetune(run_dir, config, cache_dir=cache_dir, progress=progress)
     if as_json:

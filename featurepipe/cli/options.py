@@ -144,6 +144,9 @@ TrainAugment = typer.Option(None, "--train-augment", metavar="POLICY",
                             help="How fine-tuning augments its training images each epoch: seeds (the seeds' "
                                  "ImageDataGenerator: rotation 40, shifts and zoom 0.2, flips) | light (flips, shifts "
                                  "and zoom 0.1, no rotation) | flip | none. Default: seeds.")
+Wise = typer.Option(None, "--wise", metavar="A", callback=number_in(0, 1),
+                    help="Save the student as A x its fine-tuned weights + (1 - A) x the linear probe it started "
+                         "from (a weight-space ensemble, WiSE-FT: still one network). 1: the fine-tuned weights.")
 StudentMember = typer.Option(None, "--student", metavar="MEMBER",
                              help="Which member of the vote fine-tuning trains: a backbone only one member has (e.g. "
                                   "efficientnet_lite0, the cheapest to predict with) or a member's feature-set name. "

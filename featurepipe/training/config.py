@@ -56,6 +56,10 @@ class FinetuneConfig:
     schedule: str = "cosine"
     # --train-augment: how the training images are augmented each epoch (data.augment.TRAINING_POLICIES).
     augment: str = "seeds"
+    # --wise A: the saved student's weights are A x the fine-tuned best epoch + (1 - A) x where it started
+    # (the linear probe on the frozen base): a weight-space ensemble (WiSE-FT, Wortsman et al. 2022) of
+    # the frozen member and the fine-tuned one, still one network. 1: the fine-tuned weights as trained.
+    wise: float = 1.0
     # Images per training step.
     batch_size: int = 16
     # Early stopping patience on the validation loss, in epochs.
@@ -101,6 +105,7 @@ class FinetuneConfig:
             ("--distill-alpha", self.distill_alpha, 0 <= self.distill_alpha <= 1, "in [0, 1]"),
             ("--distill-temperature", self.distill_temperature,
              math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "a finite number > 0"),
+            ("--wise", self.wise, 0 <= self.wise <= 1, "in [0, 1]"),
             ("--seed", self.seed, self.seed >= 0, "0 or more"),
             ("--finetune-folds", self.folds, self.folds is None or self.folds == 0 or self.folds >= 2,
              "0 (off) or 2 or more"),
@@ -128,4 +133,4 @@ class FinetuneConfig:
                     label_smoothing=self.label_smoothing, distill_alpha=self.distill_alpha,
                     distill_temperature=self.distill_temperature, warmup_epochs=self.warmup_epochs,
                     schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
-                    folds=self.folds, member=self.member, augment=self.augment)
+                    folds=self.folds, member=self.member, augment=self.augment, wise=self.wise)

@@ -76,7 +76,7 @@ from featurepipe.heads.combined import (
 from featurepipe.core.errors import FeaturepipeError
 from featurepipe.training.compare import compare, scores
 from featurepipe.training.config import AUTO_FOLDS, FinetuneConfig
-from featurepipe.training.finetune_fit import _Fitting, _run_phases
+from featurepipe.training.finetune_fit import _Fitting, _run_phases, weight_average
 from featurepipe.training.finetune_options import (
     MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options, pretrain_epochs,
 )
@@ -284,6 +284,8 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
             prep, feature_model, (x_train, y_train, train_rows), (x_val, val_rows), progress)
         jit = bool(mixed)
         before = scores(y_val, proba_before)
+        wise = float(options.get("wise", 1.0))    # a fine-tuning from before --wise: the trained weights
+        start_weights = model.get_weights() if training and wise < 1.0 else None
         blocks = options["unfreeze_blocks"]
         if blocks is None:
             blocks = default_unfreeze_blocks(spec.name, [layer.name for layer in base_model(model).layers])
@@ -315,6 +317,9 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         best = best_row(history, monitor=MONITOR)
         if training and fitting.best_path.exists():
             model.set_weights(load_arrays(fitting.best_path))
+            if start_weights is not None:
+                # best.weights.npz stays the trained epoch; the model scored and saved is the average.
+                model.set_weights(weight_average(start_weights, model.get_weights(), wise))
         proba_after = predict_proba(model, x_val, batch_size) if training else proba_before
         after = scores(y_val, proba_after)
         n_trainable = trainable_params(model) if training else 0

@@ -117,3 +117,19 @@ def _run_phases(fitting: _Fitting, prep, blocks: Optional[int]) -> None:
         fitting.fit("finetune", blocks, True, options["lr"], warm, total, True, options["schedule"])
     else:
         fitting.fit("finetune", blocks, True, options["lr"], 0, total, True, options["schedule"])
+
+
+def weight_average(start: Sequence[np.ndarray], tuned: Sequence[np.ndarray], alpha: float) -> list[np.ndarray]:
+    """--wise: alpha x the fine-tuned weights + (1 - alpha) x the starting ones, array by array (the
+    frozen layers' are equal in both, so only what trained moves). Integer arrays (none in these
+    models; a step counter would be one) are taken from the fine-tuned side as they are."""
+    if len(start) != len(tuned):
+        raise ValueError(f"{len(start)} starting weight arrays against {len(tuned)} fine-tuned ones")
+    out = []
+    for a, b in zip(start, tuned):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise ValueError(f"a starting weight of shape {a.shape} against a fine-tuned one of shape {b.shape}")
+        out.append(((1.0 - alpha) * a + alpha * b).astype(b.dtype) if b.dtype.kind == "f" else b)
+    return out
+

@@ -74,7 +74,8 @@ def _options(config: FinetuneConfig) -> dict:
             "warmup_epochs": int(config.warmup_epochs), "batch_size": int(config.batch_size),
             "patience": int(config.patience), "seed": int(config.seed),
             "folds": None if config.folds is None else int(config.folds),
-            "member": None if config.member is None else str(config.member), "augment": str(config.augment)}
+            "member": None if config.member is None else str(config.member), "augment": str(config.augment),
+            "wise": float(config.wise)}
 
 
 def pretrain_epochs(epochs: int) -> int:

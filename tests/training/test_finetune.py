@@ -692,3 +692,41 @@ def test_training_policies_are_what_their_names_say():
     light, seeds = TRAINING_POLICIES["light"], TRAINING_POLICIES["seeds"]
     assert light.rotation_range == 0 and light.zoom_range == 0.1 and light.horizontal_flip
     assert seeds.rotation_range == 40 and seeds.zoom_range == 0.2     # the seeds' ImageDataGenerator
+
+
+def test_wise_saves_the_weight_average_of_the_start_and_the_fine_tuned_epoch(logreg_run, tmp_path):
+    """--wise A: the saved (and scored) student is A x the best epoch's weights + (1 - A) x the linear
+    probe it started from. A = 0 is the starting head itself: the same validation scores as before."""
+    from featurepipe.training.checkpoints import load_arrays
+
+    options = dict(epochs=2, unfreeze_blocks=1, **{**FAST, "lr": 1e-2})
+    start_run = shutil.copytree(logreg_run, tmp_path / "start")
+    start = finetune(start_run, FinetuneConfig(wise=0.0, **options))
+    assert start.after["val_accuracy"] == start.before["val_accuracy"]
+    assert start.after["val_loss"] == pytest.approx(start.before["val_loss"], abs=1e-5)
+    start_weights = _saved(start_run).get_weights()
+
+    half_run = shutil.copytree(logreg_run, tmp_path / "half")
+    half = finetune(half_run, FinetuneConfig(wise=0.5, **options))
+    tuned = load_arrays(half_run / "finetune" / "best.weights.npz")
+    saved = _saved(half_run).get_weights()
+    moved = [i for i, (a, b) in enumerate(zip(start_weights, tuned)) if not np.allclose(a, b)]
+    assert moved, "the fine-tuning trained nothing: the test cannot tell an average from either end"
+    for a, b, s in zip(start_weights, tuned, saved):
+        np.testing.assert_allclose(s, 0.5 * a + 0.5 * b, rtol=1e-5, atol=1e-6)
+    assert json.loads((half_run / "finetune" / "summary.json").read_text())["wise"] == 0.5
+    assert half.key != start.key
+    with pytest.raises(FeaturepipeError, match=r"--wise must be in \[0, 1\], not 1.5"):
+        FinetuneConfig(wise=1.5)
+
+
+def test_weight_average_refuses_mismatched_weights():
+    from featurepipe.training.finetune_fit import weight_average
+
+    a, b = [np.zeros((2, 3), np.float32), np.array([1, 2])], [np.ones((2, 3), np.float32), np.array([5, 6])]
+    out = weight_average(a, b, 0.25)
+    assert out[0].dtype == np.float32 and np.allclose(out[0], 0.25) and out[1].tolist() == [5, 6]
+    with pytest.raises(ValueError, match="shape"):
+        weight_average([np.zeros(3)], [np.zeros(4)], 0.5)
+    with pytest.raises(ValueError, match="2 starting weight arrays against 1"):
+        weight_average(a, b[:1], 0.5)
