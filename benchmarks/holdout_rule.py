@@ -52,6 +52,8 @@ def loss_fell_rose(decision: dict) -> tuple[bool, bool]:
 
 def replay(folder: Path) -> dict:
     records = [json.loads(f.read_text()) for f in sorted(folder.glob("finetune/folds/fold-*/fold.json"))]
+    if not records:             # a benchmark still in its first fold
+        return {"folds": 0}
     right = dict.fromkeys(("vote", "one-up", "beyond", "student"), 0)
     kept = {"one-up": 0, "beyond": 0}
     images = 0

@@ -141,12 +141,13 @@ FinetuneFolds = typer.Option(None, "--finetune-folds", min=0, metavar="K",
                                   "whichever wins over all of them; costs K more fine-tunings. 0: the 20% held out "
                                   "decides. Default: 5 on a GPU, 0 on a CPU.")
 TrainAugment = typer.Option(None, "--train-augment", metavar="POLICY",
-                            help="How fine-tuning augments its training images each epoch: seeds (the seeds' "
-                                 "ImageDataGenerator: rotation 40, shifts and zoom 0.2, flips) | light (flips, shifts "
-                                 "and zoom 0.1, no rotation) | flip | none. Default: seeds.")
+                            help="How fine-tuning augments its training images each epoch: classic (Keras's "
+                                 "ImageDataGenerator recipe: rotation 40, shifts and zoom 0.2, flips) | light (flips, shifts "
+                                 "and zoom 0.1, no rotation) | flip (mirror only: measured best) | none. Default: flip.")
 Wise = typer.Option(None, "--wise", metavar="A", callback=number_in(0, 1),
                     help="Save the student as A x its fine-tuned weights + (1 - A) x the linear probe it started "
-                         "from (a weight-space ensemble, WiSE-FT: still one network). 1: the fine-tuned weights.")
+                         "from (a weight-space ensemble, WiSE-FT: still one network). 1: the fine-tuned weights. "
+                         "Default: 0.5.")
 StudentMember = typer.Option(None, "--student", metavar="MEMBER",
                              help="Which member of the vote fine-tuning trains: a backbone only one member has (e.g. "
                                   "efficientnet_lite0, the cheapest to predict with) or a member's feature-set name. "

@@ -107,10 +107,10 @@ class AugmentPolicy:
 
 
 # Fine-tuning's augmentation of its training images, by name (FinetuneConfig.augment, --train-augment).
-# "seeds" is the seeds' ImageDataGenerator (rotation 40, shifts and zoom 0.2, flips); "light" keeps
+# "classic" is the seeds' Keras ImageDataGenerator (rotation 40, shifts and zoom 0.2, flips); "light" keeps
 # flips and a tenth shift/zoom without rotation; "flip" mirrors only; "none" trains on the pixels.
 TRAINING_POLICIES: dict[str, AugmentPolicy] = {
-    "seeds": AugmentPolicy(),
+    "classic": AugmentPolicy(),
     "light": AugmentPolicy(rotation_range=0.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.0,
                            zoom_range=0.1, horizontal_flip=True),
     "flip": AugmentPolicy(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,

@@ -11,9 +11,11 @@ training step), so fine-tuning never starts from a random head on an unfrozen ba
   10x the rate for a few epochs, then the top blocks are unfrozen as in ``top-blocks``.
 - ``all``: every base layer trains (keep the rate small).
 
-Defaults (chosen by measurement, benchmarks/finetune_gain.py and student_folds.py): AdamW (lr 1e-4, weight decay 1e-4),
-one warm-up epoch then a cosine decay to 0, no label smoothing (--label-smoothing; 0.1 measured worse), at most 12 epochs with early
-stopping (patience 4) on the plain validation cross-entropy, the best epoch restored. The seeds'
+Defaults (chosen by measurement, benchmarks/finetune_gain.py, student_folds.py and wise_probe.py): AdamW (lr 1e-4,
+weight decay 1e-4), one warm-up epoch then a cosine decay to 0, no label smoothing (--label-smoothing; 0.1 measured
+worse), training images mirrored at random (--train-augment flip), at most 12 epochs with early stopping (patience 4)
+on the plain validation cross-entropy, the best epoch restored and averaged half and half with the starting
+weights (--wise 0.5). The seeds'
 recipe (SGD 1e-4, momentum 0.9, constant rate, one block) stays available by options. Mixed
 precision and XLA are used on a GPU only.
 
@@ -298,8 +300,8 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
                                options.get("distill_temperature", 1.0), options["label_smoothing"],
                                seed) if training else None
         n_classes = len(classes)
-        # A fine-tuning started before --train-augment existed trained with the seeds' policy.
-        policy = TRAINING_POLICIES[options.get("augment", "seeds")]
+        # A fine-tuning started before --train-augment existed trained with the classic (seeds') policy.
+        policy = TRAINING_POLICIES[options.get("augment", "classic")]
         sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed, policy)
                     if training else None)
         hooks = EpochHooks(sequence, progress, "finetune", options["epochs"], per_batch=True)

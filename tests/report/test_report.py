@@ -189,7 +189,7 @@ def test_optional_sections_present_when_files_are(tmp_path):
     history.to_csv(run / "finetune" / "history.csv", index=False)
     (run / "finetune" / "summary.json").write_text(json.dumps({
         "before": {"val_accuracy": 0.80, "val_loss": 0.62}, "after": {"val_accuracy": 0.86, "val_loss": 0.48},
-        "strategy": "unfreeze_top", "epochs": 6,
+        "strategy": "unfreeze_top", "epochs": 6, "augment": "flip", "wise": 0.5,
         "decision": {"gained": 3, "lost": 0, "accuracy_change": 0.06, "accuracy_change_interval": [0.02, 0.12]},
         "student": {"distill_alpha": 0.5, "distill_temperature": 2.0, "teacher": ["lite0", "lite2"], "folds": 5}}))
     (run / "baseline").mkdir()
@@ -203,6 +203,8 @@ def test_optional_sections_present_when_files_are(tmp_path):
         assert f"<h2>{title}</h2>" in page and title in result.sections
     assert "0.777" in page                          # holdout accuracy
     assert "unfreeze_top" in page and "+0.060" in page   # fine-tuning before/after and its change
+    settings = dict(re.findall(r"<tr><th>(augment|wise)</th><td>([^<]*)</td></tr>", page))
+    assert settings == {"augment": "flip", "wise": "0.5"}   # how the student trained and was averaged
     assert "accuracy change, 95% paired interval" in page and "(0.020 to 0.120)" in page
     assert "0.5 x out-of-fold teacher (lite0, lite2; 5 folds, temperature 2.0)" in page
     assert "baseline/summary.json" in result.missing and "finetune/history.csv" not in result.missing

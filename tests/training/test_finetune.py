@@ -678,7 +678,7 @@ def test_train_augment_names_the_policy_the_training_images_are_drawn_with(train
     assert seen and all(policy == TRAINING_POLICIES["none"] for policy in seen)
     assert json.loads((run_copy / "finetune" / "summary.json").read_text())["augment"] == "none"
     assert result.key != seeds.key and not result.reused
-    with pytest.raises(FeaturepipeError, match="unknown --train-augment 'heavy'; choose one of seeds, light"):
+    with pytest.raises(FeaturepipeError, match="unknown --train-augment 'heavy'; choose one of classic, light"):
         FinetuneConfig(augment="heavy")
 
 
@@ -689,7 +689,7 @@ def test_training_policies_are_what_their_names_say():
     flips = [augment_image(image, TRAINING_POLICIES["flip"], view_rng(f"h{k}", 0, 0)) for k in range(20)]
     assert all(np.array_equal(f, image) or np.array_equal(f, image[:, ::-1]) for f in flips)
     assert any(np.array_equal(f, image[:, ::-1]) for f in flips) and any(np.array_equal(f, image) for f in flips)
-    light, seeds = TRAINING_POLICIES["light"], TRAINING_POLICIES["seeds"]
+    light, seeds = TRAINING_POLICIES["light"], TRAINING_POLICIES["classic"]
     assert light.rotation_range == 0 and light.zoom_range == 0.1 and light.horizontal_flip
     assert seeds.rotation_range == 40 and seeds.zoom_range == 0.2     # the seeds' ImageDataGenerator
 
