@@ -163,7 +163,8 @@ def test_the_cost_is_said_before_training_and_progress_comes_per_batch(student):
     batches = [i for i, e in enumerate(events) if e.stage == "finetune" and "batch" in e.message]
     assert len(notices) == 1 and batches and notices[0] < batches[0]
     text = events[notices[0]].message
-    assert "expected about" in text and "on the CPU" in text and f"{result.train_images} images" in text
+    assert "the epochs expected about" in text and "on the CPU" in text and f"{result.train_images} images" in text
+    assert "decoding, scoring and saving add to it" in text     # the figure is the epochs', not the stage's
     assert result.estimate["gpu"] is False and result.estimate["seconds_per_image_epoch"] > 0
     assert result.estimate["graph_seconds"] >= 0 and result.estimate["expected_seconds"] == pytest.approx(
         result.estimate["graph_seconds"]
