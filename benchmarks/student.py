@@ -55,7 +55,10 @@ METHODS = {"hard": {"distill_alpha": 0.0, "lr": 1e-3, "augment": "classic", "wis
            # --wise 0.5: half the linear probe it started from, half the fine-tuned epoch (WiSE-FT).
            "light-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "light", "wise": 0.5},
            "hard-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "wise": 0.5, "augment": "classic"},
-           "flip-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5}}
+           "flip-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5},
+           # Longer: 20 epochs, patience 6 (wise_probe replays --wise on it).
+           "flip-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 1.0, "epochs": 20,
+                            "patience": 6}}
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
