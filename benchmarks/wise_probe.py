@@ -39,6 +39,7 @@ def probe(name: str, recipe: str, cache: Path) -> dict:
     from featurepipe.training.config import FinetuneConfig
     from featurepipe.training.finetune import _prepare
     from featurepipe.training.finetune_fit import weight_average
+    from featurepipe.training.finetune_options import resumed_options
     from featurepipe.training.finetune_start import _start_from_head
     from featurepipe.training.keras_fit import dtype_policy, predict_proba
     from featurepipe.training.split import decode_frame, decode_split, fold_splits
@@ -47,7 +48,7 @@ def probe(name: str, recipe: str, cache: Path) -> dict:
     scratch = cache / "runs" / f"{name}-wise-scratch"      # _prepare clears a fold's files: work on a copy
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(done, scratch)
-    options = json.loads((done / "finetune" / "state.json").read_text())["options"]
+    options = resumed_options(json.loads((done / "finetune" / "state.json").read_text())["options"])
     k_folds, seed = int(options["folds"]), int(options["seed"])
     config = FinetuneConfig(**{**options, "folds": 0, "resume": False, "reuse": False, "wise": 1.0})
     ys, votes, probs, checks = [], [], {a: [] for a in ALPHAS}, []

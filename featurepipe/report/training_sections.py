@@ -83,9 +83,8 @@ def _comparison(run_dir: Path, best_row) -> str:
 
 _FINETUNE_SETTINGS = ("strategy", "unfreeze_blocks", "trainable_params", "optimizer", "lr", "schedule",
                       "warmup_epochs", "label_smoothing", "augment", "wise", "weight_decay", "momentum",
-                      "batch_size", "epochs",
-                      "patience", "epochs_run", "best_epoch", "seed", "validation", "train_images", "val_images",
-                      "mixed_precision", "jit_compile")
+                      "batch_size", "epochs", "patience", "epochs_run", "best_epoch", "seed", "validation",
+                      "train_images", "val_images", "mixed_precision", "jit_compile")
 
 
 def _folds(folds: dict) -> str:

@@ -19,7 +19,8 @@ from featurepipe.core.errors import UsageError
 STRATEGIES = ("head", "top-blocks", "fpt", "all")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-# The training images' augmentation by name (data.augment.TRAINING_POLICIES, which holds the policies).
+# The training images' augmentation by name: data.augment.TRAINING_POLICIES's keys, written out here
+# because importing it would bring numpy and PIL into every CLI start-up (a test keeps them equal).
 TRAIN_AUGMENTS = ("classic", "light", "flip", "none")
 # --finetune-folds when it is not given and a GPU is in use (training.finetune resolves it).
 AUTO_FOLDS = 5

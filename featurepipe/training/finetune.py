@@ -80,7 +80,7 @@ from featurepipe.training.compare import compare, scores
 from featurepipe.training.config import AUTO_FOLDS, FinetuneConfig
 from featurepipe.training.finetune_fit import _Fitting, _run_phases, weight_average
 from featurepipe.training.finetune_options import (
-    MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options, pretrain_epochs,
+    MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options, pretrain_epochs, resumed_options,
 )
 from featurepipe.training.finetune_start import _start_from_head
 from featurepipe.training.finetune_state import (
@@ -219,7 +219,7 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
     resuming = state is not None
 
     if resuming:
-        options, key = state["options"], state["key"]
+        options, key = resumed_options(state["options"]), state["key"]
     else:
         options = _options(requested)
         if options["folds"] is None:
@@ -286,7 +286,7 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
             prep, feature_model, (x_train, y_train, train_rows), (x_val, val_rows), progress)
         jit = bool(mixed)
         before = scores(y_val, proba_before)
-        wise = float(options.get("wise", 1.0))    # a fine-tuning from before --wise: the trained weights
+        wise = float(options["wise"])
         start_weights = model.get_weights() if training and wise < 1.0 else None
         blocks = options["unfreeze_blocks"]
         if blocks is None:
@@ -300,8 +300,7 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
                                options.get("distill_temperature", 1.0), options["label_smoothing"],
                                seed) if training else None
         n_classes = len(classes)
-        # A fine-tuning started before --train-augment existed trained with the classic (seeds') policy.
-        policy = TRAINING_POLICIES[options.get("augment", "classic")]
+        policy = TRAINING_POLICIES[options["augment"]]
         sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed, policy)
                     if training else None)
         hooks = EpochHooks(sequence, progress, "finetune", options["epochs"], per_batch=True)
@@ -327,8 +326,7 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
         n_trainable = trainable_params(model) if training else 0
         # Early stopping restored the epoch with the lowest loss on these very images: a gain on them
         # must be beyond noise to count (compare's picked_here).
-        decision = compare(y_val, proba_before, proba_after, seed, picked_here=training,
-                           frozen_name="the vote" if prep.vote is not None else "the frozen head")
+        decision = compare(y_val, proba_before, proba_after, seed, picked_here=training, frozen_name=prep.frozen_name)
         if not training:
             decision.update(improved=False, reason="strategy head: no training, the frozen head exported as one model")
         elif prep.evidence is not None:
@@ -543,8 +541,7 @@ def _score_folds(run_dir: Path, final: _Prepared, cache_dir,
         else:
             report(progress, NOTICE, 0, 0, f"fold {k + 1} of {k_folds}: finished earlier, reused")
         records.append(record)
-    frozen_name = "the vote" if final.vote is not None else "the frozen head"
-    result = finetune_folds.pooled(records, final.classes, seed, frozen_name)
+    result = finetune_folds.pooled(records, final.classes, seed, final.frozen_name)
     finetune_folds.write_pooled(final.out, result, records, final.classes)
     report(progress, NOTICE, 0, 0, result["headline"])
     return result

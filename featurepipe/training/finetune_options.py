@@ -78,5 +78,16 @@ def _options(config: FinetuneConfig) -> dict:
             "wise": float(config.wise)}
 
 
+# Options a state.json written before they existed lacks, with what that fine-tuning trained with.
+# Filled in once where a resumed state is read, so the final fine-tuning and its --finetune-folds
+# folds (built from the same options) train alike, and the summary records what was used.
+OLDER_STATE_OPTIONS = {"augment": "classic", "wise": 1.0}
+
+
+def resumed_options(saved: dict) -> dict:
+    """state.json's options, with what an older version trained with where it did not record it."""
+    return {**OLDER_STATE_OPTIONS, **saved}
+
+
 def pretrain_epochs(epochs: int) -> int:
     return min(PRETRAIN_MAX_EPOCHS, max(1, epochs // 3))

@@ -125,6 +125,11 @@ class _Prepared:
     evidence: Optional[dict] = None
 
     @property
+    def frozen_name(self) -> str:
+        """What the student is judged against, as the reasons name it."""
+        return "the vote" if self.vote is not None else "the frozen head"
+
+    @property
     def out(self) -> Path:
         return self.out_dir if self.out_dir is not None else self.run_dir / FINETUNE_DIR
 

@@ -356,6 +356,20 @@ def test_resume_continues_an_interrupted_training(run_copy):
     assert again.reused and recorder.epochs == [] and again.after == result.after
 
 
+def test_an_interrupted_fine_tuning_of_the_previous_version_resumes_as_it_started(run_copy):
+    """A state.json written before --train-augment and --wise has neither: it resumes with the seeds'
+    augmentation and the trained weights, what it started with, and the summary says so."""
+    with pytest.raises(KeyboardInterrupt):
+        finetune(run_copy, FinetuneConfig(epochs=2, **FAST), callbacks=[Interrupt(at_epoch=1)])
+    state_path = run_copy / "finetune" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert (state["options"].pop("augment"), state["options"].pop("wise")) == ("flip", 0.5)
+    state_path.write_text(json.dumps(state))
+    result = finetune(run_copy, FinetuneConfig(resume=True))
+    summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
+    assert result.resumed_from_epoch == 2 and (summary["augment"], summary["wise"]) == ("classic", 1.0)
+
+
 def test_fpt_pretrains_the_head_then_fine_tunes(run_copy):
     recorder = Recorder()
     result = finetune(run_copy, FinetuneConfig(strategy="fpt", epochs=2, **FAST), callbacks=[recorder])
@@ -684,6 +698,9 @@ def test_train_augment_names_the_policy_the_training_images_are_drawn_with(train
 
 def test_training_policies_are_what_their_names_say():
     from featurepipe.data.augment import TRAINING_POLICIES, augment_image, view_rng
+    from featurepipe.training.config import TRAIN_AUGMENTS
+
+    assert tuple(TRAINING_POLICIES) == TRAIN_AUGMENTS       # the config's names, kept light for the CLI
 
     image = np.random.default_rng(0).integers(0, 256, (24, 32, 3)).astype(np.uint8)
     flips = [augment_image(image, TRAINING_POLICIES["flip"], view_rng(f"h{k}", 0, 0)) for k in range(20)]
