@@ -80,7 +80,7 @@ from featurepipe.training.compare import compare, scores
 from featurepipe.training.config import AUTO_FOLDS, FinetuneConfig
 from featurepipe.training.finetune_fit import _Fitting, _run_phases, weight_average
 from featurepipe.training.finetune_options import (
-    MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, _options, pretrain_epochs, resumed_options,
+    MONITOR, PRETRAIN_LR_FACTOR, FinetuneReport, StateError, _options, pretrain_epochs, resumed_options,
 )
 from featurepipe.training.finetune_start import _start_from_head
 from featurepipe.training.finetune_state import (
@@ -213,13 +213,22 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
             notes.append(f"the epoch backup is damaged ({damaged[0]}): started over")
             state = None
         else:
-            split = ImageSplit.from_json(split_data)
+            try:
+                state = {**state, "options": resumed_options(state["options"])}
+            except StateError as error:
+                notes.append(f"{state_path} cannot be resumed ({error}): started over")
+                state = None
+            try:
+                split = ImageSplit.from_json(split_data) if state is not None else None
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                notes.append(f"{split_path} cannot be resumed (damaged: {type(error).__name__} {error}): started over")
+                state = None
     elif requested.resume:
         notes.append("no interrupted fine-tuning state found (it was stopped before writing state.json): started over")
     resuming = state is not None
 
     if resuming:
-        options, key = resumed_options(state["options"]), state["key"]
+        options, key = state["options"], state["key"]
     else:
         options = _options(requested)
         if options["folds"] is None:

@@ -7,7 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from featurepipe.core.errors import FeaturepipeError, UsageError
 from featurepipe.training.config import FinetuneConfig
+
+
+class StateError(FeaturepipeError):
+    """A resumed state.json whose recorded options fine-tuning cannot train with."""
+
 
 # Early stopping and the best epoch follow the plain validation cross-entropy (val_loss includes
 # label smoothing, whose floor depends on the number of classes).
@@ -78,15 +84,39 @@ def _options(config: FinetuneConfig) -> dict:
             "wise": float(config.wise)}
 
 
-# Options a state.json written before they existed lacks, with what that fine-tuning trained with.
+# Options a state.json written before they existed lacks, with what that fine-tuning trained with
+# (no distillation, no outer folds, the run's own member, the seeds' augmentation, no averaging).
 # Filled in once where a resumed state is read, so the final fine-tuning and its --finetune-folds
 # folds (built from the same options) train alike, and the summary records what was used.
-OLDER_STATE_OPTIONS = {"augment": "classic", "wise": 1.0}
+OLDER_STATE_OPTIONS = {"distill_alpha": 0.0, "distill_temperature": 1.0, "folds": 0, "member": None,
+                       "augment": "classic", "wise": 1.0}
 
 
-def resumed_options(saved: dict) -> dict:
-    """state.json's options, with what an older version trained with where it did not record it."""
-    return {**OLDER_STATE_OPTIONS, **saved}
+def resumed_options(saved: object) -> dict:
+    """state.json's options, with what an older version trained with where it did not record it,
+    checked as FinetuneConfig checks an option given on the command line: an edited or damaged
+    state.json (an unknown augmentation, a --wise outside [0, 1] that would extrapolate the weights,
+    a count that is not whole) raises StateError naming the option, and the caller starts over."""
+    if not isinstance(saved, dict):
+        raise StateError(f"its options are {type(saved).__name__}, not a mapping")
+    options = {**OLDER_STATE_OPTIONS, **saved}
+    names = FinetuneConfig().training_options()
+    missing, unknown = sorted(set(names) - set(options)), sorted(set(options) - set(names))
+    if missing or unknown:
+        raise StateError("its options " + "; ".join(
+            part for part in (f"lack {', '.join(missing)}" if missing else "",
+                              f"have unknown {', '.join(unknown)}" if unknown else "") if part))
+    try:
+        checked = _options(FinetuneConfig(**{name: options[name] for name in names}))
+    except (UsageError, TypeError) as error:   # TypeError: a value of the wrong type ("3" < 1)
+        raise StateError(f"its options were refused: {error}") from None
+    # Equal, not merely accepted: a recorded epochs of 2.5 passes the range checks but would train 2.
+    changed = [name for name in names if checked[name] != options[name]
+               or isinstance(options[name], str) != isinstance(checked[name], str)]
+    if changed:
+        raise StateError(f"its options {', '.join(f'{name}={options[name]!r}' for name in changed)} are not "
+                         f"values the command line gives")
+    return checked
 
 
 def pretrain_epochs(epochs: int) -> int:

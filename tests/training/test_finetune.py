@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -368,6 +369,52 @@ def test_an_interrupted_fine_tuning_of_the_previous_version_resumes_as_it_starte
     result = finetune(run_copy, FinetuneConfig(resume=True))
     summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
     assert result.resumed_from_epoch == 2 and (summary["augment"], summary["wise"]) == ("classic", 1.0)
+
+
+@pytest.mark.parametrize("damage, named", [
+    # A --wise of 1.5 would extrapolate the weights past the fine-tuned epoch without a word.
+    (("state.json", lambda state: {**state, "options": {**state["options"], "wise": 1.5}}),
+     "state.json cannot be resumed (its options were refused: --wise must be in [0, 1], not 1.5)"),
+    (("split.json", lambda split: {"source": split["source"]}), "split.json cannot be resumed (damaged: KeyError"),
+])
+def test_an_edited_resume_state_starts_over_and_says_what(run_copy, damage, named):
+    """The resume refuses what it cannot train with, starts over with the options passed, and the
+    note names the file and what was wrong (no traceback, no silent change)."""
+    with pytest.raises(KeyboardInterrupt):
+        finetune(run_copy, FinetuneConfig(epochs=2, **FAST), callbacks=[Interrupt(at_epoch=1)])
+    name, edit = damage
+    path = run_copy / "finetune" / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    result = finetune(run_copy, FinetuneConfig(resume=True, epochs=1, wise=0.25, **FAST))
+    summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
+    assert result.resumed_from_epoch is None and result.epochs_run == 1 and summary["wise"] == 0.25
+    assert any(named in note and "started over" in note for note in result.notes), result.notes
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"augment": "heavy"}, "unknown --train-augment 'heavy'"),
+    ({"wise": float("nan")}, "--wise must be in [0, 1]"),
+    ({"epochs": "3"}, "options were refused"),          # a string where a count belongs
+    ({"epochs": 2.5}, "epochs=2.5"),                    # in range, but would train 2
+    ({"member": 7}, "member=7"),
+    ({"lr": None}, "lr=None"),                          # resolved when recorded: None is not a rate
+    ({"dropout": 0.5}, "unknown dropout"),
+    ({"__delete__": "seed"}, "lack seed"),
+])
+def test_resumed_options_refuse_what_the_command_line_would(edit, named):
+    from featurepipe.training.finetune_options import StateError, _options, resumed_options
+
+    recorded = _options(FinetuneConfig())
+    assert resumed_options(dict(recorded)) == recorded
+    edited = dict(recorded)
+    if "__delete__" in edit:
+        del edited[edit["__delete__"]]
+    else:
+        edited.update(edit)
+    with pytest.raises(StateError, match=re.escape(named)):
+        resumed_options(edited)
+    with pytest.raises(StateError, match="not a mapping"):
+        resumed_options(["wise", 1.5])
 
 
 def test_fpt_pretrains_the_head_then_fine_tunes(run_copy):
