@@ -270,7 +270,8 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
 
 
 
-def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Sequence) -> _Trained:
+def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Sequence,
+           timed: Optional[dict] = None) -> _Trained:
     """Decode the split, build the combined model from the head (checked to reproduce it), train it
     as the strategy says (with crash-safe epoch backups), restore the best epoch, and score it
     before/after on the validation images and, once, on the test split."""
@@ -318,7 +319,7 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
                            keras.losses.CategoricalCrossentropy(), jit)
         estimate = None
         if training:
-            estimate = finetune_cost.estimate(model, spec.name, blocks, sequence, len(x_val), options, mixed)
+            estimate = finetune_cost.estimate(model, spec.name, blocks, sequence, len(x_val), options, mixed, timed)
             report(progress, NOTICE, 0, 0, estimate["text"])
             _run_phases(fitting, prep, blocks)
 
@@ -518,23 +519,25 @@ def finetune(
         prepared = _prepare(run_dir, config, cache_dir, progress)
         if isinstance(prepared, FinetuneReport):
             return prepared
-        folds = None
+        folds, timed = None, None
         if prepared.options.get("folds"):
             # Scored first: the pooled comparison decides which model the final fine-tuning leaves.
-            folds = _score_folds(run_dir, prepared, cache_dir, progress, callbacks)
+            folds, timed = _score_folds(run_dir, prepared, cache_dir, progress, callbacks)
             prepared.evidence = folds["decision"]
-        return _save(prepared, _train(prepared, progress, callbacks), started, folds)
+        return _save(prepared, _train(prepared, progress, callbacks, timed), started, folds)
 
 
 def _score_folds(run_dir: Path, final: _Prepared, cache_dir,
-                 progress: Optional[ProgressCallback], callbacks: Sequence) -> dict:
+                 progress: Optional[ProgressCallback], callbacks: Sequence) -> tuple[dict, Optional[dict]]:
     """--finetune-folds K (training.finetune_folds): fold k's student trains without fold k of the
     training images and is scored on it beside the frozen model refit without it. Finished folds are
-    reused while their key is unchanged; the pooled result is written to finetune/folds.json."""
+    reused while their key is unchanged; the pooled result is written to finetune/folds.json.
+    Returns it with the cost the first fold trained timed (finetune_cost.estimate), which the later
+    folds and the final fine-tuning use again."""
     k_folds, seed = int(final.options["folds"]), int(final.options["seed"])
     # The folds train with the final's options (resumed ones included), one fold at a time.
     fold_config = FinetuneConfig(**{**final.options, "folds": 0, "resume": False, "reuse": False})
-    records = []
+    records, timed = [], None
     for k in range(k_folds):
         began = time.perf_counter()
         prep = _prepare(run_dir, fold_config, cache_dir, progress,
@@ -544,16 +547,25 @@ def _score_folds(run_dir: Path, final: _Prepared, cache_dir,
         if record is None:
             report(progress, NOTICE, 0, 0, f"fold {k + 1} of {k_folds}: training without {len(prep.split.test)} "
                                            f"images, then scoring them (the final fine-tuning follows the folds)")
-            trained = _train(prep, progress, callbacks)
+            trained = _train(prep, progress, callbacks, timed)
             record = finetune_folds.write_record(prep.out, prep.key, k, trained, time.perf_counter() - began)
             _clear(prep.out, [BACKUP_DIR])
+            if timed is None and trained.estimate is not None:
+                timed = {**trained.estimate, "timed_on": f"fold {k + 1}"}
+                left = k_folds - k - 1
+                # The final fine-tuning trains on K/(K-1) times a fold's images; the folds like this one.
+                more = record["seconds"] * (left + k_folds / (k_folds - 1))
+                rest = f"{left} more fold{'' if left == 1 else 's'} and the final fine-tuning" if left else \
+                    "the final fine-tuning"
+                report(progress, NOTICE, 0, 0, f"fold {k + 1} took {finetune_cost.duration_text(record['seconds'])}: "
+                                               f"{rest}, about {finetune_cost.duration_text(more)}")
         else:
             report(progress, NOTICE, 0, 0, f"fold {k + 1} of {k_folds}: finished earlier, reused")
         records.append(record)
     result = finetune_folds.pooled(records, final.classes, seed, final.frozen_name)
     finetune_folds.write_pooled(final.out, result, records, final.classes)
     report(progress, NOTICE, 0, 0, result["headline"])
-    return result
+    return result, timed
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 held-out image; alpha 0 is hard-label training; the winner rule; the cost said before training."""
 
 import json
+from unittest import mock
 import shutil
 
 import keras
@@ -19,7 +20,7 @@ from featurepipe.evaluation.config import SearchConfig
 from featurepipe.evaluation.evaluate import evaluate
 from featurepipe.extraction.extract import open_stores
 from featurepipe.extraction.features import dataset_features
-from featurepipe.training import distill
+from featurepipe.training import distill, finetune_cost
 from featurepipe.training.config import FinetuneConfig
 from featurepipe.training.finetune import finetune
 from tests.conftest import COLOURS, make_image
@@ -183,8 +184,10 @@ def folded(vote_run, tmp_path_factory):
     root, run = vote_run
     run = shutil.copytree(run, tmp_path_factory.mktemp("folded_run") / "run")
     events = []
-    result = finetune(run, FinetuneConfig(folds=3, **FAST), cache_dir=root / "cache", progress=events.append)
-    return root, run, result, events
+    # Counted: the cost is timed once (fold 1), the other folds and the final fine-tuning use it again.
+    with mock.patch.object(finetune_cost, "step_cost", wraps=finetune_cost.step_cost) as timing:
+        result = finetune(run, FinetuneConfig(folds=3, **FAST), cache_dir=root / "cache", progress=events.append)
+    return root, run, result, events, timing.call_count
 
 
 def test_folds_score_every_training_image_once_by_models_that_never_saw_it(folded):
@@ -192,7 +195,7 @@ def test_folds_score_every_training_image_once_by_models_that_never_saw_it(folde
     epoch of that fold's student; the vote's probabilities on them are recomputed here with plain
     scikit-learn from the cached features, every member refit on that fold's training images only;
     the pooled accuracies are recomputed from the per-image predictions."""
-    root, run, result, _ = folded
+    root, run, result, *_ = folded
     dataset = scan(root / "data", cache_dir=root / "cache")
     table = pd.read_csv(run / "finetune" / "folds_predictions.csv")
     assert sorted(table["path"]) == sorted(map(str, dataset.frame["path"])) and sorted(table["fold"].unique()) == [1, 2, 3]
@@ -230,7 +233,7 @@ def test_folds_score_every_training_image_once_by_models_that_never_saw_it(folde
 def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
     """The run keeps the student exactly when it won over the folds (not on the held-out fifth), and
     summary.json, the report object and model.json say the same."""
-    root, run, result, _ = folded
+    root, run, result, *_ = folded
     assert result.kept == ("finetuned" if result.decision["improved"] else "frozen")
     # Every fold and the final fine-tuning trained their own epoch from the run's head: none of them
     # "resumed" another's epoch backup (each keeps its own, removed once it finished).
@@ -263,10 +266,28 @@ def test_the_pooled_comparison_decides_which_model_the_run_keeps(folded):
     assert ("the run keeps the vote as its model" in page) == (result.kept == "frozen")
 
 
+def test_the_folds_time_the_cost_once_and_say_what_is_left(folded):
+    """One training graph is built to time the cost, on fold 1; fold 2, fold 3 and the final
+    fine-tuning reuse that figure for their own images, and after fold 1 the run says how long the
+    rest should take from what fold 1 took."""
+    root, run, result, events, timings = folded
+    assert timings == 1
+    said = [e.message for e in events if e.stage == NOTICE]
+    estimates = [m for m in said if "the epochs expected about" in m]
+    assert len(estimates) == 4 and "timed on one batch of this fine-tuning" in estimates[0]
+    assert all("timed on fold 1" in m for m in estimates[1:])
+    assert result.estimate["timed_on"] == "fold 1" and result.estimate["train_images"] == result.train_images
+    took = [i for i, m in enumerate(said) if m.startswith("fold 1 took ")]
+    first = json.loads((run / "finetune" / "folds" / "fold-1" / "fold.json").read_text())["seconds"]
+    assert len(took) == 1 and said.index(estimates[0]) < took[0] < said.index(estimates[1])
+    assert said[took[0]].endswith(f"2 more folds and the final fine-tuning, about "
+                                  f"{finetune_cost.duration_text(first * (2 + 3 / 2))}")
+
+
 def test_finished_folds_are_reused_and_a_changed_option_trains_them_again(folded, tmp_path):
     """A rerun (the final fine-tuning not reused) reuses every finished fold; another seed trains each
     fold again. A damaged or hand-edited fold record is trained again, never trusted."""
-    root, run, first, _ = folded
+    root, run, first, *_ = folded
     run = shutil.copytree(run, tmp_path / "run")
     (run / "finetune" / "folds" / "fold-2" / "fold.json").write_text("{not json")
     # Hand-edited, key kept: the student now "right" on every image of fold 3. The signature no longer
@@ -318,7 +339,9 @@ def test_ctrl_c_in_a_fold_keeps_the_finished_folds_and_resume_finishes(vote_run,
     events = []
     result = finetune(run, FinetuneConfig(resume=True), cache_dir=root / "cache", progress=events.append)
     notices = [e.message.split(":")[0] for e in events if e.stage == NOTICE and e.message.startswith("fold ")]
-    assert notices == ["fold 1 of 3", "fold 2 of 3", "fold 3 of 3"]
+    # Fold 1 was reused, so fold 2 is the first trained: it times the cost and says what is left.
+    assert notices == ["fold 1 of 3", "fold 2 of 3", "fold 2 took " + notices[2].split("took ")[-1], "fold 3 of 3"]
+    assert "1 more fold and the final fine-tuning, about " in next(e.message for e in events if "took" in e.message)
     assert "reused" in next(e.message for e in events if e.stage == NOTICE and e.message.startswith("fold 1"))
     for k in (1, 2, 3):
         assert json.loads((run / "finetune" / "folds" / f"fold-{k}" / "fold.json").read_text())["epochs_run"] == 1
