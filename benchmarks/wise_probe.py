@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def probe(name: str, recipe: str, cache: Path) -> dict:
+def probe(name: str, recipe: str, cache: Path, draw: int = 0) -> dict:
     import numpy as np
 
     from featurepipe.backbones.build import build_feature_model
@@ -44,12 +44,14 @@ def probe(name: str, recipe: str, cache: Path) -> dict:
     from featurepipe.training.keras_fit import dtype_policy, predict_proba
     from featurepipe.training.split import decode_frame, decode_split, fold_splits
 
-    done = cache / "runs" / f"{name}-folds-{recipe}"
+    done = cache / "runs" / (f"{name}-folds-{recipe}" + (f"-draw{draw}" if draw else ""))
     scratch = cache / "runs" / f"{name}-wise-scratch"      # _prepare clears a fold's files: work on a copy
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(done, scratch)
     options = resumed_options(json.loads((done / "finetune" / "state.json").read_text())["options"])
     k_folds, seed = int(options["folds"]), int(options["seed"])
+    # The fold records hold the student as the recipe saved it: its --wise (1 before --wise existed).
+    recorded = float(options["wise"])
     config = FinetuneConfig(**{**options, "folds": 0, "resume": False, "reuse": False, "wise": 1.0})
     ys, votes, probs, checks = [], [], {a: [] for a in ALPHAS}, []
     for k in range(k_folds):
@@ -72,16 +74,16 @@ def probe(name: str, recipe: str, cache: Path) -> dict:
         y = np.asarray(record["y"])
         ys.append(y)
         votes.append(np.asarray(record["frozen"]).reshape(len(y), -1))
-        checks.append(float(np.abs(probs[1.0][-1] - np.asarray(record["student"]).reshape(len(y), -1)).max()))
-        print(f"{name} {recipe} fold {k + 1}: A=1 against the fold record's student, max |diff| {checks[-1]:.1e}",
-              flush=True)
+        checks.append(float(np.abs(probs[recorded][-1] - np.asarray(record["student"]).reshape(len(y), -1)).max()))
+        print(f"{name} {recipe} fold {k + 1}: A={recorded:g} against the fold record's student, max |diff| "
+              f"{checks[-1]:.1e}", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     y, vote = np.concatenate(ys), np.concatenate(votes)
 
     def loss(p):
         return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)).mean())
 
-    row = {"set": name, "recipe": recipe, "images": int(len(y)), "vote": float((vote.argmax(1) == y).mean()),
+    row = {"set": name, "recipe": recipe, "draw": draw, "images": int(len(y)), "vote": float((vote.argmax(1) == y).mean()),
            "vote_loss": loss(vote), "max_check": max(checks), "alphas": {}}
     for alpha in ALPHAS:
         p = np.concatenate(probs[alpha])
@@ -96,11 +98,11 @@ def summary(rows: list[dict]) -> str:
         cells = [f"{v['accuracy']:.3f} ({v['loss']:.3f})" for v in r["alphas"].values()]
         lines.append(f"| {r['set']} | {r['recipe']} | {r['images']} | {r['vote']:.3f} ({r['vote_loss']:.3f}) | "
                      + " | ".join(cells) + " |")
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        mine = [r for r in rows if r["recipe"] == recipe]
+    for recipe, draw in dict.fromkeys((r["recipe"], r.get("draw", 0)) for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe and r.get("draw", 0) == draw]
         for alpha in ALPHAS:
             change = [100 * (r["alphas"][str(alpha)]["accuracy"] - r["vote"]) for r in mine]
-            lines.append(f"\n{recipe} A={alpha:g}: mean change {sum(change) / len(change):+.1f} pt over {len(mine)} "
+            lines.append(f"\n{recipe} draw {draw} A={alpha:g}: mean change {sum(change) / len(change):+.1f} pt over {len(mine)} "
                          f"sets, worst {min(change):+.1f} pt")
     return "\n".join(lines)
 
@@ -110,16 +112,17 @@ def main() -> None:
     parser.add_argument("--sets", default="photos-produce,photos-animals,photos-objects,photos-scenes,fmnist30")
     parser.add_argument("--recipe", default="light-lo", help="a recipe student_folds.py has run on these sets")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/featurepipe-student-bench"))
+    parser.add_argument("--draw", type=int, default=0, help="the draw student_folds.py ran (--draws)")
     parser.add_argument("--summary", action="store_true", help="print the table of what was measured, run nothing")
     args = parser.parse_args()
     log = args.cache_dir / "wise_probe.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     names = [s for s in args.sets.split(",") if s]
     if not args.summary:
-        done = {(r["set"], r["recipe"]) for r in rows}
+        done = {(r["set"], r["recipe"], r.get("draw", 0)) for r in rows}
         for name in names:
-            if (name, args.recipe) not in done:
-                row = probe(name, args.recipe, args.cache_dir)
+            if (name, args.recipe, args.draw) not in done:
+                row = probe(name, args.recipe, args.cache_dir, args.draw)
                 rows.append(row)
                 with open(log, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
