@@ -215,11 +215,11 @@ def _prepare(run_dir: Path, requested: FinetuneConfig, cache_dir,
         else:
             try:
                 state = {**state, "options": resumed_options(state["options"])}
+                split = ImageSplit.from_json(split_data)
             except StateError as error:
                 notes.append(f"{state_path} cannot be resumed ({error}): started over")
                 state = None
-            try:
-                split = ImageSplit.from_json(split_data) if state is not None else None
+            # resumed_options raises StateError only: these are split.json's.
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 notes.append(f"{split_path} cannot be resumed (damaged: {type(error).__name__} {error}): started over")
                 state = None

@@ -34,8 +34,8 @@ def estimate(model, backbone: str, blocks, sequence, n_val: int, options: dict, 
              timed: Optional[dict] = None) -> dict:
     """{"seconds_per_image_epoch", "expected_seconds", "epochs", "gpu", "text", ...} for training the top
     `blocks` of `model` on `sequence` (keras_fit.AugmentedImages) for options["epochs"] epochs, with
-    `n_val` validation images scored after each epoch. Sets the layers' trainable flags as the
-    fine-tuning phase does (it sets them again itself).
+    `n_val` validation images scored after each epoch. When it times a batch it sets the layers'
+    trainable flags as the fine-tuning phase does (the phase sets them again itself).
 
     `timed`: an earlier estimate of the same backbone, blocks and batch size (--finetune-folds' first
     fold) whose per-image cost is used again: the K folds and the final fine-tuning differ only in

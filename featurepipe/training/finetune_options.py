@@ -108,11 +108,12 @@ def resumed_options(saved: object) -> dict:
                               f"have unknown {', '.join(unknown)}" if unknown else "") if part))
     try:
         checked = _options(FinetuneConfig(**{name: options[name] for name in names}))
-    except (UsageError, TypeError) as error:   # TypeError: a value of the wrong type ("3" < 1)
+    # TypeError: a value of the wrong type ("3" < 1); OverflowError: an infinite count (JSON's
+    # Infinity passes "epochs >= 1" and cannot be made whole).
+    except (UsageError, TypeError, OverflowError) as error:
         raise StateError(f"its options were refused: {error}") from None
     # Equal, not merely accepted: a recorded epochs of 2.5 passes the range checks but would train 2.
-    changed = [name for name in names if checked[name] != options[name]
-               or isinstance(options[name], str) != isinstance(checked[name], str)]
+    changed = [name for name in names if checked[name] != options[name]]
     if changed:
         raise StateError(f"its options {', '.join(f'{name}={options[name]!r}' for name in changed)} are not "
                          f"values the command line gives")

@@ -396,6 +396,7 @@ def test_an_edited_resume_state_starts_over_and_says_what(run_copy, damage, name
     ({"wise": float("nan")}, "--wise must be in [0, 1]"),
     ({"epochs": "3"}, "options were refused"),          # a string where a count belongs
     ({"epochs": 2.5}, "epochs=2.5"),                    # in range, but would train 2
+    ({"epochs": float("inf")}, "cannot convert float infinity"),   # JSON's Infinity: in range, never whole
     ({"member": 7}, "member=7"),
     ({"lr": None}, "lr=None"),                          # resolved when recorded: None is not a rate
     ({"dropout": 0.5}, "unknown dropout"),
