@@ -58,7 +58,16 @@ METHODS = {"hard": {"distill_alpha": 0.0, "lr": 1e-3, "augment": "classic", "wis
            "flip-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5},
            # Longer: 20 epochs, patience 6 (wise_probe replays --wise on it).
            "flip-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 1.0, "epochs": 20,
-                            "patience": 6}}
+                            "patience": 6},
+           # Label smoothing 0.1: targets the start head cannot reach, so training keeps a loss (the linear
+           # probe fits its training images: cross-entropy 0.003-0.18 in epoch 1, benchmarks/README.md).
+           "flip-ls-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5,
+                               "label_smoothing": 0.1},
+           # mixup A = 0.4 (training.keras_fit.mix_batch): blended images and targets, same reason.
+           "flip-mixup-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5, "mixup": 0.4},
+           # The same with the vote's out-of-fold soft targets (alpha 0.5): what the other members know.
+           "flip-mixup-student-wise-lo": {"distill_alpha": 0.5, "distill_temperature": 1.0, "lr": 1e-4,
+                                          "augment": "flip", "wise": 0.5, "mixup": 0.4}}
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 

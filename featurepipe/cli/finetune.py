@@ -11,7 +11,7 @@ import typer
 from featurepipe.cli.common import Command, check_run_dir, warmup_note, winner_text
 from featurepipe.backbones.spec import MAX_IMAGE_SIZE
 from featurepipe.cli.options import (SEED_MAX, AsJson, CacheDir, FinetuneFolds, Overwrite, StudentMember,
-                                     TrainAugment, Wise, number_in)
+                                     TrainAugment, Wise, Mixup, number_in)
 from featurepipe.training.config import FinetuneConfig
 
 # The options' defaults are the config's (light: importing it does not import TensorFlow).
@@ -60,6 +60,7 @@ def finetune(
     student: Optional[str] = StudentMember,
     train_augment: Optional[str] = TrainAugment,
     wise: Optional[float] = Wise,
+    mixup: Optional[float] = Mixup,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache root (default: the run's)."),
     as_json: bool = AsJson,
 ) -> None:
@@ -74,7 +75,8 @@ def finetune(
                                 distill_temperature=distill_temperature, warmup_epochs=warmup_epochs, schedule=schedule,
                                 batch_size=batch_size, patience=patience, seed=seed, resume=resume, reuse=reuse,
                                 folds=finetune_folds, member=student, augment=train_augment or DEFAULTS.augment,
-                                wise=DEFAULTS.wise if wise is None else wise)
+                                wise=DEFAULTS.wise if wise is None else wise,
+                                mixup=DEFAULTS.mixup if mixup is None else mixup)
         with command.stage() as progress:
             result = run_finetune(run_dir, config, cache_dir=cache_dir, progress=progress)
     if as_json:

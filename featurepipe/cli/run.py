@@ -17,7 +17,7 @@ from featurepipe.cli.common import Command, best_text, check_run_dir, head_names
 from featurepipe.cli.options import (
     AsJson, Augment, AutoFolds, Budget, CacheDir, Ensemble, Exclude, FinetuneFolds, Grid, Groups, GroupsFrom, Heads, ImageSize, Jobs,
     Layer, Nested, NoDedupGroups,
-    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, SelectMembers, StudentMember, TrainAugment, Tta, Wise,
+    Overwrite, Pooling, Relabel, Repeats, RunDir, Scheduler, SearchBackbone, SearchResize, Seed, SelectMembers, StudentMember, TrainAugment, Tta, Wise, Mixup,
     Vote,
     Weights, Workers,
 )
@@ -42,6 +42,7 @@ def run_all(
     student: Optional[str] = StudentMember,
     train_augment: Optional[str] = TrainAugment,
     wise: Optional[float] = Wise,
+    mixup: Optional[float] = Mixup,
     jobs: int = Jobs,
     run_dir: Optional[Path] = RunDir, cache_dir: Optional[Path] = CacheDir,
     no_dedup_groups: bool = NoDedupGroups, exclude: Optional[Path] = Exclude, relabel: Optional[Path] = Relabel,
@@ -70,10 +71,10 @@ def run_all(
             dedup_groups=not no_dedup_groups)
         # --epochs alone keeps the fine-tuning default; only --finetune fine-tunes.
         given = {k: v for k, v in {"epochs": epochs, "folds": finetune_folds, "member": student,
-                                    "augment": train_augment, "wise": wise}.items() if v is not None}
+                                    "augment": train_augment, "wise": wise, "mixup": mixup}.items() if v is not None}
         if given and not finetune:
             flags = {"epochs": "--epochs", "folds": "--finetune-folds", "member": "--student",
-                     "augment": "--train-augment", "wise": "--wise"}
+                     "augment": "--train-augment", "wise": "--wise", "mixup": "--mixup"}
             render.flag("note", f"{', '.join(flags[k] for k in given)} has no effect without --finetune")
         tuning = FinetuneConfig(**given) if finetune else None
         check_run_dir(run_dir, overwrite)

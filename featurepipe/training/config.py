@@ -66,6 +66,10 @@ class FinetuneConfig:
     # 0.5 by default: on the same 5 sets x 5 folds it gave a lower log loss than the trained weights on
     # every set (each augmentation policy), and as much accuracy or more on average.
     wise: float = 0.5
+    # --mixup A: each training image is blended with another of its batch, pixels and targets alike, in a
+    # proportion drawn from Beta(A, A) (mixup, Zhang et al. 2018): targets the linear probe it starts from
+    # cannot already fit, so the base keeps a loss to learn from. 0: off.
+    mixup: float = 0.0
     # Images per training step.
     batch_size: int = 16
     # Early stopping patience on the validation loss, in epochs.
@@ -112,6 +116,7 @@ class FinetuneConfig:
             ("--distill-temperature", self.distill_temperature,
              math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "a finite number > 0"),
             ("--wise", self.wise, 0 <= self.wise <= 1, "in [0, 1]"),
+            ("--mixup", self.mixup, math.isfinite(self.mixup) and self.mixup >= 0, "a finite number >= 0"),
             ("--seed", self.seed, self.seed >= 0, "0 or more"),
             ("--finetune-folds", self.folds, self.folds is None or self.folds == 0 or self.folds >= 2,
              "0 (off) or 2 or more"),
@@ -139,4 +144,5 @@ class FinetuneConfig:
                     label_smoothing=self.label_smoothing, distill_alpha=self.distill_alpha,
                     distill_temperature=self.distill_temperature, warmup_epochs=self.warmup_epochs,
                     schedule=self.schedule, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
-                    folds=self.folds, member=self.member, augment=self.augment, wise=self.wise)
+                    folds=self.folds, member=self.member, augment=self.augment, wise=self.wise,
+                    mixup=self.mixup)

@@ -311,7 +311,8 @@ def _train(prep: _Prepared, progress: Optional[ProgressCallback], callbacks: Seq
                                seed) if training else None
         n_classes = len(classes)
         policy = TRAINING_POLICIES[options["augment"]]
-        sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed, policy)
+        sequence = (AugmentedImages(x_train, targets.targets, train_rows["hash"], batch_size, seed, policy,
+                                     options["mixup"])
                     if training else None)
         hooks = EpochHooks(sequence, progress, "finetune", options["epochs"], per_batch=True)
         fitting = _Fitting(model, spec.name, options, sequence, x_val, one_hot(y_val, n_classes).astype(np.float32),

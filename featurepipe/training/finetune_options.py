@@ -81,15 +81,15 @@ def _options(config: FinetuneConfig) -> dict:
             "patience": int(config.patience), "seed": int(config.seed),
             "folds": None if config.folds is None else int(config.folds),
             "member": None if config.member is None else str(config.member), "augment": str(config.augment),
-            "wise": float(config.wise)}
+            "wise": float(config.wise), "mixup": float(config.mixup)}
 
 
 # Options a state.json written before they existed lacks, with what that fine-tuning trained with
-# (no distillation, no outer folds, the run's own member, the seeds' augmentation, no averaging).
+# (no distillation, no outer folds, the run's own member, the seeds' augmentation, no averaging, no mixup).
 # Filled in once where a resumed state is read, so the final fine-tuning and its --finetune-folds
 # folds (built from the same options) train alike, and the summary records what was used.
 OLDER_STATE_OPTIONS = {"distill_alpha": 0.0, "distill_temperature": 1.0, "folds": 0, "member": None,
-                       "augment": "classic", "wise": 1.0}
+                       "augment": "classic", "wise": 1.0, "mixup": 0.0}
 
 
 def resumed_options(saved: object) -> dict:

@@ -37,11 +37,15 @@ class AugmentedImages(keras.utils.PyDataset):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, hashes: Sequence[str], batch_size: int,
-                 seed: int, policy: Optional[AugmentPolicy] = None):
+                 seed: int, policy: Optional[AugmentPolicy] = None, mixup: float = 0.0):
         super().__init__()
         # Class indices (n,), or target distributions (n, classes) for soft-target training (training.distill).
         labels = np.asarray(labels)
         self.labels = labels.astype(np.int32) if labels.ndim == 1 else labels.astype(np.float32)
+        # --mixup A (FinetuneConfig.mixup): blends need targets that can be blended, i.e. distributions.
+        if mixup and self.labels.ndim != 2:
+            raise ValueError("mixup blends target distributions (n, classes), not class indices")
+        self.mixup = float(mixup)
         self.images, self.hashes = images, list(hashes)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.policy = policy or AugmentPolicy()
@@ -60,7 +64,28 @@ class AugmentedImages(keras.utils.PyDataset):
         rows = self.order()[index * self.batch_size:(index + 1) * self.batch_size]
         batch = np.stack([augment_image(self.images[i], self.policy, view_rng(self.hashes[i], self.epoch, self.seed))
                           for i in rows])
+        if self.mixup:
+            return mix_batch(batch, self.labels[rows], self.mixup,
+                             np.random.default_rng([self.seed, self.epoch, index, MIXUP_STREAM]))
         return batch, self.labels[rows]
+
+
+# Keeps mixup's draws apart from the epoch order's, which use [seed, epoch] of the same generator.
+MIXUP_STREAM = 0x6D6978
+
+
+def mix_batch(images: np.ndarray, targets: np.ndarray, concentration: float,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """mixup: image i becomes lam_i x image i + (1 - lam_i) x image partner(i), its target likewise, with
+    lam_i ~ Beta(A, A) and the partners a permutation of the batch. Pixels are blended before the
+    model's own scaling, which is linear, and rounded back to uint8 (the model's input type), so this is
+    the blend of the scaled images to within half a grey level."""
+    lam = rng.beta(concentration, concentration, size=len(images)).astype(np.float32)
+    partner = rng.permutation(len(images))
+    weight = lam[:, None, None, None]
+    pixels = weight * images.astype(np.float32) + (1.0 - weight) * images[partner].astype(np.float32)
+    return (np.clip(np.rint(pixels), 0, 255).astype(np.uint8),
+            (lam[:, None] * targets + (1.0 - lam[:, None]) * targets[partner]).astype(np.float32))
 
 
 def check_batch_size(n_train: int, batch_size: int) -> None:

@@ -260,6 +260,9 @@ BAD_OPTIONS = [
     (["finetune", "{run}", "--patience", "-1"], "--patience"),
     (["finetune", "{run}", "--unfreeze-blocks", "-1"], "--unfreeze-blocks"),
     (["finetune", "{run}", "--seed", "-1"], "--seed"),
+    (["finetune", "{run}", "--mixup", "-1"], "--mixup"),
+    (["finetune", "{run}", "--mixup", NAN], "--mixup"),
+    (["run", "{data}", "--finetune", "--mixup", "-0.5"], "--mixup"),
     (["baseline", "{data}", "--image-size", "100000"], "--image-size"),
     (["baseline", "{data}", "--image-size", "0"], "--image-size"),
     (["baseline", "{data}", "--epochs", "0"], "--epochs"),
@@ -288,7 +291,7 @@ def test_the_configs_check_their_ranges_for_library_callers_too():
     for kwargs, option in [({"lr": math.nan}, "--lr"), ({"momentum": math.nan}, "--momentum"),
                            ({"weight_decay": math.nan}, "--weight-decay"), ({"momentum": 1.0}, "--momentum"),
                            ({"label_smoothing": math.nan}, "--label-smoothing"), ({"seed": -1}, "--seed"),
-                           ({"epochs": 0}, "--epochs")]:
+                           ({"epochs": 0}, "--epochs"), ({"mixup": math.inf}, "--mixup")]:
         with pytest.raises(UsageError, match=option):
             FinetuneConfig(**kwargs)
     with pytest.raises(UsageError, match="--seed"):

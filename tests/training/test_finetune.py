@@ -795,3 +795,61 @@ def test_weight_average_refuses_mismatched_weights():
         weight_average([np.zeros(3)], [np.zeros(4)], 0.5)
     with pytest.raises(ValueError, match="2 starting weight arrays against 1"):
         weight_average(a, b[:1], 0.5)
+
+
+def test_mix_batch_blends_pixels_and_targets_alike():
+    """mixup: each image is lam x itself + (1 - lam) x a partner of its batch, its target likewise,
+    recomputed here independently from the same draws (Beta(A, A), a permutation)."""
+    from featurepipe.training.keras_fit import AugmentedImages, mix_batch
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 5, 3)).astype(np.uint8)
+    targets = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+    pixels, mixed = mix_batch(images, targets, 0.4, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    lam = rng.beta(0.4, 0.4, size=6)
+    partner = rng.permutation(6)
+    for i in range(6):
+        expected = lam[i] * images[i].astype(float) + (1 - lam[i]) * images[partner[i]].astype(float)
+        assert pixels.dtype == np.uint8 and np.abs(pixels[i] - expected).max() <= 0.5 + 1e-4
+        assert np.allclose(mixed[i], lam[i] * targets[i] + (1 - lam[i]) * targets[partner[i]], atol=1e-6)
+    assert np.allclose(mixed.sum(axis=1), 1.0) and not np.array_equal(pixels, images)
+    # The blend depends only on (seed, epoch, batch): a resumed epoch draws the batches it would have.
+    from featurepipe.data.augment import TRAINING_POLICIES
+    hashes = [f"h{i}" for i in range(6)]
+
+    def batch(epoch):
+        sequence = AugmentedImages(images, targets, hashes, 3, 5, TRAINING_POLICIES["none"], mixup=0.4)
+        sequence.epoch = epoch
+        return sequence[1]
+
+    assert all(np.array_equal(a, b) for a, b in zip(batch(2), batch(2)))
+    assert not np.array_equal(batch(2)[1], batch(3)[1])
+    # Class indices cannot be blended: the sequence refuses them rather than train on wrong targets.
+    with pytest.raises(ValueError, match="mixup blends target distributions"):
+        AugmentedImages(images, np.array([0, 1, 2, 0, 1, 2]), [f"h{i}" for i in range(6)], 2, 0, mixup=0.4)
+
+
+def test_mixup_trains_on_blended_batches_and_is_recorded(trained, run_copy, monkeypatch):
+    """--mixup A: the training batches carry blended targets, summary.json records A, and it is part of
+    the reuse key (another A is another fine-tuning)."""
+    from featurepipe.training import keras_fit
+
+    batches = []
+    real = keras_fit.AugmentedImages.__getitem__
+
+    def spy(self, index):
+        x, y = real(self, index)
+        batches.append((self.epoch, index, x.copy(), np.asarray(y).copy()))
+        return x, y
+
+    monkeypatch.setattr(keras_fit.AugmentedImages, "__getitem__", spy)
+    _, plain = trained
+    result = finetune(run_copy, FinetuneConfig(epochs=1, unfreeze_blocks=1, mixup=0.4, **FAST))
+    trained_batches = [b for b in batches if b[3].ndim == 2]
+    assert trained_batches
+    targets = np.concatenate([b[3] for b in trained_batches])
+    assert np.allclose(targets.sum(axis=1), 1.0) and (targets.max(axis=1) < 1.0 - 1e-6).any()
+    assert json.loads((run_copy / "finetune" / "summary.json").read_text())["mixup"] == 0.4
+    assert result.key != plain.key and not result.reused
+    with pytest.raises(FeaturepipeError, match=r"--mixup must be a finite number >= 0, not -1"):
+        FinetuneConfig(mixup=-1)
