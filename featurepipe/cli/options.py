@@ -151,7 +151,7 @@ Wise = typer.Option(None, "--wise", metavar="A", callback=number_in(0, 1),
 Mixup = typer.Option(None, "--mixup", metavar="A", callback=number_in(0),
                      help="Blend each training image with another of its batch, pixels and labels alike, in a "
                           "proportion drawn from Beta(A, A) (mixup): the linear probe fine-tuning starts from fits "
-                          "its training images, blended ones keep a loss to learn from. 0: off. Default: 0.")
+                          "its training images, blended ones keep a loss to learn from. 0: off. Default: 0.4.")
 StudentMember = typer.Option(None, "--student", metavar="MEMBER",
                              help="Which member of the vote fine-tuning trains: a backbone only one member has (e.g. "
                                   "efficientnet_lite0, the cheapest to predict with) or a member's feature-set name. "

@@ -655,8 +655,9 @@ def test_bad_options_are_clear_errors(run_copy):
 
 def test_seeds_recipe_stays_available(run_copy):
     result = finetune(run_copy, FinetuneConfig(optimizer="sgd", lr=1e-4, schedule="constant", label_smoothing=0.0,
-                                               unfreeze_blocks=1, epochs=1, batch_size=8))
+                                               unfreeze_blocks=1, epochs=1, batch_size=8, mixup=0.0))
     summary = json.loads((run_copy / "finetune" / "summary.json").read_text())
+    assert summary["mixup"] == 0.0 and FinetuneConfig().mixup == 0.4     # off for the seeds, on by default
     assert (summary["optimizer"], summary["lr"], summary["schedule"], summary["momentum"]) == ("sgd", 1e-4, "constant", 0.9)
     assert result.unfrozen_layers == ["block3_conv"]
 
@@ -843,13 +844,15 @@ def test_mixup_trains_on_blended_batches_and_is_recorded(trained, run_copy, monk
         return x, y
 
     monkeypatch.setattr(keras_fit.AugmentedImages, "__getitem__", spy)
-    _, plain = trained
-    result = finetune(run_copy, FinetuneConfig(epochs=1, unfreeze_blocks=1, mixup=0.4, **FAST))
+    plain_run, plain = trained
+    # The `trained` fixture ran with the default A (0.4); another A is another fine-tuning.
+    assert json.loads((plain_run / "finetune" / "summary.json").read_text())["mixup"] == 0.4
+    result = finetune(run_copy, FinetuneConfig(epochs=1, unfreeze_blocks=1, mixup=1.0, **FAST))
     trained_batches = [b for b in batches if b[3].ndim == 2]
     assert trained_batches
     targets = np.concatenate([b[3] for b in trained_batches])
     assert np.allclose(targets.sum(axis=1), 1.0) and (targets.max(axis=1) < 1.0 - 1e-6).any()
-    assert json.loads((run_copy / "finetune" / "summary.json").read_text())["mixup"] == 0.4
+    assert json.loads((run_copy / "finetune" / "summary.json").read_text())["mixup"] == 1.0
     assert result.key != plain.key and not result.reused
     with pytest.raises(FeaturepipeError, match=r"--mixup must be a finite number >= 0, not -1"):
         FinetuneConfig(mixup=-1)
