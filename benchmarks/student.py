@@ -38,30 +38,31 @@ SETS = "demo,photos-animals,photos-produce,photos-scenes"
 # The recipes compared (FinetuneConfig options). hard: the default before issue 22's recipe search (lr 1e-3);
 # student: the vote's soft targets as the issue proposed; the "-lo" pair: the same at a tenth of the
 # rate (the default's best epoch was often the first, a sign the rate moves the features too far).
-METHODS = {"hard": {"distill_alpha": 0.0, "lr": 1e-3, "augment": "classic", "wise": 1.0},
-           "student": {"distill_alpha": 0.5, "distill_temperature": 1.0, "lr": 1e-3, "augment": "classic", "wise": 1.0},
-           "hard-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "classic", "wise": 1.0},
-           "student-lo": {"distill_alpha": 0.5, "distill_temperature": 1.0, "lr": 1e-4, "augment": "classic", "wise": 1.0},
+METHODS = {"hard": {"distill_alpha": 0.0, "lr": 1e-3, "augment": "classic", "wise": 1.0, "mixup": 0.0},
+           "student": {"distill_alpha": 0.5, "distill_temperature": 1.0, "lr": 1e-3, "augment": "classic", "wise": 1.0, "mixup": 0.0},
+           "hard-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "classic", "wise": 1.0, "mixup": 0.0},
+           "student-lo": {"distill_alpha": 0.5, "distill_temperature": 1.0, "lr": 1e-4, "augment": "classic", "wise": 1.0, "mixup": 0.0},
            # The cheapest member to predict with as the student (1 Lite0 pass against the vote's 4.76).
-           "lite0-lo": {"distill_alpha": 0.0, "lr": 1e-4, "member": "efficientnet_lite0", "augment": "classic", "wise": 1.0},
-           "lite0-student-lo": {"distill_alpha": 0.5, "lr": 1e-4, "member": "efficientnet_lite0", "augment": "classic", "wise": 1.0},
+           "lite0-lo": {"distill_alpha": 0.0, "lr": 1e-4, "member": "efficientnet_lite0", "augment": "classic", "wise": 1.0, "mixup": 0.0},
+           "lite0-student-lo": {"distill_alpha": 0.5, "lr": 1e-4, "member": "efficientnet_lite0", "augment": "classic", "wise": 1.0, "mixup": 0.0},
            # LP-FT in full: every layer of the base at a small rate from the linear probe.
-           "all-lo": {"distill_alpha": 0.0, "lr": 3e-5, "strategy": "all", "augment": "classic", "wise": 1.0},
-           "hard-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "epochs": 20, "patience": 6, "augment": "classic", "wise": 1.0},
-           # Every recipe names its augmentation (data.augment.TRAINING_POLICIES) and --wise: the ones above
-           # ran when classic (the seeds') and 1 were the defaults; flip and 0.5 are the defaults since.
-           "light-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "light", "wise": 1.0},
-           "flip-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 1.0},
+           "all-lo": {"distill_alpha": 0.0, "lr": 3e-5, "strategy": "all", "augment": "classic", "wise": 1.0, "mixup": 0.0},
+           "hard-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "epochs": 20, "patience": 6, "augment": "classic", "wise": 1.0, "mixup": 0.0},
+           # Every recipe names its augmentation (data.augment.TRAINING_POLICIES), --wise and --mixup: the ones
+           # above ran when classic (the seeds') and 1 were the defaults; flip and 0.5 are the defaults since,
+           # and mixup 0.4 since the recipes below (each names 0 where it ran without).
+           "light-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "light", "wise": 1.0, "mixup": 0.0},
+           "flip-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 1.0, "mixup": 0.0},
            # --wise 0.5: half the linear probe it started from, half the fine-tuned epoch (WiSE-FT).
-           "light-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "light", "wise": 0.5},
-           "hard-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "wise": 0.5, "augment": "classic"},
-           "flip-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5},
+           "light-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "light", "wise": 0.5, "mixup": 0.0},
+           "hard-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "wise": 0.5, "mixup": 0.0, "augment": "classic"},
+           "flip-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5, "mixup": 0.0},
            # Longer: 20 epochs, patience 6 (wise_probe replays --wise on it).
-           "flip-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 1.0, "epochs": 20,
+           "flip-lo-long": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 1.0, "mixup": 0.0, "epochs": 20,
                             "patience": 6},
            # Label smoothing 0.1: targets the start head cannot reach, so training keeps a loss (the linear
            # probe fits its training images: cross-entropy 0.003-0.18 in epoch 1, benchmarks/README.md).
-           "flip-ls-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5,
+           "flip-ls-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5, "mixup": 0.0,
                                "label_smoothing": 0.1},
            # mixup A = 0.4 (training.keras_fit.mix_batch): blended images and targets, same reason.
            "flip-mixup-wise-lo": {"distill_alpha": 0.0, "lr": 1e-4, "augment": "flip", "wise": 0.5, "mixup": 0.4},
