@@ -72,9 +72,15 @@ METHODS = {"hard": {"distill_alpha": 0.0, "lr": 1e-3, "augment": "classic", "wis
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
+def data_folder(name: str, cache: Path) -> Path:
+    """The images of benchmark set NAME: the shipped demo, or the set made under CACHE/data."""
+    from benchmarks.accuracy import _data
+
+    return REPO / "data" / "demo" if name == "demo" else _data(name, cache / "data")
+
+
 def evaluated_run(name: str, cache: Path) -> Path:
     """CACHE/runs/NAME: the set's vote, evaluated once (reused when it exists)."""
-    from benchmarks.accuracy import _data
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.data.dataset import scan
     from featurepipe.evaluation.config import SearchConfig
@@ -83,7 +89,7 @@ def evaluated_run(name: str, cache: Path) -> Path:
     run = cache / "runs" / name
     if (run / "best_head.json").exists():
         return run
-    data = REPO / "data" / "demo" if name == "demo" else _data(name, cache / "data")
+    data = data_folder(name, cache)
     specs = tuple(BackboneSpec(name=b).resolved() for b in BACKBONES)
     evaluate(scan(data, cache_dir=cache), SearchConfig(specs=specs, heads=("logreg",), nested=False), cache,
              run_dir=run)

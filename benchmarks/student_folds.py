@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.student import METHODS, evaluated_run  # noqa: E402
+from benchmarks.student import METHODS, data_folder, evaluated_run  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -73,7 +73,7 @@ def seeds_side_by_side(name: str, copy: Path, cache: Path, draw: int) -> dict:
     student against it, with 95% bootstrap intervals (training.compare's, on per-image correctness)."""
     import pandas as pd
 
-    from benchmarks.accuracy import _data, seeds_dense_correct
+    from benchmarks.accuracy import seeds_dense_correct
     from featurepipe.backbones.spec import BackboneSpec
     from featurepipe.data.dataset import scan
     from featurepipe.extraction.extract import extract, open_stores
@@ -82,7 +82,7 @@ def seeds_side_by_side(name: str, copy: Path, cache: Path, draw: int) -> dict:
 
     started = time.perf_counter()
     folds = pd.read_csv(copy / "finetune" / "folds_predictions.csv")
-    dataset = scan(REPO / "data" / "demo" if name == "demo" else _data(name, cache / "data"), cache_dir=cache)
+    dataset = scan(data_folder(name, cache), cache_dir=cache)
     squash = BackboneSpec(name="efficientnet_lite0", resize="squash").resolved()
     extract(dataset, squash, cache)
     features = dataset_features(dataset, open_stores(squash, cache))
